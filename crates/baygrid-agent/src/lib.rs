@@ -1,0 +1,529 @@
+//! The agent beside a cluster. It registers its cluster, heartbeats capacity and the leases
+//! it holds, takes leases on placed jobs, launches them on the cluster's engine, streams
+//! their output and status back under the lease's epoch, and stops any copy whose lease is
+//! no longer valid.
+//!
+//! What it runs is persisted in its work directory, one file per job, so a restarted agent
+//! re-attaches to jobs that are still running and reports the ones that are gone as lost.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use baygrid_api::{
+    AgentStatus, Capacity, Client, ClientError, HeartbeatRequest, HeartbeatResponse, HeldLease,
+    LeaseGrant, LeaseRequest, LeaseResponse, LogLineIn, RegisterRequest, RegisterResponse,
+    ReportRequest,
+};
+use baygrid_exec::{Engine, JobHandle, JobStatus, LaunchSpec, LocalEngine, LogCursor};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("cannot read agent config {path}: {source}")]
+    ReadConfig {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("agent config {path}: {message}")]
+    Config { path: PathBuf, message: String },
+    #[error("agent work directory {path}: {source}")]
+    WorkDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("server refused the agent: {0}")]
+    Refused(ClientError),
+}
+
+/// `baygrid agent --config FILE` (TOML).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The server's base URL.
+    pub server: String,
+    /// The agent token for this cluster (or `token_file`).
+    #[serde(default)]
+    pub token: Option<String>,
+    /// A file holding the agent token.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// Where job directories and the agent's state live.
+    pub work_dir: PathBuf,
+    /// The engine: `local` (Slurm and Kubernetes plug in behind the same trait).
+    #[serde(default = "default_engine")]
+    pub engine: String,
+    /// Most jobs running at once.
+    #[serde(default = "default_max_running")]
+    pub max_running: u32,
+    /// Time between polls of the engine and the server.
+    #[serde(default = "default_poll", with = "duration_text")]
+    pub poll_interval: Duration,
+}
+
+fn default_engine() -> String {
+    "local".into()
+}
+fn default_max_running() -> u32 {
+    64
+}
+fn default_poll() -> Duration {
+    Duration::from_millis(300)
+}
+
+mod duration_text {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(*value))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text)
+            .map_err(|e| serde::de::Error::custom(format!("`{text}` is not a duration: {e}")))
+    }
+}
+
+impl AgentConfig {
+    pub fn load(path: &Path) -> Result<AgentConfig, AgentError> {
+        let text = std::fs::read_to_string(path).map_err(|source| AgentError::ReadConfig {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let config: AgentConfig = toml::from_str(&text).map_err(|e| AgentError::Config {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        config.token().map_err(|message| AgentError::Config {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        if config.engine != "local" {
+            return Err(AgentError::Config {
+                path: path.to_path_buf(),
+                message: format!(
+                    "engine `{}` is not available in this build: expected `local`",
+                    config.engine
+                ),
+            });
+        }
+        if config.max_running == 0 {
+            return Err(AgentError::Config {
+                path: path.to_path_buf(),
+                message: "max_running must be at least 1".into(),
+            });
+        }
+        Ok(config)
+    }
+
+    fn token(&self) -> Result<String, String> {
+        match (&self.token, &self.token_file) {
+            (Some(token), None) => Ok(token.clone()),
+            (None, Some(file)) => std::fs::read_to_string(file)
+                .map(|t| t.trim().to_string())
+                .map_err(|e| format!("token_file {}: {e}", file.display())),
+            _ => Err("give exactly one of `token` and `token_file`".into()),
+        }
+    }
+}
+
+/// A job this agent runs, as persisted.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Tracked {
+    handle: JobHandle,
+    cursor: LogCursor,
+    next_seq: i64,
+    /// Set once the engine says the job ended; the file goes once the server has it.
+    final_status: Option<FinalStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct FinalStatus {
+    status: AgentStatus,
+    exit_code: Option<i64>,
+    reason: String,
+}
+
+/// Runs the agent until `shutdown` turns true.
+pub async fn run(
+    config: AgentConfig,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), AgentError> {
+    let token = config.token().map_err(|message| AgentError::Config {
+        path: PathBuf::from("agent config"),
+        message,
+    })?;
+    let client = Client::new(&config.server, Some(token));
+    let state_dir = config.work_dir.join("state");
+    std::fs::create_dir_all(&state_dir).map_err(|source| AgentError::WorkDir {
+        path: state_dir.clone(),
+        source,
+    })?;
+    let engine: Arc<dyn Engine> = Arc::new(LocalEngine::new(config.work_dir.join("jobs")));
+    let mut agent = Agent {
+        client,
+        engine,
+        state_dir,
+        config,
+        tracked: BTreeMap::new(),
+        capacity: Capacity::default(),
+    };
+    let registered = loop {
+        match agent.register().await {
+            Ok(r) => break r,
+            Err(
+                e @ ClientError::Api {
+                    status: 401 | 403 | 404,
+                    ..
+                },
+            ) => return Err(AgentError::Refused(e)),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot register yet; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = shutdown.changed() => return Ok(()),
+                }
+            }
+        }
+    };
+    tracing::info!(cluster = %registered.cluster.name, "agent registered");
+    agent.reattach().await;
+    loop {
+        if let Err(e) = agent.step().await {
+            tracing::warn!(error = %e, "agent step failed; will retry");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(agent.config.poll_interval) => {}
+            _ = shutdown.changed() => break,
+        }
+    }
+    Ok(())
+}
+
+struct Agent {
+    client: Client,
+    engine: Arc<dyn Engine>,
+    state_dir: PathBuf,
+    config: AgentConfig,
+    tracked: BTreeMap<String, Tracked>,
+    capacity: Capacity,
+}
+
+impl Agent {
+    async fn register(&mut self) -> Result<RegisterResponse, ClientError> {
+        // the capacity the cluster declares; the local engine runs within it
+        let probe: RegisterResponse = self
+            .client
+            .post(
+                "/api/v1/agent/register",
+                &RegisterRequest {
+                    capacity: self.capacity.clone(),
+                },
+            )
+            .await?;
+        let c = &probe.cluster;
+        self.capacity = Capacity {
+            engine: self.engine.kind().to_string(),
+            nodes: c.nodes,
+            accelerators_per_node: c.accelerators_per_node,
+            cpus_per_node: c.cpus_per_node,
+            memory_gb_per_node: c.memory_gb_per_node,
+            running_jobs: 0,
+        };
+        Ok(probe)
+    }
+
+    fn state_file(&self, job_id: &str) -> PathBuf {
+        self.state_dir.join(format!("{job_id}.json"))
+    }
+
+    fn persist(&self, job_id: &str, tracked: &Tracked) {
+        let path = self.state_file(job_id);
+        let tmp = path.with_extension("tmp");
+        let text = serde_json::to_vec_pretty(tracked).expect("agent state serializes");
+        let written = std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            tracing::error!(job_id, error = %e, "cannot persist job state");
+        }
+    }
+
+    fn forget(&mut self, job_id: &str) {
+        self.tracked.remove(job_id);
+        let _ = std::fs::remove_file(self.state_file(job_id));
+    }
+
+    /// Picks up the jobs a previous run of this agent left behind.
+    async fn reattach(&mut self) {
+        let Ok(entries) = std::fs::read_dir(&self.state_dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                continue;
+            }
+            let Ok(text) = std::fs::read(&path) else {
+                continue;
+            };
+            let Ok(tracked) = serde_json::from_slice::<Tracked>(&text) else {
+                tracing::error!(path = %path.display(), "unreadable job state; leaving it aside");
+                let _ = std::fs::rename(&path, path.with_extension("corrupt"));
+                continue;
+            };
+            let job_id = tracked.handle.job_id.clone();
+            let mut tracked = tracked;
+            match self.engine.status(&tracked.handle).await {
+                Ok(JobStatus::Running) => tracing::info!(job_id, "re-attached to a running job"),
+                // gone without an exit code while the agent was away: lost, not failed
+                Ok(JobStatus::Failed {
+                    exit_code: None,
+                    reason,
+                }) if tracked.final_status.is_none() => {
+                    tracing::warn!(job_id, %reason, "job vanished while the agent was away: reporting it lost");
+                    tracked.final_status = Some(FinalStatus {
+                        status: AgentStatus::Lost,
+                        exit_code: None,
+                        reason,
+                    });
+                }
+                Ok(other) => {
+                    tracing::info!(job_id, status = ?other, "job ended while the agent was away")
+                }
+                Err(e) => tracing::warn!(job_id, error = %e, "cannot read job status"),
+            }
+            self.tracked.insert(job_id, tracked);
+        }
+    }
+
+    async fn step(&mut self) -> Result<(), ClientError> {
+        self.capacity.running_jobs = self.tracked.len() as u32;
+        let held = self
+            .tracked
+            .values()
+            .map(|t| HeldLease {
+                job_id: t.handle.job_id.clone(),
+                epoch: t.handle.epoch,
+            })
+            .collect();
+        let beat: HeartbeatResponse = self
+            .client
+            .post(
+                "/api/v1/agent/heartbeat",
+                &HeartbeatRequest {
+                    capacity: self.capacity.clone(),
+                    held,
+                },
+            )
+            .await?;
+        for job_id in beat.stale {
+            if let Some(tracked) = self.tracked.get(&job_id) {
+                tracing::warn!(job_id, "lease no longer valid: stopping this copy");
+                let _ = self.engine.cancel(&tracked.handle).await;
+            }
+            self.forget(&job_id);
+        }
+        for job_id in beat.cancel {
+            if let Some(tracked) = self.tracked.get(&job_id) {
+                if tracked.final_status.is_none() {
+                    tracing::info!(job_id, "cancelling on request");
+                    let _ = self.engine.cancel(&tracked.handle).await;
+                }
+            }
+        }
+        let free = self
+            .config
+            .max_running
+            .saturating_sub(self.tracked.len() as u32);
+        if free > 0 {
+            let leases: LeaseResponse = self
+                .client
+                .post("/api/v1/agent/lease", &LeaseRequest { max: free })
+                .await?;
+            for grant in leases.leases {
+                self.launch(grant).await;
+            }
+        }
+        let ids: Vec<String> = self.tracked.keys().cloned().collect();
+        for job_id in ids {
+            self.sync(&job_id).await;
+        }
+        Ok(())
+    }
+
+    async fn launch(&mut self, grant: LeaseGrant) {
+        let spec = LaunchSpec {
+            job_id: grant.job_id.clone(),
+            epoch: grant.epoch,
+            command: grant.spec.command.clone(),
+            env: grant.spec.env.clone(),
+            image: grant.spec.image.clone(),
+            nodes: grant.spec.resources.nodes,
+            node_indices: grant.allocation.nodes.clone(),
+        };
+        match self.engine.launch(&spec).await {
+            Ok(handle) => {
+                let tracked = Tracked {
+                    handle,
+                    cursor: LogCursor::default(),
+                    next_seq: 1,
+                    final_status: None,
+                };
+                self.persist(&grant.job_id, &tracked);
+                self.tracked.insert(grant.job_id.clone(), tracked);
+                let report = ReportRequest {
+                    epoch: grant.epoch,
+                    status: Some(AgentStatus::Running),
+                    exit_code: None,
+                    reason: None,
+                    logs: vec![],
+                };
+                self.send_report(&grant.job_id, &report).await;
+            }
+            Err(e) => {
+                tracing::warn!(job_id = %grant.job_id, error = %e, "launch failed");
+                let report = ReportRequest {
+                    epoch: grant.epoch,
+                    status: Some(AgentStatus::Failed),
+                    exit_code: None,
+                    reason: Some(format!("{} engine: {e}", self.engine.kind())),
+                    logs: vec![],
+                };
+                self.send_report(&grant.job_id, &report).await;
+            }
+        }
+    }
+
+    /// Sends a report; a stale lease stops and forgets the job. Returns whether it landed.
+    async fn send_report(&mut self, job_id: &str, report: &ReportRequest) -> bool {
+        let path = format!("/api/v1/agent/jobs/{job_id}/report");
+        match self
+            .client
+            .post::<_, serde_json::Value>(&path, report)
+            .await
+        {
+            Ok(_) => true,
+            Err(e) if matches!(e.status(), Some(409 | 404)) => {
+                tracing::warn!(job_id, error = %e, "server refused the report: stopping this copy");
+                if let Some(tracked) = self.tracked.get(job_id) {
+                    let _ = self.engine.cancel(&tracked.handle).await;
+                }
+                self.forget(job_id);
+                false
+            }
+            Err(e) => {
+                tracing::warn!(job_id, error = %e, "report not delivered; will resend");
+                false
+            }
+        }
+    }
+
+    /// Ships new output and, once the job has ended, its final status.
+    async fn sync(&mut self, job_id: &str) {
+        let Some(mut tracked) = self.tracked.get(job_id).cloned() else {
+            return;
+        };
+        if tracked.final_status.is_none() {
+            match self.engine.status(&tracked.handle).await {
+                Ok(JobStatus::Running) => {}
+                Ok(status) => tracked.final_status = Some(final_of(status)),
+                Err(e) => {
+                    tracing::warn!(job_id, error = %e, "cannot read job status");
+                    return;
+                }
+            }
+        }
+        let mut cursor = tracked.cursor.clone();
+        let lines = match self.engine.read_output(&tracked.handle, &mut cursor).await {
+            Ok(lines) => lines,
+            Err(e) => {
+                tracing::warn!(job_id, error = %e, "cannot read job output");
+                Vec::new()
+            }
+        };
+        let mut logs = Vec::with_capacity(lines.len());
+        let mut seq = tracked.next_seq;
+        for line in lines {
+            logs.push(LogLineIn {
+                seq,
+                stream: line.stream,
+                line: line.line,
+            });
+            seq += 1;
+        }
+        // ship output in pages, then the status with the last page
+        let pages: Vec<Vec<LogLineIn>> = if logs.is_empty() {
+            vec![vec![]]
+        } else {
+            logs.chunks(500).map(|c| c.to_vec()).collect()
+        };
+        let page_count = pages.len();
+        for (i, page) in pages.into_iter().enumerate() {
+            let last = i + 1 == page_count;
+            let status = if last {
+                tracked.final_status.as_ref()
+            } else {
+                None
+            };
+            if page.is_empty() && status.is_none() {
+                continue;
+            }
+            let report = ReportRequest {
+                epoch: tracked.handle.epoch,
+                status: status.map(|s| s.status),
+                exit_code: status.and_then(|s| s.exit_code),
+                reason: status.map(|s| s.reason.clone()),
+                logs: page,
+            };
+            if !self.send_report(job_id, &report).await {
+                // keep what was not delivered for the next step (if the job is still ours)
+                if let Some(kept) = self.tracked.get_mut(job_id) {
+                    kept.final_status = tracked.final_status.clone();
+                    let snapshot = kept.clone();
+                    self.persist(job_id, &snapshot);
+                }
+                return;
+            }
+        }
+        tracked.cursor = cursor;
+        tracked.next_seq = seq;
+        if tracked.final_status.is_some() {
+            self.forget(job_id);
+        } else {
+            self.persist(job_id, &tracked);
+            self.tracked.insert(job_id.to_string(), tracked);
+        }
+    }
+}
+
+fn final_of(status: JobStatus) -> FinalStatus {
+    match status {
+        JobStatus::Running => unreachable!("only called for ended jobs"),
+        JobStatus::Succeeded => FinalStatus {
+            status: AgentStatus::Succeeded,
+            exit_code: Some(0),
+            reason: "exit code 0".into(),
+        },
+        JobStatus::Failed { exit_code, reason } => FinalStatus {
+            status: AgentStatus::Failed,
+            exit_code,
+            reason,
+        },
+        JobStatus::Cancelled { reason } => FinalStatus {
+            status: AgentStatus::Cancelled,
+            exit_code: None,
+            reason: format!("cancelled: {reason}"),
+        },
+        JobStatus::Lost { reason } => FinalStatus {
+            status: AgentStatus::Lost,
+            exit_code: None,
+            reason,
+        },
+    }
+}

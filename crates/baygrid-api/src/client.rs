@@ -1,0 +1,157 @@
+//! A typed client for the API, used by the CLI and the agent.
+
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::ErrorBody;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server answered with an error.
+    #[error("{message} ({code}, HTTP {status})")]
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+        field: Option<String>,
+    },
+    #[error("cannot reach the server at {url}: {source}")]
+    Unreachable {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("unexpected answer from the server: {0}")]
+    Decode(String),
+}
+
+impl ClientError {
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Api { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            ClientError::Api { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+}
+
+/// A connection to one server with one token.
+#[derive(Debug, Clone)]
+pub struct Client {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl Client {
+    pub fn new(base: &str, token: Option<String>) -> Client {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(64)
+            .build()
+            .expect("http client builds");
+        Client {
+            base: base.trim_end_matches('/').to_string(),
+            token,
+            http,
+        }
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.send::<(), T>(Method::GET, path, None, None).await
+    }
+
+    pub async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        self.send(Method::POST, path, Some(body), None).await
+    }
+
+    /// POST with an `Idempotency-Key`: a retry returns the first result.
+    pub async fn post_idempotent<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+        key: &str,
+    ) -> Result<T, ClientError> {
+        self.send(Method::POST, path, Some(body), Some(key)).await
+    }
+
+    pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.send::<(), T>(Method::DELETE, path, None, None).await
+    }
+
+    /// Sends a request and decodes the answer, or the API's error body.
+    pub async fn send<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        idempotency_key: Option<&str>,
+    ) -> Result<T, ClientError> {
+        let url = format!("{}{}", self.base, path);
+        let mut request = self.http.request(method, &url);
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(key) = idempotency_key {
+            request = request.header("Idempotency-Key", key);
+        }
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|source| ClientError::Unreachable {
+                url: url.clone(),
+                source,
+            })?;
+        let status = response.status();
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|source| ClientError::Unreachable {
+                url: url.clone(),
+                source,
+            })?;
+        if status.is_success() {
+            let bytes = if bytes.is_empty() || status == StatusCode::NO_CONTENT {
+                bytes::Bytes::from_static(b"null")
+            } else {
+                bytes
+            };
+            return serde_json::from_slice(&bytes)
+                .map_err(|e| ClientError::Decode(format!("{path}: {e}")));
+        }
+        match serde_json::from_slice::<ErrorBody>(&bytes) {
+            Ok(body) => Err(ClientError::Api {
+                status: status.as_u16(),
+                code: body.code,
+                message: body.message,
+                field: body.field,
+            }),
+            Err(_) => Err(ClientError::Api {
+                status: status.as_u16(),
+                code: "http_error".into(),
+                message: String::from_utf8_lossy(&bytes).chars().take(500).collect(),
+                field: None,
+            }),
+        }
+    }
+}

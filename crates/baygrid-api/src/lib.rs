@@ -1,0 +1,325 @@
+//! The HTTP API's wire types (`/api/v1`) and a typed client.
+//!
+//! Only the edge knows the wire format: the server maps domain records to these types, and
+//! the CLI and the agent speak through [`Client`].
+
+mod client;
+
+pub use client::{Client, ClientError};
+
+use baygrid_core::{AcceleratorModel, Allocation, Cluster, JobSpec, JobState, Money, Role, Tenant};
+use baygrid_sched::Quote;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Every error the API returns: a stable machine-readable code, a message, and the field
+/// at fault when there is one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ErrorBody {
+    pub code: String,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+/// A cluster with its agent's status.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ClusterView {
+    #[serde(flatten)]
+    pub cluster: Cluster,
+    pub jurisdiction: baygrid_core::Jurisdiction,
+    /// An agent heartbeated within the lease TTL.
+    pub online: bool,
+    pub agent_seen_at: Option<String>,
+    pub accelerators_total: u32,
+    pub accelerators_in_use: u32,
+}
+
+/// A tenant with what it has spent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TenantView {
+    #[serde(flatten)]
+    pub tenant: Tenant,
+    pub spent: Money,
+}
+
+/// One transition in a job's history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct JobEventView {
+    pub at: String,
+    pub from: Option<JobState>,
+    pub to: JobState,
+    pub reason: String,
+}
+
+/// A job as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct JobView {
+    pub id: String,
+    pub tenant: String,
+    pub name: String,
+    pub state: JobState,
+    pub reason: String,
+    pub priority: i64,
+    pub submitted_at: String,
+    pub updated_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub cluster: Option<String>,
+    pub site: Option<String>,
+    pub engine: Option<String>,
+    pub allocation: Option<Allocation>,
+    pub attempts: i64,
+    pub exit_code: Option<i64>,
+    /// Metered cost in CNY, once the job has ended.
+    pub cost: Option<Money>,
+    pub spec: JobSpec,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<JobEventView>,
+}
+
+/// A quote: every cluster's verdict for a spec, best first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct QuoteView {
+    /// The cluster the job would go to now, if any.
+    pub chosen: Option<String>,
+    /// Whether some cluster could hold the job, now or later.
+    pub feasible: bool,
+    pub summary: String,
+    #[schema(value_type = Object)]
+    pub quote: QuoteBody,
+}
+
+/// The candidates of a quote, as plain data on the wire.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct QuoteBody {
+    pub candidates: Vec<CandidateView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct CandidateView {
+    pub cluster: String,
+    pub site: String,
+    pub jurisdiction: baygrid_core::Jurisdiction,
+    pub engine: String,
+    pub accelerator: Option<String>,
+    pub accelerators: u32,
+    pub nodes: u32,
+    pub price_per_accelerator_hour: Option<Money>,
+    pub estimated_cost_cny: Option<Money>,
+    pub round_trip_ms: Option<u32>,
+    /// chosen, fits, waits or rejected.
+    pub verdict: String,
+    pub reason: String,
+}
+
+impl From<&Quote> for QuoteBody {
+    fn from(quote: &Quote) -> Self {
+        let candidates = quote
+            .candidates
+            .iter()
+            .map(|c| CandidateView {
+                cluster: c.cluster.clone(),
+                site: c.site.clone(),
+                jurisdiction: c.jurisdiction,
+                engine: c.engine.to_string(),
+                accelerator: c.accelerator.clone(),
+                accelerators: c.accelerators,
+                nodes: c.nodes,
+                price_per_accelerator_hour: c.price_per_accelerator_hour,
+                estimated_cost_cny: c.estimated_cost_cny,
+                round_trip_ms: c.round_trip_ms,
+                verdict: serde_json::to_value(&c.verdict)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default(),
+                reason: c.reason.clone(),
+            })
+            .collect();
+        QuoteBody { candidates }
+    }
+}
+
+/// What a cancel did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CancelView {
+    /// cancelled, requested or already_ended.
+    pub outcome: String,
+    pub job: JobView,
+}
+
+/// A line of output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct LogLineView {
+    pub attempt: i64,
+    pub seq: i64,
+    pub stream: String,
+    pub line: String,
+}
+
+/// A page of output; pass `next` as `after` to read on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct LogsView {
+    pub lines: Vec<LogLineView>,
+    pub next: String,
+    /// The job has ended and every line so far is in this page or before it.
+    pub done: bool,
+    pub state: JobState,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IssueTokenRequest {
+    pub role: Role,
+    /// The tenant, provider, party or cluster the token acts for.
+    #[serde(default)]
+    pub subject: Option<String>,
+    #[serde(default)]
+    pub label: Option<String>,
+}
+
+/// A new token. The secret is shown once and stored only as a hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct IssuedToken {
+    pub id: String,
+    pub token: String,
+    pub role: Role,
+    pub subject: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TokenView {
+    pub id: String,
+    pub role: Role,
+    pub subject: Option<String>,
+    pub label: String,
+    pub created_at: String,
+    pub revoked_at: Option<String>,
+}
+
+/// Capacity an agent reports for its cluster.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Capacity {
+    pub engine: String,
+    pub nodes: u32,
+    pub accelerators_per_node: u32,
+    pub cpus_per_node: u32,
+    pub memory_gb_per_node: u32,
+    pub running_jobs: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterRequest {
+    pub capacity: Capacity,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RegisterResponse {
+    pub cluster: Cluster,
+    pub lease_ttl_ms: i64,
+    pub heartbeat_ms: i64,
+}
+
+/// A lease an agent holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HeldLease {
+    pub job_id: String,
+    pub epoch: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatRequest {
+    pub capacity: Capacity,
+    pub held: Vec<HeldLease>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HeartbeatResponse {
+    pub renewed: Vec<String>,
+    /// Stop these at once: the lease is no longer yours.
+    pub stale: Vec<String>,
+    /// Stop these: the tenant cancelled them.
+    pub cancel: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseRequest {
+    pub max: u32,
+}
+
+/// A job granted to an agent, with the epoch every report must carry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct LeaseGrant {
+    pub job_id: String,
+    pub tenant: String,
+    pub epoch: i64,
+    pub ttl_ms: i64,
+    pub spec: JobSpec,
+    pub allocation: Allocation,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct LeaseResponse {
+    pub leases: Vec<LeaseGrant>,
+}
+
+/// What the agent says happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AgentStatus {
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+    /// The agent no longer has the job (it restarted and the job was gone).
+    Lost,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LogLineIn {
+    pub seq: i64,
+    pub stream: String,
+    pub line: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReportRequest {
+    pub epoch: i64,
+    /// Absent when the report only carries log lines.
+    #[serde(default)]
+    pub status: Option<AgentStatus>,
+    #[serde(default)]
+    pub exit_code: Option<i64>,
+    #[serde(default)]
+    pub reason: Option<String>,
+    #[serde(default)]
+    pub logs: Vec<LogLineIn>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PartyRequest {
+    pub name: String,
+    pub jurisdiction: baygrid_core::Jurisdiction,
+    pub city: String,
+    #[serde(default)]
+    pub ciio: bool,
+}
+
+/// Re-exported so clients need only this crate for catalog types.
+pub type AcceleratorView = AcceleratorModel;
+
+/// Health.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    pub status: String,
+    pub store: String,
+    pub version: String,
+}

@@ -1,0 +1,111 @@
+//! Cluster engines behind one trait. baygrid federates engines; it never replaces them.
+//!
+//! An engine launches a job's gang, reports its status, hands over its output and stops it.
+//! A [`JobHandle`] is plain data: the agent persists it, and after a restart gives it back to
+//! [`Engine::status`] to re-attach to a job that is still running.
+
+mod local;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+pub use local::LocalEngine;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("launch failed: {0}")]
+    Launch(String),
+    #[error("engine i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("engine refused the job: {0}")]
+    Refused(String),
+    #[error("job handle is not this engine's: {0}")]
+    ForeignHandle(String),
+}
+
+/// What to run: one command on each of `nodes` ranks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaunchSpec {
+    pub job_id: String,
+    pub epoch: i64,
+    pub command: String,
+    pub env: BTreeMap<String, String>,
+    pub image: Option<String>,
+    pub nodes: u32,
+    /// Node indices in the cluster, one per rank.
+    pub node_indices: Vec<u32>,
+}
+
+/// Everything needed to find a launched job again, even from a new agent process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobHandle {
+    pub job_id: String,
+    pub epoch: i64,
+    pub engine: String,
+    pub dir: PathBuf,
+    /// Engine-specific data (process ids, a Slurm job id, a Kubernetes Job name).
+    pub detail: serde_json::Value,
+}
+
+/// Where a launched job stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobStatus {
+    Running,
+    Succeeded,
+    Failed {
+        exit_code: Option<i64>,
+        reason: String,
+    },
+    Cancelled {
+        reason: String,
+    },
+    /// The engine has no trace of the job.
+    Lost {
+        reason: String,
+    },
+}
+
+impl JobStatus {
+    pub fn is_final(&self) -> bool {
+        !matches!(self, JobStatus::Running)
+    }
+}
+
+/// A line of output, from a stream such as `stdout` (rank 0) or `stderr.2` (rank 2).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputLine {
+    pub stream: String,
+    pub line: String,
+}
+
+/// Where reading a job's output has got to; persisted with the handle.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogCursor {
+    /// Bytes already read, per output file.
+    pub offsets: BTreeMap<String, u64>,
+}
+
+/// A cluster engine.
+#[async_trait::async_trait]
+pub trait Engine: Send + Sync {
+    /// `local`, `slurm` or `kubernetes`.
+    fn kind(&self) -> &'static str;
+
+    /// Starts every rank of the gang, or none.
+    async fn launch(&self, spec: &LaunchSpec) -> Result<JobHandle, ExecError>;
+
+    /// Where the job stands; also how a restarted agent re-attaches.
+    async fn status(&self, handle: &JobHandle) -> Result<JobStatus, ExecError>;
+
+    /// Output written since `cursor`; complete lines only.
+    async fn read_output(
+        &self,
+        handle: &JobHandle,
+        cursor: &mut LogCursor,
+    ) -> Result<Vec<OutputLine>, ExecError>;
+
+    /// Stops every rank.
+    async fn cancel(&self, handle: &JobHandle) -> Result<(), ExecError>;
+}

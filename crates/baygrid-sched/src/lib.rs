@@ -1,0 +1,543 @@
+//! Placement: which cluster may hold a job, what it would cost there, and which one to use.
+//!
+//! Pure: no I/O, no clock of its own ("now" is passed in), no randomness. The server's
+//! scheduling loop and the quote endpoint call the same [`Placer`].
+
+use baygrid_core::catalog::RoundTrips;
+use baygrid_core::{
+    AcceleratorModel, Allocation, Cluster, EngineKind, ExchangeRates, JobSpec, Jurisdiction,
+    Millis, Money, Offer, Site,
+};
+use serde::Serialize;
+
+/// Latency-sensitive jobs run only within this round trip of the tenant's city.
+pub const LATENCY_SENSITIVE_MAX_RTT_MS: u32 = 5;
+
+/// What is free on one node right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeFree {
+    pub accelerators: u32,
+    pub cpus: u32,
+    pub memory_gb: u32,
+}
+
+/// One cluster as placement sees it: its catalog facts and what is free on each node.
+#[derive(Debug, Clone)]
+pub struct ClusterState {
+    pub cluster: Cluster,
+    pub site: Site,
+    pub offer: Option<Offer>,
+    pub model: Option<AcceleratorModel>,
+    /// Whether an agent is connected and heartbeating.
+    pub online: bool,
+    pub free: Vec<NodeFree>,
+}
+
+impl ClusterState {
+    /// A cluster with every node empty.
+    pub fn empty(
+        cluster: Cluster,
+        site: Site,
+        offer: Option<Offer>,
+        model: Option<AcceleratorModel>,
+        online: bool,
+    ) -> Self {
+        let node = NodeFree {
+            accelerators: cluster.accelerators_per_node,
+            cpus: cluster.cpus_per_node,
+            memory_gb: cluster.memory_gb_per_node,
+        };
+        let free = vec![node; cluster.nodes as usize];
+        ClusterState {
+            cluster,
+            site,
+            offer,
+            model,
+            online,
+            free,
+        }
+    }
+
+    /// Takes an allocation's resources off its nodes. Nodes out of range are ignored
+    /// (the cluster shrank); an over-commit saturates at zero.
+    pub fn take(&mut self, allocation: &Allocation) {
+        for &index in &allocation.nodes {
+            if let Some(node) = self.free.get_mut(index as usize) {
+                node.accelerators = node
+                    .accelerators
+                    .saturating_sub(allocation.accelerators_per_node);
+                node.cpus = node.cpus.saturating_sub(allocation.cpus_per_node);
+                node.memory_gb = node.memory_gb.saturating_sub(allocation.memory_gb_per_node);
+            }
+        }
+    }
+
+    /// The first `nodes` nodes (by index) that each have room for the request.
+    fn fit(&self, accelerators: u32, cpus: u32, memory_gb: u32, nodes: u32) -> Option<Vec<u32>> {
+        let chosen: Vec<u32> = self
+            .free
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| {
+                n.accelerators >= accelerators && n.cpus >= cpus && n.memory_gb >= memory_gb
+            })
+            .map(|(i, _)| i as u32)
+            .take(nodes as usize)
+            .collect();
+        (chosen.len() == nodes as usize).then_some(chosen)
+    }
+}
+
+/// The region the placer sees.
+#[derive(Debug, Clone)]
+pub struct Market {
+    pub clusters: Vec<ClusterState>,
+    pub rates: ExchangeRates,
+    pub round_trips: RoundTrips,
+    pub now: Millis,
+}
+
+/// Who is asking: the tenant's party's location.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Requester {
+    pub city: String,
+    pub jurisdiction: Jurisdiction,
+}
+
+/// What placement thinks of one cluster for one job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    /// The cluster the job goes to.
+    Chosen,
+    /// It fits now, but another cluster is better.
+    Fits,
+    /// It could hold the job, but not now (busy or offline).
+    Waits,
+    /// It can never hold the job.
+    Rejected,
+}
+
+/// One cluster's line in a quote.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct Candidate {
+    pub cluster: String,
+    pub site: String,
+    pub jurisdiction: Jurisdiction,
+    pub engine: EngineKind,
+    pub accelerator: Option<String>,
+    pub accelerators: u32,
+    pub nodes: u32,
+    pub price_per_accelerator_hour: Option<Money>,
+    /// Compute cost for the estimated duration, in CNY.
+    pub estimated_cost_cny: Option<Money>,
+    pub round_trip_ms: Option<u32>,
+    pub verdict: Verdict,
+    pub reason: String,
+    /// For a rejection: the spec field whose demand the cluster cannot meet.
+    pub field: Option<String>,
+    #[serde(skip)]
+    #[schema(ignore)]
+    pub nodes_now: Option<Vec<u32>>,
+}
+
+/// Every cluster's verdict, best first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct Quote {
+    pub candidates: Vec<Candidate>,
+}
+
+impl Quote {
+    pub fn chosen(&self) -> Option<&Candidate> {
+        self.candidates
+            .iter()
+            .find(|c| c.verdict == Verdict::Chosen)
+    }
+
+    /// Whether some cluster could hold the job, now or later.
+    pub fn ever_feasible(&self) -> bool {
+        self.candidates
+            .iter()
+            .any(|c| c.verdict != Verdict::Rejected)
+    }
+
+    /// Why no cluster can ever hold the job: each cluster's reason.
+    pub fn rejection_summary(&self) -> String {
+        if self.candidates.is_empty() {
+            return "no cluster is published".to_string();
+        }
+        let reasons: Vec<String> = self
+            .candidates
+            .iter()
+            .map(|c| format!("{}: {}", c.cluster, c.reason))
+            .collect();
+        format!("no cluster can ever hold this job ({})", reasons.join("; "))
+    }
+
+    /// The allocation for the chosen cluster.
+    pub fn allocation(&self, spec: &JobSpec) -> Option<Allocation> {
+        let chosen = self.chosen()?;
+        Some(Allocation {
+            cluster: chosen.cluster.clone(),
+            accelerator: chosen.accelerator.clone(),
+            accelerators_per_node: chosen.accelerators / chosen.nodes.max(1),
+            cpus_per_node: spec.resources.cpus,
+            memory_gb_per_node: spec.resources.memory_gb,
+            nodes: chosen.nodes_now.clone()?,
+            price_per_accelerator_hour: chosen.price_per_accelerator_hour?,
+        })
+    }
+}
+
+/// Decides where a job goes. The first placer is [`CheapestFeasible`]; the dispatch centre
+/// replaces it behind this trait.
+pub trait Placer: Send + Sync {
+    fn quote(&self, spec: &JobSpec, requester: &Requester, market: &Market) -> Quote;
+}
+
+/// The cheapest cluster, in CNY at the configured rates, that can hold the job now.
+/// Ties go to the shorter round trip, then to the name.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CheapestFeasible;
+
+impl Placer for CheapestFeasible {
+    fn quote(&self, spec: &JobSpec, requester: &Requester, market: &Market) -> Quote {
+        let mut candidates: Vec<Candidate> = market
+            .clusters
+            .iter()
+            .map(|state| assess(spec, requester, market, state))
+            .collect();
+        let best = candidates
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.verdict == Verdict::Fits)
+            .min_by(|(_, a), (_, b)| {
+                a.estimated_cost_cny
+                    .map(|m| m.minor)
+                    .cmp(&b.estimated_cost_cny.map(|m| m.minor))
+                    .then(a.round_trip_ms.cmp(&b.round_trip_ms))
+                    .then(a.cluster.cmp(&b.cluster))
+            })
+            .map(|(i, _)| i);
+        if let Some(index) = best {
+            let reason = chosen_reason(&candidates, index);
+            candidates[index].verdict = Verdict::Chosen;
+            candidates[index].reason = reason;
+        }
+        candidates.sort_by_key(|c| {
+            let rank = match c.verdict {
+                Verdict::Chosen => 0,
+                Verdict::Fits => 1,
+                Verdict::Waits => 2,
+                Verdict::Rejected => 3,
+            };
+            (
+                rank,
+                c.estimated_cost_cny.map(|m| m.minor).unwrap_or(i64::MAX),
+                c.cluster.clone(),
+            )
+        });
+        Quote { candidates }
+    }
+}
+
+/// Why the chosen cluster won: the runner-up it beat, and what ruled the others out.
+fn chosen_reason(candidates: &[Candidate], chosen: usize) -> String {
+    let cost = |c: &Candidate| {
+        c.estimated_cost_cny
+            .map(|m| m.to_string())
+            .unwrap_or_else(|| "-".into())
+    };
+    let mut reason = format!("cheapest that fits now at {}", cost(&candidates[chosen]));
+    let runner_up = candidates
+        .iter()
+        .enumerate()
+        .filter(|(i, c)| *i != chosen && c.verdict != Verdict::Rejected)
+        .min_by_key(|(_, c)| c.estimated_cost_cny.map(|m| m.minor).unwrap_or(i64::MAX));
+    if let Some((_, next)) = runner_up {
+        reason.push_str(&format!("; next {} at {}", next.cluster, cost(next)));
+    }
+    let mut ruled_out: Vec<&str> = candidates
+        .iter()
+        .filter_map(|c| c.field.as_deref())
+        .collect();
+    ruled_out.sort_unstable();
+    ruled_out.dedup();
+    if !ruled_out.is_empty() {
+        let count = candidates
+            .iter()
+            .filter(|c| c.verdict == Verdict::Rejected)
+            .count();
+        reason.push_str(&format!("; {count} ruled out by {}", ruled_out.join(", ")));
+    }
+    reason
+}
+
+/// One cluster's verdict for one job, before choosing among them.
+fn assess(
+    spec: &JobSpec,
+    requester: &Requester,
+    market: &Market,
+    state: &ClusterState,
+) -> Candidate {
+    let cluster = &state.cluster;
+    let resources = &spec.resources;
+    let round_trip_ms = market
+        .round_trips
+        .between(&requester.city, &state.site.city);
+    let mut candidate = Candidate {
+        cluster: cluster.name.clone(),
+        site: state.site.name.clone(),
+        jurisdiction: state.site.jurisdiction,
+        engine: cluster.engine,
+        accelerator: None,
+        accelerators: 0,
+        nodes: resources.nodes,
+        price_per_accelerator_hour: state.offer.as_ref().map(|o| o.price_per_accelerator_hour),
+        estimated_cost_cny: None,
+        round_trip_ms,
+        verdict: Verdict::Rejected,
+        reason: String::new(),
+        field: None,
+        nodes_now: None,
+    };
+    let reject = |mut c: Candidate, field: &str, reason: String| {
+        c.verdict = Verdict::Rejected;
+        c.reason = reason;
+        c.field = Some(field.to_string());
+        c
+    };
+
+    // accelerators: CPU-only work takes none; otherwise the cluster's model must be named
+    let per_node = if resources.accelerators.is_none() {
+        0
+    } else {
+        match spec.accelerators_for(&cluster.accelerator) {
+            Some(count) => count,
+            None => {
+                let asked: Vec<&str> = resources
+                    .accelerators
+                    .alternatives
+                    .iter()
+                    .map(|(m, _)| m.as_str())
+                    .collect();
+                return reject(
+                    candidate,
+                    "resources.accelerators",
+                    format!(
+                        "has {}, job accepts {}",
+                        cluster.accelerator,
+                        asked.join(" or ")
+                    ),
+                );
+            }
+        }
+    };
+    if per_node > 0 {
+        candidate.accelerator = Some(cluster.accelerator.clone());
+    }
+    candidate.accelerators = per_node * resources.nodes;
+    if per_node > cluster.accelerators_per_node {
+        return reject(
+            candidate,
+            "resources.accelerators",
+            format!(
+                "nodes have {} × {}, job asks {} per node",
+                cluster.accelerators_per_node, cluster.accelerator, per_node
+            ),
+        );
+    }
+    if resources.nodes > cluster.nodes {
+        return reject(
+            candidate,
+            "resources.nodes",
+            format!(
+                "has {} nodes, job asks a gang of {}",
+                cluster.nodes, resources.nodes
+            ),
+        );
+    }
+    if resources.cpus > cluster.cpus_per_node {
+        return reject(
+            candidate,
+            "resources.cpus",
+            format!(
+                "nodes have {} CPUs, job asks {}",
+                cluster.cpus_per_node, resources.cpus
+            ),
+        );
+    }
+    if resources.memory_gb > cluster.memory_gb_per_node {
+        return reject(
+            candidate,
+            "resources.memory_gb",
+            format!(
+                "nodes have {} GB memory, job asks {}",
+                cluster.memory_gb_per_node, resources.memory_gb
+            ),
+        );
+    }
+    if let Some(allowed) = &spec.allowed_jurisdictions {
+        if !allowed.contains(&state.site.jurisdiction) {
+            return reject(
+                candidate,
+                "allowed_jurisdictions",
+                format!(
+                    "site is in {}, job may run only in {}",
+                    state.site.jurisdiction,
+                    join(allowed)
+                ),
+            );
+        }
+    }
+    if spec.latency_sensitive {
+        match round_trip_ms {
+            Some(ms) if ms <= LATENCY_SENSITIVE_MAX_RTT_MS => {}
+            Some(ms) => {
+                return reject(candidate, "latency_sensitive",
+                    format!(
+                        "latency-sensitive: {ms} ms round trip from {} (limit {LATENCY_SENSITIVE_MAX_RTT_MS} ms)",
+                        requester.city
+                    ),
+                )
+            }
+            None => {
+                return reject(candidate, "latency_sensitive",
+                    format!("latency-sensitive: no known round trip from {}", requester.city),
+                )
+            }
+        }
+    }
+    match (&spec.image, cluster.engine) {
+        (None, EngineKind::Kubernetes) if cluster.default_image.is_none() => {
+            return reject(
+                candidate,
+                "image",
+                "kubernetes cluster needs an image and has no default".into(),
+            )
+        }
+        (Some(_), EngineKind::Local | EngineKind::Slurm) if !cluster.container_runtime => {
+            return reject(
+                candidate,
+                "image",
+                format!(
+                    "{} engine has no container runtime for `image`",
+                    cluster.engine
+                ),
+            )
+        }
+        _ => {}
+    }
+    let Some(offer) = &state.offer else {
+        return reject(
+            candidate,
+            "resources",
+            "no offer published for this cluster".into(),
+        );
+    };
+    let price_cny = match market.rates.to_cny(offer.price_per_accelerator_hour) {
+        Ok(price) => price,
+        Err(e) => return reject(candidate, "resources", format!("offer price: {e}")),
+    };
+    if let Some(cap) = spec.max_price_per_hour {
+        match market.rates.to_cny(cap) {
+            Ok(cap_cny) if price_cny.minor > cap_cny.minor => {
+                return reject(
+                    candidate,
+                    "max_price_per_hour",
+                    format!(
+                        "price {} ({}) is above the job's cap {}",
+                        offer.price_per_accelerator_hour, price_cny, cap
+                    ),
+                )
+            }
+            Ok(_) => {}
+            Err(e) => {
+                return reject(
+                    candidate,
+                    "max_price_per_hour",
+                    format!("max_price_per_hour: {e}"),
+                )
+            }
+        }
+    }
+    let seconds = spec.estimated_duration.0.as_secs().max(1) as i128;
+    let billable = candidate.accelerators as i128;
+    candidate.estimated_cost_cny = price_cny.mul_ratio(billable * seconds, 3600).ok();
+    if let Some(deadline) = spec.deadline {
+        let earliest_finish = market.now + (seconds as i64) * 1000;
+        if earliest_finish > deadline.timestamp_millis() {
+            return reject(
+                candidate,
+                "deadline",
+                format!("cannot finish by the deadline {}", deadline.to_rfc3339()),
+            );
+        }
+    }
+    if !state.online {
+        candidate.verdict = Verdict::Waits;
+        candidate.reason = "no agent connected".into();
+        return candidate;
+    }
+    match state.fit(
+        per_node,
+        resources.cpus,
+        resources.memory_gb,
+        resources.nodes,
+    ) {
+        Some(nodes) => {
+            candidate.verdict = Verdict::Fits;
+            candidate.reason = "fits now".into();
+            candidate.nodes_now = Some(nodes);
+        }
+        None => {
+            candidate.verdict = Verdict::Waits;
+            candidate.reason = "busy: not enough free nodes now".into();
+        }
+    }
+    candidate
+}
+
+fn join(items: &[Jurisdiction]) -> String {
+    items
+        .iter()
+        .map(|j| j.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Builds the market from a catalog with every cluster empty and online.
+pub fn market_from_catalog(catalog: &baygrid_core::Catalog, now: Millis) -> Market {
+    let clusters = catalog
+        .clusters
+        .iter()
+        .map(|cluster| {
+            let site = catalog
+                .sites
+                .iter()
+                .find(|s| s.name == cluster.site)
+                .cloned()
+                .expect("validated catalog: every cluster's site exists");
+            let offer = catalog
+                .offers
+                .iter()
+                .find(|o| o.cluster == cluster.name)
+                .cloned();
+            let model = catalog
+                .accelerators
+                .iter()
+                .find(|a| a.model == cluster.accelerator)
+                .cloned();
+            ClusterState::empty(cluster.clone(), site, offer, model, true)
+        })
+        .collect();
+    Market {
+        clusters,
+        rates: catalog.exchange_rates.clone(),
+        round_trips: catalog.round_trips(),
+        now,
+    }
+}
+
+#[cfg(test)]
+mod tests;

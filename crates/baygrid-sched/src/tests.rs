@@ -1,0 +1,151 @@
+use super::*;
+use baygrid_core::Catalog;
+use proptest::prelude::*;
+
+fn spec(text: &str) -> JobSpec {
+    JobSpec::from_yaml(text).unwrap()
+}
+
+fn job(accelerators: &str, nodes: u32, extra: &str) -> JobSpec {
+    spec(&format!(
+        "name: j\nresources:\n  accelerators: {accelerators}\n  nodes: {nodes}\ncommand: 'true'\nestimated_duration: 1h\n{extra}"
+    ))
+}
+
+fn guangzhou() -> Requester {
+    Requester {
+        city: "guangzhou".into(),
+        jurisdiction: Jurisdiction::CN,
+    }
+}
+
+fn market() -> Market {
+    market_from_catalog(&Catalog::sample(), 0)
+}
+
+#[test]
+fn cheapest_wins_and_costs_are_in_cny() {
+    let quote = CheapestFeasible.quote(
+        &job("[{H800: 8}, {Ascend910B: 8}, {A100: 8}]", 1, ""),
+        &guangzhou(),
+        &market(),
+    );
+    let chosen = quote.chosen().unwrap();
+    assert_eq!(chosen.cluster, "shaoguan-910b");
+    assert_eq!(chosen.estimated_cost_cny.unwrap().to_string(), "72.00 CNY");
+    let hk = quote
+        .candidates
+        .iter()
+        .find(|c| c.cluster == "cyberport-h800")
+        .unwrap();
+    // 30 HKD × 0.92 × 8 accelerators × 1 h
+    assert_eq!(hk.estimated_cost_cny.unwrap().to_string(), "220.80 CNY");
+    let macao = quote
+        .candidates
+        .iter()
+        .find(|c| c.cluster == "macao-a100")
+        .unwrap();
+    assert_eq!(macao.estimated_cost_cny.unwrap().to_string(), "199.36 CNY");
+}
+
+#[test]
+fn latency_sensitive_jobs_stay_near_the_tenant() {
+    let quote = CheapestFeasible.quote(
+        &job("{Ascend910B: 1}", 1, "latency_sensitive: true"),
+        &guangzhou(),
+        &market(),
+    );
+    // shaoguan is 4 ms from guangzhou, so still allowed; from hong-kong it is 8 ms
+    assert_eq!(quote.chosen().unwrap().cluster, "shaoguan-910b");
+    let hk = Requester {
+        city: "hong-kong".into(),
+        jurisdiction: Jurisdiction::HK,
+    };
+    let quote = CheapestFeasible.quote(
+        &job("{Ascend910B: 1}", 1, "latency_sensitive: true"),
+        &hk,
+        &market(),
+    );
+    assert_eq!(quote.chosen().unwrap().cluster, "hengqin-910b");
+    let shaoguan = quote
+        .candidates
+        .iter()
+        .find(|c| c.cluster == "shaoguan-910b")
+        .unwrap();
+    assert_eq!(shaoguan.verdict, Verdict::Rejected);
+    assert!(shaoguan.reason.contains("8 ms"), "{}", shaoguan.reason);
+}
+
+#[test]
+fn impossible_jobs_are_never_feasible_with_reasons() {
+    let cases = [
+        job("{H800: 16}", 1, ""),
+        job("{B200: 1}", 1, ""),
+        job("{A100: 8}", 5, ""),
+        job("{H800: 1}", 1, "max_price_per_hour: '10.00 CNY'"),
+        job("{H800: 1}", 1, "allowed_jurisdictions: [INTL]"),
+        job("{H800: 1}", 1, "deadline: 1970-01-01T00:10:00Z"),
+    ];
+    for spec in cases {
+        let quote = CheapestFeasible.quote(&spec, &guangzhou(), &market());
+        assert!(!quote.ever_feasible(), "{spec:?}");
+        assert!(quote.candidates.iter().all(|c| !c.reason.is_empty()));
+        assert!(quote.rejection_summary().contains("qianhai-h800"));
+    }
+}
+
+#[test]
+fn busy_clusters_wait_and_gangs_take_whole_nodes_in_one_cluster() {
+    let mut market = market();
+    let quote = CheapestFeasible.quote(&job("{A100: 8}", 4, ""), &guangzhou(), &market);
+    let alloc = quote.allocation(&job("{A100: 8}", 4, "")).unwrap();
+    assert_eq!(alloc.cluster, "macao-a100");
+    assert_eq!(alloc.nodes, vec![0, 1, 2, 3]);
+    let macao = market
+        .clusters
+        .iter_mut()
+        .find(|c| c.cluster.name == "macao-a100")
+        .unwrap();
+    macao.take(&alloc);
+    let quote = CheapestFeasible.quote(&job("{A100: 1}", 1, ""), &guangzhou(), &market);
+    assert!(quote.chosen().is_none());
+    assert_eq!(quote.candidates[0].verdict, Verdict::Waits);
+    assert!(quote.ever_feasible());
+}
+
+#[test]
+fn offline_clusters_wait() {
+    let mut market = market();
+    for c in &mut market.clusters {
+        c.online = false;
+    }
+    let quote = CheapestFeasible.quote(&job("{H800: 1}", 1, ""), &guangzhou(), &market);
+    assert!(quote.chosen().is_none());
+    assert!(quote.ever_feasible());
+}
+
+proptest! {
+    /// Placing jobs one after another never over-commits a node.
+    #[test]
+    fn capacity_is_never_exceeded(sizes in proptest::collection::vec((1u32..=8, 1u32..=6), 1..80)) {
+        let mut market = market();
+        let original: Vec<(String, u32)> = market.clusters.iter().map(|c| (c.cluster.name.clone(), c.cluster.accelerators_per_node)).collect();
+        for (per_node, nodes) in sizes {
+            let spec = job(&format!("[{{A100: {per_node}}}, {{H800: {per_node}}}]"), nodes, "");
+            let quote = CheapestFeasible.quote(&spec, &guangzhou(), &market);
+            if let Some(alloc) = quote.allocation(&spec) {
+                prop_assert_eq!(alloc.nodes.len() as u32, nodes);
+                let state = market.clusters.iter_mut().find(|c| c.cluster.name == alloc.cluster).unwrap();
+                for &n in &alloc.nodes {
+                    prop_assert!(state.free[n as usize].accelerators >= per_node);
+                }
+                state.take(&alloc);
+            }
+        }
+        for (state, (_, per_node)) in market.clusters.iter().zip(original) {
+            for node in &state.free {
+                prop_assert!(node.accelerators <= per_node);
+            }
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! The agent protocol: register, heartbeat (capacity and lease renewal), lease (take placed
+//! jobs), report (status and output, fenced by the lease's epoch).
+
+use axum::extract::{Path, State};
+use axum::Json;
+use baygrid_api::{
+    AgentStatus, HeartbeatRequest, HeartbeatResponse, JobView, LeaseGrant, LeaseRequest,
+    LeaseResponse, RegisterRequest, RegisterResponse, ReportRequest,
+};
+use baygrid_core::{JobState, Principal, Role};
+use baygrid_store::{LeaseReport, LogLine, Report};
+
+use crate::body::JsonBody;
+use crate::error::{ApiError, ApiResult};
+use crate::AppState;
+
+/// The cluster an agent token is bound to.
+fn agent_cluster(who: &Principal) -> ApiResult<String> {
+    match (who.role, &who.subject) {
+        (Role::Agent, Some(cluster)) => Ok(cluster.clone()),
+        _ => Err(ApiError::Forbidden(
+            "only an agent token may use the agent protocol".into(),
+        )),
+    }
+}
+
+fn ttl_ms(state: &AppState) -> i64 {
+    state.config.lease_ttl.as_millis() as i64
+}
+
+/// An agent announces itself and its cluster's capacity.
+#[utoipa::path(post, path = "/api/v1/agent/register", request_body = RegisterRequest, responses((status = 200, body = RegisterResponse), (status = 403, body = baygrid_api::ErrorBody)), security(("bearer" = [])))]
+pub async fn register(
+    State(state): State<AppState>,
+    who: Principal,
+    JsonBody(request): JsonBody<RegisterRequest>,
+) -> ApiResult<Json<RegisterResponse>> {
+    let cluster_name = agent_cluster(&who)?;
+    let cluster = state
+        .catalog()
+        .clusters
+        .get(&cluster_name)
+        .cloned()
+        .ok_or_else(|| ApiError::NotFound(format!("cluster `{cluster_name}` is not published")))?;
+    let capacity = serde_json::to_value(&request.capacity).unwrap_or_default();
+    state
+        .store
+        .heartbeat(
+            cluster_name,
+            capacity,
+            Vec::new(),
+            ttl_ms(&state),
+            state.now(),
+        )
+        .await?;
+    Ok(Json(RegisterResponse {
+        cluster,
+        lease_ttl_ms: ttl_ms(&state),
+        heartbeat_ms: state.config.heartbeat_interval.as_millis() as i64,
+    }))
+}
+
+/// Renews the leases an agent holds; names the ones it must stop.
+#[utoipa::path(post, path = "/api/v1/agent/heartbeat", request_body = HeartbeatRequest, responses((status = 200, body = HeartbeatResponse)), security(("bearer" = [])))]
+pub async fn heartbeat(
+    State(state): State<AppState>,
+    who: Principal,
+    JsonBody(request): JsonBody<HeartbeatRequest>,
+) -> ApiResult<Json<HeartbeatResponse>> {
+    let cluster = agent_cluster(&who)?;
+    let capacity = serde_json::to_value(&request.capacity).unwrap_or_default();
+    let held = request
+        .held
+        .into_iter()
+        .map(|h| (h.job_id, h.epoch))
+        .collect();
+    let outcome = state
+        .store
+        .heartbeat(cluster, capacity, held, ttl_ms(&state), state.now())
+        .await?;
+    Ok(Json(HeartbeatResponse {
+        renewed: outcome.renewed,
+        stale: outcome.stale,
+        cancel: outcome.cancel,
+    }))
+}
+
+/// Grants the agent leases on jobs placed on its cluster.
+#[utoipa::path(post, path = "/api/v1/agent/lease", request_body = LeaseRequest, responses((status = 200, body = LeaseResponse)), security(("bearer" = [])))]
+pub async fn lease(
+    State(state): State<AppState>,
+    who: Principal,
+    JsonBody(request): JsonBody<LeaseRequest>,
+) -> ApiResult<Json<LeaseResponse>> {
+    let cluster = agent_cluster(&who)?;
+    if request.max == 0 || request.max > 1000 {
+        return Err(ApiError::bad("max", "must be between 1 and 1000"));
+    }
+    let granted = state
+        .store
+        .grant_leases(cluster, request.max as i64, ttl_ms(&state), state.now())
+        .await?;
+    let leases = granted
+        .into_iter()
+        .filter_map(|job| {
+            Some(LeaseGrant {
+                allocation: job.allocation?,
+                job_id: job.id,
+                tenant: job.tenant,
+                epoch: job.lease_epoch,
+                ttl_ms: ttl_ms(&state),
+                spec: job.spec,
+            })
+        })
+        .collect();
+    Ok(Json(LeaseResponse { leases }))
+}
+
+/// Output lines and a status change, under the lease's epoch. A stale epoch is refused
+/// with 409, and the agent must stop that copy of the job.
+#[utoipa::path(post, path = "/api/v1/agent/jobs/{id}/report", params(("id" = String, Path)), request_body = ReportRequest, responses((status = 200, body = JobView), (status = 409, description = "stale lease", body = baygrid_api::ErrorBody)), security(("bearer" = [])))]
+pub async fn report(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(id): Path<String>,
+    JsonBody(request): JsonBody<ReportRequest>,
+) -> ApiResult<Json<JobView>> {
+    let cluster = agent_cluster(&who)?;
+    if !request.logs.is_empty() {
+        let lines = request
+            .logs
+            .iter()
+            .map(|l| LogLine {
+                epoch: request.epoch,
+                seq: l.seq,
+                stream: l.stream.clone(),
+                line: l.line.clone(),
+            })
+            .collect();
+        state
+            .store
+            .append_logs(id.clone(), cluster.clone(), request.epoch, lines)
+            .await?;
+    }
+    let now = state.now();
+    let reason = request.reason.clone();
+    let report = match request.status {
+        None => None,
+        Some(AgentStatus::Running) => Some(Report::Running),
+        Some(AgentStatus::Lost) => Some(Report::Lost {
+            reason: format!(
+                "lost on {cluster}: {}",
+                reason.unwrap_or_else(|| "the agent no longer has it".into())
+            ),
+        }),
+        Some(status @ (AgentStatus::Succeeded | AgentStatus::Failed | AgentStatus::Cancelled)) => {
+            let job = state.store.get_job(&id).await?;
+            let final_state = match status {
+                AgentStatus::Succeeded => JobState::Succeeded,
+                AgentStatus::Failed => JobState::Failed,
+                _ => JobState::Cancelled,
+            };
+            let reason = reason.unwrap_or_else(|| match request.exit_code {
+                Some(code) => format!("exit code {code}"),
+                None => final_state.to_string(),
+            });
+            Some(Report::Finished {
+                state: final_state,
+                exit_code: request.exit_code,
+                reason,
+                cost_cny_minor: metered_cost(&state, &job, now)?,
+            })
+        }
+    };
+    let record = match report {
+        Some(report) => {
+            state
+                .store
+                .report(LeaseReport {
+                    job_id: id.clone(),
+                    cluster,
+                    epoch: request.epoch,
+                    report,
+                    now,
+                })
+                .await?
+        }
+        None => state.store.get_job(&id).await?,
+    };
+    Ok(Json(crate::jobs::view(&state, record, Vec::new())))
+}
+
+/// Accelerator-milliseconds between the lease's start and end events times the offer's
+/// price, converted to CNY at the configured rate.
+fn metered_cost(state: &AppState, job: &baygrid_store::JobRecord, now: i64) -> ApiResult<i64> {
+    let Some(allocation) = &job.allocation else {
+        return Ok(0);
+    };
+    let started = job.started_ms.unwrap_or(now);
+    let elapsed_ms = (now - started).max(0) as i128;
+    let accelerators = allocation.total_accelerators() as i128;
+    let price_cny = state
+        .catalog()
+        .rates
+        .to_cny(allocation.price_per_accelerator_hour)
+        .map_err(|e| ApiError::Conflict(format!("cannot price job {}: {e}", job.id)))?;
+    let cost = price_cny
+        .mul_ratio(accelerators * elapsed_ms, 3_600_000)
+        .map_err(|e| ApiError::Conflict(format!("cannot price job {}: {e}", job.id)))?;
+    Ok(cost.minor)
+}

@@ -1,0 +1,52 @@
+//! JSON bodies whose errors name the field at fault.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
+use serde::de::DeserializeOwned;
+
+use crate::error::ApiError;
+
+/// Like `axum::Json`, but a bad body is a 400 that names the field and the problem.
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes =
+            Bytes::from_request(request, state)
+                .await
+                .map_err(|e| ApiError::BadRequest {
+                    field: None,
+                    message: format!("cannot read body: {e}"),
+                })?;
+        parse(&bytes).map(JsonBody)
+    }
+}
+
+pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    if bytes.is_empty() {
+        return Err(ApiError::BadRequest {
+            field: None,
+            message: "body is empty: send a JSON object".into(),
+        });
+    }
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." {
+            "body".to_string()
+        } else {
+            path
+        };
+        let inner = e.inner().to_string();
+        let problem = match inner.find(" at line ") {
+            Some(i) => inner[..i].to_string(),
+            None => inner,
+        };
+        ApiError::BadRequest {
+            message: format!("{field}: {problem}"),
+            field: Some(field),
+        }
+    })
+}

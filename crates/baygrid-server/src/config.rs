@@ -1,0 +1,143 @@
+//! The server's one typed config. Every field has a default, so `baygrid up` needs no file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// `baygrid server --config FILE` (TOML).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Where the SQLite store, the operator token and the keys live.
+    pub data_dir: PathBuf,
+    /// `sqlite://PATH` or `postgres://USER:PASS@HOST/DB`; empty: SQLite in `data_dir`.
+    pub store: String,
+    /// A sites file to publish at start (`sample` for the built-in GBA region); empty: none.
+    pub sites_file: String,
+    /// How long a lease lasts without a heartbeat.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// How often agents are asked to heartbeat.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// How long an agent has to take the lease on a placed job before it is requeued.
+    #[serde(with = "humantime_serde")]
+    pub grant_timeout: Duration,
+    /// Time between scheduling cycles.
+    #[serde(with = "humantime_serde")]
+    pub schedule_interval: Duration,
+    /// After a restart, how long agents get to reconnect before their leases can expire.
+    #[serde(with = "humantime_serde")]
+    pub restart_grace: Duration,
+    /// Most queued jobs considered per scheduling cycle.
+    pub schedule_batch: i64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            listen: "127.0.0.1:7700".parse().expect("literal address"),
+            data_dir: PathBuf::from(".baygrid"),
+            store: String::new(),
+            sites_file: String::new(),
+            lease_ttl: Duration::from_secs(15),
+            heartbeat_interval: Duration::from_secs(1),
+            grant_timeout: Duration::from_secs(30),
+            schedule_interval: Duration::from_millis(200),
+            restart_grace: Duration::from_secs(20),
+            schedule_batch: 10_000,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Reads a TOML config; unknown fields are errors.
+    pub fn load(path: &Path) -> Result<ServerConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let config: ServerConfig = toml::from_str(&text).map_err(|e| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        config.validate().map_err(|message| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.lease_ttl < self.heartbeat_interval * 2 {
+            return Err("lease_ttl must be at least twice heartbeat_interval".into());
+        }
+        if self.schedule_batch < 1 {
+            return Err("schedule_batch must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The store URL, defaulting to SQLite in the data directory.
+    pub fn store_url(&self) -> String {
+        if self.store.is_empty() {
+            format!("sqlite://{}", self.data_dir.join("baygrid.db").display())
+        } else {
+            self.store.clone()
+        }
+    }
+}
+
+mod humantime_serde {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&humantime::format_duration(*value))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        humantime::parse_duration(&text)
+            .map_err(|e| serde::de::Error::custom(format!("`{text}` is not a duration: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_round_trip_and_unknown_fields_fail() {
+        let text = toml::to_string(&ServerConfig::default()).unwrap();
+        let back: ServerConfig = toml::from_str(&text).unwrap();
+        assert_eq!(back, ServerConfig::default());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "lisen = \"127.0.0.1:1\"").unwrap();
+        let err = ServerConfig::load(&path).unwrap_err().to_string();
+        assert!(err.contains("lisen"), "{err}");
+        std::fs::write(&path, "lease_ttl = \"1s\"").unwrap();
+        assert!(ServerConfig::load(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("lease_ttl"));
+    }
+}

@@ -1,0 +1,406 @@
+//! Jobs at the API: submit, quote, list, get, logs, cancel.
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::Json;
+use baygrid_api::{CancelView, JobEventView, JobView, LogLineView, LogsView, QuoteBody, QuoteView};
+use baygrid_core::{millis_to_rfc3339, Currency, JobSpec, JobState, Money, Principal, Role};
+use baygrid_sched::{Quote, Verdict};
+use baygrid_store::{JobFilter, JobRecord, NewJob};
+use serde::Deserialize;
+
+use crate::auth::{actor, require};
+use crate::error::{ApiError, ApiResult};
+use crate::AppState;
+
+/// Which tenant a request acts for: a tenant's own, or the one an operator names.
+fn acting_tenant(who: &Principal, named: Option<&str>) -> ApiResult<String> {
+    match who.role {
+        Role::Tenant => {
+            let own = who.subject.clone().unwrap_or_default();
+            match named {
+                Some(other) if other != own => Err(ApiError::Forbidden(format!(
+                    "tenant `{own}` may not act for `{other}`"
+                ))),
+                _ => Ok(own),
+            }
+        }
+        Role::Operator => named.map(str::to_string).ok_or_else(|| {
+            ApiError::bad("tenant", "an operator must name the tenant: ?tenant=NAME")
+        }),
+        _ => Err(ApiError::Forbidden(format!(
+            "role {} may not submit jobs",
+            who.role
+        ))),
+    }
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct TenantQuery {
+    /// For operators: the tenant to act for.
+    pub tenant: Option<String>,
+}
+
+fn parse_spec(bytes: &[u8]) -> ApiResult<JobSpec> {
+    if bytes.is_empty() {
+        return Err(ApiError::BadRequest {
+            field: None,
+            message: "body is empty: send a job spec as JSON".into(),
+        });
+    }
+    Ok(JobSpec::from_json(bytes)?)
+}
+
+/// The spec field responsible when every cluster rejects a job.
+fn infeasible(quote: &Quote) -> ApiError {
+    let mut fields: Vec<&str> = quote
+        .candidates
+        .iter()
+        .filter_map(|c| c.field.as_deref())
+        .collect();
+    fields.dedup();
+    let field = match fields.as_slice() {
+        [one] => one.to_string(),
+        _ if quote.candidates.is_empty() => "resources".to_string(),
+        _ => "resources".to_string(),
+    };
+    ApiError::Unprocessable {
+        code: "infeasible",
+        field: Some(field),
+        message: quote.rejection_summary(),
+    }
+}
+
+/// Submits a job. It is rejected at once when no cluster could ever hold it.
+#[utoipa::path(post, path = "/api/v1/jobs", params(TenantQuery, ("Idempotency-Key" = Option<String>, Header, description = "a retry with the same key returns the first job")),
+    request_body = JobSpec,
+    responses((status = 201, body = JobView), (status = 200, description = "idempotent retry", body = JobView), (status = 400, body = baygrid_api::ErrorBody), (status = 422, body = baygrid_api::ErrorBody)),
+    security(("bearer" = [])))]
+pub async fn submit(
+    State(state): State<AppState>,
+    who: Principal,
+    Query(query): Query<TenantQuery>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<JobView>)> {
+    let tenant = acting_tenant(&who, query.tenant.as_deref())?;
+    let key = match headers.get("idempotency-key") {
+        Some(value) => {
+            let key = value
+                .to_str()
+                .map_err(|_| ApiError::bad("Idempotency-Key", "must be visible ASCII"))?;
+            if key.is_empty() || key.len() > 200 {
+                return Err(ApiError::bad(
+                    "Idempotency-Key",
+                    "must be 1 to 200 characters",
+                ));
+            }
+            Some(key.to_string())
+        }
+        None => None,
+    };
+    let spec = parse_spec(&body)?;
+    let catalog = state.catalog();
+    let requester = catalog.requester(&tenant).ok_or_else(|| {
+        ApiError::bad(
+            "tenant",
+            format!("unknown tenant `{tenant}` (or its party)"),
+        )
+    })?;
+    let now = state.now();
+    if let Some(deadline) = spec.deadline {
+        if deadline.timestamp_millis() <= now {
+            return Err(ApiError::bad("deadline", "is in the past"));
+        }
+    }
+    let quote = state
+        .placer
+        .quote(&spec, &requester, &catalog.empty_market(now));
+    if !quote.ever_feasible() {
+        return Err(infeasible(&quote));
+    }
+    let cheapest = quote
+        .candidates
+        .iter()
+        .filter(|c| c.verdict != Verdict::Rejected)
+        .filter_map(|c| c.estimated_cost_cny)
+        .map(|m| m.minor)
+        .min()
+        .unwrap_or(0);
+    let budget = catalog
+        .tenants
+        .get(&tenant)
+        .map(|t| t.budget.minor)
+        .unwrap_or(0);
+    let spent = state.store.tenant_spent(&tenant).await?;
+    if spent + cheapest > budget {
+        return Err(ApiError::Unprocessable {
+            code: "budget_exceeded",
+            field: Some("estimated_duration".into()),
+            message: format!(
+                "tenant `{tenant}` has {} left of its {} budget; the cheapest placement is estimated at {}",
+                Money::new(budget - spent, Currency::CNY),
+                Money::new(budget, Currency::CNY),
+                Money::new(cheapest, Currency::CNY)
+            ),
+        });
+    }
+    let (record, created) = state
+        .store
+        .submit(NewJob {
+            id: baygrid_core::new_id("job"),
+            tenant,
+            idempotency_key: key,
+            spec,
+            actor: actor(&who),
+            now,
+        })
+        .await?;
+    state.metrics.jobs_submitted.inc();
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(view(&state, record, Vec::new()))))
+}
+
+/// Every cluster's verdict for a spec, against what is free now.
+#[utoipa::path(post, path = "/api/v1/jobs/quote", params(TenantQuery), request_body = JobSpec,
+    responses((status = 200, body = QuoteView), (status = 400, body = baygrid_api::ErrorBody)), security(("bearer" = [])))]
+pub async fn quote(
+    State(state): State<AppState>,
+    who: Principal,
+    Query(query): Query<TenantQuery>,
+    body: Bytes,
+) -> ApiResult<Json<QuoteView>> {
+    let tenant = acting_tenant(&who, query.tenant.as_deref())?;
+    let spec = parse_spec(&body)?;
+    let catalog = state.catalog();
+    let requester = catalog.requester(&tenant).ok_or_else(|| {
+        ApiError::bad(
+            "tenant",
+            format!("unknown tenant `{tenant}` (or its party)"),
+        )
+    })?;
+    let market = crate::scheduler::live_market(&state, &catalog, state.now()).await?;
+    let quote = state.placer.quote(&spec, &requester, &market);
+    let summary = match quote.chosen() {
+        Some(chosen) => format!(
+            "would run on {} at {} ({})",
+            chosen.cluster, chosen.site, chosen.reason
+        ),
+        None if quote.ever_feasible() => {
+            "would wait: no cluster that can hold it has room now".to_string()
+        }
+        None => quote.rejection_summary(),
+    };
+    Ok(Json(QuoteView {
+        chosen: quote.chosen().map(|c| c.cluster.clone()),
+        feasible: quote.ever_feasible(),
+        summary,
+        quote: QuoteBody::from(&quote),
+    }))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// Only jobs in this state.
+    pub state: Option<String>,
+    /// For operators and regulators: only this tenant's jobs.
+    pub tenant: Option<String>,
+    /// At most this many (default 1000).
+    pub limit: Option<i64>,
+}
+
+/// Jobs the caller may see: a tenant its own, operators and regulators all.
+#[utoipa::path(get, path = "/api/v1/jobs", params(ListQuery), responses((status = 200, body = [JobView]), (status = 400, body = baygrid_api::ErrorBody)), security(("bearer" = [])))]
+pub async fn list(
+    State(state): State<AppState>,
+    who: Principal,
+    Query(query): Query<ListQuery>,
+) -> ApiResult<Json<Vec<JobView>>> {
+    let tenant = match who.role {
+        Role::Tenant => Some(acting_tenant(&who, query.tenant.as_deref())?),
+        Role::Operator | Role::Regulator => query.tenant.clone(),
+        _ => {
+            return Err(ApiError::Forbidden(format!(
+                "role {} may not list jobs",
+                who.role
+            )))
+        }
+    };
+    let states = match &query.state {
+        Some(text) => vec![text
+            .parse::<JobState>()
+            .map_err(|e| ApiError::bad("state", e))?],
+        None => vec![],
+    };
+    let limit = query.limit.unwrap_or(1000);
+    if !(1..=100_000).contains(&limit) {
+        return Err(ApiError::bad("limit", "must be between 1 and 100000"));
+    }
+    let records = state
+        .store
+        .list_jobs(&JobFilter {
+            tenant,
+            cluster: None,
+            states,
+            limit,
+        })
+        .await?;
+    Ok(Json(
+        records
+            .into_iter()
+            .map(|r| view(&state, r, Vec::new()))
+            .collect(),
+    ))
+}
+
+/// Loads a job the caller may see; others' jobs are "not found", not "forbidden".
+async fn visible_job(state: &AppState, who: &Principal, id: &str) -> ApiResult<JobRecord> {
+    let not_found = || ApiError::NotFound(format!("job `{id}` not found"));
+    let record = match state.store.get_job(id).await {
+        Ok(record) => record,
+        Err(baygrid_store::StoreError::NotFound { .. }) => return Err(not_found()),
+        Err(e) => return Err(e.into()),
+    };
+    let visible = match who.role {
+        Role::Operator | Role::Regulator => true,
+        Role::Tenant => who.subject.as_deref() == Some(record.tenant.as_str()),
+        Role::Provider => {
+            let catalog = state.catalog();
+            record
+                .allocation
+                .as_ref()
+                .and_then(|a| catalog.clusters.get(&a.cluster))
+                .is_some_and(|c| who.subject.as_deref() == Some(c.provider.as_str()))
+        }
+        _ => false,
+    };
+    if visible {
+        Ok(record)
+    } else {
+        Err(not_found())
+    }
+}
+
+/// One job with its history.
+#[utoipa::path(get, path = "/api/v1/jobs/{id}", params(("id" = String, Path)), responses((status = 200, body = JobView), (status = 404, body = baygrid_api::ErrorBody)), security(("bearer" = [])))]
+pub async fn get(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(id): Path<String>,
+) -> ApiResult<Json<JobView>> {
+    let record = visible_job(&state, &who, &id).await?;
+    let events = state.store.job_events(&id).await?;
+    Ok(Json(view(&state, record, events)))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct LogsQuery {
+    /// The `next` cursor of the previous page.
+    pub after: Option<String>,
+    pub limit: Option<i64>,
+}
+
+/// A page of the job's output.
+#[utoipa::path(get, path = "/api/v1/jobs/{id}/logs", params(("id" = String, Path), LogsQuery), responses((status = 200, body = LogsView), (status = 404, body = baygrid_api::ErrorBody)), security(("bearer" = [])))]
+pub async fn logs(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(id): Path<String>,
+    Query(query): Query<LogsQuery>,
+) -> ApiResult<Json<LogsView>> {
+    let record = visible_job(&state, &who, &id).await?;
+    let after = match &query.after {
+        None => (0, 0),
+        Some(text) => {
+            let parsed = text
+                .split_once(':')
+                .and_then(|(e, s)| Some((e.parse::<i64>().ok()?, s.parse::<i64>().ok()?)));
+            parsed.ok_or_else(|| {
+                ApiError::bad("after", "must be a cursor EPOCH:SEQ from a previous page")
+            })?
+        }
+    };
+    let limit = query.limit.unwrap_or(1000).clamp(1, 10_000);
+    let lines = state.store.read_logs(&id, after, limit).await?;
+    let next = lines.last().map(|l| (l.epoch, l.seq)).unwrap_or(after);
+    Ok(Json(LogsView {
+        done: record.state.is_terminal() && (lines.len() as i64) < limit,
+        state: record.state,
+        next: format!("{}:{}", next.0, next.1),
+        lines: lines
+            .into_iter()
+            .map(|l| LogLineView {
+                attempt: l.epoch,
+                seq: l.seq,
+                stream: l.stream,
+                line: l.line,
+            })
+            .collect(),
+    }))
+}
+
+/// Cancels a job: at once if no agent holds it, otherwise its agent stops it.
+#[utoipa::path(post, path = "/api/v1/jobs/{id}/cancel", params(("id" = String, Path)), responses((status = 200, body = CancelView), (status = 404, body = baygrid_api::ErrorBody)), security(("bearer" = [])))]
+pub async fn cancel(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(id): Path<String>,
+) -> ApiResult<Json<CancelView>> {
+    require(&who, &[Role::Tenant, Role::Operator])?;
+    visible_job(&state, &who, &id).await?;
+    let (outcome, record) = state.store.cancel(id, actor(&who), state.now()).await?;
+    let outcome = serde_json::to_value(outcome)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    Ok(Json(CancelView {
+        outcome,
+        job: view(&state, record, Vec::new()),
+    }))
+}
+
+pub fn view(state: &AppState, record: JobRecord, events: Vec<baygrid_store::JobEvent>) -> JobView {
+    let catalog = state.catalog();
+    let cluster = record.allocation.as_ref().map(|a| a.cluster.clone());
+    let (site, engine) = match cluster.as_ref().and_then(|c| catalog.clusters.get(c)) {
+        Some(c) => (Some(c.site.clone()), Some(c.engine.to_string())),
+        None => (None, None),
+    };
+    JobView {
+        id: record.id,
+        tenant: record.tenant,
+        name: record.name,
+        state: record.state,
+        reason: record.reason,
+        priority: record.priority,
+        submitted_at: millis_to_rfc3339(record.submitted_ms),
+        updated_at: millis_to_rfc3339(record.updated_ms),
+        started_at: record.started_ms.map(millis_to_rfc3339),
+        finished_at: record.finished_ms.map(millis_to_rfc3339),
+        cluster,
+        site,
+        engine,
+        allocation: record.allocation,
+        attempts: record.attempts,
+        exit_code: record.exit_code,
+        cost: record.cost_cny_minor.map(|m| Money::new(m, Currency::CNY)),
+        spec: record.spec,
+        events: events
+            .into_iter()
+            .map(|e| JobEventView {
+                at: millis_to_rfc3339(e.at_ms),
+                from: e.from_state,
+                to: e.to_state,
+                reason: e.reason,
+            })
+            .collect(),
+    }
+}

@@ -1,0 +1,44 @@
+//! The OpenAPI 3 document at `/api/v1/openapi.json`, generated from the handlers.
+
+use axum::Json;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use crate::{agent, catalog, jobs};
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "baygrid", description = "Compute-and-data exchange for the Greater Bay Area"),
+    modifiers(&BearerAuth),
+    paths(
+        crate::health,
+        catalog::list_accelerators, catalog::put_accelerator,
+        catalog::list_sites, catalog::put_site,
+        catalog::list_parties, catalog::put_party,
+        catalog::list_providers, catalog::put_provider,
+        catalog::list_clusters, catalog::put_cluster, catalog::remove_cluster,
+        catalog::list_offers, catalog::put_offer,
+        catalog::list_tenants, catalog::put_tenant,
+        catalog::issue_token, catalog::list_tokens, catalog::revoke_token,
+        jobs::submit, jobs::quote, jobs::list, jobs::get, jobs::logs, jobs::cancel,
+        agent::register, agent::heartbeat, agent::lease, agent::report,
+    ),
+    components(schemas(baygrid_api::ErrorBody, baygrid_core::Money, baygrid_core::Jurisdiction))
+)]
+pub struct ApiDoc;
+
+pub async fn document() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}

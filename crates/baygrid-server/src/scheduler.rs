@@ -1,0 +1,135 @@
+//! The scheduling loop: expire lost leases, then place queued jobs with the placer, against
+//! what is free now. Jobs that no cluster can ever hold fail with every cluster's reason.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use baygrid_sched::Market;
+use tokio::sync::watch;
+
+use crate::catalog::CatalogSnapshot;
+use crate::error::ApiError;
+use crate::AppState;
+
+pub async fn run(state: AppState, mut shutdown: watch::Receiver<bool>) {
+    let mut interval = tokio::time::interval(state.config.schedule_interval);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = shutdown.changed() => break,
+        }
+        let started = Instant::now();
+        match cycle(&state).await {
+            Ok(placed) => {
+                state
+                    .metrics
+                    .cycle_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                state.metrics.placements.inc_by(placed as u64);
+            }
+            Err(e) => tracing::warn!(error = %e, "scheduling cycle failed"),
+        }
+    }
+}
+
+/// The market as it stands: agents' liveness and every active allocation taken off.
+pub async fn live_market(
+    state: &AppState,
+    catalog: &CatalogSnapshot,
+    now: i64,
+) -> Result<Market, ApiError> {
+    let ttl = state.config.lease_ttl.as_millis() as i64;
+    let seen: BTreeMap<String, i64> = state
+        .store
+        .cluster_status()
+        .await?
+        .into_iter()
+        .map(|(name, at, _)| (name, at))
+        .collect();
+    let mut clusters: Vec<_> = catalog
+        .clusters
+        .values()
+        .filter_map(|c| {
+            let online = seen.get(&c.name).is_some_and(|at| now - at <= ttl);
+            catalog.cluster_state(c, online)
+        })
+        .collect();
+    for allocation in state.store.active_allocations().await? {
+        if let Some(cluster) = clusters
+            .iter_mut()
+            .find(|c| c.cluster.name == allocation.cluster)
+        {
+            cluster.take(&allocation);
+        }
+    }
+    Ok(Market {
+        clusters,
+        rates: catalog.rates.clone(),
+        round_trips: catalog.round_trips.clone(),
+        now,
+    })
+}
+
+/// One cycle. Returns how many jobs were placed.
+pub async fn cycle(state: &AppState) -> Result<usize, ApiError> {
+    let now = state.now();
+    let expired = state.store.expire_leases(now).await?;
+    if !expired.is_empty() {
+        state.metrics.leases_expired.inc_by(expired.len() as u64);
+        tracing::info!(count = expired.len(), "requeued jobs whose lease expired");
+    }
+    let queued = state.store.queued_jobs(state.config.schedule_batch).await?;
+    if queued.is_empty() {
+        return Ok(0);
+    }
+    let catalog = state.catalog();
+    let mut market = live_market(state, &catalog, now).await?;
+    let grant_by = now + state.config.grant_timeout.as_millis() as i64;
+    let mut writes = Vec::new();
+    let mut placed = 0;
+    for job in queued {
+        let Some(requester) = catalog.requester(&job.tenant) else {
+            let reason = format!("tenant `{}` no longer exists", job.tenant);
+            writes.push(futures::future::Either::Left(
+                state.store.fail_queued(job.id, reason, now),
+            ));
+            continue;
+        };
+        let quote = state.placer.quote(&job.spec, &requester, &market);
+        if let Some(allocation) = quote.allocation(&job.spec) {
+            let chosen = quote.chosen().expect("an allocation has a chosen cluster");
+            let reason = format!(
+                "placed on {} at {}: {} (estimated {})",
+                chosen.cluster,
+                chosen.site,
+                chosen.reason,
+                chosen
+                    .estimated_cost_cny
+                    .map(|m| m.to_string())
+                    .unwrap_or_default()
+            );
+            if let Some(cluster) = market
+                .clusters
+                .iter_mut()
+                .find(|c| c.cluster.name == allocation.cluster)
+            {
+                cluster.take(&allocation);
+            }
+            placed += 1;
+            writes.push(futures::future::Either::Right(
+                state.store.place(job.id, allocation, reason, grant_by, now),
+            ));
+        } else if !quote.ever_feasible() {
+            writes.push(futures::future::Either::Left(state.store.fail_queued(
+                job.id,
+                quote.rejection_summary(),
+                now,
+            )));
+        }
+    }
+    for result in futures::future::join_all(writes).await {
+        result?;
+    }
+    Ok(placed)
+}

@@ -1,0 +1,689 @@
+//! Jobs: submission, placement, leases with fencing epochs, reports, logs, cancellation.
+
+use baygrid_core::{Allocation, JobSpec, JobState, Millis};
+use serde::Serialize;
+use sqlx::{AnyConnection, Row};
+
+use crate::records::JOB_COLUMNS;
+use crate::{outbox, JobEvent, JobRecord, LogLine, Result, Store, StoreError};
+
+/// A submission.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub id: String,
+    pub tenant: String,
+    pub idempotency_key: Option<String>,
+    pub spec: JobSpec,
+    pub actor: String,
+    pub now: Millis,
+}
+
+/// Which jobs to list.
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    pub tenant: Option<String>,
+    pub cluster: Option<String>,
+    pub states: Vec<JobState>,
+    pub limit: i64,
+}
+
+/// What an agent says about a job it holds. Every report carries the lease's epoch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Report {
+    /// The engine started the job.
+    Running,
+    /// The job ended: succeeded, failed or cancelled, with its metered cost.
+    Finished {
+        state: JobState,
+        exit_code: Option<i64>,
+        reason: String,
+        cost_cny_minor: i64,
+    },
+    /// The agent lost the job (it restarted and the job was gone); it goes back to the queue.
+    Lost { reason: String },
+}
+
+/// A report with the lease it is made under.
+#[derive(Debug, Clone)]
+pub struct LeaseReport {
+    pub job_id: String,
+    pub cluster: String,
+    pub epoch: i64,
+    pub report: Report,
+    pub now: Millis,
+}
+
+/// What a cancel did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The job was not running anywhere and is now cancelled.
+    Cancelled,
+    /// The job is running; its agent will stop it and report.
+    Requested,
+    /// The job had already ended.
+    AlreadyEnded,
+}
+
+/// What a heartbeat found for the jobs an agent holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct HeartbeatOutcome {
+    /// Leases renewed.
+    pub renewed: Vec<String>,
+    /// Jobs the agent must stop at once: its lease is no longer valid.
+    pub stale: Vec<String>,
+    /// Jobs whose tenant asked to cancel.
+    pub cancel: Vec<String>,
+}
+
+async fn record_transition(
+    conn: &mut AnyConnection,
+    job_id: &str,
+    from: Option<JobState>,
+    to: JobState,
+    reason: &str,
+    now: Millis,
+    actor: &str,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO job_events (job_id, seq, at_ms, from_state, to_state, reason) \
+         VALUES ($1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM job_events WHERE job_id = $1), $2, $3, $4, $5)",
+    )
+    .bind(job_id)
+    .bind(now)
+    .bind(from.map(|s| s.as_str()))
+    .bind(to.as_str())
+    .bind(reason)
+    .execute(&mut *conn)
+    .await?;
+    let payload = serde_json::json!({
+        "job": job_id,
+        "from": from.map(|s| s.as_str()),
+        "to": to.as_str(),
+        "reason": reason,
+    });
+    outbox(conn, now, "job.transition", actor, &payload).await
+}
+
+async fn load_job(conn: &mut AnyConnection, id: &str) -> Result<JobRecord> {
+    let row = sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or_else(|| StoreError::NotFound {
+            kind: "job",
+            id: id.to_string(),
+        })?;
+    JobRecord::from_row(&row)
+}
+
+/// Checks that `cluster` holds the job's current lease at `epoch`.
+fn check_lease(job: &JobRecord, cluster: &str, epoch: i64) -> Result<()> {
+    let live = matches!(job.state, JobState::Placed | JobState::Running)
+        && job.lease_holder.as_deref() == Some(cluster)
+        && job.lease_epoch == epoch;
+    if live {
+        Ok(())
+    } else {
+        Err(StoreError::StaleLease(format!(
+            "job {} is {} under epoch {} held by {}; report was for epoch {epoch} from {cluster}",
+            job.id,
+            job.state,
+            job.lease_epoch,
+            job.lease_holder.as_deref().unwrap_or("nobody"),
+        )))
+    }
+}
+
+/// Puts a placed or running job back in the queue, dropping its allocation and lease.
+async fn requeue(
+    conn: &mut AnyConnection,
+    job: &JobRecord,
+    reason: &str,
+    now: Millis,
+    actor: &str,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE jobs SET state = 'queued', reason = $1, updated_ms = $2, cluster = NULL, allocation = NULL, \
+         lease_holder = NULL, lease_expires_ms = NULL, started_ms = NULL, attempts = attempts + 1 WHERE id = $3",
+    )
+    .bind(reason)
+    .bind(now)
+    .bind(&job.id)
+    .execute(&mut *conn)
+    .await?;
+    record_transition(
+        conn,
+        &job.id,
+        Some(job.state),
+        JobState::Queued,
+        reason,
+        now,
+        actor,
+    )
+    .await
+}
+
+impl Store {
+    /// Stores a new queued job. With an idempotency key already used by this tenant, returns
+    /// the first job instead, and `false`.
+    pub async fn submit(&self, job: NewJob) -> Result<(JobRecord, bool)> {
+        self.write(move |conn| {
+            Box::pin(async move {
+                if let Some(key) = &job.idempotency_key {
+                    let existing = sqlx::query("SELECT id FROM jobs WHERE tenant = $1 AND idempotency_key = $2")
+                        .bind(&job.tenant)
+                        .bind(key)
+                        .fetch_optional(&mut *conn)
+                        .await?;
+                    if let Some(row) = existing {
+                        let id: String = row.try_get("id")?;
+                        return Ok((load_job(conn, &id).await?, false));
+                    }
+                }
+                let spec = serde_json::to_string(&job.spec)
+                    .map_err(|e| StoreError::Corrupt(format!("job spec: {e}")))?;
+                sqlx::query(
+                    "INSERT INTO jobs (id, tenant, idempotency_key, name, spec, state, reason, priority, submitted_ms, updated_ms) \
+                     VALUES ($1, $2, $3, $4, $5, 'queued', 'submitted', $6, $7, $7)",
+                )
+                .bind(&job.id)
+                .bind(&job.tenant)
+                .bind(job.idempotency_key.as_deref())
+                .bind(&job.spec.name)
+                .bind(spec)
+                .bind(job.spec.priority as i64)
+                .bind(job.now)
+                .execute(&mut *conn)
+                .await?;
+                record_transition(conn, &job.id, None, JobState::Queued, "submitted", job.now, &job.actor).await?;
+                Ok((load_job(conn, &job.id).await?, true))
+            })
+        })
+        .await
+    }
+
+    pub async fn get_job(&self, id: &str) -> Result<JobRecord> {
+        let mut conn = self.pool().acquire().await?;
+        load_job(&mut conn, id).await
+    }
+
+    pub async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<JobRecord>> {
+        let mut sql = format!("SELECT {JOB_COLUMNS} FROM jobs WHERE 1 = 1");
+        let mut binds: Vec<String> = Vec::new();
+        if let Some(tenant) = &filter.tenant {
+            binds.push(tenant.clone());
+            sql.push_str(&format!(" AND tenant = ${}", binds.len()));
+        }
+        if let Some(cluster) = &filter.cluster {
+            binds.push(cluster.clone());
+            sql.push_str(&format!(" AND cluster = ${}", binds.len()));
+        }
+        if !filter.states.is_empty() {
+            let states: Vec<String> = filter
+                .states
+                .iter()
+                .map(|s| format!("'{}'", s.as_str()))
+                .collect();
+            sql.push_str(&format!(" AND state IN ({})", states.join(", ")));
+        }
+        sql.push_str(&format!(
+            " ORDER BY submitted_ms, id LIMIT {}",
+            filter.limit.clamp(1, 100_000)
+        ));
+        let mut query = sqlx::query(&sql);
+        for value in &binds {
+            query = query.bind(value);
+        }
+        let rows = query.fetch_all(self.pool()).await?;
+        rows.iter().map(JobRecord::from_row).collect()
+    }
+
+    /// Queued jobs in scheduling order: priority, then age.
+    pub async fn queued_jobs(&self, limit: i64) -> Result<Vec<JobRecord>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE state = 'queued' ORDER BY priority DESC, submitted_ms, id LIMIT $1"
+        ))
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter().map(JobRecord::from_row).collect()
+    }
+
+    /// Allocations of every placed or running job.
+    pub async fn active_allocations(&self) -> Result<Vec<Allocation>> {
+        let rows = sqlx::query("SELECT allocation FROM jobs WHERE state IN ('placed', 'running') AND allocation IS NOT NULL")
+            .fetch_all(self.pool())
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let text: String = row.try_get("allocation")?;
+                serde_json::from_str(&text)
+                    .map_err(|e| StoreError::Corrupt(format!("allocation: {e}")))
+            })
+            .collect()
+    }
+
+    pub async fn job_events(&self, id: &str) -> Result<Vec<JobEvent>> {
+        let rows = sqlx::query("SELECT seq, at_ms, from_state, to_state, reason FROM job_events WHERE job_id = $1 ORDER BY seq")
+            .bind(id)
+            .fetch_all(self.pool())
+            .await?;
+        rows.iter().map(JobEvent::from_row).collect()
+    }
+
+    /// Places a queued job. The agent must take the lease before `grant_by`, or the job goes
+    /// back to the queue. Returns false when the job was no longer queued.
+    pub async fn place(
+        &self,
+        job_id: String,
+        allocation: Allocation,
+        reason: String,
+        grant_by: Millis,
+        now: Millis,
+    ) -> Result<bool> {
+        self.write(move |conn| {
+            Box::pin(async move {
+                let text = serde_json::to_string(&allocation).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                let done = sqlx::query(
+                    "UPDATE jobs SET state = 'placed', reason = $1, updated_ms = $2, cluster = $3, allocation = $4, \
+                     lease_holder = NULL, lease_expires_ms = $5 WHERE id = $6 AND state = 'queued'",
+                )
+                .bind(&reason)
+                .bind(now)
+                .bind(&allocation.cluster)
+                .bind(&text)
+                .bind(grant_by)
+                .bind(&job_id)
+                .execute(&mut *conn)
+                .await?;
+                if done.rows_affected() == 0 {
+                    return Ok(false);
+                }
+                record_transition(conn, &job_id, Some(JobState::Queued), JobState::Placed, &reason, now, "scheduler").await?;
+                let payload = serde_json::json!({"job": job_id, "allocation": allocation, "reason": reason});
+                outbox(conn, now, "job.placement", "scheduler", &payload).await?;
+                Ok(true)
+            })
+        })
+        .await
+    }
+
+    /// Ends a queued job as failed (for example: no cluster can ever hold it).
+    pub async fn fail_queued(&self, job_id: String, reason: String, now: Millis) -> Result<bool> {
+        self.write(move |conn| {
+            Box::pin(async move {
+                let done = sqlx::query(
+                    "UPDATE jobs SET state = 'failed', reason = $1, updated_ms = $2, finished_ms = $2 WHERE id = $3 AND state = 'queued'",
+                )
+                .bind(&reason)
+                .bind(now)
+                .bind(&job_id)
+                .execute(&mut *conn)
+                .await?;
+                if done.rows_affected() == 0 {
+                    return Ok(false);
+                }
+                record_transition(conn, &job_id, Some(JobState::Queued), JobState::Failed, &reason, now, "scheduler").await?;
+                Ok(true)
+            })
+        })
+        .await
+    }
+
+    /// Cancels a job: at once when no agent holds it, otherwise by asking its agent.
+    pub async fn cancel(
+        &self,
+        job_id: String,
+        actor: String,
+        now: Millis,
+    ) -> Result<(Outcome, JobRecord)> {
+        self.write(move |conn| {
+            Box::pin(async move {
+                let job = load_job(conn, &job_id).await?;
+                let outcome = match job.state {
+                    s if s.is_terminal() => Outcome::AlreadyEnded,
+                    JobState::Queued | JobState::Placed if job.lease_holder.is_none() => {
+                        let reason = format!("cancelled by {actor}");
+                        sqlx::query(
+                            "UPDATE jobs SET state = 'cancelled', reason = $1, updated_ms = $2, finished_ms = $2, \
+                             lease_expires_ms = NULL WHERE id = $3",
+                        )
+                        .bind(&reason)
+                        .bind(now)
+                        .bind(&job_id)
+                        .execute(&mut *conn)
+                        .await?;
+                        record_transition(conn, &job_id, Some(job.state), JobState::Cancelled, &reason, now, &actor).await?;
+                        Outcome::Cancelled
+                    }
+                    _ => {
+                        sqlx::query("UPDATE jobs SET cancel_requested = 1, updated_ms = $1 WHERE id = $2")
+                            .bind(now)
+                            .bind(&job_id)
+                            .execute(&mut *conn)
+                            .await?;
+                        outbox(conn, now, "job.cancel_requested", &actor, &serde_json::json!({"job": job_id})).await?;
+                        Outcome::Requested
+                    }
+                };
+                Ok((outcome, load_job(conn, &job_id).await?))
+            })
+        })
+        .await
+    }
+
+    /// Grants leases on up to `max` placed jobs of `cluster` that no agent holds yet. Each
+    /// grant raises the job's epoch, fencing off any earlier holder.
+    pub async fn grant_leases(
+        &self,
+        cluster: String,
+        max: i64,
+        ttl_ms: Millis,
+        now: Millis,
+    ) -> Result<Vec<JobRecord>> {
+        self.write(move |conn| {
+            Box::pin(async move {
+                let rows = sqlx::query(
+                    "SELECT id FROM jobs WHERE cluster = $1 AND state = 'placed' AND lease_holder IS NULL \
+                     AND cancel_requested = 0 ORDER BY priority DESC, submitted_ms LIMIT $2",
+                )
+                .bind(&cluster)
+                .bind(max)
+                .fetch_all(&mut *conn)
+                .await?;
+                let mut granted = Vec::with_capacity(rows.len());
+                for row in rows {
+                    let id: String = row.try_get("id")?;
+                    sqlx::query(
+                        "UPDATE jobs SET lease_holder = $1, lease_epoch = lease_epoch + 1, lease_expires_ms = $2, updated_ms = $3 \
+                         WHERE id = $4 AND state = 'placed' AND lease_holder IS NULL",
+                    )
+                    .bind(&cluster)
+                    .bind(now + ttl_ms)
+                    .bind(now)
+                    .bind(&id)
+                    .execute(&mut *conn)
+                    .await?;
+                    let job = load_job(conn, &id).await?;
+                    let payload = serde_json::json!({"job": id, "cluster": cluster, "epoch": job.lease_epoch});
+                    outbox(conn, now, "lease.grant", &format!("agent:{cluster}"), &payload).await?;
+                    granted.push(job);
+                }
+                Ok(granted)
+            })
+        })
+        .await
+    }
+
+    /// Records an agent's heartbeat: its capacity, and the leases it holds, renewing the
+    /// valid ones and naming the stale ones.
+    pub async fn heartbeat(
+        &self,
+        cluster: String,
+        capacity: serde_json::Value,
+        held: Vec<(String, i64)>,
+        ttl_ms: Millis,
+        now: Millis,
+    ) -> Result<HeartbeatOutcome> {
+        self.write(move |conn| {
+            Box::pin(async move {
+                sqlx::query(
+                    "INSERT INTO cluster_status (cluster, agent_seen_ms, capacity) VALUES ($1, $2, $3) \
+                     ON CONFLICT (cluster) DO UPDATE SET agent_seen_ms = $2, capacity = $3",
+                )
+                .bind(&cluster)
+                .bind(now)
+                .bind(capacity.to_string())
+                .execute(&mut *conn)
+                .await?;
+                let mut outcome = HeartbeatOutcome::default();
+                for (job_id, epoch) in held {
+                    let job = match load_job(conn, &job_id).await {
+                        Ok(job) => job,
+                        Err(StoreError::NotFound { .. }) => {
+                            outcome.stale.push(job_id);
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    };
+                    if check_lease(&job, &cluster, epoch).is_err() {
+                        outcome.stale.push(job_id);
+                        continue;
+                    }
+                    sqlx::query("UPDATE jobs SET lease_expires_ms = $1 WHERE id = $2")
+                        .bind(now + ttl_ms)
+                        .bind(&job_id)
+                        .execute(&mut *conn)
+                        .await?;
+                    if job.cancel_requested {
+                        outcome.cancel.push(job_id.clone());
+                    }
+                    outcome.renewed.push(job_id);
+                }
+                Ok(outcome)
+            })
+        })
+        .await
+    }
+
+    /// Applies an agent's report under its lease; a stale epoch is refused.
+    pub async fn report(&self, report: LeaseReport) -> Result<JobRecord> {
+        self.write(move |conn| {
+            Box::pin(async move {
+                let job = load_job(conn, &report.job_id).await?;
+                check_lease(&job, &report.cluster, report.epoch)?;
+                let actor = format!("agent:{}", report.cluster);
+                let now = report.now;
+                match &report.report {
+                    Report::Running => {
+                        if job.state == JobState::Placed {
+                            sqlx::query("UPDATE jobs SET state = 'running', reason = 'started', started_ms = $1, updated_ms = $1 WHERE id = $2")
+                                .bind(now)
+                                .bind(&job.id)
+                                .execute(&mut *conn)
+                                .await?;
+                            record_transition(conn, &job.id, Some(job.state), JobState::Running, "started", now, &actor).await?;
+                        }
+                    }
+                    Report::Finished { state, exit_code, reason, cost_cny_minor } => {
+                        if !state.is_terminal() || !job.state.can_become(*state) {
+                            return Err(StoreError::Conflict(format!("job {} cannot go from {} to {state}", job.id, job.state)));
+                        }
+                        sqlx::query(
+                            "UPDATE jobs SET state = $1, reason = $2, updated_ms = $3, finished_ms = $3, \
+                             started_ms = COALESCE(started_ms, $3), exit_code = $4, cost_cny_minor = $5, \
+                             lease_expires_ms = NULL WHERE id = $6",
+                        )
+                        .bind(state.as_str())
+                        .bind(reason)
+                        .bind(now)
+                        .bind(*exit_code)
+                        .bind(*cost_cny_minor)
+                        .bind(&job.id)
+                        .execute(&mut *conn)
+                        .await?;
+                        sqlx::query(
+                            "INSERT INTO tenant_spend (tenant, spent_minor) VALUES ($1, $2) \
+                             ON CONFLICT (tenant) DO UPDATE SET spent_minor = tenant_spend.spent_minor + $2",
+                        )
+                        .bind(&job.tenant)
+                        .bind(*cost_cny_minor)
+                        .execute(&mut *conn)
+                        .await?;
+                        record_transition(conn, &job.id, Some(job.state), *state, reason, now, &actor).await?;
+                        let payload = serde_json::json!({"job": job.id, "cost_cny_minor": cost_cny_minor, "exit_code": exit_code});
+                        outbox(conn, now, "job.metered", &actor, &payload).await?;
+                    }
+                    Report::Lost { reason } => {
+                        requeue(conn, &job, reason, now, &actor).await?;
+                    }
+                }
+                load_job(conn, &report.job_id).await
+            })
+        })
+        .await
+    }
+
+    /// Requeues every placed or running job whose lease ran out. Returns their ids.
+    pub async fn expire_leases(&self, now: Millis) -> Result<Vec<String>> {
+        self.write(move |conn| {
+            Box::pin(async move {
+                let rows = sqlx::query(&format!(
+                    "SELECT {JOB_COLUMNS} FROM jobs WHERE state IN ('placed', 'running') AND lease_expires_ms < $1"
+                ))
+                .bind(now)
+                .fetch_all(&mut *conn)
+                .await?;
+                let jobs: Vec<JobRecord> = rows.iter().map(JobRecord::from_row).collect::<Result<_>>()?;
+                let mut requeued = Vec::new();
+                for job in jobs {
+                    let reason = match &job.lease_holder {
+                        Some(holder) => format!("lease expired: agent at {holder} stopped heartbeating"),
+                        None => "lease never taken: no agent picked the job up in time".to_string(),
+                    };
+                    if job.cancel_requested {
+                        let why = "cancelled: its agent was lost before it could stop the job";
+                        sqlx::query("UPDATE jobs SET state = 'cancelled', reason = $1, updated_ms = $2, finished_ms = $2, lease_expires_ms = NULL WHERE id = $3")
+                            .bind(why)
+                            .bind(now)
+                            .bind(&job.id)
+                            .execute(&mut *conn)
+                            .await?;
+                        record_transition(conn, &job.id, Some(job.state), JobState::Cancelled, why, now, "scheduler").await?;
+                    } else {
+                        requeue(conn, &job, &reason, now, "scheduler").await?;
+                    }
+                    requeued.push(job.id);
+                }
+                Ok(requeued)
+            })
+        })
+        .await
+    }
+
+    /// After a restart, gives every live lease at least `grace_ms` so agents can reconnect
+    /// before anything is requeued.
+    pub async fn extend_leases(&self, until: Millis) -> Result<u64> {
+        self.write(move |conn| {
+            Box::pin(async move {
+                let done = sqlx::query(
+                    "UPDATE jobs SET lease_expires_ms = $1 WHERE state IN ('placed', 'running') AND lease_expires_ms < $1",
+                )
+                .bind(until)
+                .execute(&mut *conn)
+                .await?;
+                Ok(done.rows_affected())
+            })
+        })
+        .await
+    }
+
+    /// Appends output lines under the job's lease. Lines already stored are skipped, so
+    /// an agent may resend after a lost reply.
+    pub async fn append_logs(
+        &self,
+        job_id: String,
+        cluster: String,
+        epoch: i64,
+        lines: Vec<LogLine>,
+    ) -> Result<()> {
+        self.write(move |conn| {
+            Box::pin(async move {
+                let job = load_job(conn, &job_id).await?;
+                check_lease(&job, &cluster, epoch)?;
+                for line in lines {
+                    sqlx::query(
+                        "INSERT INTO job_logs (job_id, epoch, seq, stream, line) VALUES ($1, $2, $3, $4, $5) \
+                         ON CONFLICT (job_id, epoch, seq) DO NOTHING",
+                    )
+                    .bind(&job_id)
+                    .bind(epoch)
+                    .bind(line.seq)
+                    .bind(&line.stream)
+                    .bind(&line.line)
+                    .execute(&mut *conn)
+                    .await?;
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    /// Output lines after `(epoch, seq)`, oldest first.
+    pub async fn read_logs(
+        &self,
+        job_id: &str,
+        after: (i64, i64),
+        limit: i64,
+    ) -> Result<Vec<LogLine>> {
+        let rows = sqlx::query(
+            "SELECT epoch, seq, stream, line FROM job_logs WHERE job_id = $1 AND (epoch > $2 OR (epoch = $2 AND seq > $3)) \
+             ORDER BY epoch, seq LIMIT $4",
+        )
+        .bind(job_id)
+        .bind(after.0)
+        .bind(after.1)
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(LogLine {
+                    epoch: row.try_get("epoch")?,
+                    seq: row.try_get("seq")?,
+                    stream: row.try_get("stream")?,
+                    line: row.try_get("line")?,
+                })
+            })
+            .collect()
+    }
+
+    /// When each cluster's agent was last heard from, and what it reported.
+    pub async fn cluster_status(&self) -> Result<Vec<(String, Millis, serde_json::Value)>> {
+        let rows = sqlx::query(
+            "SELECT cluster, agent_seen_ms, capacity FROM cluster_status ORDER BY cluster",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let capacity: String = row.try_get("capacity")?;
+                Ok((
+                    row.try_get("cluster")?,
+                    row.try_get("agent_seen_ms")?,
+                    serde_json::from_str(&capacity).unwrap_or(serde_json::Value::Null),
+                ))
+            })
+            .collect()
+    }
+
+    /// What a tenant has been charged so far, in CNY minor units.
+    pub async fn tenant_spent(&self, tenant: &str) -> Result<i64> {
+        let row = sqlx::query("SELECT spent_minor FROM tenant_spend WHERE tenant = $1")
+            .bind(tenant)
+            .fetch_optional(self.pool())
+            .await?;
+        Ok(match row {
+            Some(row) => row.try_get("spent_minor")?,
+            None => 0,
+        })
+    }
+
+    /// How many jobs are in each state.
+    pub async fn count_jobs_by_state(&self) -> Result<Vec<(JobState, i64)>> {
+        let rows = sqlx::query("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
+            .fetch_all(self.pool())
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let state: String = row.try_get("state")?;
+                Ok((
+                    state.parse().map_err(StoreError::Corrupt)?,
+                    row.try_get("n")?,
+                ))
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,464 @@
+//! Durable state behind one [`Store`]: SQLite (the embedded default, WAL, `synchronous=FULL`)
+//! or PostgreSQL (`synchronous_commit=on`), chosen by URL, with the same schema and the same
+//! code path through sqlx's `Any` driver.
+//!
+//! Every state change is one transaction and writes its outbox entry (what the audit log
+//! will append) in that same transaction. Writes go through a single writer task that
+//! commits them in groups: concurrent callers share one fsync, and each caller is answered
+//! only after its commit. Within a group every change runs under its own savepoint, so one
+//! failing change never takes the others down.
+
+mod jobs;
+mod records;
+pub mod testing;
+
+use std::any::Any as StdAny;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{AnyConnection, AnyPool, Connection, Executor, Row};
+use tokio::sync::{mpsc, oneshot};
+
+pub use jobs::{HeartbeatOutcome, JobFilter, LeaseReport, NewJob, Outcome, Report};
+pub use records::{JobEvent, JobRecord, LogLine, TokenRecord};
+
+use baygrid_core::Millis;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration: {0}")]
+    Migration(#[from] sqlx::migrate::MigrateError),
+    #[error("{kind} `{id}` not found")]
+    NotFound { kind: &'static str, id: String },
+    #[error("conflict: {0}")]
+    Conflict(String),
+    #[error("stale lease: {0}")]
+    StaleLease(String),
+    #[error("stored data is unreadable: {0}")]
+    Corrupt(String),
+    #[error("unsupported store url `{0}`: use sqlite://PATH or postgres://…")]
+    UnsupportedUrl(String),
+    #[error("the store's writer has stopped")]
+    WriterGone,
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Which database is behind the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    /// The setting that makes an acknowledged commit durable.
+    pub fn durability(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite journal_mode=WAL synchronous=FULL",
+            Backend::Postgres => "postgresql synchronous_commit=on",
+        }
+    }
+}
+
+type Work = Box<
+    dyn for<'c> FnOnce(&'c mut AnyConnection) -> BoxFuture<'c, Result<Box<dyn StdAny + Send>>>
+        + Send,
+>;
+
+struct WriteRequest {
+    work: Work,
+    reply: oneshot::Sender<Result<Box<dyn StdAny + Send>>>,
+}
+
+/// Most changes committed together in one transaction.
+pub const MAX_GROUP: usize = 512;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// The store. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    pool: AnyPool,
+    writer: mpsc::Sender<WriteRequest>,
+    backend: Backend,
+}
+
+impl Store {
+    /// Opens (creating when needed) and migrates the store at `url`:
+    /// `sqlite://PATH` or `postgres://USER@HOST/DB`.
+    pub async fn open(url: &str) -> Result<Store> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Backend::Postgres
+        } else {
+            return Err(StoreError::UnsupportedUrl(url.to_string()));
+        };
+        let url = match backend {
+            Backend::Sqlite if !url.contains("mode=") => {
+                let sep = if url.contains('?') { '&' } else { '?' };
+                format!("{url}{sep}mode=rwc")
+            }
+            _ => url.to_string(),
+        };
+        let options: AnyConnectOptions = url.parse()?;
+        let pool = AnyPoolOptions::new()
+            .max_connections(match backend {
+                Backend::Sqlite => 8,
+                Backend::Postgres => 16,
+            })
+            .acquire_timeout(Duration::from_secs(30))
+            .after_connect(move |conn, _meta| {
+                Box::pin(async move {
+                    let settings: &[&str] = match backend {
+                        Backend::Sqlite => &[
+                            "PRAGMA journal_mode=WAL",
+                            "PRAGMA synchronous=FULL",
+                            "PRAGMA busy_timeout=10000",
+                        ],
+                        Backend::Postgres => &["SET synchronous_commit = on"],
+                    };
+                    for statement in settings {
+                        conn.execute(*statement).await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect_with(options)
+            .await?;
+        MIGRATOR.run(&pool).await?;
+        let (writer, inbox) = mpsc::channel(8 * MAX_GROUP);
+        tokio::spawn(write_loop(pool.clone(), inbox));
+        Ok(Store {
+            pool,
+            writer,
+            backend,
+        })
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// Runs `work` as one change inside a group-committed transaction, and returns its
+    /// result once the transaction is durable. An error from `work` rolls back that change
+    /// alone.
+    pub async fn write<T, F>(&self, work: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: for<'c> FnOnce(&'c mut AnyConnection) -> BoxFuture<'c, Result<T>> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let work: Work = Box::new(move |conn| {
+            let fut = work(conn);
+            Box::pin(async move { fut.await.map(|v| Box::new(v) as Box<dyn StdAny + Send>) })
+        });
+        self.writer
+            .send(WriteRequest { work, reply })
+            .await
+            .map_err(|_| StoreError::WriterGone)?;
+        let value = answer.await.map_err(|_| StoreError::WriterGone)??;
+        value
+            .downcast::<T>()
+            .map(|v| *v)
+            .map_err(|_| StoreError::Corrupt("writer returned another type".into()))
+    }
+
+    /// Number of rows in a table, for tests and figures.
+    pub async fn count(&self, table: &str) -> Result<i64> {
+        let allowed = [
+            "jobs",
+            "job_events",
+            "job_logs",
+            "outbox",
+            "tokens",
+            "catalog",
+        ];
+        if !allowed.contains(&table) {
+            return Err(StoreError::Conflict(format!("no table `{table}`")));
+        }
+        let row = sqlx::query(&format!("SELECT COUNT(*) AS n FROM {table}"))
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get::<i64, _>("n")?)
+    }
+}
+
+async fn write_loop(pool: AnyPool, mut inbox: mpsc::Receiver<WriteRequest>) {
+    while let Some(first) = inbox.recv().await {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match inbox.try_recv() {
+                Ok(next) => group.push(next),
+                Err(_) => break,
+            }
+        }
+        commit_group(&pool, group).await;
+    }
+}
+
+async fn commit_group(pool: &AnyPool, group: Vec<WriteRequest>) {
+    let mut conn = match pool.acquire().await {
+        Ok(conn) => conn,
+        Err(e) => return fail_all(group, &e),
+    };
+    let mut tx = match conn.begin().await {
+        Ok(tx) => tx,
+        Err(e) => return fail_all(group, &e),
+    };
+    let single = group.len() == 1;
+    let mut answers = Vec::with_capacity(group.len());
+    for request in group {
+        if !single {
+            if let Err(e) = tx.execute("SAVEPOINT change").await {
+                answers.push((request.reply, Err(StoreError::Database(e))));
+                continue;
+            }
+        }
+        let result = (request.work)(&mut tx).await;
+        if !single {
+            let end = if result.is_ok() {
+                "RELEASE SAVEPOINT change"
+            } else {
+                "ROLLBACK TO SAVEPOINT change"
+            };
+            if let Err(e) = tx.execute(end).await {
+                tracing::error!(error = %e, "savepoint failed");
+            }
+        }
+        answers.push((request.reply, result));
+    }
+    let all_failed_single = single && answers.iter().all(|(_, r)| r.is_err());
+    let committed = if all_failed_single {
+        tx.rollback().await
+    } else {
+        tx.commit().await
+    };
+    match committed {
+        Ok(()) => {
+            for (reply, result) in answers {
+                let _ = reply.send(result);
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "group commit failed");
+            for (reply, result) in answers {
+                let _ = reply.send(match result {
+                    Ok(_) => Err(StoreError::Database(sqlx::Error::Protocol(format!(
+                        "commit failed: {e}"
+                    )))),
+                    Err(original) => Err(original),
+                });
+            }
+        }
+    }
+}
+
+fn fail_all(group: Vec<WriteRequest>, error: &sqlx::Error) {
+    tracing::error!(error = %error, "store unavailable");
+    for request in group {
+        let _ = request
+            .reply
+            .send(Err(StoreError::Database(sqlx::Error::Protocol(format!(
+                "store unavailable: {error}"
+            )))));
+    }
+}
+
+/// Appends an outbox entry for the audit log, in the caller's transaction.
+pub async fn outbox(
+    conn: &mut AnyConnection,
+    at: Millis,
+    kind: &str,
+    actor: &str,
+    payload: &serde_json::Value,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO outbox (seq, at_ms, kind, actor, payload) \
+         VALUES ((SELECT COALESCE(MAX(seq), 0) + 1 FROM outbox), $1, $2, $3, $4)",
+    )
+    .bind(at)
+    .bind(kind)
+    .bind(actor)
+    .bind(payload.to_string())
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The catalog: published objects kept as JSON bodies keyed by kind and name.
+impl Store {
+    /// Creates or replaces a catalog object, with its outbox entry.
+    pub async fn put_catalog(
+        &self,
+        kind: &'static str,
+        name: String,
+        owner: Option<String>,
+        body: serde_json::Value,
+        actor: String,
+        now: Millis,
+    ) -> Result<()> {
+        self.write(move |conn| {
+            Box::pin(async move {
+                sqlx::query(
+                    "INSERT INTO catalog (kind, name, owner, body, updated_ms, removed_ms) \
+                     VALUES ($1, $2, $3, $4, $5, NULL) \
+                     ON CONFLICT (kind, name) DO UPDATE SET owner = $3, body = $4, updated_ms = $5, removed_ms = NULL",
+                )
+                .bind(kind)
+                .bind(&name)
+                .bind(owner.as_deref())
+                .bind(body.to_string())
+                .bind(now)
+                .execute(&mut *conn)
+                .await?;
+                let payload = serde_json::json!({"kind": kind, "name": name, "body": body});
+                outbox(conn, now, "catalog.put", &actor, &payload).await
+            })
+        })
+        .await
+    }
+
+    /// Marks a catalog object removed. Returns false when there was none.
+    pub async fn remove_catalog(
+        &self,
+        kind: &'static str,
+        name: String,
+        actor: String,
+        now: Millis,
+    ) -> Result<bool> {
+        self.write(move |conn| {
+            Box::pin(async move {
+                let done = sqlx::query(
+                    "UPDATE catalog SET removed_ms = $1 WHERE kind = $2 AND name = $3 AND removed_ms IS NULL",
+                )
+                .bind(now)
+                .bind(kind)
+                .bind(&name)
+                .execute(&mut *conn)
+                .await?;
+                if done.rows_affected() == 0 {
+                    return Ok(false);
+                }
+                let payload = serde_json::json!({"kind": kind, "name": name});
+                outbox(conn, now, "catalog.remove", &actor, &payload).await?;
+                Ok(true)
+            })
+        })
+        .await
+    }
+
+    /// Live objects of one kind as `(name, owner, body)`, by name.
+    pub async fn list_catalog(
+        &self,
+        kind: &str,
+    ) -> Result<Vec<(String, Option<String>, serde_json::Value)>> {
+        let rows = sqlx::query(
+            "SELECT name, owner, body FROM catalog WHERE kind = $1 AND removed_ms IS NULL ORDER BY name",
+        )
+        .bind(kind)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let body: String = row.try_get("body")?;
+                let body = serde_json::from_str(&body)
+                    .map_err(|e| StoreError::Corrupt(format!("catalog body: {e}")))?;
+                Ok((row.try_get("name")?, row.try_get("owner")?, body))
+            })
+            .collect()
+    }
+
+    /// A change counter for the catalog, to know when a cached copy is stale.
+    pub async fn catalog_version(&self) -> Result<i64> {
+        let row = sqlx::query("SELECT COALESCE(MAX(updated_ms), 0) + COUNT(*) + COALESCE(SUM(removed_ms), 0) AS v FROM catalog")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get::<i64, _>("v")?)
+    }
+}
+
+/// Tokens: stored as SHA-256 hashes, never in the clear.
+impl Store {
+    pub async fn insert_token(&self, token: TokenRecord, actor: String, now: Millis) -> Result<()> {
+        self.write(move |conn| {
+            Box::pin(async move {
+                sqlx::query(
+                    "INSERT INTO tokens (id, hash, role, subject, label, created_ms, revoked_ms) \
+                     VALUES ($1, $2, $3, $4, $5, $6, NULL)",
+                )
+                .bind(&token.id)
+                .bind(&token.hash)
+                .bind(token.role.as_str())
+                .bind(token.subject.as_deref())
+                .bind(&token.label)
+                .bind(token.created_ms)
+                .execute(&mut *conn)
+                .await?;
+                let payload = serde_json::json!({"token": token.id, "role": token.role, "subject": token.subject});
+                outbox(conn, now, "token.issue", &actor, &payload).await
+            })
+        })
+        .await
+    }
+
+    /// The live (not revoked) token with this hash.
+    pub async fn find_token(&self, hash: &str) -> Result<Option<TokenRecord>> {
+        let row = sqlx::query(
+            "SELECT id, hash, role, subject, label, created_ms, revoked_ms FROM tokens WHERE hash = $1 AND revoked_ms IS NULL",
+        )
+        .bind(hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| TokenRecord::from_row(&r)).transpose()
+    }
+
+    pub async fn list_tokens(&self) -> Result<Vec<TokenRecord>> {
+        let rows = sqlx::query(
+            "SELECT id, hash, role, subject, label, created_ms, revoked_ms FROM tokens ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(TokenRecord::from_row).collect()
+    }
+
+    /// Revokes a token at once. False when no live token has this id.
+    pub async fn revoke_token(&self, id: String, actor: String, now: Millis) -> Result<bool> {
+        self.write(move |conn| {
+            Box::pin(async move {
+                let done = sqlx::query(
+                    "UPDATE tokens SET revoked_ms = $1 WHERE id = $2 AND revoked_ms IS NULL",
+                )
+                .bind(now)
+                .bind(&id)
+                .execute(&mut *conn)
+                .await?;
+                if done.rows_affected() == 0 {
+                    return Ok(false);
+                }
+                outbox(
+                    conn,
+                    now,
+                    "token.revoke",
+                    &actor,
+                    &serde_json::json!({"token": id}),
+                )
+                .await?;
+                Ok(true)
+            })
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests;

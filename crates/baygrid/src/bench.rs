@@ -1,0 +1,337 @@
+//! `baygrid bench …`: commands that measure and print figures. Nothing here asserts a time.
+
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use baygrid_api::{Client, IssueTokenRequest, IssuedToken, JobView};
+use baygrid_core::{JobSpec, JobState, Jurisdiction, Party, Role, Tenant};
+use baygrid_server::ServerConfig;
+use clap::Subcommand;
+
+use crate::Args;
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Durable job submissions per second over HTTP (SQLite, and PostgreSQL when given),
+    /// and trivial jobs run to completion through the local engine.
+    Submit {
+        /// Submissions measured per store.
+        #[arg(long, default_value_t = 20_000)]
+        jobs: usize,
+        /// Concurrent HTTP clients.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// A PostgreSQL URL ending in an existing database (a new database is made beside it).
+        #[arg(long, env = "BAYGRID_BENCH_POSTGRES_URL")]
+        postgres: Option<String>,
+        /// Trivial jobs (`true`) to submit and run to completion on the local engine; 0 skips.
+        #[arg(long, default_value_t = 200)]
+        run_jobs: usize,
+        /// `sbatch` submissions to time in the same run, when Slurm is installed; 0 skips.
+        #[arg(long, default_value_t = 500)]
+        slurm_jobs: usize,
+    },
+}
+
+pub async fn run(_args: &Args, cmd: &BenchCommand) -> anyhow::Result<ExitCode> {
+    let BenchCommand::Submit {
+        jobs,
+        concurrency,
+        postgres,
+        run_jobs,
+        slurm_jobs,
+    } = cmd;
+    println!(
+        "machine: {} CPUs; {} submissions per store, {} concurrent clients\n",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        jobs,
+        concurrency
+    );
+    let mut figures = Vec::new();
+    let dir = tempfile::tempdir()?;
+    let sqlite = format!("sqlite://{}", dir.path().join("bench.db").display());
+    figures.push(submit_bench(&sqlite, dir.path(), *jobs, *concurrency).await?);
+    if let Some(admin) = postgres {
+        let url = baygrid_store::testing::create_database(admin, "baygrid_bench")
+            .await
+            .context("creating the bench database")?;
+        let pg_dir = tempfile::tempdir()?;
+        figures.push(submit_bench(&url, pg_dir.path(), *jobs, *concurrency).await?);
+    } else {
+        println!("postgresql: skipped (pass --postgres URL or BAYGRID_BENCH_POSTGRES_URL)\n");
+    }
+    let slurm = if *slurm_jobs > 0 {
+        sbatch_rate(*slurm_jobs).await
+    } else {
+        None
+    };
+    println!(
+        "{:<12} {:>10} {:>10} {:>10}  durability",
+        "store", "jobs/s", "p50 ms", "p99 ms"
+    );
+    for f in &figures {
+        println!(
+            "{:<12} {:>10.0} {:>10.2} {:>10.2}  {}",
+            f.store, f.rate, f.p50_ms, f.p99_ms, f.durability
+        );
+    }
+    match slurm {
+        Some(rate) => {
+            println!(
+                "{:<12} {:>10.0}  (sbatch --wrap true, one submitter, same run)",
+                "slurm", rate
+            );
+            for f in &figures {
+                println!("ratio {} / slurm sbatch: {:.1}×", f.store, f.rate / rate);
+            }
+        }
+        None => println!("slurm: sbatch not available on this machine; no ratio"),
+    }
+    if *run_jobs > 0 {
+        let run_dir = tempfile::tempdir()?;
+        let (seconds, rate) = run_to_completion(run_dir.path(), *run_jobs).await?;
+        println!("\nlocal engine: {run_jobs} trivial jobs (`true`) submitted and run to completion in {seconds:.2} s = {rate:.1} jobs/s");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+struct Figure {
+    store: &'static str,
+    durability: &'static str,
+    rate: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+/// A server on an ephemeral port with the sample sites, a bench tenant, and its token.
+async fn bench_server(
+    store: &str,
+    dir: &std::path::Path,
+    schedule_interval: Duration,
+) -> anyhow::Result<(baygrid_server::RunningServer, Client)> {
+    let config = ServerConfig {
+        listen: "127.0.0.1:0".parse().expect("literal"),
+        data_dir: dir.to_path_buf(),
+        store: store.to_string(),
+        sites_file: "sample".into(),
+        schedule_interval,
+        ..ServerConfig::default()
+    };
+    let server = baygrid_server::start(config).await?;
+    let operator = Client::new(&server.url(), Some(server.operator_token.clone()));
+    let party = Party {
+        name: "bench-lab".into(),
+        jurisdiction: Jurisdiction::CN,
+        city: "guangzhou".into(),
+        ciio: false,
+    };
+    let _: Party = operator.post("/api/v1/parties", &party).await?;
+    let tenant = Tenant {
+        name: "bench".into(),
+        party: "bench-lab".into(),
+        budget: "100000000.00 CNY".parse().expect("literal"),
+    };
+    let _: Tenant = operator.post("/api/v1/tenants", &tenant).await?;
+    let issued: IssuedToken = operator
+        .post(
+            "/api/v1/tokens",
+            &IssueTokenRequest {
+                role: Role::Tenant,
+                subject: Some("bench".into()),
+                label: None,
+            },
+        )
+        .await?;
+    let client = Client::new(&server.url(), Some(issued.token));
+    Ok((server, client))
+}
+
+async fn submit_bench(
+    store: &str,
+    dir: &std::path::Path,
+    jobs: usize,
+    concurrency: usize,
+) -> anyhow::Result<Figure> {
+    // placement is not part of this figure: the scheduler waits an hour between cycles
+    let (server, client) = bench_server(store, dir, Duration::from_secs(3600)).await?;
+    let backend = server.state.store.backend();
+    let spec = JobSpec::from_yaml("name: bench\nresources: {accelerators: {H800: 1}}\ncommand: 'true'\nestimated_duration: 1m\n")
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let warmup = (jobs / 10).min(1000);
+    let spec = Arc::new(spec);
+    let mut latencies = submit_many(&client, &spec, warmup, concurrency).await?.1;
+    let (elapsed, mut measured) = submit_many(&client, &spec, jobs, concurrency).await?;
+    latencies.clear();
+    measured.sort_unstable();
+    let rate = jobs as f64 / elapsed.as_secs_f64();
+    let quantile = |q: f64| {
+        measured[((measured.len() as f64 * q) as usize).min(measured.len() - 1)].as_secs_f64()
+            * 1000.0
+    };
+    let stored = server.state.store.count("jobs").await?;
+    anyhow::ensure!(
+        stored as usize == jobs + warmup,
+        "store holds {stored} jobs, expected {}",
+        jobs + warmup
+    );
+    let figure = Figure {
+        store: match backend {
+            baygrid_store::Backend::Sqlite => "sqlite",
+            baygrid_store::Backend::Postgres => "postgresql",
+        },
+        durability: backend.durability(),
+        rate,
+        p50_ms: quantile(0.50),
+        p99_ms: quantile(0.99),
+    };
+    println!(
+        "{}: {jobs} durable submissions in {:.2} s ({} stored, all acknowledged)",
+        figure.store,
+        elapsed.as_secs_f64(),
+        stored
+    );
+    server.stop().await;
+    Ok(figure)
+}
+
+/// Submits `count` jobs from `concurrency` workers; returns wall time and each latency.
+async fn submit_many(
+    client: &Client,
+    spec: &Arc<JobSpec>,
+    count: usize,
+    concurrency: usize,
+) -> anyhow::Result<(Duration, Vec<Duration>)> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..concurrency.max(1) {
+        let client = client.clone();
+        let spec = spec.clone();
+        let next = next.clone();
+        workers.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            while next.fetch_add(1, Ordering::Relaxed) < count {
+                let sent = Instant::now();
+                let _: JobView = client.post("/api/v1/jobs", &*spec).await?;
+                latencies.push(sent.elapsed());
+            }
+            Ok::<_, anyhow::Error>(latencies)
+        }));
+    }
+    let mut all = Vec::with_capacity(count);
+    for worker in workers {
+        all.extend(worker.await??);
+    }
+    Ok((started.elapsed(), all))
+}
+
+/// Submits `count` trivial jobs and waits until every one has succeeded on a local agent.
+async fn run_to_completion(dir: &std::path::Path, count: usize) -> anyhow::Result<(f64, f64)> {
+    let store = format!("sqlite://{}", dir.join("run.db").display());
+    let (server, client) = bench_server(&store, dir, Duration::from_millis(50)).await?;
+    let operator = Client::new(&server.url(), Some(server.operator_token.clone()));
+    // CPU-only jobs cost nothing anywhere, so they go to the nearest site: guangzhou-nansha
+    let cluster = "nansha-a800";
+    let issued: IssuedToken = operator
+        .post(
+            "/api/v1/tokens",
+            &IssueTokenRequest {
+                role: Role::Agent,
+                subject: Some(cluster.into()),
+                label: None,
+            },
+        )
+        .await?;
+    let config = baygrid_agent::AgentConfig {
+        server: server.url(),
+        token: Some(issued.token),
+        token_file: None,
+        work_dir: dir.join("agent"),
+        engine: "local".into(),
+        max_running: 256,
+        poll_interval: Duration::from_millis(50),
+    };
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let agent = tokio::spawn(baygrid_agent::run(config, stopped));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let clusters: Vec<baygrid_api::ClusterView> = operator.get("/api/v1/clusters").await?;
+        if clusters
+            .iter()
+            .any(|c| c.cluster.name == cluster && c.online)
+        {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "agent did not register");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let spec = JobSpec::from_yaml("name: trivial\nresources: {cpus: 1, memory_gb: 1}\ncommand: 'true'\nestimated_duration: 10s\n")
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let started = Instant::now();
+    submit_many(&client, &Arc::new(spec), count, 16).await?;
+    loop {
+        let done: Vec<JobView> = operator
+            .get(&format!("/api/v1/jobs?state=succeeded&limit={}", count + 1))
+            .await?;
+        if done.len() >= count {
+            break;
+        }
+        let failed: Vec<JobView> = operator.get("/api/v1/jobs?state=failed&limit=10").await?;
+        anyhow::ensure!(
+            failed.is_empty(),
+            "a trivial job failed: {}",
+            failed[0].reason
+        );
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(600),
+            "jobs did not finish in 10 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let _ = stop.send(true);
+    let _ = agent.await;
+    let jobs: Vec<JobView> = operator
+        .get(&format!("/api/v1/jobs?limit={}", count + 1))
+        .await?;
+    anyhow::ensure!(
+        jobs.iter()
+            .all(|j| j.state == JobState::Succeeded && j.attempts == 0),
+        "every job ran once and succeeded"
+    );
+    server.stop().await;
+    Ok((seconds, count as f64 / seconds))
+}
+
+/// `sbatch --wrap true` submissions per second from one submitter, when Slurm answers.
+async fn sbatch_rate(count: usize) -> Option<f64> {
+    let probe = tokio::process::Command::new("sbatch")
+        .arg("--version")
+        .output()
+        .await
+        .ok()?;
+    if !probe.status.success() {
+        return None;
+    }
+    let started = Instant::now();
+    for _ in 0..count {
+        let out = tokio::process::Command::new("sbatch")
+            .args(["--wrap", "true", "--output", "/dev/null", "--parsable"])
+            .output()
+            .await
+            .ok()?;
+        if !out.status.success() {
+            eprintln!(
+                "slurm: sbatch failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            return None;
+        }
+    }
+    Some(count as f64 / started.elapsed().as_secs_f64())
+}

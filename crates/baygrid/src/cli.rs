@@ -1,0 +1,596 @@
+//! The user commands: thin calls to the API, printed as tables or JSON.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use baygrid_api::{
+    CancelView, Client, ClusterView, IssueTokenRequest, IssuedToken, JobView, LogsView, QuoteView,
+    TenantView, TokenView,
+};
+use baygrid_core::{JobSpec, Jurisdiction, Money, Offer, Party, Role, Site, Tenant};
+use clap::Subcommand;
+
+use crate::output::{emit, or_dash, table};
+use crate::{Args, Output};
+
+#[derive(Debug, Subcommand)]
+pub enum ListOnly {
+    /// List them.
+    Ls,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PartyCommand {
+    /// Register a party (operator).
+    Add {
+        name: String,
+        #[arg(long)]
+        jurisdiction: Jurisdiction,
+        #[arg(long)]
+        city: String,
+        /// The party operates critical information infrastructure.
+        #[arg(long)]
+        ciio: bool,
+    },
+    Ls,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TenantCommand {
+    /// Add a tenant with a budget (operator).
+    Add {
+        name: String,
+        #[arg(long)]
+        party: String,
+        /// e.g. "10000.00 CNY"
+        #[arg(long)]
+        budget: Money,
+    },
+    Ls,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Issue a token (operator). The secret is printed once.
+    Issue {
+        #[arg(long)]
+        role: Role,
+        /// The tenant, provider, party or cluster it acts for.
+        #[arg(long)]
+        subject: Option<String>,
+        #[arg(long)]
+        label: Option<String>,
+    },
+    Ls,
+    /// Revoke a token at once.
+    Revoke {
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobCommand {
+    /// Submit a job spec (YAML).
+    Submit {
+        file: PathBuf,
+        /// For operators: the tenant to submit for.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// A retry with the same key returns the first job.
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        /// Wait until the job ends, showing progress.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Every cluster's verdict for a spec, with cost and reasons.
+    Quote {
+        file: PathBuf,
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    Ls {
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    Get {
+        id: String,
+    },
+    Logs {
+        id: String,
+        /// Keep printing until the job ends.
+        #[arg(long, short)]
+        follow: bool,
+    },
+    Cancel {
+        id: String,
+    },
+}
+
+/// The token: `--token`, `BAYGRID_TOKEN`, or the operator token `baygrid up` wrote.
+pub fn client(args: &Args) -> anyhow::Result<Client> {
+    let token = match &args.token {
+        Some(token) => token.clone(),
+        None => {
+            let path = args.data_dir().join("operator.token");
+            read_token(&path).with_context(|| {
+                format!("no token: pass --token or BAYGRID_TOKEN, or run `baygrid up` so that {} exists", path.display())
+            })?
+        }
+    };
+    Ok(Client::new(&args.server, Some(token)))
+}
+
+fn read_token(path: &Path) -> anyhow::Result<String> {
+    Ok(std::fs::read_to_string(path)?.trim().to_string())
+}
+
+pub async fn sites(args: &Args, _cmd: &ListOnly) -> anyhow::Result<std::process::ExitCode> {
+    let sites: Vec<Site> = client(args)?.get("/api/v1/sites").await?;
+    emit(args.output, &sites, |sites| {
+        let rows = sites
+            .iter()
+            .map(|s| {
+                vec![
+                    s.name.clone(),
+                    s.jurisdiction.to_string(),
+                    s.city.clone(),
+                    format!("{}%", s.green_share_pct),
+                    s.power_price_per_kwh.to_string(),
+                ]
+            })
+            .collect::<Vec<_>>();
+        table(
+            &["SITE", "JURISDICTION", "CITY", "GREEN", "POWER/KWH"],
+            &rows,
+        );
+    });
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+pub async fn clusters(args: &Args, _cmd: &ListOnly) -> anyhow::Result<std::process::ExitCode> {
+    let clusters: Vec<ClusterView> = client(args)?.get("/api/v1/clusters").await?;
+    emit(args.output, &clusters, |clusters| {
+        let rows = clusters
+            .iter()
+            .map(|c| {
+                vec![
+                    c.cluster.name.clone(),
+                    c.cluster.site.clone(),
+                    c.jurisdiction.to_string(),
+                    c.cluster.engine.to_string(),
+                    format!(
+                        "{} × {} {}",
+                        c.cluster.nodes, c.cluster.accelerators_per_node, c.cluster.accelerator
+                    ),
+                    format!("{}/{}", c.accelerators_in_use, c.accelerators_total),
+                    if c.online {
+                        "online".into()
+                    } else {
+                        "offline".into()
+                    },
+                ]
+            })
+            .collect::<Vec<_>>();
+        table(
+            &[
+                "CLUSTER",
+                "SITE",
+                "JURISDICTION",
+                "ENGINE",
+                "NODES × ACCELERATORS",
+                "IN USE",
+                "AGENT",
+            ],
+            &rows,
+        );
+    });
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+pub async fn offers(args: &Args, _cmd: &ListOnly) -> anyhow::Result<std::process::ExitCode> {
+    let offers: Vec<Offer> = client(args)?.get("/api/v1/offers").await?;
+    emit(args.output, &offers, |offers| {
+        let rows = offers
+            .iter()
+            .map(|o| vec![o.cluster.clone(), o.price_per_accelerator_hour.to_string()])
+            .collect::<Vec<_>>();
+        table(&["CLUSTER", "PRICE PER ACCELERATOR-HOUR"], &rows);
+    });
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+pub async fn party(args: &Args, cmd: &PartyCommand) -> anyhow::Result<std::process::ExitCode> {
+    let client = client(args)?;
+    match cmd {
+        PartyCommand::Add {
+            name,
+            jurisdiction,
+            city,
+            ciio,
+        } => {
+            let party = Party {
+                name: name.clone(),
+                jurisdiction: *jurisdiction,
+                city: city.clone(),
+                ciio: *ciio,
+            };
+            let created: Party = client.post("/api/v1/parties", &party).await?;
+            emit(args.output, &created, |p| {
+                println!("party {} ({}, {})", p.name, p.jurisdiction, p.city)
+            });
+        }
+        PartyCommand::Ls => {
+            let parties: Vec<Party> = client.get("/api/v1/parties").await?;
+            emit(args.output, &parties, |parties| {
+                let rows = parties
+                    .iter()
+                    .map(|p| {
+                        vec![
+                            p.name.clone(),
+                            p.jurisdiction.to_string(),
+                            p.city.clone(),
+                            if p.ciio { "yes".into() } else { "no".into() },
+                        ]
+                    })
+                    .collect::<Vec<_>>();
+                table(&["PARTY", "JURISDICTION", "CITY", "CIIO"], &rows);
+            });
+        }
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+pub async fn tenant(args: &Args, cmd: &TenantCommand) -> anyhow::Result<std::process::ExitCode> {
+    let client = client(args)?;
+    match cmd {
+        TenantCommand::Add {
+            name,
+            party,
+            budget,
+        } => {
+            let tenant = Tenant {
+                name: name.clone(),
+                party: party.clone(),
+                budget: *budget,
+            };
+            let created: Tenant = client.post("/api/v1/tenants", &tenant).await?;
+            emit(args.output, &created, |t| {
+                println!("tenant {} (party {}, budget {})", t.name, t.party, t.budget)
+            });
+        }
+        TenantCommand::Ls => {
+            let tenants: Vec<TenantView> = client.get("/api/v1/tenants").await?;
+            emit(args.output, &tenants, |tenants| {
+                let rows = tenants
+                    .iter()
+                    .map(|t| {
+                        vec![
+                            t.tenant.name.clone(),
+                            t.tenant.party.clone(),
+                            t.tenant.budget.to_string(),
+                            t.spent.to_string(),
+                        ]
+                    })
+                    .collect::<Vec<_>>();
+                table(&["TENANT", "PARTY", "BUDGET", "SPENT"], &rows);
+            });
+        }
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+pub async fn token(args: &Args, cmd: &TokenCommand) -> anyhow::Result<std::process::ExitCode> {
+    let client = client(args)?;
+    match cmd {
+        TokenCommand::Issue {
+            role,
+            subject,
+            label,
+        } => {
+            let request = IssueTokenRequest {
+                role: *role,
+                subject: subject.clone(),
+                label: label.clone(),
+            };
+            let issued: IssuedToken = client.post("/api/v1/tokens", &request).await?;
+            emit(args.output, &issued, |t| {
+                println!("token {} ({} {})", t.id, t.role, or_dash(t.subject.clone()));
+                println!("{}", t.token);
+            });
+        }
+        TokenCommand::Ls => {
+            let tokens: Vec<TokenView> = client.get("/api/v1/tokens").await?;
+            emit(args.output, &tokens, |tokens| {
+                let rows = tokens
+                    .iter()
+                    .map(|t| {
+                        vec![
+                            t.id.clone(),
+                            t.role.to_string(),
+                            or_dash(t.subject.clone()),
+                            t.label.clone(),
+                            t.created_at.clone(),
+                            or_dash(t.revoked_at.clone()),
+                        ]
+                    })
+                    .collect::<Vec<_>>();
+                table(
+                    &["TOKEN", "ROLE", "SUBJECT", "LABEL", "CREATED", "REVOKED"],
+                    &rows,
+                );
+            });
+        }
+        TokenCommand::Revoke { id } => {
+            client
+                .delete::<serde_json::Value>(&format!("/api/v1/tokens/{id}"))
+                .await?;
+            if args.output == Output::Table {
+                println!("revoked {id}");
+            }
+        }
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Reads a YAML spec, reporting the field at fault with the file's name.
+pub fn read_spec(file: &Path) -> anyhow::Result<JobSpec> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    JobSpec::from_yaml(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))
+}
+
+fn tenant_query(tenant: &Option<String>) -> String {
+    tenant
+        .as_ref()
+        .map(|t| format!("?tenant={t}"))
+        .unwrap_or_default()
+}
+
+pub async fn job(args: &Args, cmd: &JobCommand) -> anyhow::Result<std::process::ExitCode> {
+    let client = client(args)?;
+    match cmd {
+        JobCommand::Submit {
+            file,
+            tenant,
+            idempotency_key,
+            wait,
+        } => {
+            let spec = read_spec(file)?;
+            let path = format!("/api/v1/jobs{}", tenant_query(tenant));
+            let job: JobView = match idempotency_key {
+                Some(key) => client.post_idempotent(&path, &spec, key).await?,
+                None => client.post(&path, &spec).await?,
+            };
+            if !*wait {
+                emit(args.output, &job, |j| {
+                    println!("submitted {} ({})", j.id, j.state)
+                });
+                return Ok(std::process::ExitCode::SUCCESS);
+            }
+            let done = wait_for(&client, std::slice::from_ref(&job.id), args.output == Output::Table).await?;
+            let job = &done[0];
+            emit(args.output, job, print_job);
+            return Ok(if job.state == baygrid_core::JobState::Succeeded {
+                std::process::ExitCode::SUCCESS
+            } else {
+                std::process::ExitCode::FAILURE
+            });
+        }
+        JobCommand::Quote { file, tenant } => {
+            let spec = read_spec(file)?;
+            let quote: QuoteView = client
+                .post(
+                    &format!("/api/v1/jobs/quote{}", tenant_query(tenant)),
+                    &spec,
+                )
+                .await?;
+            emit(args.output, &quote, |q| {
+                let rows = q
+                    .quote
+                    .candidates
+                    .iter()
+                    .map(|c| {
+                        vec![
+                            c.cluster.clone(),
+                            c.site.clone(),
+                            c.jurisdiction.to_string(),
+                            format!("{} × {}", c.accelerators, or_dash(c.accelerator.clone())),
+                            or_dash(c.price_per_accelerator_hour),
+                            or_dash(c.estimated_cost_cny),
+                            c.round_trip_ms
+                                .map(|ms| format!("{ms} ms"))
+                                .unwrap_or_else(|| "-".into()),
+                            c.verdict.clone(),
+                            c.reason.clone(),
+                        ]
+                    })
+                    .collect::<Vec<_>>();
+                table(
+                    &[
+                        "CLUSTER",
+                        "SITE",
+                        "JUR",
+                        "ACCELERATORS",
+                        "PRICE/H",
+                        "EST. COST",
+                        "RTT",
+                        "VERDICT",
+                        "REASON",
+                    ],
+                    &rows,
+                );
+                println!("\n{}", q.summary);
+            });
+            if !quote.feasible {
+                return Ok(std::process::ExitCode::FAILURE);
+            }
+        }
+        JobCommand::Ls { state, tenant } => {
+            let mut query = Vec::new();
+            if let Some(s) = state {
+                query.push(format!("state={s}"));
+            }
+            if let Some(t) = tenant {
+                query.push(format!("tenant={t}"));
+            }
+            let path = if query.is_empty() {
+                "/api/v1/jobs".to_string()
+            } else {
+                format!("/api/v1/jobs?{}", query.join("&"))
+            };
+            let jobs: Vec<JobView> = client.get(&path).await?;
+            emit(args.output, &jobs, |jobs| {
+                let rows = jobs
+                    .iter()
+                    .map(|j| {
+                        vec![
+                            j.id.clone(),
+                            j.name.clone(),
+                            j.tenant.clone(),
+                            j.state.to_string(),
+                            or_dash(j.site.clone()),
+                            or_dash(j.cost),
+                            j.reason.clone(),
+                        ]
+                    })
+                    .collect::<Vec<_>>();
+                table(
+                    &["JOB", "NAME", "TENANT", "STATE", "SITE", "COST", "REASON"],
+                    &rows,
+                );
+            });
+        }
+        JobCommand::Get { id } => {
+            let job: JobView = client.get(&format!("/api/v1/jobs/{id}")).await?;
+            emit(args.output, &job, print_job);
+        }
+        JobCommand::Logs { id, follow } => {
+            let mut after = String::from("0:0");
+            loop {
+                let page: LogsView = client
+                    .get(&format!("/api/v1/jobs/{id}/logs?after={after}"))
+                    .await?;
+                for line in &page.lines {
+                    match args.output {
+                        Output::Json => println!("{}", serde_json::to_string(line)?),
+                        Output::Table if line.stream.starts_with("stderr") => {
+                            eprintln!("{}", line.line)
+                        }
+                        Output::Table => println!("{}", line.line),
+                    }
+                }
+                after = page.next.clone();
+                if page.done || (!follow && page.lines.is_empty()) {
+                    break;
+                }
+                if page.lines.is_empty() {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+        JobCommand::Cancel { id } => {
+            let result: CancelView = client
+                .post(&format!("/api/v1/jobs/{id}/cancel"), &serde_json::json!({}))
+                .await?;
+            emit(args.output, &result, |r| {
+                println!(
+                    "{}: {} (now {})",
+                    r.job.id,
+                    r.outcome.replace('_', " "),
+                    r.job.state
+                )
+            });
+        }
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+fn print_job(job: &JobView) {
+    let rows = vec![
+        vec!["id".to_string(), job.id.clone()],
+        vec!["name".into(), job.name.clone()],
+        vec!["tenant".into(), job.tenant.clone()],
+        vec!["state".into(), job.state.to_string()],
+        vec!["reason".into(), job.reason.clone()],
+        vec!["cluster".into(), or_dash(job.cluster.clone())],
+        vec!["site".into(), or_dash(job.site.clone())],
+        vec!["engine".into(), or_dash(job.engine.clone())],
+        vec!["submitted".into(), job.submitted_at.clone()],
+        vec!["started".into(), or_dash(job.started_at.clone())],
+        vec!["finished".into(), or_dash(job.finished_at.clone())],
+        vec!["attempts".into(), job.attempts.to_string()],
+        vec!["exit code".into(), or_dash(job.exit_code)],
+        vec!["cost".into(), or_dash(job.cost)],
+    ];
+    table(&["FIELD", "VALUE"], &rows);
+    if !job.events.is_empty() {
+        println!();
+        let rows = job
+            .events
+            .iter()
+            .map(|e| {
+                vec![
+                    e.at.clone(),
+                    or_dash(e.from.map(|s| s.to_string())),
+                    e.to.to_string(),
+                    e.reason.clone(),
+                ]
+            })
+            .collect::<Vec<_>>();
+        table(&["AT", "FROM", "TO", "REASON"], &rows);
+    }
+}
+
+/// Polls until every job has ended, with a progress bar when `progress`.
+pub async fn wait_for(
+    client: &Client,
+    ids: &[String],
+    progress: bool,
+) -> anyhow::Result<Vec<JobView>> {
+    let bar = progress.then(|| {
+        let bar = indicatif::ProgressBar::new(ids.len() as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} jobs ended  {msg}",
+            )
+            .expect("progress template"),
+        );
+        bar
+    });
+    loop {
+        let mut jobs = Vec::with_capacity(ids.len());
+        for id in ids {
+            jobs.push(client.get::<JobView>(&format!("/api/v1/jobs/{id}")).await?);
+        }
+        let ended = jobs.iter().filter(|j| j.state.is_terminal()).count();
+        if let Some(bar) = &bar {
+            bar.set_position(ended as u64);
+            let running = jobs
+                .iter()
+                .filter(|j| j.state == baygrid_core::JobState::Running)
+                .count();
+            let queued = jobs
+                .iter()
+                .filter(|j| {
+                    matches!(
+                        j.state,
+                        baygrid_core::JobState::Queued | baygrid_core::JobState::Placed
+                    )
+                })
+                .count();
+            bar.set_message(format!("{running} running, {queued} waiting"));
+            bar.tick();
+        }
+        if ended == jobs.len() {
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
+            }
+            return Ok(jobs);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}

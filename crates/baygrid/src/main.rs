@@ -1,0 +1,150 @@
+//! The one baygrid binary: parse flags, set up logging, dispatch, exit with a code.
+
+mod bench;
+mod cli;
+mod output;
+mod up;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "baygrid",
+    version,
+    about = "Compute-and-data exchange for the Greater Bay Area"
+)]
+pub struct Args {
+    /// The server's base URL.
+    #[arg(
+        long,
+        global = true,
+        env = "BAYGRID_SERVER",
+        default_value = "http://127.0.0.1:7700"
+    )]
+    pub server: String,
+    /// Bearer token; defaults to the operator token in the data directory.
+    #[arg(long, global = true, env = "BAYGRID_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Where `baygrid up` keeps its state and the operator token the CLI uses by default
+    /// (`.baygrid`); for `demo`, a fresh temporary directory unless given.
+    #[arg(long, global = true, env = "BAYGRID_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+impl Args {
+    /// The data directory: `--data-dir`, or `.baygrid` in the current directory.
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(".baygrid"))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the main scenario on embedded defaults: server, agents, ~20 real jobs, a summary.
+    Demo {
+        /// Keep the exchange running after the summary.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Server, embedded store and one local agent per sample cluster, on 127.0.0.1:7700.
+    Up {
+        #[arg(long, default_value = "127.0.0.1:7700")]
+        listen: std::net::SocketAddr,
+        /// A sites file to publish instead of the built-in sample region.
+        #[arg(long)]
+        sites: Option<PathBuf>,
+    },
+    /// The server process.
+    Server {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// The agent process beside one cluster.
+    Agent {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Sites.
+    #[command(subcommand)]
+    Site(cli::ListOnly),
+    /// Clusters and their agents.
+    #[command(subcommand)]
+    Cluster(cli::ListOnly),
+    /// Compute offers.
+    #[command(subcommand)]
+    Offer(cli::ListOnly),
+    /// Parties: legal entities behind tenants, providers and data holders.
+    #[command(subcommand)]
+    Party(cli::PartyCommand),
+    /// Tenants and their budgets.
+    #[command(subcommand)]
+    Tenant(cli::TenantCommand),
+    /// Bearer tokens.
+    #[command(subcommand)]
+    Token(cli::TokenCommand),
+    /// Jobs.
+    #[command(subcommand)]
+    Job(cli::JobCommand),
+    /// Benchmarks that print figures.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let default_level = match args.command {
+        Command::Server { .. } | Command::Agent { .. } | Command::Up { .. } => "info",
+        _ => "warn",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BAYGRID_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime starts");
+    match runtime.block_on(run(args)) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    match &args.command {
+        Command::Demo { keep } => up::demo(&args, *keep).await,
+        Command::Up { listen, sites } => up::up(&args, *listen, sites.clone()).await,
+        Command::Server { config } => up::server(config.clone()).await,
+        Command::Agent { config } => up::agent(config).await,
+        Command::Site(cmd) => cli::sites(&args, cmd).await,
+        Command::Cluster(cmd) => cli::clusters(&args, cmd).await,
+        Command::Offer(cmd) => cli::offers(&args, cmd).await,
+        Command::Party(cmd) => cli::party(&args, cmd).await,
+        Command::Tenant(cmd) => cli::tenant(&args, cmd).await,
+        Command::Token(cmd) => cli::token(&args, cmd).await,
+        Command::Job(cmd) => cli::job(&args, cmd).await,
+        Command::Bench(cmd) => bench::run(&args, cmd).await,
+    }
+}
