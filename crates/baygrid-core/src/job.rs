@@ -197,7 +197,14 @@ impl JobSpec {
         let spec: JobSpec = serde_path_to_error::deserialize(deserializer).map_err(|e| {
             let field = e.path().to_string();
             let problem = strip_location(&e.inner().to_string());
-            SpecError::new(if field == "." { "spec".into() } else { field }, problem)
+            SpecError::new(
+                if field == "." || field == "?" {
+                    "spec".into()
+                } else {
+                    field
+                },
+                problem,
+            )
         })?;
         spec.validate()?;
         Ok(spec)
@@ -209,7 +216,14 @@ impl JobSpec {
         let spec: JobSpec = serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
             let field = e.path().to_string();
             let problem = strip_location(&e.inner().to_string());
-            SpecError::new(if field == "." { "spec".into() } else { field }, problem)
+            SpecError::new(
+                if field == "." || field == "?" {
+                    "body".into()
+                } else {
+                    field
+                },
+                problem,
+            )
         })?;
         spec.validate()?;
         Ok(spec)

@@ -53,17 +53,26 @@ fn parse_spec(bytes: &[u8]) -> ApiResult<JobSpec> {
     Ok(JobSpec::from_json(bytes)?)
 }
 
-/// The spec field responsible when every cluster rejects a job.
+/// The spec field responsible when every cluster rejects a job: the one field every
+/// cluster names, or else the one named by the clusters that do offer an accepted model.
 fn infeasible(quote: &Quote) -> ApiError {
-    let mut fields: Vec<&str> = quote
-        .candidates
-        .iter()
-        .filter_map(|c| c.field.as_deref())
-        .collect();
-    fields.dedup();
-    let field = match fields.as_slice() {
-        [one] => one.to_string(),
-        _ if quote.candidates.is_empty() => "resources".to_string(),
+    let distinct = |only_accepting_model: bool| {
+        let mut fields: Vec<&str> = quote
+            .candidates
+            .iter()
+            .filter(|c| {
+                !only_accepting_model
+                    || c.accelerator.is_some()
+                    || c.field.as_deref() != Some("resources.accelerators")
+            })
+            .filter_map(|c| c.field.as_deref())
+            .collect();
+        fields.sort_unstable();
+        fields.dedup();
+        fields
+    };
+    let field = match (distinct(false).as_slice(), distinct(true).as_slice()) {
+        ([one], _) | (_, [one]) => one.to_string(),
         _ => "resources".to_string(),
     };
     ApiError::Unprocessable {

@@ -377,14 +377,6 @@ impl Store {
             })
             .collect()
     }
-
-    /// A change counter for the catalog, to know when a cached copy is stale.
-    pub async fn catalog_version(&self) -> Result<i64> {
-        let row = sqlx::query("SELECT COALESCE(MAX(updated_ms), 0) + COUNT(*) + COALESCE(SUM(removed_ms), 0) AS v FROM catalog")
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(row.try_get::<i64, _>("v")?)
-    }
 }
 
 /// Tokens: stored as SHA-256 hashes, never in the clear.

@@ -371,7 +371,12 @@ pub async fn job(args: &Args, cmd: &JobCommand) -> anyhow::Result<std::process::
                 });
                 return Ok(std::process::ExitCode::SUCCESS);
             }
-            let done = wait_for(&client, std::slice::from_ref(&job.id), args.output == Output::Table).await?;
+            let done = wait_for(
+                &client,
+                std::slice::from_ref(&job.id),
+                args.output == Output::Table,
+            )
+            .await?;
             let job = &done[0];
             emit(args.output, job, print_job);
             return Ok(if job.state == baygrid_core::JobState::Succeeded {

@@ -1,0 +1,839 @@
+//! Every endpoint through real HTTP: good calls, bad input (a 4xx naming the field) and the
+//! wrong role. The whole flow runs on SQLite and on PostgreSQL.
+
+use std::time::Duration;
+
+use baygrid_api::{
+    Client, ClientError, ClusterView, IssueTokenRequest, IssuedToken, JobView, LogsView, QuoteView,
+};
+use baygrid_core::{JobSpec, JobState, Jurisdiction, Party, Role, Tenant};
+use baygrid_server::{RunningServer, ServerConfig};
+use serde_json::{json, Value};
+
+async fn serve(store: Option<String>, dir: &std::path::Path) -> RunningServer {
+    let config = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.to_path_buf(),
+        store: store.unwrap_or_default(),
+        sites_file: "sample".into(),
+        schedule_interval: Duration::from_millis(50),
+        heartbeat_interval: Duration::from_millis(200),
+        lease_ttl: Duration::from_secs(2),
+        ..ServerConfig::default()
+    };
+    baygrid_server::start(config).await.unwrap()
+}
+
+fn spec(yaml: &str) -> JobSpec {
+    JobSpec::from_yaml(yaml).unwrap()
+}
+
+const SMALL: &str = "name: small\nresources: {accelerators: {H800: 1}}\ncommand: 'echo hi'\nestimated_duration: 1m\n";
+
+async fn issue(operator: &Client, role: Role, subject: Option<&str>) -> Client {
+    let issued: IssuedToken = operator
+        .post(
+            "/api/v1/tokens",
+            &IssueTokenRequest {
+                role,
+                subject: subject.map(str::to_string),
+                label: None,
+            },
+        )
+        .await
+        .unwrap();
+    Client::new(operator.base(), Some(issued.token))
+}
+
+async fn add_tenant(
+    operator: &Client,
+    name: &str,
+    jurisdiction: Jurisdiction,
+    city: &str,
+    budget: &str,
+) -> Client {
+    let party = Party {
+        name: name.into(),
+        jurisdiction,
+        city: city.into(),
+        ciio: false,
+    };
+    let _: Party = operator.post("/api/v1/parties", &party).await.unwrap();
+    let tenant = Tenant {
+        name: name.into(),
+        party: name.into(),
+        budget: budget.parse().unwrap(),
+    };
+    let _: Tenant = operator.post("/api/v1/tenants", &tenant).await.unwrap();
+    issue(operator, Role::Tenant, Some(name)).await
+}
+
+/// Asserts an API error's status, code and field.
+fn expect_error<T: std::fmt::Debug>(
+    result: Result<T, ClientError>,
+    status: u16,
+    field: Option<&str>,
+) -> String {
+    match result {
+        Err(ClientError::Api {
+            status: got,
+            field: got_field,
+            message,
+            code,
+        }) => {
+            assert_eq!(got, status, "{code}: {message}");
+            if let Some(field) = field {
+                assert_eq!(got_field.as_deref(), Some(field), "{message}");
+            }
+            assert!(!message.is_empty());
+            message
+        }
+        other => panic!("expected HTTP {status}, got {other:?}"),
+    }
+}
+
+async fn raw_post(url: &str, token: &str, body: &str) -> (u16, Value) {
+    let response = reqwest::Client::new()
+        .post(url)
+        .bearer_auth(token)
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+async fn wait_state(client: &Client, id: &str, state: JobState) -> JobView {
+    for _ in 0..200 {
+        let job: JobView = client.get(&format!("/api/v1/jobs/{id}")).await.unwrap();
+        if job.state == state {
+            return job;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("job {id} never reached {state}");
+}
+
+async fn api_flow(store: Option<String>) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(store, dir.path()).await;
+    let base = server.url();
+    let operator = Client::new(&base, Some(server.operator_token.clone()));
+    let anonymous = Client::new(&base, None);
+
+    // health, metrics, the OpenAPI document
+    let health: Value = anonymous.get("/healthz").await.unwrap();
+    assert_eq!(health["status"], "ok");
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("baygrid_http_requests_total"), "{metrics}");
+    let openapi: Value = anonymous.get("/api/v1/openapi.json").await.unwrap();
+    assert!(openapi["openapi"].as_str().unwrap().starts_with("3."));
+    for path in [
+        "/api/v1/jobs",
+        "/api/v1/jobs/{id}/logs",
+        "/api/v1/agent/lease",
+        "/api/v1/clusters/{name}",
+        "/api/v1/tokens/{id}",
+    ] {
+        assert!(openapi["paths"].get(path).is_some(), "openapi lacks {path}");
+    }
+    expect_error(anonymous.get::<Value>("/api/v1/nowhere").await, 404, None);
+
+    // authentication
+    expect_error(anonymous.get::<Value>("/api/v1/sites").await, 401, None);
+    expect_error(
+        Client::new(&base, Some("bg_nope".into()))
+            .get::<Value>("/api/v1/sites")
+            .await,
+        401,
+        None,
+    );
+
+    // the published catalog
+    let sites: Vec<Value> = operator.get("/api/v1/sites").await.unwrap();
+    assert_eq!(sites.len(), 6);
+    let offers: Vec<Value> = operator.get("/api/v1/offers").await.unwrap();
+    assert_eq!(offers.len(), 6);
+    let models: Vec<Value> = operator.get("/api/v1/accelerators").await.unwrap();
+    assert_eq!(models.len(), 4);
+    let providers: Vec<Value> = operator.get("/api/v1/providers").await.unwrap();
+    assert_eq!(providers.len(), 6);
+
+    // parties, tenants, tokens
+    let gz = add_tenant(
+        &operator,
+        "gz-lab",
+        Jurisdiction::CN,
+        "guangzhou",
+        "1000.00 CNY",
+    )
+    .await;
+    let hk = add_tenant(
+        &operator,
+        "hk-bank",
+        Jurisdiction::HK,
+        "hong-kong",
+        "1000.00 CNY",
+    )
+    .await;
+    let poor = add_tenant(
+        &operator,
+        "poor-lab",
+        Jurisdiction::CN,
+        "guangzhou",
+        "0.01 CNY",
+    )
+    .await;
+    let parties: Vec<Party> = operator.get("/api/v1/parties").await.unwrap();
+    assert!(parties.len() >= 9);
+    expect_error(gz.get::<Vec<Party>>("/api/v1/parties").await, 403, None);
+    let bad_party = json!({"name": "x", "jurisdiction": "US", "city": "y"});
+    expect_error(
+        operator
+            .post::<_, Value>("/api/v1/parties", &bad_party)
+            .await,
+        400,
+        Some("jurisdiction"),
+    );
+    let bad_tenant = json!({"name": "t2", "party": "missing", "budget": "1.00 CNY"});
+    expect_error(
+        operator
+            .post::<_, Value>("/api/v1/tenants", &bad_tenant)
+            .await,
+        400,
+        Some("party"),
+    );
+    let bad_budget = json!({"name": "t2", "party": "gz-lab", "budget": "lots"});
+    expect_error(
+        operator
+            .post::<_, Value>("/api/v1/tenants", &bad_budget)
+            .await,
+        400,
+        Some("budget"),
+    );
+    expect_error(
+        gz.post::<_, Value>(
+            "/api/v1/tenants",
+            &json!({"name": "t3", "party": "gz-lab", "budget": "1.00 CNY"}),
+        )
+        .await,
+        403,
+        None,
+    );
+    let tenants: Vec<Value> = gz.get("/api/v1/tenants").await.unwrap();
+    assert_eq!(tenants.len(), 1, "a tenant sees only itself");
+    expect_error(
+        operator
+            .post::<_, Value>("/api/v1/tokens", &json!({"role": "tenant"}))
+            .await,
+        400,
+        Some("subject"),
+    );
+    expect_error(
+        operator
+            .post::<_, Value>(
+                "/api/v1/tokens",
+                &json!({"role": "tenant", "subject": "ghost"}),
+            )
+            .await,
+        400,
+        Some("subject"),
+    );
+    expect_error(
+        operator
+            .post::<_, Value>("/api/v1/tokens", &json!({"role": "king"}))
+            .await,
+        400,
+        Some("role"),
+    );
+    expect_error(
+        gz.post::<_, Value>("/api/v1/tokens", &json!({"role": "operator"}))
+            .await,
+        403,
+        None,
+    );
+    let tokens: Vec<Value> = operator.get("/api/v1/tokens").await.unwrap();
+    assert!(tokens.len() >= 4);
+    assert!(tokens
+        .iter()
+        .all(|t| t.get("hash").is_none() && t.get("token").is_none()));
+    expect_error(gz.get::<Value>("/api/v1/tokens").await, 403, None);
+    let doomed: IssuedToken = operator
+        .post(
+            "/api/v1/tokens",
+            &IssueTokenRequest {
+                role: Role::Regulator,
+                subject: None,
+                label: None,
+            },
+        )
+        .await
+        .unwrap();
+    let regulator = Client::new(&base, Some(doomed.token.clone()));
+    let _: Vec<Value> = regulator.get("/api/v1/sites").await.unwrap();
+    operator
+        .delete::<Value>(&format!("/api/v1/tokens/{}", doomed.id))
+        .await
+        .unwrap();
+    expect_error(regulator.get::<Value>("/api/v1/sites").await, 401, None);
+    expect_error(
+        operator
+            .delete::<Value>(&format!("/api/v1/tokens/{}", doomed.id))
+            .await,
+        404,
+        None,
+    );
+
+    // sites and accelerators: operator only, validated
+    let site = json!({"name": "nansha-2", "jurisdiction": "CN", "city": "guangzhou", "green_share_pct": 40, "power_price_per_kwh": "0.70 CNY"});
+    let _: Value = operator.post("/api/v1/sites", &site).await.unwrap();
+    let mut bad_site = site.clone();
+    bad_site["green_share_pct"] = json!(140);
+    expect_error(
+        operator.post::<_, Value>("/api/v1/sites", &bad_site).await,
+        400,
+        Some("green_share_pct"),
+    );
+    let mut bad_site = site.clone();
+    bad_site["colour"] = json!("green");
+    expect_error(
+        operator.post::<_, Value>("/api/v1/sites", &bad_site).await,
+        400,
+        Some("colour"),
+    );
+    expect_error(gz.post::<_, Value>("/api/v1/sites", &site).await, 403, None);
+    let model = json!({"model": "H20", "vendor": "nvidia", "memory_gb": 96, "bf16_tflops": 148});
+    let _: Value = operator.post("/api/v1/accelerators", &model).await.unwrap();
+    expect_error(
+        operator
+            .post::<_, Value>(
+                "/api/v1/accelerators",
+                &json!({"model": "X", "vendor": "v", "memory_gb": 1, "bf16_tflops": 0}),
+            )
+            .await,
+        400,
+        Some("bf16_tflops"),
+    );
+    let provider = json!({"name": "nansha-two", "party": "nansha-ai-center"});
+    let _: Value = operator.post("/api/v1/providers", &provider).await.unwrap();
+    expect_error(
+        operator
+            .post::<_, Value>("/api/v1/providers", &json!({"name": "p", "party": "ghost"}))
+            .await,
+        400,
+        Some("party"),
+    );
+
+    // a provider publishes its own cluster and offer, and sees only its own clusters
+    let nansha = issue(&operator, Role::Provider, Some("nansha-two")).await;
+    let cluster = json!({"name": "nansha-h20", "site": "nansha-2", "provider": "nansha-two", "engine": "local", "nodes": 2,
+        "accelerator": "H20", "accelerators_per_node": 8, "cpus_per_node": 64, "memory_gb_per_node": 512});
+    let _: Value = nansha.post("/api/v1/clusters", &cluster).await.unwrap();
+    let mut foreign = cluster.clone();
+    foreign["provider"] = json!("qianhai-compute");
+    foreign["name"] = json!("stolen");
+    expect_error(
+        nansha.post::<_, Value>("/api/v1/clusters", &foreign).await,
+        403,
+        None,
+    );
+    let mut bad_cluster = cluster.clone();
+    bad_cluster["nodes"] = json!(0);
+    expect_error(
+        nansha
+            .post::<_, Value>("/api/v1/clusters", &bad_cluster)
+            .await,
+        400,
+        Some("nodes"),
+    );
+    let mut bad_cluster = cluster.clone();
+    bad_cluster["accelerator"] = json!("B300");
+    expect_error(
+        nansha
+            .post::<_, Value>("/api/v1/clusters", &bad_cluster)
+            .await,
+        400,
+        Some("accelerator"),
+    );
+    let _: Value = nansha
+        .post(
+            "/api/v1/offers",
+            &json!({"cluster": "nansha-h20", "price_per_accelerator_hour": "5.00 CNY"}),
+        )
+        .await
+        .unwrap();
+    expect_error(
+        nansha
+            .post::<_, Value>(
+                "/api/v1/offers",
+                &json!({"cluster": "qianhai-h800", "price_per_accelerator_hour": "1.00 CNY"}),
+            )
+            .await,
+        403,
+        None,
+    );
+    expect_error(
+        nansha
+            .post::<_, Value>(
+                "/api/v1/offers",
+                &json!({"cluster": "nansha-h20", "price_per_accelerator_hour": "-1.00 CNY"}),
+            )
+            .await,
+        400,
+        Some("price_per_accelerator_hour"),
+    );
+    expect_error(
+        nansha
+            .post::<_, Value>(
+                "/api/v1/offers",
+                &json!({"cluster": "nansha-h20", "price_per_accelerator_hour": "1.00 USD"}),
+            )
+            .await,
+        400,
+        Some("price_per_accelerator_hour"),
+    );
+    let own: Vec<ClusterView> = nansha.get("/api/v1/clusters").await.unwrap();
+    assert_eq!(own.len(), 1);
+    let all: Vec<ClusterView> = gz.get("/api/v1/clusters").await.unwrap();
+    assert_eq!(all.len(), 7);
+    expect_error(
+        nansha
+            .delete::<Value>("/api/v1/clusters/qianhai-h800")
+            .await,
+        403,
+        None,
+    );
+    nansha
+        .delete::<Value>("/api/v1/clusters/nansha-h20")
+        .await
+        .unwrap();
+    expect_error(
+        nansha.delete::<Value>("/api/v1/clusters/nansha-h20").await,
+        404,
+        None,
+    );
+
+    // submitting: bad specs name the field
+    let (status, body) =
+        raw_post(&format!("{base}/api/v1/jobs"), &server.operator_token, "{}").await;
+    assert_eq!(status, 400, "{body}");
+    let gz_token = gz_token(&operator).await;
+    let cases = [
+        ("{", "body"),
+        (
+            r#"{"name": "a", "resources": {"nodes": "two"}, "command": "x", "estimated_duration": "1m"}"#,
+            "resources.nodes",
+        ),
+        (
+            r#"{"name": "a", "resources": {}, "command": "x", "estimated_duration": "1m", "gpus": 1}"#,
+            "gpus",
+        ),
+        (
+            r#"{"name": "a", "resources": {}, "command": "x", "estimated_duration": "soon"}"#,
+            "estimated_duration",
+        ),
+        (
+            r#"{"name": "a", "resources": {}, "command": "", "estimated_duration": "1m"}"#,
+            "command",
+        ),
+        (
+            r#"{"name": "a", "resources": {}, "command": "x", "estimated_duration": "1m", "priority": 5000}"#,
+            "priority",
+        ),
+    ];
+    for (body, field) in cases {
+        let (status, answer) = raw_post(&format!("{base}/api/v1/jobs"), &gz_token, body).await;
+        assert_eq!(status, 400, "{body} -> {answer}");
+        assert_eq!(answer["field"], field, "{body} -> {answer}");
+    }
+    let impossible = spec(
+        "name: huge\nresources: {accelerators: {H800: 16}}\ncommand: x\nestimated_duration: 1m\n",
+    );
+    let message = expect_error(
+        gz.post::<_, JobView>("/api/v1/jobs", &impossible).await,
+        422,
+        Some("resources.accelerators"),
+    );
+    assert!(message.contains("16 per node"), "{message}");
+    let unknown_model = spec(
+        "name: huge\nresources: {accelerators: {B200: 1}}\ncommand: x\nestimated_duration: 1m\n",
+    );
+    expect_error(
+        gz.post::<_, JobView>("/api/v1/jobs", &unknown_model).await,
+        422,
+        Some("resources.accelerators"),
+    );
+    // from shaoguan, the only A100s (macao) are 8 ms away
+    let sg = add_tenant(
+        &operator,
+        "sg-lab",
+        Jurisdiction::CN,
+        "shaoguan",
+        "1000.00 CNY",
+    )
+    .await;
+    let far = spec("name: far\nresources: {accelerators: {A100: 1}}\ncommand: x\nestimated_duration: 1m\nlatency_sensitive: true\n");
+    let message = expect_error(
+        sg.post::<_, JobView>("/api/v1/jobs", &far).await,
+        422,
+        Some("latency_sensitive"),
+    );
+    assert!(message.contains("8 ms"), "{message}");
+    let past = spec("name: late\nresources: {}\ncommand: x\nestimated_duration: 1m\ndeadline: 2020-01-01T00:00:00Z\n");
+    expect_error(
+        gz.post::<_, JobView>("/api/v1/jobs", &past).await,
+        400,
+        Some("deadline"),
+    );
+    let dear = spec(
+        "name: dear\nresources: {accelerators: {H800: 8}}\ncommand: x\nestimated_duration: 10h\n",
+    );
+    let message = expect_error(
+        poor.post::<_, JobView>("/api/v1/jobs", &dear).await,
+        422,
+        None,
+    );
+    assert!(message.contains("budget"), "{message}");
+    expect_error(
+        operator
+            .post::<_, JobView>("/api/v1/jobs", &spec(SMALL))
+            .await,
+        400,
+        Some("tenant"),
+    );
+    expect_error(
+        regulator_client(&operator)
+            .await
+            .post::<_, JobView>("/api/v1/jobs", &spec(SMALL))
+            .await,
+        403,
+        None,
+    );
+    expect_error(
+        gz.post::<_, JobView>("/api/v1/jobs?tenant=hk-bank", &spec(SMALL))
+            .await,
+        403,
+        None,
+    );
+
+    // quote: every cluster with a verdict and a reason
+    let quote: QuoteView = gz.post("/api/v1/jobs/quote", &spec(SMALL)).await.unwrap();
+    assert_eq!(quote.quote.candidates.len(), 6);
+    assert!(quote.feasible);
+    assert!(quote.quote.candidates.iter().all(|c| !c.reason.is_empty()));
+    assert_eq!(
+        quote.chosen, None,
+        "no agent is connected, so nothing fits now"
+    );
+    expect_error(
+        gz.post::<_, QuoteView>("/api/v1/jobs/quote", &json!({"name": 1}))
+            .await,
+        400,
+        Some("name"),
+    );
+
+    // submit, idempotent retry, visibility
+    let first: JobView = gz
+        .post_idempotent("/api/v1/jobs", &spec(SMALL), "key-1")
+        .await
+        .unwrap();
+    let again: JobView = gz
+        .post_idempotent("/api/v1/jobs", &spec(SMALL), "key-1")
+        .await
+        .unwrap();
+    assert_eq!(first.id, again.id);
+    let hk_job: JobView = hk.post("/api/v1/jobs", &spec(SMALL)).await.unwrap();
+    let by_operator: JobView = operator
+        .post("/api/v1/jobs?tenant=gz-lab", &spec(SMALL))
+        .await
+        .unwrap();
+    assert_eq!(by_operator.tenant, "gz-lab");
+    let mine: Vec<JobView> = gz.get("/api/v1/jobs").await.unwrap();
+    assert_eq!(mine.len(), 2);
+    assert!(mine.iter().all(|j| j.tenant == "gz-lab"));
+    let everyone: Vec<JobView> = operator.get("/api/v1/jobs").await.unwrap();
+    assert_eq!(everyone.len(), 3);
+    let queued: Vec<JobView> = operator
+        .get("/api/v1/jobs?state=queued&tenant=hk-bank")
+        .await
+        .unwrap();
+    assert_eq!(queued.len(), 1);
+    expect_error(
+        operator
+            .get::<Vec<JobView>>("/api/v1/jobs?state=sleeping")
+            .await,
+        400,
+        Some("state"),
+    );
+    expect_error(
+        operator.get::<Vec<JobView>>("/api/v1/jobs?limit=0").await,
+        400,
+        Some("limit"),
+    );
+    expect_error(
+        gz.get::<JobView>(&format!("/api/v1/jobs/{}", hk_job.id))
+            .await,
+        404,
+        None,
+    );
+    expect_error(nansha.get::<Vec<JobView>>("/api/v1/jobs").await, 403, None);
+    let got: JobView = gz.get(&format!("/api/v1/jobs/{}", first.id)).await.unwrap();
+    assert_eq!(got.events.len(), 1);
+    expect_error(
+        gz.get::<LogsView>(&format!("/api/v1/jobs/{}/logs?after=nonsense", first.id))
+            .await,
+        400,
+        Some("after"),
+    );
+
+    // agents: only agent tokens, fenced by epoch
+    expect_error(
+        gz.post::<_, Value>("/api/v1/agent/lease", &json!({"max": 1}))
+            .await,
+        403,
+        None,
+    );
+    let agent = issue(&operator, Role::Agent, Some("qianhai-h800")).await;
+    let capacity = json!({"engine": "local", "nodes": 32, "accelerators_per_node": 8, "cpus_per_node": 192, "memory_gb_per_node": 2048, "running_jobs": 0});
+    let _: Value = agent
+        .post("/api/v1/agent/register", &json!({"capacity": capacity}))
+        .await
+        .unwrap();
+    expect_error(
+        agent
+            .post::<_, Value>("/api/v1/agent/lease", &json!({"max": 0}))
+            .await,
+        400,
+        Some("max"),
+    );
+    expect_error(
+        agent
+            .post::<_, Value>(
+                "/api/v1/agent/register",
+                &json!({"capacity": {"engine": "local"}}),
+            )
+            .await,
+        400,
+        None,
+    );
+    let placed = wait_state(&gz, &first.id, JobState::Placed).await;
+    assert_eq!(placed.cluster.as_deref(), Some("qianhai-h800"));
+    let mut leases: Vec<Value> = Vec::new();
+    for _ in 0..50 {
+        let answer: Value = agent
+            .post("/api/v1/agent/lease", &json!({"max": 10}))
+            .await
+            .unwrap();
+        leases.extend(answer["leases"].as_array().unwrap().iter().cloned());
+        if leases.len() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(leases.len(), 3);
+    let lease = leases
+        .iter()
+        .find(|l| l["job_id"] == first.id.as_str())
+        .unwrap();
+    let epoch = lease["epoch"].as_i64().unwrap();
+    assert_eq!(epoch, 1);
+    let report = format!("/api/v1/agent/jobs/{}/report", first.id);
+    expect_error(
+        agent
+            .post::<_, Value>(&report, &json!({"epoch": epoch + 1, "status": "running"}))
+            .await,
+        409,
+        None,
+    );
+    let other_agent = issue(&operator, Role::Agent, Some("macao-a100")).await;
+    expect_error(
+        other_agent
+            .post::<_, Value>(&report, &json!({"epoch": epoch, "status": "running"}))
+            .await,
+        409,
+        None,
+    );
+    expect_error(
+        agent
+            .post::<_, Value>(&report, &json!({"epoch": epoch, "status": "sleeping"}))
+            .await,
+        400,
+        Some("status"),
+    );
+    let _: Value = agent
+        .post(&report, &json!({"epoch": epoch, "status": "running", "logs": [{"seq": 1, "stream": "stdout", "line": "hi"}]}))
+        .await
+        .unwrap();
+    let beat: Value = agent
+        .post("/api/v1/agent/heartbeat", &json!({"capacity": capacity, "held": [{"job_id": first.id, "epoch": epoch}, {"job_id": "job_ghost", "epoch": 1}]}))
+        .await
+        .unwrap();
+    assert_eq!(beat["renewed"], json!([first.id]));
+    assert_eq!(beat["stale"], json!(["job_ghost"]));
+    tokio::time::sleep(Duration::from_millis(1700)).await;
+    let done: JobView = agent
+        .post(
+            &report,
+            &json!({"epoch": epoch, "status": "succeeded", "exit_code": 0}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(done.state, JobState::Succeeded);
+    // metered: 1 H800 × 22.00 CNY/h × the seconds between the start and end reports
+    let at = |t: &Option<String>| {
+        chrono::DateTime::parse_from_rfc3339(t.as_deref().unwrap())
+            .unwrap()
+            .timestamp_millis()
+    };
+    let elapsed_ms = at(&done.finished_at) - at(&done.started_at);
+    let expected_fen = (2200 * elapsed_ms + 1_800_000) / 3_600_000;
+    assert!(expected_fen >= 1);
+    assert_eq!(done.cost.unwrap().minor, expected_fen);
+    let logs: LogsView = gz
+        .get(&format!("/api/v1/jobs/{}/logs", first.id))
+        .await
+        .unwrap();
+    assert_eq!(logs.lines.len(), 1);
+    assert!(logs.done);
+    let provider_view: JobView = issue(&operator, Role::Provider, Some("qianhai-compute"))
+        .await
+        .get(&format!("/api/v1/jobs/{}", first.id))
+        .await
+        .unwrap();
+    assert_eq!(provider_view.id, first.id);
+
+    // cancel: a held job through its agent, a finished job is already ended
+    let cancel: Value = hk
+        .post(&format!("/api/v1/jobs/{}/cancel", hk_job.id), &json!({}))
+        .await
+        .unwrap();
+    assert_eq!(cancel["outcome"], "requested");
+    let hk_epoch = leases
+        .iter()
+        .find(|l| l["job_id"] == hk_job.id.as_str())
+        .unwrap()["epoch"]
+        .as_i64()
+        .unwrap();
+    let beat: Value = agent
+        .post(
+            "/api/v1/agent/heartbeat",
+            &json!({"capacity": capacity, "held": [{"job_id": hk_job.id, "epoch": hk_epoch}]}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(beat["cancel"], json!([hk_job.id]));
+    let cancelled: JobView = agent
+        .post(
+            &format!("/api/v1/agent/jobs/{}/report", hk_job.id),
+            &json!({"epoch": hk_epoch, "status": "cancelled"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(cancelled.state, JobState::Cancelled);
+    let again: Value = gz
+        .post(&format!("/api/v1/jobs/{}/cancel", first.id), &json!({}))
+        .await
+        .unwrap();
+    assert_eq!(again["outcome"], "already_ended");
+    expect_error(
+        gz.post::<_, Value>(&format!("/api/v1/jobs/{}/cancel", hk_job.id), &json!({}))
+            .await,
+        404,
+        None,
+    );
+    expect_error(
+        regulator_client(&operator)
+            .await
+            .post::<_, Value>(&format!("/api/v1/jobs/{}/cancel", first.id), &json!({}))
+            .await,
+        403,
+        None,
+    );
+
+    // a queued job whose only possible cluster disappears fails within a cycle
+    let macao_only = spec("name: macao-only\nresources: {accelerators: {A100: 8}, nodes: 4}\ncommand: x\nestimated_duration: 1m\n");
+    let stranded: JobView = hk.post("/api/v1/jobs", &macao_only).await.unwrap();
+    operator
+        .delete::<Value>("/api/v1/clusters/macao-a100")
+        .await
+        .unwrap();
+    let failed = wait_state(&hk, &stranded.id, JobState::Failed).await;
+    assert!(
+        failed.reason.contains("no cluster can ever hold"),
+        "{}",
+        failed.reason
+    );
+
+    // a tenant sees what it spent
+    let tenants: Vec<Value> = gz.get("/api/v1/tenants").await.unwrap();
+    assert_eq!(tenants[0]["spent"], json!(done.cost.unwrap().to_string()));
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("baygrid_jobs{state=\"succeeded\"} 1"),
+        "{metrics}"
+    );
+    server.stop().await;
+}
+
+async fn gz_token(operator: &Client) -> String {
+    let issued: IssuedToken = operator
+        .post(
+            "/api/v1/tokens",
+            &IssueTokenRequest {
+                role: Role::Tenant,
+                subject: Some("gz-lab".into()),
+                label: None,
+            },
+        )
+        .await
+        .unwrap();
+    issued.token
+}
+
+async fn regulator_client(operator: &Client) -> Client {
+    issue(operator, Role::Regulator, None).await
+}
+
+#[tokio::test]
+async fn api_on_sqlite() {
+    api_flow(None).await;
+}
+
+#[tokio::test]
+async fn api_on_postgres() {
+    let Some(url) = baygrid_store::testing::fresh_postgres_url().await else {
+        return;
+    };
+    api_flow(Some(url)).await;
+}
+
+#[tokio::test]
+async fn the_operator_token_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = serve(None, dir.path()).await;
+    let token = first.operator_token.clone();
+    first.stop().await;
+    let second = serve(None, dir.path()).await;
+    assert_eq!(second.operator_token, token);
+    let on_disk = std::fs::read_to_string(dir.path().join("operator.token")).unwrap();
+    assert_eq!(on_disk.trim(), token);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.path().join("operator.token"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    second.stop().await;
+}
