@@ -174,6 +174,9 @@ pub async fn run(
         config,
         tracked: BTreeMap::new(),
         capacity: Capacity::default(),
+        lease_ttl: Duration::from_secs(15),
+        last_renewed: std::time::Instant::now(),
+        fenced: false,
     };
     let registered = loop {
         match agent.register().await {
@@ -194,10 +197,19 @@ pub async fn run(
         }
     };
     tracing::info!(cluster = %registered.cluster.name, "agent registered");
+    agent.lease_ttl = Duration::from_millis(registered.lease_ttl_ms.max(0) as u64);
+    agent.last_renewed = std::time::Instant::now();
     agent.reattach().await;
     loop {
-        if let Err(e) = agent.step().await {
-            tracing::warn!(error = %e, "agent step failed; will retry");
+        match agent.step().await {
+            Ok(()) => {
+                agent.last_renewed = std::time::Instant::now();
+                agent.fenced = false;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "agent step failed; will retry");
+                agent.fence_if_expired().await;
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(agent.config.poll_interval) => {}
@@ -214,9 +226,33 @@ struct Agent {
     config: AgentConfig,
     tracked: BTreeMap<String, Tracked>,
     capacity: Capacity,
+    /// How long the server keeps a lease without a heartbeat.
+    lease_ttl: Duration,
+    /// When the server last renewed this agent's leases.
+    last_renewed: std::time::Instant,
+    /// Whether this agent has stopped its jobs for want of renewal.
+    fenced: bool,
 }
 
 impl Agent {
+    /// Past the lease TTL without a renewal, the server has requeued this agent's jobs
+    /// elsewhere: stop every copy here, so a job never runs twice across a partition.
+    async fn fence_if_expired(&mut self) {
+        if self.fenced || self.last_renewed.elapsed() < self.lease_ttl {
+            return;
+        }
+        self.fenced = true;
+        for (job_id, tracked) in &self.tracked {
+            if tracked.final_status.is_none() {
+                tracing::warn!(
+                    job_id,
+                    "leases not renewed within the TTL: stopping this copy"
+                );
+                let _ = self.engine.cancel(&tracked.handle).await;
+            }
+        }
+    }
+
     async fn register(&mut self) -> Result<RegisterResponse, ClientError> {
         // the capacity the cluster declares; the local engine runs within it
         let probe: RegisterResponse = self

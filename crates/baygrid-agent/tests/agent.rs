@@ -1,0 +1,461 @@
+//! The agent against a real server: real processes run, are cancelled, are requeued when
+//! their agent dies, and are re-attached when it comes back.
+
+use std::path::Path;
+use std::time::Duration;
+
+use baygrid_agent::AgentConfig;
+use baygrid_api::{Client, IssueTokenRequest, IssuedToken, JobView, LogsView};
+use baygrid_core::{JobSpec, JobState, Jurisdiction, Party, Role, Tenant};
+use baygrid_server::{RunningServer, ServerConfig};
+use tokio::sync::watch;
+
+struct Setup {
+    server: RunningServer,
+    operator: Client,
+    tenant: Client,
+}
+
+async fn setup(dir: &Path) -> Setup {
+    let config = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.join("server"),
+        sites_file: "sample".into(),
+        schedule_interval: Duration::from_millis(50),
+        heartbeat_interval: Duration::from_millis(200),
+        lease_ttl: Duration::from_millis(1500),
+        grant_timeout: Duration::from_secs(5),
+        ..ServerConfig::default()
+    };
+    let server = baygrid_server::start(config).await.unwrap();
+    let operator = Client::new(&server.url(), Some(server.operator_token.clone()));
+    let party = Party {
+        name: "gz-lab".into(),
+        jurisdiction: Jurisdiction::CN,
+        city: "guangzhou".into(),
+        ciio: false,
+    };
+    let _: Party = operator.post("/api/v1/parties", &party).await.unwrap();
+    let tenant = Tenant {
+        name: "gz-lab".into(),
+        party: "gz-lab".into(),
+        budget: "10000.00 CNY".parse().unwrap(),
+    };
+    let _: Tenant = operator.post("/api/v1/tenants", &tenant).await.unwrap();
+    let issued: IssuedToken = operator
+        .post(
+            "/api/v1/tokens",
+            &IssueTokenRequest {
+                role: Role::Tenant,
+                subject: Some("gz-lab".into()),
+                label: None,
+            },
+        )
+        .await
+        .unwrap();
+    let tenant = Client::new(&server.url(), Some(issued.token));
+    Setup {
+        server,
+        operator,
+        tenant,
+    }
+}
+
+/// Starts an agent for the Guangzhou A800 cluster working in `work_dir`.
+async fn start_agent(
+    setup: &Setup,
+    work_dir: &Path,
+) -> (watch::Sender<bool>, tokio::task::JoinHandle<()>) {
+    let issued: IssuedToken = setup
+        .operator
+        .post(
+            "/api/v1/tokens",
+            &IssueTokenRequest {
+                role: Role::Agent,
+                subject: Some("nansha-a800".into()),
+                label: None,
+            },
+        )
+        .await
+        .unwrap();
+    let config = AgentConfig {
+        server: setup.server.url(),
+        token: Some(issued.token),
+        token_file: None,
+        work_dir: work_dir.to_path_buf(),
+        engine: "local".into(),
+        max_running: 8,
+        poll_interval: Duration::from_millis(100),
+    };
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(async move { baygrid_agent::run(config, stopped).await.unwrap() });
+    (stop, task)
+}
+
+fn job(name: &str, command: &str) -> JobSpec {
+    JobSpec::from_yaml(&format!(
+        "name: {name}\nresources: {{accelerators: {{A800: 1}}}}\ncommand: |\n  {}\nestimated_duration: 1m\n",
+        command.replace('\n', "\n  ")
+    ))
+    .unwrap()
+}
+
+async fn wait(client: &Client, id: &str, pred: impl Fn(&JobView) -> bool, what: &str) -> JobView {
+    for _ in 0..400 {
+        let view: JobView = client.get(&format!("/api/v1/jobs/{id}")).await.unwrap();
+        if pred(&view) {
+            return view;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let view: JobView = client.get(&format!("/api/v1/jobs/{id}")).await.unwrap();
+    panic!("job {id} never became {what}: {view:?}");
+}
+
+fn pid_alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+}
+
+#[tokio::test]
+async fn runs_a_real_process_and_streams_its_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = setup(dir.path()).await;
+    let (_stop, _agent) = start_agent(&setup, &dir.path().join("agent")).await;
+    let spec = job(
+        "hello",
+        "echo hello from $BAYGRID_JOB_ID\necho warn >&2\npwd",
+    );
+    let submitted: JobView = setup.tenant.post("/api/v1/jobs", &spec).await.unwrap();
+    let done = wait(
+        &setup.tenant,
+        &submitted.id,
+        |j| j.state.is_terminal(),
+        "ended",
+    )
+    .await;
+    assert_eq!(done.state, JobState::Succeeded, "{}", done.reason);
+    assert_eq!(done.exit_code, Some(0));
+    assert_eq!(done.site.as_deref(), Some("guangzhou-nansha"));
+    let logs: LogsView = setup
+        .tenant
+        .get(&format!("/api/v1/jobs/{}/logs", submitted.id))
+        .await
+        .unwrap();
+    let lines: Vec<(String, String)> = logs
+        .lines
+        .iter()
+        .map(|l| (l.stream.clone(), l.line.clone()))
+        .collect();
+    assert!(
+        lines.contains(&("stdout".into(), format!("hello from {}", submitted.id))),
+        "{lines:?}"
+    );
+    assert!(
+        lines.contains(&("stderr".into(), "warn".into())),
+        "{lines:?}"
+    );
+    // each job has its own working directory
+    let pwd = &lines
+        .iter()
+        .find(|(s, l)| s == "stdout" && l.starts_with('/'))
+        .unwrap()
+        .1;
+    assert!(pwd.contains(&submitted.id), "{pwd}");
+    setup.server.stop().await;
+}
+
+#[tokio::test]
+async fn a_failing_command_fails_with_its_exit_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = setup(dir.path()).await;
+    let (_stop, _agent) = start_agent(&setup, &dir.path().join("agent")).await;
+    let submitted: JobView = setup
+        .tenant
+        .post("/api/v1/jobs", &job("broken", "exit 42"))
+        .await
+        .unwrap();
+    let done = wait(
+        &setup.tenant,
+        &submitted.id,
+        |j| j.state.is_terminal(),
+        "ended",
+    )
+    .await;
+    assert_eq!(done.state, JobState::Failed);
+    assert_eq!(done.exit_code, Some(42));
+    assert!(done.reason.contains("42"), "{}", done.reason);
+    setup.server.stop().await;
+}
+
+#[tokio::test]
+async fn cancel_kills_the_running_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = setup(dir.path()).await;
+    let (_stop, _agent) = start_agent(&setup, &dir.path().join("agent")).await;
+    let submitted: JobView = setup
+        .tenant
+        .post(
+            "/api/v1/jobs",
+            &job("sleeper", "echo $$ > pid\nexec sleep 60"),
+        )
+        .await
+        .unwrap();
+    wait(
+        &setup.tenant,
+        &submitted.id,
+        |j| j.state == JobState::Running,
+        "running",
+    )
+    .await;
+    let pid_file = std::fs::read_dir(dir.path().join("agent/jobs"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("rank-0/pid"))
+        .find(|p| p.exists());
+    let pid = loop {
+        if let Some(path) = &pid_file {
+            if let Ok(text) = std::fs::read_to_string(path) {
+                if let Ok(pid) = text.trim().parse::<i32>() {
+                    break pid;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(pid_alive(pid));
+    let _: serde_json::Value = setup
+        .tenant
+        .post(
+            &format!("/api/v1/jobs/{}/cancel", submitted.id),
+            &serde_json::json!({}),
+        )
+        .await
+        .unwrap();
+    let done = wait(
+        &setup.tenant,
+        &submitted.id,
+        |j| j.state.is_terminal(),
+        "ended",
+    )
+    .await;
+    assert_eq!(done.state, JobState::Cancelled, "{}", done.reason);
+    for _ in 0..50 {
+        if !pid_alive(pid) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!pid_alive(pid), "the job's process was killed");
+    setup.server.stop().await;
+}
+
+#[tokio::test]
+async fn a_dead_agent_loses_its_lease_and_the_job_is_requeued_and_run_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = setup(dir.path()).await;
+    let (_stop, first) = start_agent(&setup, &dir.path().join("agent-1")).await;
+    let submitted: JobView = setup
+        .tenant
+        .post("/api/v1/jobs", &job("survivor", "sleep 2\necho finished"))
+        .await
+        .unwrap();
+    wait(
+        &setup.tenant,
+        &submitted.id,
+        |j| j.state == JobState::Running,
+        "running",
+    )
+    .await;
+    // the agent dies: no more heartbeats
+    first.abort();
+    let _ = first.await;
+    let requeued = wait(
+        &setup.tenant,
+        &submitted.id,
+        |j| j.attempts == 1,
+        "requeued",
+    )
+    .await;
+    assert!(
+        matches!(requeued.state, JobState::Queued | JobState::Placed),
+        "{requeued:?}"
+    );
+    let detail: JobView = setup
+        .tenant
+        .get(&format!("/api/v1/jobs/{}", submitted.id))
+        .await
+        .unwrap();
+    assert!(
+        detail
+            .events
+            .iter()
+            .any(|e| e.to == JobState::Queued && e.reason.contains("lease expired")),
+        "{:?}",
+        detail.events
+    );
+    // a new agent on another machine (work dir) takes it under a new epoch
+    let (_stop2, _second) = start_agent(&setup, &dir.path().join("agent-2")).await;
+    let done = wait(
+        &setup.tenant,
+        &submitted.id,
+        |j| j.state.is_terminal(),
+        "ended",
+    )
+    .await;
+    assert_eq!(done.state, JobState::Succeeded, "{}", done.reason);
+    assert_eq!(done.attempts, 1);
+    let logs: LogsView = setup
+        .tenant
+        .get(&format!("/api/v1/jobs/{}/logs", submitted.id))
+        .await
+        .unwrap();
+    assert!(
+        logs.lines
+            .iter()
+            .any(|l| l.attempt == 2 && l.line == "finished"),
+        "{:?}",
+        logs.lines
+    );
+    setup.server.stop().await;
+}
+
+#[tokio::test]
+async fn a_restarted_agent_reattaches_to_its_running_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = setup(dir.path()).await;
+    let work = dir.path().join("agent");
+    let (stop, first) = start_agent(&setup, &work).await;
+    let submitted: JobView = setup
+        .tenant
+        .post("/api/v1/jobs", &job("steady", "sleep 1\necho still here"))
+        .await
+        .unwrap();
+    wait(
+        &setup.tenant,
+        &submitted.id,
+        |j| j.state == JobState::Running,
+        "running",
+    )
+    .await;
+    let _ = stop.send(true);
+    first.await.unwrap();
+    let (_stop, _again) = start_agent(&setup, &work).await;
+    let done = wait(
+        &setup.tenant,
+        &submitted.id,
+        |j| j.state.is_terminal(),
+        "ended",
+    )
+    .await;
+    assert_eq!(done.state, JobState::Succeeded, "{}", done.reason);
+    assert_eq!(done.attempts, 0, "the job ran once, under its first lease");
+    let logs: LogsView = setup
+        .tenant
+        .get(&format!("/api/v1/jobs/{}/logs", submitted.id))
+        .await
+        .unwrap();
+    assert!(logs.lines.iter().any(|l| l.line == "still here"));
+    setup.server.stop().await;
+}
+
+#[tokio::test]
+async fn a_gang_runs_every_rank_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = setup(dir.path()).await;
+    let (_stop, _agent) = start_agent(&setup, &dir.path().join("agent")).await;
+    let spec = JobSpec::from_yaml(
+        "name: gang\nresources: {accelerators: {A800: 8}, nodes: 3}\ncommand: echo rank $BAYGRID_RANK of $BAYGRID_WORLD_SIZE\nestimated_duration: 1m\n",
+    )
+    .unwrap();
+    let submitted: JobView = setup.tenant.post("/api/v1/jobs", &spec).await.unwrap();
+    let done = wait(
+        &setup.tenant,
+        &submitted.id,
+        |j| j.state.is_terminal(),
+        "ended",
+    )
+    .await;
+    assert_eq!(done.state, JobState::Succeeded);
+    assert_eq!(done.allocation.as_ref().unwrap().nodes.len(), 3);
+    let logs: LogsView = setup
+        .tenant
+        .get(&format!("/api/v1/jobs/{}/logs", submitted.id))
+        .await
+        .unwrap();
+    let mut lines: Vec<String> = logs.lines.iter().map(|l| l.line.clone()).collect();
+    lines.sort();
+    assert_eq!(lines, vec!["rank 0 of 3", "rank 1 of 3", "rank 2 of 3"]);
+    setup.server.stop().await;
+}
+
+#[test]
+fn config_errors_are_clear() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.toml");
+    std::fs::write(&path, "server = 'http://x'\nwork_dir = '/tmp'\n").unwrap();
+    let err = AgentConfig::load(&path).unwrap_err().to_string();
+    assert!(err.contains("token"), "{err}");
+    std::fs::write(
+        &path,
+        "server = 'http://x'\nwork_dir = '/tmp'\ntoken = 't'\nengine = 'mainframe'\n",
+    )
+    .unwrap();
+    let err = AgentConfig::load(&path).unwrap_err().to_string();
+    assert!(err.contains("mainframe"), "{err}");
+    std::fs::write(
+        &path,
+        "server = 'http://x'\nwork_dir = '/tmp'\ntoken = 't'\nmax_runing = 3\n",
+    )
+    .unwrap();
+    let err = AgentConfig::load(&path).unwrap_err().to_string();
+    assert!(err.contains("max_runing"), "{err}");
+}
+
+#[tokio::test]
+async fn an_agent_cut_off_from_the_server_stops_its_jobs_after_the_lease_ttl() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = setup(dir.path()).await;
+    let (_stop, _agent) = start_agent(&setup, &dir.path().join("agent")).await;
+    let submitted: JobView = setup
+        .tenant
+        .post(
+            "/api/v1/jobs",
+            &job("partitioned", "echo $$ > pid\nexec sleep 60"),
+        )
+        .await
+        .unwrap();
+    wait(
+        &setup.tenant,
+        &submitted.id,
+        |j| j.state == JobState::Running,
+        "running",
+    )
+    .await;
+    let pid_path = std::fs::read_dir(dir.path().join("agent/jobs"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("rank-0/pid"))
+        .next()
+        .unwrap();
+    let pid = loop {
+        if let Some(pid) = std::fs::read_to_string(&pid_path)
+            .ok()
+            .and_then(|t| t.trim().parse::<i32>().ok())
+        {
+            break pid;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // the server goes away; the agent cannot renew
+    setup.server.stop().await;
+    for _ in 0..100 {
+        if !pid_alive(pid) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        !pid_alive(pid),
+        "the agent fenced itself and stopped the job"
+    );
+}
