@@ -1,0 +1,264 @@
+//! The real binary: the demo, and `baygrid up` driven through the CLI.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+#[test]
+fn the_demo_runs_every_job_as_expected_and_exits_zero() {
+    let output = baygrid(&["demo", "--output", "json"], &[]);
+    assert!(
+        output.status.success(),
+        "stdout:\n{}\nstderr:\n{}",
+        stdout(&output),
+        stderr(&output)
+    );
+    let rows: Vec<Value> = serde_json::from_str(&stdout(&output)).unwrap();
+    assert!(rows.len() >= 18, "{rows:?}");
+    assert!(rows.iter().all(|r| r["as_expected"] == true), "{rows:#?}");
+    let states = |s: &str| rows.iter().filter(|r| r["state"] == s).count();
+    assert_eq!(states("rejected"), 1);
+    assert_eq!(states("cancelled"), 1);
+    assert_eq!(states("failed"), 1);
+    assert!(states("succeeded") >= 15);
+    let sites: std::collections::BTreeSet<&str> =
+        rows.iter().filter_map(|r| r["site"].as_str()).collect();
+    assert_eq!(sites.len(), 6, "every sample site ran something: {sites:?}");
+    let gang = rows
+        .iter()
+        .find(|r| r["job"] == "llm-pretrain-gang")
+        .unwrap();
+    assert_eq!(gang["state"], "succeeded");
+    let rejected = rows.iter().find(|r| r["state"] == "rejected").unwrap();
+    assert!(rejected["why"]
+        .as_str()
+        .unwrap()
+        .contains("resources.accelerators"));
+}
+
+#[test]
+fn up_serves_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data_arg = data.to_str().unwrap();
+    let port = free_port();
+    let server = format!("http://127.0.0.1:{port}");
+    let mut up = spawn(
+        &[
+            "up",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+            data_arg,
+        ],
+        &dir.path().join("up.log"),
+    );
+    wait_healthy(&server, Duration::from_secs(30));
+    let operator_env = [
+        ("BAYGRID_SERVER", server.as_str()),
+        ("BAYGRID_DATA_DIR", data_arg),
+    ];
+
+    // agents register
+    let mut online = 0;
+    for _ in 0..100 {
+        let out = baygrid(&["cluster", "ls", "--output", "json"], &operator_env);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let clusters: Vec<Value> = serde_json::from_str(&stdout(&out)).unwrap();
+        online = clusters.iter().filter(|c| c["online"] == true).count();
+        if online == 6 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(online, 6);
+    let out = baygrid(&["site", "ls"], &operator_env);
+    assert!(stdout(&out).contains("hk-cyberport"), "{}", stdout(&out));
+    let out = baygrid(&["offer", "ls"], &operator_env);
+    assert!(stdout(&out).contains("30.00 HKD"));
+    let out = baygrid(&["tenant", "ls"], &operator_env);
+    assert!(stdout(&out).contains("gz-ai-lab"));
+    let out = baygrid(
+        &[
+            "party",
+            "add",
+            "sz-robotics",
+            "--jurisdiction",
+            "CN",
+            "--city",
+            "shenzhen",
+        ],
+        &operator_env,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = baygrid(
+        &["party", "add", "bad", "--jurisdiction", "XX", "--city", "x"],
+        &operator_env,
+    );
+    assert!(!out.status.success());
+    let out = baygrid(
+        &[
+            "tenant",
+            "add",
+            "sz-robotics",
+            "--party",
+            "sz-robotics",
+            "--budget",
+            "500.00 CNY",
+        ],
+        &operator_env,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = baygrid(
+        &[
+            "tenant",
+            "add",
+            "ghost",
+            "--party",
+            "nobody",
+            "--budget",
+            "500.00 CNY",
+        ],
+        &operator_env,
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("party"), "{}", stderr(&out));
+    let out = baygrid(
+        &[
+            "token",
+            "issue",
+            "--role",
+            "tenant",
+            "--subject",
+            "sz-robotics",
+            "--output",
+            "json",
+        ],
+        &operator_env,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let issued: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let tenant_token = issued["token"].as_str().unwrap().to_string();
+
+    // a tenant submits, waits, reads logs and history
+    let tenant_env = [
+        ("BAYGRID_SERVER", server.as_str()),
+        ("BAYGRID_TOKEN", tenant_token.as_str()),
+    ];
+    let spec = dir.path().join("job.yaml");
+    std::fs::write(&spec, "name: hello\nresources:\n  accelerators: [{H800: 1}, {A800: 1}]\ncommand: echo hello from $BAYGRID_RANK\nestimated_duration: 1m\nlatency_sensitive: true\n").unwrap();
+    let spec_arg = spec.to_str().unwrap();
+    let out = baygrid(&["job", "quote", spec_arg], &tenant_env);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("qianhai-h800") && stdout(&out).contains("chosen"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        stdout(&out).contains("would run on nansha-a800"),
+        "{}",
+        stdout(&out)
+    );
+    let out = baygrid(
+        &["job", "submit", spec_arg, "--wait", "--output", "json"],
+        &tenant_env,
+    );
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    let job: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(job["state"], "succeeded");
+    // the A800s in Guangzhou are cheaper than Shenzhen's H800s and 3 ms away
+    assert_eq!(job["site"], "guangzhou-nansha", "{job}");
+    let id = job["id"].as_str().unwrap();
+    let out = baygrid(&["job", "logs", id], &tenant_env);
+    assert_eq!(stdout(&out).trim(), "hello from 0");
+    let out = baygrid(&["job", "get", id], &tenant_env);
+    assert!(
+        stdout(&out).contains("succeeded") && stdout(&out).contains("placed on nansha-a800"),
+        "{}",
+        stdout(&out)
+    );
+    let out = baygrid(&["job", "ls"], &tenant_env);
+    assert!(stdout(&out).contains(id));
+
+    // bad input: a non-zero exit and a message naming the field
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "name: bad\nresources: {nodes: two}\ncommand: x\nestimated_duration: 1m\n",
+    )
+    .unwrap();
+    let out = baygrid(&["job", "submit", bad.to_str().unwrap()], &tenant_env);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("resources.nodes"), "{}", stderr(&out));
+    std::fs::write(
+        &bad,
+        "name: huge\nresources: {accelerators: {H800: 64}}\ncommand: x\nestimated_duration: 1m\n",
+    )
+    .unwrap();
+    let out = baygrid(&["job", "submit", bad.to_str().unwrap()], &tenant_env);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("no cluster can ever hold"),
+        "{}",
+        stderr(&out)
+    );
+    let out = baygrid(&["job", "submit", "/nonexistent.yaml"], &tenant_env);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("cannot read"), "{}", stderr(&out));
+    let out = baygrid(
+        &["tenant", "add", "x", "--party", "p", "--budget", "5"],
+        &operator_env,
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("budget") || stderr(&out).contains("amount"),
+        "{}",
+        stderr(&out)
+    );
+    // the wrong role
+    let out = baygrid(&["token", "ls"], &tenant_env);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("forbidden"), "{}", stderr(&out));
+
+    // cancel a running job from the CLI
+    std::fs::write(&spec, "name: sleeper\nresources: {accelerators: {A800: 1}}\ncommand: sleep 60\nestimated_duration: 2m\n").unwrap();
+    let out = baygrid(
+        &["job", "submit", spec_arg, "--output", "json"],
+        &tenant_env,
+    );
+    let job: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let id = job["id"].as_str().unwrap().to_string();
+    for _ in 0..100 {
+        let out = baygrid(&["job", "get", &id, "--output", "json"], &tenant_env);
+        let job: Value = serde_json::from_str(&stdout(&out)).unwrap();
+        if job["state"] == "running" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = baygrid(&["job", "cancel", &id], &tenant_env);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut state = String::new();
+    for _ in 0..100 {
+        let out = baygrid(&["job", "get", &id, "--output", "json"], &tenant_env);
+        let job: Value = serde_json::from_str(&stdout(&out)).unwrap();
+        state = job["state"].as_str().unwrap().to_string();
+        if state == "cancelled" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(state, "cancelled");
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(up.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = up.wait().unwrap();
+    assert!(status.success(), "up exits cleanly on SIGTERM");
+}

@@ -1,0 +1,191 @@
+//! `kill -9` of the server while jobs are being submitted: after a restart every
+//! acknowledged job is there, and no job runs twice.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use baygrid_api::{Client, IssueTokenRequest, IssuedToken, JobView};
+use baygrid_core::{JobSpec, JobState, Jurisdiction, Party, Role, Tenant};
+use common::*;
+
+fn write_server_config(dir: &std::path::Path, port: u16) -> std::path::PathBuf {
+    let path = dir.join("server.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nsites_file = \"sample\"\nschedule_interval = \"100ms\"\n",
+            dir.join("server").display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_dash_nine_loses_no_acknowledged_job_and_runs_none_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let config = write_server_config(dir.path(), port);
+    let config_arg = config.to_str().unwrap().to_string();
+    let mut server = spawn(
+        &["server", "--config", &config_arg],
+        &dir.path().join("server-1.log"),
+    );
+    wait_healthy(&url, Duration::from_secs(30));
+    let operator_token = std::fs::read_to_string(dir.path().join("server/operator.token")).unwrap();
+    let operator = Client::new(&url, Some(operator_token.trim().to_string()));
+    let party = Party {
+        name: "crash-lab".into(),
+        jurisdiction: Jurisdiction::CN,
+        city: "guangzhou".into(),
+        ciio: false,
+    };
+    let _: Party = operator.post("/api/v1/parties", &party).await.unwrap();
+    let tenant = Tenant {
+        name: "crash-lab".into(),
+        party: "crash-lab".into(),
+        budget: "1000000.00 CNY".parse().unwrap(),
+    };
+    let _: Tenant = operator.post("/api/v1/tenants", &tenant).await.unwrap();
+    let tenant_token: IssuedToken = operator
+        .post(
+            "/api/v1/tokens",
+            &IssueTokenRequest {
+                role: Role::Tenant,
+                subject: Some("crash-lab".into()),
+                label: None,
+            },
+        )
+        .await
+        .unwrap();
+    let agent_token: IssuedToken = operator
+        .post(
+            "/api/v1/tokens",
+            &IssueTokenRequest {
+                role: Role::Agent,
+                subject: Some("nansha-a800".into()),
+                label: None,
+            },
+        )
+        .await
+        .unwrap();
+    let agent_config = dir.path().join("agent.toml");
+    std::fs::write(
+        &agent_config,
+        format!(
+            "server = \"{url}\"\ntoken = \"{}\"\nwork_dir = \"{}\"\nmax_running = 128\npoll_interval = \"100ms\"\n",
+            agent_token.token,
+            dir.path().join("agent").display()
+        ),
+    )
+    .unwrap();
+    let mut agent = spawn(
+        &["agent", "--config", agent_config.to_str().unwrap()],
+        &dir.path().join("agent.log"),
+    );
+
+    // every run appends its job id: a job that ran twice shows up twice
+    let runs = dir.path().join("runs.txt");
+    let spec = JobSpec::from_yaml(&format!(
+        "name: crash\nresources: {{accelerators: {{A800: 1}}}}\ncommand: echo $BAYGRID_JOB_ID >> {}; sleep 0.3\nestimated_duration: 1m\n",
+        runs.display()
+    ))
+    .unwrap();
+    let acknowledged = Arc::new(Mutex::new(Vec::<String>::new()));
+    let tenant = Client::new(&url, Some(tenant_token.token.clone()));
+    let mut submitters = Vec::new();
+    for worker in 0..16 {
+        let tenant = tenant.clone();
+        let spec = spec.clone();
+        let acknowledged = acknowledged.clone();
+        submitters.push(tokio::spawn(async move {
+            for i in 0.. {
+                let key = format!("w{worker}-{i}");
+                match tenant
+                    .post_idempotent::<_, JobView>("/api/v1/jobs", &spec, &key)
+                    .await
+                {
+                    Ok(job) => acknowledged.lock().unwrap().push(job.id),
+                    Err(_) => break,
+                }
+            }
+        }));
+    }
+    // kill the server mid-stream
+    let started = Instant::now();
+    while acknowledged.lock().unwrap().len() < 400 && started.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(server.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    server.wait().unwrap();
+    for s in submitters {
+        s.await.unwrap();
+    }
+    let acknowledged: Vec<String> = acknowledged.lock().unwrap().clone();
+    assert!(
+        acknowledged.len() >= 400,
+        "only {} acknowledged before the kill",
+        acknowledged.len()
+    );
+
+    // restart on the same data directory
+    let mut server = spawn(
+        &["server", "--config", &config_arg],
+        &dir.path().join("server-2.log"),
+    );
+    wait_healthy(&url, Duration::from_secs(30));
+    for id in &acknowledged {
+        let job: JobView = operator
+            .get(&format!("/api/v1/jobs/{id}"))
+            .await
+            .unwrap_or_else(|e| panic!("acknowledged job {id} lost: {e}"));
+        assert_eq!(&job.id, id);
+    }
+    // every job in the store runs to completion, once
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let jobs: Vec<JobView> = loop {
+        let jobs: Vec<JobView> = operator.get("/api/v1/jobs?limit=100000").await.unwrap();
+        if jobs.iter().all(|j| j.state.is_terminal()) {
+            break jobs;
+        }
+        assert!(Instant::now() < deadline, "jobs did not finish");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(jobs.len() >= acknowledged.len());
+    assert!(
+        jobs.iter()
+            .all(|j| j.state == JobState::Succeeded && j.attempts == 0),
+        "{:?}",
+        jobs.iter()
+            .find(|j| j.state != JobState::Succeeded || j.attempts != 0)
+    );
+    let text = std::fs::read_to_string(&runs).unwrap();
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for line in text.lines() {
+        *counts.entry(line).or_default() += 1;
+    }
+    let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "jobs ran twice: {twice:?}");
+    let ran: BTreeSet<&str> = counts.keys().copied().collect();
+    for job in &jobs {
+        assert!(ran.contains(job.id.as_str()), "job {} never ran", job.id);
+    }
+    eprintln!(
+        "crash test: {} acknowledged before kill -9, {} in the store, {} runs, none twice",
+        acknowledged.len(),
+        jobs.len(),
+        counts.len()
+    );
+    let _ = agent.kill();
+    let _ = server.kill();
+    let _ = agent.wait();
+    let _ = server.wait();
+}
