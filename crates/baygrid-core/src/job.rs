@@ -501,3 +501,24 @@ latency_sensitive: true
         }
     }
 }
+
+#[cfg(test)]
+mod example_specs {
+    use super::*;
+
+    /// Every example the README points to parses and validates.
+    #[test]
+    fn examples_parse() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().and_then(|e| e.to_str()) == Some("yaml") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                JobSpec::from_yaml(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                seen += 1;
+            }
+        }
+        assert!(seen >= 3);
+    }
+}

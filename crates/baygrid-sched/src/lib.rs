@@ -89,12 +89,11 @@ impl ClusterState {
 }
 
 /// The region the placer sees.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Market {
     pub clusters: Vec<ClusterState>,
     pub rates: ExchangeRates,
     pub round_trips: RoundTrips,
-    pub now: Millis,
 }
 
 /// Who is asking: the tenant's party's location.
@@ -192,7 +191,8 @@ impl Quote {
 /// Decides where a job goes. The first placer is [`CheapestFeasible`]; the dispatch centre
 /// replaces it behind this trait.
 pub trait Placer: Send + Sync {
-    fn quote(&self, spec: &JobSpec, requester: &Requester, market: &Market) -> Quote;
+    /// Every cluster's verdict for `spec` at instant `now` (deadlines are judged from it).
+    fn quote(&self, spec: &JobSpec, requester: &Requester, market: &Market, now: Millis) -> Quote;
 }
 
 /// The cheapest cluster, in CNY at the configured rates, that can hold the job now.
@@ -201,11 +201,11 @@ pub trait Placer: Send + Sync {
 pub struct CheapestFeasible;
 
 impl Placer for CheapestFeasible {
-    fn quote(&self, spec: &JobSpec, requester: &Requester, market: &Market) -> Quote {
+    fn quote(&self, spec: &JobSpec, requester: &Requester, market: &Market, now: Millis) -> Quote {
         let mut candidates: Vec<Candidate> = market
             .clusters
             .iter()
-            .map(|state| assess(spec, requester, market, state))
+            .map(|state| assess(spec, requester, market, state, now))
             .collect();
         let best = candidates
             .iter()
@@ -279,6 +279,7 @@ fn assess(
     requester: &Requester,
     market: &Market,
     state: &ClusterState,
+    now: Millis,
 ) -> Candidate {
     let cluster = &state.cluster;
     let resources = &spec.resources;
@@ -465,7 +466,7 @@ fn assess(
     let billable = candidate.accelerators as i128;
     candidate.estimated_cost_cny = price_cny.mul_ratio(billable * seconds, 3600).ok();
     if let Some(deadline) = spec.deadline {
-        let earliest_finish = market.now + (seconds as i64) * 1000;
+        let earliest_finish = now + (seconds as i64) * 1000;
         if earliest_finish > deadline.timestamp_millis() {
             return reject(
                 candidate,
@@ -507,7 +508,7 @@ fn join(items: &[Jurisdiction]) -> String {
 }
 
 /// Builds the market from a catalog with every cluster empty and online.
-pub fn market_from_catalog(catalog: &baygrid_core::Catalog, now: Millis) -> Market {
+pub fn market_from_catalog(catalog: &baygrid_core::Catalog) -> Market {
     let clusters = catalog
         .clusters
         .iter()
@@ -535,7 +536,6 @@ pub fn market_from_catalog(catalog: &baygrid_core::Catalog, now: Millis) -> Mark
         clusters,
         rates: catalog.exchange_rates.clone(),
         round_trips: catalog.round_trips(),
-        now,
     }
 }
 

@@ -20,7 +20,7 @@ fn guangzhou() -> Requester {
 }
 
 fn market() -> Market {
-    market_from_catalog(&Catalog::sample(), 0)
+    market_from_catalog(&Catalog::sample())
 }
 
 #[test]
@@ -29,6 +29,7 @@ fn cheapest_wins_and_costs_are_in_cny() {
         &job("[{H800: 8}, {Ascend910B: 8}, {A100: 8}]", 1, ""),
         &guangzhou(),
         &market(),
+        0,
     );
     let chosen = quote.chosen().unwrap();
     assert_eq!(chosen.cluster, "shaoguan-910b");
@@ -54,6 +55,7 @@ fn latency_sensitive_jobs_stay_near_the_tenant() {
         &job("{Ascend910B: 1}", 1, "latency_sensitive: true"),
         &guangzhou(),
         &market(),
+        0,
     );
     // shaoguan is 4 ms from guangzhou, so still allowed; from hong-kong it is 8 ms
     assert_eq!(quote.chosen().unwrap().cluster, "shaoguan-910b");
@@ -65,6 +67,7 @@ fn latency_sensitive_jobs_stay_near_the_tenant() {
         &job("{Ascend910B: 1}", 1, "latency_sensitive: true"),
         &hk,
         &market(),
+        0,
     );
     assert_eq!(quote.chosen().unwrap().cluster, "hengqin-910b");
     let shaoguan = quote
@@ -87,7 +90,7 @@ fn impossible_jobs_are_never_feasible_with_reasons() {
         job("{H800: 1}", 1, "deadline: 1970-01-01T00:10:00Z"),
     ];
     for spec in cases {
-        let quote = CheapestFeasible.quote(&spec, &guangzhou(), &market());
+        let quote = CheapestFeasible.quote(&spec, &guangzhou(), &market(), 0);
         assert!(!quote.ever_feasible(), "{spec:?}");
         assert!(quote.candidates.iter().all(|c| !c.reason.is_empty()));
         assert!(quote.rejection_summary().contains("qianhai-h800"));
@@ -97,7 +100,7 @@ fn impossible_jobs_are_never_feasible_with_reasons() {
 #[test]
 fn busy_clusters_wait_and_gangs_take_whole_nodes_in_one_cluster() {
     let mut market = market();
-    let quote = CheapestFeasible.quote(&job("{A100: 8}", 4, ""), &guangzhou(), &market);
+    let quote = CheapestFeasible.quote(&job("{A100: 8}", 4, ""), &guangzhou(), &market, 0);
     let alloc = quote.allocation(&job("{A100: 8}", 4, "")).unwrap();
     assert_eq!(alloc.cluster, "macao-a100");
     assert_eq!(alloc.nodes, vec![0, 1, 2, 3]);
@@ -107,7 +110,7 @@ fn busy_clusters_wait_and_gangs_take_whole_nodes_in_one_cluster() {
         .find(|c| c.cluster.name == "macao-a100")
         .unwrap();
     macao.take(&alloc);
-    let quote = CheapestFeasible.quote(&job("{A100: 1}", 1, ""), &guangzhou(), &market);
+    let quote = CheapestFeasible.quote(&job("{A100: 1}", 1, ""), &guangzhou(), &market, 0);
     assert!(quote.chosen().is_none());
     assert_eq!(quote.candidates[0].verdict, Verdict::Waits);
     assert!(quote.ever_feasible());
@@ -119,7 +122,7 @@ fn offline_clusters_wait() {
     for c in &mut market.clusters {
         c.online = false;
     }
-    let quote = CheapestFeasible.quote(&job("{H800: 1}", 1, ""), &guangzhou(), &market);
+    let quote = CheapestFeasible.quote(&job("{H800: 1}", 1, ""), &guangzhou(), &market, 0);
     assert!(quote.chosen().is_none());
     assert!(quote.ever_feasible());
 }
@@ -132,7 +135,7 @@ proptest! {
         let original: Vec<(String, u32)> = market.clusters.iter().map(|c| (c.cluster.name.clone(), c.cluster.accelerators_per_node)).collect();
         for (per_node, nodes) in sizes {
             let spec = job(&format!("[{{A100: {per_node}}}, {{H800: {per_node}}}]"), nodes, "");
-            let quote = CheapestFeasible.quote(&spec, &guangzhou(), &market);
+            let quote = CheapestFeasible.quote(&spec, &guangzhou(), &market, 0);
             if let Some(alloc) = quote.allocation(&spec) {
                 prop_assert_eq!(alloc.nodes.len() as u32, nodes);
                 let state = market.clusters.iter_mut().find(|c| c.cluster.name == alloc.cluster).unwrap();

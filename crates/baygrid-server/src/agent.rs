@@ -174,7 +174,11 @@ pub async fn report(
     };
     let record = match report {
         Some(report) => {
-            state
+            let charge = match &report {
+                Report::Finished { cost_cny_minor, .. } => *cost_cny_minor,
+                _ => 0,
+            };
+            let record = state
                 .store
                 .report(LeaseReport {
                     job_id: id.clone(),
@@ -183,7 +187,9 @@ pub async fn report(
                     report,
                     now,
                 })
-                .await?
+                .await?;
+            state.charged(&record.tenant, charge);
+            record
         }
         None => state.store.get_job(&id).await?,
     };

@@ -11,6 +11,36 @@ use sha2::{Digest, Sha256};
 use crate::error::ApiError;
 use crate::AppState;
 
+/// Valid tokens seen recently, so a request costs no store read. The server revokes
+/// through [`TokenCache::clear`] at once; entries also age out after [`TokenCache::TTL`], which
+/// bounds how long another server sharing the store may honour a token it revoked.
+#[derive(Default)]
+pub struct TokenCache {
+    entries: std::sync::RwLock<std::collections::HashMap<String, (Principal, std::time::Instant)>>,
+}
+
+impl TokenCache {
+    pub const TTL: std::time::Duration = std::time::Duration::from_secs(5);
+
+    fn get(&self, hash: &str) -> Option<Principal> {
+        let entries = self.entries.read().expect("token cache lock");
+        let (principal, at) = entries.get(hash)?;
+        (at.elapsed() < Self::TTL).then(|| principal.clone())
+    }
+
+    fn put(&self, hash: String, principal: Principal) {
+        let mut entries = self.entries.write().expect("token cache lock");
+        if entries.len() > 100_000 {
+            entries.clear();
+        }
+        entries.insert(hash, (principal, std::time::Instant::now()));
+    }
+
+    pub fn clear(&self) {
+        self.entries.write().expect("token cache lock").clear();
+    }
+}
+
 /// A new random secret: `bg_` and 64 hex digits.
 pub fn new_secret() -> String {
     let mut bytes = [0u8; 32];
@@ -65,16 +95,22 @@ impl FromRequestParts<AppState> for Principal {
         let secret = value
             .strip_prefix("Bearer ")
             .ok_or_else(|| ApiError::Unauthorized("Authorization must be `Bearer TOKEN`".into()))?;
+        let hash = hash_secret(secret.trim());
+        if let Some(principal) = state.tokens.get(&hash) {
+            return Ok(principal);
+        }
         let record = state
             .store
-            .find_token(&hash_secret(secret.trim()))
+            .find_token(&hash)
             .await?
             .ok_or_else(|| ApiError::Unauthorized("unknown or revoked token".into()))?;
-        Ok(Principal {
+        let principal = Principal {
             token_id: record.id,
             role: record.role,
             subject: record.subject,
-        })
+        };
+        state.tokens.put(hash, principal.clone());
+        Ok(principal)
     }
 }
 

@@ -42,6 +42,8 @@ pub struct CatalogSnapshot {
     pub tenants: BTreeMap<String, Tenant>,
     pub rates: ExchangeRates,
     pub round_trips: RoundTrips,
+    /// Every cluster empty and online: what "could ever hold" is judged on.
+    pub empty: Market,
 }
 
 async fn load_kind<T: DeserializeOwned>(
@@ -79,7 +81,7 @@ impl CatalogSnapshot {
             }
             None => (ExchangeRates::default(), RoundTrips::default()),
         };
-        Ok(CatalogSnapshot {
+        let mut snapshot = CatalogSnapshot {
             accelerators: load_kind(store, "accelerator").await?,
             parties: load_kind(store, "party").await?,
             providers: load_kind(store, "provider").await?,
@@ -89,11 +91,14 @@ impl CatalogSnapshot {
             tenants: load_kind(store, "tenant").await?,
             rates,
             round_trips,
-        })
+            empty: Market::default(),
+        };
+        snapshot.empty = snapshot.empty_market();
+        Ok(snapshot)
     }
 
     /// The market with every cluster empty and online: what "could ever hold" is judged on.
-    pub fn empty_market(&self, now: i64) -> Market {
+    pub fn empty_market(&self) -> Market {
         let clusters = self
             .clusters
             .values()
@@ -103,7 +108,6 @@ impl CatalogSnapshot {
             clusters,
             rates: self.rates.clone(),
             round_trips: self.round_trips.clone(),
-            now,
         }
     }
 
@@ -539,7 +543,7 @@ pub async fn list_tenants(
         if !visible {
             continue;
         }
-        let spent = state.store.tenant_spent(&tenant.name).await?;
+        let spent = state.tenant_spent(&tenant.name).await?;
         views.push(TenantView {
             tenant: tenant.clone(),
             spent: Money::new(spent, baygrid_core::Currency::CNY),
@@ -678,11 +682,12 @@ pub async fn revoke_token(
     Path(id): Path<String>,
 ) -> ApiResult<StatusCode> {
     require(&who, &[Role::Operator])?;
-    if state
+    let revoked = state
         .store
         .revoke_token(id.clone(), actor(&who), state.now())
-        .await?
-    {
+        .await?;
+    state.tokens.clear();
+    if revoked {
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(ApiError::NotFound(format!("no live token `{id}`")))

@@ -124,9 +124,7 @@ pub async fn submit(
             return Err(ApiError::bad("deadline", "is in the past"));
         }
     }
-    let quote = state
-        .placer
-        .quote(&spec, &requester, &catalog.empty_market(now));
+    let quote = state.placer.quote(&spec, &requester, &catalog.empty, now);
     if !quote.ever_feasible() {
         return Err(infeasible(&quote));
     }
@@ -143,7 +141,7 @@ pub async fn submit(
         .get(&tenant)
         .map(|t| t.budget.minor)
         .unwrap_or(0);
-    let spent = state.store.tenant_spent(&tenant).await?;
+    let spent = state.tenant_spent(&tenant).await?;
     if spent + cheapest > budget {
         return Err(ApiError::Unprocessable {
             code: "budget_exceeded",
@@ -195,7 +193,7 @@ pub async fn quote(
         )
     })?;
     let market = crate::scheduler::live_market(&state, &catalog, state.now()).await?;
-    let quote = state.placer.quote(&spec, &requester, &market);
+    let quote = state.placer.quote(&spec, &requester, &market, state.now());
     let summary = match quote.chosen() {
         Some(chosen) => format!(
             "would run on {} at {} ({})",

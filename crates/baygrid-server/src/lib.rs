@@ -59,6 +59,10 @@ pub struct AppState {
     pub catalog: Arc<RwLock<Arc<CatalogSnapshot>>>,
     pub metrics: metrics::Metrics,
     pub clock: Arc<dyn Clock>,
+    pub tokens: Arc<auth::TokenCache>,
+    /// What each tenant has been charged (CNY minor units), loaded from the store on first
+    /// use and kept current by the reports that charge it: the server is the only writer.
+    pub spend: Arc<std::sync::Mutex<std::collections::HashMap<String, i64>>>,
 }
 
 impl AppState {
@@ -68,6 +72,27 @@ impl AppState {
 
     pub fn catalog(&self) -> Arc<CatalogSnapshot> {
         self.catalog.read().expect("catalog lock").clone()
+    }
+
+    /// What `tenant` has been charged so far, in CNY minor units.
+    pub async fn tenant_spent(&self, tenant: &str) -> Result<i64, ApiError> {
+        if let Some(spent) = self.spend.lock().expect("spend lock").get(tenant) {
+            return Ok(*spent);
+        }
+        let spent = self.store.tenant_spent(tenant).await?;
+        Ok(*self
+            .spend
+            .lock()
+            .expect("spend lock")
+            .entry(tenant.to_string())
+            .or_insert(spent))
+    }
+
+    /// Records a charge the store has just committed.
+    pub fn charged(&self, tenant: &str, amount: i64) {
+        if let Some(spent) = self.spend.lock().expect("spend lock").get_mut(tenant) {
+            *spent += amount;
+        }
     }
 
     /// Reloads the cached catalog from the store after a change.
@@ -115,6 +140,8 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         catalog: Arc::new(RwLock::new(Arc::new(CatalogSnapshot::load(&store).await?))),
         metrics: metrics::Metrics::new(),
         clock,
+        tokens: Arc::new(auth::TokenCache::default()),
+        spend: Arc::default(),
     };
     if !config.sites_file.is_empty() {
         let catalog = if config.sites_file == "sample" {

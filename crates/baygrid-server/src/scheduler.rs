@@ -67,7 +67,6 @@ pub async fn live_market(
         clusters,
         rates: catalog.rates.clone(),
         round_trips: catalog.round_trips.clone(),
-        now,
     })
 }
 
@@ -96,7 +95,7 @@ pub async fn cycle(state: &AppState) -> Result<usize, ApiError> {
             ));
             continue;
         };
-        let quote = state.placer.quote(&job.spec, &requester, &market);
+        let quote = state.placer.quote(&job.spec, &requester, &market, now);
         if let Some(allocation) = quote.allocation(&job.spec) {
             let chosen = quote.chosen().expect("an allocation has a chosen cluster");
             let reason = format!(

@@ -164,45 +164,210 @@ async fn requeue(
     .await
 }
 
-impl Store {
-    /// Stores a new queued job. With an idempotency key already used by this tenant, returns
-    /// the first job instead, and `false`.
-    pub async fn submit(&self, job: NewJob) -> Result<(JobRecord, bool)> {
-        self.write(move |conn| {
-            Box::pin(async move {
-                if let Some(key) = &job.idempotency_key {
-                    let existing = sqlx::query("SELECT id FROM jobs WHERE tenant = $1 AND idempotency_key = $2")
-                        .bind(&job.tenant)
-                        .bind(key)
-                        .fetch_optional(&mut *conn)
-                        .await?;
-                    if let Some(row) = existing {
-                        let id: String = row.try_get("id")?;
-                        return Ok((load_job(conn, &id).await?, false));
-                    }
-                }
-                let spec = serde_json::to_string(&job.spec)
-                    .map_err(|e| StoreError::Corrupt(format!("job spec: {e}")))?;
-                sqlx::query(
-                    "INSERT INTO jobs (id, tenant, idempotency_key, name, spec, state, reason, priority, submitted_ms, updated_ms) \
-                     VALUES ($1, $2, $3, $4, $5, 'queued', 'submitted', $6, $7, $7)",
-                )
-                .bind(&job.id)
-                .bind(&job.tenant)
-                .bind(job.idempotency_key.as_deref())
-                .bind(&job.spec.name)
+/// The record of a job just submitted, as the insert below stores it.
+fn queued_record(job: &NewJob) -> JobRecord {
+    JobRecord {
+        id: job.id.clone(),
+        tenant: job.tenant.clone(),
+        name: job.spec.name.clone(),
+        spec: job.spec.clone(),
+        state: JobState::Queued,
+        reason: "submitted".into(),
+        priority: job.spec.priority as i64,
+        submitted_ms: job.now,
+        updated_ms: job.now,
+        allocation: None,
+        lease_epoch: 0,
+        lease_holder: None,
+        lease_expires_ms: None,
+        cancel_requested: false,
+        attempts: 0,
+        started_ms: None,
+        finished_ms: None,
+        exit_code: None,
+        cost_cny_minor: None,
+    }
+}
+
+async fn existing_for_key(
+    conn: &mut AnyConnection,
+    tenant: &str,
+    key: &str,
+) -> Result<Option<JobRecord>> {
+    let row = sqlx::query("SELECT id FROM jobs WHERE tenant = $1 AND idempotency_key = $2")
+        .bind(tenant)
+        .bind(key)
+        .fetch_optional(&mut *conn)
+        .await?;
+    match row {
+        Some(row) => {
+            let id: String = row.try_get("id")?;
+            Ok(Some(load_job(conn, &id).await?))
+        }
+        None => Ok(None),
+    }
+}
+
+/// One submission on its own: the fallback when a group's batch fails.
+pub(crate) async fn submit_one(conn: &mut AnyConnection, job: NewJob) -> Result<(JobRecord, bool)> {
+    if let Some(key) = &job.idempotency_key {
+        if let Some(existing) = existing_for_key(conn, &job.tenant, key).await? {
+            return Ok((existing, false));
+        }
+    }
+    let spec = serde_json::to_string(&job.spec)
+        .map_err(|e| StoreError::Corrupt(format!("job spec: {e}")))?;
+    sqlx::query(
+        "INSERT INTO jobs (id, tenant, idempotency_key, name, spec, state, reason, priority, submitted_ms, updated_ms) \
+         VALUES ($1, $2, $3, $4, $5, 'queued', 'submitted', $6, $7, $7)",
+    )
+    .bind(&job.id)
+    .bind(&job.tenant)
+    .bind(job.idempotency_key.as_deref())
+    .bind(&job.spec.name)
+    .bind(spec)
+    .bind(job.spec.priority as i64)
+    .bind(job.now)
+    .execute(&mut *conn)
+    .await?;
+    record_transition(
+        conn,
+        &job.id,
+        None,
+        JobState::Queued,
+        "submitted",
+        job.now,
+        &job.actor,
+    )
+    .await?;
+    Ok((queued_record(&job), true))
+}
+
+/// Rows per multi-row statement (well under both databases' bind limits).
+const BATCH_ROWS: usize = 100;
+
+/// A group's submissions with multi-row statements: the jobs, their first events and their
+/// outbox entries. Idempotency keys already used (in the store or earlier in the batch)
+/// return the first job.
+pub(crate) async fn submit_batch(
+    conn: &mut AnyConnection,
+    jobs: Vec<NewJob>,
+) -> Result<Vec<(JobRecord, bool)>> {
+    let mut results: Vec<Option<(JobRecord, bool)>> = vec![None; jobs.len()];
+    let mut fresh: Vec<usize> = Vec::with_capacity(jobs.len());
+    let mut first_with_key: std::collections::HashMap<(&str, &str), usize> =
+        std::collections::HashMap::new();
+    for (i, job) in jobs.iter().enumerate() {
+        if let Some(key) = &job.idempotency_key {
+            if let Some(&first) = first_with_key.get(&(job.tenant.as_str(), key.as_str())) {
+                results[i] = Some((queued_record(&jobs[first]), false));
+                continue;
+            }
+            if let Some(existing) = existing_for_key(conn, &job.tenant, key).await? {
+                results[i] = Some((existing, false));
+                continue;
+            }
+            first_with_key.insert((job.tenant.as_str(), key.as_str()), i);
+        }
+        fresh.push(i);
+    }
+    for chunk in fresh.chunks(BATCH_ROWS) {
+        let mut sql = String::from(
+            "INSERT INTO jobs (id, tenant, idempotency_key, name, spec, state, reason, priority, submitted_ms, updated_ms) VALUES ",
+        );
+        for (row, _) in chunk.iter().enumerate() {
+            let b = row * 7;
+            if row > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!(
+                "(${}, ${}, ${}, ${}, ${}, 'queued', 'submitted', ${}, ${}, ${})",
+                b + 1,
+                b + 2,
+                b + 3,
+                b + 4,
+                b + 5,
+                b + 6,
+                b + 7,
+                b + 7
+            ));
+        }
+        let mut query = sqlx::query(&sql);
+        for &i in chunk {
+            let job = &jobs[i];
+            let spec = serde_json::to_string(&job.spec)
+                .map_err(|e| StoreError::Corrupt(format!("job spec: {e}")))?;
+            query = query
+                .bind(job.id.clone())
+                .bind(job.tenant.clone())
+                .bind(job.idempotency_key.clone())
+                .bind(job.spec.name.clone())
                 .bind(spec)
                 .bind(job.spec.priority as i64)
-                .bind(job.now)
-                .execute(&mut *conn)
-                .await?;
-                record_transition(conn, &job.id, None, JobState::Queued, "submitted", job.now, &job.actor).await?;
-                Ok((load_job(conn, &job.id).await?, true))
-            })
-        })
-        .await
-    }
+                .bind(job.now);
+        }
+        query.execute(&mut *conn).await?;
 
+        let mut sql = String::from(
+            "INSERT INTO job_events (job_id, seq, at_ms, from_state, to_state, reason) VALUES ",
+        );
+        for (row, _) in chunk.iter().enumerate() {
+            let b = row * 2;
+            if row > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!(
+                "(${}, 1, ${}, NULL, 'queued', 'submitted')",
+                b + 1,
+                b + 2
+            ));
+        }
+        let mut query = sqlx::query(&sql);
+        for &i in chunk {
+            query = query.bind(jobs[i].id.clone()).bind(jobs[i].now);
+        }
+        query.execute(&mut *conn).await?;
+
+        let base: i64 = sqlx::query("SELECT COALESCE(MAX(seq), 0) AS seq FROM outbox")
+            .fetch_one(&mut *conn)
+            .await?
+            .try_get("seq")?;
+        let mut sql = String::from("INSERT INTO outbox (seq, at_ms, kind, actor, payload) VALUES ");
+        for (row, _) in chunk.iter().enumerate() {
+            let b = row * 4;
+            if row > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!(
+                "(${}, ${}, 'job.transition', ${}, ${})",
+                b + 1,
+                b + 2,
+                b + 3,
+                b + 4
+            ));
+        }
+        let mut query = sqlx::query(&sql);
+        for (row, &i) in chunk.iter().enumerate() {
+            let job = &jobs[i];
+            let payload = serde_json::json!({"job": job.id, "from": null, "to": "queued", "reason": "submitted"});
+            query = query
+                .bind(base + 1 + row as i64)
+                .bind(job.now)
+                .bind(job.actor.clone())
+                .bind(payload.to_string());
+        }
+        query.execute(&mut *conn).await?;
+        for &i in chunk {
+            results[i] = Some((queued_record(&jobs[i]), true));
+        }
+    }
+    Ok(results
+        .into_iter()
+        .map(|r| r.expect("every submission has a result"))
+        .collect())
+}
+
+impl Store {
     pub async fn get_job(&self, id: &str) -> Result<JobRecord> {
         let mut conn = self.pool().acquire().await?;
         load_job(&mut conn, id).await

@@ -69,9 +69,18 @@ type Work = Box<
         + Send,
 >;
 
-struct WriteRequest {
-    work: Work,
-    reply: oneshot::Sender<Result<Box<dyn StdAny + Send>>>,
+enum WriteRequest {
+    /// Any change, run under its own savepoint.
+    Work {
+        work: Work,
+        reply: oneshot::Sender<Result<Box<dyn StdAny + Send>>>,
+    },
+    /// A job submission: the group's submissions are written together with multi-row
+    /// statements, and one at a time only if that fails.
+    Submit {
+        job: Box<NewJob>,
+        reply: oneshot::Sender<Result<(JobRecord, bool)>>,
+    },
 }
 
 /// Most changes committed together in one transaction.
@@ -149,6 +158,21 @@ impl Store {
         &self.pool
     }
 
+    /// Stores a new queued job. With an idempotency key already used by this tenant,
+    /// returns the first job instead, and `false`. Concurrent submissions are written
+    /// together in the writer's next group.
+    pub async fn submit(&self, job: NewJob) -> Result<(JobRecord, bool)> {
+        let (reply, answer) = oneshot::channel();
+        self.writer
+            .send(WriteRequest::Submit {
+                job: Box::new(job),
+                reply,
+            })
+            .await
+            .map_err(|_| StoreError::WriterGone)?;
+        answer.await.map_err(|_| StoreError::WriterGone)?
+    }
+
     /// Runs `work` as one change inside a group-committed transaction, and returns its
     /// result once the transaction is durable. An error from `work` rolls back that change
     /// alone.
@@ -163,7 +187,7 @@ impl Store {
             Box::pin(async move { fut.await.map(|v| Box::new(v) as Box<dyn StdAny + Send>) })
         });
         self.writer
-            .send(WriteRequest { work, reply })
+            .send(WriteRequest::Work { work, reply })
             .await
             .map_err(|_| StoreError::WriterGone)?;
         let value = answer.await.map_err(|_| StoreError::WriterGone)??;
@@ -215,62 +239,99 @@ async fn commit_group(pool: &AnyPool, group: Vec<WriteRequest>) {
         Ok(tx) => tx,
         Err(e) => return fail_all(group, &e),
     };
-    let single = group.len() == 1;
-    let mut answers = Vec::with_capacity(group.len());
+    let mut works = Vec::new();
+    let mut submits = Vec::new();
     for request in group {
-        if !single {
-            if let Err(e) = tx.execute("SAVEPOINT change").await {
-                answers.push((request.reply, Err(StoreError::Database(e))));
-                continue;
-            }
+        match request {
+            WriteRequest::Work { work, reply } => works.push((work, reply)),
+            WriteRequest::Submit { job, reply } => submits.push((*job, reply)),
         }
-        let result = (request.work)(&mut tx).await;
-        if !single {
-            let end = if result.is_ok() {
-                "RELEASE SAVEPOINT change"
-            } else {
-                "ROLLBACK TO SAVEPOINT change"
-            };
-            if let Err(e) = tx.execute(end).await {
-                tracing::error!(error = %e, "savepoint failed");
-            }
-        }
-        answers.push((request.reply, result));
     }
-    let all_failed_single = single && answers.iter().all(|(_, r)| r.is_err());
-    let committed = if all_failed_single {
-        tx.rollback().await
-    } else {
+    let mut answers = Vec::with_capacity(works.len());
+    let mut any_ok = false;
+    for (work, reply) in works {
+        let result = in_savepoint(&mut tx, |conn| work(conn)).await;
+        any_ok |= result.is_ok();
+        answers.push((reply, result));
+    }
+    let jobs: Vec<NewJob> = submits.iter().map(|(job, _)| job.clone()).collect();
+    let submitted =
+        match in_savepoint(&mut tx, |conn| Box::pin(jobs::submit_batch(conn, jobs))).await {
+            Ok(records) => records.into_iter().map(Ok).collect(),
+            Err(_) => {
+                // find the offending submissions: each on its own
+                let mut one_by_one = Vec::with_capacity(submits.len());
+                for (job, _) in &submits {
+                    let job = job.clone();
+                    one_by_one.push(
+                        in_savepoint(&mut tx, |conn| Box::pin(jobs::submit_one(conn, job))).await,
+                    );
+                }
+                one_by_one
+            }
+        };
+    any_ok |= submitted
+        .iter()
+        .any(|r: &Result<(JobRecord, bool)>| r.is_ok());
+    let committed = if any_ok {
         tx.commit().await
+    } else {
+        tx.rollback().await
     };
-    match committed {
-        Ok(()) => {
-            for (reply, result) in answers {
-                let _ = reply.send(result);
-            }
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "group commit failed");
-            for (reply, result) in answers {
-                let _ = reply.send(match result {
-                    Ok(_) => Err(StoreError::Database(sqlx::Error::Protocol(format!(
-                        "commit failed: {e}"
-                    )))),
-                    Err(original) => Err(original),
-                });
-            }
-        }
+    let commit_error = committed.err().map(|e| {
+        tracing::error!(error = %e, "group commit failed");
+        e.to_string()
+    });
+    for (reply, result) in answers {
+        let _ = reply.send(settle(&commit_error, result));
     }
+    for ((_, reply), result) in submits.into_iter().zip(submitted) {
+        let _ = reply.send(settle(&commit_error, result));
+    }
+}
+
+/// A change's answer once its group's commit is known: a failed commit fails it.
+fn settle<T>(commit_error: &Option<String>, result: Result<T>) -> Result<T> {
+    match (commit_error, result) {
+        (Some(e), Ok(_)) => Err(StoreError::Database(sqlx::Error::Protocol(format!(
+            "commit failed: {e}"
+        )))),
+        (_, result) => result,
+    }
+}
+
+/// Runs one change under a savepoint, rolling back to it when the change fails.
+async fn in_savepoint<'t, T, F>(conn: &'t mut AnyConnection, work: F) -> Result<T>
+where
+    F: for<'c> FnOnce(&'c mut AnyConnection) -> BoxFuture<'c, Result<T>>,
+{
+    conn.execute("SAVEPOINT change").await?;
+    let result = work(&mut *conn).await;
+    let end = if result.is_ok() {
+        "RELEASE SAVEPOINT change"
+    } else {
+        "ROLLBACK TO SAVEPOINT change"
+    };
+    conn.execute(end).await?;
+    if result.is_err() {
+        conn.execute("RELEASE SAVEPOINT change").await?;
+    }
+    result
 }
 
 fn fail_all(group: Vec<WriteRequest>, error: &sqlx::Error) {
     tracing::error!(error = %error, "store unavailable");
+    let failure =
+        || StoreError::Database(sqlx::Error::Protocol(format!("store unavailable: {error}")));
     for request in group {
-        let _ = request
-            .reply
-            .send(Err(StoreError::Database(sqlx::Error::Protocol(format!(
-                "store unavailable: {error}"
-            )))));
+        match request {
+            WriteRequest::Work { reply, .. } => {
+                let _ = reply.send(Err(failure()));
+            }
+            WriteRequest::Submit { reply, .. } => {
+                let _ = reply.send(Err(failure()));
+            }
+        }
     }
 }
 

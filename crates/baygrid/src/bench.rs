@@ -65,6 +65,11 @@ pub async fn run(_args: &Args, cmd: &BenchCommand) -> anyhow::Result<ExitCode> {
     } else {
         println!("postgresql: skipped (pass --postgres URL or BAYGRID_BENCH_POSTGRES_URL)\n");
     }
+    let slurm_note = if *slurm_jobs == 0 {
+        "slurm: skipped (--slurm-jobs 0)"
+    } else {
+        "slurm: sbatch not available on this machine; no ratio"
+    };
     let slurm = if *slurm_jobs > 0 {
         sbatch_rate(*slurm_jobs).await
     } else {
@@ -90,7 +95,7 @@ pub async fn run(_args: &Args, cmd: &BenchCommand) -> anyhow::Result<ExitCode> {
                 println!("ratio {} / slurm sbatch: {:.1}×", f.store, f.rate / rate);
             }
         }
-        None => println!("slurm: sbatch not available on this machine; no ratio"),
+        None => println!("{slurm_note}"),
     }
     if *run_jobs > 0 {
         let run_dir = tempfile::tempdir()?;
