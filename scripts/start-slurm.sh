@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs (when missing) and starts a one-node Slurm: munged, slurmctld and slurmd, with
+# Installs (when missing) and starts a one-node Slurm for tests and benchmarks: munged, slurmctld and slurmd, with
 # proctrack/linuxproc and task/none (no systemd or cgroups here), and 8 GPUs of each model
 # the tests name as generic resources without device files. Idempotent.
 set -euo pipefail
@@ -12,7 +12,9 @@ if ! command -v slurmctld >/dev/null 2>&1 || ! command -v munged >/dev/null 2>&1
 fi
 
 host=$(hostname -s)
-cpus=$(nproc)
+# the test node declares at least 8 CPUs (config_overrides) so that the scenarios, which
+# mostly sleep, run side by side on a 2-core machine
+cpus=$(( $(nproc) > 8 ? $(nproc) : 8 ))
 mem_mb=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 512 ))
 conf_dir=/etc/slurm
 mkdir -p "$conf_dir" /var/spool/slurmctld /var/spool/slurmd /var/log/slurm /run/munge
@@ -29,6 +31,7 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 ReturnToService=2
 MpiDefault=none
+SlurmdParameters=config_overrides
 SlurmctldPidFile=/run/slurmctld.pid
 SlurmdPidFile=/run/slurmd.pid
 SlurmdSpoolDir=/var/spool/slurmd

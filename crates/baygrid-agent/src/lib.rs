@@ -16,7 +16,7 @@ use baygrid_api::{
     LeaseGrant, LeaseRequest, LeaseResponse, LogLineIn, RegisterRequest, RegisterResponse,
     ReportRequest,
 };
-use baygrid_exec::{Engine, JobHandle, JobStatus, LaunchSpec, LocalEngine, LogCursor};
+use baygrid_exec::{Engine, JobHandle, JobStatus, LaunchSpec, LocalEngine, LogCursor, SlurmEngine};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -54,9 +54,12 @@ pub struct AgentConfig {
     pub token_file: Option<PathBuf>,
     /// Where job directories and the agent's state live.
     pub work_dir: PathBuf,
-    /// The engine: `local` (Slurm and Kubernetes plug in behind the same trait).
+    /// The engine: `local` or `slurm`.
     #[serde(default = "default_engine")]
     pub engine: String,
+    /// Settings for the Slurm engine.
+    #[serde(default)]
+    pub slurm: baygrid_exec::SlurmConfig,
     /// Most jobs running at once.
     #[serde(default = "default_max_running")]
     pub max_running: u32,
@@ -105,11 +108,11 @@ impl AgentConfig {
             path: path.to_path_buf(),
             message,
         })?;
-        if config.engine != "local" {
+        if !["local", "slurm"].contains(&config.engine.as_str()) {
             return Err(AgentError::Config {
                 path: path.to_path_buf(),
                 message: format!(
-                    "engine `{}` is not available in this build: expected `local`",
+                    "engine `{}` is not available in this build: expected `local` or `slurm`",
                     config.engine
                 ),
             });
@@ -166,7 +169,13 @@ pub async fn run(
         path: state_dir.clone(),
         source,
     })?;
-    let engine: Arc<dyn Engine> = Arc::new(LocalEngine::new(config.work_dir.join("jobs")));
+    let engine: Arc<dyn Engine> = match config.engine.as_str() {
+        "slurm" => Arc::new(SlurmEngine::new(
+            config.work_dir.join("jobs"),
+            config.slurm.clone(),
+        )),
+        _ => Arc::new(LocalEngine::new(config.work_dir.join("jobs"))),
+    };
     let mut agent = Agent {
         client,
         engine,
@@ -340,6 +349,16 @@ impl Agent {
 
     async fn step(&mut self) -> Result<(), ClientError> {
         self.capacity.running_jobs = self.tracked.len() as u32;
+        match self.engine.capacity().await {
+            Ok(Some(seen)) => {
+                self.capacity.nodes = seen.nodes;
+                self.capacity.accelerators_per_node = seen.accelerators_per_node;
+                self.capacity.cpus_per_node = seen.cpus_per_node;
+                self.capacity.memory_gb_per_node = seen.memory_gb_per_node;
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot read the engine's capacity"),
+        }
         let held = self
             .tracked
             .values()
@@ -402,6 +421,11 @@ impl Agent {
             image: grant.spec.image.clone(),
             nodes: grant.spec.resources.nodes,
             node_indices: grant.allocation.nodes.clone(),
+            accelerator: grant.allocation.accelerator.clone(),
+            accelerators_per_node: grant.allocation.accelerators_per_node,
+            cpus_per_node: grant.allocation.cpus_per_node,
+            memory_gb_per_node: grant.allocation.memory_gb_per_node,
+            time_limit: Some(grant.spec.estimated_duration.0),
         };
         match self.engine.launch(&spec).await {
             Ok(handle) => {

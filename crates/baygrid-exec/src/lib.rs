@@ -5,6 +5,7 @@
 //! [`Engine::status`] to re-attach to a job that is still running.
 
 mod local;
+mod slurm;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -12,6 +13,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 pub use local::LocalEngine;
+pub use slurm::{map_state as map_slurm_state, SlurmConfig, SlurmEngine};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
@@ -36,6 +38,23 @@ pub struct LaunchSpec {
     pub nodes: u32,
     /// Node indices in the cluster, one per rank.
     pub node_indices: Vec<u32>,
+    /// The accelerator model each node uses, if any.
+    pub accelerator: Option<String>,
+    pub accelerators_per_node: u32,
+    pub cpus_per_node: u32,
+    pub memory_gb_per_node: u32,
+    /// The job's estimated duration; engines with time limits derive theirs from it.
+    pub time_limit: Option<std::time::Duration>,
+}
+
+/// What an engine reports about its cluster's capacity.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineCapacity {
+    /// Nodes that can take work.
+    pub nodes: u32,
+    pub accelerators_per_node: u32,
+    pub cpus_per_node: u32,
+    pub memory_gb_per_node: u32,
 }
 
 /// Everything needed to find a launched job again, even from a new agent process.
@@ -108,4 +127,10 @@ pub trait Engine: Send + Sync {
 
     /// Stops every rank.
     async fn cancel(&self, handle: &JobHandle) -> Result<(), ExecError>;
+
+    /// The cluster's capacity as the engine sees it; `None` when the engine has no view of
+    /// its own (the local engine runs within the cluster's declared capacity).
+    async fn capacity(&self) -> Result<Option<EngineCapacity>, ExecError> {
+        Ok(None)
+    }
 }

@@ -294,6 +294,11 @@ mod tests {
             image: None,
             nodes,
             node_indices: (0..nodes).collect(),
+            accelerator: None,
+            accelerators_per_node: 0,
+            cpus_per_node: 1,
+            memory_gb_per_node: 1,
+            time_limit: None,
         }
     }
 

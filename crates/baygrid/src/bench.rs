@@ -258,6 +258,7 @@ async fn run_to_completion(dir: &std::path::Path, count: usize) -> anyhow::Resul
         token_file: None,
         work_dir: dir.join("agent"),
         engine: "local".into(),
+        slurm: Default::default(),
         max_running: 256,
         poll_interval: Duration::from_millis(50),
     };

@@ -192,6 +192,7 @@ pub async fn start_exchange(
                 agents_dir.join(name).canonicalize()
             })?,
             engine: "local".into(),
+            slurm: Default::default(),
             max_running: 64,
             poll_interval: Duration::from_millis(250),
         };

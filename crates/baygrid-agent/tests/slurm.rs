@@ -1,0 +1,353 @@
+//! Real jobs through the baygrid agent on a real Slurm (munged, slurmctld and slurmd on this
+//! node, started by scripts/start-slurm.sh): success, failure with its exit code, timeout,
+//! cancel, a 2-task job, and a slurmctld restart during a job.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use baygrid_agent::AgentConfig;
+use baygrid_api::{Client, IssueTokenRequest, IssuedToken, JobView, LogsView};
+use baygrid_core::{JobSpec, JobState, Jurisdiction, Party, Role, Tenant};
+use baygrid_exec::SlurmConfig;
+use baygrid_server::{RunningServer, ServerConfig};
+use serde_json::json;
+use tokio::sync::watch;
+
+/// Whether Slurm answers here. Under CI a missing Slurm is a failure, never a skip.
+fn slurm_available() -> bool {
+    let up = Command::new("sinfo")
+        .args(["-h", "-o", "%T"])
+        .output()
+        .is_ok_and(|o| {
+            let states = String::from_utf8_lossy(&o.stdout);
+            o.status.success()
+                && (states.contains("idle") || states.contains("mix") || states.contains("alloc"))
+        });
+    if !up {
+        if std::env::var_os("CI").is_some() {
+            panic!("Slurm is not running: CI must run the Slurm tests (scripts/test.sh starts it)");
+        }
+        eprintln!("\n!!! SKIPPING Slurm tests: no idle Slurm node. Run scripts/start-slurm.sh (or scripts/test.sh). !!!\n");
+    }
+    up
+}
+
+struct Setup {
+    server: RunningServer,
+    tenant: Client,
+    _agents: Vec<watch::Sender<bool>>,
+}
+
+/// A server with two Slurm-backed clusters on this node: `slurm-h800` runs one task per
+/// node, `slurm-a800` two (both map to the node's `gpu:h800` gres).
+async fn setup(dir: &Path, h800_partition: &str) -> Setup {
+    let config = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.join("server"),
+        sites_file: "sample".into(),
+        schedule_interval: Duration::from_millis(100),
+        heartbeat_interval: Duration::from_millis(500),
+        lease_ttl: Duration::from_secs(20),
+        ..ServerConfig::default()
+    };
+    let server = baygrid_server::start(config).await.unwrap();
+    let operator = Client::new(&server.url(), Some(server.operator_token.clone()));
+    let party = Party {
+        name: "sg-lab".into(),
+        jurisdiction: Jurisdiction::CN,
+        city: "shaoguan".into(),
+        ciio: false,
+    };
+    let _: Party = operator.post("/api/v1/parties", &party).await.unwrap();
+    let tenant = Tenant {
+        name: "sg-lab".into(),
+        party: "sg-lab".into(),
+        budget: "10000.00 CNY".parse().unwrap(),
+    };
+    let _: Tenant = operator.post("/api/v1/tenants", &tenant).await.unwrap();
+    let issued: IssuedToken = operator
+        .post(
+            "/api/v1/tokens",
+            &IssueTokenRequest {
+                role: Role::Tenant,
+                subject: Some("sg-lab".into()),
+                label: None,
+            },
+        )
+        .await
+        .unwrap();
+    let tenant = Client::new(&server.url(), Some(issued.token));
+    let mut agents = Vec::new();
+    for (name, model, tasks) in [("slurm-h800", "H800", 1), ("slurm-a800", "A800", 2)] {
+        let cluster = json!({"name": name, "site": "shaoguan", "provider": "shaoguan-hub-dc", "engine": "slurm", "nodes": 1,
+            "accelerator": model, "accelerators_per_node": 8, "cpus_per_node": 2, "memory_gb_per_node": 8});
+        let _: serde_json::Value = operator.post("/api/v1/clusters", &cluster).await.unwrap();
+        let _: serde_json::Value = operator
+            .post(
+                "/api/v1/offers",
+                &json!({"cluster": name, "price_per_accelerator_hour": "1.00 CNY"}),
+            )
+            .await
+            .unwrap();
+        let issued: IssuedToken = operator
+            .post(
+                "/api/v1/tokens",
+                &IssueTokenRequest {
+                    role: Role::Agent,
+                    subject: Some(name.into()),
+                    label: None,
+                },
+            )
+            .await
+            .unwrap();
+        let slurm = SlurmConfig {
+            partition: if model == "H800" {
+                h800_partition.to_string()
+            } else {
+                String::new()
+            },
+            ntasks_per_node: tasks,
+            gres_types: [(model.to_string(), "h800".to_string())].into(),
+            ..SlurmConfig::default()
+        };
+        let config = AgentConfig {
+            server: server.url(),
+            token: Some(issued.token),
+            token_file: None,
+            work_dir: dir.join(name),
+            engine: "slurm".into(),
+            slurm,
+            max_running: 16,
+            poll_interval: Duration::from_millis(250),
+        };
+        let (stop, stopped) = watch::channel(false);
+        tokio::spawn(async move { baygrid_agent::run(config, stopped).await.unwrap() });
+        agents.push(stop);
+    }
+    Setup {
+        server,
+        tenant,
+        _agents: agents,
+    }
+}
+
+fn spec(name: &str, model: &str, duration: &str, command: &str) -> JobSpec {
+    JobSpec::from_yaml(&format!(
+        "name: {name}\nresources: {{accelerators: {{{model}: 1}}, cpus: 1, memory_gb: 1}}\ncommand: |\n  {}\nestimated_duration: {duration}\n",
+        command.replace('\n', "\n  ")
+    ))
+    .unwrap()
+}
+
+async fn wait(
+    client: &Client,
+    id: &str,
+    timeout: Duration,
+    pred: impl Fn(&JobView) -> bool,
+) -> JobView {
+    let started = Instant::now();
+    loop {
+        let view: JobView = client.get(&format!("/api/v1/jobs/{id}")).await.unwrap();
+        if pred(&view) {
+            return view;
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "job {id} timed out in state {} ({})",
+            view.state,
+            view.reason
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn logs(client: &Client, id: &str) -> Vec<(String, String)> {
+    let page: LogsView = client
+        .get(&format!("/api/v1/jobs/{id}/logs"))
+        .await
+        .unwrap();
+    page.lines.into_iter().map(|l| (l.stream, l.line)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_slurm_jobs_through_the_agent() {
+    if !slurm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let setup = setup(dir.path(), "").await;
+    let tenant = &setup.tenant;
+    let submit = |spec: JobSpec| async move {
+        tenant
+            .post::<_, JobView>("/api/v1/jobs", &spec)
+            .await
+            .unwrap()
+            .id
+    };
+
+    let timeout_job = submit(spec("overrun", "H800", "10s", "echo started\nsleep 600")).await;
+    let ok = submit(spec(
+        "hello",
+        "H800",
+        "1m",
+        "echo hello from rank $BAYGRID_RANK of $BAYGRID_WORLD_SIZE on $BAYGRID_MASTER_ADDR",
+    ))
+    .await;
+    let failing = submit(spec("broken", "H800", "1m", "echo about to fail\nexit 7")).await;
+    let pair = submit(spec(
+        "pair",
+        "A800",
+        "1m",
+        "echo task $BAYGRID_RANK of $BAYGRID_WORLD_SIZE",
+    ))
+    .await;
+    let doomed = submit(spec("doomed", "H800", "5m", "echo waiting\nsleep 300")).await;
+
+    // success, with the rank variables and output streamed back
+    let done = wait(tenant, &ok, Duration::from_secs(60), |j| {
+        j.state.is_terminal()
+    })
+    .await;
+    assert_eq!(done.state, JobState::Succeeded, "{}", done.reason);
+    assert_eq!(done.engine.as_deref(), Some("slurm"));
+    let lines = logs(tenant, &ok).await;
+    assert!(
+        lines
+            .iter()
+            .any(|(s, l)| s == "stdout" && l.starts_with("hello from rank 0 of 1 on ")),
+        "{lines:?}"
+    );
+
+    // failure with the exit code
+    let done = wait(tenant, &failing, Duration::from_secs(60), |j| {
+        j.state.is_terminal()
+    })
+    .await;
+    assert_eq!(done.state, JobState::Failed);
+    assert_eq!(done.exit_code, Some(7), "{}", done.reason);
+    assert!(done.reason.contains("FAILED"), "{}", done.reason);
+
+    // a 2-task job: both tasks run, each with its rank
+    let done = wait(tenant, &pair, Duration::from_secs(60), |j| {
+        j.state.is_terminal()
+    })
+    .await;
+    assert_eq!(done.state, JobState::Succeeded, "{}", done.reason);
+    let mut lines: Vec<String> = logs(tenant, &pair)
+        .await
+        .into_iter()
+        .filter(|(s, _)| s.starts_with("stdout"))
+        .map(|(_, l)| l)
+        .collect();
+    lines.sort();
+    assert_eq!(lines, vec!["task 0 of 2", "task 1 of 2"]);
+
+    // cancel a running job: scancel
+    wait(tenant, &doomed, Duration::from_secs(60), |j| {
+        j.state == JobState::Running
+    })
+    .await;
+    let _: serde_json::Value = tenant
+        .post(&format!("/api/v1/jobs/{doomed}/cancel"), &json!({}))
+        .await
+        .unwrap();
+    let done = wait(tenant, &doomed, Duration::from_secs(60), |j| {
+        j.state.is_terminal()
+    })
+    .await;
+    assert_eq!(done.state, JobState::Cancelled, "{}", done.reason);
+
+    // slurmctld restarts while a job runs: the job survives and is tracked to its end
+    let survivor = submit(spec("survivor", "H800", "1m", "sleep 6\necho survived")).await;
+    wait(tenant, &survivor, Duration::from_secs(60), |j| {
+        j.state == JobState::Running
+    })
+    .await;
+    assert!(Command::new("pkill")
+        .args(["-x", "slurmctld"])
+        .status()
+        .unwrap()
+        .success());
+    for _ in 0..50 {
+        if !Command::new("pgrep")
+            .args(["-x", "slurmctld"])
+            .status()
+            .unwrap()
+            .success()
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        Command::new("/usr/sbin/slurmctld")
+            .status()
+            .unwrap()
+            .success(),
+        "slurmctld restarts"
+    );
+    let done = wait(tenant, &survivor, Duration::from_secs(90), |j| {
+        j.state.is_terminal()
+    })
+    .await;
+    assert_eq!(done.state, JobState::Succeeded, "{}", done.reason);
+    assert_eq!(done.attempts, 0, "the job was not lost or requeued");
+    assert!(logs(tenant, &survivor)
+        .await
+        .iter()
+        .any(|(_, l)| l == "survived"));
+
+    // the time limit (estimated 10 s × 1.5, rounded up to Slurm's one minute) ends the overrun
+    let done = wait(tenant, &timeout_job, Duration::from_secs(240), |j| {
+        j.state.is_terminal()
+    })
+    .await;
+    assert_eq!(done.state, JobState::Failed, "{}", done.reason);
+    assert!(done.reason.contains("TIMEOUT"), "{}", done.reason);
+
+    // capacity came from sinfo
+    let clusters: Vec<serde_json::Value> = Client::new(
+        &setup.server.url(),
+        Some(setup.server.operator_token.clone()),
+    )
+    .get("/api/v1/clusters")
+    .await
+    .unwrap();
+    let slurm = clusters.iter().find(|c| c["name"] == "slurm-h800").unwrap();
+    assert_eq!(slurm["online"], true);
+    setup.server.stop().await;
+}
+
+#[tokio::test]
+async fn sbatch_rejections_reach_the_user_as_the_failure_reason() {
+    if !slurm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // this agent submits to a partition the cluster does not have: sbatch refuses
+    let setup = setup(dir.path(), "nowhere").await;
+    let id = setup
+        .tenant
+        .post::<_, JobView>("/api/v1/jobs", &spec("refused", "H800", "1m", "true"))
+        .await
+        .unwrap()
+        .id;
+    let done = wait(&setup.tenant, &id, Duration::from_secs(60), |j| {
+        j.state.is_terminal()
+    })
+    .await;
+    assert_eq!(done.state, JobState::Failed);
+    assert!(
+        done.reason.contains("slurm engine") && done.reason.contains("sbatch: error"),
+        "{}",
+        done.reason
+    );
+    assert!(
+        done.reason.to_lowercase().contains("partition"),
+        "{}",
+        done.reason
+    );
+    setup.server.stop().await;
+}
