@@ -50,3 +50,36 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         }
     })
 }
+
+/// Like `axum::extract::Query`, but a bad query string is a JSON 400 naming the parameter.
+pub struct QueryParams<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> axum::extract::FromRequestParts<S> for QueryParams<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        let query = parts.uri.query().unwrap_or("");
+        let deserializer =
+            serde_urlencoded::Deserializer::new(form_urlencoded::parse(query.as_bytes()));
+        serde_path_to_error::deserialize(deserializer)
+            .map(QueryParams)
+            .map_err(|e| {
+                let inner = e.inner().to_string();
+                let field = match e.path().to_string().as_str() {
+                    "." | "?" => inner
+                        .split('`')
+                        .nth(1)
+                        .map(str::to_string)
+                        .unwrap_or_else(|| "query".to_string()),
+                    path => path.to_string(),
+                };
+                ApiError::BadRequest {
+                    message: format!("query parameter {field}: {inner}"),
+                    field: Some(field),
+                }
+            })
+    }
+}

@@ -1,7 +1,9 @@
 //! Jobs at the API: submit, quote, list, get, logs, cancel.
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
+
+use crate::body::QueryParams;
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use baygrid_api::{CancelView, JobEventView, JobView, LogLineView, LogsView, QuoteBody, QuoteView};
@@ -90,7 +92,7 @@ fn infeasible(quote: &Quote) -> ApiError {
 pub async fn submit(
     State(state): State<AppState>,
     who: Principal,
-    Query(query): Query<TenantQuery>,
+    QueryParams(query): QueryParams<TenantQuery>,
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<JobView>)> {
@@ -180,7 +182,7 @@ pub async fn submit(
 pub async fn quote(
     State(state): State<AppState>,
     who: Principal,
-    Query(query): Query<TenantQuery>,
+    QueryParams(query): QueryParams<TenantQuery>,
     body: Bytes,
 ) -> ApiResult<Json<QuoteView>> {
     let tenant = acting_tenant(&who, query.tenant.as_deref())?;
@@ -228,7 +230,7 @@ pub struct ListQuery {
 pub async fn list(
     State(state): State<AppState>,
     who: Principal,
-    Query(query): Query<ListQuery>,
+    QueryParams(query): QueryParams<ListQuery>,
 ) -> ApiResult<Json<Vec<JobView>>> {
     let tenant = match who.role {
         Role::Tenant => Some(acting_tenant(&who, query.tenant.as_deref())?),
@@ -321,7 +323,7 @@ pub async fn logs(
     State(state): State<AppState>,
     who: Principal,
     Path(id): Path<String>,
-    Query(query): Query<LogsQuery>,
+    QueryParams(query): QueryParams<LogsQuery>,
 ) -> ApiResult<Json<LogsView>> {
     let record = visible_job(&state, &who, &id).await?;
     let after = match &query.after {

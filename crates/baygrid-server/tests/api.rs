@@ -18,7 +18,8 @@ async fn serve(store: Option<String>, dir: &std::path::Path) -> RunningServer {
         sites_file: "sample".into(),
         schedule_interval: Duration::from_millis(50),
         heartbeat_interval: Duration::from_millis(200),
-        lease_ttl: Duration::from_secs(2),
+        // long enough that no lease expires during the test, however loaded the machine
+        lease_ttl: Duration::from_secs(60),
         ..ServerConfig::default()
     };
     baygrid_server::start(config).await.unwrap()
