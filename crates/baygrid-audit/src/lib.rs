@@ -6,9 +6,21 @@
 //! [`Tree`] keeps every complete subtree's hash, so that a root, an inclusion proof or a
 //! consistency proof for any earlier size costs O(log² n) hashes at most, not O(n). The
 //! verifiers ([`verify_inclusion`], [`verify_consistency`]) need nothing but the proof and
-//! the roots, so a regulator can run them offline. Pure: no I/O, no clock.
+//! the roots, so a regulator can run them offline. Checkpoints are C2SP signed notes
+//! ([`sign_checkpoint`], [`verify_checkpoint`]) and entries have one canonical encoding
+//! ([`Entry::canonical`]). Pure: no I/O, no clock.
 
 use sha2::{Digest, Sha256};
+
+mod entry;
+mod note;
+
+pub use ed25519_dalek::{SigningKey, VerifyingKey};
+pub use entry::Entry;
+pub use note::{
+    checkpoint_body, key_id, parse_verifier_key, sign_checkpoint, sign_note, verifier_key,
+    verify_checkpoint, Checkpoint, NoteError,
+};
 
 /// A SHA-256 digest.
 pub type Hash = [u8; 32];

@@ -47,6 +47,11 @@ pub struct ServerConfig {
     pub restart_grace: Duration,
     /// Most queued jobs considered per scheduling cycle.
     pub schedule_batch: i64,
+    /// The audit log's name: the origin line of its checkpoints and its key's name.
+    pub audit_origin: String,
+    /// How often a new checkpoint is signed when the log has grown.
+    #[serde(with = "humantime_serde")]
+    pub checkpoint_interval: Duration,
 }
 
 impl Default for ServerConfig {
@@ -62,6 +67,8 @@ impl Default for ServerConfig {
             schedule_interval: Duration::from_millis(200),
             restart_grace: Duration::from_secs(20),
             schedule_batch: 10_000,
+            audit_origin: "baygrid.local/audit".into(),
+            checkpoint_interval: Duration::from_secs(1),
         }
     }
 }

@@ -2,6 +2,7 @@
 //! scheduling loop and agent leases. It is the only writer of the store.
 
 mod agent;
+pub mod audit;
 pub mod auth;
 mod body;
 mod catalog;
@@ -63,6 +64,8 @@ pub struct AppState {
     /// What each tenant has been charged (CNY minor units), loaded from the store on first
     /// use and kept current by the reports that charge it: the server is the only writer.
     pub spend: Arc<std::sync::Mutex<std::collections::HashMap<String, i64>>>,
+    /// The audit log over the outbox.
+    pub audit: Arc<audit::AuditLog>,
 }
 
 impl AppState {
@@ -142,6 +145,14 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         clock,
         tokens: Arc::new(auth::TokenCache::default()),
         spend: Arc::default(),
+        audit: Arc::new(
+            audit::AuditLog::open(&config.data_dir, &config.audit_origin).map_err(|source| {
+                ServerError::DataDir {
+                    path: config.data_dir.join("audit.key"),
+                    source,
+                }
+            })?,
+        ),
     };
     if !config.sites_file.is_empty() {
         let catalog = if config.sites_file == "sample" {
@@ -222,7 +233,7 @@ async fn ensure_operator_token(state: &AppState) -> Result<String, ServerError> 
     Ok(secret)
 }
 
-fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+pub(crate) fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
@@ -280,6 +291,12 @@ pub fn router(state: AppState) -> Router {
         .route("/agent/heartbeat", post(agent::heartbeat))
         .route("/agent/lease", post(agent::lease))
         .route("/agent/jobs/{id}/report", post(agent::report))
+        .route("/audit/checkpoint", get(audit::checkpoint))
+        .route("/audit/key", get(audit::key))
+        .route("/audit/entries", get(audit::list_entries))
+        .route("/audit/entries/{index}", get(audit::get_entry))
+        .route("/audit/proof/inclusion", get(audit::inclusion))
+        .route("/audit/proof/consistency", get(audit::consistency))
         .route("/openapi.json", get(openapi::document));
     Router::new()
         .nest("/api/v1", api)

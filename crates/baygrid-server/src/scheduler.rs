@@ -14,9 +14,17 @@ use crate::AppState;
 pub async fn run(state: AppState, mut shutdown: watch::Receiver<bool>) {
     let mut interval = tokio::time::interval(state.config.schedule_interval);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut checkpoints = tokio::time::interval(state.config.checkpoint_interval);
+    checkpoints.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = interval.tick() => {}
+            _ = checkpoints.tick() => {
+                if let Err(e) = crate::audit::sync(&state).await {
+                    tracing::warn!(error = %e, "audit log sync failed");
+                }
+                continue;
+            }
             _ = shutdown.changed() => break,
         }
         let started = Instant::now();

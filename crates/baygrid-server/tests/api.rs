@@ -772,6 +772,84 @@ async fn api_flow(store: Option<String>) {
         failed.reason
     );
 
+    // the audit log: regulators and operators read it; proofs verify against the checkpoint
+    let regulator = regulator_client(&operator).await;
+    expect_error(gz.get::<Value>("/api/v1/audit/entries").await, 403, None);
+    let entries: Vec<Value> = regulator
+        .get("/api/v1/audit/entries?from=0&limit=5")
+        .await
+        .unwrap();
+    assert_eq!(entries.len(), 5);
+    assert_eq!(entries[0]["index"], 0);
+    let entry: Value = regulator.get("/api/v1/audit/entries/3").await.unwrap();
+    assert_eq!(entry["index"], 3);
+    expect_error(
+        regulator
+            .get::<Value>("/api/v1/audit/entries/99999999")
+            .await,
+        404,
+        None,
+    );
+    let proof: Value = regulator
+        .get("/api/v1/audit/proof/inclusion?index=3")
+        .await
+        .unwrap();
+    assert!(proof["to"].as_u64().unwrap() > 3);
+    expect_error(
+        regulator
+            .get::<Value>("/api/v1/audit/proof/inclusion?index=99999999")
+            .await,
+        400,
+        None,
+    );
+    expect_error(
+        regulator
+            .get::<Value>("/api/v1/audit/proof/consistency?from=0")
+            .await,
+        400,
+        None,
+    );
+    expect_error(
+        regulator
+            .get::<Value>("/api/v1/audit/proof/consistency?from=x")
+            .await,
+        400,
+        Some("from"),
+    );
+    let consistency: Value = regulator
+        .get("/api/v1/audit/proof/consistency?from=1")
+        .await
+        .unwrap();
+    assert!(consistency["proof"].as_array().is_some());
+    let note = reqwest::Client::new()
+        .get(format!("{base}/api/v1/audit/checkpoint"))
+        .bearer_auth(&server.operator_token)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let key = reqwest::Client::new()
+        .get(format!("{base}/api/v1/audit/key"))
+        .bearer_auth(&server.operator_token)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let (name, public) = baygrid_audit::parse_verifier_key(&key).unwrap();
+    let checkpoint = baygrid_audit::verify_checkpoint(&note, &name, &public).unwrap();
+    assert!(checkpoint.size >= proof["to"].as_u64().unwrap());
+    // every job transition above is in the log
+    let outbox = server.state.store.count("outbox").await.unwrap();
+    assert!(
+        checkpoint.size as i64 <= outbox && checkpoint.size > 50,
+        "{} of {outbox}",
+        checkpoint.size
+    );
+
     // a tenant sees what it spent
     let tenants: Vec<Value> = gz.get("/api/v1/tenants").await.unwrap();
     assert_eq!(tenants[0]["spent"], json!(done.cost.unwrap().to_string()));

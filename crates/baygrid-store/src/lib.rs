@@ -440,6 +440,40 @@ impl Store {
     }
 }
 
+/// One outbox row: an entry waiting for (or already in) the audit log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxRow {
+    pub seq: i64,
+    pub at_ms: Millis,
+    pub kind: String,
+    pub actor: String,
+    pub payload: serde_json::Value,
+}
+
+impl Store {
+    /// Outbox rows with `seq >= from`, in order, at most `limit`.
+    pub async fn outbox_from(&self, from: i64, limit: i64) -> Result<Vec<OutboxRow>> {
+        let rows = sqlx::query("SELECT seq, at_ms, kind, actor, payload FROM outbox WHERE seq >= $1 ORDER BY seq LIMIT $2")
+            .bind(from)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let payload: String = row.try_get("payload")?;
+                Ok(OutboxRow {
+                    seq: row.try_get("seq")?,
+                    at_ms: row.try_get("at_ms")?,
+                    kind: row.try_get("kind")?,
+                    actor: row.try_get("actor")?,
+                    payload: serde_json::from_str(&payload)
+                        .map_err(|e| StoreError::Corrupt(format!("outbox payload: {e}")))?,
+                })
+            })
+            .collect()
+    }
+}
+
 /// Tokens: stored as SHA-256 hashes, never in the clear.
 impl Store {
     pub async fn insert_token(&self, token: TokenRecord, actor: String, now: Millis) -> Result<()> {

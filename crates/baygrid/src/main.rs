@@ -1,5 +1,6 @@
 //! The one baygrid binary: parse flags, set up logging, dispatch, exit with a code.
 
+mod audit;
 mod bench;
 mod cli;
 mod output;
@@ -104,6 +105,9 @@ pub enum Command {
     /// Jobs.
     #[command(subcommand)]
     Job(cli::JobCommand),
+    /// The audit log: checkpoints, proofs, export and offline verification.
+    #[command(subcommand)]
+    Audit(audit::AuditCommand),
     /// Benchmarks that print figures.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -148,6 +152,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Command::Tenant(cmd) => cli::tenant(&args, cmd).await,
         Command::Token(cmd) => cli::token(&args, cmd).await,
         Command::Job(cmd) => cli::job(&args, cmd).await,
+        Command::Audit(cmd) => audit::run(&args, cmd).await,
         Command::Bench(cmd) => bench::run(&args, cmd).await,
     }
 }

@@ -254,6 +254,8 @@ fn up_serves_the_cli() {
     }
     assert_eq!(state, "cancelled");
 
+    audit_export_and_verify(dir.path(), &operator_env, &tenant_env);
+
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(up.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
@@ -261,4 +263,105 @@ fn up_serves_the_cli() {
     .unwrap();
     let status = up.wait().unwrap();
     assert!(status.success(), "up exits cleanly on SIGTERM");
+}
+
+/// A regulator's view: export the log, verify it offline, and see tampering caught.
+fn audit_export_and_verify(
+    dir: &std::path::Path,
+    operator_env: &[(&str, &str)],
+    tenant_env: &[(&str, &str)],
+) {
+    let out = baygrid(&["audit", "checkpoint"], tenant_env);
+    assert!(!out.status.success(), "a tenant may not read the audit log");
+    let out = baygrid(&["audit", "checkpoint"], operator_env);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let first = stdout(&out);
+    assert!(first.starts_with("baygrid.local/audit\n"), "{first}");
+    let previous = dir.join("previous.checkpoint");
+    std::fs::write(&previous, &first).unwrap();
+    let out = baygrid(&["audit", "prove", "3"], operator_env);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(
+        stdout(&out).contains("entry 3 is included"),
+        "{}",
+        stdout(&out)
+    );
+
+    // more decisions after the first checkpoint
+    let out = baygrid(
+        &[
+            "party",
+            "add",
+            "late-party",
+            "--jurisdiction",
+            "HK",
+            "--city",
+            "hong-kong",
+        ],
+        operator_env,
+    );
+    assert!(out.status.success());
+    std::thread::sleep(Duration::from_millis(1500));
+    let export = dir.join("export");
+    let out = baygrid(&["audit", "export", export.to_str().unwrap()], operator_env);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let verify = |previous: Option<&std::path::Path>| {
+        let mut args = vec!["audit", "verify", export.to_str().unwrap()];
+        if let Some(p) = previous {
+            args.push("--previous");
+            args.push(p.to_str().unwrap());
+        }
+        baygrid(&args, &[])
+    };
+    let out = verify(Some(&previous));
+    assert!(out.status.success(), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("consistent (append-only)") && stdout(&out).ends_with("OK\n"),
+        "{}",
+        stdout(&out)
+    );
+
+    let entries_path = export.join("entries.jsonl");
+    let good = std::fs::read_to_string(&entries_path).unwrap();
+    let lines: Vec<&str> = good.lines().collect();
+    assert!(lines.len() > 10);
+    // one flipped character in entry 5's payload
+    let mut tampered: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+    tampered[5] = tampered[5].replacen("\"actor\":\"", "\"actor\":\"X", 1);
+    std::fs::write(&entries_path, tampered.join("\n") + "\n").unwrap();
+    let out = verify(None);
+    assert!(!out.status.success());
+    assert!(stdout(&out).contains("FAIL: entry 5 "), "{}", stdout(&out));
+    // a dropped entry
+    let mut dropped: Vec<&str> = lines.clone();
+    dropped.remove(7);
+    std::fs::write(&entries_path, dropped.join("\n") + "\n").unwrap();
+    let out = verify(None);
+    assert!(!out.status.success());
+    assert!(stdout(&out).contains("FAIL: entry 7"), "{}", stdout(&out));
+    // two entries swapped
+    let mut swapped: Vec<&str> = lines.clone();
+    swapped.swap(2, 3);
+    std::fs::write(&entries_path, swapped.join("\n") + "\n").unwrap();
+    let out = verify(None);
+    assert!(!out.status.success());
+    assert!(stdout(&out).contains("FAIL: entry 2"), "{}", stdout(&out));
+    // a rewritten checkpoint
+    std::fs::write(&entries_path, &good).unwrap();
+    let note = std::fs::read_to_string(export.join("checkpoint")).unwrap();
+    let size: u64 = note.lines().nth(1).unwrap().parse().unwrap();
+    std::fs::write(
+        export.join("checkpoint"),
+        note.replacen(&format!("\n{size}\n"), &format!("\n{}\n", size - 1), 1),
+    )
+    .unwrap();
+    let out = verify(None);
+    assert!(!out.status.success());
+    assert!(
+        stdout(&out).contains("FAIL: checkpoint"),
+        "{}",
+        stdout(&out)
+    );
+    std::fs::write(export.join("checkpoint"), &note).unwrap();
+    assert!(verify(None).status.success());
 }

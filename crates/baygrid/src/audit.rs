@@ -1,0 +1,295 @@
+//! `baygrid audit …`: what a regulator who trusts nothing but the log's public key runs.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use baygrid_audit::{
+    parse_verifier_key, verify_checkpoint, verify_consistency, verify_inclusion, Entry, Hash, Tree,
+};
+use clap::Subcommand;
+use serde::Deserialize;
+
+use crate::cli::client;
+use crate::Args;
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Print the latest signed checkpoint.
+    Checkpoint,
+    /// Fetch an entry and its inclusion proof, and check both against the signed checkpoint.
+    Prove { index: u64 },
+    /// Write entries, checkpoint, public key and inclusion proofs to DIR.
+    Export { dir: PathBuf },
+    /// Verify an export offline: signature, every entry, the root; optionally consistency
+    /// with an earlier checkpoint. Names the first bad entry.
+    Verify {
+        dir: PathBuf,
+        /// An earlier checkpoint of the same log, which the export must extend.
+        #[arg(long)]
+        previous: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+struct EntryView {
+    index: u64,
+    canonical: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct ProofView {
+    proof: Vec<String>,
+}
+
+fn unhex(text: &str) -> anyhow::Result<Hash> {
+    let bytes: Vec<u8> = (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2).unwrap_or("zz"), 16))
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("`{text}` is not hex"))?;
+    bytes
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("`{text}` is not a 32-byte hash"))
+}
+
+fn checkpoint_size(note: &str) -> anyhow::Result<u64> {
+    note.lines()
+        .nth(1)
+        .and_then(|l| l.parse().ok())
+        .context("checkpoint has no tree size line")
+}
+
+pub async fn run(args: &Args, cmd: &AuditCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        AuditCommand::Checkpoint => {
+            let note = text(args, "/api/v1/audit/checkpoint").await?;
+            print!("{note}");
+            Ok(ExitCode::SUCCESS)
+        }
+        AuditCommand::Prove { index } => prove(args, *index).await,
+        AuditCommand::Export { dir } => export(args, dir).await,
+        AuditCommand::Verify { dir, previous } => verify(dir, previous.as_deref()),
+    }
+}
+
+async fn text(args: &Args, path: &str) -> anyhow::Result<String> {
+    let client = client(args)?;
+    let token = args
+        .token
+        .clone()
+        .or_else(|| std::fs::read_to_string(args.data_dir().join("operator.token")).ok());
+    let mut request = reqwest::Client::new().get(format!("{}{path}", client.base()));
+    if let Some(token) = token {
+        request = request.bearer_auth(token.trim());
+    }
+    let response = request
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {}", client.base()))?;
+    let status = response.status();
+    let body = response.text().await?;
+    anyhow::ensure!(status.is_success(), "{path}: HTTP {status}: {body}");
+    Ok(body)
+}
+
+async fn prove(args: &Args, index: u64) -> anyhow::Result<ExitCode> {
+    let client = client(args)?;
+    let note = text(args, "/api/v1/audit/checkpoint").await?;
+    let (name, key) = parse_verifier_key(&text(args, "/api/v1/audit/key").await?)?;
+    let checkpoint = verify_checkpoint(&note, &name, &key)?;
+    let entry: EntryView = client
+        .get(&format!("/api/v1/audit/entries/{index}"))
+        .await?;
+    let proof: ProofView = client
+        .get(&format!(
+            "/api/v1/audit/proof/inclusion?index={index}&size={}",
+            checkpoint.size
+        ))
+        .await?;
+    let proof: Vec<Hash> = proof
+        .proof
+        .iter()
+        .map(|h| unhex(h))
+        .collect::<anyhow::Result<_>>()?;
+    let leaf = baygrid_audit::leaf_hash(entry.canonical.as_bytes());
+    verify_inclusion(&leaf, index, checkpoint.size, &proof, &checkpoint.root).with_context(
+        || {
+            format!(
+                "entry {index} is not in the log at size {}",
+                checkpoint.size
+            )
+        },
+    )?;
+    println!("{}", entry.canonical);
+    println!(
+        "entry {index} is included in the log of {} entries signed by {name} ({} proof hashes)",
+        checkpoint.size,
+        proof.len()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn export(args: &Args, dir: &Path) -> anyhow::Result<ExitCode> {
+    let client = client(args)?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let note = text(args, "/api/v1/audit/checkpoint").await?;
+    let size = checkpoint_size(&note)?;
+    let key = text(args, "/api/v1/audit/key").await?;
+    let mut entries = std::io::BufWriter::new(std::fs::File::create(dir.join("entries.jsonl"))?);
+    let mut next = 0;
+    while next < size {
+        let page: Vec<EntryView> = client
+            .get(&format!("/api/v1/audit/entries?from={next}&limit=10000"))
+            .await?;
+        anyhow::ensure!(
+            !page.is_empty(),
+            "the log returned no entry at {next} below size {size}"
+        );
+        for entry in page.into_iter().take((size - next) as usize) {
+            anyhow::ensure!(
+                entry.index == next,
+                "the log returned entry {} where {next} was expected",
+                entry.index
+            );
+            writeln!(entries, "{}", entry.canonical)?;
+            next += 1;
+        }
+    }
+    entries.flush()?;
+    let mut proofs = std::io::BufWriter::new(std::fs::File::create(dir.join("proofs.jsonl"))?);
+    for index in 0..size {
+        let proof: ProofView = client
+            .get(&format!(
+                "/api/v1/audit/proof/inclusion?index={index}&size={size}"
+            ))
+            .await?;
+        writeln!(proofs, "{}", serde_json::to_string(&proof.proof)?)?;
+    }
+    proofs.flush()?;
+    std::fs::write(dir.join("checkpoint"), &note)?;
+    std::fs::write(dir.join("log.pub"), &key)?;
+    println!(
+        "exported {size} entries, their inclusion proofs, the checkpoint and the public key to {}",
+        dir.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Offline: needs only the export directory.
+fn verify(dir: &Path, previous: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let read = |name: &str| {
+        std::fs::read_to_string(dir.join(name))
+            .with_context(|| format!("cannot read {}", dir.join(name).display()))
+    };
+    let (name, key) = parse_verifier_key(&read("log.pub")?)?;
+    let checkpoint = match verify_checkpoint(&read("checkpoint")?, &name, &key) {
+        Ok(c) => c,
+        Err(e) => return fail(&format!("checkpoint: {e}")),
+    };
+    println!("checkpoint: signed by {name}, {} entries", checkpoint.size);
+    let entries = read("entries.jsonl")?;
+    let lines: Vec<&str> = entries.lines().collect();
+    let mut tree = Tree::new();
+    let mut kinds = Vec::new();
+    for (line_no, line) in lines.iter().take(checkpoint.size as usize).enumerate() {
+        let entry: Entry = match serde_json::from_str(line) {
+            Ok(entry) => entry,
+            Err(e) => return fail(&format!("entry {line_no}: not an entry ({e})")),
+        };
+        if entry.index != line_no as u64 {
+            return fail(&format!(
+                "entry {line_no}: carries index {}: entries were dropped or reordered",
+                entry.index
+            ));
+        }
+        if entry.canonical() != line.as_bytes() {
+            return fail(&format!(
+                "entry {line_no} ({}): not in canonical form: it was altered",
+                entry.kind
+            ));
+        }
+        kinds.push(entry.kind);
+        tree.push(line.as_bytes());
+    }
+    if tree.len() < checkpoint.size {
+        return fail(&format!(
+            "the export holds {} entries; the checkpoint covers {}",
+            lines.len(),
+            checkpoint.size
+        ));
+    }
+    if tree.root() != checkpoint.root {
+        // the log's inclusion proofs name the first entry that is not the one it signed
+        let proofs = read("proofs.jsonl").unwrap_or_default();
+        for (index, proof) in proofs.lines().enumerate().take(checkpoint.size as usize) {
+            let proof: Vec<String> = serde_json::from_str(proof).unwrap_or_default();
+            let proof: Vec<Hash> = proof.iter().filter_map(|h| unhex(h).ok()).collect();
+            let leaf = tree.leaf(index as u64).expect("index below size");
+            if verify_inclusion(
+                &leaf,
+                index as u64,
+                checkpoint.size,
+                &proof,
+                &checkpoint.root,
+            )
+            .is_err()
+            {
+                return fail(&format!(
+                    "entry {index} ({}) is not the entry the log signed",
+                    kinds[index]
+                ));
+            }
+        }
+        return fail("the entries do not hash to the signed root");
+    }
+    println!(
+        "entries: {} recomputed; the root matches the signed checkpoint",
+        checkpoint.size
+    );
+    if let Some(previous) = previous {
+        let text = std::fs::read_to_string(previous)
+            .with_context(|| format!("cannot read {}", previous.display()))?;
+        let old = match verify_checkpoint(&text, &name, &key) {
+            Ok(old) => old,
+            Err(e) => return fail(&format!("previous checkpoint: {e}")),
+        };
+        if old.size > checkpoint.size {
+            return fail(&format!(
+                "the previous checkpoint ({} entries) is larger than this one ({})",
+                old.size, checkpoint.size
+            ));
+        }
+        if old.size > 0 {
+            let proof = tree
+                .consistency_proof(old.size, checkpoint.size)
+                .expect("sizes checked");
+            if verify_consistency(
+                old.size,
+                checkpoint.size,
+                &proof,
+                &old.root,
+                &checkpoint.root,
+            )
+            .is_err()
+            {
+                return fail(&format!(
+                    "fork: the first {} entries differ from the previous checkpoint's",
+                    old.size
+                ));
+            }
+        }
+        println!(
+            "previous checkpoint of {} entries: consistent (append-only)",
+            old.size
+        );
+    }
+    println!("OK");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn fail(message: &str) -> anyhow::Result<ExitCode> {
+    println!("FAIL: {message}");
+    Ok(ExitCode::FAILURE)
+}
