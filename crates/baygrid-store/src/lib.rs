@@ -451,6 +451,53 @@ pub struct OutboxRow {
 }
 
 impl Store {
+    /// Appends entries to the outbox as one change, with multi-row statements. Returns the
+    /// seq of the first.
+    pub async fn append_outbox(
+        &self,
+        entries: Vec<(Millis, String, String, serde_json::Value)>,
+    ) -> Result<i64> {
+        self.write(move |conn| {
+            Box::pin(async move {
+                let base: i64 = sqlx::query("SELECT COALESCE(MAX(seq), 0) AS seq FROM outbox")
+                    .fetch_one(&mut *conn)
+                    .await?
+                    .try_get("seq")?;
+                for (chunk_no, chunk) in entries.chunks(200).enumerate() {
+                    let mut sql = String::from(
+                        "INSERT INTO outbox (seq, at_ms, kind, actor, payload) VALUES ",
+                    );
+                    for row in 0..chunk.len() {
+                        let b = row * 5;
+                        if row > 0 {
+                            sql.push_str(", ");
+                        }
+                        sql.push_str(&format!(
+                            "(${}, ${}, ${}, ${}, ${})",
+                            b + 1,
+                            b + 2,
+                            b + 3,
+                            b + 4,
+                            b + 5
+                        ));
+                    }
+                    let mut query = sqlx::query(&sql);
+                    for (row, (at, kind, actor, payload)) in chunk.iter().enumerate() {
+                        query = query
+                            .bind(base + 1 + (chunk_no * 200 + row) as i64)
+                            .bind(*at)
+                            .bind(kind.clone())
+                            .bind(actor.clone())
+                            .bind(payload.to_string());
+                    }
+                    query.execute(&mut *conn).await?;
+                }
+                Ok(base + 1)
+            })
+        })
+        .await
+    }
+
     /// Outbox rows with `seq >= from`, in order, at most `limit`.
     pub async fn outbox_from(&self, from: i64, limit: i64) -> Result<Vec<OutboxRow>> {
         let rows = sqlx::query("SELECT seq, at_ms, kind, actor, payload FROM outbox WHERE seq >= $1 ORDER BY seq LIMIT $2")

@@ -15,6 +15,22 @@ use crate::Args;
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
+    /// The audit log: durable appends per second with group commit, and inclusion proofs
+    /// produced and verified at a large tree size.
+    Audit {
+        /// Entries in the in-memory tree for the proof figures.
+        #[arg(long, default_value_t = 10_000_000)]
+        entries: u64,
+        /// Durable appends measured per store.
+        #[arg(long, default_value_t = 200_000)]
+        appends: usize,
+        /// Entries per append batch.
+        #[arg(long, default_value_t = 1_000)]
+        batch: usize,
+        /// A PostgreSQL URL ending in an existing database (a new database is made beside it).
+        #[arg(long, env = "BAYGRID_BENCH_POSTGRES_URL")]
+        postgres: Option<String>,
+    },
     /// Durable job submissions per second over HTTP (SQLite, and PostgreSQL when given),
     /// and trivial jobs run to completion through the local engine.
     Submit {
@@ -37,13 +53,25 @@ pub enum BenchCommand {
 }
 
 pub async fn run(_args: &Args, cmd: &BenchCommand) -> anyhow::Result<ExitCode> {
+    if let BenchCommand::Audit {
+        entries,
+        appends,
+        batch,
+        postgres,
+    } = cmd
+    {
+        return audit_bench(*entries, *appends, *batch, postgres.as_deref()).await;
+    }
     let BenchCommand::Submit {
         jobs,
         concurrency,
         postgres,
         run_jobs,
         slurm_jobs,
-    } = cmd;
+    } = cmd
+    else {
+        unreachable!("audit handled above");
+    };
     println!(
         "machine: {} CPUs; {} submissions per store, {} concurrent clients\n",
         std::thread::available_parallelism()
@@ -340,4 +368,107 @@ async fn sbatch_rate(count: usize) -> Option<f64> {
         }
     }
     Some(count as f64 / started.elapsed().as_secs_f64())
+}
+
+async fn audit_bench(
+    entries: u64,
+    appends: usize,
+    batch: usize,
+    postgres: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    // durable appends: 4 concurrent appenders, each committing batches through the group writer
+    let mut stores = vec![("sqlite", None::<String>)];
+    if let Some(admin) = postgres {
+        stores.push((
+            "postgresql",
+            Some(baygrid_store::testing::create_database(admin, "baygrid_bench").await?),
+        ));
+    }
+    println!(
+        "{:<12} {:>12} {:>8} {:>14}  durability",
+        "store", "appends/s", "batch", "p99 commit ms"
+    );
+    for (name, url) in stores {
+        let dir = tempfile::tempdir()?;
+        let url =
+            url.unwrap_or_else(|| format!("sqlite://{}", dir.path().join("audit.db").display()));
+        let store = baygrid_store::Store::open(&url).await?;
+        let payload = serde_json::json!({"job": "job_01jexampleexampleexample00", "from": "queued", "to": "placed", "reason": "placed on shaoguan-910b"});
+        let batches = appends.div_ceil(batch);
+        let next = Arc::new(AtomicUsize::new(0));
+        let started = Instant::now();
+        let mut workers = Vec::new();
+        for _ in 0..4 {
+            let store = store.clone();
+            let next = next.clone();
+            let payload = payload.clone();
+            workers.push(tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                while next.fetch_add(1, Ordering::Relaxed) < batches {
+                    let rows = (0..batch)
+                        .map(|_| {
+                            (
+                                0i64,
+                                "job.transition".to_string(),
+                                "scheduler".to_string(),
+                                payload.clone(),
+                            )
+                        })
+                        .collect();
+                    let sent = Instant::now();
+                    store.append_outbox(rows).await?;
+                    latencies.push(sent.elapsed());
+                }
+                Ok::<_, anyhow::Error>(latencies)
+            }));
+        }
+        let mut latencies = Vec::new();
+        for worker in workers {
+            latencies.extend(worker.await??);
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        latencies.sort_unstable();
+        let p99 = latencies[((latencies.len() as f64 * 0.99) as usize).min(latencies.len() - 1)]
+            .as_secs_f64()
+            * 1000.0;
+        let stored = store.count("outbox").await?;
+        anyhow::ensure!(stored as usize == batches * batch, "outbox holds {stored}");
+        println!(
+            "{name:<12} {:>12.0} {batch:>8} {p99:>14.1}  {}",
+            stored as f64 / elapsed,
+            store.backend().durability()
+        );
+    }
+
+    // proofs at `entries`
+    println!("\nbuilding a tree of {entries} entries in memory ...");
+    let started = Instant::now();
+    let mut tree = baygrid_audit::Tree::new();
+    for i in 0..entries {
+        tree.push(&i.to_le_bytes());
+    }
+    println!("built in {:.1} s", started.elapsed().as_secs_f64());
+    let root = tree.root();
+    let samples = 20_000u64;
+    let indices: Vec<u64> = (0..samples)
+        .map(|i| (i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) % entries)
+        .collect();
+    let started = Instant::now();
+    let proofs: Vec<Vec<baygrid_audit::Hash>> = indices
+        .iter()
+        .map(|&i| tree.inclusion_proof(i, entries).expect("in range"))
+        .collect();
+    let produce = started.elapsed().as_secs_f64() / samples as f64 * 1e6;
+    let leaves: Vec<baygrid_audit::Hash> = indices
+        .iter()
+        .map(|&i| tree.leaf(i).expect("in range"))
+        .collect();
+    let started = Instant::now();
+    for ((index, proof), leaf) in indices.iter().zip(&proofs).zip(&leaves) {
+        baygrid_audit::verify_inclusion(leaf, *index, entries, proof, &root)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    let verify = started.elapsed().as_secs_f64() / samples as f64 * 1e6;
+    println!("inclusion proof at {entries} entries ({} hashes): produce {produce:.1} µs, verify {verify:.1} µs (mean of {samples})", proofs[0].len());
+    Ok(ExitCode::SUCCESS)
 }
