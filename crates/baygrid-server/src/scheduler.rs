@@ -107,14 +107,8 @@ pub async fn cycle(state: &AppState) -> Result<usize, ApiError> {
         if let Some(allocation) = quote.allocation(&job.spec) {
             let chosen = quote.chosen().expect("an allocation has a chosen cluster");
             let reason = format!(
-                "placed on {} at {}: {} (estimated {})",
-                chosen.cluster,
-                chosen.site,
-                chosen.reason,
-                chosen
-                    .estimated_cost_cny
-                    .map(|m| m.to_string())
-                    .unwrap_or_default()
+                "placed on {} at {}: {}",
+                chosen.cluster, chosen.site, chosen.reason
             );
             if let Some(cluster) = market
                 .clusters
