@@ -106,6 +106,36 @@ pub struct LogCursor {
     pub offsets: BTreeMap<String, u64>,
 }
 
+impl LogCursor {
+    /// The lines appended to `path` since this cursor last read it (kept under `key`):
+    /// complete lines only, unless the writer has `ended`, when a last partial line counts.
+    pub fn read_new_lines(
+        &mut self,
+        path: &std::path::Path,
+        key: &str,
+        ended: bool,
+    ) -> Vec<String> {
+        let offset = self.offsets.get(key).copied().unwrap_or(0);
+        let Ok(bytes) = std::fs::read(path) else {
+            return Vec::new();
+        };
+        if (bytes.len() as u64) <= offset {
+            return Vec::new();
+        }
+        let fresh = &bytes[offset as usize..];
+        let upto = match fresh.iter().rposition(|b| *b == b'\n') {
+            Some(i) => i + 1,
+            None if ended => fresh.len(),
+            None => 0,
+        };
+        self.offsets.insert(key.to_string(), offset + upto as u64);
+        String::from_utf8_lossy(&fresh[..upto])
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
 /// A cluster engine.
 #[async_trait::async_trait]
 pub trait Engine: Send + Sync {

@@ -234,33 +234,19 @@ impl Engine for LocalEngine {
             for stream in ["stdout", "stderr"] {
                 let path = rank_dir(&handle.dir, index).join(stream);
                 let key = format!("{index}/{stream}");
-                let offset = cursor.offsets.get(&key).copied().unwrap_or(0);
-                let Ok(bytes) = std::fs::read(&path) else {
-                    continue;
-                };
-                if (bytes.len() as u64) <= offset {
-                    continue;
-                }
-                let fresh = &bytes[offset as usize..];
                 // complete lines only, unless the rank has ended
                 let ended = read_exit(&rank_dir(&handle.dir, index)).is_some();
-                let upto = match fresh.iter().rposition(|b| *b == b'\n') {
-                    Some(i) => i + 1,
-                    None if ended => fresh.len(),
-                    None => 0,
-                };
                 let name = if index == 0 {
                     stream.to_string()
                 } else {
                     format!("{stream}.{index}")
                 };
-                for line in String::from_utf8_lossy(&fresh[..upto]).lines() {
+                for line in cursor.read_new_lines(&path, &key, ended) {
                     lines.push(OutputLine {
                         stream: name.clone(),
-                        line: line.to_string(),
+                        line,
                     });
                 }
-                cursor.offsets.insert(key, offset + upto as u64);
             }
         }
         Ok(lines)

@@ -378,26 +378,12 @@ impl Engine for SlurmEngine {
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
-            let offset = cursor.offsets.get(&key).copied().unwrap_or(0);
-            let Ok(bytes) = std::fs::read(&path) else {
-                continue;
-            };
-            if (bytes.len() as u64) <= offset {
-                continue;
-            }
-            let fresh = &bytes[offset as usize..];
-            let upto = match fresh.iter().rposition(|b| *b == b'\n') {
-                Some(i) => i + 1,
-                None if ended => fresh.len(),
-                None => 0,
-            };
-            for line in String::from_utf8_lossy(&fresh[..upto]).lines() {
+            for line in cursor.read_new_lines(&path, &key, ended) {
                 lines.push(OutputLine {
                     stream: stream.clone(),
-                    line: line.to_string(),
+                    line,
                 });
             }
-            cursor.offsets.insert(key, offset + upto as u64);
         }
         Ok(lines)
     }
