@@ -22,6 +22,20 @@ pub enum AuditCommand {
     Prove { index: u64 },
     /// Write entries, checkpoint, public key and inclusion proofs to DIR.
     Export { dir: PathBuf },
+    /// Watch a log: verify its new checkpoint and its consistency with the last one this
+    /// witness saw, then cosign it. A fork is refused and the last good checkpoint kept.
+    Witness {
+        /// The log's server URL.
+        #[arg(long)]
+        log: String,
+        /// The witness's Ed25519 key (32 hex bytes), made when missing; its state (the last
+        /// checkpoint seen and the log's key, pinned on first use) lives beside it.
+        #[arg(long)]
+        key: PathBuf,
+        /// The witness's name on its cosignatures.
+        #[arg(long, default_value = "baygrid-witness")]
+        name: String,
+    },
     /// Verify an export offline: signature, every entry, the root; optionally consistency
     /// with an earlier checkpoint. Names the first bad entry.
     Verify {
@@ -71,11 +85,19 @@ pub async fn run(args: &Args, cmd: &AuditCommand) -> anyhow::Result<ExitCode> {
         AuditCommand::Prove { index } => prove(args, *index).await,
         AuditCommand::Export { dir } => export(args, dir).await,
         AuditCommand::Verify { dir, previous } => verify(dir, previous.as_deref()),
+        AuditCommand::Witness { log, key, name } => witness(args, log, key, name).await,
     }
 }
 
 async fn text(args: &Args, path: &str) -> anyhow::Result<String> {
-    let client = client(args)?;
+    text_from(args, &client(args)?, path).await
+}
+
+async fn text_from(
+    args: &Args,
+    client: &baygrid_api::Client,
+    path: &str,
+) -> anyhow::Result<String> {
     let token = args
         .token
         .clone()
@@ -292,4 +314,105 @@ fn verify(dir: &Path, previous: Option<&Path>) -> anyhow::Result<ExitCode> {
 fn fail(message: &str) -> anyhow::Result<ExitCode> {
     println!("FAIL: {message}");
     Ok(ExitCode::FAILURE)
+}
+
+fn load_or_make_key(path: &Path) -> anyhow::Result<baygrid_audit::SigningKey> {
+    if let Ok(text) = std::fs::read_to_string(path) {
+        return Ok(baygrid_audit::SigningKey::from_bytes(
+            &unhex(text.trim()).context("witness key")?,
+        ));
+    }
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .context("reading randomness for the witness key")?;
+    let text: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(baygrid_audit::SigningKey::from_bytes(&bytes))
+}
+
+async fn witness(args: &Args, log: &str, key_path: &Path, name: &str) -> anyhow::Result<ExitCode> {
+    let key = load_or_make_key(key_path)?;
+    let state_dir = key_path.with_extension("state");
+    std::fs::create_dir_all(&state_dir)?;
+    let log_client = baygrid_api::Client::new(log, Some(crate::cli::bearer_token(args)?));
+    let vkey_text = text_from(args, &log_client, "/api/v1/audit/key").await?;
+    let pinned_path = state_dir.join("log.pub");
+    let pinned = match std::fs::read_to_string(&pinned_path) {
+        Ok(pinned) => pinned,
+        Err(_) => {
+            std::fs::write(&pinned_path, &vkey_text)?;
+            vkey_text.clone()
+        }
+    };
+    if pinned.trim() != vkey_text.trim() {
+        println!(
+            "REFUSED: the log now presents key {} but this witness pinned {}",
+            vkey_text.trim(),
+            pinned.trim()
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    let (log_name, log_key) = parse_verifier_key(&pinned)?;
+    let note = text_from(args, &log_client, "/api/v1/audit/checkpoint").await?;
+    let new = match verify_checkpoint(&note, &log_name, &log_key) {
+        Ok(c) => c,
+        Err(e) => {
+            println!("REFUSED: {e}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let last_path = state_dir.join("last.checkpoint");
+    if let Ok(last_note) = std::fs::read_to_string(&last_path) {
+        let last = verify_checkpoint(&last_note, &log_name, &log_key)
+            .context("the witness's own state is corrupt")?;
+        if new.size < last.size {
+            println!(
+                "REFUSED: the log shrank from {} to {} entries",
+                last.size, new.size
+            );
+            return Ok(ExitCode::FAILURE);
+        }
+        if new.size == last.size && new.root != last.root {
+            println!(
+                "REFUSED: fork: two different roots for {} entries",
+                new.size
+            );
+            return Ok(ExitCode::FAILURE);
+        }
+        if new.size > last.size && last.size > 0 {
+            let proof: ProofView = log_client
+                .get(&format!(
+                    "/api/v1/audit/proof/consistency?from={}&to={}",
+                    last.size, new.size
+                ))
+                .await?;
+            let proof: Vec<Hash> = proof
+                .proof
+                .iter()
+                .map(|h| unhex(h))
+                .collect::<anyhow::Result<_>>()?;
+            if verify_consistency(last.size, new.size, &proof, &last.root, &new.root).is_err() {
+                println!("REFUSED: fork: the log at {} entries does not extend the checkpoint of {} entries this witness saw", new.size, last.size);
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+    }
+    // cosign: the witness signs the same checkpoint text under its own name
+    let body = &note[..note
+        .find("\n\n")
+        .context("checkpoint has no signature block")?
+        + 1];
+    let cosigned = baygrid_audit::sign_note(body, name, &key);
+    let signature_line = cosigned.lines().last().unwrap_or_default();
+    let with_cosignature = format!("{note}{signature_line}\n");
+    std::fs::write(&last_path, &note)?;
+    std::fs::write(state_dir.join("cosigned.checkpoint"), &with_cosignature)?;
+    print!("{with_cosignature}");
+    println!(
+        "cosigned {} entries of {log_name}; witness key {}",
+        new.size,
+        baygrid_audit::verifier_key(name, &key.verifying_key())
+    );
+    Ok(ExitCode::SUCCESS)
 }

@@ -111,17 +111,21 @@ pub enum JobCommand {
 }
 
 /// The token: `--token`, `BAYGRID_TOKEN`, or the operator token `baygrid up` wrote.
-pub fn client(args: &Args) -> anyhow::Result<Client> {
-    let token = match &args.token {
-        Some(token) => token.clone(),
+pub fn bearer_token(args: &Args) -> anyhow::Result<String> {
+    match &args.token {
+        Some(token) => Ok(token.clone()),
         None => {
             let path = args.data_dir().join("operator.token");
             read_token(&path).with_context(|| {
                 format!("no token: pass --token or BAYGRID_TOKEN, or run `baygrid up` so that {} exists", path.display())
-            })?
+            })
         }
-    };
-    Ok(Client::new(&args.server, Some(token)))
+    }
+}
+
+/// A client for `--server` with the token above.
+pub fn client(args: &Args) -> anyhow::Result<Client> {
+    Ok(Client::new(&args.server, Some(bearer_token(args)?)))
 }
 
 fn read_token(path: &Path) -> anyhow::Result<String> {

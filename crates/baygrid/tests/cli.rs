@@ -364,4 +364,94 @@ fn audit_export_and_verify(
     );
     std::fs::write(export.join("checkpoint"), &note).unwrap();
     assert!(verify(None).status.success());
+    witness_refuses_a_fork(dir, operator_env);
+}
+
+/// A witness cosigns a growing log, and refuses another log that presents the same key with
+/// a different history.
+fn witness_refuses_a_fork(dir: &std::path::Path, operator_env: &[(&str, &str)]) {
+    let server = operator_env
+        .iter()
+        .find(|(k, _)| *k == "BAYGRID_SERVER")
+        .unwrap()
+        .1;
+    let data = std::path::PathBuf::from(
+        operator_env
+            .iter()
+            .find(|(k, _)| *k == "BAYGRID_DATA_DIR")
+            .unwrap()
+            .1,
+    );
+    let key = dir.join("witness.key");
+    let key_arg = key.to_str().unwrap();
+    let out = baygrid(
+        &["audit", "witness", "--log", server, "--key", key_arg],
+        operator_env,
+    );
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(stdout(&out).contains("cosigned"), "{}", stdout(&out));
+    assert_eq!(
+        stdout(&out).matches("\u{2014} ").count(),
+        2,
+        "log signature and cosignature: {}",
+        stdout(&out)
+    );
+    let out = baygrid(
+        &[
+            "party",
+            "add",
+            "later-party",
+            "--jurisdiction",
+            "MO",
+            "--city",
+            "macao",
+        ],
+        operator_env,
+    );
+    assert!(out.status.success());
+    std::thread::sleep(Duration::from_millis(1500));
+    let out = baygrid(
+        &["audit", "witness", "--log", server, "--key", key_arg],
+        operator_env,
+    );
+    assert!(
+        out.status.success(),
+        "the grown log is consistent: {}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+
+    // another server holding the same log key, with a history of its own
+    let fork_data = dir.join("fork-data");
+    std::fs::create_dir_all(&fork_data).unwrap();
+    std::fs::copy(data.join("audit.key"), fork_data.join("audit.key")).unwrap();
+    let port = free_port();
+    let config = dir.join("fork.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nsites_file = \"sample\"\n",
+            fork_data.display()
+        ),
+    )
+    .unwrap();
+    let mut fork = spawn(
+        &["server", "--config", config.to_str().unwrap()],
+        &dir.join("fork.log"),
+    );
+    let fork_url = format!("http://127.0.0.1:{port}");
+    wait_healthy(&fork_url, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(1500));
+    let fork_env = [
+        ("BAYGRID_SERVER", fork_url.as_str()),
+        ("BAYGRID_DATA_DIR", fork_data.to_str().unwrap()),
+    ];
+    let out = baygrid(
+        &["audit", "witness", "--log", &fork_url, "--key", key_arg],
+        &fork_env,
+    );
+    assert!(!out.status.success(), "{}", stdout(&out));
+    assert!(stdout(&out).contains("REFUSED"), "{}", stdout(&out));
+    let _ = fork.kill();
+    let _ = fork.wait();
 }
