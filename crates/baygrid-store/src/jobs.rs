@@ -5,7 +5,7 @@ use serde::Serialize;
 use sqlx::{AnyConnection, Row};
 
 use crate::records::JOB_COLUMNS;
-use crate::{outbox, JobEvent, JobRecord, LogLine, Result, Store, StoreError};
+use crate::{multi_row_insert, outbox, JobEvent, JobRecord, LogLine, Result, Store, StoreError};
 
 /// A submission.
 #[derive(Debug, Clone)]
@@ -272,26 +272,12 @@ pub(crate) async fn submit_batch(
         fresh.push(i);
     }
     for chunk in fresh.chunks(BATCH_ROWS) {
-        let mut sql = String::from(
+        let sql = multi_row_insert(
             "INSERT INTO jobs (id, tenant, idempotency_key, name, spec, state, reason, priority, submitted_ms, updated_ms) VALUES ",
+            "({1}, {2}, {3}, {4}, {5}, 'queued', 'submitted', {6}, {7}, {7})",
+            7,
+            chunk.len(),
         );
-        for (row, _) in chunk.iter().enumerate() {
-            let b = row * 7;
-            if row > 0 {
-                sql.push_str(", ");
-            }
-            sql.push_str(&format!(
-                "(${}, ${}, ${}, ${}, ${}, 'queued', 'submitted', ${}, ${}, ${})",
-                b + 1,
-                b + 2,
-                b + 3,
-                b + 4,
-                b + 5,
-                b + 6,
-                b + 7,
-                b + 7
-            ));
-        }
         let mut query = sqlx::query(&sql);
         for &i in chunk {
             let job = &jobs[i];
@@ -308,20 +294,12 @@ pub(crate) async fn submit_batch(
         }
         query.execute(&mut *conn).await?;
 
-        let mut sql = String::from(
+        let sql = multi_row_insert(
             "INSERT INTO job_events (job_id, seq, at_ms, from_state, to_state, reason) VALUES ",
+            "({1}, 1, {2}, NULL, 'queued', 'submitted')",
+            2,
+            chunk.len(),
         );
-        for (row, _) in chunk.iter().enumerate() {
-            let b = row * 2;
-            if row > 0 {
-                sql.push_str(", ");
-            }
-            sql.push_str(&format!(
-                "(${}, 1, ${}, NULL, 'queued', 'submitted')",
-                b + 1,
-                b + 2
-            ));
-        }
         let mut query = sqlx::query(&sql);
         for &i in chunk {
             query = query.bind(jobs[i].id.clone()).bind(jobs[i].now);
@@ -332,20 +310,12 @@ pub(crate) async fn submit_batch(
             .fetch_one(&mut *conn)
             .await?
             .try_get("seq")?;
-        let mut sql = String::from("INSERT INTO outbox (seq, at_ms, kind, actor, payload) VALUES ");
-        for (row, _) in chunk.iter().enumerate() {
-            let b = row * 4;
-            if row > 0 {
-                sql.push_str(", ");
-            }
-            sql.push_str(&format!(
-                "(${}, ${}, 'job.transition', ${}, ${})",
-                b + 1,
-                b + 2,
-                b + 3,
-                b + 4
-            ));
-        }
+        let sql = multi_row_insert(
+            "INSERT INTO outbox (seq, at_ms, kind, actor, payload) VALUES ",
+            "({1}, {2}, 'job.transition', {3}, {4})",
+            4,
+            chunk.len(),
+        );
         let mut query = sqlx::query(&sql);
         for (row, &i) in chunk.iter().enumerate() {
             let job = &jobs[i];

@@ -335,6 +335,31 @@ fn fail_all(group: Vec<WriteRequest>, error: &sqlx::Error) {
     }
 }
 
+/// `head` followed by `rows` copies of `template`, where `{k}` stands for the row's k-th
+/// bind (1-based) and becomes `$n` numbered across the whole statement.
+pub(crate) fn multi_row_insert(
+    head: &str,
+    template: &str,
+    binds_per_row: usize,
+    rows: usize,
+) -> String {
+    let mut sql = String::from(head);
+    for row in 0..rows {
+        if row > 0 {
+            sql.push_str(", ");
+        }
+        let mut values = template.to_string();
+        for k in (1..=binds_per_row).rev() {
+            values = values.replace(
+                &format!("{{{k}}}"),
+                &format!("${}", row * binds_per_row + k),
+            );
+        }
+        sql.push_str(&values);
+    }
+    sql
+}
+
 /// Appends an outbox entry for the audit log, in the caller's transaction.
 pub async fn outbox(
     conn: &mut AnyConnection,
@@ -464,23 +489,12 @@ impl Store {
                     .await?
                     .try_get("seq")?;
                 for (chunk_no, chunk) in entries.chunks(200).enumerate() {
-                    let mut sql = String::from(
+                    let sql = multi_row_insert(
                         "INSERT INTO outbox (seq, at_ms, kind, actor, payload) VALUES ",
+                        "({1}, {2}, {3}, {4}, {5})",
+                        5,
+                        chunk.len(),
                     );
-                    for row in 0..chunk.len() {
-                        let b = row * 5;
-                        if row > 0 {
-                            sql.push_str(", ");
-                        }
-                        sql.push_str(&format!(
-                            "(${}, ${}, ${}, ${}, ${})",
-                            b + 1,
-                            b + 2,
-                            b + 3,
-                            b + 4,
-                            b + 5
-                        ));
-                    }
                     let mut query = sqlx::query(&sql);
                     for (row, (at, kind, actor, payload)) in chunk.iter().enumerate() {
                         query = query
