@@ -367,5 +367,8 @@ async fn rejects_unknown_urls() {
 #[test]
 fn multi_row_statements_number_every_bind() {
     let sql = multi_row_insert("INSERT INTO t VALUES ", "({1}, 'x', {2}, {2})", 2, 3);
-    assert_eq!(sql, "INSERT INTO t VALUES ($1, 'x', $2, $2), ($3, 'x', $4, $4), ($5, 'x', $6, $6)");
+    assert_eq!(
+        sql,
+        "INSERT INTO t VALUES ($1, 'x', $2, $2), ($3, 'x', $4, $4), ($5, 'x', $6, $6)"
+    );
 }
