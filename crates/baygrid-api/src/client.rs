@@ -35,13 +35,6 @@ impl ClientError {
             _ => None,
         }
     }
-
-    pub fn code(&self) -> Option<&str> {
-        match self {
-            ClientError::Api { code, .. } => Some(code),
-            _ => None,
-        }
-    }
 }
 
 /// A connection to one server with one token.

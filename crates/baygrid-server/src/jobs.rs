@@ -256,7 +256,6 @@ pub async fn list(
         .store
         .list_jobs(&JobFilter {
             tenant,
-            cluster: None,
             states,
             limit,
         })
