@@ -317,6 +317,17 @@ async fn real_slurm_jobs_through_the_agent() {
     .unwrap();
     let slurm = clusters.iter().find(|c| c["name"] == "slurm-h800").unwrap();
     assert_eq!(slurm["online"], true);
+    // the declared cluster says 2 CPUs per node; sinfo on the test node says 8, and its
+    // gpu:h800:8 gres gives 8 accelerators
+    let reported = &slurm["reported"];
+    assert_eq!(reported["engine"], "slurm", "{slurm}");
+    assert_eq!(reported["nodes"], 1, "{slurm}");
+    assert_eq!(reported["cpus_per_node"], 8, "{slurm}");
+    assert_eq!(reported["accelerators_per_node"], 8, "{slurm}");
+    assert!(
+        reported["memory_gb_per_node"].as_u64().unwrap() > 0,
+        "{slurm}"
+    );
     setup.server.stop().await;
 }
 

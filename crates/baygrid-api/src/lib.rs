@@ -33,6 +33,9 @@ pub struct ClusterView {
     pub agent_seen_at: Option<String>,
     pub accelerators_total: u32,
     pub accelerators_in_use: u32,
+    /// What the agent last reported: the engine's own view where it has one (Slurm's
+    /// `sinfo`), else the declared capacity.
+    pub reported: Option<Capacity>,
 }
 
 /// A tenant with what it has spent.

@@ -364,12 +364,12 @@ pub async fn list_clusters(
     who: Principal,
 ) -> ApiResult<Json<Vec<ClusterView>>> {
     let catalog = state.catalog();
-    let status: BTreeMap<String, i64> = state
+    let status: BTreeMap<String, (i64, serde_json::Value)> = state
         .store
         .cluster_status()
         .await?
         .into_iter()
-        .map(|(name, seen, _)| (name, seen))
+        .map(|(name, seen, capacity)| (name, (seen, capacity)))
         .collect();
     let mut in_use: BTreeMap<String, u32> = BTreeMap::new();
     for allocation in state.store.active_allocations().await? {
@@ -384,8 +384,12 @@ pub async fn list_clusters(
             who.role != Role::Provider || who.subject.as_deref() == Some(c.provider.as_str())
         })
         .map(|c| {
-            let seen = status.get(&c.name).copied();
+            let seen = status.get(&c.name).map(|(at, _)| *at);
+            let reported = status
+                .get(&c.name)
+                .and_then(|(_, capacity)| serde_json::from_value(capacity.clone()).ok());
             ClusterView {
+                reported,
                 jurisdiction: catalog
                     .sites
                     .get(&c.site)

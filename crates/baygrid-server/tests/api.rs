@@ -402,6 +402,10 @@ async fn api_flow(store: Option<String>) {
     );
     let own: Vec<ClusterView> = nansha.get("/api/v1/clusters").await.unwrap();
     assert_eq!(own.len(), 1);
+    assert!(
+        own[0].reported.is_none(),
+        "no agent has reported for a new cluster"
+    );
     let all: Vec<ClusterView> = gz.get("/api/v1/clusters").await.unwrap();
     assert_eq!(all.len(), 7);
     expect_error(
