@@ -5,8 +5,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use baygrid_agent::AgentConfig;
-use baygrid_api::{Client, IssueTokenRequest, IssuedToken, JobView, LogsView};
-use baygrid_core::{JobSpec, JobState, Jurisdiction, Party, Role, Tenant};
+use baygrid_api::{Client, JobView, LogsView};
+use baygrid_core::{JobSpec, JobState, Jurisdiction, Role};
 use baygrid_server::{RunningServer, ServerConfig};
 use tokio::sync::watch;
 
@@ -29,31 +29,15 @@ async fn setup(dir: &Path) -> Setup {
     };
     let server = baygrid_server::start(config).await.unwrap();
     let operator = Client::new(&server.url(), Some(server.operator_token.clone()));
-    let party = Party {
-        name: "gz-lab".into(),
-        jurisdiction: Jurisdiction::CN,
-        city: "guangzhou".into(),
-        ciio: false,
-    };
-    let _: Party = operator.post("/api/v1/parties", &party).await.unwrap();
-    let tenant = Tenant {
-        name: "gz-lab".into(),
-        party: "gz-lab".into(),
-        budget: "10000.00 CNY".parse().unwrap(),
-    };
-    let _: Tenant = operator.post("/api/v1/tenants", &tenant).await.unwrap();
-    let issued: IssuedToken = operator
-        .post(
-            "/api/v1/tokens",
-            &IssueTokenRequest {
-                role: Role::Tenant,
-                subject: Some("gz-lab".into()),
-                label: None,
-            },
+    let tenant = operator
+        .add_tenant(
+            "gz-lab",
+            Jurisdiction::CN,
+            "guangzhou",
+            "10000.00 CNY".parse().expect("literal budget"),
         )
         .await
         .unwrap();
-    let tenant = Client::new(&server.url(), Some(issued.token));
     Setup {
         server,
         operator,
@@ -66,21 +50,14 @@ async fn start_agent(
     setup: &Setup,
     work_dir: &Path,
 ) -> (watch::Sender<bool>, tokio::task::JoinHandle<()>) {
-    let issued: IssuedToken = setup
+    let issued = setup
         .operator
-        .post(
-            "/api/v1/tokens",
-            &IssueTokenRequest {
-                role: Role::Agent,
-                subject: Some("nansha-a800".into()),
-                label: None,
-            },
-        )
+        .issue(Role::Agent, Some("nansha-a800"))
         .await
         .unwrap();
     let config = AgentConfig {
         server: setup.server.url(),
-        token: Some(issued.token),
+        token: issued.token().map(str::to_string),
         token_file: None,
         work_dir: work_dir.to_path_buf(),
         engine: "local".into(),

@@ -7,8 +7,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use baygrid_agent::AgentConfig;
-use baygrid_api::{Client, IssueTokenRequest, IssuedToken, JobView, LogsView};
-use baygrid_core::{JobSpec, JobState, Jurisdiction, Party, Role, Tenant};
+use baygrid_api::{Client, JobView, LogsView};
+use baygrid_core::{JobSpec, JobState, Jurisdiction, Role};
 use baygrid_exec::SlurmConfig;
 use baygrid_server::{RunningServer, ServerConfig};
 use serde_json::json;
@@ -53,31 +53,15 @@ async fn setup(dir: &Path, h800_partition: &str) -> Setup {
     };
     let server = baygrid_server::start(config).await.unwrap();
     let operator = Client::new(&server.url(), Some(server.operator_token.clone()));
-    let party = Party {
-        name: "sg-lab".into(),
-        jurisdiction: Jurisdiction::CN,
-        city: "shaoguan".into(),
-        ciio: false,
-    };
-    let _: Party = operator.post("/api/v1/parties", &party).await.unwrap();
-    let tenant = Tenant {
-        name: "sg-lab".into(),
-        party: "sg-lab".into(),
-        budget: "10000.00 CNY".parse().unwrap(),
-    };
-    let _: Tenant = operator.post("/api/v1/tenants", &tenant).await.unwrap();
-    let issued: IssuedToken = operator
-        .post(
-            "/api/v1/tokens",
-            &IssueTokenRequest {
-                role: Role::Tenant,
-                subject: Some("sg-lab".into()),
-                label: None,
-            },
+    let tenant = operator
+        .add_tenant(
+            "sg-lab",
+            Jurisdiction::CN,
+            "shaoguan",
+            "10000.00 CNY".parse().expect("literal budget"),
         )
         .await
         .unwrap();
-    let tenant = Client::new(&server.url(), Some(issued.token));
     let mut agents = Vec::new();
     for (name, model, tasks) in [("slurm-h800", "H800", 1), ("slurm-a800", "A800", 2)] {
         let cluster = json!({"name": name, "site": "shaoguan", "provider": "shaoguan-hub-dc", "engine": "slurm", "nodes": 1,
@@ -90,17 +74,7 @@ async fn setup(dir: &Path, h800_partition: &str) -> Setup {
             )
             .await
             .unwrap();
-        let issued: IssuedToken = operator
-            .post(
-                "/api/v1/tokens",
-                &IssueTokenRequest {
-                    role: Role::Agent,
-                    subject: Some(name.into()),
-                    label: None,
-                },
-            )
-            .await
-            .unwrap();
+        let issued = operator.issue(Role::Agent, Some(name)).await.unwrap();
         let slurm = SlurmConfig {
             partition: if model == "H800" {
                 h800_partition.to_string()
@@ -113,7 +87,7 @@ async fn setup(dir: &Path, h800_partition: &str) -> Setup {
         };
         let config = AgentConfig {
             server: server.url(),
-            token: Some(issued.token),
+            token: issued.token().map(str::to_string),
             token_file: None,
             work_dir: dir.join(name),
             engine: "slurm".into(),

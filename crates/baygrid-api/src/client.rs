@@ -63,6 +63,54 @@ impl Client {
         &self.base
     }
 
+    /// The bearer token this client sends.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
+    /// Issues a token (operator) and returns a client that uses it.
+    pub async fn issue(
+        &self,
+        role: baygrid_core::Role,
+        subject: Option<&str>,
+    ) -> Result<Client, ClientError> {
+        let request = crate::IssueTokenRequest {
+            role,
+            subject: subject.map(str::to_string),
+            label: None,
+        };
+        let issued: crate::IssuedToken = self.post("/api/v1/tokens", &request).await?;
+        Ok(Client {
+            token: Some(issued.token),
+            ..self.clone()
+        })
+    }
+
+    /// Registers a party and a tenant of the same name with a budget (operator), and
+    /// returns a client with that tenant's token.
+    pub async fn add_tenant(
+        &self,
+        name: &str,
+        jurisdiction: baygrid_core::Jurisdiction,
+        city: &str,
+        budget: baygrid_core::Money,
+    ) -> Result<Client, ClientError> {
+        let party = baygrid_core::Party {
+            name: name.into(),
+            jurisdiction,
+            city: city.into(),
+            ciio: false,
+        };
+        let _: baygrid_core::Party = self.post("/api/v1/parties", &party).await?;
+        let tenant = baygrid_core::Tenant {
+            name: name.into(),
+            party: name.into(),
+            budget,
+        };
+        let _: baygrid_core::Tenant = self.post("/api/v1/tenants", &tenant).await?;
+        self.issue(baygrid_core::Role::Tenant, Some(name)).await
+    }
+
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         self.send::<(), T>(Method::GET, path, None, None).await
     }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use baygrid_api::{
     Client, ClientError, ClusterView, IssueTokenRequest, IssuedToken, JobView, LogsView, QuoteView,
 };
-use baygrid_core::{JobSpec, JobState, Jurisdiction, Party, Role, Tenant};
+use baygrid_core::{JobSpec, JobState, Jurisdiction, Party, Role};
 use baygrid_server::{RunningServer, ServerConfig};
 use serde_json::{json, Value};
 
@@ -32,18 +32,7 @@ fn spec(yaml: &str) -> JobSpec {
 const SMALL: &str = "name: small\nresources: {accelerators: {H800: 1}}\ncommand: 'echo hi'\nestimated_duration: 1m\n";
 
 async fn issue(operator: &Client, role: Role, subject: Option<&str>) -> Client {
-    let issued: IssuedToken = operator
-        .post(
-            "/api/v1/tokens",
-            &IssueTokenRequest {
-                role,
-                subject: subject.map(str::to_string),
-                label: None,
-            },
-        )
-        .await
-        .unwrap();
-    Client::new(operator.base(), Some(issued.token))
+    operator.issue(role, subject).await.unwrap()
 }
 
 async fn add_tenant(
@@ -53,20 +42,10 @@ async fn add_tenant(
     city: &str,
     budget: &str,
 ) -> Client {
-    let party = Party {
-        name: name.into(),
-        jurisdiction,
-        city: city.into(),
-        ciio: false,
-    };
-    let _: Party = operator.post("/api/v1/parties", &party).await.unwrap();
-    let tenant = Tenant {
-        name: name.into(),
-        party: name.into(),
-        budget: budget.parse().unwrap(),
-    };
-    let _: Tenant = operator.post("/api/v1/tenants", &tenant).await.unwrap();
-    issue(operator, Role::Tenant, Some(name)).await
+    operator
+        .add_tenant(name, jurisdiction, city, budget.parse().unwrap())
+        .await
+        .unwrap()
 }
 
 /// Asserts an API error's status, code and field.
@@ -871,18 +850,8 @@ async fn api_flow(store: Option<String>) {
 }
 
 async fn gz_token(operator: &Client) -> String {
-    let issued: IssuedToken = operator
-        .post(
-            "/api/v1/tokens",
-            &IssueTokenRequest {
-                role: Role::Tenant,
-                subject: Some("gz-lab".into()),
-                label: None,
-            },
-        )
-        .await
-        .unwrap();
-    issued.token
+    let client = issue(operator, Role::Tenant, Some("gz-lab")).await;
+    client.token().unwrap().to_string()
 }
 
 async fn regulator_client(operator: &Client) -> Client {

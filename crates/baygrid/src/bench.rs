@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use baygrid_api::{Client, IssueTokenRequest, IssuedToken, JobView};
-use baygrid_core::{JobSpec, JobState, Jurisdiction, Party, Role, Tenant};
+use baygrid_api::{Client, JobView};
+use baygrid_core::{JobSpec, JobState, Jurisdiction, Role};
 use baygrid_server::ServerConfig;
 use clap::Subcommand;
 
@@ -157,30 +157,14 @@ async fn bench_server(
     };
     let server = baygrid_server::start(config).await?;
     let operator = Client::new(&server.url(), Some(server.operator_token.clone()));
-    let party = Party {
-        name: "bench-lab".into(),
-        jurisdiction: Jurisdiction::CN,
-        city: "guangzhou".into(),
-        ciio: false,
-    };
-    let _: Party = operator.post("/api/v1/parties", &party).await?;
-    let tenant = Tenant {
-        name: "bench".into(),
-        party: "bench-lab".into(),
-        budget: "100000000.00 CNY".parse().expect("literal"),
-    };
-    let _: Tenant = operator.post("/api/v1/tenants", &tenant).await?;
-    let issued: IssuedToken = operator
-        .post(
-            "/api/v1/tokens",
-            &IssueTokenRequest {
-                role: Role::Tenant,
-                subject: Some("bench".into()),
-                label: None,
-            },
+    let client = operator
+        .add_tenant(
+            "bench",
+            Jurisdiction::CN,
+            "guangzhou",
+            "100000000.00 CNY".parse().expect("literal budget"),
         )
         .await?;
-    let client = Client::new(&server.url(), Some(issued.token));
     Ok((server, client))
 }
 
@@ -270,19 +254,10 @@ async fn run_to_completion(dir: &std::path::Path, count: usize) -> anyhow::Resul
     let operator = Client::new(&server.url(), Some(server.operator_token.clone()));
     // CPU-only jobs cost nothing anywhere, so they go to the nearest site: guangzhou-nansha
     let cluster = "nansha-a800";
-    let issued: IssuedToken = operator
-        .post(
-            "/api/v1/tokens",
-            &IssueTokenRequest {
-                role: Role::Agent,
-                subject: Some(cluster.into()),
-                label: None,
-            },
-        )
-        .await?;
+    let issued = operator.issue(Role::Agent, Some(cluster)).await?;
     let config = baygrid_agent::AgentConfig {
         server: server.url(),
-        token: Some(issued.token),
+        token: issued.token().map(str::to_string),
         token_file: None,
         work_dir: dir.join("agent"),
         engine: "local".into(),

@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use baygrid_api::{Client, IssueTokenRequest, IssuedToken, JobView};
-use baygrid_core::{JobSpec, JobState, Jurisdiction, Party, Role, Tenant};
+use baygrid_api::{Client, JobView};
+use baygrid_core::{JobSpec, JobState, Jurisdiction, Role};
 use common::*;
 
 fn write_server_config(dir: &std::path::Path, port: u16) -> std::path::PathBuf {
@@ -38,39 +38,17 @@ async fn kill_dash_nine_loses_no_acknowledged_job_and_runs_none_twice() {
     wait_healthy(&url, Duration::from_secs(30));
     let operator_token = std::fs::read_to_string(dir.path().join("server/operator.token")).unwrap();
     let operator = Client::new(&url, Some(operator_token.trim().to_string()));
-    let party = Party {
-        name: "crash-lab".into(),
-        jurisdiction: Jurisdiction::CN,
-        city: "guangzhou".into(),
-        ciio: false,
-    };
-    let _: Party = operator.post("/api/v1/parties", &party).await.unwrap();
-    let tenant = Tenant {
-        name: "crash-lab".into(),
-        party: "crash-lab".into(),
-        budget: "1000000.00 CNY".parse().unwrap(),
-    };
-    let _: Tenant = operator.post("/api/v1/tenants", &tenant).await.unwrap();
-    let tenant_token: IssuedToken = operator
-        .post(
-            "/api/v1/tokens",
-            &IssueTokenRequest {
-                role: Role::Tenant,
-                subject: Some("crash-lab".into()),
-                label: None,
-            },
+    let tenant = operator
+        .add_tenant(
+            "crash-lab",
+            Jurisdiction::CN,
+            "guangzhou",
+            "1000000.00 CNY".parse().expect("literal budget"),
         )
         .await
         .unwrap();
-    let agent_token: IssuedToken = operator
-        .post(
-            "/api/v1/tokens",
-            &IssueTokenRequest {
-                role: Role::Agent,
-                subject: Some("nansha-a800".into()),
-                label: None,
-            },
-        )
+    let agent_client = operator
+        .issue(Role::Agent, Some("nansha-a800"))
         .await
         .unwrap();
     let agent_config = dir.path().join("agent.toml");
@@ -78,7 +56,7 @@ async fn kill_dash_nine_loses_no_acknowledged_job_and_runs_none_twice() {
         &agent_config,
         format!(
             "server = \"{url}\"\ntoken = \"{}\"\nwork_dir = \"{}\"\nmax_running = 128\npoll_interval = \"100ms\"\n",
-            agent_token.token,
+            agent_client.token().unwrap_or_default(),
             dir.path().join("agent").display()
         ),
     )
@@ -96,7 +74,6 @@ async fn kill_dash_nine_loses_no_acknowledged_job_and_runs_none_twice() {
     ))
     .unwrap();
     let acknowledged = Arc::new(Mutex::new(Vec::<String>::new()));
-    let tenant = Client::new(&url, Some(tenant_token.token.clone()));
     let mut submitters = Vec::new();
     for worker in 0..16 {
         let tenant = tenant.clone();
