@@ -39,6 +39,24 @@ pub enum ProofError {
     RootMismatch,
 }
 
+/// Lowercase hex, as hashes and keys are written in files and at the API.
+pub fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A 32-byte hash (or Ed25519 secret) from 64 hex digits.
+pub fn hash_from_hex(text: &str) -> Option<Hash> {
+    let text = text.trim();
+    if text.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
 /// SHA-256(0x00 ‖ entry).
 pub fn leaf_hash(entry: &[u8]) -> Hash {
     let mut h = Sha256::new();

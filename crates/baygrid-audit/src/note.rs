@@ -64,13 +64,9 @@ pub fn verifier_key(name: &str, key: &VerifyingKey) -> String {
     blob.extend_from_slice(key.as_bytes());
     format!(
         "{name}+{}+{}",
-        hex_lower(&key_id(name, key)),
+        crate::to_hex(&key_id(name, key)),
         B64.encode(blob)
     )
-}
-
-fn hex_lower(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Parses a verifier key string into its name and key.
@@ -87,7 +83,7 @@ pub fn parse_verifier_key(text: &str) -> Result<(String, VerifyingKey), NoteErro
     }
     let bytes: [u8; 32] = blob[1..].try_into().expect("length checked");
     let key = VerifyingKey::from_bytes(&bytes).map_err(|e| NoteError::BadKey(e.to_string()))?;
-    if hex_lower(&key_id(name, &key)) != id {
+    if crate::to_hex(&key_id(name, &key)) != id {
         return Err(NoteError::BadKey("key id does not match the key".into()));
     }
     Ok((name.to_string(), key))

@@ -273,3 +273,12 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn hex_round_trips_and_rejects_bad_text() {
+    let hash = leaf_hash(b"x");
+    assert_eq!(hash_from_hex(&to_hex(&hash)), Some(hash));
+    assert_eq!(hash_from_hex("zz"), None);
+    assert_eq!(hash_from_hex(&"g".repeat(64)), None);
+    assert_eq!(hash_from_hex(&to_hex(&hash)[..62]), None);
+}

@@ -9,7 +9,9 @@ use axum::extract::{Path as UrlPath, State};
 use axum::http::header::CONTENT_TYPE;
 use axum::response::IntoResponse;
 use axum::Json;
-use baygrid_audit::{sign_checkpoint, verifier_key, Entry, SigningKey, Tree};
+use baygrid_audit::{
+    hash_from_hex, sign_checkpoint, to_hex as hex, verifier_key, Entry, SigningKey, Tree,
+};
 use baygrid_core::{Principal, Role};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
@@ -28,10 +30,6 @@ pub struct AuditLog {
     checkpoint: RwLock<String>,
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 impl AuditLog {
     /// Loads the signing key from `data_dir/audit.key`, or makes one at first start, and
     /// writes the verifier key to `data_dir/audit.pub`.
@@ -39,11 +37,7 @@ impl AuditLog {
         let key_path = data_dir.join("audit.key");
         let key = match std::fs::read_to_string(&key_path) {
             Ok(text) => {
-                let bytes: Vec<u8> = (0..text.trim().len())
-                    .step_by(2)
-                    .filter_map(|i| u8::from_str_radix(text.trim().get(i..i + 2)?, 16).ok())
-                    .collect();
-                let bytes: [u8; 32] = bytes.try_into().map_err(|_| {
+                let bytes = hash_from_hex(&text).ok_or_else(|| {
                     std::io::Error::new(
                         std::io::ErrorKind::InvalidData,
                         "audit.key is not 32 hex bytes",
@@ -89,6 +83,16 @@ impl AuditLog {
 
     pub fn size(&self) -> u64 {
         self.tree.lock().expect("audit tree lock").len()
+    }
+}
+
+/// An entry as the API shows it.
+fn entry_view(row: &baygrid_store::OutboxRow) -> EntryView {
+    let entry = entry(row);
+    EntryView {
+        index: entry.index,
+        canonical: String::from_utf8_lossy(&entry.canonical()).into_owned(),
+        leaf_hash: hex(&entry.leaf_hash()),
     }
 }
 
@@ -181,12 +185,7 @@ pub async fn get_entry(
         .first()
         .filter(|r| r.seq == index as i64 + 1)
         .ok_or_else(|| ApiError::NotFound(format!("no entry {index}")))?;
-    let entry = entry(row);
-    Ok(Json(EntryView {
-        index,
-        canonical: String::from_utf8_lossy(&entry.canonical()).into_owned(),
-        leaf_hash: hex(&entry.leaf_hash()),
-    }))
+    Ok(Json(entry_view(row)))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -214,18 +213,7 @@ pub async fn list_entries(
         .store
         .outbox_from(query.from.unwrap_or(0) as i64 + 1, limit)
         .await?;
-    Ok(Json(
-        rows.iter()
-            .map(|row| {
-                let entry = entry(row);
-                EntryView {
-                    index: entry.index,
-                    canonical: String::from_utf8_lossy(&entry.canonical()).into_owned(),
-                    leaf_hash: hex(&entry.leaf_hash()),
-                }
-            })
-            .collect(),
-    ))
+    Ok(Json(rows.iter().map(entry_view).collect()))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]

@@ -58,14 +58,14 @@ struct ProofView {
 }
 
 fn unhex(text: &str) -> anyhow::Result<Hash> {
-    let bytes: Vec<u8> = (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2).unwrap_or("zz"), 16))
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("`{text}` is not hex"))?;
-    bytes
-        .try_into()
-        .map_err(|_| anyhow::anyhow!("`{text}` is not a 32-byte hash"))
+    baygrid_audit::hash_from_hex(text)
+        .with_context(|| format!("`{text}` is not a 32-byte hex hash"))
+}
+
+/// Fetches a proof from the log and decodes its hashes.
+async fn fetch_proof(client: &baygrid_api::Client, path: &str) -> anyhow::Result<Vec<Hash>> {
+    let proof: ProofView = client.get(path).await?;
+    proof.proof.iter().map(|h| unhex(h)).collect()
 }
 
 fn checkpoint_size(note: &str) -> anyhow::Result<u64> {
@@ -124,17 +124,14 @@ async fn prove(args: &Args, index: u64) -> anyhow::Result<ExitCode> {
     let entry: EntryView = client
         .get(&format!("/api/v1/audit/entries/{index}"))
         .await?;
-    let proof: ProofView = client
-        .get(&format!(
+    let proof = fetch_proof(
+        &client,
+        &format!(
             "/api/v1/audit/proof/inclusion?index={index}&size={}",
             checkpoint.size
-        ))
-        .await?;
-    let proof: Vec<Hash> = proof
-        .proof
-        .iter()
-        .map(|h| unhex(h))
-        .collect::<anyhow::Result<_>>()?;
+        ),
+    )
+    .await?;
     let leaf = baygrid_audit::leaf_hash(entry.canonical.as_bytes());
     verify_inclusion(&leaf, index, checkpoint.size, &proof, &checkpoint.root).with_context(
         || {
@@ -326,7 +323,7 @@ fn load_or_make_key(path: &Path) -> anyhow::Result<baygrid_audit::SigningKey> {
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
         .context("reading randomness for the witness key")?;
-    let text: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let text = baygrid_audit::to_hex(&bytes);
     std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(baygrid_audit::SigningKey::from_bytes(&bytes))
 }
@@ -381,17 +378,14 @@ async fn witness(args: &Args, log: &str, key_path: &Path, name: &str) -> anyhow:
             return Ok(ExitCode::FAILURE);
         }
         if new.size > last.size && last.size > 0 {
-            let proof: ProofView = log_client
-                .get(&format!(
+            let proof = fetch_proof(
+                &log_client,
+                &format!(
                     "/api/v1/audit/proof/consistency?from={}&to={}",
                     last.size, new.size
-                ))
-                .await?;
-            let proof: Vec<Hash> = proof
-                .proof
-                .iter()
-                .map(|h| unhex(h))
-                .collect::<anyhow::Result<_>>()?;
+                ),
+            )
+            .await?;
             if verify_consistency(last.size, new.size, &proof, &last.root, &new.root).is_err() {
                 println!("REFUSED: fork: the log at {} entries does not extend the checkpoint of {} entries this witness saw", new.size, last.size);
                 return Ok(ExitCode::FAILURE);
