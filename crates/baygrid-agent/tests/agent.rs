@@ -90,6 +90,23 @@ async fn wait(client: &Client, id: &str, pred: impl Fn(&JobView) -> bool, what: 
     panic!("job {id} never became {what}: {view:?}");
 }
 
+/// The pid a running job wrote to `pid` in its rank-0 directory under `jobs`.
+async fn job_pid(jobs: &Path) -> i32 {
+    for _ in 0..500 {
+        let written = std::fs::read_dir(jobs)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| std::fs::read_to_string(e.path().join("rank-0/pid")).ok())
+            .find_map(|t| t.trim().parse::<i32>().ok());
+        if let Some(pid) = written {
+            return pid;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no job wrote its pid under {}", jobs.display());
+}
+
 fn pid_alive(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
 }
@@ -185,21 +202,7 @@ async fn cancel_kills_the_running_process() {
         "running",
     )
     .await;
-    let pid_file = std::fs::read_dir(dir.path().join("agent/jobs"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path().join("rank-0/pid"))
-        .find(|p| p.exists());
-    let pid = loop {
-        if let Some(path) = &pid_file {
-            if let Ok(text) = std::fs::read_to_string(path) {
-                if let Ok(pid) = text.trim().parse::<i32>() {
-                    break pid;
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let pid = job_pid(&dir.path().join("agent/jobs")).await;
     assert!(pid_alive(pid));
     let _: serde_json::Value = setup
         .tenant
@@ -409,21 +412,7 @@ async fn an_agent_cut_off_from_the_server_stops_its_jobs_after_the_lease_ttl() {
         "running",
     )
     .await;
-    let pid_path = std::fs::read_dir(dir.path().join("agent/jobs"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path().join("rank-0/pid"))
-        .next()
-        .unwrap();
-    let pid = loop {
-        if let Some(pid) = std::fs::read_to_string(&pid_path)
-            .ok()
-            .and_then(|t| t.trim().parse::<i32>().ok())
-        {
-            break pid;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let pid = job_pid(&dir.path().join("agent/jobs")).await;
     // the server goes away; the agent cannot renew
     setup.server.stop().await;
     for _ in 0..300 {
