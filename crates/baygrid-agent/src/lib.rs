@@ -145,6 +145,17 @@ struct Tracked {
     next_seq: i64,
     /// Set once the engine says the job ended; the file goes once the server has it.
     final_status: Option<FinalStatus>,
+    /// When the job's hold runs out (Unix ms): the agent stops the job then, whatever
+    /// the engine's own time limit.
+    #[serde(default)]
+    stop_at_ms: Option<i64>,
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -425,7 +436,13 @@ impl Agent {
             accelerators_per_node: grant.allocation.accelerators_per_node,
             cpus_per_node: grant.allocation.cpus_per_node,
             memory_gb_per_node: grant.allocation.memory_gb_per_node,
-            time_limit: Some(grant.spec.estimated_duration.0),
+            // the engine's limit is what the hold pays for; without a hold, the estimate
+            time_limit: Some(
+                grant
+                    .held_seconds
+                    .map(std::time::Duration::from_secs)
+                    .unwrap_or(grant.spec.estimated_duration.0),
+            ),
         };
         match self.engine.launch(&spec).await {
             Ok(handle) => {
@@ -434,6 +451,9 @@ impl Agent {
                     cursor: LogCursor::default(),
                     next_seq: 1,
                     final_status: None,
+                    stop_at_ms: grant
+                        .held_seconds
+                        .map(|s| unix_ms() + (s as i64).saturating_mul(1000)),
                 };
                 self.persist(&grant.job_id, &tracked);
                 self.tracked.insert(grant.job_id.clone(), tracked);
@@ -491,7 +511,21 @@ impl Agent {
         };
         if tracked.final_status.is_none() {
             match self.engine.status(&tracked.handle).await {
-                Ok(JobStatus::Running) => {}
+                Ok(JobStatus::Running) => {
+                    if tracked.stop_at_ms.is_some_and(|at| unix_ms() >= at) {
+                        tracing::info!(job_id, "the job's hold ran out; stopping it");
+                        if let Err(e) = self.engine.cancel(&tracked.handle).await {
+                            tracing::warn!(job_id, error = %e, "cannot stop the job");
+                            return;
+                        }
+                        tracked.final_status = Some(FinalStatus {
+                            status: AgentStatus::Failed,
+                            exit_code: None,
+                            reason: "stopped: the job ran for all the time its hold pays for"
+                                .into(),
+                        });
+                    }
+                }
                 Ok(status) => tracked.final_status = Some(final_of(status)),
                 Err(e) => {
                     tracing::warn!(job_id, error = %e, "cannot read job status");

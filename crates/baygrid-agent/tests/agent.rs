@@ -183,6 +183,47 @@ async fn a_failing_command_fails_with_its_exit_code() {
 }
 
 #[tokio::test]
+async fn a_job_is_stopped_when_its_hold_runs_out_and_charged_no_more_than_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = setup(dir.path()).await;
+    let (_stop, _agent) = start_agent(&setup, &dir.path().join("agent")).await;
+    // 16.00 CNY/h × 1 A800 × 4 s × 150% holds 0.03 CNY: 6 s at nansha's 16.00 CNY/h
+    let mut spec = job("overrun", "sleep 120");
+    spec.estimated_duration.0 = Duration::from_secs(4);
+    spec.max_price_per_hour = Some("16.00 CNY".parse().unwrap());
+    let submitted: JobView = setup.tenant.post("/api/v1/jobs", &spec).await.unwrap();
+    let wallet: serde_json::Value = setup
+        .tenant
+        .get("/api/v1/ledger/accounts/wallet:gz-lab")
+        .await
+        .unwrap();
+    assert_eq!(wallet["debits_pending"], "0.03 CNY");
+    let done = wait(
+        &setup.tenant,
+        &submitted.id,
+        |j| j.state.is_terminal(),
+        "ended",
+    )
+    .await;
+    assert_eq!(done.state, JobState::Failed, "{}", done.reason);
+    assert!(done.reason.contains("hold"), "{}", done.reason);
+    let wallet: serde_json::Value = setup
+        .tenant
+        .get("/api/v1/ledger/accounts/wallet:gz-lab")
+        .await
+        .unwrap();
+    assert_eq!(wallet["debits_pending"], "0.00 CNY");
+    let spent: f64 = wallet["debits_posted"]
+        .as_str()
+        .unwrap()
+        .trim_end_matches(" CNY")
+        .parse()
+        .unwrap();
+    assert!(spent > 0.0 && spent <= 0.03, "charged {spent}");
+    setup.server.stop().await;
+}
+
+#[tokio::test]
 async fn cancel_kills_the_running_process() {
     let dir = tempfile::tempdir().unwrap();
     let setup = setup(dir.path()).await;

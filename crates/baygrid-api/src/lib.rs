@@ -43,7 +43,12 @@ pub struct ClusterView {
 pub struct TenantView {
     #[serde(flatten)]
     pub tenant: Tenant,
+    /// Charged to the wallet so far.
     pub spent: Money,
+    /// Held for jobs not yet settled.
+    pub held: Money,
+    /// What the wallet can still cover.
+    pub available: Money,
 }
 
 /// One transition in a job's history.
@@ -264,6 +269,10 @@ pub struct LeaseGrant {
     pub ttl_ms: i64,
     pub spec: JobSpec,
     pub allocation: Allocation,
+    /// How long the job's hold pays for at the placed price: the engine stops the job
+    /// when it runs out. None when the job holds nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_seconds: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -325,4 +334,100 @@ pub struct Health {
     pub status: String,
     pub store: String,
     pub version: String,
+}
+
+/// A ledger account with its balance.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct AccountView {
+    pub id: String,
+    pub owner: String,
+    /// tenant_wallet | provider_revenue | data_holder_revenue | platform_fees | fx |
+    /// external_funding | clearing
+    pub kind: String,
+    /// Whether debits (posted and pending) may never exceed credits.
+    pub limited: bool,
+    pub debits_posted: Money,
+    pub credits_posted: Money,
+    pub debits_pending: Money,
+    pub credits_pending: Money,
+    /// Credits less debits, posted only.
+    pub balance: Money,
+    /// What can still be spent: the balance less pending debits.
+    pub available: Money,
+}
+
+/// Funds an account from outside the exchange (operator).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DepositRequest {
+    /// The account to fund, e.g. `wallet:gz-lab`.
+    pub account: String,
+    /// In the account's currency, e.g. `5000.00 CNY`.
+    pub amount: Money,
+    /// A client-chosen id: a retry with the same id and body changes nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+}
+
+/// One recorded transfer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct TransferView {
+    pub seq: i64,
+    pub id: String,
+    /// single | pending | post | void | expire
+    pub kind: String,
+    pub debit: String,
+    pub credit: String,
+    pub amount: Money,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_id: Option<String>,
+    pub reference: String,
+    pub at: String,
+}
+
+/// The transfers that touched an account in a period.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct StatementView {
+    pub account: String,
+    pub from: String,
+    pub to: String,
+    pub lines: Vec<StatementLineView>,
+    /// What posted transfers in the period moved in (credits) and out (debits).
+    pub net: Money,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct StatementLineView {
+    #[serde(flatten)]
+    pub transfer: TransferView,
+    /// Positive when the account was credited, negative when debited; 0 for holds.
+    pub signed_amount: Money,
+}
+
+/// A tenant's charges for the jobs that ended in one month.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct InvoiceView {
+    pub tenant: String,
+    /// YYYY-MM, UTC.
+    pub month: String,
+    pub lines: Vec<InvoiceLine>,
+    pub total: Money,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct InvoiceLine {
+    pub job: String,
+    pub name: String,
+    pub state: JobState,
+    pub site: Option<String>,
+    pub cluster: Option<String>,
+    pub accelerator: Option<String>,
+    pub accelerators: u32,
+    /// Metered seconds, from the lease's start and end events.
+    pub seconds: f64,
+    /// The offer's price per accelerator-hour, in the offer's currency.
+    pub price_per_accelerator_hour: Option<Money>,
+    /// What the tenant's wallet was charged (posted), in its currency.
+    pub amount: Money,
+    pub finished_at: Option<String>,
 }

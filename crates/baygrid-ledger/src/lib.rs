@@ -28,6 +28,40 @@ pub enum AccountKind {
     PlatformFees,
     Fx,
     ExternalFunding,
+    /// Where a job's hold goes when posted, before it is split between provider and fee.
+    Clearing,
+}
+
+impl AccountKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccountKind::TenantWallet => "tenant_wallet",
+            AccountKind::ProviderRevenue => "provider_revenue",
+            AccountKind::DataHolderRevenue => "data_holder_revenue",
+            AccountKind::PlatformFees => "platform_fees",
+            AccountKind::Fx => "fx",
+            AccountKind::ExternalFunding => "external_funding",
+            AccountKind::Clearing => "clearing",
+        }
+    }
+}
+
+impl std::str::FromStr for AccountKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [
+            AccountKind::TenantWallet,
+            AccountKind::ProviderRevenue,
+            AccountKind::DataHolderRevenue,
+            AccountKind::PlatformFees,
+            AccountKind::Fx,
+            AccountKind::ExternalFunding,
+            AccountKind::Clearing,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
+        .ok_or_else(|| format!("unknown account kind `{s}`"))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -248,18 +282,9 @@ impl Ledger {
 
     /// Expires open holds past their time; returns their ids.
     pub fn expire(&mut self, now: Millis) -> Vec<String> {
-        let due: Vec<String> = self
-            .pending
-            .iter()
-            .filter(|(id, state)| {
-                **state == PendingState::Open && matches!(self.transfers[*id].kind, TransferKind::Pending { expires_at } if expires_at <= now)
-            })
-            .map(|(id, _)| id.clone())
-            .collect();
+        let due = self.holds_due(now);
         for id in &due {
-            let held = self.transfers[id].clone();
-            self.release(&held, held.amount);
-            self.pending.insert(id.clone(), PendingState::Expired);
+            self.expire_hold(id);
         }
         due
     }
@@ -277,7 +302,53 @@ impl Ledger {
         credit.credits_pending -= amount as i128;
     }
 
+    /// Re-applies a transfer the store recorded as accepted, at the time it was accepted.
+    /// Balance limits are not checked again: they held when it was first applied.
+    pub fn replay(&mut self, transfer: &Transfer, at: Millis) -> Result<(), TransferError> {
+        self.apply_checked(transfer, at, false).map(|_| ())
+    }
+
+    /// Whether a hold is open, and if so until when.
+    pub fn open_hold(&self, id: &str) -> Option<&Transfer> {
+        (self.pending.get(id) == Some(&PendingState::Open)).then(|| &self.transfers[id])
+    }
+
+    /// Open holds whose expiry is at or before `now`.
+    pub fn holds_due(&self, now: Millis) -> Vec<String> {
+        let mut due: Vec<String> = self
+            .pending
+            .iter()
+            .filter(|(id, state)| {
+                **state == PendingState::Open && matches!(self.transfers[*id].kind, TransferKind::Pending { expires_at } if expires_at <= now)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        due.sort();
+        due
+    }
+
+    /// Expires one open hold (as [`Ledger::expire`] does for every due hold): the store
+    /// replays recorded expiries with it. False when the hold is not open.
+    pub fn expire_hold(&mut self, id: &str) -> bool {
+        if self.pending.get(id) != Some(&PendingState::Open) {
+            return false;
+        }
+        let held = self.transfers[id].clone();
+        self.release(&held, held.amount);
+        self.pending.insert(id.to_string(), PendingState::Expired);
+        true
+    }
+
     fn apply_one(&mut self, transfer: &Transfer, now: Millis) -> Result<Outcome, TransferError> {
+        self.apply_checked(transfer, now, true)
+    }
+
+    fn apply_checked(
+        &mut self,
+        transfer: &Transfer,
+        now: Millis,
+        check_limits: bool,
+    ) -> Result<Outcome, TransferError> {
         if let Some(existing) = self.transfers.get(&transfer.id) {
             return if existing == transfer {
                 Ok(Outcome::AlreadyExists)
@@ -307,7 +378,9 @@ impl Ledger {
         let amount = transfer.amount as i128;
         match &transfer.kind {
             TransferKind::Single | TransferKind::Pending { .. } => {
-                self.check_limit(&transfer.debit_account, amount)?;
+                if check_limits {
+                    self.check_limit(&transfer.debit_account, amount)?;
+                }
                 let pending = matches!(transfer.kind, TransferKind::Pending { .. });
                 let debit = self
                     .balances
@@ -446,6 +519,99 @@ pub fn fx_pair(
         },
     ];
     (pair, converted)
+}
+
+/// The exchange's accounts and transfer ids, by convention.
+pub mod names {
+    use super::{Account, AccountKind};
+    use baygrid_core::Currency;
+
+    fn account(id: String, owner: &str, currency: Currency, kind: AccountKind) -> Account {
+        Account {
+            id,
+            owner: owner.to_string(),
+            currency,
+            debits_must_not_exceed_credits: kind == AccountKind::TenantWallet,
+            kind,
+        }
+    }
+
+    /// A tenant's wallet. Budgets and holds are kept in CNY.
+    pub fn wallet(tenant: &str) -> Account {
+        account(
+            format!("wallet:{tenant}"),
+            tenant,
+            Currency::CNY,
+            AccountKind::TenantWallet,
+        )
+    }
+
+    /// A provider's revenue in the currency of its offers.
+    pub fn provider(provider: &str, currency: Currency) -> Account {
+        account(
+            format!("provider:{provider}:{currency}"),
+            provider,
+            currency,
+            AccountKind::ProviderRevenue,
+        )
+    }
+
+    pub fn fees(currency: Currency) -> Account {
+        account(
+            format!("fees:{currency}"),
+            "platform",
+            currency,
+            AccountKind::PlatformFees,
+        )
+    }
+
+    pub fn fx(currency: Currency) -> Account {
+        account(
+            format!("fx:{currency}"),
+            "platform",
+            currency,
+            AccountKind::Fx,
+        )
+    }
+
+    pub fn funding(currency: Currency) -> Account {
+        account(
+            format!("funding:{currency}"),
+            "outside",
+            currency,
+            AccountKind::ExternalFunding,
+        )
+    }
+
+    pub fn clearing(currency: Currency) -> Account {
+        account(
+            format!("clearing:{currency}"),
+            "platform",
+            currency,
+            AccountKind::Clearing,
+        )
+    }
+
+    /// The platform's own accounts in every currency.
+    pub fn platform() -> Vec<Account> {
+        [Currency::CNY, Currency::HKD, Currency::MOP]
+            .into_iter()
+            .flat_map(|c| [fees(c), fx(c), funding(c), clearing(c)])
+            .collect()
+    }
+
+    /// The reference every transfer about a job carries.
+    pub fn job_reference(job: &str) -> String {
+        format!("job:{job}")
+    }
+
+    pub fn hold(job: &str) -> String {
+        format!("hold:{job}")
+    }
+
+    pub fn void(job: &str) -> String {
+        format!("void:{job}")
+    }
 }
 
 #[cfg(test)]

@@ -104,6 +104,7 @@ pub async fn lease(
         .into_iter()
         .filter_map(|job| {
             Some(LeaseGrant {
+                held_seconds: crate::ledger::held_seconds(&state, &job),
                 allocation: job.allocation?,
                 job_id: job.id,
                 tenant: job.tenant,
@@ -164,21 +165,23 @@ pub async fn report(
                 Some(code) => format!("exit code {code}"),
                 None => final_state.to_string(),
             });
+            let (cost_cny_minor, settlement) = crate::ledger::settlement(&state, &job, now)?;
+            let accounts = crate::ledger::accounts_for(&settlement, &state);
+            if !accounts.is_empty() {
+                state.store.open_accounts(accounts, now).await?;
+            }
             Some(Report::Finished {
                 state: final_state,
                 exit_code: request.exit_code,
                 reason,
-                cost_cny_minor: metered_cost(&state, &job, now)?,
+                cost_cny_minor,
+                settlement,
             })
         }
     };
     let record = match report {
         Some(report) => {
-            let charge = match &report {
-                Report::Finished { cost_cny_minor, .. } => *cost_cny_minor,
-                _ => 0,
-            };
-            let record = state
+            state
                 .store
                 .report(LeaseReport {
                     job_id: id.clone(),
@@ -187,31 +190,9 @@ pub async fn report(
                     report,
                     now,
                 })
-                .await?;
-            state.charged(&record.tenant, charge);
-            record
+                .await?
         }
         None => state.store.get_job(&id).await?,
     };
     Ok(Json(crate::jobs::view(&state, record, Vec::new())))
-}
-
-/// Accelerator-milliseconds between the lease's start and end events times the offer's
-/// price, converted to CNY at the configured rate.
-fn metered_cost(state: &AppState, job: &baygrid_store::JobRecord, now: i64) -> ApiResult<i64> {
-    let Some(allocation) = &job.allocation else {
-        return Ok(0);
-    };
-    let started = job.started_ms.unwrap_or(now);
-    let elapsed_ms = (now - started).max(0) as i128;
-    let accelerators = allocation.total_accelerators() as i128;
-    let price_cny = state
-        .catalog()
-        .rates
-        .to_cny(allocation.price_per_accelerator_hour)
-        .map_err(|e| ApiError::Conflict(format!("cannot price job {}: {e}", job.id)))?;
-    let cost = price_cny
-        .mul_ratio(accelerators * elapsed_ms, 3_600_000)
-        .map_err(|e| ApiError::Conflict(format!("cannot price job {}: {e}", job.id)))?;
-    Ok(cost.minor)
 }

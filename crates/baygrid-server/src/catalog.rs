@@ -188,7 +188,7 @@ fn to_json<T: Serialize>(value: &T) -> serde_json::Value {
     serde_json::to_value(value).expect("catalog objects serialize")
 }
 
-fn check_name(field: &str, name: &str) -> ApiResult<()> {
+pub(crate) fn check_name(field: &str, name: &str) -> ApiResult<()> {
     if baygrid_core::ids::is_valid_name(name) {
         Ok(())
     } else {
@@ -547,10 +547,14 @@ pub async fn list_tenants(
         if !visible {
             continue;
         }
-        let spent = state.tenant_spent(&tenant.name).await?;
+        let wallet = baygrid_ledger::names::wallet(&tenant.name);
+        let balance = state.store.ledger_balance(&wallet.id).await?;
+        let cny = |v: i128| Money::new(v as i64, baygrid_core::Currency::CNY);
         views.push(TenantView {
             tenant: tenant.clone(),
-            spent: Money::new(spent, baygrid_core::Currency::CNY),
+            spent: cny(balance.debits_posted),
+            held: cny(balance.debits_pending),
+            available: cny(balance.available()),
         });
     }
     Ok(Json(views))
@@ -579,6 +583,7 @@ pub async fn put_tenant(
     if tenant.budget.minor < 0 {
         return Err(ApiError::bad("budget", "must not be negative"));
     }
+    let is_new = !state.catalog().tenants.contains_key(&tenant.name);
     put(
         &state,
         "tenant",
@@ -588,6 +593,10 @@ pub async fn put_tenant(
         &who,
     )
     .await?;
+    if is_new {
+        // the budget is the wallet's opening deposit; later funds come by `ledger deposit`
+        crate::ledger::open_tenant(&state, &tenant.name, tenant.budget, &who).await?;
+    }
     Ok((StatusCode::CREATED, Json(tenant)))
 }
 

@@ -52,6 +52,14 @@ pub struct ServerConfig {
     /// How often a new checkpoint is signed when the log has grown.
     #[serde(with = "humantime_serde")]
     pub checkpoint_interval: Duration,
+    /// The platform's fee, in basis points of each job's metered cost (500 = 5%).
+    pub fee_bps: u32,
+    /// A job's hold is its price ceiling × accelerators × estimated duration × this
+    /// margin, in percent (150 = half as much again).
+    pub hold_margin_pct: u32,
+    /// How long a hold may stay open before it is voided (a job that never completes).
+    #[serde(with = "humantime_serde")]
+    pub hold_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -69,6 +77,9 @@ impl Default for ServerConfig {
             schedule_batch: 10_000,
             audit_origin: "baygrid.local/audit".into(),
             checkpoint_interval: Duration::from_secs(1),
+            fee_bps: 500,
+            hold_margin_pct: 150,
+            hold_timeout: Duration::from_secs(30 * 24 * 3600),
         }
     }
 }
@@ -97,6 +108,12 @@ impl ServerConfig {
         }
         if self.schedule_batch < 1 {
             return Err("schedule_batch must be at least 1".into());
+        }
+        if self.fee_bps > 10_000 {
+            return Err("fee_bps must be at most 10000 (100%)".into());
+        }
+        if self.hold_margin_pct < 100 {
+            return Err("hold_margin_pct must be at least 100: a hold covers the estimate".into());
         }
         Ok(())
     }

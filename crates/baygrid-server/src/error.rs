@@ -64,6 +64,25 @@ impl From<StoreError> for ApiError {
                 ApiError::Conflict(format!("stale lease: {message}"))
             }
             StoreError::Conflict(message) => ApiError::Conflict(message),
+            StoreError::Ledger { transfer, error } => {
+                use baygrid_ledger::TransferError as E;
+                let message = format!("transfer {transfer}: {error}");
+                match error {
+                    E::ExistsWithDifferentBody(_) | E::AlreadyResolved(_) => {
+                        ApiError::Conflict(message)
+                    }
+                    E::ExceedsCredits { .. } => ApiError::Unprocessable {
+                        code: "insufficient_funds",
+                        field: None,
+                        message,
+                    },
+                    _ => ApiError::Unprocessable {
+                        code: "ledger_refused",
+                        field: None,
+                        message,
+                    },
+                }
+            }
             other => {
                 tracing::error!(error = %other, "store error");
                 ApiError::Unavailable(format!("store unavailable: {other}"))

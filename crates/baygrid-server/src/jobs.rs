@@ -8,7 +8,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use baygrid_api::{CancelView, JobEventView, JobView, LogLineView, LogsView, QuoteBody, QuoteView};
 use baygrid_core::{millis_to_rfc3339, Currency, JobSpec, JobState, Money, Principal, Role};
-use baygrid_sched::{Quote, Verdict};
+use baygrid_sched::Quote;
 use baygrid_store::{JobFilter, JobRecord, NewJob};
 use serde::Deserialize;
 
@@ -84,7 +84,37 @@ fn infeasible(quote: &Quote) -> ApiError {
     }
 }
 
-/// Submits a job. It is rejected at once when no cluster could ever hold it.
+/// The refusal of a job whose hold the tenant's wallet cannot cover, with the amounts.
+fn insufficient(spec: &JobSpec, tenant: &str, needed: i128, available: i128) -> ApiError {
+    let cny = |v: i128| {
+        Money::new(
+            v.clamp(i64::MIN as i128, i64::MAX as i128) as i64,
+            Currency::CNY,
+        )
+    };
+    ApiError::Unprocessable {
+        code: "insufficient_funds",
+        // what the tenant can lower: the ceiling when it set one, else the estimate
+        field: Some(
+            if spec.max_price_per_hour.is_some() {
+                "max_price_per_hour"
+            } else {
+                "estimated_duration"
+            }
+            .into(),
+        ),
+        message: format!(
+            "tenant `{tenant}` has {} available in wallet:{tenant}; the job's hold is {} \
+             (price ceiling × accelerators × estimated duration × margin): deposit funds, or \
+             lower max_price_per_hour or estimated_duration",
+            cny(available),
+            cny(needed)
+        ),
+    }
+}
+
+/// Submits a job. It is rejected at once when no cluster could ever hold it, and when
+/// the tenant's wallet cannot cover its hold.
 #[utoipa::path(post, path = "/api/v1/jobs", params(TenantQuery, ("Idempotency-Key" = Option<String>, Header, description = "a retry with the same key returns the first job")),
     request_body = JobSpec,
     responses((status = 201, body = JobView), (status = 200, description = "idempotent retry", body = JobView), (status = 400, body = baygrid_api::ErrorBody), (status = 422, body = baygrid_api::ErrorBody)),
@@ -130,43 +160,40 @@ pub async fn submit(
     if !quote.ever_feasible() {
         return Err(infeasible(&quote));
     }
-    let cheapest = quote
-        .candidates
-        .iter()
-        .filter(|c| c.verdict != Verdict::Rejected)
-        .filter_map(|c| c.estimated_cost_cny)
-        .map(|m| m.minor)
-        .min()
-        .unwrap_or(0);
-    let budget = catalog
-        .tenants
-        .get(&tenant)
-        .map(|t| t.budget.minor)
-        .unwrap_or(0);
-    let spent = state.tenant_spent(&tenant).await?;
-    if spent + cheapest > budget {
-        return Err(ApiError::Unprocessable {
-            code: "budget_exceeded",
-            field: Some("estimated_duration".into()),
-            message: format!(
-                "tenant `{tenant}` has {} left of its {} budget; the cheapest placement is estimated at {}",
-                Money::new(budget - spent, Currency::CNY),
-                Money::new(budget, Currency::CNY),
-                Money::new(cheapest, Currency::CNY)
-            ),
-        });
+    let job_id = baygrid_core::new_id("job");
+    let hold = crate::ledger::hold_for(&state, &spec, &quote, &tenant, &job_id, now)?;
+    if let Some(hold) = &hold {
+        let available = state
+            .store
+            .ledger_available(&hold.debit_account)
+            .unwrap_or(0);
+        if (hold.amount as i128) > available {
+            return Err(insufficient(&spec, &tenant, hold.amount as i128, available));
+        }
     }
+    let spec_for_errors = spec.clone();
     let (record, created) = state
         .store
         .submit(NewJob {
-            id: baygrid_core::new_id("job"),
-            tenant,
+            id: job_id,
+            tenant: tenant.clone(),
             idempotency_key: key,
             spec,
             actor: actor(&who),
             now,
+            hold,
         })
-        .await?;
+        .await
+        .map_err(|e| match e {
+            baygrid_store::StoreError::Ledger {
+                error:
+                    baygrid_ledger::TransferError::ExceedsCredits {
+                        needed, available, ..
+                    },
+                ..
+            } => insufficient(&spec_for_errors, &tenant, needed, available),
+            other => other.into(),
+        })?;
     state.metrics.jobs_submitted.inc();
     let status = if created {
         StatusCode::CREATED

@@ -9,6 +9,7 @@ mod catalog;
 pub mod config;
 mod error;
 mod jobs;
+pub mod ledger;
 mod metrics;
 mod openapi;
 mod scheduler;
@@ -61,9 +62,6 @@ pub struct AppState {
     pub metrics: metrics::Metrics,
     pub clock: Arc<dyn Clock>,
     pub tokens: Arc<auth::TokenCache>,
-    /// What each tenant has been charged (CNY minor units), loaded from the store on first
-    /// use and kept current by the reports that charge it: the server is the only writer.
-    pub spend: Arc<std::sync::Mutex<std::collections::HashMap<String, i64>>>,
     /// The audit log over the outbox.
     pub audit: Arc<audit::AuditLog>,
 }
@@ -75,27 +73,6 @@ impl AppState {
 
     pub fn catalog(&self) -> Arc<CatalogSnapshot> {
         self.catalog.read().expect("catalog lock").clone()
-    }
-
-    /// What `tenant` has been charged so far, in CNY minor units.
-    pub async fn tenant_spent(&self, tenant: &str) -> Result<i64, ApiError> {
-        if let Some(spent) = self.spend.lock().expect("spend lock").get(tenant) {
-            return Ok(*spent);
-        }
-        let spent = self.store.tenant_spent(tenant).await?;
-        Ok(*self
-            .spend
-            .lock()
-            .expect("spend lock")
-            .entry(tenant.to_string())
-            .or_insert(spent))
-    }
-
-    /// Records a charge the store has just committed.
-    pub fn charged(&self, tenant: &str, amount: i64) {
-        if let Some(spent) = self.spend.lock().expect("spend lock").get_mut(tenant) {
-            *spent += amount;
-        }
     }
 
     /// Reloads the cached catalog from the store after a change.
@@ -144,7 +121,6 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         metrics: metrics::Metrics::new(),
         clock,
         tokens: Arc::new(auth::TokenCache::default()),
-        spend: Arc::default(),
         audit: Arc::new(
             audit::AuditLog::open(&config.data_dir, &config.audit_origin).map_err(|source| {
                 ServerError::DataDir {
@@ -154,6 +130,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             })?,
         ),
     };
+    ledger::open_platform(&state).await?;
     if !config.sites_file.is_empty() {
         let catalog = if config.sites_file == "sample" {
             Catalog::sample()
@@ -291,6 +268,11 @@ pub fn router(state: AppState) -> Router {
         .route("/agent/heartbeat", post(agent::heartbeat))
         .route("/agent/lease", post(agent::lease))
         .route("/agent/jobs/{id}/report", post(agent::report))
+        .route("/ledger/accounts", get(ledger::list_accounts))
+        .route("/ledger/accounts/{id}", get(ledger::get_account))
+        .route("/ledger/accounts/{id}/statement", get(ledger::statement))
+        .route("/ledger/deposits", post(ledger::deposit))
+        .route("/ledger/invoices/{tenant}", get(ledger::invoice))
         .route("/audit/checkpoint", get(audit::checkpoint))
         .route("/audit/key", get(audit::key))
         .route("/audit/entries", get(audit::list_entries))

@@ -86,6 +86,10 @@ pub async fn cycle(state: &AppState) -> Result<usize, ApiError> {
         state.metrics.leases_expired.inc_by(expired.len() as u64);
         tracing::info!(count = expired.len(), "requeued jobs whose lease expired");
     }
+    let holds = state.store.expire_holds(now).await?;
+    if !holds.is_empty() {
+        tracing::info!(count = holds.len(), "voided holds that timed out");
+    }
     let queued = state.store.queued_jobs(state.config.schedule_batch).await?;
     if queued.is_empty() {
         return Ok(0);

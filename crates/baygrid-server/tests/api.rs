@@ -482,9 +482,119 @@ async fn api_flow(store: Option<String>) {
     let message = expect_error(
         poor.post::<_, JobView>("/api/v1/jobs", &dear).await,
         422,
+        Some("estimated_duration"),
+    );
+    assert!(
+        message.contains("0.01 CNY available") && message.contains("hold"),
+        "{message}"
+    );
+    let capped = spec("name: capped\nresources: {accelerators: {H800: 1}}\ncommand: x\nestimated_duration: 1h\nmax_price_per_hour: 30.00 CNY\n");
+    let message = expect_error(
+        poor.post::<_, JobView>("/api/v1/jobs", &capped).await,
+        422,
+        Some("max_price_per_hour"),
+    );
+    // 30.00 × 1 accelerator × 1 h × the 150% margin
+    assert!(message.contains("45.00 CNY"), "{message}");
+    // the operator funds the wallet; the same job now goes through
+    expect_error(
+        operator
+            .post::<_, Value>(
+                "/api/v1/ledger/deposits",
+                &json!({"account": "wallet:poor-lab", "amount": "45.00 HKD"}),
+            )
+            .await,
+        400,
+        Some("amount"),
+    );
+    expect_error(
+        operator
+            .post::<_, Value>(
+                "/api/v1/ledger/deposits",
+                &json!({"account": "wallet:nobody", "amount": "45.00 CNY"}),
+            )
+            .await,
+        400,
+        Some("account"),
+    );
+    expect_error(
+        operator
+            .post::<_, Value>(
+                "/api/v1/ledger/deposits",
+                &json!({"account": "wallet:poor-lab", "amount": "-1.00 CNY"}),
+            )
+            .await,
+        400,
+        Some("amount"),
+    );
+    expect_error(
+        poor.post::<_, Value>(
+            "/api/v1/ledger/deposits",
+            &json!({"account": "wallet:poor-lab", "amount": "45.00 CNY"}),
+        )
+        .await,
+        403,
         None,
     );
-    assert!(message.contains("budget"), "{message}");
+    let deposit = json!({"account": "wallet:poor-lab", "amount": "45.00 CNY", "id": "top-up-1"});
+    let funded: Value = operator
+        .post("/api/v1/ledger/deposits", &deposit)
+        .await
+        .unwrap();
+    assert_eq!(funded["available"], "45.01 CNY");
+    // the same deposit again changes nothing; the same id with another amount is a conflict
+    let again: Value = operator
+        .post("/api/v1/ledger/deposits", &deposit)
+        .await
+        .unwrap();
+    assert_eq!(again["available"], "45.01 CNY");
+    expect_error(
+        operator
+            .post::<_, Value>(
+                "/api/v1/ledger/deposits",
+                &json!({"account": "wallet:poor-lab", "amount": "46.00 CNY", "id": "top-up-1"}),
+            )
+            .await,
+        409,
+        None,
+    );
+    let held: JobView = poor.post("/api/v1/jobs", &capped).await.unwrap();
+    let wallet: Value = poor
+        .get("/api/v1/ledger/accounts/wallet:poor-lab")
+        .await
+        .unwrap();
+    assert_eq!(wallet["debits_pending"], "45.00 CNY");
+    assert_eq!(wallet["available"], "0.01 CNY");
+    // another tenant's wallet, and a bad month, are refused
+    expect_error(
+        poor.get::<Value>("/api/v1/ledger/accounts/wallet:gz-lab")
+            .await,
+        404,
+        None,
+    );
+    expect_error(
+        poor.get::<Value>("/api/v1/ledger/invoices/poor-lab?month=2026-13")
+            .await,
+        400,
+        Some("month"),
+    );
+    expect_error(
+        poor.get::<Value>("/api/v1/ledger/accounts/wallet:poor-lab/statement?from=yesterday")
+            .await,
+        400,
+        Some("from"),
+    );
+    // cancelling the queued job releases its hold
+    let _: Value = poor
+        .post(&format!("/api/v1/jobs/{}/cancel", held.id), &json!({}))
+        .await
+        .unwrap();
+    let wallet: Value = poor
+        .get("/api/v1/ledger/accounts/wallet:poor-lab")
+        .await
+        .unwrap();
+    assert_eq!(wallet["debits_pending"], "0.00 CNY");
+    assert_eq!(wallet["available"], "45.01 CNY");
     expect_error(
         operator
             .post::<_, JobView>("/api/v1/jobs", &spec(SMALL))
@@ -543,7 +653,11 @@ async fn api_flow(store: Option<String>) {
     assert_eq!(mine.len(), 2);
     assert!(mine.iter().all(|j| j.tenant == "gz-lab"));
     let everyone: Vec<JobView> = operator.get("/api/v1/jobs").await.unwrap();
-    assert_eq!(everyone.len(), 3);
+    assert_eq!(
+        everyone.len(),
+        4,
+        "three queued and poor-lab's cancelled one"
+    );
     let queued: Vec<JobView> = operator
         .get("/api/v1/jobs?state=queued&tenant=hk-bank")
         .await
@@ -621,7 +735,7 @@ async fn api_flow(store: Option<String>) {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(leases.len(), 3);
+    assert_eq!(leases.len(), 3, "{leases:#?}");
     let lease = leases
         .iter()
         .find(|l| l["job_id"] == first.id.as_str())
@@ -836,6 +950,49 @@ async fn api_flow(store: Option<String>) {
     // a tenant sees what it spent
     let tenants: Vec<Value> = gz.get("/api/v1/tenants").await.unwrap();
     assert_eq!(tenants[0]["spent"], json!(done.cost.unwrap().to_string()));
+    // the invoice has the job at its metered cost, and the cost was split: fee and revenue
+    let month = &done.finished_at.as_deref().unwrap()[..7];
+    let invoice: Value = gz
+        .get(&format!("/api/v1/ledger/invoices/gz-lab?month={month}"))
+        .await
+        .unwrap();
+    let line = invoice["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["job"] == first.id.as_str())
+        .unwrap();
+    assert_eq!(line["amount"], json!(done.cost.unwrap().to_string()));
+    assert_eq!(line["site"], "shenzhen-qianhai");
+    let fee = (expected_fen * 500 + 5_000) / 10_000;
+    let fees: Value = operator
+        .get("/api/v1/ledger/accounts/fees:CNY")
+        .await
+        .unwrap();
+    let revenue: Value = issue(&operator, Role::Provider, Some("qianhai-compute"))
+        .await
+        .get("/api/v1/ledger/accounts/provider:qianhai-compute:CNY")
+        .await
+        .unwrap();
+    let minor = |v: &Value| -> i64 {
+        let text = v
+            .as_str()
+            .unwrap()
+            .trim_end_matches(" CNY")
+            .replace('.', "");
+        text.parse().unwrap()
+    };
+    assert_eq!(minor(&fees["balance"]), fee);
+    assert_eq!(minor(&revenue["balance"]), expected_fen - fee);
+    let statement: Value = gz
+        .get("/api/v1/ledger/accounts/wallet:gz-lab/statement")
+        .await
+        .unwrap();
+    assert!(statement["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|l| l["id"] == format!("post:{}", first.id)));
     let metrics = reqwest::get(format!("{base}/metrics"))
         .await
         .unwrap()

@@ -4,6 +4,9 @@ use baygrid_core::{Allocation, JobSpec, JobState, Millis};
 use serde::Serialize;
 use sqlx::{AnyConnection, Row};
 
+use baygrid_ledger::{names, Transfer};
+
+use crate::ledger::{apply_each_in_tx, apply_in_tx, void_of_hold, LedgerCell};
 use crate::records::JOB_COLUMNS;
 use crate::{multi_row_insert, outbox, JobEvent, JobRecord, LogLine, Result, Store, StoreError};
 
@@ -16,6 +19,9 @@ pub struct NewJob {
     pub spec: JobSpec,
     pub actor: String,
     pub now: Millis,
+    /// The hold on the tenant's wallet that pays for the job, written with it: a pending
+    /// transfer with id `hold:JOB`. None for a job that costs nothing.
+    pub hold: Option<Transfer>,
 }
 
 /// Which jobs to list.
@@ -31,12 +37,14 @@ pub struct JobFilter {
 pub enum Report {
     /// The engine started the job.
     Running,
-    /// The job ended: succeeded, failed or cancelled, with its metered cost.
+    /// The job ended: succeeded, failed or cancelled, with its metered cost and the
+    /// transfers that settle it (post the hold, split it), applied as one linked chain.
     Finished {
         state: JobState,
         exit_code: Option<i64>,
         reason: String,
         cost_cny_minor: i64,
+        settlement: Vec<Transfer>,
     },
     /// The agent lost the job (it restarted and the job was gone); it goes back to the queue.
     Lost { reason: String },
@@ -163,6 +171,51 @@ async fn requeue(
     .await
 }
 
+/// Releases a job's open hold, if it has one: the job ended without using it.
+async fn void_hold(
+    conn: &mut AnyConnection,
+    ledger: &LedgerCell,
+    job_id: &str,
+    actor: &str,
+    now: Millis,
+) -> Result<()> {
+    if let Some(void) = void_of_hold(ledger, &names::hold(job_id), names::void(job_id)) {
+        apply_in_tx(conn, ledger, &[void], actor, now).await?;
+    }
+    Ok(())
+}
+
+/// Fails a job if it is still queued (its hold expired, so nothing would pay for it).
+pub(crate) async fn fail_if_queued(
+    conn: &mut AnyConnection,
+    job_id: &str,
+    reason: &str,
+    now: Millis,
+) -> Result<bool> {
+    let done = sqlx::query(
+        "UPDATE jobs SET state = 'failed', reason = $1, updated_ms = $2, finished_ms = $2 WHERE id = $3 AND state = 'queued'",
+    )
+    .bind(reason)
+    .bind(now)
+    .bind(job_id)
+    .execute(&mut *conn)
+    .await?;
+    if done.rows_affected() == 0 {
+        return Ok(false);
+    }
+    record_transition(
+        conn,
+        job_id,
+        Some(JobState::Queued),
+        JobState::Failed,
+        reason,
+        now,
+        "ledger",
+    )
+    .await?;
+    Ok(true)
+}
+
 /// The record of a job just submitted, as the insert below stores it.
 fn queued_record(job: &NewJob) -> JobRecord {
     JobRecord {
@@ -208,11 +261,25 @@ async fn existing_for_key(
 }
 
 /// One submission on its own: the fallback when a group's batch fails.
-pub(crate) async fn submit_one(conn: &mut AnyConnection, job: NewJob) -> Result<(JobRecord, bool)> {
+pub(crate) async fn submit_one(
+    conn: &mut AnyConnection,
+    ledger: &LedgerCell,
+    job: NewJob,
+) -> Result<(JobRecord, bool)> {
     if let Some(key) = &job.idempotency_key {
         if let Some(existing) = existing_for_key(conn, &job.tenant, key).await? {
             return Ok((existing, false));
         }
+    }
+    if let Some(hold) = &job.hold {
+        apply_in_tx(
+            conn,
+            ledger,
+            std::slice::from_ref(hold),
+            &job.actor,
+            job.now,
+        )
+        .await?;
     }
     let spec = serde_json::to_string(&job.spec)
         .map_err(|e| StoreError::Corrupt(format!("job spec: {e}")))?;
@@ -250,26 +317,48 @@ const BATCH_ROWS: usize = 100;
 /// return the first job.
 pub(crate) async fn submit_batch(
     conn: &mut AnyConnection,
+    ledger: &LedgerCell,
     jobs: Vec<NewJob>,
-) -> Result<Vec<(JobRecord, bool)>> {
-    let mut results: Vec<Option<(JobRecord, bool)>> = vec![None; jobs.len()];
+) -> Result<Vec<Result<(JobRecord, bool)>>> {
+    let mut results: Vec<Option<Result<(JobRecord, bool)>>> =
+        (0..jobs.len()).map(|_| None).collect();
     let mut fresh: Vec<usize> = Vec::with_capacity(jobs.len());
     let mut first_with_key: std::collections::HashMap<(&str, &str), usize> =
         std::collections::HashMap::new();
     for (i, job) in jobs.iter().enumerate() {
         if let Some(key) = &job.idempotency_key {
             if let Some(&first) = first_with_key.get(&(job.tenant.as_str(), key.as_str())) {
-                results[i] = Some((queued_record(&jobs[first]), false));
+                results[i] = Some(Ok((queued_record(&jobs[first]), false)));
                 continue;
             }
             if let Some(existing) = existing_for_key(conn, &job.tenant, key).await? {
-                results[i] = Some((existing, false));
+                results[i] = Some(Ok((existing, false)));
                 continue;
             }
             first_with_key.insert((job.tenant.as_str(), key.as_str()), i);
         }
         fresh.push(i);
     }
+    // the holds, each on its own: a wallet that cannot cover one refuses that job alone
+    let holds: Vec<(usize, Transfer)> = fresh
+        .iter()
+        .filter_map(|&i| jobs[i].hold.clone().map(|h| (i, h)))
+        .collect();
+    let transfers: Vec<Transfer> = holds.iter().map(|(_, h)| h.clone()).collect();
+    let now = jobs.first().map(|j| j.now).unwrap_or_default();
+    let held = apply_each_in_tx(conn, ledger, &transfers, "tenants", now).await?;
+    let mut refused = std::collections::HashSet::new();
+    for ((i, hold), result) in holds.iter().zip(held) {
+        if let Err(error) = result {
+            refused.insert(*i);
+            results[*i] = Some(Err(StoreError::Ledger {
+                transfer: hold.id.clone(),
+                error,
+            }));
+        }
+    }
+    let funded: Vec<usize> = fresh.into_iter().filter(|i| !refused.contains(i)).collect();
+    let fresh = funded;
     for chunk in fresh.chunks(BATCH_ROWS) {
         let sql = multi_row_insert(
             "INSERT INTO jobs (id, tenant, idempotency_key, name, spec, state, reason, priority, submitted_ms, updated_ms) VALUES ",
@@ -327,7 +416,7 @@ pub(crate) async fn submit_batch(
         }
         query.execute(&mut *conn).await?;
         for &i in chunk {
-            results[i] = Some((queued_record(&jobs[i]), true));
+            results[i] = Some(Ok((queued_record(&jobs[i]), true)));
         }
     }
     Ok(results
@@ -441,6 +530,7 @@ impl Store {
 
     /// Ends a queued job as failed (for example: no cluster can ever hold it).
     pub async fn fail_queued(&self, job_id: String, reason: String, now: Millis) -> Result<bool> {
+        let ledger = self.ledger.clone();
         self.write(move |conn| {
             Box::pin(async move {
                 let done = sqlx::query(
@@ -455,6 +545,7 @@ impl Store {
                     return Ok(false);
                 }
                 record_transition(conn, &job_id, Some(JobState::Queued), JobState::Failed, &reason, now, "scheduler").await?;
+                void_hold(conn, &ledger, &job_id, "scheduler", now).await?;
                 Ok(true)
             })
         })
@@ -468,6 +559,7 @@ impl Store {
         actor: String,
         now: Millis,
     ) -> Result<(Outcome, JobRecord)> {
+        let ledger = self.ledger.clone();
         self.write(move |conn| {
             Box::pin(async move {
                 let job = load_job(conn, &job_id).await?;
@@ -485,6 +577,7 @@ impl Store {
                         .execute(&mut *conn)
                         .await?;
                         record_transition(conn, &job_id, Some(job.state), JobState::Cancelled, &reason, now, &actor).await?;
+                        void_hold(conn, &ledger, &job_id, &actor, now).await?;
                         Outcome::Cancelled
                     }
                     _ => {
@@ -599,6 +692,7 @@ impl Store {
 
     /// Applies an agent's report under its lease; a stale epoch is refused.
     pub async fn report(&self, report: LeaseReport) -> Result<JobRecord> {
+        let ledger = self.ledger.clone();
         self.write(move |conn| {
             Box::pin(async move {
                 let job = load_job(conn, &report.job_id).await?;
@@ -616,7 +710,7 @@ impl Store {
                             record_transition(conn, &job.id, Some(job.state), JobState::Running, "started", now, &actor).await?;
                         }
                     }
-                    Report::Finished { state, exit_code, reason, cost_cny_minor } => {
+                    Report::Finished { state, exit_code, reason, cost_cny_minor, settlement } => {
                         if !state.is_terminal() || !job.state.can_become(*state) {
                             return Err(StoreError::Conflict(format!("job {} cannot go from {} to {state}", job.id, job.state)));
                         }
@@ -633,17 +727,18 @@ impl Store {
                         .bind(&job.id)
                         .execute(&mut *conn)
                         .await?;
-                        sqlx::query(
-                            "INSERT INTO tenant_spend (tenant, spent_minor) VALUES ($1, $2) \
-                             ON CONFLICT (tenant) DO UPDATE SET spent_minor = tenant_spend.spent_minor + $2",
-                        )
-                        .bind(&job.tenant)
-                        .bind(*cost_cny_minor)
-                        .execute(&mut *conn)
-                        .await?;
                         record_transition(conn, &job.id, Some(job.state), *state, reason, now, &actor).await?;
                         let payload = serde_json::json!({"job": job.id, "cost_cny_minor": cost_cny_minor, "exit_code": exit_code});
                         outbox(conn, now, "job.metered", &actor, &payload).await?;
+                        if settlement.is_empty() {
+                            void_hold(conn, &ledger, &job.id, &actor, now).await?;
+                        } else if let Err(e) = apply_in_tx(conn, &ledger, settlement, &actor, now).await {
+                            // the job ended all the same: record that it could not be settled
+                            let StoreError::Ledger { transfer, error } = e else { return Err(e) };
+                            tracing::warn!(job = %job.id, %transfer, %error, "job ended unsettled");
+                            let payload = serde_json::json!({"job": job.id, "transfer": transfer, "error": error.to_string()});
+                            outbox(conn, now, "ledger.unsettled", &actor, &payload).await?;
+                        }
                     }
                     Report::Lost { reason } => {
                         requeue(conn, &job, reason, now, &actor).await?;
@@ -657,6 +752,7 @@ impl Store {
 
     /// Requeues every placed or running job whose lease ran out. Returns their ids.
     pub async fn expire_leases(&self, now: Millis) -> Result<Vec<String>> {
+        let ledger = self.ledger.clone();
         // the scheduler asks every cycle; a read answers the usual "none" without a commit
         let due = sqlx::query("SELECT COUNT(*) AS n FROM jobs WHERE state IN ('placed', 'running') AND lease_expires_ms < $1")
             .bind(now)
@@ -689,6 +785,7 @@ impl Store {
                             .execute(&mut *conn)
                             .await?;
                         record_transition(conn, &job.id, Some(job.state), JobState::Cancelled, why, now, "scheduler").await?;
+                        void_hold(conn, &ledger, &job.id, "scheduler", now).await?;
                     } else {
                         requeue(conn, &job, &reason, now, "scheduler").await?;
                     }
@@ -797,16 +894,22 @@ impl Store {
             .collect()
     }
 
-    /// What a tenant has been charged so far, in CNY minor units.
-    pub async fn tenant_spent(&self, tenant: &str) -> Result<i64> {
-        let row = sqlx::query("SELECT spent_minor FROM tenant_spend WHERE tenant = $1")
-            .bind(tenant)
-            .fetch_optional(self.pool())
-            .await?;
-        Ok(match row {
-            Some(row) => row.try_get("spent_minor")?,
-            None => 0,
-        })
+    /// A tenant's jobs that ended in `[from, to)`, by end time.
+    pub async fn jobs_finished_between(
+        &self,
+        tenant: &str,
+        from: Millis,
+        to: Millis,
+    ) -> Result<Vec<JobRecord>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {JOB_COLUMNS} FROM jobs WHERE tenant = $1 AND finished_ms >= $2 AND finished_ms < $3 ORDER BY finished_ms, id"
+        ))
+        .bind(tenant)
+        .bind(from)
+        .bind(to)
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter().map(JobRecord::from_row).collect()
     }
 
     /// How many jobs are in each state.

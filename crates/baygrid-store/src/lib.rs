@@ -9,6 +9,7 @@
 //! failing change never takes the others down.
 
 mod jobs;
+mod ledger;
 mod records;
 pub mod testing;
 
@@ -21,6 +22,7 @@ use sqlx::{AnyConnection, AnyPool, Connection, Executor, Row};
 use tokio::sync::{mpsc, oneshot};
 
 pub use jobs::{HeartbeatOutcome, JobFilter, LeaseReport, NewJob, Outcome, Report};
+pub use ledger::{StatementLine, TransferRecord};
 pub use records::{JobEvent, JobRecord, LogLine, TokenRecord};
 
 use baygrid_core::Millis;
@@ -43,6 +45,11 @@ pub enum StoreError {
     UnsupportedUrl(String),
     #[error("the store's writer has stopped")]
     WriterGone,
+    #[error("ledger refused transfer {transfer}: {error}")]
+    Ledger {
+        transfer: String,
+        error: baygrid_ledger::TransferError,
+    },
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -94,6 +101,7 @@ pub struct Store {
     pool: AnyPool,
     writer: mpsc::Sender<WriteRequest>,
     backend: Backend,
+    ledger: std::sync::Arc<ledger::LedgerCell>,
 }
 
 impl Store {
@@ -141,12 +149,17 @@ impl Store {
             .connect_with(options)
             .await?;
         MIGRATOR.run(&pool).await?;
+        let ledger = {
+            let mut conn = pool.acquire().await?;
+            std::sync::Arc::new(ledger::load_cell(&mut conn).await?)
+        };
         let (writer, inbox) = mpsc::channel(8 * MAX_GROUP);
-        tokio::spawn(write_loop(pool.clone(), inbox));
+        tokio::spawn(write_loop(pool.clone(), inbox, ledger.clone()));
         Ok(Store {
             pool,
             writer,
             backend,
+            ledger,
         })
     }
 
@@ -206,6 +219,8 @@ impl Store {
             "outbox",
             "tokens",
             "catalog",
+            "ledger_accounts",
+            "ledger_transfers",
         ];
         if !allowed.contains(&table) {
             return Err(StoreError::Conflict(format!("no table `{table}`")));
@@ -217,7 +232,11 @@ impl Store {
     }
 }
 
-async fn write_loop(pool: AnyPool, mut inbox: mpsc::Receiver<WriteRequest>) {
+async fn write_loop(
+    pool: AnyPool,
+    mut inbox: mpsc::Receiver<WriteRequest>,
+    ledger: std::sync::Arc<ledger::LedgerCell>,
+) {
     while let Some(first) = inbox.recv().await {
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
@@ -226,11 +245,16 @@ async fn write_loop(pool: AnyPool, mut inbox: mpsc::Receiver<WriteRequest>) {
                 Err(_) => break,
             }
         }
-        commit_group(&pool, group).await;
+        commit_group(&pool, group, &ledger).await;
     }
 }
 
-async fn commit_group(pool: &AnyPool, group: Vec<WriteRequest>) {
+async fn commit_group(
+    pool: &AnyPool,
+    group: Vec<WriteRequest>,
+    ledger: &std::sync::Arc<ledger::LedgerCell>,
+) {
+    ledger.begin_group();
     let mut conn = match pool.acquire().await {
         Ok(conn) => conn,
         Err(e) => return fail_all(group, &e),
@@ -250,26 +274,34 @@ async fn commit_group(pool: &AnyPool, group: Vec<WriteRequest>) {
     let mut answers = Vec::with_capacity(works.len());
     let mut any_ok = false;
     for (work, reply) in works {
-        let result = in_savepoint(&mut tx, |conn| work(conn)).await;
+        let result = in_savepoint(&mut tx, ledger, |conn| work(conn)).await;
         any_ok |= result.is_ok();
         answers.push((reply, result));
     }
     let jobs: Vec<NewJob> = submits.iter().map(|(job, _)| job.clone()).collect();
-    let submitted =
-        match in_savepoint(&mut tx, |conn| Box::pin(jobs::submit_batch(conn, jobs))).await {
-            Ok(records) => records.into_iter().map(Ok).collect(),
-            Err(_) => {
-                // find the offending submissions: each on its own
-                let mut one_by_one = Vec::with_capacity(submits.len());
-                for (job, _) in &submits {
-                    let job = job.clone();
-                    one_by_one.push(
-                        in_savepoint(&mut tx, |conn| Box::pin(jobs::submit_one(conn, job))).await,
-                    );
-                }
-                one_by_one
+    let submitted = match in_savepoint(&mut tx, ledger, |conn| {
+        let cell = ledger.clone();
+        Box::pin(async move { jobs::submit_batch(conn, &cell, jobs).await })
+    })
+    .await
+    {
+        Ok(records) => records,
+        Err(_) => {
+            // find the offending submissions: each on its own
+            let mut one_by_one = Vec::with_capacity(submits.len());
+            for (job, _) in &submits {
+                let job = job.clone();
+                one_by_one.push(
+                    in_savepoint(&mut tx, ledger, |conn| {
+                        let cell = ledger.clone();
+                        Box::pin(async move { jobs::submit_one(conn, &cell, job).await })
+                    })
+                    .await,
+                );
             }
-        };
+            one_by_one
+        }
+    };
     any_ok |= submitted
         .iter()
         .any(|r: &Result<(JobRecord, bool)>| r.is_ok());
@@ -282,6 +314,17 @@ async fn commit_group(pool: &AnyPool, group: Vec<WriteRequest>) {
         tracing::error!(error = %e, "group commit failed");
         e.to_string()
     });
+    if (commit_error.is_some() || !any_ok) && ledger.group_touched() {
+        // memory holds transfers the database does not: rebuild it from what was committed
+        let reloaded = match pool.acquire().await {
+            Ok(mut conn) => ledger.reload(&mut conn).await,
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = reloaded {
+            tracing::error!(error = %e, "cannot rebuild the ledger; stopping the writer");
+            std::process::abort();
+        }
+    }
     for (reply, result) in answers {
         let _ = reply.send(settle(&commit_error, result));
     }
@@ -300,12 +343,18 @@ fn settle<T>(commit_error: &Option<String>, result: Result<T>) -> Result<T> {
     }
 }
 
-/// Runs one change under a savepoint, rolling back to it when the change fails.
-async fn in_savepoint<'t, T, F>(conn: &'t mut AnyConnection, work: F) -> Result<T>
+/// Runs one change under a savepoint, rolling back to it when the change fails. A failed
+/// change that altered the in-memory ledger has it rebuilt from the transaction's view.
+async fn in_savepoint<'t, T, F>(
+    conn: &'t mut AnyConnection,
+    ledger: &ledger::LedgerCell,
+    work: F,
+) -> Result<T>
 where
     F: for<'c> FnOnce(&'c mut AnyConnection) -> BoxFuture<'c, Result<T>>,
 {
     conn.execute("SAVEPOINT change").await?;
+    ledger.begin_change();
     let result = work(&mut *conn).await;
     let end = if result.is_ok() {
         "RELEASE SAVEPOINT change"
@@ -315,6 +364,9 @@ where
     conn.execute(end).await?;
     if result.is_err() {
         conn.execute("RELEASE SAVEPOINT change").await?;
+        if ledger.change_touched() {
+            ledger.reload(conn).await?;
+        }
     }
     result
 }

@@ -19,6 +19,7 @@ fn new_job(id: &str, key: Option<&str>) -> NewJob {
         spec: spec("demo"),
         actor: "tenant:t1".into(),
         now: 1_000,
+        hold: None,
     }
 }
 
@@ -191,6 +192,7 @@ async fn suite(store: Store) {
                 exit_code: Some(0),
                 reason: "exit 0".into(),
                 cost_cny_minor: 1234,
+                settlement: vec![],
             },
             now: 15_000,
         })
@@ -198,7 +200,6 @@ async fn suite(store: Store) {
         .unwrap();
     assert_eq!(finished.state, JobState::Succeeded);
     assert_eq!(finished.cost_cny_minor, Some(1234));
-    assert_eq!(store.tenant_spent("t1").await.unwrap(), 1234);
     let events = store.job_events("job_a").await.unwrap();
     let path: Vec<JobState> = events.iter().map(|e| e.to_state).collect();
     use JobState::*;
@@ -339,6 +340,273 @@ async fn postgres_store_suite() {
     let store = Store::open(&url).await.unwrap();
     assert_eq!(store.backend(), Backend::Postgres);
     suite(store).await;
+}
+
+mod ledger_suite {
+    use super::*;
+    use baygrid_ledger::{names, Transfer, TransferError, TransferKind};
+
+    fn single(id: &str, debit: &str, credit: &str, amount: i64) -> Transfer {
+        Transfer {
+            id: id.into(),
+            debit_account: debit.into(),
+            credit_account: credit.into(),
+            amount,
+            currency: Currency::CNY,
+            kind: TransferKind::Single,
+            linked: false,
+            reference: String::new(),
+        }
+    }
+
+    fn hold(job: &str, tenant: &str, amount: i64, expires_at: Millis) -> Transfer {
+        Transfer {
+            id: names::hold(job),
+            debit_account: names::wallet(tenant).id,
+            credit_account: names::clearing(Currency::CNY).id,
+            amount,
+            currency: Currency::CNY,
+            kind: TransferKind::Pending { expires_at },
+            linked: false,
+            reference: names::job_reference(job),
+        }
+    }
+
+    fn job_with_hold(id: &str, amount: i64) -> NewJob {
+        NewJob {
+            hold: Some(hold(id, "t1", amount, 1_000_000)),
+            ..new_job(id, None)
+        }
+    }
+
+    async fn wallet(store: &Store) -> baygrid_ledger::Balance {
+        store.ledger_balance(&names::wallet("t1").id).await.unwrap()
+    }
+
+    /// What memory says equals what the database says, for every account.
+    async fn memory_matches_database(store: &Store) {
+        for account in store.ledger_accounts() {
+            let from_db = store.ledger_balance(&account.id).await.unwrap();
+            let in_memory = store.ledger.read(|l| l.balance(&account.id)).unwrap();
+            assert_eq!(from_db, in_memory, "account {}", account.id);
+        }
+    }
+
+    pub(super) async fn run(store: Store, url: &str) {
+        let mut accounts = names::platform();
+        accounts.push(names::wallet("t1"));
+        accounts.push(names::provider("p1", Currency::CNY));
+        store.open_accounts(accounts.clone(), 0).await.unwrap();
+        store.open_accounts(accounts, 0).await.unwrap(); // a no-op the second time
+        let funding = names::funding(Currency::CNY).id;
+        let wallet_id = names::wallet("t1").id;
+        store
+            .transfer(
+                vec![single("dep1", &funding, &wallet_id, 10_000)],
+                "op".into(),
+                1,
+            )
+            .await
+            .unwrap();
+        // a retry with the same body changes nothing; another body is refused
+        let again = store
+            .transfer(
+                vec![single("dep1", &funding, &wallet_id, 10_000)],
+                "op".into(),
+                2,
+            )
+            .await
+            .unwrap();
+        assert_eq!(again, vec![baygrid_ledger::Outcome::AlreadyExists]);
+        let err = store
+            .transfer(
+                vec![single("dep1", &funding, &wallet_id, 9_999)],
+                "op".into(),
+                2,
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StoreError::Ledger {
+                    error: TransferError::ExistsWithDifferentBody(_),
+                    ..
+                }
+            ),
+            "{err}"
+        );
+
+        // concurrent submissions: the wallet covers six holds of 1,500 and no more
+        let mut tasks = Vec::new();
+        for i in 0..10 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                store.submit(job_with_hold(&format!("jh{i}"), 1_500)).await
+            }));
+        }
+        let mut accepted = Vec::new();
+        for task in tasks {
+            match task.await.unwrap() {
+                Ok((job, true)) => accepted.push(job.id),
+                Ok(other) => panic!("unexpected {other:?}"),
+                Err(StoreError::Ledger {
+                    error: TransferError::ExceedsCredits { .. },
+                    ..
+                }) => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(accepted.len(), 6);
+        let refused_stored = store.count("jobs").await.unwrap();
+        assert_eq!(refused_stored, 6, "a refused job is not stored");
+        let balance = wallet(&store).await;
+        assert_eq!(balance.debits_pending, 9_000);
+        assert_eq!(balance.available(), 1_000);
+
+        // settle one: post 1,200 of its 1,500 hold, fee 60, provider 1,140, as a chain
+        let job = accepted[0].clone();
+        store
+            .place(job.clone(), allocation("c1"), "test".into(), 100_000, 10)
+            .await
+            .unwrap();
+        let granted = store
+            .grant_leases("c1".into(), 10, 100_000, 11)
+            .await
+            .unwrap();
+        let epoch = granted[0].lease_epoch;
+        let clearing = names::clearing(Currency::CNY).id;
+        let mut chain = vec![
+            Transfer {
+                id: format!("post:{job}"),
+                kind: TransferKind::Post {
+                    pending_id: names::hold(&job),
+                },
+                linked: true,
+                ..single("", &wallet_id, &clearing, 1_200)
+            },
+            Transfer {
+                linked: true,
+                ..single(
+                    &format!("fee:{job}"),
+                    &clearing,
+                    &names::fees(Currency::CNY).id,
+                    60,
+                )
+            },
+            single(
+                &format!("revenue:{job}"),
+                &clearing,
+                &names::provider("p1", Currency::CNY).id,
+                1_140,
+            ),
+        ];
+        chain[0].id = format!("post:{job}");
+        store
+            .report(LeaseReport {
+                job_id: job.clone(),
+                cluster: "c1".into(),
+                epoch,
+                report: Report::Finished {
+                    state: JobState::Succeeded,
+                    exit_code: Some(0),
+                    reason: "exit 0".into(),
+                    cost_cny_minor: 1_200,
+                    settlement: chain,
+                },
+                now: 20,
+            })
+            .await
+            .unwrap();
+        let balance = wallet(&store).await;
+        assert_eq!(balance.debits_posted, 1_200);
+        assert_eq!(balance.debits_pending, 7_500);
+        assert_eq!(store.ledger_balance(&clearing).await.unwrap().net(), 0);
+
+        // a cancel voids the hold; a queued job whose hold expires fails
+        store
+            .cancel(accepted[1].clone(), "tenant:t1".into(), 30)
+            .await
+            .unwrap();
+        assert_eq!(wallet(&store).await.debits_pending, 6_000);
+        assert!(store.ledger_open_hold(&names::hold(&accepted[1])).is_none());
+        let expired = store.expire_holds(1_000_000).await.unwrap();
+        assert_eq!(expired.len(), 4);
+        assert_eq!(
+            store.get_job(&accepted[2]).await.unwrap().state,
+            JobState::Failed
+        );
+        assert_eq!(wallet(&store).await.available(), 10_000 - 1_200);
+
+        // a change that fails after the ledger accepted its transfer leaves no trace
+        let cell = store.ledger.clone();
+        let wallet_in_closure = wallet_id.clone();
+        let funding_in_closure = funding.clone();
+        let failed = store
+            .write(move |conn| {
+                Box::pin(async move {
+                    crate::ledger::apply_in_tx(
+                        conn,
+                        &cell,
+                        &[single(
+                            "dep-rolled-back",
+                            &funding_in_closure,
+                            &wallet_in_closure,
+                            5,
+                        )],
+                        "op",
+                        40,
+                    )
+                    .await?;
+                    Err::<(), _>(StoreError::Conflict("the rest of the change failed".into()))
+                })
+            })
+            .await;
+        assert!(failed.is_err());
+        assert!(store
+            .ledger
+            .read(|l| l.transfer("dep-rolled-back").is_none()));
+        memory_matches_database(&store).await;
+
+        // debits equal credits per currency; the database replays to the same ledger
+        let totals = store.ledger_totals().await.unwrap();
+        assert_eq!(totals, vec![(Currency::CNY, 10_000 + 1_200 + 60 + 1_140)]);
+        let before: Vec<_> = store
+            .ledger_accounts()
+            .iter()
+            .map(|a| (a.id.clone(), store.ledger.read(|l| l.balance(&a.id))))
+            .collect();
+        drop(store);
+        let reopened = Store::open(url).await.unwrap();
+        let after: Vec<_> = reopened
+            .ledger_accounts()
+            .iter()
+            .map(|a| (a.id.clone(), reopened.ledger.read(|l| l.balance(&a.id))))
+            .collect();
+        assert_eq!(before, after);
+        memory_matches_database(&reopened).await;
+        let lines = reopened
+            .ledger_statement(&wallet_id, 0, i64::MAX)
+            .await
+            .unwrap();
+        let net: i64 = lines.iter().map(|l| l.signed_amount).sum();
+        assert_eq!(net, 10_000 - 1_200);
+    }
+}
+
+#[tokio::test]
+async fn sqlite_ledger_suite() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = sqlite_url(dir.path());
+    ledger_suite::run(Store::open(&url).await.unwrap(), &url).await;
+}
+
+#[tokio::test]
+async fn postgres_ledger_suite() {
+    let Some(url) = fresh_postgres_url().await else {
+        return;
+    };
+    ledger_suite::run(Store::open(&url).await.unwrap(), &url).await;
 }
 
 #[tokio::test]

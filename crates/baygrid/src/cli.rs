@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use baygrid_api::{
-    CancelView, Client, ClusterView, IssueTokenRequest, IssuedToken, JobView, LogsView, QuoteView,
-    TenantView, TokenView,
+    AccountView, CancelView, Client, ClusterView, DepositRequest, InvoiceView, IssueTokenRequest,
+    IssuedToken, JobView, LogsView, QuoteView, StatementView, TenantView, TokenView,
 };
 use baygrid_core::{JobSpec, Jurisdiction, Money, Offer, Party, Role, Site, Tenant};
 use clap::Subcommand;
@@ -48,6 +48,38 @@ pub enum TenantCommand {
         budget: Money,
     },
     Ls,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LedgerCommand {
+    /// Fund an account from outside the exchange (operator), e.g. `wallet:gz-lab 500.00 CNY`.
+    Deposit {
+        account: String,
+        /// In the account's currency, e.g. "500.00 CNY".
+        amount: Money,
+        /// A client-chosen id: repeating the command with it changes nothing.
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Balances: one account, or every account the caller may read.
+    Balance { account: Option<String> },
+    /// The transfers that touched an account in a period.
+    Statement {
+        account: String,
+        /// YYYY-MM-DD or RFC 3339, inclusive.
+        #[arg(long)]
+        from: Option<String>,
+        /// YYYY-MM-DD or RFC 3339, exclusive.
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// A tenant's charges for the jobs that ended in a month.
+    Invoice {
+        tenant: String,
+        /// YYYY-MM (UTC).
+        #[arg(long)]
+        month: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -277,10 +309,163 @@ pub async fn tenant(args: &Args, cmd: &TenantCommand) -> anyhow::Result<std::pro
                             t.tenant.party.clone(),
                             t.tenant.budget.to_string(),
                             t.spent.to_string(),
+                            t.held.to_string(),
+                            t.available.to_string(),
                         ]
                     })
                     .collect::<Vec<_>>();
-                table(&["TENANT", "PARTY", "BUDGET", "SPENT"], &rows);
+                table(
+                    &["TENANT", "PARTY", "OPENING", "SPENT", "HELD", "AVAILABLE"],
+                    &rows,
+                );
+            });
+        }
+    }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+fn account_rows(accounts: &[AccountView]) {
+    let rows = accounts
+        .iter()
+        .map(|a| {
+            vec![
+                a.id.clone(),
+                a.kind.clone(),
+                a.balance.to_string(),
+                a.debits_pending.to_string(),
+                a.available.to_string(),
+            ]
+        })
+        .collect::<Vec<_>>();
+    table(&["ACCOUNT", "KIND", "BALANCE", "HELD", "AVAILABLE"], &rows);
+}
+
+/// Percent-encodes everything but RFC 3986's unreserved characters (and `:`).
+fn encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b':' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+pub async fn ledger(args: &Args, cmd: &LedgerCommand) -> anyhow::Result<std::process::ExitCode> {
+    let client = client(args)?;
+    match cmd {
+        LedgerCommand::Deposit {
+            account,
+            amount,
+            id,
+        } => {
+            let request = DepositRequest {
+                account: account.clone(),
+                amount: *amount,
+                id: id.clone(),
+            };
+            let view: AccountView = client.post("/api/v1/ledger/deposits", &request).await?;
+            emit(args.output, &view, |a| {
+                println!(
+                    "deposited {amount} into {}: balance {}, available {}",
+                    a.id, a.balance, a.available
+                )
+            });
+        }
+        LedgerCommand::Balance {
+            account: Some(account),
+        } => {
+            let view: AccountView = client
+                .get(&format!("/api/v1/ledger/accounts/{}", encode(account)))
+                .await?;
+            emit(args.output, &view, |a| {
+                account_rows(std::slice::from_ref(a))
+            });
+        }
+        LedgerCommand::Balance { account: None } => {
+            let views: Vec<AccountView> = client.get("/api/v1/ledger/accounts").await?;
+            emit(args.output, &views, |v| account_rows(v));
+        }
+        LedgerCommand::Statement { account, from, to } => {
+            let mut query = Vec::new();
+            if let Some(from) = from {
+                query.push(format!("from={}", encode(from)));
+            }
+            if let Some(to) = to {
+                query.push(format!("to={}", encode(to)));
+            }
+            let path = format!(
+                "/api/v1/ledger/accounts/{}/statement?{}",
+                encode(account),
+                query.join("&")
+            );
+            let view: StatementView = client.get(&path).await?;
+            emit(args.output, &view, |s| {
+                println!("{} from {} to {}", s.account, s.from, s.to);
+                let rows = s
+                    .lines
+                    .iter()
+                    .map(|l| {
+                        vec![
+                            l.transfer.at.clone(),
+                            l.transfer.id.clone(),
+                            l.transfer.kind.clone(),
+                            l.transfer.amount.to_string(),
+                            l.signed_amount.to_string(),
+                            l.transfer.reference.clone(),
+                        ]
+                    })
+                    .collect::<Vec<_>>();
+                table(
+                    &["AT", "TRANSFER", "KIND", "AMOUNT", "MOVED", "REFERENCE"],
+                    &rows,
+                );
+                println!("net {}", s.net);
+            });
+        }
+        LedgerCommand::Invoice { tenant, month } => {
+            let path = format!(
+                "/api/v1/ledger/invoices/{}?month={}",
+                encode(tenant),
+                encode(month)
+            );
+            let view: InvoiceView = client.get(&path).await?;
+            emit(args.output, &view, |inv| {
+                println!("invoice for {} ({})", inv.tenant, inv.month);
+                let rows = inv
+                    .lines
+                    .iter()
+                    .map(|l| {
+                        vec![
+                            l.job.clone(),
+                            or_dash(l.site.as_ref()),
+                            format!(
+                                "{}×{}",
+                                l.accelerators,
+                                l.accelerator.clone().unwrap_or_else(|| "-".into())
+                            ),
+                            format!("{:.1}", l.seconds),
+                            l.price_per_accelerator_hour
+                                .map(|p| p.to_string())
+                                .unwrap_or_else(|| "-".into()),
+                            l.amount.to_string(),
+                        ]
+                    })
+                    .collect::<Vec<_>>();
+                table(
+                    &[
+                        "JOB",
+                        "SITE",
+                        "ACCELERATORS",
+                        "SECONDS",
+                        "PRICE/ACC-H",
+                        "AMOUNT",
+                    ],
+                    &rows,
+                );
+                println!("total {}", inv.total);
             });
         }
     }

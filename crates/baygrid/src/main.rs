@@ -108,6 +108,9 @@ pub enum Command {
     /// The audit log: checkpoints, proofs, export and offline verification.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
+    /// Settlement: balances, deposits, statements, invoices.
+    #[command(subcommand)]
+    Ledger(cli::LedgerCommand),
     /// Benchmarks that print figures.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -153,6 +156,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Command::Token(cmd) => cli::token(&args, cmd).await,
         Command::Job(cmd) => cli::job(&args, cmd).await,
         Command::Audit(cmd) => audit::run(&args, cmd).await,
+        Command::Ledger(cmd) => cli::ledger(&args, cmd).await,
         Command::Bench(cmd) => bench::run(&args, cmd).await,
     }
 }
