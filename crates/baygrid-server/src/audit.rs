@@ -84,6 +84,11 @@ impl AuditLog {
     pub fn size(&self) -> u64 {
         self.tree.lock().expect("audit tree lock").len()
     }
+
+    /// A checkpoint for `tree`, signed with this log's key (for offline exports).
+    pub fn sign(&self, tree: &Tree) -> String {
+        sign_checkpoint(&self.origin, tree.len(), &tree.root(), &self.key)
+    }
 }
 
 /// An entry as the API shows it.
@@ -97,7 +102,7 @@ fn entry_view(row: &baygrid_store::OutboxRow) -> EntryView {
 }
 
 /// An outbox row as a log entry.
-fn entry(row: &baygrid_store::OutboxRow) -> Entry {
+pub fn entry(row: &baygrid_store::OutboxRow) -> Entry {
     Entry {
         index: (row.seq - 1) as u64,
         at: row.at_ms,

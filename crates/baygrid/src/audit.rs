@@ -21,7 +21,18 @@ pub enum AuditCommand {
     /// Fetch an entry and its inclusion proof, and check both against the signed checkpoint.
     Prove { index: u64 },
     /// Write entries, checkpoint, public key and inclusion proofs to DIR.
-    Export { dir: PathBuf },
+    Export {
+        dir: PathBuf,
+        /// Read a stopped server's data directory (`--data-dir`) instead of asking the
+        /// server: the entries come from its store, and the checkpoint is signed with the
+        /// log key kept there.
+        #[arg(long)]
+        offline: bool,
+        /// With `--offline`: the store URL, when the server did not use the SQLite store
+        /// in its data directory.
+        #[arg(long, requires = "offline")]
+        store: Option<String>,
+    },
     /// Watch a log: verify its new checkpoint and its consistency with the last one this
     /// witness saw, then cosign it. A fork is refused and the last good checkpoint kept.
     Witness {
@@ -83,7 +94,16 @@ pub async fn run(args: &Args, cmd: &AuditCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         AuditCommand::Prove { index } => prove(args, *index).await,
-        AuditCommand::Export { dir } => export(args, dir).await,
+        AuditCommand::Export {
+            dir,
+            offline: false,
+            ..
+        } => export(args, dir).await,
+        AuditCommand::Export {
+            dir,
+            offline: true,
+            store,
+        } => export_offline(args, dir, store.as_deref()).await,
         AuditCommand::Verify { dir, previous } => verify(dir, previous.as_deref()),
         AuditCommand::Witness { log, key, name } => witness(args, log, key, name).await,
     }
@@ -191,6 +211,72 @@ async fn export(args: &Args, dir: &Path) -> anyhow::Result<ExitCode> {
     std::fs::write(dir.join("log.pub"), &key)?;
     println!(
         "exported {size} entries, their inclusion proofs, the checkpoint and the public key to {}",
+        dir.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The same export as [`export`], from a stopped server's data directory.
+async fn export_offline(args: &Args, dir: &Path, store: Option<&str>) -> anyhow::Result<ExitCode> {
+    let data_dir = args.data_dir();
+    let public = std::fs::read_to_string(data_dir.join("audit.pub")).with_context(|| {
+        format!(
+            "{} holds no audit log (no audit.pub): give the server's --data-dir",
+            data_dir.display()
+        )
+    })?;
+    let (origin, _) = parse_verifier_key(&public)?;
+    let url = match store {
+        Some(url) => url.to_string(),
+        None => baygrid_server::ServerConfig {
+            data_dir: data_dir.clone(),
+            ..Default::default()
+        }
+        .store_url(),
+    };
+    let store = baygrid_store::Store::open(&url)
+        .await
+        .with_context(|| format!("cannot open the store at {url}"))?;
+    let log = baygrid_server::audit::AuditLog::open(&data_dir, &origin)
+        .with_context(|| format!("cannot read the log key in {}", data_dir.display()))?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let mut entries = std::io::BufWriter::new(std::fs::File::create(dir.join("entries.jsonl"))?);
+    let mut tree = Tree::new();
+    loop {
+        let rows = store.outbox_from(tree.len() as i64 + 1, 10_000).await?;
+        if rows.is_empty() {
+            break;
+        }
+        for row in &rows {
+            anyhow::ensure!(
+                row.seq == tree.len() as i64 + 1,
+                "the store's outbox has a gap before seq {}",
+                row.seq
+            );
+            let entry = baygrid_server::audit::entry(row);
+            let canonical = entry.canonical();
+            tree.push(&canonical);
+            entries.write_all(&canonical)?;
+            entries.write_all(b"\n")?;
+        }
+    }
+    entries.flush()?;
+    let size = tree.len();
+    let mut proofs = std::io::BufWriter::new(std::fs::File::create(dir.join("proofs.jsonl"))?);
+    for index in 0..size {
+        let proof: Vec<String> = tree
+            .inclusion_proof(index, size)?
+            .iter()
+            .map(|h| baygrid_audit::to_hex(h))
+            .collect();
+        writeln!(proofs, "{}", serde_json::to_string(&proof)?)?;
+    }
+    proofs.flush()?;
+    std::fs::write(dir.join("checkpoint"), log.sign(&tree))?;
+    std::fs::write(dir.join("log.pub"), log.verifier_key() + "\n")?;
+    println!(
+        "exported {size} entries from {} (offline), their inclusion proofs, a checkpoint and the public key to {}",
+        data_dir.display(),
         dir.display()
     );
     Ok(ExitCode::SUCCESS)

@@ -456,6 +456,88 @@ struct SummaryRow {
     as_expected: bool,
 }
 
+/// Checks the ledger against the jobs: each tenant's invoices carry every job that ran at
+/// its metered cost, the wallets were charged exactly that, and the clearing account holds
+/// nothing once the charges are split between providers and fees. `Err` names the mismatch.
+async fn reconcile(
+    exchange: &Exchange,
+    rows: &[SummaryRow],
+) -> anyhow::Result<Result<String, String>> {
+    let mut months = std::collections::BTreeSet::new();
+    let mut tenants = std::collections::BTreeSet::new();
+    let mut costs = std::collections::BTreeMap::new();
+    for row in rows {
+        if let Some(id) = &row.id {
+            let job: JobView = exchange.operator.get(&format!("/api/v1/jobs/{id}")).await?;
+            if let Some(finished) = &job.finished_at {
+                months.insert(finished[..7].to_string());
+            }
+            tenants.insert(row.tenant.clone());
+            costs.insert(id.clone(), job.cost.map(|c| c.minor).unwrap_or(0));
+        }
+    }
+    let mut lines = 0;
+    let mut invoiced = 0i64;
+    for tenant in &tenants {
+        let mut total = 0i64;
+        for month in &months {
+            let invoice: baygrid_api::InvoiceView = exchange
+                .operator
+                .get(&format!("/api/v1/ledger/invoices/{tenant}?month={month}"))
+                .await?;
+            for line in &invoice.lines {
+                let Some(cost) = costs.get(&line.job) else {
+                    return Ok(Err(format!("invoice line for unknown job {}", line.job)));
+                };
+                if line.amount.minor != *cost {
+                    return Ok(Err(format!(
+                        "job {} was metered at {} but invoiced at {}",
+                        line.job,
+                        Money::new(*cost, baygrid_core::Currency::CNY),
+                        line.amount
+                    )));
+                }
+                lines += 1;
+            }
+            total += invoice.total.minor;
+        }
+        let wallet: baygrid_api::AccountView = exchange
+            .operator
+            .get(&format!("/api/v1/ledger/accounts/wallet:{tenant}"))
+            .await?;
+        if wallet.debits_posted.minor != total || wallet.debits_pending.minor != 0 {
+            return Ok(Err(format!(
+                "wallet:{tenant} was charged {} with {} still held; its invoices total {}",
+                wallet.debits_posted,
+                wallet.debits_pending,
+                Money::new(total, baygrid_core::Currency::CNY)
+            )));
+        }
+        invoiced += total;
+    }
+    let ran = costs.len();
+    if lines != ran {
+        return Ok(Err(format!(
+            "{ran} jobs ended but the invoices have {lines} lines"
+        )));
+    }
+    let clearing: baygrid_api::AccountView = exchange
+        .operator
+        .get("/api/v1/ledger/accounts/clearing:CNY")
+        .await?;
+    if clearing.balance.minor != 0 || clearing.credits_pending.minor != 0 {
+        return Ok(Err(format!(
+            "clearing:CNY still holds {} ({} pending)",
+            clearing.balance, clearing.credits_pending
+        )));
+    }
+    Ok(Ok(format!(
+        "settled: {} invoices with {lines} lines total {}, the jobs' metered cost; every hold resolved; clearing is empty",
+        tenants.len(),
+        Money::new(invoiced, baygrid_core::Currency::CNY)
+    )))
+}
+
 pub async fn demo(args: &Args, keep: bool) -> anyhow::Result<ExitCode> {
     let (data_dir, _temp) = match &args.data_dir {
         Some(dir) => (dir.clone(), None),
@@ -582,7 +664,8 @@ pub async fn demo(args: &Args, keep: bool) -> anyhow::Result<ExitCode> {
         });
     }
     rows.sort_by_key(|r| r.state == "rejected");
-    let all_as_expected = rows.iter().all(|r| r.as_expected);
+    let settled = reconcile(&exchange, &rows).await?;
+    let all_as_expected = rows.iter().all(|r| r.as_expected) && settled.is_ok();
     emit(args.output, &rows, |rows| {
         println!();
         let cells = rows
@@ -618,6 +701,10 @@ pub async fn demo(args: &Args, keep: bool) -> anyhow::Result<ExitCode> {
         let total: i64 = rows.iter().filter_map(|r| r.cost).map(|c| c.minor).sum();
         let sites: std::collections::BTreeSet<&str> =
             rows.iter().filter_map(|r| r.site.as_deref()).collect();
+        match &settled {
+            Ok(line) => println!("\n{line}"),
+            Err(problem) => println!("\nSETTLEMENT DOES NOT RECONCILE: {problem}"),
+        }
         println!(
             "\n{} jobs on {} sites, metered cost {}; {}",
             rows.len(),

@@ -9,7 +9,10 @@ use serde_json::Value;
 
 #[test]
 fn the_demo_runs_every_job_as_expected_and_exits_zero() {
-    let output = baygrid(&["demo", "--output", "json"], &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data_arg = data.to_str().unwrap();
+    let output = baygrid(&["demo", "--output", "json", "--data-dir", data_arg], &[]);
     assert!(
         output.status.success(),
         "stdout:\n{}\nstderr:\n{}",
@@ -37,6 +40,111 @@ fn the_demo_runs_every_job_as_expected_and_exits_zero() {
         .as_str()
         .unwrap()
         .contains("resources.accelerators"));
+
+    // the stopped exchange's log, exported from its data directory, verifies offline
+    let export = dir.path().join("export");
+    let export_arg = export.to_str().unwrap();
+    let out = baygrid(
+        &[
+            "--data-dir",
+            data_arg,
+            "audit",
+            "export",
+            export_arg,
+            "--offline",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = baygrid(&["audit", "verify", export_arg], &[]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(stdout(&out).contains("root matches"), "{}", stdout(&out));
+
+    // reconcile the log's ledger with its jobs: each job's post equals the price × the
+    // accelerator-seconds between its last start and its end, and equals its metered cost
+    let entries: Vec<Value> = std::fs::read_to_string(export.join("entries.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mut started = std::collections::HashMap::new();
+    let mut ended = std::collections::HashMap::new();
+    let mut placed = std::collections::HashMap::new();
+    let mut metered = std::collections::HashMap::new();
+    let mut posted = std::collections::HashMap::new();
+    for e in &entries {
+        let p = &e["payload"];
+        match e["kind"].as_str().unwrap() {
+            "job.transition" if p["to"] == "running" => {
+                started.insert(
+                    p["job"].as_str().unwrap().to_string(),
+                    e["at"].as_i64().unwrap(),
+                );
+            }
+            "job.transition"
+                if ["succeeded", "failed", "cancelled"].contains(&p["to"].as_str().unwrap()) =>
+            {
+                ended.insert(
+                    p["job"].as_str().unwrap().to_string(),
+                    e["at"].as_i64().unwrap(),
+                );
+            }
+            "job.placement" => {
+                placed.insert(
+                    p["job"].as_str().unwrap().to_string(),
+                    p["allocation"].clone(),
+                );
+            }
+            "job.metered" => {
+                metered.insert(
+                    p["job"].as_str().unwrap().to_string(),
+                    p["cost_cny_minor"].as_i64().unwrap(),
+                );
+            }
+            "ledger.transfers" => {
+                for t in p["transfers"].as_array().unwrap() {
+                    if t["kind"] == "post" {
+                        let job = t["id"].as_str().unwrap().strip_prefix("post:").unwrap();
+                        posted.insert(job.to_string(), t["amount"].as_i64().unwrap());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let charged: Vec<&String> = metered
+        .iter()
+        .filter(|(_, c)| **c > 0)
+        .map(|(j, _)| j)
+        .collect();
+    assert!(charged.len() >= 5, "{metered:?}");
+    for (job, cost) in &metered {
+        assert_eq!(posted.get(job).copied().unwrap_or(0), *cost, "job {job}");
+        let allocation = &placed[job];
+        let price = allocation["price_per_accelerator_hour"].as_str().unwrap();
+        if let Some(cny) = price.strip_suffix(" CNY") {
+            let fen: i64 = cny.replace('.', "").parse().unwrap();
+            let accelerators = allocation["accelerators_per_node"].as_i64().unwrap()
+                * allocation["nodes"].as_array().unwrap().len() as i64;
+            let ms = ended[job] - started.get(job).copied().unwrap_or(ended[job]);
+            let expected = (2 * fen * accelerators * ms + 3_600_000) / 7_200_000;
+            assert_eq!(
+                *cost, expected,
+                "job {job}: {fen} fen × {accelerators} × {ms} ms"
+            );
+        }
+    }
+    let row_costs: i64 = rows
+        .iter()
+        .filter_map(|r| r["cost"].as_str())
+        .map(|c| {
+            c.trim_end_matches(" CNY")
+                .replace('.', "")
+                .parse::<i64>()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(row_costs, posted.values().sum::<i64>());
 }
 
 #[test]
