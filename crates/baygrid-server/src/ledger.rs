@@ -512,12 +512,11 @@ pub async fn invoice(
     for job in jobs {
         let charged: i64 = state
             .store
-            .ledger_by_reference(&names::job_reference(&job.id))
+            .ledger_transfer(&format!("post:{}", job.id))
             .await?
-            .iter()
-            .filter(|t| t.kind == "post" && t.debit == wallet.id)
+            .filter(|t| t.debit == wallet.id)
             .map(|t| t.amount)
-            .sum();
+            .unwrap_or(0);
         total += charged;
         let allocation = job.allocation.as_ref();
         let seconds = match (job.started_ms, job.finished_ms, allocation) {

@@ -28,5 +28,5 @@ CREATE TABLE ledger_transfers (
 );
 CREATE INDEX ledger_transfers_by_debit ON ledger_transfers (debit, at_ms);
 CREATE INDEX ledger_transfers_by_credit ON ledger_transfers (credit, at_ms);
-CREATE INDEX ledger_transfers_by_reference ON ledger_transfers (reference);
-CREATE INDEX ledger_transfers_by_pending ON ledger_transfers (pending_id);
+-- only posts, voids and expiries name a hold
+CREATE INDEX ledger_transfers_by_pending ON ledger_transfers (pending_id) WHERE pending_id IS NOT NULL;

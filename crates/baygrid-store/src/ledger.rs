@@ -230,7 +230,7 @@ pub(crate) async fn load_cell(conn: &mut AnyConnection) -> Result<LedgerCell> {
 }
 
 /// Rows per multi-row statement: 12 binds each, under both databases' limits.
-const ROWS_PER_STATEMENT: usize = 400;
+const ROWS_PER_STATEMENT: usize = 50;
 
 async fn insert_rows(conn: &mut AnyConnection, rows: &[TransferRecord]) -> Result<()> {
     for chunk in rows.chunks(ROWS_PER_STATEMENT) {
@@ -636,15 +636,15 @@ impl Store {
             .collect()
     }
 
-    /// The transfers recorded for one reference (a job: `job:ID`), in order.
-    pub async fn ledger_by_reference(&self, reference: &str) -> Result<Vec<TransferRecord>> {
-        let rows = sqlx::query(&format!(
-            "SELECT {TRANSFER_COLUMNS} FROM ledger_transfers WHERE reference = $1 ORDER BY seq"
+    /// One recorded transfer, by id.
+    pub async fn ledger_transfer(&self, id: &str) -> Result<Option<TransferRecord>> {
+        let row = sqlx::query(&format!(
+            "SELECT {TRANSFER_COLUMNS} FROM ledger_transfers WHERE id = $1"
         ))
-        .bind(reference)
-        .fetch_all(self.pool())
+        .bind(id)
+        .fetch_optional(self.pool())
         .await?;
-        rows.iter().map(TransferRecord::from_row).collect()
+        row.as_ref().map(TransferRecord::from_row).transpose()
     }
 
     /// Debits equal credits, per currency, over every posted transfer: the ledger's

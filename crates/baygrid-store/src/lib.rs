@@ -123,7 +123,11 @@ impl Store {
             }
             _ => url.to_string(),
         };
-        let options: AnyConnectOptions = url.parse()?;
+        use sqlx::ConnectOptions;
+        // big multi-row batches are slow by design: note them at debug level, not as warnings
+        let options: AnyConnectOptions = url
+            .parse::<AnyConnectOptions>()?
+            .log_slow_statements(log::LevelFilter::Debug, Duration::from_secs(1));
         let pool = AnyPoolOptions::new()
             .max_connections(match backend {
                 Backend::Sqlite => 8,
@@ -137,6 +141,8 @@ impl Store {
                             "PRAGMA journal_mode=WAL",
                             "PRAGMA synchronous=FULL",
                             "PRAGMA busy_timeout=10000",
+                            // 64 MiB of page cache: index pages stay hot between commits
+                            "PRAGMA cache_size=-65536",
                         ],
                         Backend::Postgres => &["SET synchronous_commit = on"],
                     };
@@ -389,12 +395,7 @@ fn fail_all(group: Vec<WriteRequest>, error: &sqlx::Error) {
 
 /// `head` followed by `rows` copies of `template`, where `{k}` stands for the row's k-th
 /// bind (1-based) and becomes `$n` numbered across the whole statement.
-pub(crate) fn multi_row_insert(
-    head: &str,
-    template: &str,
-    binds_per_row: usize,
-    rows: usize,
-) -> String {
+pub fn multi_row_insert(head: &str, template: &str, binds_per_row: usize, rows: usize) -> String {
     let mut sql = String::from(head);
     for row in 0..rows {
         if row > 0 {

@@ -31,6 +31,22 @@ pub enum BenchCommand {
         #[arg(long, env = "BAYGRID_BENCH_POSTGRES_URL")]
         postgres: Option<String>,
     },
+    /// Durable ledger transfers per second, batched through the store's group writer, with
+    /// plain INSERTs of the same rows into a table of the same shape as the anchor.
+    Ledger {
+        /// Transfers measured per store.
+        #[arg(long, default_value_t = 400_000)]
+        transfers: usize,
+        /// Transfers per batch (one store change each).
+        #[arg(long, default_value_t = 1_000)]
+        batch: usize,
+        /// Concurrent submitters.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        /// A PostgreSQL URL ending in an existing database (a new database is made beside it).
+        #[arg(long, env = "BAYGRID_BENCH_POSTGRES_URL")]
+        postgres: Option<String>,
+    },
     /// Durable job submissions per second over HTTP (SQLite, and PostgreSQL when given),
     /// and trivial jobs run to completion through the local engine.
     Submit {
@@ -61,6 +77,15 @@ pub async fn run(_args: &Args, cmd: &BenchCommand) -> anyhow::Result<ExitCode> {
     } = cmd
     {
         return audit_bench(*entries, *appends, *batch, postgres.as_deref()).await;
+    }
+    if let BenchCommand::Ledger {
+        transfers,
+        batch,
+        concurrency,
+        postgres,
+    } = cmd
+    {
+        return ledger_bench(*transfers, *batch, *concurrency, postgres.as_deref()).await;
     }
     let BenchCommand::Submit {
         jobs,
@@ -343,6 +368,193 @@ async fn sbatch_rate(count: usize) -> Option<f64> {
         }
     }
     Some(count as f64 / started.elapsed().as_secs_f64())
+}
+
+/// One measured run: transfers per second and the p99 latency of a batch, in ms.
+struct Rate {
+    per_second: f64,
+    p99_ms: f64,
+}
+
+fn p99(mut latencies: Vec<Duration>) -> f64 {
+    latencies.sort_unstable();
+    latencies[((latencies.len() as f64 * 0.99) as usize).min(latencies.len() - 1)].as_secs_f64()
+        * 1000.0
+}
+
+async fn ledger_bench(
+    transfers: usize,
+    batch: usize,
+    concurrency: usize,
+    postgres: Option<&str>,
+) -> anyhow::Result<ExitCode> {
+    use baygrid_core::Currency;
+    use baygrid_ledger::{names, Transfer, TransferKind};
+    anyhow::ensure!(
+        batch >= 1 && concurrency >= 1,
+        "batch and concurrency must be at least 1"
+    );
+    let mut stores = vec![("sqlite", None::<String>)];
+    if let Some(admin) = postgres {
+        stores.push((
+            "postgresql",
+            Some(baygrid_store::testing::create_database(admin, "baygrid_bench").await?),
+        ));
+    }
+    println!(
+        "machine: {} CPUs; {transfers} transfers per store in batches of {batch}, {concurrency} submitters\n",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    );
+    println!(
+        "{:<12} {:>14} {:>10} {:>16} {:>10} {:>7}  durability",
+        "store", "transfers/s", "p99 ms", "plain INSERT/s", "p99 ms", "ratio"
+    );
+    const WALLETS: usize = 1_000;
+    for (name, url) in stores {
+        let dir = tempfile::tempdir()?;
+        let url =
+            url.unwrap_or_else(|| format!("sqlite://{}", dir.path().join("ledger.db").display()));
+        let store = baygrid_store::Store::open(&url).await?;
+        let mut accounts = names::platform();
+        accounts.extend((0..WALLETS).map(|i| names::wallet(&format!("t{i}"))));
+        store.open_accounts(accounts, 0).await?;
+        let funding = names::funding(Currency::CNY).id;
+        let transfer = move |i: usize| Transfer {
+            id: format!("deposit:{i:012}"),
+            debit_account: funding.clone(),
+            credit_account: format!("wallet:t{}", i % WALLETS),
+            amount: 100 + (i % 997) as i64,
+            currency: Currency::CNY,
+            kind: TransferKind::Single,
+            linked: false,
+            reference: format!("bench {}", i / batch),
+        };
+
+        // the ledger: each batch one change through the group writer, every transfer checked
+        let batches = transfers.div_ceil(batch);
+        let next = Arc::new(AtomicUsize::new(0));
+        let started = Instant::now();
+        let mut workers = Vec::new();
+        for _ in 0..concurrency {
+            let store = store.clone();
+            let next = next.clone();
+            let transfer = transfer.clone();
+            workers.push(tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                loop {
+                    let b = next.fetch_add(1, Ordering::Relaxed);
+                    if b >= batches {
+                        break;
+                    }
+                    let rows: Vec<Transfer> = (b * batch..((b + 1) * batch).min(transfers))
+                        .map(&transfer)
+                        .collect();
+                    let sent = Instant::now();
+                    store.transfer(rows, "bench".into(), 1).await?;
+                    latencies.push(sent.elapsed());
+                }
+                Ok::<_, anyhow::Error>(latencies)
+            }));
+        }
+        let mut latencies = Vec::new();
+        for worker in workers {
+            latencies.extend(worker.await??);
+        }
+        let ledger = Rate {
+            per_second: transfers as f64 / started.elapsed().as_secs_f64(),
+            p99_ms: p99(latencies),
+        };
+        let stored = store.count("ledger_transfers").await?;
+        anyhow::ensure!(
+            stored as usize == transfers,
+            "the ledger holds {stored} transfers"
+        );
+        let totals = store.ledger_totals().await?;
+        let expected: i128 = (0..transfers).map(|i| 100 + (i % 997) as i128).sum();
+        anyhow::ensure!(
+            totals == vec![(Currency::CNY, expected)],
+            "totals {totals:?}"
+        );
+
+        // the anchor: the same rows, plain multi-row INSERTs into a table of the same shape
+        let pool = store.pool().clone();
+        for statement in [
+            "CREATE TABLE bench_plain (seq BIGINT PRIMARY KEY, id TEXT NOT NULL UNIQUE, kind TEXT NOT NULL, debit TEXT NOT NULL, credit TEXT NOT NULL, amount BIGINT NOT NULL, currency TEXT NOT NULL, pending_id TEXT, expires_ms BIGINT, linked BIGINT NOT NULL, reference TEXT NOT NULL, at_ms BIGINT NOT NULL)",
+            "CREATE INDEX bench_plain_debit ON bench_plain (debit, at_ms)",
+            "CREATE INDEX bench_plain_credit ON bench_plain (credit, at_ms)",
+            "CREATE INDEX bench_plain_pending ON bench_plain (pending_id) WHERE pending_id IS NOT NULL",
+        ] {
+            sqlx::query(statement).execute(&pool).await?;
+        }
+        let next = Arc::new(AtomicUsize::new(0));
+        let started = Instant::now();
+        let mut workers = Vec::new();
+        for _ in 0..concurrency {
+            let pool = pool.clone();
+            let next = next.clone();
+            let transfer = transfer.clone();
+            workers.push(tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                loop {
+                    let b = next.fetch_add(1, Ordering::Relaxed);
+                    if b >= batches {
+                        break;
+                    }
+                    let range = b * batch..((b + 1) * batch).min(transfers);
+                    let sent = Instant::now();
+                    let mut tx = pool.begin().await?;
+                    let indices: Vec<usize> = range.collect();
+                    for chunk in indices.chunks(50) {
+                        let sql = baygrid_store::multi_row_insert(
+                            "INSERT INTO bench_plain (seq, id, kind, debit, credit, amount, currency, pending_id, expires_ms, linked, reference, at_ms) VALUES ",
+                            "({1}, {2}, {3}, {4}, {5}, {6}, {7}, {8}, {9}, {10}, {11}, {12})",
+                            12,
+                            chunk.len(),
+                        );
+                        let mut query = sqlx::query(&sql);
+                        for &i in chunk {
+                            let t = transfer(i);
+                            query = query
+                                .bind(i as i64 + 1)
+                                .bind(t.id)
+                                .bind("single")
+                                .bind(t.debit_account)
+                                .bind(t.credit_account)
+                                .bind(t.amount)
+                                .bind("CNY")
+                                .bind(None::<String>)
+                                .bind(None::<i64>)
+                                .bind(0i64)
+                                .bind(t.reference)
+                                .bind(1i64);
+                        }
+                        query.execute(&mut *tx).await?;
+                    }
+                    tx.commit().await?;
+                    latencies.push(sent.elapsed());
+                }
+                Ok::<_, anyhow::Error>(latencies)
+            }));
+        }
+        let mut latencies = Vec::new();
+        for worker in workers {
+            latencies.extend(worker.await??);
+        }
+        let plain = Rate {
+            per_second: transfers as f64 / started.elapsed().as_secs_f64(),
+            p99_ms: p99(latencies),
+        };
+        println!(
+            "{name:<12} {:>14.0} {:>10.1} {:>16.0} {:>10.1} {:>7.2}  {}",
+            ledger.per_second,
+            ledger.p99_ms,
+            plain.per_second,
+            plain.p99_ms,
+            ledger.per_second / plain.per_second,
+            store.backend().durability()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn audit_bench(

@@ -1,5 +1,6 @@
-//! `kill -9` of the server while jobs are being submitted: after a restart every
-//! acknowledged job is there, and no job runs twice.
+//! `kill -9` of the server while jobs are being submitted and deposits made: after a
+//! restart every acknowledged job and transfer is there, no job runs twice, every hold is
+//! settled once, and the audit log still verifies.
 
 mod common;
 
@@ -92,6 +93,24 @@ async fn kill_dash_nine_loses_no_acknowledged_job_and_runs_none_twice() {
             }
         }));
     }
+    let deposited = Arc::new(Mutex::new(Vec::<String>::new()));
+    for worker in 0..4 {
+        let operator = operator.clone();
+        let deposited = deposited.clone();
+        submitters.push(tokio::spawn(async move {
+            for i in 0.. {
+                let id = format!("crash-{worker}-{i}");
+                let body = serde_json::json!({"account": "wallet:crash-lab", "amount": "1.00 CNY", "id": id});
+                match operator
+                    .post::<_, serde_json::Value>("/api/v1/ledger/deposits", &body)
+                    .await
+                {
+                    Ok(_) => deposited.lock().unwrap().push(format!("deposit:{id}")),
+                    Err(_) => break,
+                }
+            }
+        }));
+    }
     // kill the server mid-stream
     let started = Instant::now();
     while acknowledged.lock().unwrap().len() < 400 && started.elapsed() < Duration::from_secs(60) {
@@ -107,6 +126,11 @@ async fn kill_dash_nine_loses_no_acknowledged_job_and_runs_none_twice() {
         s.await.unwrap();
     }
     let acknowledged: Vec<String> = acknowledged.lock().unwrap().clone();
+    let deposited: Vec<String> = deposited.lock().unwrap().clone();
+    assert!(
+        !deposited.is_empty(),
+        "no deposit acknowledged before the kill"
+    );
     assert!(
         acknowledged.len() >= 400,
         "only {} acknowledged before the kill",
@@ -125,6 +149,22 @@ async fn kill_dash_nine_loses_no_acknowledged_job_and_runs_none_twice() {
             .await
             .unwrap_or_else(|e| panic!("acknowledged job {id} lost: {e}"));
         assert_eq!(&job.id, id);
+    }
+    let statement: serde_json::Value = operator
+        .get("/api/v1/ledger/accounts/wallet:crash-lab/statement")
+        .await
+        .unwrap();
+    let recorded: BTreeSet<&str> = statement["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|l| l["id"].as_str())
+        .collect();
+    for id in &deposited {
+        assert!(
+            recorded.contains(id.as_str()),
+            "acknowledged deposit {id} lost"
+        );
     }
     // every job in the store runs to completion, once
     let deadline = Instant::now() + Duration::from_secs(240);
@@ -155,10 +195,50 @@ async fn kill_dash_nine_loses_no_acknowledged_job_and_runs_none_twice() {
     for job in &jobs {
         assert!(ran.contains(job.id.as_str()), "job {} never ran", job.id);
     }
+    // every hold was settled once: the wallet was charged exactly the jobs' metered cost
+    let wallet: serde_json::Value = operator
+        .get("/api/v1/ledger/accounts/wallet:crash-lab")
+        .await
+        .unwrap();
+    let minor = |v: &serde_json::Value| -> i64 {
+        v.as_str()
+            .unwrap()
+            .trim_end_matches(" CNY")
+            .replace('.', "")
+            .parse()
+            .unwrap()
+    };
+    let metered: i64 = jobs.iter().filter_map(|j| j.cost).map(|c| c.minor).sum();
+    assert_eq!(minor(&wallet["debits_pending"]), 0, "{wallet}");
+    assert_eq!(minor(&wallet["debits_posted"]), metered, "{wallet}");
+    let deposits_in_store = recorded
+        .iter()
+        .filter(|id| id.starts_with("deposit:"))
+        .count() as i64;
+    assert_eq!(
+        minor(&wallet["credits_posted"]),
+        100_000_000 + 100 * deposits_in_store,
+        "{wallet}"
+    );
+    // and the log, exported after the crash, verifies offline
+    let export = dir.path().join("export");
+    let token = operator_token.trim().to_string();
+    let out = baygrid(
+        &["audit", "export", export.to_str().unwrap()],
+        &[
+            ("BAYGRID_SERVER", url.as_str()),
+            ("BAYGRID_TOKEN", token.as_str()),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = baygrid(&["audit", "verify", export.to_str().unwrap()], &[]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
     eprintln!(
-        "crash test: {} acknowledged before kill -9, {} in the store, {} runs, none twice",
+        "crash test: {} jobs and {} deposits acknowledged before kill -9; {} jobs and {} deposits in the store, {} runs, none twice; wallet settled; log verifies",
         acknowledged.len(),
+        deposited.len(),
         jobs.len(),
+        deposits_in_store,
         counts.len()
     );
     let _ = agent.kill();
