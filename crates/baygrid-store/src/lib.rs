@@ -396,19 +396,41 @@ fn fail_all(group: Vec<WriteRequest>, error: &sqlx::Error) {
 /// `head` followed by `rows` copies of `template`, where `{k}` stands for the row's k-th
 /// bind (1-based) and becomes `$n` numbered across the whole statement.
 pub fn multi_row_insert(head: &str, template: &str, binds_per_row: usize, rows: usize) -> String {
-    let mut sql = String::from(head);
+    use std::fmt::Write;
+    // split the template once into literal text and bind numbers
+    let mut parts: Vec<Result<&str, usize>> = Vec::new();
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        let close = open
+            + rest[open..]
+                .find('}')
+                .expect("a `{k}` placeholder is closed");
+        parts.push(Ok(&rest[..open]));
+        let k: usize = rest[open + 1..close]
+            .parse()
+            .expect("a placeholder is a bind number");
+        assert!(
+            (1..=binds_per_row).contains(&k),
+            "placeholder {k} out of range"
+        );
+        parts.push(Err(k));
+        rest = &rest[close + 1..];
+    }
+    parts.push(Ok(rest));
+    let mut sql = String::with_capacity(head.len() + rows * (template.len() + 4 * binds_per_row));
+    sql.push_str(head);
     for row in 0..rows {
         if row > 0 {
             sql.push_str(", ");
         }
-        let mut values = template.to_string();
-        for k in (1..=binds_per_row).rev() {
-            values = values.replace(
-                &format!("{{{k}}}"),
-                &format!("${}", row * binds_per_row + k),
-            );
+        for part in &parts {
+            match part {
+                Ok(text) => sql.push_str(text),
+                Err(k) => {
+                    let _ = write!(sql, "${}", row * binds_per_row + k);
+                }
+            }
         }
-        sql.push_str(&values);
     }
     sql
 }
