@@ -441,11 +441,10 @@ pub async fn ledger(args: &Args, cmd: &LedgerCommand) -> anyhow::Result<std::pro
                         vec![
                             l.job.clone(),
                             or_dash(l.site.as_ref()),
-                            format!(
-                                "{}×{}",
-                                l.accelerators,
-                                l.accelerator.clone().unwrap_or_else(|| "-".into())
-                            ),
+                            match (&l.accelerator, l.accelerators) {
+                                (Some(model), n) if n > 0 => format!("{n}×{model}"),
+                                _ => "-".into(),
+                            },
                             format!("{:.1}", l.seconds),
                             l.price_per_accelerator_hour
                                 .map(|p| p.to_string())
