@@ -436,13 +436,8 @@ impl Agent {
             accelerators_per_node: grant.allocation.accelerators_per_node,
             cpus_per_node: grant.allocation.cpus_per_node,
             memory_gb_per_node: grant.allocation.memory_gb_per_node,
-            // the engine's limit is what the hold pays for; without a hold, the estimate
-            time_limit: Some(
-                grant
-                    .held_seconds
-                    .map(std::time::Duration::from_secs)
-                    .unwrap_or(grant.spec.estimated_duration.0),
-            ),
+            time_limit: Some(grant.spec.estimated_duration.0),
+            held: grant.held_seconds.map(std::time::Duration::from_secs),
         };
         match self.engine.launch(&spec).await {
             Ok(handle) => {
@@ -451,8 +446,10 @@ impl Agent {
                     cursor: LogCursor::default(),
                     next_seq: 1,
                     final_status: None,
+                    // an engine without limits of its own is stopped by the agent
                     stop_at_ms: grant
                         .held_seconds
+                        .filter(|_| !self.engine.enforces_time_limit())
                         .map(|s| unix_ms() + (s as i64).saturating_mul(1000)),
                 };
                 self.persist(&grant.job_id, &tracked);

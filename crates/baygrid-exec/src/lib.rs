@@ -45,6 +45,9 @@ pub struct LaunchSpec {
     pub memory_gb_per_node: u32,
     /// The job's estimated duration; engines with time limits derive theirs from it.
     pub time_limit: Option<std::time::Duration>,
+    /// How long the job's hold pays for: an engine's own limit never exceeds it (beyond the
+    /// engine's resolution, such as Slurm's minute).
+    pub held: Option<std::time::Duration>,
 }
 
 /// What an engine reports about its cluster's capacity.
@@ -157,6 +160,12 @@ pub trait Engine: Send + Sync {
 
     /// Stops every rank.
     async fn cancel(&self, handle: &JobHandle) -> Result<(), ExecError>;
+
+    /// Whether the engine stops a job at its time limit itself (Slurm does); otherwise the
+    /// agent stops it when its hold runs out.
+    fn enforces_time_limit(&self) -> bool {
+        false
+    }
 
     /// The cluster's capacity as the engine sees it; `None` when the engine has no view of
     /// its own (the local engine runs within the cluster's declared capacity).

@@ -285,6 +285,7 @@ mod tests {
             cpus_per_node: 1,
             memory_gb_per_node: 1,
             time_limit: None,
+            held: None,
         }
     }
 

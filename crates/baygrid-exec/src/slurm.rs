@@ -208,9 +208,11 @@ impl SlurmEngine {
             }
         }
         if let Some(limit) = spec.time_limit {
-            let minutes = ((limit.as_secs_f64() * self.config.time_margin) / 60.0)
-                .ceil()
-                .max(1.0) as u64;
+            let mut seconds = limit.as_secs_f64() * self.config.time_margin;
+            if let Some(held) = spec.held {
+                seconds = seconds.min(held.as_secs_f64());
+            }
+            let minutes = (seconds / 60.0).ceil().max(1.0) as u64;
             directive(format!("--time={minutes}"));
         }
         if !self.config.partition.is_empty() {
@@ -388,6 +390,10 @@ impl Engine for SlurmEngine {
         Ok(lines)
     }
 
+    fn enforces_time_limit(&self) -> bool {
+        true
+    }
+
     async fn cancel(&self, handle: &JobHandle) -> Result<(), ExecError> {
         let id = SlurmEngine::slurm_id(handle)?;
         std::fs::write(handle.dir.join("cancelled"), b"")?;
@@ -547,6 +553,7 @@ mod tests {
             cpus_per_node: 32,
             memory_gb_per_node: 256,
             time_limit: Some(Duration::from_secs(3600)),
+            held: None,
         };
         let script = engine.batch_script(&spec, Path::new("/shared/baygrid/job_x.2"));
         for expected in [
@@ -564,5 +571,12 @@ mod tests {
                 "{expected} missing from\n{script}"
             );
         }
+        // the limit never exceeds what the hold pays for (to Slurm's minute)
+        let held = LaunchSpec {
+            held: Some(Duration::from_secs(61 * 60)),
+            ..spec
+        };
+        let script = engine.batch_script(&held, Path::new("/shared/baygrid/job_x.2"));
+        assert!(script.contains("--time=61"), "{script}");
     }
 }
