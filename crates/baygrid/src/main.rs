@@ -4,6 +4,7 @@ mod audit;
 mod bench;
 mod cli;
 mod output;
+mod rules;
 mod up;
 
 use std::path::PathBuf;
@@ -111,6 +112,9 @@ pub enum Command {
     /// Settlement: balances, deposits, statements, invoices.
     #[command(subcommand)]
     Ledger(cli::LedgerCommand),
+    /// The GBA cross-border data rule pack: decide a flow and explain why.
+    #[command(subcommand)]
+    Rules(rules::RulesCommand),
     /// Benchmarks that print figures.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -157,6 +161,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Command::Job(cmd) => cli::job(&args, cmd).await,
         Command::Audit(cmd) => audit::run(&args, cmd).await,
         Command::Ledger(cmd) => cli::ledger(&args, cmd).await,
+        Command::Rules(cmd) => rules::run(&args, cmd),
         Command::Bench(cmd) => bench::run(&args, cmd).await,
     }
 }

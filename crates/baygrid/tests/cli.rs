@@ -563,3 +563,40 @@ fn witness_refuses_a_fork(dir: &std::path::Path, operator_env: &[(&str, &str)]) 
     let _ = fork.kill();
     let _ = fork.wait();
 }
+
+#[test]
+fn rules_decide_explains_a_flow_and_refuses_a_bad_request() {
+    let example = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/flows/sz-clinic-to-hk-lab.toml"
+    );
+    let out = baygrid(&["rules", "decide", example, "--output", "json"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let decision: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(decision["allowed"], true);
+    assert!(decision["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r == "GBA-SC"));
+    let filing = decision["obligations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["id"] == "file-standard-contract")
+        .unwrap();
+    assert_eq!(filing["due"], "2026-12-09");
+
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.json");
+    std::fs::write(
+        &bad,
+        r#"{"today": "2026-11-28", "exporter": {"name": "x"}}"#,
+    )
+    .unwrap();
+    let out = baygrid(&["rules", "decide", bad.to_str().unwrap()], &[]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("exporter"), "{}", stderr(&out));
+    let out = baygrid(&["rules", "ls"], &[]);
+    assert!(stdout(&out).contains("MO-ADEQUATE"));
+}

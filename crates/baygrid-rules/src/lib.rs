@@ -1,0 +1,792 @@
+//! The Greater Bay Area cross-border data rule pack.
+//!
+//! A flow of data (a copy, remote access, a query result, a model update) from an exporter
+//! to a recipient is decided by Cedar policies, one or two per rule id of the pack
+//! (`rules.cedar`), over facts this crate computes from the request: the running export
+//! totals' band, which evidence counts (validity, filing windows, who and what it names),
+//! GBA eligibility. Rules that only change the facts (derived outputs, discarded evidence,
+//! filing) are reported from a second policy set (`report.cedar`). Both are checked against
+//! the schema of the facts (`facts.cedarschema`) when the pack loads.
+//!
+//! A decision names every rule that applied, the evidence used, the obligations with their
+//! due dates and, for a deny, the rules that denied and what evidence would allow the flow.
+//! Any deny wins; a flow no rule allows is denied. Pure: no I/O and no clock.
+
+use std::collections::BTreeSet;
+use std::str::FromStr;
+
+use cedar_policy::{
+    Authorizer, Context, Decision as CedarDecision, Entities, EntityId, EntityTypeName, EntityUid,
+    PolicySet, Request, Schema, ValidationMode, Validator,
+};
+use chrono::{Datelike, Days, Months, NaiveDate, Weekday};
+use serde::{Deserialize, Serialize};
+
+const SCHEMA: &str = include_str!("facts.cedarschema");
+const RULES: &str = include_str!("rules.cedar");
+const REPORTS: &str = include_str!("report.cedar");
+
+/// The nine mainland cities of the Greater Bay Area.
+pub const GBA_MAINLAND_CITIES: [&str; 9] = [
+    "guangzhou",
+    "shenzhen",
+    "zhuhai",
+    "foshan",
+    "huizhou",
+    "dongguan",
+    "zhongshan",
+    "jiangmen",
+    "zhaoqing",
+];
+
+/// Purposes for which personal information may leave without a volume mechanism.
+pub const EXEMPT_PURPOSES: [&str; 3] = ["contract_with_individual", "hr_management", "emergency"];
+
+/// GBA contracts to Hong Kong recipients count from this date.
+pub fn gba_hk_start() -> NaiveDate {
+    NaiveDate::from_ymd_opt(2023, 12, 13).expect("a date")
+}
+
+/// GBA contracts to Macao recipients count from this date, and only for decisions on or
+/// after it.
+pub fn gba_mo_start() -> NaiveDate {
+    NaiveDate::from_ymd_opt(2024, 9, 10).expect("a date")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuleError {
+    #[error("the rule pack does not load: {0}")]
+    Pack(String),
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+    #[error("evaluating the rules failed: {0}")]
+    Evaluation(String),
+}
+
+fn invalid(field: &str, message: impl Into<String>) -> RuleError {
+    RuleError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+/// Where a party is registered, or where data goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Region {
+    CN,
+    HK,
+    MO,
+    INTL,
+}
+
+impl Region {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Region::CN => "CN",
+            Region::HK => "HK",
+            Region::MO => "MO",
+            Region::INTL => "INTL",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Level {
+    General,
+    Important,
+    Core,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Personal {
+    None,
+    Personal,
+    Sensitive,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    Copy,
+    RemoteAccess,
+    QueryResult,
+    ModelUpdate,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EvidenceKind {
+    SecurityAssessment,
+    StandardContract,
+    Certification,
+    GbaContractHk,
+    GbaContractMo,
+    SeparateConsent,
+    HkPrescribedConsent,
+    MoAuthorisation,
+    MoConsent,
+}
+
+impl EvidenceKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EvidenceKind::SecurityAssessment => "security_assessment",
+            EvidenceKind::StandardContract => "standard_contract",
+            EvidenceKind::Certification => "certification",
+            EvidenceKind::GbaContractHk => "gba_contract_hk",
+            EvidenceKind::GbaContractMo => "gba_contract_mo",
+            EvidenceKind::SeparateConsent => "separate_consent",
+            EvidenceKind::HkPrescribedConsent => "hk_prescribed_consent",
+            EvidenceKind::MoAuthorisation => "mo_authorisation",
+            EvidenceKind::MoConsent => "mo_consent",
+        }
+    }
+
+    fn is_contract(self) -> bool {
+        matches!(
+            self,
+            EvidenceKind::StandardContract
+                | EvidenceKind::GbaContractHk
+                | EvidenceKind::GbaContractMo
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Exporter {
+    pub name: String,
+    pub jurisdiction: Region,
+    pub city: String,
+    pub ciio: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipient {
+    pub name: String,
+    pub jurisdiction: Region,
+    pub city: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataFacts {
+    pub name: String,
+    pub level: Level,
+    pub personal: Personal,
+    /// Individuals in this flow.
+    pub subjects: u64,
+    pub collected_abroad: bool,
+    pub collection_purposes: Vec<String>,
+    /// "" or the kind of contract the data arrived under.
+    pub arrived_under: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Flow {
+    pub mode: Mode,
+    pub purpose: String,
+    pub destination: Region,
+    pub destination_city: String,
+    /// Individuals the exporter has already sent out of CN this calendar year, non-sensitive.
+    pub exported_personal: u64,
+    /// The same, sensitive.
+    pub exported_sensitive: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Evidence {
+    pub kind: EvidenceKind,
+    pub exporter: String,
+    pub recipient: String,
+    pub effective: NaiveDate,
+    /// Contracts: the filing date, or "" while unfiled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filed: Option<String>,
+    /// The data set it covers; a security assessment must name one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset: Option<String>,
+}
+
+/// Everything a decision needs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlowRequest {
+    /// The date the decision is taken on.
+    pub today: NaiveDate,
+    pub exporter: Exporter,
+    pub recipient: Recipient,
+    pub data: DataFacts,
+    pub flow: Flow,
+    #[serde(default)]
+    pub evidence: Vec<Evidence>,
+}
+
+/// Something an allowed flow obliges a party to do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Obligation {
+    /// file-standard-contract | impact-assessment | separate-consent | notice |
+    /// recipient-records-3y | model-clauses
+    pub id: String,
+    /// The rule that brings it.
+    pub rule: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub due: Option<NaiveDate>,
+}
+
+/// Which export total an allowed flow adds its subjects to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExportCategory {
+    Personal,
+    Sensitive,
+}
+
+/// A decision, with everything that explains it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decision {
+    pub allowed: bool,
+    /// Every rule that applied, in the pack's order.
+    pub rules: Vec<String>,
+    /// For a deny: the rules that denied.
+    pub denied_by: Vec<String>,
+    /// For an allow: what it obliges, with due dates.
+    pub obligations: Vec<Obligation>,
+    /// The evidence that counted, as `kind` (index in the request).
+    pub evidence_used: Vec<String>,
+    /// For a deny: what would allow the flow, per denying rule.
+    pub remedies: Vec<String>,
+    pub notes: Vec<String>,
+    /// When allowed under a rule whose flows count: the total this flow adds to.
+    pub counts: Option<(ExportCategory, u64)>,
+}
+
+/// What the evidence offered amounts to, after validity and filing.
+#[derive(Debug, Default, Clone)]
+struct EvidenceFacts {
+    counting: BTreeSet<(EvidenceKind, usize)>,
+    discarded: Vec<String>,
+    filing: Vec<String>,
+    /// Contracts that count while their filing is still due, with the due date.
+    filing_due: Vec<(EvidenceKind, NaiveDate)>,
+}
+
+impl EvidenceFacts {
+    fn has(&self, kind: EvidenceKind) -> bool {
+        self.counting.iter().any(|(k, _)| *k == kind)
+    }
+}
+
+/// The 10th working day (Monday to Friday) after `date`.
+pub fn filing_due(date: NaiveDate) -> NaiveDate {
+    let mut day = date;
+    let mut counted = 0;
+    while counted < 10 {
+        day = day + Days::new(1);
+        if !matches!(day.weekday(), Weekday::Sat | Weekday::Sun) {
+            counted += 1;
+        }
+    }
+    day
+}
+
+fn weigh_evidence(request: &FlowRequest) -> Result<EvidenceFacts, RuleError> {
+    let today = request.today;
+    let mut facts = EvidenceFacts::default();
+    for (i, e) in request.evidence.iter().enumerate() {
+        let label = format!("{} ({i})", e.kind.as_str());
+        let field = |name: &str| format!("evidence[{i}].{name}");
+        if e.exporter != request.exporter.name || e.recipient != request.recipient.name {
+            facts.discarded.push(format!(
+                "{label} names {} → {}, not this exporter and recipient",
+                e.exporter, e.recipient
+            ));
+            continue;
+        }
+        match (&e.dataset, e.kind) {
+            (Some(d), _) if *d != request.data.name => {
+                facts.discarded.push(format!(
+                    "{label} covers data set {d}, not {}",
+                    request.data.name
+                ));
+                continue;
+            }
+            (None, EvidenceKind::SecurityAssessment) => {
+                facts.discarded.push(format!("{label} names no data set"));
+                continue;
+            }
+            _ => {}
+        }
+        if e.effective > today {
+            facts
+                .discarded
+                .push(format!("{label} takes effect only on {}", e.effective));
+            continue;
+        }
+        if matches!(
+            e.kind,
+            EvidenceKind::SecurityAssessment | EvidenceKind::Certification
+        ) {
+            let expiry = e
+                .effective
+                .checked_add_months(Months::new(36))
+                .ok_or_else(|| invalid(&field("effective"), "out of range"))?;
+            if today >= expiry {
+                facts.discarded.push(format!(
+                    "{label} of {} expired on {expiry} (valid 3 years)",
+                    e.effective
+                ));
+                continue;
+            }
+        }
+        if e.kind == EvidenceKind::GbaContractHk && e.effective < gba_hk_start() {
+            facts.discarded.push(format!(
+                "{label} predates the GBA contract for Hong Kong ({})",
+                gba_hk_start()
+            ));
+            continue;
+        }
+        if e.kind == EvidenceKind::GbaContractMo
+            && (e.effective < gba_mo_start() || today < gba_mo_start())
+        {
+            facts.discarded.push(format!(
+                "{label} predates the GBA contract for Macao ({})",
+                gba_mo_start()
+            ));
+            continue;
+        }
+        if e.kind.is_contract() {
+            let due = filing_due(e.effective);
+            let filed = match e.filed.as_deref() {
+                None | Some("") => None,
+                Some(text) => Some(NaiveDate::from_str(text).map_err(|_| {
+                    invalid(
+                        &field("filed"),
+                        format!("`{text}` is not a date (YYYY-MM-DD)"),
+                    )
+                })?),
+            };
+            match filed {
+                Some(f) if f <= due => {}
+                Some(f) => {
+                    facts.filing.push(format!(
+                        "{label} was filed on {f}, after its due date {due}: it counts from {f}"
+                    ));
+                    if today < f {
+                        continue;
+                    }
+                }
+                None if today <= due => {
+                    facts
+                        .filing
+                        .push(format!("{label} is not filed yet: filing due {due}"));
+                    facts.filing_due.push((e.kind, due));
+                }
+                None => {
+                    facts.filing.push(format!(
+                        "{label} was not filed by its due date {due}: it no longer counts"
+                    ));
+                    continue;
+                }
+            }
+        } else if e.filed.as_deref().is_some_and(|f| !f.is_empty()) {
+            return Err(invalid(&field("filed"), "only contracts are filed"));
+        }
+        facts.counting.insert((e.kind, i));
+    }
+    Ok(facts)
+}
+
+/// The facts the policies read, as Cedar's context.
+fn context(request: &FlowRequest, evidence: &EvidenceFacts) -> serde_json::Value {
+    let flow = &request.flow;
+    let data = &request.data;
+    let derived = matches!(flow.mode, Mode::QueryResult | Mode::ModelUpdate);
+    let personal = if derived {
+        Personal::None
+    } else {
+        data.personal
+    };
+    let pi_tier = match personal {
+        Personal::None => "exempt",
+        Personal::Sensitive => {
+            if flow.exported_sensitive.saturating_add(data.subjects) >= 10_000 {
+                "assessment"
+            } else {
+                "contract"
+            }
+        }
+        Personal::Personal => {
+            let total = flow.exported_personal.saturating_add(data.subjects);
+            if total >= 1_000_000 {
+                "assessment"
+            } else if total >= 100_000 {
+                "contract"
+            } else {
+                "exempt"
+            }
+        }
+    };
+    let destination_gba_city = flow.destination == Region::CN
+        && GBA_MAINLAND_CITIES.contains(&flow.destination_city.as_str());
+    let arrived_under_gba = matches!(
+        data.arrived_under.as_str(),
+        "gba_contract_hk" | "gba_contract_mo"
+    );
+    let onward_outside_gba = arrived_under_gba
+        && (flow.destination == Region::INTL
+            || (flow.destination == Region::CN && !destination_gba_city));
+    let recipient = request.recipient.jurisdiction;
+    let gba_sc_eligible = request.exporter.jurisdiction == Region::CN
+        && GBA_MAINLAND_CITIES.contains(&request.exporter.city.as_str())
+        && (recipient == Region::HK
+            || (recipient == Region::MO && request.today >= gba_mo_start()))
+        && flow.destination == recipient
+        && data.level == Level::General
+        && !request.exporter.ciio;
+    let gba_contract = match recipient {
+        Region::HK => evidence.has(EvidenceKind::GbaContractHk),
+        Region::MO => evidence.has(EvidenceKind::GbaContractMo),
+        _ => false,
+    };
+    serde_json::json!({
+        "source": request.exporter.jurisdiction.as_str(),
+        "destination": flow.destination.as_str(),
+        "destination_gba_city": destination_gba_city,
+        "level": match data.level { Level::General => "general", Level::Important => "important", Level::Core => "core" },
+        "personal": match personal { Personal::None => "none", Personal::Personal => "personal", Personal::Sensitive => "sensitive" },
+        "mode": match flow.mode { Mode::Copy => "copy", Mode::RemoteAccess => "remote_access", Mode::QueryResult => "query_result", Mode::ModelUpdate => "model_update" },
+        "exporter_ciio": request.exporter.ciio,
+        "collected_abroad": data.collected_abroad,
+        "purpose_exempt": EXEMPT_PURPOSES.contains(&flow.purpose.as_str()),
+        "purpose_collected": data.collection_purposes.contains(&flow.purpose),
+        "pi_tier": pi_tier,
+        "gba_sc_eligible": gba_sc_eligible,
+        "onward_outside_gba": onward_outside_gba,
+        "evidence_discarded": !evidence.discarded.is_empty(),
+        "filing_issue": !evidence.filing.is_empty(),
+        "evidence": {
+            "security_assessment": evidence.has(EvidenceKind::SecurityAssessment),
+            "standard_contract": evidence.has(EvidenceKind::StandardContract),
+            "certification": evidence.has(EvidenceKind::Certification),
+            "separate_consent": evidence.has(EvidenceKind::SeparateConsent),
+            "hk_prescribed_consent": evidence.has(EvidenceKind::HkPrescribedConsent),
+            "mo_consent": evidence.has(EvidenceKind::MoConsent),
+            "mo_authorisation": evidence.has(EvidenceKind::MoAuthorisation),
+            "gba_contract": gba_contract,
+            "gba_contract_hk": evidence.has(EvidenceKind::GbaContractHk),
+            "gba_contract_mo": evidence.has(EvidenceKind::GbaContractMo),
+        },
+    })
+}
+
+fn check_request(request: &FlowRequest) -> Result<(), RuleError> {
+    let nonempty = |field: &str, value: &str| {
+        if value.trim().is_empty() {
+            Err(invalid(field, "must not be empty"))
+        } else {
+            Ok(())
+        }
+    };
+    nonempty("exporter.name", &request.exporter.name)?;
+    nonempty("exporter.city", &request.exporter.city)?;
+    nonempty("recipient.name", &request.recipient.name)?;
+    nonempty("recipient.city", &request.recipient.city)?;
+    nonempty("data.name", &request.data.name)?;
+    nonempty("flow.purpose", &request.flow.purpose)?;
+    nonempty("flow.destination_city", &request.flow.destination_city)?;
+    if !matches!(
+        request.data.arrived_under.as_str(),
+        "" | "standard_contract" | "gba_contract_hk" | "gba_contract_mo"
+    ) {
+        return Err(invalid(
+            "data.arrived_under",
+            format!(
+                "`{}` is not a contract kind: \"\", standard_contract, gba_contract_hk or gba_contract_mo",
+                request.data.arrived_under
+            ),
+        ));
+    }
+    if request.data.personal == Personal::None && request.data.subjects > 0 {
+        return Err(invalid(
+            "data.subjects",
+            "data with no personal information has no subjects",
+        ));
+    }
+    Ok(())
+}
+
+/// One policy set with what each policy says about itself.
+struct Policies {
+    set: PolicySet,
+    /// The permits alone: evaluated to name every rule that allows, even when a forbid wins.
+    permits: PolicySet,
+}
+
+/// The loaded rule pack.
+pub struct RulePack {
+    schema: Schema,
+    rules: Policies,
+    reports: PolicySet,
+    order: Vec<String>,
+}
+
+fn parse(text: &str, what: &str) -> Result<PolicySet, RuleError> {
+    PolicySet::from_str(text).map_err(|e| RuleError::Pack(format!("{what}: {e}")))
+}
+
+impl RulePack {
+    /// Loads the embedded pack and checks every policy against the facts' schema.
+    pub fn load() -> Result<RulePack, RuleError> {
+        let (schema, _) = Schema::from_cedarschema_str(SCHEMA)
+            .map_err(|e| RuleError::Pack(format!("schema: {e}")))?;
+        let set = parse(RULES, "rules.cedar")?;
+        let reports = parse(REPORTS, "report.cedar")?;
+        let validator = Validator::new(schema.clone());
+        for (name, policies) in [("rules.cedar", &set), ("report.cedar", &reports)] {
+            let result = validator.validate(policies, ValidationMode::Strict);
+            if !result.validation_passed() {
+                let errors: Vec<String> =
+                    result.validation_errors().map(|e| e.to_string()).collect();
+                return Err(RuleError::Pack(format!("{name}: {}", errors.join("; "))));
+            }
+        }
+        let mut order = Vec::new();
+        let mut permits = PolicySet::new();
+        for policy in set.policies() {
+            let id = policy
+                .annotation("id")
+                .ok_or_else(|| RuleError::Pack(format!("policy {} has no @id", policy.id())))?;
+            if !order.iter().any(|o| o == id) {
+                order.push(id.to_string());
+            }
+            if policy.effect() == cedar_policy::Effect::Permit {
+                permits
+                    .add(policy.clone())
+                    .map_err(|e| RuleError::Pack(e.to_string()))?;
+            }
+        }
+        for policy in reports.policies() {
+            let id = policy
+                .annotation("id")
+                .ok_or_else(|| RuleError::Pack(format!("policy {} has no @id", policy.id())))?;
+            order.push(id.to_string());
+        }
+        Ok(RulePack {
+            schema,
+            rules: Policies { set, permits },
+            reports,
+            order,
+        })
+    }
+
+    /// Every rule id in the pack, in its order.
+    pub fn rule_ids(&self) -> &[String] {
+        &self.order
+    }
+
+    /// Decides a flow.
+    pub fn decide(&self, request: &FlowRequest) -> Result<Decision, RuleError> {
+        check_request(request)?;
+        let evidence = weigh_evidence(request)?;
+        let facts = context(request, &evidence);
+        let uid = |kind: &str, id: &str| -> Result<EntityUid, RuleError> {
+            let kind =
+                EntityTypeName::from_str(kind).map_err(|e| RuleError::Evaluation(e.to_string()))?;
+            Ok(EntityUid::from_type_name_and_id(kind, EntityId::new(id)))
+        };
+        let action = EntityUid::from_str(r#"Action::"flow""#)
+            .map_err(|e| RuleError::Evaluation(e.to_string()))?;
+        let cedar_context = Context::from_json_value(facts.clone(), Some((&self.schema, &action)))
+            .map_err(|e| RuleError::Evaluation(format!("facts: {e}")))?;
+        let cedar_request = Request::new(
+            uid("Party", &request.exporter.name)?,
+            action,
+            uid("Dataset", &request.data.name)?,
+            cedar_context,
+            Some(&self.schema),
+        )
+        .map_err(|e| RuleError::Evaluation(e.to_string()))?;
+        let authorizer = Authorizer::new();
+        let entities = Entities::empty();
+        let evaluate = |set: &PolicySet| -> Result<(bool, Vec<cedar_policy::Policy>), RuleError> {
+            let response = authorizer.is_authorized(&cedar_request, set, &entities);
+            if let Some(error) = response.diagnostics().errors().next() {
+                return Err(RuleError::Evaluation(error.to_string()));
+            }
+            // Cedar reports the determining policies as a set: put them in the pack's order
+            let mut fired: Vec<cedar_policy::Policy> = response
+                .diagnostics()
+                .reason()
+                .filter_map(|id| set.policy(id).cloned())
+                .collect();
+            fired.sort_by_key(|p| {
+                let rule = p.annotation("id").unwrap_or_default();
+                (
+                    self.order.iter().position(|o| o == rule),
+                    p.id().to_string(),
+                )
+            });
+            Ok((response.decision() == CedarDecision::Allow, fired))
+        };
+        let (allowed, decisive) = evaluate(&self.rules.set)?;
+        let (_, allowing) = evaluate(&self.rules.permits)?;
+        let (_, reported) = evaluate(&self.reports)?;
+
+        let id_of = |p: &cedar_policy::Policy| p.annotation("id").unwrap_or_default().to_string();
+        let mut applied: BTreeSet<String> = BTreeSet::new();
+        applied.extend(allowing.iter().map(id_of));
+        applied.extend(reported.iter().map(id_of));
+        let denied_by: Vec<String> = if allowed {
+            Vec::new()
+        } else {
+            let mut ids: Vec<String> = decisive.iter().map(id_of).collect();
+            ids.dedup();
+            applied.extend(ids.iter().cloned());
+            ids
+        };
+        let rules: Vec<String> = self
+            .order
+            .iter()
+            .filter(|id| applied.contains(*id))
+            .cloned()
+            .collect();
+
+        let mut obligations = Vec::new();
+        let mut remedies = Vec::new();
+        let mut needed: BTreeSet<String> = BTreeSet::new();
+        for policy in &allowing {
+            if let Some(needs) = policy.annotation("needs") {
+                needed.extend(needs.split('|').map(str::to_string));
+            }
+        }
+        if allowed {
+            for policy in &allowing {
+                let rule = id_of(policy);
+                for id in policy
+                    .annotation("obligations")
+                    .unwrap_or_default()
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                {
+                    if !obligations
+                        .iter()
+                        .any(|o: &Obligation| o.id == id && o.rule == rule)
+                    {
+                        obligations.push(Obligation {
+                            id: id.to_string(),
+                            rule: rule.clone(),
+                            due: None,
+                        });
+                    }
+                }
+            }
+            // a contract the allow rests on that is not filed yet must be filed by its due date
+            for (kind, due) in &evidence.filing_due {
+                let used = match kind {
+                    EvidenceKind::StandardContract => needed.contains("standard_contract"),
+                    _ => {
+                        rules.iter().any(|r| r == "GBA-SC" || r == "HK-GBA")
+                            || needed.contains(kind.as_str())
+                    }
+                };
+                if used {
+                    obligations.push(Obligation {
+                        id: "file-standard-contract".into(),
+                        rule: "SC-FILING".into(),
+                        due: Some(*due),
+                    });
+                }
+            }
+        } else {
+            for policy in &decisive {
+                let rule = id_of(policy);
+                // only evidence that could apply to this flow is offered as a remedy
+                let possible = |kind: &&str| match *kind {
+                    "gba_contract" => facts["gba_sc_eligible"] == true,
+                    "gba_contract_mo" => facts["destination_gba_city"] == true,
+                    _ => true,
+                };
+                let remedy = match policy.annotation("needs") {
+                    Some(needs) => format!(
+                        "{rule}: needs evidence that counts: {}",
+                        needs
+                            .split('|')
+                            .filter(possible)
+                            .collect::<Vec<_>>()
+                            .join(" or ")
+                    ),
+                    None => format!("{rule}: no evidence can allow this flow"),
+                };
+                if !remedies.contains(&remedy) {
+                    remedies.push(remedy);
+                }
+            }
+            if decisive.is_empty() {
+                remedies.push("no rule of the pack allows this flow".into());
+            }
+        }
+        let evidence_used: Vec<String> = evidence
+            .counting
+            .iter()
+            .filter(|(kind, _)| {
+                needed.contains(kind.as_str())
+                    || (matches!(
+                        kind,
+                        EvidenceKind::GbaContractHk | EvidenceKind::GbaContractMo
+                    ) && (needed.contains("gba_contract")
+                        || rules.iter().any(|r| r == "GBA-SC" || r == "HK-GBA")))
+            })
+            .map(|(kind, i)| format!("{} ({i})", kind.as_str()))
+            .collect();
+        let mut notes = Vec::new();
+        notes.extend(
+            evidence
+                .discarded
+                .iter()
+                .map(|d| format!("not counted: {d}")),
+        );
+        notes.extend(evidence.filing.iter().cloned());
+        if rules.iter().any(|r| r == "IN-OTHER") {
+            notes.push("the source's own law is outside this pack".into());
+        }
+        if rules
+            .iter()
+            .any(|r| r == "DERIVED-ANON" || r == "DERIVED-MODEL")
+        {
+            notes.push("a derived output: decided as carrying no personal information".into());
+        }
+        let counting_rule = rules.iter().any(|r| {
+            matches!(
+                r.as_str(),
+                "CN-PI-EXEMPT" | "CN-PI-SC" | "CN-PI-SA" | "GBA-SC"
+            )
+        });
+        let counts = (allowed && counting_rule).then(|| {
+            let category = if request.data.personal == Personal::Sensitive {
+                ExportCategory::Sensitive
+            } else {
+                ExportCategory::Personal
+            };
+            (category, request.data.subjects)
+        });
+        Ok(Decision {
+            allowed,
+            rules,
+            denied_by,
+            obligations,
+            evidence_used,
+            remedies,
+            notes,
+            counts,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;
