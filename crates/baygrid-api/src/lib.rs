@@ -431,3 +431,81 @@ pub struct InvoiceLine {
     pub amount: Money,
     pub finished_at: Option<String>,
 }
+
+/// A record that a legal basis for data flows exists (data zone).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EvidenceRecord {
+    /// A client-chosen id (lowercase letters, digits and `-`); made when absent.
+    #[serde(default)]
+    pub id: String,
+    /// security_assessment | standard_contract | certification | gba_contract_hk |
+    /// gba_contract_mo | separate_consent | hk_prescribed_consent | mo_authorisation |
+    /// mo_consent
+    #[schema(value_type = String)]
+    pub kind: baygrid_rules::EvidenceKind,
+    /// The exporting party.
+    pub exporter: String,
+    /// The receiving party.
+    pub recipient: String,
+    /// YYYY-MM-DD.
+    #[schema(value_type = String)]
+    pub effective: chrono::NaiveDate,
+    /// Contracts: the filing date, or "" while unfiled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filed: Option<String>,
+    /// The data set it covers; a security assessment must name one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataset: Option<String>,
+}
+
+impl EvidenceRecord {
+    pub fn evidence(&self) -> baygrid_rules::Evidence {
+        baygrid_rules::Evidence {
+            kind: self.kind,
+            exporter: self.exporter.clone(),
+            recipient: self.recipient.clone(),
+            effective: self.effective,
+            filed: self.filed.clone(),
+            dataset: self.dataset.clone(),
+        }
+    }
+}
+
+/// A flow to decide: the parties by name; the date, the exporter's running totals and the
+/// evidence on record are the exchange's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FlowAsk {
+    pub exporter: String,
+    pub recipient: String,
+    /// name, level, personal, subjects, collected_abroad, collection_purposes, arrived_under
+    #[schema(value_type = Object)]
+    pub data: baygrid_rules::DataFacts,
+    pub flow: FlowAt,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FlowAt {
+    /// copy | remote_access | query_result | model_update
+    #[schema(value_type = String)]
+    pub mode: baygrid_rules::Mode,
+    pub purpose: String,
+    /// CN | HK | MO | INTL
+    #[schema(value_type = String)]
+    pub destination: baygrid_rules::Region,
+    pub destination_city: String,
+}
+
+/// A flow decision as recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct FlowDecisionView {
+    /// YYYY-MM-DD (UTC), the date decided on.
+    pub today: String,
+    /// The exporter's totals for the year before this flow: non-sensitive, sensitive.
+    pub exported_personal: i64,
+    pub exported_sensitive: i64,
+    #[schema(value_type = Object)]
+    pub decision: baygrid_rules::Decision,
+}

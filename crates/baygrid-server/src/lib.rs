@@ -13,6 +13,7 @@ pub mod ledger;
 mod metrics;
 mod openapi;
 mod scheduler;
+mod zone;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -49,6 +50,8 @@ pub enum ServerError {
     #[error("sites file: {0}")]
     Sites(String),
     #[error("{0}")]
+    Rules(#[from] baygrid_rules::RuleError),
+    #[error("{0}")]
     Api(#[from] ApiError),
 }
 
@@ -64,6 +67,8 @@ pub struct AppState {
     pub tokens: Arc<auth::TokenCache>,
     /// The audit log over the outbox.
     pub audit: Arc<audit::AuditLog>,
+    /// The GBA cross-border rule pack.
+    pub rules: Arc<baygrid_rules::RulePack>,
 }
 
 impl AppState {
@@ -121,6 +126,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         metrics: metrics::Metrics::new(),
         clock,
         tokens: Arc::new(auth::TokenCache::default()),
+        rules: Arc::new(baygrid_rules::RulePack::load()?),
         audit: Arc::new(
             audit::AuditLog::open(&config.data_dir, &config.audit_origin).map_err(|source| {
                 ServerError::DataDir {
@@ -273,6 +279,11 @@ pub fn router(state: AppState) -> Router {
         .route("/ledger/accounts/{id}/statement", get(ledger::statement))
         .route("/ledger/deposits", post(ledger::deposit))
         .route("/ledger/invoices/{tenant}", get(ledger::invoice))
+        .route(
+            "/evidence",
+            get(zone::list_evidence).post(zone::put_evidence),
+        )
+        .route("/flows/decide", post(zone::decide))
         .route("/audit/checkpoint", get(audit::checkpoint))
         .route("/audit/key", get(audit::key))
         .route("/audit/entries", get(audit::list_entries))

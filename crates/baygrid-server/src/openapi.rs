@@ -4,7 +4,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::{agent, audit, catalog, jobs, ledger};
+use crate::{agent, audit, catalog, jobs, ledger, zone};
 
 struct BearerAuth;
 
@@ -34,6 +34,7 @@ impl Modify for BearerAuth {
         catalog::issue_token, catalog::list_tokens, catalog::revoke_token,
         jobs::submit, jobs::quote, jobs::list, jobs::get, jobs::logs, jobs::cancel,
         agent::register, agent::heartbeat, agent::lease, agent::report,
+        zone::list_evidence, zone::put_evidence, zone::decide,
         ledger::list_accounts, ledger::get_account, ledger::statement, ledger::deposit, ledger::invoice,
         audit::checkpoint, audit::key, audit::list_entries, audit::get_entry, audit::inclusion, audit::consistency,
     ),

@@ -12,6 +12,7 @@ mod jobs;
 mod ledger;
 mod records;
 pub mod testing;
+mod zone;
 
 use std::any::Any as StdAny;
 use std::time::Duration;
@@ -24,6 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 pub use jobs::{HeartbeatOutcome, JobFilter, LeaseReport, NewJob, Outcome, Report};
 pub use ledger::{StatementLine, TransferRecord};
 pub use records::{JobEvent, JobRecord, LogLine, TokenRecord};
+pub use zone::FlowRecord;
 
 use baygrid_core::Millis;
 
@@ -227,6 +229,7 @@ impl Store {
             "catalog",
             "ledger_accounts",
             "ledger_transfers",
+            "export_counters",
         ];
         if !allowed.contains(&table) {
             return Err(StoreError::Conflict(format!("no table `{table}`")));

@@ -112,9 +112,15 @@ pub enum Command {
     /// Settlement: balances, deposits, statements, invoices.
     #[command(subcommand)]
     Ledger(cli::LedgerCommand),
-    /// The GBA cross-border data rule pack: decide a flow and explain why.
+    /// The GBA cross-border data rule pack, run locally: decide a flow and explain why.
     #[command(subcommand)]
     Rules(rules::RulesCommand),
+    /// Evidence of legal bases for cross-border flows (data zone).
+    #[command(subcommand)]
+    Evidence(rules::EvidenceCommand),
+    /// Cross-border flows decided by the exchange, recorded and counted.
+    #[command(subcommand)]
+    Flow(rules::FlowCommand),
     /// Benchmarks that print figures.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -162,6 +168,8 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Command::Audit(cmd) => audit::run(&args, cmd).await,
         Command::Ledger(cmd) => cli::ledger(&args, cmd).await,
         Command::Rules(cmd) => rules::run(&args, cmd),
+        Command::Evidence(cmd) => rules::evidence(&args, cmd).await,
+        Command::Flow(cmd) => rules::flow(&args, cmd).await,
         Command::Bench(cmd) => bench::run(&args, cmd).await,
     }
 }

@@ -11,6 +11,160 @@ use crate::output::{emit, table};
 use crate::Args;
 
 #[derive(Debug, Subcommand)]
+pub enum EvidenceCommand {
+    /// Record evidence of a legal basis (operator, or the exporter's data holder).
+    Add {
+        /// security_assessment | standard_contract | certification | gba_contract_hk |
+        /// gba_contract_mo | separate_consent | hk_prescribed_consent | mo_authorisation |
+        /// mo_consent
+        #[arg(long)]
+        kind: String,
+        #[arg(long)]
+        exporter: String,
+        #[arg(long)]
+        recipient: String,
+        /// YYYY-MM-DD
+        #[arg(long)]
+        effective: String,
+        /// Contracts: the filing date (YYYY-MM-DD); leave out while unfiled.
+        #[arg(long)]
+        filed: Option<String>,
+        /// The data set it covers (a security assessment must name one).
+        #[arg(long)]
+        dataset: Option<String>,
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// The evidence the caller may see.
+    Ls,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FlowCommand {
+    /// Ask the exchange to decide a flow (TOML or JSON: exporter, recipient, data, flow);
+    /// the decision is recorded in the audit log and counted in the exporter's totals.
+    Decide { file: PathBuf },
+}
+
+pub async fn evidence(args: &Args, cmd: &EvidenceCommand) -> anyhow::Result<ExitCode> {
+    let client = crate::cli::client(args)?;
+    match cmd {
+        EvidenceCommand::Add {
+            kind,
+            exporter,
+            recipient,
+            effective,
+            filed,
+            dataset,
+            id,
+        } => {
+            let body = serde_json::json!({
+                "id": id.clone().unwrap_or_default(),
+                "kind": kind,
+                "exporter": exporter,
+                "recipient": recipient,
+                "effective": effective,
+                "filed": filed.clone().unwrap_or_default(),
+                "dataset": dataset,
+            });
+            let record: baygrid_api::EvidenceRecord =
+                client.post("/api/v1/evidence", &body).await?;
+            emit(args.output, &record, |r| {
+                println!(
+                    "evidence {}: {} from {} to {}, effective {}",
+                    r.id,
+                    r.kind.as_str(),
+                    r.exporter,
+                    r.recipient,
+                    r.effective
+                )
+            });
+        }
+        EvidenceCommand::Ls => {
+            let records: Vec<baygrid_api::EvidenceRecord> = client.get("/api/v1/evidence").await?;
+            emit(args.output, &records, |records| {
+                let rows = records
+                    .iter()
+                    .map(|r| {
+                        vec![
+                            r.id.clone(),
+                            r.kind.as_str().to_string(),
+                            r.exporter.clone(),
+                            r.recipient.clone(),
+                            r.effective.to_string(),
+                            r.filed
+                                .clone()
+                                .filter(|f| !f.is_empty())
+                                .unwrap_or_else(|| "-".into()),
+                            r.dataset.clone().unwrap_or_else(|| "-".into()),
+                        ]
+                    })
+                    .collect::<Vec<_>>();
+                table(
+                    &[
+                        "ID",
+                        "KIND",
+                        "EXPORTER",
+                        "RECIPIENT",
+                        "EFFECTIVE",
+                        "FILED",
+                        "DATASET",
+                    ],
+                    &rows,
+                );
+            });
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn flow(args: &Args, cmd: &FlowCommand) -> anyhow::Result<ExitCode> {
+    let client = crate::cli::client(args)?;
+    let FlowCommand::Decide { file } = cmd;
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let ask: baygrid_api::FlowAsk = if file.extension().and_then(|e| e.to_str()) == Some("json") {
+        let mut de = serde_json::Deserializer::from_str(&text);
+        serde_path_to_error::deserialize(&mut de)
+            .map_err(|e| anyhow::anyhow!("{}: {}: {}", file.display(), e.path(), e.inner()))?
+    } else {
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?
+    };
+    let view: baygrid_api::FlowDecisionView = client.post("/api/v1/flows/decide", &ask).await?;
+    emit(args.output, &view, |v| {
+        println!(
+            "decided on {} with {} non-sensitive and {} sensitive individuals already exported this year",
+            v.today, v.exported_personal, v.exported_sensitive
+        );
+        print_decision(&v.decision);
+    });
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_decision(d: &baygrid_rules::Decision) {
+    println!("{}", if d.allowed { "ALLOW" } else { "DENY" });
+    println!("rules applied: {}", d.rules.join(", "));
+    if !d.denied_by.is_empty() {
+        println!("denied by: {}", d.denied_by.join(", "));
+    }
+    for remedy in &d.remedies {
+        println!("to allow it: {remedy}");
+    }
+    for o in &d.obligations {
+        match o.due {
+            Some(due) => println!("obligation: {} ({}), due {due}", o.id, o.rule),
+            None => println!("obligation: {} ({})", o.id, o.rule),
+        }
+    }
+    if !d.evidence_used.is_empty() {
+        println!("evidence used: {}", d.evidence_used.join(", "));
+    }
+    for note in &d.notes {
+        println!("note: {note}");
+    }
+}
+
+#[derive(Debug, Subcommand)]
 pub enum RulesCommand {
     /// List the pack's rule ids.
     Ls,
@@ -47,28 +201,7 @@ pub fn run(args: &Args, cmd: &RulesCommand) -> anyhow::Result<ExitCode> {
         RulesCommand::Decide { file } => {
             let request = read_request(file)?;
             let decision = pack.decide(&request)?;
-            emit(args.output, &decision, |d| {
-                println!("{}", if d.allowed { "ALLOW" } else { "DENY" });
-                println!("rules applied: {}", d.rules.join(", "));
-                if !d.denied_by.is_empty() {
-                    println!("denied by: {}", d.denied_by.join(", "));
-                }
-                for remedy in &d.remedies {
-                    println!("to allow it: {remedy}");
-                }
-                for o in &d.obligations {
-                    match o.due {
-                        Some(due) => println!("obligation: {} ({}), due {due}", o.id, o.rule),
-                        None => println!("obligation: {} ({})", o.id, o.rule),
-                    }
-                }
-                if !d.evidence_used.is_empty() {
-                    println!("evidence used: {}", d.evidence_used.join(", "));
-                }
-                for note in &d.notes {
-                    println!("note: {note}");
-                }
-            });
+            emit(args.output, &decision, print_decision);
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -1,0 +1,88 @@
+//! The data zone's state: the export counters the cross-border rules need, and flow
+//! decisions written with their audit entry in one transaction.
+
+use baygrid_core::Millis;
+use sqlx::{AnyConnection, Row};
+
+use crate::{outbox, Result, Store, StoreError};
+
+/// What a flow decision records: its audit payload and, when the flow counts, the
+/// category and number of individuals it adds to the exporter's total for the year.
+pub struct FlowRecord {
+    pub payload: serde_json::Value,
+    pub counts: Option<(String, i64)>,
+    /// What the caller gets back once the record is durable.
+    pub answer: serde_json::Value,
+}
+
+async fn totals(conn: &mut AnyConnection, exporter: &str, year: i64) -> Result<(i64, i64)> {
+    let rows = sqlx::query(
+        "SELECT category, subjects FROM export_counters WHERE exporter = $1 AND year = $2",
+    )
+    .bind(exporter)
+    .bind(year)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut personal = 0;
+    let mut sensitive = 0;
+    for row in &rows {
+        let category: String = row.try_get("category")?;
+        let subjects: i64 = row.try_get("subjects")?;
+        match category.as_str() {
+            "personal" => personal = subjects,
+            "sensitive" => sensitive = subjects,
+            other => {
+                return Err(StoreError::Corrupt(format!(
+                    "export counter category `{other}`"
+                )))
+            }
+        }
+    }
+    Ok((personal, sensitive))
+}
+
+impl Store {
+    /// An exporter's totals for a year: (non-sensitive, sensitive) individuals.
+    pub async fn export_totals(&self, exporter: &str, year: i64) -> Result<(i64, i64)> {
+        let mut conn = self.pool().acquire().await?;
+        totals(&mut conn, exporter, year).await
+    }
+
+    /// Decides a flow inside the writer's transaction: `decide` gets the exporter's totals
+    /// for the year as they stand, so two flows decided together cannot both slip under a
+    /// threshold. Its record is written to the audit log and, when the flow counts, added to
+    /// the totals, in the same transaction. Returns the record's answer.
+    pub async fn decide_flow<F>(
+        &self,
+        exporter: String,
+        year: i64,
+        actor: String,
+        now: Millis,
+        decide: F,
+    ) -> Result<serde_json::Value>
+    where
+        F: FnOnce(i64, i64) -> std::result::Result<FlowRecord, String> + Send + 'static,
+    {
+        self.write(move |conn| {
+            Box::pin(async move {
+                let (personal, sensitive) = totals(conn, &exporter, year).await?;
+                let record = decide(personal, sensitive).map_err(StoreError::Conflict)?;
+                outbox(conn, now, "flow.decision", &actor, &record.payload).await?;
+                if let Some((category, subjects)) = &record.counts {
+                    sqlx::query(
+                        "INSERT INTO export_counters (exporter, year, category, subjects) VALUES ($1, $2, $3, $4) \
+                         ON CONFLICT (exporter, year, category) DO UPDATE SET subjects = export_counters.subjects + $4",
+                    )
+                    .bind(&exporter)
+                    .bind(year)
+                    .bind(category)
+                    .bind(*subjects)
+                    .execute(&mut *conn)
+                    .await?;
+                }
+                Ok(record.answer)
+            })
+        })
+        .await
+    }
+}
