@@ -25,32 +25,67 @@ use serde::{Deserialize, Serialize};
 const SCHEMA: &str = include_str!("facts.cedarschema");
 const RULES: &str = include_str!("rules.cedar");
 const REPORTS: &str = include_str!("report.cedar");
+const PARAMS: &str = include_str!("../pack/pack.toml");
 
-/// The nine mainland cities of the Greater Bay Area.
-pub const GBA_MAINLAND_CITIES: [&str; 9] = [
-    "guangzhou",
-    "shenzhen",
-    "zhuhai",
-    "foshan",
-    "huizhou",
-    "dongguan",
-    "zhongshan",
-    "jiangmen",
-    "zhaoqing",
-];
-
-/// Purposes for which personal information may leave without a volume mechanism.
-pub const EXEMPT_PURPOSES: [&str; 3] = ["contract_with_individual", "hr_management", "emergency"];
-
-/// GBA contracts to Hong Kong recipients count from this date.
-pub fn gba_hk_start() -> NaiveDate {
-    NaiveDate::from_ymd_opt(2023, 12, 13).expect("a date")
+/// The pack's parameters (`pack/pack.toml`): thresholds, city lists, dates and periods.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PackParams {
+    pub version: String,
+    pub gba_mainland_cities: Vec<String>,
+    pub exempt_purposes: Vec<String>,
+    pub thresholds: Thresholds,
+    pub dates: PackDates,
+    pub validity: Validity,
 }
 
-/// GBA contracts to Macao recipients count from this date, and only for decisions on or
-/// after it.
-pub fn gba_mo_start() -> NaiveDate {
-    NaiveDate::from_ymd_opt(2024, 9, 10).expect("a date")
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Thresholds {
+    pub personal_contract: u64,
+    pub personal_assessment: u64,
+    pub sensitive_assessment: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PackDates {
+    /// GBA contracts to Hong Kong recipients count from this date.
+    pub gba_contract_hk_from: NaiveDate,
+    /// GBA contracts to Macao recipients count from this date, and only for decisions on or
+    /// after it.
+    pub gba_contract_mo_from: NaiveDate,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Validity {
+    pub assessment_months: u32,
+    pub filing_working_days: u32,
+}
+
+impl PackParams {
+    /// Reads parameters from the text of a pack file; every field is required.
+    pub fn from_toml(text: &str) -> Result<PackParams, RuleError> {
+        let params: PackParams = serde_path_to_error::deserialize(toml::Deserializer::new(text))
+            .map_err(|e| RuleError::Pack(format!("pack file: {}: {}", e.path(), e.inner())))?;
+        let t = &params.thresholds;
+        if !(t.personal_contract < t.personal_assessment && t.sensitive_assessment >= 1) {
+            return Err(RuleError::Pack(
+                "pack file: thresholds: personal_contract must be below personal_assessment, and sensitive_assessment at least 1".into(),
+            ));
+        }
+        if params.version.trim().is_empty() {
+            return Err(RuleError::Pack(
+                "pack file: version: must not be empty".into(),
+            ));
+        }
+        Ok(params)
+    }
+
+    fn is_gba_city(&self, city: &str) -> bool {
+        self.gba_mainland_cities.iter().any(|c| c == city)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -250,6 +285,8 @@ pub enum ExportCategory {
 /// A decision, with everything that explains it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Decision {
+    /// The rule pack's version the decision was taken under.
+    pub pack_version: String,
     pub allowed: bool,
     /// Every rule that applied, in the pack's order.
     pub rules: Vec<String>,
@@ -282,11 +319,11 @@ impl EvidenceFacts {
     }
 }
 
-/// The 10th working day (Monday to Friday) after `date`.
-pub fn filing_due(date: NaiveDate) -> NaiveDate {
+/// The `working_days`-th working day (Monday to Friday) after `date`.
+pub fn filing_due(date: NaiveDate, working_days: u32) -> NaiveDate {
     let mut day = date;
     let mut counted = 0;
-    while counted < 10 {
+    while counted < working_days {
         day = day + Days::new(1);
         if !matches!(day.weekday(), Weekday::Sat | Weekday::Sun) {
             counted += 1;
@@ -295,7 +332,7 @@ pub fn filing_due(date: NaiveDate) -> NaiveDate {
     day
 }
 
-fn weigh_evidence(request: &FlowRequest) -> Result<EvidenceFacts, RuleError> {
+fn weigh_evidence(request: &FlowRequest, params: &PackParams) -> Result<EvidenceFacts, RuleError> {
     let today = request.today;
     let mut facts = EvidenceFacts::default();
     for (i, e) in request.evidence.iter().enumerate() {
@@ -334,34 +371,34 @@ fn weigh_evidence(request: &FlowRequest) -> Result<EvidenceFacts, RuleError> {
         ) {
             let expiry = e
                 .effective
-                .checked_add_months(Months::new(36))
+                .checked_add_months(Months::new(params.validity.assessment_months))
                 .ok_or_else(|| invalid(&field("effective"), "out of range"))?;
             if today >= expiry {
                 facts.discarded.push(format!(
-                    "{label} of {} expired on {expiry} (valid 3 years)",
-                    e.effective
+                    "{label} of {} expired on {expiry} (valid {} months)",
+                    e.effective, params.validity.assessment_months
                 ));
                 continue;
             }
         }
-        if e.kind == EvidenceKind::GbaContractHk && e.effective < gba_hk_start() {
+        let (hk_from, mo_from) = (
+            params.dates.gba_contract_hk_from,
+            params.dates.gba_contract_mo_from,
+        );
+        if e.kind == EvidenceKind::GbaContractHk && e.effective < hk_from {
             facts.discarded.push(format!(
-                "{label} predates the GBA contract for Hong Kong ({})",
-                gba_hk_start()
+                "{label} predates the GBA contract for Hong Kong ({hk_from})"
             ));
             continue;
         }
-        if e.kind == EvidenceKind::GbaContractMo
-            && (e.effective < gba_mo_start() || today < gba_mo_start())
-        {
+        if e.kind == EvidenceKind::GbaContractMo && (e.effective < mo_from || today < mo_from) {
             facts.discarded.push(format!(
-                "{label} predates the GBA contract for Macao ({})",
-                gba_mo_start()
+                "{label} predates the GBA contract for Macao ({mo_from})"
             ));
             continue;
         }
         if e.kind.is_contract() {
-            let due = filing_due(e.effective);
+            let due = filing_due(e.effective, params.validity.filing_working_days);
             let filed = match e.filed.as_deref() {
                 None | Some("") => None,
                 Some(text) => Some(NaiveDate::from_str(text).map_err(|_| {
@@ -403,7 +440,12 @@ fn weigh_evidence(request: &FlowRequest) -> Result<EvidenceFacts, RuleError> {
 }
 
 /// The facts the policies read, as Cedar's context.
-fn context(request: &FlowRequest, evidence: &EvidenceFacts) -> serde_json::Value {
+fn context(
+    request: &FlowRequest,
+    evidence: &EvidenceFacts,
+    params: &PackParams,
+) -> serde_json::Value {
+    let t = &params.thresholds;
     let flow = &request.flow;
     let data = &request.data;
     let derived = matches!(flow.mode, Mode::QueryResult | Mode::ModelUpdate);
@@ -415,7 +457,7 @@ fn context(request: &FlowRequest, evidence: &EvidenceFacts) -> serde_json::Value
     let pi_tier = match personal {
         Personal::None => "exempt",
         Personal::Sensitive => {
-            if flow.exported_sensitive.saturating_add(data.subjects) >= 10_000 {
+            if flow.exported_sensitive.saturating_add(data.subjects) >= t.sensitive_assessment {
                 "assessment"
             } else {
                 "contract"
@@ -423,17 +465,17 @@ fn context(request: &FlowRequest, evidence: &EvidenceFacts) -> serde_json::Value
         }
         Personal::Personal => {
             let total = flow.exported_personal.saturating_add(data.subjects);
-            if total >= 1_000_000 {
+            if total >= t.personal_assessment {
                 "assessment"
-            } else if total >= 100_000 {
+            } else if total >= t.personal_contract {
                 "contract"
             } else {
                 "exempt"
             }
         }
     };
-    let destination_gba_city = flow.destination == Region::CN
-        && GBA_MAINLAND_CITIES.contains(&flow.destination_city.as_str());
+    let destination_gba_city =
+        flow.destination == Region::CN && params.is_gba_city(&flow.destination_city);
     let arrived_under_gba = matches!(
         data.arrived_under.as_str(),
         "gba_contract_hk" | "gba_contract_mo"
@@ -443,9 +485,9 @@ fn context(request: &FlowRequest, evidence: &EvidenceFacts) -> serde_json::Value
             || (flow.destination == Region::CN && !destination_gba_city));
     let recipient = request.recipient.jurisdiction;
     let gba_sc_eligible = request.exporter.jurisdiction == Region::CN
-        && GBA_MAINLAND_CITIES.contains(&request.exporter.city.as_str())
+        && params.is_gba_city(&request.exporter.city)
         && (recipient == Region::HK
-            || (recipient == Region::MO && request.today >= gba_mo_start()))
+            || (recipient == Region::MO && request.today >= params.dates.gba_contract_mo_from))
         && flow.destination == recipient
         && data.level == Level::General
         && !request.exporter.ciio;
@@ -463,7 +505,7 @@ fn context(request: &FlowRequest, evidence: &EvidenceFacts) -> serde_json::Value
         "mode": match flow.mode { Mode::Copy => "copy", Mode::RemoteAccess => "remote_access", Mode::QueryResult => "query_result", Mode::ModelUpdate => "model_update" },
         "exporter_ciio": request.exporter.ciio,
         "collected_abroad": data.collected_abroad,
-        "purpose_exempt": EXEMPT_PURPOSES.contains(&flow.purpose.as_str()),
+        "purpose_exempt": params.exempt_purposes.contains(&flow.purpose),
         "purpose_collected": data.collection_purposes.contains(&flow.purpose),
         "pi_tier": pi_tier,
         "gba_sc_eligible": gba_sc_eligible,
@@ -530,6 +572,7 @@ struct Policies {
 
 /// The loaded rule pack.
 pub struct RulePack {
+    params: PackParams,
     schema: Schema,
     rules: Policies,
     reports: PolicySet,
@@ -541,8 +584,25 @@ fn parse(text: &str, what: &str) -> Result<PolicySet, RuleError> {
 }
 
 impl RulePack {
-    /// Loads the embedded pack and checks every policy against the facts' schema.
+    /// Loads the pack with its built-in parameters (`pack/pack.toml`).
     pub fn load() -> Result<RulePack, RuleError> {
+        RulePack::with_params(PackParams::from_toml(PARAMS)?)
+    }
+
+    /// Loads the pack with the parameters in a pack file, read now: a changed file changes
+    /// decisions without a rebuild.
+    pub fn from_file(text: &str) -> Result<RulePack, RuleError> {
+        RulePack::with_params(PackParams::from_toml(text)?)
+    }
+
+    /// The pack's parameters.
+    pub fn params(&self) -> &PackParams {
+        &self.params
+    }
+
+    /// Loads the policies with these parameters and checks every policy against the facts'
+    /// schema.
+    pub fn with_params(params: PackParams) -> Result<RulePack, RuleError> {
         let (schema, _) = Schema::from_cedarschema_str(SCHEMA)
             .map_err(|e| RuleError::Pack(format!("schema: {e}")))?;
         let set = parse(RULES, "rules.cedar")?;
@@ -578,6 +638,7 @@ impl RulePack {
             order.push(id.to_string());
         }
         Ok(RulePack {
+            params,
             schema,
             rules: Policies { set, permits },
             reports,
@@ -593,8 +654,8 @@ impl RulePack {
     /// Decides a flow.
     pub fn decide(&self, request: &FlowRequest) -> Result<Decision, RuleError> {
         check_request(request)?;
-        let evidence = weigh_evidence(request)?;
-        let facts = context(request, &evidence);
+        let evidence = weigh_evidence(request, &self.params)?;
+        let facts = context(request, &evidence, &self.params);
         let uid = |kind: &str, id: &str| -> Result<EntityUid, RuleError> {
             let kind =
                 EntityTypeName::from_str(kind).map_err(|e| RuleError::Evaluation(e.to_string()))?;
@@ -776,6 +837,7 @@ impl RulePack {
             (category, request.data.subjects)
         });
         Ok(Decision {
+            pack_version: self.params.version.clone(),
             allowed,
             rules,
             denied_by,

@@ -42,11 +42,11 @@ fn the_pack_loads_and_has_every_rule_id() {
 #[test]
 fn filing_is_due_on_the_tenth_working_day() {
     // Monday 2 February 2026: the 10th working day after is Monday 16 February
-    assert_eq!(filing_due(date("2026-02-02")), date("2026-02-16"));
+    assert_eq!(filing_due(date("2026-02-02"), 10), date("2026-02-16"));
     // Wednesday 25 November 2026: Wednesday 9 December
-    assert_eq!(filing_due(date("2026-11-25")), date("2026-12-09"));
+    assert_eq!(filing_due(date("2026-11-25"), 10), date("2026-12-09"));
     // from a Saturday, the weekend does not count
-    assert_eq!(filing_due(date("2026-11-28")), date("2026-12-11"));
+    assert_eq!(filing_due(date("2026-11-28"), 10), date("2026-12-11"));
 }
 
 fn request() -> FlowRequest {
@@ -288,4 +288,52 @@ mod properties {
             prop_assert_eq!(pack.decide(&r).unwrap(), decision);
         }
     }
+}
+
+#[test]
+fn an_edited_pack_file_changes_decisions_without_a_rebuild() {
+    let builtin = include_str!("../pack/pack.toml");
+    let mut r = request();
+    r.data.subjects = 60_000;
+    r.flow.exported_personal = 0;
+    let pack = RulePack::load().unwrap();
+    let decision = pack.decide(&r).unwrap();
+    assert!(decision.allowed, "{decision:?}");
+    assert_eq!(decision.pack_version, "gba-2024.09.1");
+    // lower the contract threshold below the flow: it now needs a contract
+    let edited = builtin
+        .replace("personal_contract = 100000", "personal_contract = 50000")
+        .replace("version = \"gba-2024.09.1\"", "version = \"test-2\"");
+    let dir = std::env::temp_dir().join(format!("baygrid-pack-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("pack.toml");
+    std::fs::write(&path, edited).unwrap();
+    let pack = RulePack::from_file(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let decision = pack.decide(&r).unwrap();
+    assert!(!decision.allowed);
+    assert_eq!(decision.denied_by, vec!["CN-PI-SC".to_string()]);
+    assert_eq!(decision.pack_version, "test-2");
+    // shrink the city list: Shenzhen is no longer a GBA city, so GBA-SC no longer applies
+    let mut gba = request();
+    gba.data.subjects = 150_000;
+    gba.evidence.push(Evidence {
+        kind: EvidenceKind::GbaContractHk,
+        exporter: "sz-clinic".into(),
+        recipient: "hk-lab".into(),
+        effective: date("2026-01-05"),
+        filed: Some("2026-01-09".into()),
+        dataset: None,
+    });
+    assert!(RulePack::load().unwrap().decide(&gba).unwrap().allowed);
+    let no_shenzhen = builtin.replace("\"shenzhen\", ", "");
+    let pack = RulePack::from_file(&no_shenzhen).unwrap();
+    assert!(!pack.decide(&gba).unwrap().allowed);
+    // a broken pack file is an error naming the field
+    let broken = builtin.replace(
+        "personal_assessment = 1000000",
+        "personal_assessment = \"many\"",
+    );
+    let err = RulePack::from_file(&broken).err().unwrap().to_string();
+    assert!(err.contains("personal_assessment"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

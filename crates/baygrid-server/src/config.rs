@@ -60,6 +60,8 @@ pub struct ServerConfig {
     /// How long a hold may stay open before it is voided (a job that never completes).
     #[serde(with = "humantime_serde")]
     pub hold_timeout: Duration,
+    /// A rule-pack parameters file (thresholds, city lists, dates); empty: the built-in one.
+    pub rule_pack: String,
 }
 
 impl Default for ServerConfig {
@@ -80,6 +82,7 @@ impl Default for ServerConfig {
             fee_bps: 500,
             hold_margin_pct: 150,
             hold_timeout: Duration::from_secs(30 * 24 * 3600),
+            rule_pack: String::new(),
         }
     }
 }

@@ -126,7 +126,17 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         metrics: metrics::Metrics::new(),
         clock,
         tokens: Arc::new(auth::TokenCache::default()),
-        rules: Arc::new(baygrid_rules::RulePack::load()?),
+        rules: Arc::new(if config.rule_pack.is_empty() {
+            baygrid_rules::RulePack::load()?
+        } else {
+            let text = std::fs::read_to_string(&config.rule_pack).map_err(|source| {
+                ServerError::DataDir {
+                    path: config.rule_pack.clone().into(),
+                    source,
+                }
+            })?;
+            baygrid_rules::RulePack::from_file(&text)?
+        }),
         audit: Arc::new(
             audit::AuditLog::open(&config.data_dir, &config.audit_origin).map_err(|source| {
                 ServerError::DataDir {

@@ -142,7 +142,11 @@ pub async fn flow(args: &Args, cmd: &FlowCommand) -> anyhow::Result<ExitCode> {
 }
 
 fn print_decision(d: &baygrid_rules::Decision) {
-    println!("{}", if d.allowed { "ALLOW" } else { "DENY" });
+    println!(
+        "{} (rule pack {})",
+        if d.allowed { "ALLOW" } else { "DENY" },
+        d.pack_version
+    );
     println!("rules applied: {}", d.rules.join(", "));
     if !d.denied_by.is_empty() {
         println!("denied by: {}", d.denied_by.join(", "));
@@ -170,7 +174,104 @@ pub enum RulesCommand {
     Ls,
     /// Decide a flow request (TOML or JSON: today, exporter, recipient, data, flow,
     /// evidence) and explain the decision.
-    Decide { file: PathBuf },
+    Decide {
+        file: PathBuf,
+        /// A rule-pack parameters file instead of the built-in one.
+        #[arg(long)]
+        pack: Option<PathBuf>,
+    },
+    /// Run every case of a cases file (the rule pack's `[[case]]` format with `expect`)
+    /// through the rules; exits non-zero on any mismatch.
+    Check {
+        file: PathBuf,
+        /// A rule-pack parameters file instead of the built-in one.
+        #[arg(long)]
+        pack: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct Expect {
+    decision: String,
+    #[serde(default)]
+    rules: Vec<String>,
+    #[serde(default)]
+    obligations: Vec<String>,
+}
+
+#[derive(Debug, serde::Serialize)]
+struct CaseResult {
+    id: String,
+    decision: String,
+    rules: Vec<String>,
+    obligations: Vec<String>,
+    matches: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    problem: Option<String>,
+}
+
+fn check_cases(pack: &RulePack, path: &Path) -> anyhow::Result<Vec<CaseResult>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let table: toml::Table =
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let cases = table
+        .get("case")
+        .and_then(|c| c.as_array())
+        .ok_or_else(|| anyhow::anyhow!("{}: no [[case]] entries", path.display()))?;
+    let mut results = Vec::with_capacity(cases.len());
+    for (n, case) in cases.iter().enumerate() {
+        let mut case = case
+            .as_table()
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("case {n}: not a table"))?;
+        let id = case
+            .remove("id")
+            .and_then(|v| v.as_str().map(str::to_string))
+            .ok_or_else(|| anyhow::anyhow!("case {n}: no id"))?;
+        let expect: Expect = case
+            .remove("expect")
+            .ok_or_else(|| anyhow::anyhow!("case {id}: no expect"))?
+            .try_into()
+            .map_err(|e| anyhow::anyhow!("case {id}: expect: {e}"))?;
+        let request: FlowRequest = toml::Value::Table(case)
+            .try_into()
+            .map_err(|e| anyhow::anyhow!("case {id}: {e}"))?;
+        let decision = pack
+            .decide(&request)
+            .map_err(|e| anyhow::anyhow!("case {id}: {e}"))?;
+        let got = if decision.allowed { "allow" } else { "deny" };
+        let obligations: Vec<String> = decision.obligations.iter().map(|o| o.id.clone()).collect();
+        let mut problems = Vec::new();
+        if got != expect.decision {
+            problems.push(format!("decision {got}, expected {}", expect.decision));
+        }
+        let missing: Vec<&String> = expect
+            .rules
+            .iter()
+            .filter(|r| !decision.rules.contains(r))
+            .collect();
+        if !missing.is_empty() {
+            problems.push(format!("rules {missing:?} not reported"));
+        }
+        let missing: Vec<&String> = expect
+            .obligations
+            .iter()
+            .filter(|o| !obligations.contains(o))
+            .collect();
+        if !missing.is_empty() {
+            problems.push(format!("obligations {missing:?} not reported"));
+        }
+        results.push(CaseResult {
+            id,
+            decision: got.into(),
+            rules: decision.rules,
+            obligations,
+            matches: problems.is_empty(),
+            problem: (!problems.is_empty()).then(|| problems.join("; ")),
+        });
+    }
+    Ok(results)
 }
 
 fn read_request(path: &Path) -> anyhow::Result<FlowRequest> {
@@ -187,7 +288,18 @@ fn read_request(path: &Path) -> anyhow::Result<FlowRequest> {
 }
 
 pub fn run(args: &Args, cmd: &RulesCommand) -> anyhow::Result<ExitCode> {
-    let pack = RulePack::load()?;
+    let pack = match cmd {
+        RulesCommand::Decide {
+            pack: Some(path), ..
+        }
+        | RulesCommand::Check {
+            pack: Some(path), ..
+        } => RulePack::from_file(
+            &std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?,
+        )?,
+        _ => RulePack::load()?,
+    };
     match cmd {
         RulesCommand::Ls => {
             let ids = pack.rule_ids().to_vec();
@@ -198,7 +310,37 @@ pub fn run(args: &Args, cmd: &RulesCommand) -> anyhow::Result<ExitCode> {
                 )
             });
         }
-        RulesCommand::Decide { file } => {
+        RulesCommand::Check { file, .. } => {
+            let results = check_cases(&pack, file)?;
+            let failed = results.iter().filter(|r| !r.matches).count();
+            emit(args.output, &results, |results| {
+                let rows = results
+                    .iter()
+                    .map(|r| {
+                        vec![
+                            r.id.clone(),
+                            r.decision.clone(),
+                            if r.matches {
+                                "ok".into()
+                            } else {
+                                format!("MISMATCH: {}", r.problem.clone().unwrap_or_default())
+                            },
+                            r.rules.join(","),
+                        ]
+                    })
+                    .collect::<Vec<_>>();
+                table(&["CASE", "DECISION", "MATCHES", "RULES"], &rows);
+                println!(
+                    "{} cases, {} match, {failed} mismatch",
+                    results.len(),
+                    results.len() - failed
+                );
+            });
+            if failed > 0 {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        RulesCommand::Decide { file, .. } => {
             let request = read_request(file)?;
             let decision = pack.decide(&request)?;
             emit(args.output, &decision, print_decision);

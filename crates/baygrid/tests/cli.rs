@@ -600,3 +600,31 @@ fn rules_decide_explains_a_flow_and_refuses_a_bad_request() {
     let out = baygrid(&["rules", "ls"], &[]);
     assert!(stdout(&out).contains("MO-ADEQUATE"));
 }
+
+#[test]
+fn rules_check_runs_the_pack_cases_and_fails_on_a_mismatch() {
+    let cases = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../baygrid-rules/pack/cases.toml"
+    );
+    let out = baygrid(&["rules", "check", cases, "--output", "json"], &[]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let results: Vec<Value> = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(results.len(), 27);
+    assert!(results.iter().all(|r| r["matches"] == true));
+    for key in ["id", "decision", "rules", "obligations", "matches"] {
+        assert!(results[0].get(key).is_some(), "no {key}");
+    }
+    // flip one expectation: the command says so and exits non-zero
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(cases).unwrap().replacen(
+        r#"expect = { decision = "allow", rules = ["CN-NOPI"]"#,
+        r#"expect = { decision = "deny", rules = ["CN-NOPI"]"#,
+        1,
+    );
+    let flipped = dir.path().join("flipped.toml");
+    std::fs::write(&flipped, text).unwrap();
+    let out = baygrid(&["rules", "check", flipped.to_str().unwrap()], &[]);
+    assert!(!out.status.success());
+    assert!(stdout(&out).contains("MISMATCH"), "{}", stdout(&out));
+}
