@@ -22,15 +22,49 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// The canonical bytes: sorted keys, compact. `serde_json::Value` keeps object keys
-    /// sorted, so re-encoding through it canonicalises nested payloads too.
+    /// The canonical bytes: keys sorted at every depth, compact. The keys are sorted here,
+    /// not left to `serde_json`'s map, whose order depends on a cargo feature that any crate
+    /// in a build may turn on.
     pub fn canonical(&self) -> Vec<u8> {
         let value = serde_json::to_value(self).expect("entries serialize");
-        serde_json::to_vec(&value).expect("values serialize")
+        let mut out = Vec::with_capacity(256);
+        write_canonical(&value, &mut out);
+        out
     }
 
     pub fn leaf_hash(&self) -> crate::Hash {
         crate::leaf_hash(&self.canonical())
+    }
+}
+
+/// Writes `value` with object keys in byte order at every depth and no white space.
+fn write_canonical(value: &serde_json::Value, out: &mut Vec<u8>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort_unstable();
+            out.push(b'{');
+            for (i, key) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                serde_json::to_writer(&mut *out, key).expect("strings serialize");
+                out.push(b':');
+                write_canonical(&map[key], out);
+            }
+            out.push(b'}');
+        }
+        serde_json::Value::Array(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_canonical(item, out);
+            }
+            out.push(b']');
+        }
+        scalar => serde_json::to_writer(&mut *out, scalar).expect("scalars serialize"),
     }
 }
 

@@ -651,6 +651,34 @@ impl RulePack {
         &self.order
     }
 
+    /// For benchmarks: the Cedar request a flow request becomes, built once.
+    pub fn cedar_request(&self, request: &FlowRequest) -> Result<Request, RuleError> {
+        let evidence = weigh_evidence(request, &self.params)?;
+        let facts = context(request, &evidence, &self.params);
+        let action = EntityUid::from_str(r#"Action::"flow""#)
+            .map_err(|e| RuleError::Evaluation(e.to_string()))?;
+        let kind =
+            |k: &str| EntityTypeName::from_str(k).map_err(|e| RuleError::Evaluation(e.to_string()));
+        let context = Context::from_json_value(facts, Some((&self.schema, &action)))
+            .map_err(|e| RuleError::Evaluation(format!("facts: {e}")))?;
+        Request::new(
+            EntityUid::from_type_name_and_id(kind("Party")?, EntityId::new(&request.exporter.name)),
+            action,
+            EntityUid::from_type_name_and_id(kind("Dataset")?, EntityId::new(&request.data.name)),
+            context,
+            Some(&self.schema),
+        )
+        .map_err(|e| RuleError::Evaluation(e.to_string()))
+    }
+
+    /// For benchmarks: one bare Cedar evaluation of the decision policies; true for allow.
+    pub fn evaluate_bare(&self, request: &Request) -> bool {
+        Authorizer::new()
+            .is_authorized(request, &self.rules.set, &Entities::empty())
+            .decision()
+            == CedarDecision::Allow
+    }
+
     /// Decides a flow.
     pub fn decide(&self, request: &FlowRequest) -> Result<Decision, RuleError> {
         check_request(request)?;

@@ -47,6 +47,17 @@ pub enum BenchCommand {
         #[arg(long, env = "BAYGRID_BENCH_POSTGRES_URL")]
         postgres: Option<String>,
     },
+    /// Flow decisions by the rule pack: the full path (facts, evidence, Cedar, explanation)
+    /// against a bare Cedar evaluation of the same request, and durable decisions through
+    /// the store (counters and audit entry in one transaction).
+    Rules {
+        /// Decisions timed per figure.
+        #[arg(long, default_value_t = 20_000)]
+        decisions: usize,
+        /// Durable decisions through the store.
+        #[arg(long, default_value_t = 2_000)]
+        durable: usize,
+    },
     /// Durable job submissions per second over HTTP (SQLite, and PostgreSQL when given),
     /// and trivial jobs run to completion through the local engine.
     Submit {
@@ -77,6 +88,9 @@ pub async fn run(_args: &Args, cmd: &BenchCommand) -> anyhow::Result<ExitCode> {
     } = cmd
     {
         return audit_bench(*entries, *appends, *batch, postgres.as_deref()).await;
+    }
+    if let BenchCommand::Rules { decisions, durable } = cmd {
+        return rules_bench(*decisions, *durable).await;
     }
     if let BenchCommand::Ledger {
         transfers,
@@ -368,6 +382,112 @@ async fn sbatch_rate(count: usize) -> Option<f64> {
         }
     }
     Some(count as f64 / started.elapsed().as_secs_f64())
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)].as_secs_f64() * 1e6
+}
+
+async fn rules_bench(decisions: usize, durable: usize) -> anyhow::Result<ExitCode> {
+    let pack = Arc::new(baygrid_rules::RulePack::load()?);
+    // the pack's own GBA case: personal data, a filed GBA contract, consent, a running total
+    let request: baygrid_rules::FlowRequest = toml::from_str(include_str!(
+        "../../../examples/flows/sz-clinic-to-hk-lab.toml"
+    ))?;
+    let cedar = pack.cedar_request(&request)?;
+    anyhow::ensure!(pack.evaluate_bare(&cedar), "the example flow is allowed");
+    let time = |f: &dyn Fn()| {
+        let mut samples = Vec::with_capacity(decisions);
+        for _ in 0..decisions / 10 {
+            f();
+        }
+        let started = Instant::now();
+        for _ in 0..decisions {
+            let t = Instant::now();
+            f();
+            samples.push(t.elapsed());
+        }
+        let total = started.elapsed().as_secs_f64();
+        samples.sort_unstable();
+        (
+            total / decisions as f64 * 1e6,
+            percentile(&samples, 0.5),
+            percentile(&samples, 0.99),
+        )
+    };
+    let bare = time(&|| {
+        std::hint::black_box(pack.evaluate_bare(&cedar));
+    });
+    let full = time(&|| {
+        std::hint::black_box(pack.decide(&request).expect("decides"));
+    });
+    println!(
+        "machine: {} CPUs; {decisions} decisions per figure, one thread\n",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    );
+    println!(
+        "{:<44} {:>10} {:>10} {:>10} {:>12}",
+        "path", "mean µs", "p50 µs", "p99 µs", "decisions/s"
+    );
+    for (name, (mean, p50, p99)) in [
+        ("bare Cedar evaluation (prebuilt request)", bare),
+        (
+            "full decision (facts, evidence, 3 Cedar sets, explanation)",
+            full,
+        ),
+    ] {
+        println!(
+            "{name:<44} {mean:>10.1} {p50:>10.1} {p99:>10.1} {:>12.0}",
+            1e6 / mean
+        );
+    }
+    println!("ratio full / bare (mean): {:.2}", full.0 / bare.0);
+
+    // durable: each decision read the exporter's totals, decided, and wrote its audit entry
+    // and counter in one group-committed transaction
+    let dir = tempfile::tempdir()?;
+    let store = baygrid_store::Store::open(&format!(
+        "sqlite://{}",
+        dir.path().join("rules.db").display()
+    ))
+    .await?;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..durable {
+        let store = store.clone();
+        let pack = pack.clone();
+        let mut request = request.clone();
+        request.data.subjects = 1;
+        tasks.push(tokio::spawn(async move {
+            store
+                .decide_flow(request.exporter.name.clone(), 2026, "bench".into(), i as i64, move |personal, sensitive| {
+                    request.flow.exported_personal = personal as u64;
+                    request.flow.exported_sensitive = sensitive as u64;
+                    let decision = pack.decide(&request).map_err(|e| e.to_string())?;
+                    let counts = decision.counts.map(|(_, n)| ("personal".to_string(), n as i64));
+                    Ok(baygrid_store::FlowRecord {
+                        payload: serde_json::json!({"allowed": decision.allowed, "rules": decision.rules}),
+                        counts,
+                        answer: serde_json::Value::Null,
+                    })
+                })
+                .await
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let totals = store.export_totals(&request.exporter.name, 2026).await?;
+    anyhow::ensure!(totals.0 == durable as i64, "counted {totals:?}");
+    println!(
+        "durable decisions (SQLite, synchronous=FULL, group commit): {durable} in {elapsed:.2} s = {:.0}/s; counter {} as expected",
+        durable as f64 / elapsed,
+        totals.0
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// One measured run: transfers per second and the p99 latency of a batch, in ms.
