@@ -268,6 +268,8 @@ mod properties {
         fn decisions_are_explained_and_core_data_never_leaves(r in arbitrary_request()) {
             let pack = RulePack::load().unwrap();
             let decision = pack.decide(&r).unwrap();
+            // the facts the engine builds conform to the schema the policies are checked against
+            prop_assert!(pack.cedar_request(&r).is_ok());
             // every decision names the rules it rests on
             prop_assert!(!decision.rules.is_empty() || !decision.allowed);
             if decision.allowed {
