@@ -54,3 +54,49 @@ fn every_worked_case_decides_as_the_pack_says() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// Removing any required field from any case's request is an error, never a decision.
+#[test]
+fn a_request_missing_any_field_is_an_error() {
+    let text = include_str!("../pack/cases.toml");
+    let table: toml::Table = toml::from_str(text).unwrap();
+    let optional = ["evidence", "filed", "dataset"];
+    let mut checked = 0;
+    for case in table["case"].as_array().unwrap() {
+        let mut request = case.as_table().unwrap().clone();
+        request.remove("id");
+        request.remove("expect");
+        for key in request.keys().cloned().collect::<Vec<_>>() {
+            let mut paths = vec![(key.clone(), None)];
+            if let Some(inner) = request[&key].as_table() {
+                paths.extend(inner.keys().map(|k| (key.clone(), Some(k.clone()))));
+            }
+            for (outer, inner) in paths {
+                let name = inner.clone().unwrap_or_else(|| outer.clone());
+                if optional.contains(&name.as_str()) {
+                    continue;
+                }
+                let mut broken = request.clone();
+                match &inner {
+                    None => {
+                        broken.remove(&outer);
+                    }
+                    Some(k) => {
+                        broken
+                            .get_mut(&outer)
+                            .and_then(|v| v.as_table_mut())
+                            .unwrap()
+                            .remove(k);
+                    }
+                }
+                let parsed: Result<FlowRequest, _> = toml::Value::Table(broken).try_into();
+                assert!(
+                    parsed.is_err(),
+                    "without {outer}.{name} the request still parsed"
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 27 * 20, "only {checked} removals checked");
+}
