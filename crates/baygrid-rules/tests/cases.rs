@@ -12,10 +12,73 @@ struct Expect {
 
 #[test]
 fn every_worked_case_decides_as_the_pack_says() {
-    let text = include_str!("../pack/cases.toml");
+    run_cases(include_str!("../pack/cases.toml"), 27);
+}
+
+/// baygrid's own cases: an allow and a deny for every rule that can deny, both sides of
+/// every threshold, every obligation id.
+#[test]
+fn the_projects_own_cases_cover_every_denying_rule_and_obligation() {
+    let text = include_str!("../pack/baygrid-cases.toml");
+    run_cases(text, 28);
+    let table: toml::Table = toml::from_str(text).unwrap();
+    let mut allowed_by = std::collections::BTreeSet::new();
+    let mut denied_by = std::collections::BTreeSet::new();
+    let mut obligations = std::collections::BTreeSet::new();
+    for case in table["case"].as_array().unwrap() {
+        let expect = &case["expect"];
+        let rules: Vec<String> = expect["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r.as_str().unwrap().to_string())
+            .collect();
+        if expect["decision"].as_str() == Some("allow") {
+            allowed_by.extend(rules);
+        } else {
+            denied_by.extend(rules);
+        }
+        for o in expect["obligations"].as_array().unwrap() {
+            obligations.insert(o.as_str().unwrap().to_string());
+        }
+    }
+    for rule in [
+        "CN-IMPORTANT",
+        "CN-CIIO",
+        "CN-PI-SA",
+        "CN-PI-SC",
+        "CN-CONSENT",
+        "HK-DPP3",
+        "MO-ADEQUATE",
+    ] {
+        assert!(
+            allowed_by.contains(rule) || rule == "CN-IMPORTANT",
+            "no allow case for {rule}"
+        );
+        assert!(
+            denied_by.contains(rule) || rule == "CN-IMPORTANT",
+            "no deny case for {rule}"
+        );
+    }
+    for rule in ["CN-CORE", "GBA-ONWARD"] {
+        assert!(denied_by.contains(rule), "no deny case for {rule}");
+    }
+    for id in [
+        "file-standard-contract",
+        "impact-assessment",
+        "separate-consent",
+        "notice",
+        "recipient-records-3y",
+        "model-clauses",
+    ] {
+        assert!(obligations.contains(id), "no case expects obligation {id}");
+    }
+}
+
+fn run_cases(text: &str, expected_count: usize) {
     let table: toml::Table = toml::from_str(text).unwrap();
     let cases = table["case"].as_array().unwrap();
-    assert_eq!(cases.len(), 27);
+    assert_eq!(cases.len(), expected_count);
     let pack = RulePack::load().unwrap();
     let mut failures = Vec::new();
     for case in cases {
