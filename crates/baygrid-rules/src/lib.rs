@@ -12,6 +12,8 @@
 //! due dates and, for a deny, the rules that denied and what evidence would allow the flow.
 //! Any deny wins; a flow no rule allows is denied. Pure: no I/O and no clock.
 
+mod cases;
+
 use std::collections::BTreeSet;
 use std::str::FromStr;
 
@@ -21,6 +23,8 @@ use cedar_policy::{
 };
 use chrono::{Datelike, Days, Months, NaiveDate, Weekday};
 use serde::{Deserialize, Serialize};
+
+pub use cases::CaseOutcome;
 
 const SCHEMA: &str = include_str!("facts.cedarschema");
 const RULES: &str = include_str!("rules.cedar");
@@ -651,24 +655,49 @@ impl RulePack {
         &self.order
     }
 
-    /// For benchmarks: the Cedar request a flow request becomes, built once.
-    pub fn cedar_request(&self, request: &FlowRequest) -> Result<Request, RuleError> {
-        let evidence = weigh_evidence(request, &self.params)?;
-        let facts = context(request, &evidence, &self.params);
+    /// The Cedar request for a flow's facts; with the schema, the facts are checked
+    /// against it (tests and benchmarks), without, they are trusted as built here.
+    fn build_request(
+        &self,
+        request: &FlowRequest,
+        facts: serde_json::Value,
+        schema: Option<&Schema>,
+    ) -> Result<Request, RuleError> {
         let action = EntityUid::from_str(r#"Action::"flow""#)
             .map_err(|e| RuleError::Evaluation(e.to_string()))?;
-        let kind =
-            |k: &str| EntityTypeName::from_str(k).map_err(|e| RuleError::Evaluation(e.to_string()));
-        let context = Context::from_json_value(facts, Some((&self.schema, &action)))
+        let uid = |kind: &str, id: &str| -> Result<EntityUid, RuleError> {
+            let kind =
+                EntityTypeName::from_str(kind).map_err(|e| RuleError::Evaluation(e.to_string()))?;
+            Ok(EntityUid::from_type_name_and_id(kind, EntityId::new(id)))
+        };
+        let context = Context::from_json_value(facts, schema.map(|s| (s, &action)))
             .map_err(|e| RuleError::Evaluation(format!("facts: {e}")))?;
         Request::new(
-            EntityUid::from_type_name_and_id(kind("Party")?, EntityId::new(&request.exporter.name)),
-            action,
-            EntityUid::from_type_name_and_id(kind("Dataset")?, EntityId::new(&request.data.name)),
+            uid("Party", &request.exporter.name)?,
+            action.clone(),
+            uid("Dataset", &request.data.name)?,
             context,
-            Some(&self.schema),
+            schema,
         )
         .map_err(|e| RuleError::Evaluation(e.to_string()))
+    }
+
+    /// The Cedar request a flow request becomes, with its facts checked against the schema
+    /// (for tests and benchmarks).
+    pub fn cedar_request(&self, request: &FlowRequest) -> Result<Request, RuleError> {
+        let facts = self.facts(request)?;
+        self.build_request(request, facts, Some(&self.schema))
+    }
+
+    /// Checks a request as a decision would, without deciding: a bad field is the error.
+    pub fn validate(&self, request: &FlowRequest) -> Result<(), RuleError> {
+        self.facts(request).map(|_| ())
+    }
+
+    fn facts(&self, request: &FlowRequest) -> Result<serde_json::Value, RuleError> {
+        check_request(request)?;
+        let evidence = weigh_evidence(request, &self.params)?;
+        Ok(context(request, &evidence, &self.params))
     }
 
     /// For benchmarks: one bare Cedar evaluation of the decision policies; true for allow.
@@ -684,26 +713,10 @@ impl RulePack {
         check_request(request)?;
         let evidence = weigh_evidence(request, &self.params)?;
         let facts = context(request, &evidence, &self.params);
-        let uid = |kind: &str, id: &str| -> Result<EntityUid, RuleError> {
-            let kind =
-                EntityTypeName::from_str(kind).map_err(|e| RuleError::Evaluation(e.to_string()))?;
-            Ok(EntityUid::from_type_name_and_id(kind, EntityId::new(id)))
-        };
-        let action = EntityUid::from_str(r#"Action::"flow""#)
-            .map_err(|e| RuleError::Evaluation(e.to_string()))?;
-        // the facts are built here, in the shape the schema declares (the pack's tests check
-        // every policy against it at load); parsing them against the schema again on every
-        // request would cost more than the evaluations
-        let cedar_context = Context::from_json_value(facts.clone(), None)
-            .map_err(|e| RuleError::Evaluation(format!("facts: {e}")))?;
-        let cedar_request = Request::new(
-            uid("Party", &request.exporter.name)?,
-            action,
-            uid("Dataset", &request.data.name)?,
-            cedar_context,
-            None,
-        )
-        .map_err(|e| RuleError::Evaluation(e.to_string()))?;
+        // the facts are built here, in the shape the schema declares (the property test
+        // checks them against it); parsing them against the schema again on every request
+        // would cost more than the evaluations
+        let cedar_request = self.build_request(request, facts.clone(), None)?;
         let authorizer = Authorizer::new();
         let entities = Entities::empty();
         let evaluate = |set: &PolicySet| -> Result<(bool, Vec<cedar_policy::Policy>), RuleError> {

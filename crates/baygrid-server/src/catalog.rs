@@ -40,6 +40,8 @@ pub struct CatalogSnapshot {
     pub clusters: BTreeMap<String, Cluster>,
     pub offers: BTreeMap<String, Offer>,
     pub tenants: BTreeMap<String, Tenant>,
+    /// Evidence of legal bases for data flows, by id.
+    pub evidence: BTreeMap<String, baygrid_api::EvidenceRecord>,
     pub rates: ExchangeRates,
     pub round_trips: RoundTrips,
     /// Every cluster empty and online: what "could ever hold" is judged on.
@@ -89,6 +91,7 @@ impl CatalogSnapshot {
             clusters: load_kind(store, "cluster").await?,
             offers: load_kind(store, "offer").await?,
             tenants: load_kind(store, "tenant").await?,
+            evidence: load_kind(store, "evidence").await?,
             rates,
             round_trips,
             empty: Market::default(),
@@ -199,7 +202,7 @@ pub(crate) fn check_name(field: &str, name: &str) -> ApiResult<()> {
     }
 }
 
-async fn put(
+pub(crate) async fn put(
     state: &AppState,
     kind: &'static str,
     name: &str,

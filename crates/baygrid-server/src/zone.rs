@@ -48,20 +48,20 @@ pub async fn list_evidence(
     who: Principal,
 ) -> ApiResult<Json<Vec<EvidenceRecord>>> {
     require(&who, &[Role::Operator, Role::Regulator, Role::DataHolder])?;
-    let records = state.store.list_catalog("evidence").await?;
-    let mut out = Vec::new();
-    for (name, _, body) in records {
-        let record: EvidenceRecord = serde_json::from_value(body).map_err(|e| {
-            ApiError::Unavailable(format!("stored evidence `{name}` is unreadable: {e}"))
-        })?;
-        let visible = who.role != Role::DataHolder
+    let visible = |record: &&EvidenceRecord| {
+        who.role != Role::DataHolder
             || who.subject.as_deref() == Some(record.exporter.as_str())
-            || who.subject.as_deref() == Some(record.recipient.as_str());
-        if visible {
-            out.push(record);
-        }
-    }
-    Ok(Json(out))
+            || who.subject.as_deref() == Some(record.recipient.as_str())
+    };
+    Ok(Json(
+        state
+            .catalog()
+            .evidence
+            .values()
+            .filter(visible)
+            .cloned()
+            .collect(),
+    ))
 }
 
 /// Records evidence of a legal basis; written to the audit log as an evidence change.
@@ -109,17 +109,16 @@ pub async fn put_evidence(
             "a security assessment must name the data set it covers",
         ));
     }
-    state
-        .store
-        .put_catalog(
-            "evidence",
-            record.id.clone(),
-            Some(record.exporter.clone()),
-            serde_json::to_value(&record).map_err(|e| ApiError::Unavailable(e.to_string()))?,
-            actor(&who),
-            state.now(),
-        )
-        .await?;
+    let body = serde_json::to_value(&record).map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    crate::catalog::put(
+        &state,
+        "evidence",
+        &record.id,
+        Some(record.exporter.clone()),
+        body,
+        &who,
+    )
+    .await?;
     Ok((StatusCode::CREATED, Json(record)))
 }
 
@@ -147,14 +146,12 @@ pub async fn decide(
     let today = chrono::DateTime::from_timestamp_millis(now)
         .ok_or_else(|| ApiError::Unavailable("the clock is out of range".into()))?
         .date_naive();
-    let mut evidence = Vec::new();
-    for (_, _, body) in state.store.list_catalog("evidence").await? {
-        let record: EvidenceRecord = serde_json::from_value(body)
-            .map_err(|e| ApiError::Unavailable(format!("stored evidence is unreadable: {e}")))?;
-        if record.exporter == exporter.name && record.recipient == recipient.name {
-            evidence.push(record.evidence());
-        }
-    }
+    let evidence = catalog
+        .evidence
+        .values()
+        .filter(|r| r.exporter == exporter.name && r.recipient == recipient.name)
+        .map(EvidenceRecord::evidence)
+        .collect();
     let request = FlowRequest {
         today,
         exporter: Exporter {
@@ -180,7 +177,7 @@ pub async fn decide(
         evidence,
     };
     // a bad request is refused before anything is written
-    state.rules.decide(&request).map_err(rule_error)?;
+    state.rules.validate(&request).map_err(rule_error)?;
     let pack = state.rules.clone();
     let who_acts = actor(&who);
     let payload = state

@@ -185,12 +185,13 @@ async fn void_hold(
     Ok(())
 }
 
-/// Fails a job if it is still queued (its hold expired, so nothing would pay for it).
+/// Fails a job if it is still queued. False when it was not.
 pub(crate) async fn fail_if_queued(
     conn: &mut AnyConnection,
     job_id: &str,
     reason: &str,
     now: Millis,
+    actor: &str,
 ) -> Result<bool> {
     let done = sqlx::query(
         "UPDATE jobs SET state = 'failed', reason = $1, updated_ms = $2, finished_ms = $2 WHERE id = $3 AND state = 'queued'",
@@ -210,7 +211,7 @@ pub(crate) async fn fail_if_queued(
         JobState::Failed,
         reason,
         now,
-        "ledger",
+        actor,
     )
     .await?;
     Ok(true)
@@ -533,18 +534,9 @@ impl Store {
         let ledger = self.ledger.clone();
         self.write(move |conn| {
             Box::pin(async move {
-                let done = sqlx::query(
-                    "UPDATE jobs SET state = 'failed', reason = $1, updated_ms = $2, finished_ms = $2 WHERE id = $3 AND state = 'queued'",
-                )
-                .bind(&reason)
-                .bind(now)
-                .bind(&job_id)
-                .execute(&mut *conn)
-                .await?;
-                if done.rows_affected() == 0 {
+                if !fail_if_queued(conn, &job_id, &reason, now, "scheduler").await? {
                     return Ok(false);
                 }
-                record_transition(conn, &job_id, Some(JobState::Queued), JobState::Failed, &reason, now, "scheduler").await?;
                 void_hold(conn, &ledger, &job_id, "scheduler", now).await?;
                 Ok(true)
             })

@@ -533,6 +533,7 @@ impl Store {
                             job_id,
                             "its hold timed out before it could run: submit it again",
                             now,
+                            "ledger",
                         )
                         .await?;
                     }

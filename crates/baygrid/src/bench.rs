@@ -225,10 +225,7 @@ async fn submit_bench(
     latencies.clear();
     measured.sort_unstable();
     let rate = jobs as f64 / elapsed.as_secs_f64();
-    let quantile = |q: f64| {
-        measured[((measured.len() as f64 * q) as usize).min(measured.len() - 1)].as_secs_f64()
-            * 1000.0
-    };
+    let quantile = |q: f64| percentile(&measured, q) / 1000.0;
     let stored = server.state.store.count("jobs").await?;
     anyhow::ensure!(
         stored as usize == jobs + warmup,
@@ -384,6 +381,7 @@ async fn sbatch_rate(count: usize) -> Option<f64> {
     Some(count as f64 / started.elapsed().as_secs_f64())
 }
 
+/// The `p` quantile of sorted latencies, in microseconds.
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)].as_secs_f64() * 1e6
 }
@@ -496,10 +494,10 @@ struct Rate {
     p99_ms: f64,
 }
 
-fn p99(mut latencies: Vec<Duration>) -> f64 {
+/// The p99 of some latencies, in milliseconds.
+fn p99_ms(mut latencies: Vec<Duration>) -> f64 {
     latencies.sort_unstable();
-    latencies[((latencies.len() as f64 * 0.99) as usize).min(latencies.len() - 1)].as_secs_f64()
-        * 1000.0
+    percentile(&latencies, 0.99) / 1000.0
 }
 
 async fn ledger_bench(
@@ -582,7 +580,7 @@ async fn ledger_bench(
         }
         let ledger = Rate {
             per_second: transfers as f64 / started.elapsed().as_secs_f64(),
-            p99_ms: p99(latencies),
+            p99_ms: p99_ms(latencies),
         };
         let stored = store.count("ledger_transfers").await?;
         anyhow::ensure!(
@@ -662,7 +660,7 @@ async fn ledger_bench(
         }
         let plain = Rate {
             per_second: transfers as f64 / started.elapsed().as_secs_f64(),
-            p99_ms: p99(latencies),
+            p99_ms: p99_ms(latencies),
         };
         println!(
             "{name:<12} {:>14.0} {:>10.1} {:>16.0} {:>10.1} {:>7.2}  {}",
@@ -734,10 +732,7 @@ async fn audit_bench(
             latencies.extend(worker.await??);
         }
         let elapsed = started.elapsed().as_secs_f64();
-        latencies.sort_unstable();
-        let p99 = latencies[((latencies.len() as f64 * 0.99) as usize).min(latencies.len() - 1)]
-            .as_secs_f64()
-            * 1000.0;
+        let p99 = p99_ms(latencies);
         let stored = store.count("outbox").await?;
         anyhow::ensure!(stored as usize == batches * batch, "outbox holds {stored}");
         println!(

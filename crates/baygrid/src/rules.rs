@@ -121,15 +121,7 @@ pub async fn evidence(args: &Args, cmd: &EvidenceCommand) -> anyhow::Result<Exit
 pub async fn flow(args: &Args, cmd: &FlowCommand) -> anyhow::Result<ExitCode> {
     let client = crate::cli::client(args)?;
     let FlowCommand::Decide { file } = cmd;
-    let text =
-        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
-    let ask: baygrid_api::FlowAsk = if file.extension().and_then(|e| e.to_str()) == Some("json") {
-        let mut de = serde_json::Deserializer::from_str(&text);
-        serde_path_to_error::deserialize(&mut de)
-            .map_err(|e| anyhow::anyhow!("{}: {}: {}", file.display(), e.path(), e.inner()))?
-    } else {
-        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?
-    };
+    let ask: baygrid_api::FlowAsk = read_file(file)?;
     let view: baygrid_api::FlowDecisionView = client.post("/api/v1/flows/decide", &ask).await?;
     emit(args.output, &view, |v| {
         println!(
@@ -190,95 +182,11 @@ pub enum RulesCommand {
     },
 }
 
-#[derive(Debug, serde::Deserialize)]
-struct Expect {
-    decision: String,
-    #[serde(default)]
-    rules: Vec<String>,
-    #[serde(default)]
-    obligations: Vec<String>,
-}
-
-#[derive(Debug, serde::Serialize)]
-struct CaseResult {
-    id: String,
-    decision: String,
-    rules: Vec<String>,
-    obligations: Vec<String>,
-    matches: bool,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    problem: Option<String>,
-}
-
-fn check_cases(pack: &RulePack, path: &Path) -> anyhow::Result<Vec<CaseResult>> {
+/// A TOML or (by extension) JSON file; errors name the file and the field.
+fn read_file<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let table: toml::Table =
-        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    let cases = table
-        .get("case")
-        .and_then(|c| c.as_array())
-        .ok_or_else(|| anyhow::anyhow!("{}: no [[case]] entries", path.display()))?;
-    let mut results = Vec::with_capacity(cases.len());
-    for (n, case) in cases.iter().enumerate() {
-        let mut case = case
-            .as_table()
-            .cloned()
-            .ok_or_else(|| anyhow::anyhow!("case {n}: not a table"))?;
-        let id = case
-            .remove("id")
-            .and_then(|v| v.as_str().map(str::to_string))
-            .ok_or_else(|| anyhow::anyhow!("case {n}: no id"))?;
-        let expect: Expect = case
-            .remove("expect")
-            .ok_or_else(|| anyhow::anyhow!("case {id}: no expect"))?
-            .try_into()
-            .map_err(|e| anyhow::anyhow!("case {id}: expect: {e}"))?;
-        let request: FlowRequest = toml::Value::Table(case)
-            .try_into()
-            .map_err(|e| anyhow::anyhow!("case {id}: {e}"))?;
-        let decision = pack
-            .decide(&request)
-            .map_err(|e| anyhow::anyhow!("case {id}: {e}"))?;
-        let got = if decision.allowed { "allow" } else { "deny" };
-        let obligations: Vec<String> = decision.obligations.iter().map(|o| o.id.clone()).collect();
-        let mut problems = Vec::new();
-        if got != expect.decision {
-            problems.push(format!("decision {got}, expected {}", expect.decision));
-        }
-        let missing: Vec<&String> = expect
-            .rules
-            .iter()
-            .filter(|r| !decision.rules.contains(r))
-            .collect();
-        if !missing.is_empty() {
-            problems.push(format!("rules {missing:?} not reported"));
-        }
-        let missing: Vec<&String> = expect
-            .obligations
-            .iter()
-            .filter(|o| !obligations.contains(o))
-            .collect();
-        if !missing.is_empty() {
-            problems.push(format!("obligations {missing:?} not reported"));
-        }
-        results.push(CaseResult {
-            id,
-            decision: got.into(),
-            rules: decision.rules,
-            obligations,
-            matches: problems.is_empty(),
-            problem: (!problems.is_empty()).then(|| problems.join("; ")),
-        });
-    }
-    Ok(results)
-}
-
-fn read_request(path: &Path) -> anyhow::Result<FlowRequest> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let json = path.extension().and_then(|e| e.to_str()) == Some("json");
-    if json {
+    if path.extension().and_then(|e| e.to_str()) == Some("json") {
         let mut de = serde_json::Deserializer::from_str(&text);
         serde_path_to_error::deserialize(&mut de)
             .map_err(|e| anyhow::anyhow!("{}: {}: {}", path.display(), e.path(), e.inner()))
@@ -311,7 +219,11 @@ pub fn run(args: &Args, cmd: &RulesCommand) -> anyhow::Result<ExitCode> {
             });
         }
         RulesCommand::Check { file, .. } => {
-            let results = check_cases(&pack, file)?;
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let results = pack
+                .check_cases(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
             let failed = results.iter().filter(|r| !r.matches).count();
             emit(args.output, &results, |results| {
                 let rows = results
@@ -341,7 +253,7 @@ pub fn run(args: &Args, cmd: &RulesCommand) -> anyhow::Result<ExitCode> {
             }
         }
         RulesCommand::Decide { file, .. } => {
-            let request = read_request(file)?;
+            let request: FlowRequest = read_file(file)?;
             let decision = pack.decide(&request)?;
             emit(args.output, &decision, print_decision);
         }
