@@ -3,6 +3,8 @@
 //! Pure: no I/O, no clock of its own ("now" is passed in), no randomness. The server's
 //! scheduling loop and the quote endpoint call the same [`Placer`].
 
+pub mod pack;
+
 use baygrid_core::catalog::RoundTrips;
 use baygrid_core::{
     AcceleratorModel, Allocation, Cluster, EngineKind, ExchangeRates, JobSpec, Jurisdiction,

@@ -5,6 +5,7 @@ mod bench;
 mod cli;
 mod output;
 mod rules;
+mod sim;
 mod up;
 
 use std::path::PathBuf;
@@ -121,6 +122,8 @@ pub enum Command {
     /// Cross-border flows decided by the exchange, recorded and counted.
     #[command(subcommand)]
     Flow(rules::FlowCommand),
+    /// The simulator: the dispatcher and its baselines on traces, deterministic per seed.
+    Sim(sim::SimArgs),
     /// Benchmarks that print figures.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -170,6 +173,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Command::Rules(cmd) => rules::run(&args, cmd),
         Command::Evidence(cmd) => rules::evidence(&args, cmd).await,
         Command::Flow(cmd) => rules::flow(&args, cmd).await,
+        Command::Sim(sim) => sim::run(&args, sim),
         Command::Bench(cmd) => bench::run(&args, cmd).await,
     }
 }

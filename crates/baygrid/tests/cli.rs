@@ -628,3 +628,78 @@ fn rules_check_runs_the_pack_cases_and_fails_on_a_mismatch() {
     assert!(!out.status.success());
     assert!(stdout(&out).contains("MISMATCH"), "{}", stdout(&out));
 }
+
+#[test]
+fn sim_pack_compares_policies_on_a_trace_and_names_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = dir.path().join("nodes.csv");
+    let tasks = dir.path().join("tasks.csv");
+    std::fs::write(
+        &nodes,
+        "sn,cpu_milli,memory_mib,gpu,model\na,96000,393216,8,G2\nb,64000,262144,2,T4\n",
+    )
+    .unwrap();
+    std::fs::write(
+        &tasks,
+        "name,cpu_milli,memory_mib,num_gpu,gpu_milli,gpu_spec\n\
+         p0,12000,16384,1,1000,\np1,6000,12288,1,460,\np2,4000,8192,2,1000,T4\np3,2000,4096,0,0,\n",
+    )
+    .unwrap();
+    let (nodes, tasks) = (nodes.to_str().unwrap(), tasks.to_str().unwrap());
+    let args = [
+        "sim",
+        "--mode",
+        "pack",
+        "--nodes",
+        nodes,
+        "--trace",
+        tasks,
+        "--seeds",
+        "1-3",
+        "--policy",
+        "bestfit,fgd,baygrid",
+        "--output",
+        "json",
+    ];
+    let out = baygrid(&args, &[]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let reports: Vec<Value> = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(reports.len(), 3);
+    for report in &reports {
+        for key in ["alloc_at_100", "alloc_at_130", "failed_tasks"] {
+            assert!(report[key].is_number(), "{key} in {report}");
+        }
+        assert_eq!(report["runs"].as_array().unwrap().len(), 3);
+    }
+    // the same seeds give the same figures
+    let again: Vec<Value> = serde_json::from_str(&stdout(&baygrid(&args, &[]))).unwrap();
+    for (a, b) in reports.iter().zip(&again) {
+        assert_eq!(a["runs"], b["runs"]);
+    }
+
+    let bad = baygrid(
+        &[
+            "sim", "--mode", "pack", "--nodes", nodes, "--trace", tasks, "--seed", "1", "--policy",
+            "worstfit",
+        ],
+        &[],
+    );
+    assert!(!bad.status.success());
+    assert!(
+        stderr(&bad).contains("unknown pack policy `worstfit`"),
+        "{}",
+        stderr(&bad)
+    );
+    let bad = baygrid(
+        &[
+            "sim", "--mode", "pack", "--nodes", tasks, "--trace", tasks, "--seed", "1",
+        ],
+        &[],
+    );
+    assert!(!bad.status.success());
+    assert!(
+        stderr(&bad).contains("lacks column `sn`"),
+        "{}",
+        stderr(&bad)
+    );
+}
