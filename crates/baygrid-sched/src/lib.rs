@@ -4,6 +4,7 @@
 //! scheduling loop and the quote endpoint call the same [`Placer`].
 
 pub mod pack;
+pub mod replay;
 
 use baygrid_core::catalog::RoundTrips;
 use baygrid_core::{

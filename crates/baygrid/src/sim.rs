@@ -6,7 +6,9 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
+use baygrid_core::Catalog;
 use baygrid_sched::pack::{self, PackHarness, PackPolicy, PackRun};
+use baygrid_sched::replay::{self, DispatchConfig, ReplayPolicy, ReplayResult};
 use clap::ValueEnum;
 use serde::Serialize;
 
@@ -41,15 +43,36 @@ pub struct SimArgs {
     #[arg(long)]
     pub seeds: Option<String>,
     /// The policy, or several separated by commas to compare them in one run.
-    /// Pack: bestfit, fgd, baygrid.
+    /// Pack: bestfit, fgd, baygrid. Replay: baygrid, fifo-first-fit, greedy-cheapest.
     #[arg(long, default_value = "baygrid")]
     pub policy: String,
+    /// Replay: the region (a sites file); the built-in sample region by default.
+    #[arg(long)]
+    pub sites: Option<PathBuf>,
+    /// Replay: generate the jobs instead of reading a trace.
+    #[arg(long, conflicts_with = "trace")]
+    pub synthetic: bool,
+    /// Replay, synthetic: the offered load (accelerator-seconds asked ÷ capacity).
+    #[arg(long)]
+    pub load: Option<f64>,
+    /// Replay, synthetic: how many jobs.
+    #[arg(long)]
+    pub jobs: Option<usize>,
+    /// Replay, synthetic: the runtimes durations are drawn from (one column, `runtime`).
+    #[arg(
+        long,
+        default_value = "../shared/data/traces/philly/philly_runtime.csv"
+    )]
+    pub runtimes: PathBuf,
+    /// Replay: the green term's weight (CNY per CNY of compute per unit of non-green power).
+    #[arg(long, default_value_t = 0.0)]
+    pub green_weight: f64,
 }
 
 pub fn run(args: &Args, sim: &SimArgs) -> anyhow::Result<ExitCode> {
     match sim.mode {
         SimMode::Pack => run_pack(args, sim),
-        SimMode::Replay => bail!("--mode replay: not built yet; use --mode pack"),
+        SimMode::Replay => run_replay(args, sim),
     }
 }
 
@@ -234,4 +257,176 @@ fn describe_seeds(seeds: &[u64]) -> String {
         [first, .., last] => format!("{first}-{last}"),
         [] => "-".into(),
     }
+}
+
+/// One policy's replay with the lower bound beside it.
+#[derive(Debug, Serialize)]
+struct ReplayReport {
+    #[serde(flatten)]
+    result: ReplayResult,
+    seed: u64,
+    lower_bound_cny: f64,
+    cost_to_lower_bound: f64,
+}
+
+fn run_replay(args: &Args, sim: &SimArgs) -> anyhow::Result<ExitCode> {
+    let catalog = match &sim.sites {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("--sites {}: cannot read", path.display()))?;
+            Catalog::from_yaml(&text).with_context(|| format!("--sites {}", path.display()))?
+        }
+        None => Catalog::sample(),
+    };
+    let region = replay::Region::from_catalog(&catalog)?;
+    let seeds = parse_seeds(sim)?;
+    if seeds.len() != 1 {
+        bail!("--seeds: replay mode takes one seed (--seed S)");
+    }
+    let seed = seeds[0];
+    let (tenants, jobs) = if sim.synthetic {
+        let Some(load) = sim.load else {
+            bail!("--load L is required with --synthetic");
+        };
+        let Some(count) = sim.jobs else {
+            bail!("--jobs N is required with --synthetic");
+        };
+        let text = std::fs::read_to_string(&sim.runtimes).with_context(|| {
+            format!(
+                "--runtimes {}: cannot read (the Philly runtimes)",
+                sim.runtimes.display()
+            )
+        })?;
+        let runtimes = parse_runtimes(&label(&sim.runtimes), &text)?;
+        let tenants = replay::synthetic_tenants(&region);
+        let jobs = replay::synthetic_jobs(&region, &tenants, &runtimes, load, count, seed)?;
+        (tenants, jobs)
+    } else {
+        let (trace_label, text) =
+            read("--trace", &sim.trace).context("replay mode needs --trace FILE or --synthetic")?;
+        replay::parse_trace(&trace_label, &text, &region)?
+    };
+    let policies = sim
+        .policy
+        .split(',')
+        .map(|p| p.trim().parse::<ReplayPolicy>())
+        .collect::<Result<Vec<_>, _>>()?;
+    let config = DispatchConfig {
+        green_weight: sim.green_weight,
+    };
+    if !(config.green_weight.is_finite() && config.green_weight >= 0.0) {
+        bail!("--green-weight: must be 0 or more");
+    }
+    let mut results = Vec::new();
+    for &policy in &policies {
+        results.push(replay::simulate(&region, &tenants, &jobs, policy, &config)?);
+    }
+    // the bound's horizon is the dispatcher's own makespan
+    let dispatcher = match results.iter().find(|r| r.policy == ReplayPolicy::Baygrid) {
+        Some(r) => r.clone(),
+        None => replay::simulate(&region, &tenants, &jobs, ReplayPolicy::Baygrid, &config)?,
+    };
+    let bound = replay::lower_bound(&region, &dispatcher);
+    if bound.unserved_work > 0 {
+        eprintln!(
+            "warning: the lower bound could not place {} reference accelerator-seconds within the dispatcher's makespan",
+            bound.unserved_work
+        );
+    }
+    let reports: Vec<ReplayReport> = results
+        .into_iter()
+        .map(|result| ReplayReport {
+            cost_to_lower_bound: result.total_cost_cny / bound.cost_cny.max(1e-9),
+            lower_bound_cny: bound.cost_cny,
+            seed,
+            result,
+        })
+        .collect();
+    let render = |reports: &[ReplayReport]| {
+        let first = &reports[0].result;
+        println!(
+            "replay: {} jobs, {} rejected as never feasible, {} clusters with {} accelerators, seed {seed}",
+            first.jobs,
+            first.rejected,
+            region.pools.len(),
+            region.accelerators()
+        );
+        for reason in &first.rejections {
+            println!("  rejected {reason}");
+        }
+        let mut rows = Vec::new();
+        let figure = |name: &str, f: &dyn Fn(&ReplayReport) -> String| {
+            let mut row = vec![name.to_string()];
+            row.extend(reports.iter().map(f));
+            row
+        };
+        rows.push(figure("makespan", &|r| hours(r.result.makespan_s)));
+        rows.push(figure("mean wait", &|r| {
+            format!("{:.0} s", r.result.mean_wait_s)
+        }));
+        rows.push(figure("p99 wait", &|r| {
+            format!("{:.0} s", r.result.p99_wait_s)
+        }));
+        rows.push(figure("mean completion", &|r| {
+            hours(r.result.mean_completion_s)
+        }));
+        rows.push(figure("total cost", &|r| {
+            format!("{:.0} CNY", r.result.total_cost_cny)
+        }));
+        rows.push(figure("cost ÷ lower bound", &|r| {
+            format!("{:.3}", r.cost_to_lower_bound)
+        }));
+        rows.push(figure("fairness (Jain)", &|r| {
+            format!("{:.3}", r.result.jain_fairness)
+        }));
+        rows.push(figure("decisions/s", &|r| {
+            format!("{:.0}", r.result.decisions_per_s)
+        }));
+        for site in first.utilisation.keys() {
+            rows.push(figure(&format!("utilisation {site}"), &|r| {
+                format!("{:.1}%", 100.0 * r.result.utilisation[site])
+            }));
+        }
+        let mut headers = vec!["figure"];
+        headers.extend(reports.iter().map(|r| r.result.policy.name()));
+        table(&headers, &rows);
+        println!(
+            "lower bound: {:.0} CNY (min-cost flow over {} slots of the dispatcher's makespan)",
+            reports[0].lower_bound_cny,
+            replay::BOUND_SLOTS
+        );
+    };
+    if reports.len() == 1 {
+        emit(args.output, &reports[0], |r| {
+            render(std::slice::from_ref(r))
+        });
+    } else {
+        emit(args.output, &reports, |r| render(r));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn hours(seconds: f64) -> String {
+    format!("{:.2} h", seconds / 3600.0)
+}
+
+/// One column, `runtime`, in seconds.
+fn parse_runtimes(file: &str, text: &str) -> anyhow::Result<Vec<f64>> {
+    let mut lines = text.lines();
+    if lines.next().map(str::trim) != Some("runtime") {
+        bail!("{file}: the header must be `runtime`");
+    }
+    lines
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            l.trim()
+                .parse::<f64>()
+                .ok()
+                .filter(|v| v.is_finite() && *v >= 0.0)
+                .with_context(|| {
+                    format!("{file} line {}: `{l}` is not a runtime in seconds", i + 2)
+                })
+        })
+        .collect()
 }

@@ -703,3 +703,123 @@ fn sim_pack_compares_policies_on_a_trace_and_names_bad_input() {
         stderr(&bad)
     );
 }
+
+#[test]
+fn sim_replay_runs_three_policies_with_the_bound_and_names_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtimes = dir.path().join("runtime.csv");
+    std::fs::write(&runtimes, "runtime\n60\n600\n3600.5\n7200\n0\n").unwrap();
+    let runtimes = runtimes.to_str().unwrap();
+    let args = [
+        "sim",
+        "--mode",
+        "replay",
+        "--synthetic",
+        "--load",
+        "0.9",
+        "--jobs",
+        "300",
+        "--seed",
+        "3",
+        "--runtimes",
+        runtimes,
+        "--policy",
+        "baygrid,fifo-first-fit,greedy-cheapest",
+        "--output",
+        "json",
+    ];
+    let out = baygrid(&args, &[]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let reports: Vec<Value> = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(reports.len(), 3);
+    for report in &reports {
+        for key in [
+            "policy",
+            "jobs",
+            "rejected",
+            "makespan_s",
+            "utilisation",
+            "mean_wait_s",
+            "p99_wait_s",
+            "mean_completion_s",
+            "total_cost_cny",
+            "lower_bound_cny",
+            "cost_to_lower_bound",
+            "jain_fairness",
+            "decisions_per_s",
+        ] {
+            assert!(report.get(key).is_some(), "{key} missing in {report}");
+        }
+        assert_eq!(report["jobs"], 300);
+        assert!(report["cost_to_lower_bound"].as_f64().unwrap() >= 1.0 - 1e-9);
+    }
+    let again: Vec<Value> = serde_json::from_str(&stdout(&baygrid(&args, &[]))).unwrap();
+    for (a, b) in reports.iter().zip(&again) {
+        assert_eq!(a["total_cost_cny"], b["total_cost_cny"]);
+        assert_eq!(a["mean_wait_s"], b["mean_wait_s"]);
+    }
+    // a trace of our own
+    let trace = dir.path().join("jobs.csv");
+    std::fs::write(
+        &trace,
+        "arrival_s,accelerators,nodes,accepts,duration_s,tenant,latency_sensitive,jurisdictions\n\
+         0,16,2,nvidia,3600,alpha,false,\n5,1,1,ascend,60,beta,false,HK\n",
+    )
+    .unwrap();
+    let out = baygrid(
+        &[
+            "sim",
+            "--mode",
+            "replay",
+            "--trace",
+            trace.to_str().unwrap(),
+            "--seed",
+            "1",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("1 rejected as never feasible"),
+        "{}",
+        stdout(&out)
+    );
+
+    let bad = baygrid(
+        &[
+            "sim",
+            "--mode",
+            "replay",
+            "--synthetic",
+            "--jobs",
+            "10",
+            "--seed",
+            "1",
+        ],
+        &[],
+    );
+    assert!(!bad.status.success());
+    assert!(
+        stderr(&bad).contains("--load L is required"),
+        "{}",
+        stderr(&bad)
+    );
+    let bad = baygrid(
+        &[
+            "sim",
+            "--mode",
+            "replay",
+            "--synthetic",
+            "--load=-1",
+            "--jobs",
+            "10",
+            "--seed",
+            "1",
+            "--runtimes",
+            runtimes,
+        ],
+        &[],
+    );
+    assert!(!bad.status.success());
+    assert!(stderr(&bad).contains("`load`"), "{}", stderr(&bad));
+}

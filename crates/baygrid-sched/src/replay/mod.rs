@@ -1,0 +1,1180 @@
+//! Replay: jobs arriving over time at the region's clusters, run to completion, with the
+//! dispatcher or a baseline deciding where and when each starts. Queueing, cost and fairness
+//! over time; deterministic for a seed.
+//!
+//! The dispatcher (`baygrid`):
+//! - **order**: tenants by dominant-resource share over their weight (the share of each
+//!   accelerator model's capacity they hold now; the largest counts), least served first;
+//!   within a tenant, oldest first;
+//! - **fit**: a job of N nodes takes N nodes of one pool, each with its accelerators per
+//!   node free, all at once (gangs are never split); the nodes chosen are the fullest that
+//!   fit, so whole nodes stay free for gangs;
+//! - **choice**: among the pools it fits now, the least total cost: compute (the offer's
+//!   price in CNY × accelerators × the duration scaled by the reference model's BF16 TFLOPS
+//!   over the pool's), plus data transfer, plus a green term (weight × the site's non-green
+//!   share × compute); ties go to the shorter round trip;
+//! - **backfill** (EASY): the first job in order that fits nowhere gets a reservation on the
+//!   pool where it can start earliest, computed from running jobs' estimated ends; later
+//!   jobs may use the reserved nodes only if they end before the reservation starts;
+//! - **fail fast**: a job no pool could ever hold (models, jurisdictions, latency, gang
+//!   size) is rejected at arrival with the reason, under every policy.
+//!
+//! The baselines scan the queue in arrival order and start every job that fits now, with
+//! no head-of-line blocking: `fifo-first-fit` on the first pool in catalog order,
+//! `greedy-cheapest` on the cheapest (same cost model as the dispatcher, without the green
+//! term).
+
+pub mod bound;
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::fmt;
+use std::str::FromStr;
+
+use baygrid_core::catalog::RoundTrips;
+use baygrid_core::{Catalog, Jurisdiction};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+/// The model durations are given for.
+pub const REFERENCE_MODEL: &str = "A800";
+/// Latency-sensitive jobs run only within this round trip of their tenant's city.
+pub const LATENCY_SENSITIVE_MAX_RTT_MS: u32 = crate::LATENCY_SENSITIVE_MAX_RTT_MS;
+/// Slots in the lower bound's time grid.
+pub const BOUND_SLOTS: usize = 120;
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ReplayError {
+    #[error("sites: {0}")]
+    Region(String),
+    #[error("`{field}`: {problem}")]
+    Argument { field: String, problem: String },
+    #[error("{file} record {record}: `{field}`: {problem}")]
+    Trace {
+        file: String,
+        record: usize,
+        field: String,
+        problem: String,
+    },
+}
+
+fn argument(field: &str, problem: impl Into<String>) -> ReplayError {
+    ReplayError::Argument {
+        field: field.into(),
+        problem: problem.into(),
+    }
+}
+
+/// A cluster as the replay sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pool {
+    pub name: String,
+    pub site: String,
+    pub city: String,
+    pub jurisdiction: Jurisdiction,
+    pub model: String,
+    pub vendor: String,
+    pub nodes: u32,
+    pub per_node: u32,
+    pub price_cny_per_hour: f64,
+    /// BF16 TFLOPS over the reference model's.
+    pub speed: f64,
+    pub green_share_pct: u8,
+}
+
+/// The region: pools in catalog order, round trips and transfer prices.
+#[derive(Debug, Clone)]
+pub struct Region {
+    pub pools: Vec<Pool>,
+    pub round_trips: RoundTrips,
+    pub transfer_within_cny_per_gb: f64,
+    pub transfer_across_cny_per_gb: f64,
+    /// Cities with a site, in catalog order, and their jurisdiction.
+    pub cities: Vec<(String, Jurisdiction)>,
+}
+
+impl Region {
+    pub fn from_catalog(catalog: &Catalog) -> Result<Region, ReplayError> {
+        let cny = |m| {
+            catalog
+                .exchange_rates
+                .to_cny(m)
+                .map(|c| c.minor as f64 / 100.0)
+                .map_err(|e| ReplayError::Region(e.to_string()))
+        };
+        let reference = catalog
+            .accelerators
+            .iter()
+            .find(|a| a.model == REFERENCE_MODEL)
+            .ok_or_else(|| {
+                ReplayError::Region(format!(
+                    "accelerators: the reference model {REFERENCE_MODEL} is not listed"
+                ))
+            })?;
+        let mut pools = Vec::new();
+        for cluster in &catalog.clusters {
+            let Some(offer) = catalog.offers.iter().find(|o| o.cluster == cluster.name) else {
+                continue;
+            };
+            let site = catalog
+                .sites
+                .iter()
+                .find(|s| s.name == cluster.site)
+                .ok_or_else(|| ReplayError::Region(format!("cluster {}: no site", cluster.name)))?;
+            let model = catalog
+                .accelerators
+                .iter()
+                .find(|a| a.model == cluster.accelerator)
+                .ok_or_else(|| {
+                    ReplayError::Region(format!(
+                        "cluster {}: accelerator {} is not listed",
+                        cluster.name, cluster.accelerator
+                    ))
+                })?;
+            pools.push(Pool {
+                name: cluster.name.clone(),
+                site: site.name.clone(),
+                city: site.city.clone(),
+                jurisdiction: site.jurisdiction,
+                model: model.model.clone(),
+                vendor: model.vendor.clone(),
+                nodes: cluster.nodes,
+                per_node: cluster.accelerators_per_node,
+                price_cny_per_hour: cny(offer.price_per_accelerator_hour)?,
+                speed: f64::from(model.bf16_tflops) / f64::from(reference.bf16_tflops),
+                green_share_pct: site.green_share_pct,
+            });
+        }
+        if pools.is_empty() || pools.len() > 64 {
+            return Err(ReplayError::Region(format!(
+                "{} clusters with offers; the replay takes 1 to 64",
+                pools.len()
+            )));
+        }
+        let mut cities: Vec<(String, Jurisdiction)> = Vec::new();
+        for site in &catalog.sites {
+            if !cities.iter().any(|(c, _)| *c == site.city) {
+                cities.push((site.city.clone(), site.jurisdiction));
+            }
+        }
+        Ok(Region {
+            pools,
+            round_trips: catalog.round_trips(),
+            transfer_within_cny_per_gb: cny(catalog.transfer_price_per_gb.within_jurisdiction)?,
+            transfer_across_cny_per_gb: cny(catalog.transfer_price_per_gb.across_border)?,
+            cities,
+        })
+    }
+
+    pub fn accelerators(&self) -> u64 {
+        self.pools
+            .iter()
+            .map(|p| u64::from(p.nodes * p.per_node))
+            .sum()
+    }
+}
+
+/// Which accelerator models a job accepts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Acceptance {
+    Any,
+    Nvidia,
+    Ascend,
+    /// These models only.
+    Models(Vec<String>),
+}
+
+impl Acceptance {
+    fn accepts(&self, pool: &Pool) -> bool {
+        match self {
+            Acceptance::Any => true,
+            Acceptance::Nvidia => pool.vendor == "nvidia",
+            Acceptance::Ascend => pool.model.starts_with("Ascend"),
+            Acceptance::Models(models) => models.contains(&pool.model),
+        }
+    }
+}
+
+impl FromStr for Acceptance {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Ok(match text.trim() {
+            "" | "any" => Acceptance::Any,
+            "nvidia" => Acceptance::Nvidia,
+            "ascend" => Acceptance::Ascend,
+            list => Acceptance::Models(list.split('|').map(|m| m.trim().to_string()).collect()),
+        })
+    }
+}
+
+/// A tenant: its city (for latency and transfer) and its fair-share weight.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SimTenant {
+    pub name: String,
+    pub city: String,
+    pub jurisdiction: Jurisdiction,
+    pub weight: f64,
+}
+
+/// One job of a replay.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SimJob {
+    /// Seconds from the start of the replay.
+    pub arrival_s: f64,
+    pub nodes: u32,
+    /// Accelerators on each node.
+    pub per_node: u32,
+    pub accepts: Acceptance,
+    /// On the reference model.
+    pub duration_s: f64,
+    /// Index into the tenants.
+    pub tenant: usize,
+    pub latency_sensitive: bool,
+    /// Where the job may run; `None` anywhere.
+    pub jurisdictions: Option<Vec<Jurisdiction>>,
+    /// Input data to move to the pool's site.
+    #[serde(default)]
+    pub data_gb: f64,
+}
+
+impl SimJob {
+    pub fn accelerators(&self) -> u32 {
+        self.nodes * self.per_node
+    }
+}
+
+/// The job sizes of the synthetic mix (Helios-like, mean about 3.9): accelerators and share.
+pub const SIZE_MIX: [(u32, f64); 8] = [
+    (1, 0.70),
+    (2, 0.06),
+    (4, 0.08),
+    (8, 0.10),
+    (16, 0.03),
+    (32, 0.02),
+    (64, 0.007),
+    (128, 0.003),
+];
+
+/// Tenants of the synthetic workload: eight, with Zipf weights (1, 1/2, … 1/8, normalised),
+/// in the region's cities in turn.
+pub fn synthetic_tenants(region: &Region) -> Vec<SimTenant> {
+    let raw: Vec<f64> = (1..=8).map(|i| 1.0 / f64::from(i)).collect();
+    let total: f64 = raw.iter().sum();
+    raw.iter()
+        .enumerate()
+        .map(|(i, w)| {
+            let (city, jurisdiction) = region.cities[i % region.cities.len()].clone();
+            SimTenant {
+                name: format!("tenant-{}", i + 1),
+                city,
+                jurisdiction,
+                weight: w / total,
+            }
+        })
+        .collect()
+}
+
+fn draw_weighted<T: Copy>(rng: &mut StdRng, items: &[(T, f64)]) -> T {
+    let total: f64 = items.iter().map(|(_, w)| w).sum();
+    let mut x = rng.gen::<f64>() * total;
+    for &(item, w) in items {
+        if x < w {
+            return item;
+        }
+        x -= w;
+    }
+    items[items.len() - 1].0
+}
+
+/// `count` jobs with Poisson arrivals at the rate that makes the offered load (accelerator
+/// seconds asked ÷ the region's accelerator seconds) equal `load`. Durations are drawn from
+/// `runtimes` (seconds; the real Philly runtimes); tenants by weight.
+pub fn synthetic_jobs(
+    region: &Region,
+    tenants: &[SimTenant],
+    runtimes: &[f64],
+    load: f64,
+    count: usize,
+    seed: u64,
+) -> Result<Vec<SimJob>, ReplayError> {
+    if !(load.is_finite() && load > 0.0) {
+        return Err(argument("load", format!("{load} must be above 0")));
+    }
+    if count == 0 {
+        return Err(argument("jobs", "must be at least 1"));
+    }
+    let runtimes: Vec<f64> = runtimes.iter().map(|r| r.max(1.0)).collect();
+    if runtimes.is_empty() {
+        return Err(argument("runtimes", "no runtimes to draw from"));
+    }
+    let mean_runtime = runtimes.iter().sum::<f64>() / runtimes.len() as f64;
+    let mean_size: f64 = SIZE_MIX.iter().map(|(s, p)| f64::from(*s) * p).sum::<f64>()
+        / SIZE_MIX.iter().map(|(_, p)| p).sum::<f64>();
+    let rate = load * region.accelerators() as f64 / (mean_size * mean_runtime);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let tenant_weights: Vec<(usize, f64)> = tenants
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (i, t.weight))
+        .collect();
+    let mut now = 0.0;
+    let mut jobs = Vec::with_capacity(count);
+    for _ in 0..count {
+        now += -(1.0 - rng.gen::<f64>()).ln() / rate;
+        let size = draw_weighted(&mut rng, &SIZE_MIX);
+        let (nodes, per_node) = if size > 8 { (size / 8, 8) } else { (1, size) };
+        let accepts = draw_weighted(&mut rng, &[(0u8, 0.5), (1, 0.3), (2, 0.2)]);
+        let tenant = draw_weighted(&mut rng, &tenant_weights);
+        let latency_sensitive = rng.gen::<f64>() < 0.3;
+        let restricted = rng.gen::<f64>() < 0.1;
+        jobs.push(SimJob {
+            arrival_s: now,
+            nodes,
+            per_node,
+            accepts: match accepts {
+                0 => Acceptance::Any,
+                1 => Acceptance::Nvidia,
+                _ => Acceptance::Ascend,
+            },
+            duration_s: runtimes[rng.gen_range(0..runtimes.len())],
+            tenant,
+            latency_sensitive,
+            jurisdictions: restricted.then(|| vec![tenants[tenant].jurisdiction]),
+            data_gb: 0.0,
+        });
+    }
+    Ok(jobs)
+}
+
+/// The policies in the replay harness.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReplayPolicy {
+    Baygrid,
+    FifoFirstFit,
+    GreedyCheapest,
+}
+
+impl ReplayPolicy {
+    pub const ALL: [ReplayPolicy; 3] = [
+        ReplayPolicy::Baygrid,
+        ReplayPolicy::FifoFirstFit,
+        ReplayPolicy::GreedyCheapest,
+    ];
+    pub fn name(self) -> &'static str {
+        match self {
+            ReplayPolicy::Baygrid => "baygrid",
+            ReplayPolicy::FifoFirstFit => "fifo-first-fit",
+            ReplayPolicy::GreedyCheapest => "greedy-cheapest",
+        }
+    }
+}
+
+impl fmt::Display for ReplayPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for ReplayPolicy {
+    type Err = ReplayError;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        ReplayPolicy::ALL
+            .into_iter()
+            .find(|p| p.name() == text)
+            .ok_or_else(|| {
+                argument(
+                    "policy",
+                    format!("unknown replay policy `{text}` (baygrid, fifo-first-fit or greedy-cheapest)"),
+                )
+            })
+    }
+}
+
+/// Knobs of the dispatcher.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct DispatchConfig {
+    /// CNY added per CNY of compute for each unit of non-green power share (0, the default,
+    /// ignores it; 0.05 makes a site on 30% green power 3.5% dearer in the choice).
+    pub green_weight: f64,
+}
+
+impl Default for DispatchConfig {
+    fn default() -> Self {
+        DispatchConfig { green_weight: 0.0 }
+    }
+}
+
+/// Where a job may ever run: a bit per pool, or the reason it may run nowhere.
+pub fn eligible_pools(region: &Region, tenant: &SimTenant, job: &SimJob) -> Result<u64, String> {
+    let mut mask = 0u64;
+    let mut reasons = Vec::new();
+    for (i, pool) in region.pools.iter().enumerate() {
+        let reason = if !job.accepts.accepts(pool) {
+            Some(format!("{} is not accepted", pool.model))
+        } else if job.per_node > pool.per_node {
+            Some(format!(
+                "{} per node, nodes have {}",
+                job.per_node, pool.per_node
+            ))
+        } else if job.nodes > pool.nodes {
+            Some(format!(
+                "a gang of {} nodes, the pool has {}",
+                job.nodes, pool.nodes
+            ))
+        } else if job
+            .jurisdictions
+            .as_ref()
+            .is_some_and(|allowed| !allowed.contains(&pool.jurisdiction))
+        {
+            Some(format!("in {}, not allowed", pool.jurisdiction))
+        } else if job.latency_sensitive
+            && region
+                .round_trips
+                .between(&tenant.city, &pool.city)
+                .is_none_or(|ms| ms > LATENCY_SENSITIVE_MAX_RTT_MS)
+        {
+            Some(format!(
+                "more than {LATENCY_SENSITIVE_MAX_RTT_MS} ms from {}",
+                tenant.city
+            ))
+        } else {
+            None
+        };
+        match reason {
+            None => mask |= 1u64 << i,
+            Some(r) => reasons.push(format!("{}: {r}", pool.name)),
+        }
+    }
+    if mask == 0 {
+        Err(format!(
+            "no cluster can ever hold this job ({})",
+            reasons.join("; ")
+        ))
+    } else {
+        Ok(mask)
+    }
+}
+
+/// The cost of running `job` on `pool`, in CNY: compute, transfer and the green term.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct CostBreakdown {
+    pub compute_cny: f64,
+    pub transfer_cny: f64,
+    pub green_cny: f64,
+    pub runtime_s: f64,
+}
+
+impl CostBreakdown {
+    pub fn total(&self) -> f64 {
+        self.compute_cny + self.transfer_cny + self.green_cny
+    }
+}
+
+pub fn cost_on(
+    region: &Region,
+    tenant: &SimTenant,
+    job: &SimJob,
+    pool: &Pool,
+    config: &DispatchConfig,
+) -> CostBreakdown {
+    let runtime_s = job.duration_s / pool.speed;
+    let compute_cny = pool.price_cny_per_hour * f64::from(job.accelerators()) * runtime_s / 3600.0;
+    let transfer_cny = if pool.city == tenant.city {
+        0.0
+    } else if pool.jurisdiction == tenant.jurisdiction {
+        job.data_gb * region.transfer_within_cny_per_gb
+    } else {
+        job.data_gb * region.transfer_across_cny_per_gb
+    };
+    let brown = 1.0 - f64::from(pool.green_share_pct) / 100.0;
+    CostBreakdown {
+        compute_cny,
+        transfer_cny,
+        green_cny: config.green_weight * brown * compute_cny,
+        runtime_s,
+    }
+}
+
+/// One pool's live state.
+#[derive(Debug, Clone)]
+struct PoolState {
+    free: Vec<u32>,
+    free_total: u32,
+    /// Running jobs on each node: (job, estimated end, accelerators it holds there).
+    running: Vec<Vec<(usize, f64, u32)>>,
+}
+
+impl PoolState {
+    fn new(pool: &Pool) -> Self {
+        PoolState {
+            free: vec![pool.per_node; pool.nodes as usize],
+            free_total: pool.nodes * pool.per_node,
+            running: vec![Vec::new(); pool.nodes as usize],
+        }
+    }
+
+    /// Nodes for a gang, not using `excluded` ones: fullest first (`pack`) or lowest first.
+    fn fit(&self, job: &SimJob, excluded: &[u32], pack: bool) -> Option<Vec<u32>> {
+        if job.accelerators() > self.free_total {
+            return None;
+        }
+        let mut candidates: Vec<u32> = (0..self.free.len() as u32)
+            .filter(|n| self.free[*n as usize] >= job.per_node && !excluded.contains(n))
+            .collect();
+        if candidates.len() < job.nodes as usize {
+            return None;
+        }
+        if pack {
+            candidates.sort_by_key(|&n| (self.free[n as usize], n));
+        }
+        candidates.truncate(job.nodes as usize);
+        Some(candidates)
+    }
+
+    /// When `count` nodes will each have `per_node` free, by running jobs' estimated ends:
+    /// the time and the nodes.
+    fn earliest(&self, count: u32, per_node: u32, capacity: u32, now: f64) -> (f64, Vec<u32>) {
+        let mut when: Vec<(f64, u32)> = self
+            .running
+            .iter()
+            .enumerate()
+            .map(|(n, jobs)| {
+                if self.free[n] >= per_node {
+                    return (now, n as u32);
+                }
+                // the node frees in order of its jobs' ends
+                let mut ends: Vec<(f64, u32)> = jobs.iter().map(|(_, e, a)| (*e, *a)).collect();
+                ends.sort_by(|a, b| a.0.total_cmp(&b.0));
+                let mut free = self.free[n];
+                let mut at = now;
+                for (end, accelerators) in ends {
+                    if free >= per_node {
+                        break;
+                    }
+                    at = end;
+                    free = (free + accelerators).min(capacity);
+                }
+                (at.max(now), n as u32)
+            })
+            .collect();
+        when.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        when.truncate(count as usize);
+        let at = when.last().map(|w| w.0).unwrap_or(now);
+        (at, when.into_iter().map(|w| w.1).collect())
+    }
+}
+
+/// A reservation for the first blocked job: pool, start, nodes.
+#[derive(Debug, Clone)]
+struct Reservation {
+    job: usize,
+    pool: usize,
+    start: f64,
+    nodes: Vec<u32>,
+}
+
+/// What one replay measured.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ReplayResult {
+    pub policy: ReplayPolicy,
+    pub jobs: usize,
+    pub rejected: usize,
+    pub makespan_s: f64,
+    /// Busy accelerator-seconds ÷ the site's accelerator-seconds over the makespan.
+    pub utilisation: BTreeMap<String, f64>,
+    pub mean_wait_s: f64,
+    pub p99_wait_s: f64,
+    pub mean_completion_s: f64,
+    pub total_cost_cny: f64,
+    /// Time-weighted Jain's index over the tenants' dominant shares ÷ weights, while jobs
+    /// wait.
+    pub jain_fairness: f64,
+    pub placements: usize,
+    /// Placements per second of wall time of the whole replay.
+    pub decisions_per_s: f64,
+    /// Accepted jobs' (pools they may use, arrival second, reference accelerator-seconds)
+    /// for the lower bound.
+    #[serde(skip)]
+    pub demand: Vec<(u64, f64, f64)>,
+    /// Reservation starts that a later placement pushed back (backfill's invariant: 0).
+    pub reservations_delayed: usize,
+    /// The first rejection reasons, for the report.
+    pub rejections: Vec<String>,
+    /// Each accepted job's start and end, by index (`None` for rejected).
+    #[serde(skip)]
+    pub schedule: Vec<Option<(usize, f64, f64)>>,
+}
+
+/// Runs `jobs` (sorted by arrival) on the region with one policy.
+pub fn simulate(
+    region: &Region,
+    tenants: &[SimTenant],
+    jobs: &[SimJob],
+    policy: ReplayPolicy,
+    config: &DispatchConfig,
+) -> Result<ReplayResult, ReplayError> {
+    let started = std::time::Instant::now();
+    for (i, pair) in jobs.windows(2).enumerate() {
+        if pair[1].arrival_s < pair[0].arrival_s {
+            return Err(argument(
+                "trace",
+                format!("job {} arrives before job {i}", i + 1),
+            ));
+        }
+    }
+    for (i, job) in jobs.iter().enumerate() {
+        if job.tenant >= tenants.len() {
+            return Err(argument(
+                "tenant",
+                format!("job {i} names tenant {} of {}", job.tenant, tenants.len()),
+            ));
+        }
+        if job.nodes == 0 || job.per_node == 0 || job.duration_s.is_nan() || job.duration_s <= 0.0 {
+            return Err(argument(
+                "job",
+                format!("job {i} asks no accelerators or no time"),
+            ));
+        }
+    }
+    let pools = &region.pools;
+    let mut state: Vec<PoolState> = pools.iter().map(PoolState::new).collect();
+    let masks: Vec<Result<u64, String>> = jobs
+        .iter()
+        .map(|j| eligible_pools(region, &tenants[j.tenant], j))
+        .collect();
+    let costs: Vec<Vec<Option<CostBreakdown>>> = jobs
+        .iter()
+        .zip(&masks)
+        .map(|(j, mask)| {
+            pools
+                .iter()
+                .enumerate()
+                .map(|(p, pool)| match mask {
+                    Ok(m) if m & (1 << p) != 0 => {
+                        Some(cost_on(region, &tenants[j.tenant], j, pool, config))
+                    }
+                    _ => None,
+                })
+                .collect()
+        })
+        .collect();
+    // model capacities for dominant shares
+    let mut models: Vec<String> = pools.iter().map(|p| p.model.clone()).collect();
+    models.sort();
+    models.dedup();
+    let pool_model: Vec<usize> = pools
+        .iter()
+        .map(|p| models.iter().position(|m| *m == p.model).expect("listed"))
+        .collect();
+    let mut model_capacity = vec![0f64; models.len()];
+    for (p, pool) in pools.iter().enumerate() {
+        model_capacity[pool_model[p]] += f64::from(pool.nodes * pool.per_node);
+    }
+    let mut held = vec![vec![0f64; models.len()]; tenants.len()];
+
+    let mut schedule: Vec<Option<(usize, f64, f64)>> = vec![None; jobs.len()];
+    let mut pending: Vec<usize> = Vec::new();
+    let mut completions: BinaryHeap<Reverse<(u64, usize)>> = BinaryHeap::new();
+    let mut busy = vec![0f64; pools.len()];
+    let mut rejected = 0;
+    let mut rejections = Vec::new();
+    let mut next = 0;
+    let mut now: f64;
+    let mut last_event = jobs.first().map(|j| j.arrival_s).unwrap_or(0.0);
+    let mut fairness_area = 0.0;
+    let mut fairness_time = 0.0;
+    let mut placements = 0;
+    let mut reservation: Option<Reservation> = None;
+    let mut reservations_delayed = 0;
+    let key = |t: f64| (t * 1000.0).round() as u64;
+    let mut pending_per_tenant = vec![0usize; tenants.len()];
+    loop {
+        let next_arrival = jobs.get(next).map(|j| j.arrival_s);
+        let next_end = completions.peek().map(|Reverse((t, _))| *t as f64 / 1000.0);
+        now = match (next_arrival, next_end) {
+            (None, None) => break,
+            (Some(a), None) => a,
+            (None, Some(e)) => e,
+            (Some(a), Some(e)) => a.min(e),
+        };
+        // fairness over the interval just ended
+        if !pending.is_empty() && now > last_event {
+            if let Some(jain) = jain_index(&held, tenants, &model_capacity, &pending_per_tenant) {
+                fairness_area += jain * (now - last_event);
+                fairness_time += now - last_event;
+            }
+        }
+        last_event = now;
+        while let Some(Reverse((t, job))) = completions.peek().copied() {
+            if t > key(now) {
+                break;
+            }
+            completions.pop();
+            let (p, _, _) = schedule[job].expect("a running job was started");
+            let j = &jobs[job];
+            let pool = &mut state[p];
+            for (node, running) in pool.running.iter_mut().enumerate() {
+                let before = running.len();
+                running.retain(|(id, _, _)| *id != job);
+                if running.len() != before {
+                    pool.free[node] += j.per_node;
+                }
+            }
+            pool.free_total += j.accelerators();
+            held[j.tenant][pool_model[p]] -= f64::from(j.accelerators());
+        }
+        while next < jobs.len() && jobs[next].arrival_s <= now {
+            match &masks[next] {
+                Ok(_) => {
+                    pending.push(next);
+                    pending_per_tenant[jobs[next].tenant] += 1;
+                }
+                Err(reason) => {
+                    rejected += 1;
+                    if rejections.len() < 5 {
+                        rejections.push(format!("job {next}: {reason}"));
+                    }
+                }
+            }
+            next += 1;
+        }
+        if pending.is_empty() {
+            continue;
+        }
+        // the order the policy looks at the queue in
+        if policy == ReplayPolicy::Baygrid {
+            let share = |t: usize| {
+                held[t]
+                    .iter()
+                    .zip(&model_capacity)
+                    .map(|(h, c)| h / c)
+                    .fold(0.0f64, f64::max)
+                    / tenants[t].weight
+            };
+            let shares: Vec<f64> = (0..tenants.len()).map(share).collect();
+            pending.sort_by(|&a, &b| {
+                shares[jobs[a].tenant]
+                    .total_cmp(&shares[jobs[b].tenant])
+                    .then(a.cmp(&b))
+            });
+        }
+        if reservation
+            .as_ref()
+            .is_some_and(|r| schedule[r.job].is_some())
+        {
+            reservation = None;
+        }
+        let mut started_now = Vec::new();
+        for &job in &pending {
+            let j = &jobs[job];
+            let mask = *masks[job].as_ref().expect("pending jobs are eligible");
+            let mut best: Option<(f64, u32, usize, Vec<u32>)> = None;
+            for p in 0..pools.len() {
+                if mask & (1 << p) == 0 || state[p].free_total < j.accelerators() {
+                    continue;
+                }
+                let cost = costs[job][p].expect("eligible pools are costed");
+                let excluded: &[u32] = match &reservation {
+                    Some(r) if r.pool == p && r.job != job && now + cost.runtime_s > r.start => {
+                        &r.nodes
+                    }
+                    _ => &[],
+                };
+                let pack = policy == ReplayPolicy::Baygrid;
+                let Some(nodes) = state[p].fit(j, excluded, pack) else {
+                    continue;
+                };
+                let rtt = region
+                    .round_trips
+                    .between(&tenants[j.tenant].city, &pools[p].city)
+                    .unwrap_or(u32::MAX);
+                let score = match policy {
+                    ReplayPolicy::FifoFirstFit => p as f64,
+                    ReplayPolicy::GreedyCheapest => cost.compute_cny + cost.transfer_cny,
+                    ReplayPolicy::Baygrid => cost.total(),
+                };
+                let better = best.as_ref().is_none_or(|(s, r, _, _)| {
+                    score < *s - 1e-9 || ((score - *s).abs() <= 1e-9 && rtt < *r)
+                });
+                if better {
+                    best = Some((score, rtt, p, nodes));
+                }
+                if policy == ReplayPolicy::FifoFirstFit {
+                    break;
+                }
+            }
+            if let Some((_, _, p, nodes)) = best {
+                let cost = costs[job][p].expect("costed");
+                // times are kept to the millisecond, so an end and the start it frees agree
+                let end = key(now + cost.runtime_s) as f64 / 1000.0;
+                if let Some(r) = &reservation {
+                    if r.pool == p
+                        && r.job != job
+                        && end > r.start
+                        && nodes.iter().any(|n| r.nodes.contains(n))
+                    {
+                        reservations_delayed += 1;
+                    }
+                }
+                for &n in &nodes {
+                    state[p].free[n as usize] -= j.per_node;
+                    state[p].running[n as usize].push((job, end, j.per_node));
+                }
+                state[p].free_total -= j.accelerators();
+                held[j.tenant][pool_model[p]] += f64::from(j.accelerators());
+                busy[p] += f64::from(j.accelerators()) * cost.runtime_s;
+                schedule[job] = Some((p, now, end));
+                completions.push(Reverse((key(end), job)));
+                started_now.push(job);
+                placements += 1;
+                if reservation.as_ref().is_some_and(|r| r.job == job) {
+                    reservation = None;
+                }
+            } else if policy == ReplayPolicy::Baygrid && reservation.is_none() {
+                // EASY backfill: the first blocked job in order reserves where it starts first
+                let mut choice: Option<(f64, f64, usize, Vec<u32>)> = None;
+                for p in 0..pools.len() {
+                    if mask & (1 << p) == 0 {
+                        continue;
+                    }
+                    let (at, nodes) =
+                        state[p].earliest(j.nodes, j.per_node, pools[p].per_node, now);
+                    let cost = costs[job][p].expect("costed").total();
+                    if choice
+                        .as_ref()
+                        .is_none_or(|(t, c, _, _)| at < *t || (at == *t && cost < *c))
+                    {
+                        choice = Some((at, cost, p, nodes));
+                    }
+                }
+                if let Some((start, _, pool, nodes)) = choice {
+                    reservation = Some(Reservation {
+                        job,
+                        pool,
+                        start,
+                        nodes,
+                    });
+                }
+            }
+        }
+        if !started_now.is_empty() {
+            for &job in &started_now {
+                pending_per_tenant[jobs[job].tenant] -= 1;
+            }
+            pending.retain(|j| schedule[*j].is_none());
+        }
+        if policy != ReplayPolicy::Baygrid {
+            // baselines keep arrival order
+            debug_assert!(pending.windows(2).all(|w| w[0] < w[1]));
+        }
+    }
+    let accepted: Vec<(usize, f64, f64)> = schedule.iter().flatten().copied().collect();
+    let first_arrival = jobs.first().map(|j| j.arrival_s).unwrap_or(0.0);
+    let makespan = accepted.iter().map(|s| s.2).fold(first_arrival, f64::max) - first_arrival;
+    let mut waits: Vec<f64> = Vec::new();
+    let mut completion_sum = 0.0;
+    let mut total_cost = 0.0;
+    for (job, entry) in schedule.iter().enumerate() {
+        if let Some((p, start, end)) = entry {
+            waits.push(start - jobs[job].arrival_s);
+            completion_sum += end - jobs[job].arrival_s;
+            let c = costs[job][*p].expect("costed");
+            total_cost += c.compute_cny + c.transfer_cny;
+        }
+    }
+    waits.sort_by(f64::total_cmp);
+    let n = waits.len().max(1) as f64;
+    let mut site_busy: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+    for (p, pool) in pools.iter().enumerate() {
+        let entry = site_busy.entry(pool.site.clone()).or_default();
+        entry.0 += busy[p];
+        entry.1 += f64::from(pool.nodes * pool.per_node);
+    }
+    let utilisation = site_busy
+        .into_iter()
+        .map(|(site, (b, cap))| {
+            (
+                site,
+                if makespan > 0.0 {
+                    b / (cap * makespan)
+                } else {
+                    0.0
+                },
+            )
+        })
+        .collect();
+    let demand = jobs
+        .iter()
+        .zip(&masks)
+        .filter_map(|(j, m)| {
+            m.as_ref().ok().map(|mask| {
+                (
+                    *mask,
+                    j.arrival_s - first_arrival,
+                    f64::from(j.accelerators()) * j.duration_s,
+                )
+            })
+        })
+        .collect();
+    let wall = started.elapsed().as_secs_f64();
+    Ok(ReplayResult {
+        policy,
+        jobs: jobs.len(),
+        rejected,
+        makespan_s: makespan,
+        utilisation,
+        mean_wait_s: waits.iter().sum::<f64>() / n,
+        p99_wait_s: percentile(&waits, 0.99),
+        mean_completion_s: completion_sum / n,
+        total_cost_cny: total_cost,
+        jain_fairness: if fairness_time > 0.0 {
+            fairness_area / fairness_time
+        } else {
+            1.0
+        },
+        placements,
+        decisions_per_s: placements as f64 / wall.max(1e-9),
+        demand,
+        reservations_delayed,
+        rejections,
+        schedule,
+    })
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+/// Jain's index, over the tenants with jobs waiting, of dominant share ÷ weight.
+fn jain_index(
+    held: &[Vec<f64>],
+    tenants: &[SimTenant],
+    capacity: &[f64],
+    pending: &[usize],
+) -> Option<f64> {
+    let xs: Vec<f64> = held
+        .iter()
+        .zip(tenants)
+        .zip(pending)
+        .filter(|(_, p)| **p > 0)
+        .map(|((h, t), _)| {
+            h.iter()
+                .zip(capacity)
+                .map(|(v, c)| v / c)
+                .fold(0.0f64, f64::max)
+                / t.weight
+        })
+        .collect();
+    let sum: f64 = xs.iter().sum();
+    let squares: f64 = xs.iter().map(|x| x * x).sum();
+    (xs.len() > 1 && squares > 0.0).then(|| sum * sum / (xs.len() as f64 * squares))
+}
+
+/// The cost lower bound for a replay's accepted jobs over its makespan.
+pub fn lower_bound(region: &Region, result: &ReplayResult) -> bound::Bound {
+    let slots = BOUND_SLOTS;
+    let horizon = result.makespan_s.max(1.0);
+    let slot = horizon / slots as f64;
+    let demands: Vec<bound::Demand> = result
+        .demand
+        .iter()
+        .map(|&(pools, arrival, work)| bound::Demand {
+            pools,
+            slot: ((arrival / slot) as usize).min(slots - 1),
+            work: work.ceil() as u64,
+        })
+        .collect();
+    let supplies: Vec<bound::Supply> = region
+        .pools
+        .iter()
+        .map(|p| bound::Supply {
+            per_slot: (f64::from(p.nodes * p.per_node) * slot * p.speed).ceil() as u64,
+            cost: (p.price_cny_per_hour / 3600.0 / p.speed * 1e6).floor() as i64,
+        })
+        .collect();
+    bound::lower_bound(&demands, &supplies, slots)
+}
+
+/// Reads a job list (CSV with a header, or a JSON array of [`SimJob`]-shaped objects with
+/// tenant names). CSV columns: `arrival_s, accelerators, nodes, accepts, duration_s, tenant,
+/// latency_sensitive, jurisdictions` (and optionally `data_gb`); `accepts` is `any`,
+/// `nvidia`, `ascend` or models joined by `|`; `jurisdictions` is empty or joined by `|`.
+/// Tenants are named; each new name becomes a tenant of weight 1, in the region's cities in
+/// turn. Jobs are returned sorted by arrival.
+pub fn parse_trace(
+    file: &str,
+    text: &str,
+    region: &Region,
+) -> Result<(Vec<SimTenant>, Vec<SimJob>), ReplayError> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Row {
+        arrival_s: f64,
+        accelerators: u32,
+        #[serde(default = "one")]
+        nodes: u32,
+        #[serde(default)]
+        accepts: String,
+        duration_s: f64,
+        tenant: String,
+        #[serde(default)]
+        latency_sensitive: bool,
+        #[serde(default)]
+        jurisdictions: String,
+        #[serde(default)]
+        data_gb: f64,
+    }
+    fn one() -> u32 {
+        1
+    }
+    let bad = |record: usize, field: &str, problem: String| ReplayError::Trace {
+        file: file.into(),
+        record,
+        field: field.into(),
+        problem,
+    };
+    let rows: Vec<Row> = if text.trim_start().starts_with('[') {
+        serde_json::from_str::<Vec<Row>>(text).map_err(|e| bad(0, "json", e.to_string()))?
+    } else {
+        let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+        let header: Vec<&str> = lines
+            .next()
+            .ok_or_else(|| bad(0, "header", "empty file".into()))?
+            .split(',')
+            .map(str::trim)
+            .collect();
+        let mut rows = Vec::new();
+        for (i, line) in lines.enumerate() {
+            let cells: Vec<&str> = line.split(',').map(str::trim).collect();
+            if cells.len() != header.len() {
+                return Err(bad(
+                    i + 1,
+                    "row",
+                    format!("{} fields, the header has {}", cells.len(), header.len()),
+                ));
+            }
+            let mut object = serde_json::Map::new();
+            for (column, cell) in header.iter().zip(&cells) {
+                let value = match *column {
+                    "accepts" | "tenant" | "jurisdictions" => {
+                        serde_json::Value::String(cell.to_string())
+                    }
+                    "latency_sensitive" => match *cell {
+                        "true" | "1" | "yes" => serde_json::Value::Bool(true),
+                        "false" | "0" | "no" | "" => serde_json::Value::Bool(false),
+                        other => {
+                            return Err(bad(
+                                i + 1,
+                                column,
+                                format!("`{other}` is not true or false"),
+                            ))
+                        }
+                    },
+                    "accelerators" | "nodes" => {
+                        let number: u32 = cell.parse().map_err(|_| {
+                            bad(i + 1, column, format!("`{cell}` is not a whole number"))
+                        })?;
+                        serde_json::json!(number)
+                    }
+                    _ => {
+                        let number: f64 = cell
+                            .parse()
+                            .map_err(|_| bad(i + 1, column, format!("`{cell}` is not a number")))?;
+                        serde_json::json!(number)
+                    }
+                };
+                object.insert(column.to_string(), value);
+            }
+            let row: Row = serde_json::from_value(serde_json::Value::Object(object))
+                .map_err(|e| bad(i + 1, "row", e.to_string()))?;
+            rows.push(row);
+        }
+        rows
+    };
+    let mut tenants: Vec<SimTenant> = Vec::new();
+    let mut jobs = Vec::new();
+    for (i, row) in rows.into_iter().enumerate() {
+        let record = i + 1;
+        if row.arrival_s.is_nan() || row.arrival_s < 0.0 {
+            return Err(bad(record, "arrival_s", "must be 0 or more".into()));
+        }
+        if row.duration_s.is_nan() || row.duration_s <= 0.0 {
+            return Err(bad(record, "duration_s", "must be above 0".into()));
+        }
+        if row.nodes == 0 || row.accelerators == 0 || row.accelerators % row.nodes != 0 {
+            return Err(bad(
+                record,
+                "accelerators",
+                format!(
+                    "{} accelerators cannot be split evenly over {} nodes",
+                    row.accelerators, row.nodes
+                ),
+            ));
+        }
+        let jurisdictions = if row.jurisdictions.trim().is_empty() {
+            None
+        } else {
+            Some(
+                row.jurisdictions
+                    .split('|')
+                    .map(|j| {
+                        j.trim().parse::<Jurisdiction>().map_err(|_| {
+                            bad(
+                                record,
+                                "jurisdictions",
+                                format!("`{j}` is not CN, HK, MO or INTL"),
+                            )
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            )
+        };
+        let tenant = match tenants.iter().position(|t| t.name == row.tenant) {
+            Some(t) => t,
+            None => {
+                if row.tenant.is_empty() {
+                    return Err(bad(record, "tenant", "is empty".into()));
+                }
+                let (city, jurisdiction) =
+                    region.cities[tenants.len() % region.cities.len()].clone();
+                tenants.push(SimTenant {
+                    name: row.tenant.clone(),
+                    city,
+                    jurisdiction,
+                    weight: 1.0,
+                });
+                tenants.len() - 1
+            }
+        };
+        jobs.push(SimJob {
+            arrival_s: row.arrival_s,
+            nodes: row.nodes,
+            per_node: row.accelerators / row.nodes,
+            accepts: row.accepts.parse().expect("infallible"),
+            duration_s: row.duration_s,
+            tenant,
+            latency_sensitive: row.latency_sensitive,
+            jurisdictions,
+            data_gb: row.data_gb,
+        });
+    }
+    if jobs.is_empty() {
+        return Err(bad(0, "jobs", "the trace has no jobs".into()));
+    }
+    let total: f64 = tenants.len() as f64;
+    for t in &mut tenants {
+        t.weight /= total;
+    }
+    jobs.sort_by(|a, b| a.arrival_s.total_cmp(&b.arrival_s));
+    Ok((tenants, jobs))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,391 @@
+use super::*;
+use proptest::prelude::*;
+
+fn region() -> Region {
+    Region::from_catalog(&Catalog::sample()).unwrap()
+}
+
+fn job(arrival_s: f64, nodes: u32, per_node: u32, accepts: Acceptance, duration_s: f64) -> SimJob {
+    SimJob {
+        arrival_s,
+        nodes,
+        per_node,
+        accepts,
+        duration_s,
+        tenant: 0,
+        latency_sensitive: false,
+        jurisdictions: None,
+        data_gb: 0.0,
+    }
+}
+
+/// Checks a finished replay against the region: at no instant does a pool run more
+/// accelerators than it has, and no job starts before it arrives or runs for a different
+/// time than its duration on the pool it got.
+fn check_schedule(region: &Region, jobs: &[SimJob], result: &ReplayResult) {
+    let mut events: Vec<(f64, i64, usize)> = Vec::new();
+    for (i, entry) in result.schedule.iter().enumerate() {
+        let Some((p, start, end)) = *entry else {
+            continue;
+        };
+        assert!(start >= jobs[i].arrival_s - 1e-9);
+        let expected = jobs[i].duration_s / region.pools[p].speed;
+        assert!(((end - start) - expected).abs() < 2e-3);
+        events.push((start, i64::from(jobs[i].accelerators()), p));
+        events.push((end, -i64::from(jobs[i].accelerators()), p));
+    }
+    // ends before starts at the same instant
+    events.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    let mut in_use = vec![0i64; region.pools.len()];
+    for (_, delta, p) in events {
+        in_use[p] += delta;
+        let capacity = i64::from(region.pools[p].nodes * region.pools[p].per_node);
+        assert!(in_use[p] <= capacity, "pool {p} over capacity");
+    }
+}
+
+#[test]
+fn the_sample_region_costs_in_cny_and_scales_by_tflops() {
+    let region = region();
+    let h800 = region
+        .pools
+        .iter()
+        .find(|p| p.name == "qianhai-h800")
+        .unwrap();
+    assert!((h800.speed - 990.0 / 312.0).abs() < 1e-9);
+    let cyberport = region
+        .pools
+        .iter()
+        .find(|p| p.name == "cyberport-h800")
+        .unwrap();
+    assert!((cyberport.price_cny_per_hour - 27.6).abs() < 1e-9);
+    let tenants = synthetic_tenants(&region);
+    // an hour of 8 A800-equivalents: on an H800 it takes 312/990 of the time
+    let j = job(0.0, 1, 8, Acceptance::Any, 3600.0);
+    let cost = cost_on(&region, &tenants[0], &j, h800, &DispatchConfig::default());
+    assert!((cost.compute_cny - 22.0 * 8.0 * 312.0 / 990.0).abs() < 1e-9);
+    let a800 = region.pools.iter().find(|p| p.model == "A800").unwrap();
+    let dearer = cost_on(&region, &tenants[0], &j, a800, &DispatchConfig::default());
+    assert!(
+        cost.total() < dearer.total(),
+        "the faster card is cheaper in total"
+    );
+}
+
+#[test]
+fn never_feasible_jobs_are_rejected_with_every_clusters_reason() {
+    let region = region();
+    let tenants = synthetic_tenants(&region);
+    let mut ascend_in_hk = job(0.0, 1, 1, Acceptance::Ascend, 60.0);
+    ascend_in_hk.jurisdictions = Some(vec![Jurisdiction::HK]);
+    let reason = eligible_pools(&region, &tenants[0], &ascend_in_hk).unwrap_err();
+    assert!(
+        reason.contains("shaoguan-910b: in CN, not allowed"),
+        "{reason}"
+    );
+    assert!(
+        reason.contains("cyberport-h800: H800 is not accepted"),
+        "{reason}"
+    );
+    let too_big = job(0.0, 65, 8, Acceptance::Any, 60.0);
+    assert!(eligible_pools(&region, &tenants[0], &too_big)
+        .unwrap_err()
+        .contains("a gang of 65 nodes, the pool has 64"));
+    for policy in ReplayPolicy::ALL {
+        let result = simulate(
+            &region,
+            &tenants,
+            &[ascend_in_hk.clone(), job(1.0, 1, 1, Acceptance::Any, 60.0)],
+            policy,
+            &DispatchConfig::default(),
+        )
+        .unwrap();
+        assert_eq!(result.rejected, 1, "{policy}");
+        assert_eq!(result.placements, 1, "{policy}");
+    }
+}
+
+#[test]
+fn each_policy_chooses_as_described() {
+    let region = region();
+    let tenants = synthetic_tenants(&region);
+    let jobs = [job(0.0, 1, 8, Acceptance::Any, 3600.0)];
+    let pool_of = |policy| {
+        let r = simulate(&region, &tenants, &jobs, policy, &DispatchConfig::default()).unwrap();
+        region.pools[r.schedule[0].unwrap().0].name.clone()
+    };
+    // the first cluster in catalog order
+    assert_eq!(pool_of(ReplayPolicy::FifoFirstFit), "shaoguan-910b");
+    // the least total cost: H800 runs the hour in a third of the time
+    assert_eq!(pool_of(ReplayPolicy::GreedyCheapest), "qianhai-h800");
+    assert_eq!(pool_of(ReplayPolicy::Baygrid), "qianhai-h800");
+    // a latency-sensitive job from Shaoguan cannot leave Shaoguan's 5 ms radius
+    let mut near = jobs[0].clone();
+    near.latency_sensitive = true;
+    near.tenant = 0; // tenant-1 is in Shaoguan, the first city
+    assert_eq!(tenants[0].city, "shaoguan");
+    let r = simulate(
+        &region,
+        &tenants,
+        &[near],
+        ReplayPolicy::Baygrid,
+        &DispatchConfig::default(),
+    )
+    .unwrap();
+    let chosen = &region.pools[r.schedule[0].unwrap().0];
+    assert!(
+        region
+            .round_trips
+            .between("shaoguan", &chosen.city)
+            .unwrap()
+            <= 5
+    );
+}
+
+#[test]
+fn a_blocked_gang_gets_a_reservation_that_backfill_never_delays() {
+    // Macao has 4 nodes of 8 A100s. A long job holds one node; a gang of 4 nodes must wait
+    // for it. A short job may run beside it in the meantime; a long one may not take the
+    // reserved nodes.
+    let region = region();
+    let tenants = synthetic_tenants(&region);
+    let a100 = || Acceptance::Models(vec!["A100".into()]);
+    let jobs = vec![
+        job(0.0, 1, 8, a100(), 10_000.0),
+        job(1.0, 4, 8, a100(), 1000.0),
+        job(2.0, 1, 8, a100(), 500.0),
+        job(3.0, 1, 8, a100(), 50_000.0),
+    ];
+    let r = simulate(
+        &region,
+        &tenants,
+        &jobs,
+        ReplayPolicy::Baygrid,
+        &DispatchConfig::default(),
+    )
+    .unwrap();
+    let start = |i: usize| r.schedule[i].unwrap().1;
+    assert_eq!(
+        start(1),
+        10_000.0,
+        "the gang starts when the first job ends"
+    );
+    assert_eq!(start(2), 2.0, "the short job backfills");
+    assert!(
+        start(3) >= 11_000.0,
+        "the long job waits behind the reservation"
+    );
+    assert_eq!(r.reservations_delayed, 0);
+    check_schedule(&region, &jobs, &r);
+    // the baselines start what fits: the long job takes a node and the gang waits longer
+    let fifo = simulate(
+        &region,
+        &tenants,
+        &jobs,
+        ReplayPolicy::FifoFirstFit,
+        &DispatchConfig::default(),
+    )
+    .unwrap();
+    assert_eq!(fifo.schedule[3].unwrap().1, 3.0);
+    assert!(fifo.schedule[1].unwrap().1 > 10_000.0);
+}
+
+#[test]
+fn min_cost_flow_bound_on_a_hand_example() {
+    // two pools: cheap (1 µCNY/unit, 10 units a slot) and dear (5, 100 a slot); 3 slots.
+    let supplies = [
+        bound::Supply {
+            per_slot: 10,
+            cost: 1,
+        },
+        bound::Supply {
+            per_slot: 100,
+            cost: 5,
+        },
+    ];
+    // 25 units that may use both, arriving in slot 0: 30 cheap units exist over 3 slots
+    let both = bound::Demand {
+        pools: 0b11,
+        slot: 0,
+        work: 25,
+    };
+    assert_eq!(
+        bound::lower_bound(&[both], &supplies, 3).cost_cny,
+        25.0 / 1e6
+    );
+    // arriving in slot 2, only 10 cheap units remain: 10×1 + 15×5
+    let late = bound::Demand { slot: 2, ..both };
+    assert_eq!(
+        bound::lower_bound(&[late], &supplies, 3).cost_cny,
+        85.0 / 1e6
+    );
+    // a class that may use only the dear pool, plus the flexible one competing for cheap
+    let dear_only = bound::Demand {
+        pools: 0b10,
+        slot: 0,
+        work: 5,
+    };
+    let b = bound::lower_bound(&[late, dear_only], &supplies, 3);
+    assert_eq!(b.cost_cny, (10.0 + 15.0 * 5.0 + 25.0) / 1e6);
+    assert_eq!(b.unserved_work, 0);
+    // more than the horizon holds
+    let flood = bound::Demand {
+        pools: 0b01,
+        slot: 0,
+        work: 40,
+    };
+    assert_eq!(bound::lower_bound(&[flood], &supplies, 3).unserved_work, 10);
+}
+
+#[test]
+fn traces_parse_and_bad_records_are_named() {
+    let region = region();
+    let csv =
+        "arrival_s,accelerators,nodes,accepts,duration_s,tenant,latency_sensitive,jurisdictions\n\
+               10,16,2,nvidia,3600,alpha,false,\n\
+               0,1,1,any,60,beta,true,CN|HK\n";
+    let (tenants, jobs) = parse_trace("t.csv", csv, &region).unwrap();
+    assert_eq!(tenants.len(), 2);
+    assert_eq!(jobs[0].arrival_s, 0.0, "sorted by arrival");
+    assert_eq!(jobs[1].per_node, 8);
+    assert_eq!(
+        jobs[0].jurisdictions,
+        Some(vec![Jurisdiction::CN, Jurisdiction::HK])
+    );
+    let json = r#"[{"arrival_s": 0, "accelerators": 8, "accepts": "H800|A800", "duration_s": 5, "tenant": "x"}]"#;
+    let (_, jobs) = parse_trace("t.json", json, &region).unwrap();
+    assert_eq!(
+        jobs[0].accepts,
+        Acceptance::Models(vec!["H800".into(), "A800".into()])
+    );
+    let cases = [
+        (
+            "10,3,2,any,60,a,false,",
+            "t.csv record 1: `accelerators`: 3 accelerators cannot be split evenly over 2 nodes",
+        ),
+        (
+            "10,1,1,any,0,a,false,",
+            "t.csv record 1: `duration_s`: must be above 0",
+        ),
+        (
+            "10,1,1,any,60,a,maybe,",
+            "t.csv record 1: `latency_sensitive`: `maybe` is not true or false",
+        ),
+        (
+            "10,1,1,any,60,a,false,XX",
+            "t.csv record 1: `jurisdictions`: `XX` is not CN, HK, MO or INTL",
+        ),
+        (
+            "soon,1,1,any,60,a,false,",
+            "t.csv record 1: `arrival_s`: `soon` is not a number",
+        ),
+    ];
+    let header =
+        "arrival_s,accelerators,nodes,accepts,duration_s,tenant,latency_sensitive,jurisdictions\n";
+    for (row, message) in cases {
+        let error = parse_trace("t.csv", &format!("{header}{row}\n"), &region).unwrap_err();
+        assert_eq!(error.to_string(), message);
+    }
+    assert!("nearest".parse::<ReplayPolicy>().is_err());
+}
+
+fn runtimes() -> Vec<f64> {
+    vec![
+        30.0, 60.0, 600.0, 1200.0, 3600.0, 7200.0, 36_000.0, 100_000.0,
+    ]
+}
+
+#[test]
+fn synthetic_workloads_follow_the_mix_and_the_load() {
+    let region = region();
+    let tenants = synthetic_tenants(&region);
+    assert_eq!(tenants.len(), 8);
+    assert!((tenants.iter().map(|t| t.weight).sum::<f64>() - 1.0).abs() < 1e-12);
+    assert!(tenants[0].weight > tenants[7].weight);
+    let jobs = synthetic_jobs(&region, &tenants, &runtimes(), 0.85, 20_000, 7).unwrap();
+    let share = |f: &dyn Fn(&SimJob) -> bool| {
+        jobs.iter().filter(|j| f(j)).count() as f64 / jobs.len() as f64
+    };
+    assert!((share(&|j| j.accelerators() == 1) - 0.70).abs() < 0.02);
+    assert!((share(&|j| j.latency_sensitive) - 0.30).abs() < 0.02);
+    assert!((share(&|j| j.jurisdictions.is_some()) - 0.10).abs() < 0.02);
+    assert!((share(&|j| j.accepts == Acceptance::Ascend) - 0.20).abs() < 0.02);
+    assert!(jobs
+        .iter()
+        .filter(|j| j.accelerators() > 8)
+        .all(|j| j.per_node == 8));
+    // offered load: accelerator-seconds asked ÷ capacity over the arrival window
+    let asked: f64 = jobs
+        .iter()
+        .map(|j| f64::from(j.accelerators()) * j.duration_s)
+        .sum();
+    let window = jobs.last().unwrap().arrival_s;
+    let load = asked / (region.accelerators() as f64 * window);
+    assert!((load - 0.85).abs() < 0.15, "load {load}");
+    assert_eq!(
+        jobs,
+        synthetic_jobs(&region, &tenants, &runtimes(), 0.85, 20_000, 7).unwrap()
+    );
+    assert!(synthetic_jobs(&region, &tenants, &runtimes(), 0.0, 10, 7).is_err());
+}
+
+#[test]
+fn the_replay_is_deterministic_and_the_bound_is_below_every_policy() {
+    let region = region();
+    let tenants = synthetic_tenants(&region);
+    let jobs = synthetic_jobs(&region, &tenants, &runtimes(), 0.9, 2_000, 11).unwrap();
+    let config = DispatchConfig::default();
+    let dispatcher = simulate(&region, &tenants, &jobs, ReplayPolicy::Baygrid, &config).unwrap();
+    let again = simulate(&region, &tenants, &jobs, ReplayPolicy::Baygrid, &config).unwrap();
+    assert_eq!(dispatcher.schedule, again.schedule);
+    let bound = lower_bound(&region, &dispatcher);
+    assert_eq!(bound.unserved_work, 0);
+    for policy in ReplayPolicy::ALL {
+        let r = simulate(&region, &tenants, &jobs, policy, &config).unwrap();
+        check_schedule(&region, &jobs, &r);
+        assert!(bound.cost_cny <= r.total_cost_cny + 1e-6, "{policy}");
+        assert_eq!(
+            r.placements + r.rejected,
+            jobs.len(),
+            "{policy}: every job ends up somewhere"
+        );
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// Capacity is never exceeded, gangs run whole on one pool, every accepted job runs
+    /// exactly once, and backfill never pushes a reservation back.
+    #[test]
+    fn replays_respect_capacity_and_reservations(
+        specs in prop::collection::vec((0u32..5000, 0usize..8, 1u32..40_000, 0u8..3), 1..60),
+    ) {
+        let region = region();
+        let tenants = synthetic_tenants(&region);
+        let mut jobs: Vec<SimJob> = specs
+            .iter()
+            .map(|&(at, size, duration, accepts)| {
+                let accelerators = SIZE_MIX[size].0;
+                let (nodes, per_node) = if accelerators > 8 { (accelerators / 8, 8) } else { (1, accelerators) };
+                SimJob {
+                    tenant: size % 8,
+                    ..job(
+                        f64::from(at),
+                        nodes,
+                        per_node,
+                        [Acceptance::Any, Acceptance::Nvidia, Acceptance::Ascend][accepts as usize].clone(),
+                        f64::from(duration),
+                    )
+                }
+            })
+            .collect();
+        jobs.sort_by(|a, b| a.arrival_s.total_cmp(&b.arrival_s));
+        for policy in ReplayPolicy::ALL {
+            let r = simulate(&region, &tenants, &jobs, policy, &DispatchConfig::default()).unwrap();
+            check_schedule(&region, &jobs, &r);
+            prop_assert_eq!(r.placements + r.rejected, jobs.len());
+            prop_assert_eq!(r.reservations_delayed, 0);
+        }
+    }
+}
