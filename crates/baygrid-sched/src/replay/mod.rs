@@ -27,7 +27,7 @@
 pub mod bound;
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::fmt;
 use std::str::FromStr;
 
@@ -407,55 +407,90 @@ impl Default for DispatchConfig {
     }
 }
 
-/// Where a job may ever run: a bit per pool, or the reason it may run nowhere.
+/// Where a job may ever run: a bit per pool, or every pool's reason it may run nowhere.
 pub fn eligible_pools(region: &Region, tenant: &SimTenant, job: &SimJob) -> Result<u64, String> {
-    let mut mask = 0u64;
-    let mut reasons = Vec::new();
-    for (i, pool) in region.pools.iter().enumerate() {
-        let reason = if !job.accepts.accepts(pool) {
-            Some(format!("{} is not accepted", pool.model))
-        } else if job.per_node > pool.per_node {
-            Some(format!(
-                "{} per node, nodes have {}",
-                job.per_node, pool.per_node
-            ))
-        } else if job.nodes > pool.nodes {
-            Some(format!(
-                "a gang of {} nodes, the pool has {}",
-                job.nodes, pool.nodes
-            ))
-        } else if job
+    let rtts: Vec<Option<u32>> = region
+        .pools
+        .iter()
+        .map(|p| region.round_trips.between(&tenant.city, &p.city))
+        .collect();
+    eligible_with(region, tenant, job, &rtts)
+}
+
+/// Why `pool` can never hold `job`, or `None` when it can (`rtt`: tenant to pool).
+fn refusal(job: &SimJob, pool: &Pool, rtt: Option<u32>) -> Option<String> {
+    if !job.accepts.accepts(pool) {
+        Some(format!("{} is not accepted", pool.model))
+    } else if job.per_node > pool.per_node {
+        Some(format!(
+            "{} per node, nodes have {}",
+            job.per_node, pool.per_node
+        ))
+    } else if job.nodes > pool.nodes {
+        Some(format!(
+            "a gang of {} nodes, the pool has {}",
+            job.nodes, pool.nodes
+        ))
+    } else if job
+        .jurisdictions
+        .as_ref()
+        .is_some_and(|allowed| !allowed.contains(&pool.jurisdiction))
+    {
+        Some(format!("in {}, not allowed", pool.jurisdiction))
+    } else if job.latency_sensitive && rtt.is_none_or(|ms| ms > LATENCY_SENSITIVE_MAX_RTT_MS) {
+        Some(format!("more than {LATENCY_SENSITIVE_MAX_RTT_MS} ms away"))
+    } else {
+        None
+    }
+}
+
+fn fits_ever(job: &SimJob, pool: &Pool, rtt: Option<u32>) -> bool {
+    job.accepts.accepts(pool)
+        && job.per_node <= pool.per_node
+        && job.nodes <= pool.nodes
+        && job
             .jurisdictions
             .as_ref()
-            .is_some_and(|allowed| !allowed.contains(&pool.jurisdiction))
-        {
-            Some(format!("in {}, not allowed", pool.jurisdiction))
-        } else if job.latency_sensitive
-            && region
-                .round_trips
-                .between(&tenant.city, &pool.city)
-                .is_none_or(|ms| ms > LATENCY_SENSITIVE_MAX_RTT_MS)
-        {
-            Some(format!(
-                "more than {LATENCY_SENSITIVE_MAX_RTT_MS} ms from {}",
-                tenant.city
-            ))
-        } else {
-            None
-        };
-        match reason {
-            None => mask |= 1u64 << i,
-            Some(r) => reasons.push(format!("{}: {r}", pool.name)),
-        }
+            .is_none_or(|allowed| allowed.contains(&pool.jurisdiction))
+        && (!job.latency_sensitive || rtt.is_some_and(|ms| ms <= LATENCY_SENSITIVE_MAX_RTT_MS))
+}
+
+/// [`eligible_pools`] with the tenant's round trips to each pool already looked up.
+fn eligible_with(
+    region: &Region,
+    tenant: &SimTenant,
+    job: &SimJob,
+    rtts: &[Option<u32>],
+) -> Result<u64, String> {
+    let mask = region
+        .pools
+        .iter()
+        .zip(rtts)
+        .enumerate()
+        .filter(|(_, (pool, rtt))| fits_ever(job, pool, **rtt))
+        .fold(0u64, |mask, (i, _)| mask | 1u64 << i);
+    if mask != 0 {
+        return Ok(mask);
     }
-    if mask == 0 {
-        Err(format!(
-            "no cluster can ever hold this job ({})",
-            reasons.join("; ")
-        ))
-    } else {
-        Ok(mask)
-    }
+    let reasons: Vec<String> = region
+        .pools
+        .iter()
+        .zip(rtts)
+        .filter_map(|(pool, rtt)| {
+            refusal(job, pool, *rtt).map(|r| {
+                let r = if r.ends_with("ms away") {
+                    format!("{r} from {}", tenant.city)
+                } else {
+                    r
+                };
+                format!("{}: {r}", pool.name)
+            })
+        })
+        .collect();
+    Err(format!(
+        "no cluster can ever hold this job ({})",
+        reasons.join("; ")
+    ))
 }
 
 /// The cost of running `job` on `pool`, in CNY: compute, transfer and the green term.
@@ -503,35 +538,66 @@ pub fn cost_on(
 struct PoolState {
     free: Vec<u32>,
     free_total: u32,
+    /// Nodes by how many accelerators they have free (index = free count), in index order.
+    levels: Vec<BTreeSet<u32>>,
     /// Running jobs on each node: (job, estimated end, accelerators it holds there).
     running: Vec<Vec<(usize, f64, u32)>>,
 }
 
 impl PoolState {
     fn new(pool: &Pool) -> Self {
+        let mut levels = vec![BTreeSet::new(); pool.per_node as usize + 1];
+        levels[pool.per_node as usize] = (0..pool.nodes).collect();
         PoolState {
             free: vec![pool.per_node; pool.nodes as usize],
             free_total: pool.nodes * pool.per_node,
+            levels,
             running: vec![Vec::new(); pool.nodes as usize],
         }
     }
 
-    /// Nodes for a gang, not using `excluded` ones: fullest first (`pack`) or lowest first.
+    fn set_free(&mut self, node: u32, free: u32) {
+        let old = self.free[node as usize];
+        self.levels[old as usize].remove(&node);
+        self.levels[free as usize].insert(node);
+        self.free[node as usize] = free;
+        self.free_total = self.free_total + free - old;
+    }
+
+    /// Nodes for a gang, not using `excluded` ones: the fullest that fit (`pack`), or the
+    /// lowest-numbered.
     fn fit(&self, job: &SimJob, excluded: &[u32], pack: bool) -> Option<Vec<u32>> {
-        if job.accelerators() > self.free_total {
+        let wanted = job.nodes as usize;
+        if job.accelerators() > self.free_total || job.per_node as usize >= self.levels.len() {
             return None;
         }
-        let mut candidates: Vec<u32> = (0..self.free.len() as u32)
-            .filter(|n| self.free[*n as usize] >= job.per_node && !excluded.contains(n))
-            .collect();
-        if candidates.len() < job.nodes as usize {
+        let usable = self.levels[job.per_node as usize..]
+            .iter()
+            .map(|l| l.len())
+            .sum::<usize>();
+        if usable < wanted {
             return None;
         }
-        if pack {
-            candidates.sort_by_key(|&n| (self.free[n as usize], n));
+        let mut chosen = Vec::with_capacity(wanted);
+        for level in &self.levels[job.per_node as usize..] {
+            let take = level.iter().filter(|n| !excluded.contains(n));
+            if pack {
+                chosen.extend(take.take(wanted - chosen.len()));
+                if chosen.len() == wanted {
+                    break;
+                }
+            } else {
+                chosen.extend(take.take(wanted));
+            }
         }
-        candidates.truncate(job.nodes as usize);
-        Some(candidates)
+        if chosen.len() < wanted {
+            return None;
+        }
+        if !pack {
+            chosen.sort_unstable();
+            chosen.truncate(wanted);
+        }
+        Some(chosen)
     }
 
     /// When `count` nodes will each have `per_node` free, by running jobs' estimated ends:
@@ -608,13 +674,26 @@ pub struct ReplayResult {
     pub schedule: Vec<Option<(usize, f64, f64)>>,
 }
 
-/// Runs `jobs` (sorted by arrival) on the region with one policy.
+/// Runs `jobs` (sorted by arrival) on the region with one policy, to the end.
 pub fn simulate(
     region: &Region,
     tenants: &[SimTenant],
     jobs: &[SimJob],
     policy: ReplayPolicy,
     config: &DispatchConfig,
+) -> Result<ReplayResult, ReplayError> {
+    simulate_until(region, tenants, jobs, policy, config, f64::INFINITY)
+}
+
+/// Runs `jobs` (sorted by arrival) with one policy, handling no event after `until_s`
+/// (with every job arriving at 0 and `until_s` 0, exactly one scheduling cycle).
+pub fn simulate_until(
+    region: &Region,
+    tenants: &[SimTenant],
+    jobs: &[SimJob],
+    policy: ReplayPolicy,
+    config: &DispatchConfig,
+    until_s: f64,
 ) -> Result<ReplayResult, ReplayError> {
     let started = std::time::Instant::now();
     for (i, pair) in jobs.windows(2).enumerate() {
@@ -641,9 +720,18 @@ pub fn simulate(
     }
     let pools = &region.pools;
     let mut state: Vec<PoolState> = pools.iter().map(PoolState::new).collect();
+    let rtts: Vec<Vec<Option<u32>>> = tenants
+        .iter()
+        .map(|t| {
+            pools
+                .iter()
+                .map(|p| region.round_trips.between(&t.city, &p.city))
+                .collect()
+        })
+        .collect();
     let masks: Vec<Result<u64, String>> = jobs
         .iter()
-        .map(|j| eligible_pools(region, &tenants[j.tenant], j))
+        .map(|j| eligible_with(region, &tenants[j.tenant], j, &rtts[j.tenant]))
         .collect();
     let costs: Vec<Vec<Option<CostBreakdown>>> = jobs
         .iter()
@@ -700,6 +788,9 @@ pub fn simulate(
             (None, Some(e)) => e,
             (Some(a), Some(e)) => a.min(e),
         };
+        if now > until_s {
+            break;
+        }
         // fairness over the interval just ended
         if !pending.is_empty() && now > last_event {
             if let Some(jain) = jain_index(&held, tenants, &model_capacity, &pending_per_tenant) {
@@ -716,14 +807,18 @@ pub fn simulate(
             let (p, _, _) = schedule[job].expect("a running job was started");
             let j = &jobs[job];
             let pool = &mut state[p];
+            let mut freed = Vec::new();
             for (node, running) in pool.running.iter_mut().enumerate() {
                 let before = running.len();
                 running.retain(|(id, _, _)| *id != job);
                 if running.len() != before {
-                    pool.free[node] += j.per_node;
+                    freed.push(node as u32);
                 }
             }
-            pool.free_total += j.accelerators();
+            for node in freed {
+                let free = pool.free[node as usize] + j.per_node;
+                pool.set_free(node, free);
+            }
             held[j.tenant][pool_model[p]] -= f64::from(j.accelerators());
         }
         while next < jobs.len() && jobs[next].arrival_s <= now {
@@ -787,10 +882,7 @@ pub fn simulate(
                 let Some(nodes) = state[p].fit(j, excluded, pack) else {
                     continue;
                 };
-                let rtt = region
-                    .round_trips
-                    .between(&tenants[j.tenant].city, &pools[p].city)
-                    .unwrap_or(u32::MAX);
+                let rtt = rtts[j.tenant][p].unwrap_or(u32::MAX);
                 let score = match policy {
                     ReplayPolicy::FifoFirstFit => p as f64,
                     ReplayPolicy::GreedyCheapest => cost.compute_cny + cost.transfer_cny,
@@ -820,10 +912,10 @@ pub fn simulate(
                     }
                 }
                 for &n in &nodes {
-                    state[p].free[n as usize] -= j.per_node;
+                    let free = state[p].free[n as usize] - j.per_node;
+                    state[p].set_free(n, free);
                     state[p].running[n as usize].push((job, end, j.per_node));
                 }
-                state[p].free_total -= j.accelerators();
                 held[j.tenant][pool_model[p]] += f64::from(j.accelerators());
                 busy[p] += f64::from(j.accelerators()) * cost.runtime_s;
                 schedule[job] = Some((p, now, end));
