@@ -91,12 +91,32 @@ impl ClusterState {
     }
 }
 
+/// The model a job's `estimated_duration` is for; on another model the duration scales by
+/// the ratio of their BF16 TFLOPS.
+pub const REFERENCE_MODEL: &str = "A800";
+
 /// The region the placer sees.
 #[derive(Debug, Clone, Default)]
 pub struct Market {
     pub clusters: Vec<ClusterState>,
     pub rates: ExchangeRates,
     pub round_trips: RoundTrips,
+    /// BF16 TFLOPS of [`REFERENCE_MODEL`], when the catalog lists it; without it durations
+    /// are not scaled.
+    pub reference_tflops: Option<u32>,
+}
+
+impl Market {
+    /// The reference model's TFLOPS among `models`.
+    pub fn reference_tflops<'a>(
+        models: impl IntoIterator<Item = &'a AcceleratorModel>,
+    ) -> Option<u32> {
+        models
+            .into_iter()
+            .find(|m| m.model == REFERENCE_MODEL)
+            .map(|m| m.bf16_tflops)
+            .filter(|t| *t > 0)
+    }
 }
 
 /// Who is asking: the tenant's party's location.
@@ -131,7 +151,10 @@ pub struct Candidate {
     pub accelerators: u32,
     pub nodes: u32,
     pub price_per_accelerator_hour: Option<Money>,
-    /// Compute cost for the estimated duration, in CNY.
+    /// The estimated duration on this cluster's model: the job's estimate (for the
+    /// reference model, A800) × the reference's BF16 TFLOPS ÷ this model's.
+    pub estimated_seconds: Option<u64>,
+    /// Compute cost for the estimated duration on this cluster, in CNY.
     pub estimated_cost_cny: Option<Money>,
     pub round_trip_ms: Option<u32>,
     pub verdict: Verdict,
@@ -298,6 +321,7 @@ fn assess(
         accelerators: 0,
         nodes: resources.nodes,
         price_per_accelerator_hour: state.offer.as_ref().map(|o| o.price_per_accelerator_hour),
+        estimated_seconds: None,
         estimated_cost_cny: None,
         round_trip_ms,
         verdict: Verdict::Rejected,
@@ -465,7 +489,16 @@ fn assess(
             }
         }
     }
-    let seconds = spec.estimated_duration.0.as_secs().max(1) as i128;
+    let reference_seconds = spec.estimated_duration.0.as_secs().max(1) as i128;
+    let seconds = match (market.reference_tflops, &state.model) {
+        (Some(reference), Some(model)) if model.bf16_tflops > 0 && per_node > 0 => {
+            let tflops = i128::from(model.bf16_tflops);
+            (reference_seconds * i128::from(reference) + tflops - 1) / tflops
+        }
+        _ => reference_seconds,
+    }
+    .max(1);
+    candidate.estimated_seconds = Some(seconds as u64);
     let billable = candidate.accelerators as i128;
     candidate.estimated_cost_cny = price_cny.mul_ratio(billable * seconds, 3600).ok();
     if let Some(deadline) = spec.deadline {
@@ -539,6 +572,7 @@ pub fn market_from_catalog(catalog: &baygrid_core::Catalog) -> Market {
         clusters,
         rates: catalog.exchange_rates.clone(),
         round_trips: catalog.round_trips(),
+        reference_tflops: Market::reference_tflops(&catalog.accelerators),
     }
 }
 

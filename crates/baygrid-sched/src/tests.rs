@@ -31,16 +31,29 @@ fn cheapest_wins_and_costs_are_in_cny() {
         &market(),
         0,
     );
+    // The hour is for an A800 (312 TFLOPS): an H800 (990) takes 1,135 s, at 22 CNY an hour
+    // the cheapest in total though the dearest per hour but one.
     let chosen = quote.chosen().unwrap();
-    assert_eq!(chosen.cluster, "shaoguan-910b");
-    assert_eq!(chosen.estimated_cost_cny.unwrap().to_string(), "72.00 CNY");
+    assert_eq!(chosen.cluster, "qianhai-h800");
+    assert_eq!(chosen.estimated_seconds, Some(1135));
+    assert_eq!(chosen.estimated_cost_cny.unwrap().to_string(), "55.49 CNY");
+    let shaoguan = quote
+        .candidates
+        .iter()
+        .find(|c| c.cluster == "shaoguan-910b")
+        .unwrap();
+    // 9 CNY × 8 × 3,510 s (320 TFLOPS)
+    assert_eq!(
+        shaoguan.estimated_cost_cny.unwrap().to_string(),
+        "70.20 CNY"
+    );
     let hk = quote
         .candidates
         .iter()
         .find(|c| c.cluster == "cyberport-h800")
         .unwrap();
-    // 30 HKD × 0.92 × 8 accelerators × 1 h
-    assert_eq!(hk.estimated_cost_cny.unwrap().to_string(), "220.80 CNY");
+    // 30 HKD × 0.92 × 8 accelerators × 1,135 s
+    assert_eq!(hk.estimated_cost_cny.unwrap().to_string(), "69.61 CNY");
     let macao = quote
         .candidates
         .iter()

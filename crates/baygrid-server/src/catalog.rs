@@ -111,6 +111,7 @@ impl CatalogSnapshot {
             clusters,
             rates: self.rates.clone(),
             round_trips: self.round_trips.clone(),
+            reference_tflops: Market::reference_tflops(self.accelerators.values()),
         }
     }
 

@@ -75,6 +75,7 @@ pub async fn live_market(
         clusters,
         rates: catalog.rates.clone(),
         round_trips: catalog.round_trips.clone(),
+        reference_tflops: Market::reference_tflops(catalog.accelerators.values()),
     })
 }
 

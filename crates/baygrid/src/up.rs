@@ -357,7 +357,7 @@ for epoch in 1 2 3; do awk -v e=$epoch -v lr=$LR 'BEGIN { printf "epoch %d loss 
             tenant: "hk-fintech",
             spec: spec(
                 &format!("risk-scoring-{i}"),
-                "[{H800: 1}, {Ascend910B: 1}, {A100: 1}]",
+                "[{Ascend910B: 1}, {A100: 1}]",
                 1,
                 "15m",
                 score,
