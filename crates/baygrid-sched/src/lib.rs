@@ -75,19 +75,26 @@ impl ClusterState {
         }
     }
 
-    /// The first `nodes` nodes (by index) that each have room for the request.
+    /// `nodes` nodes that each have room for the request: the fullest that fit (fewest free
+    /// accelerators, then CPUs), so whole nodes stay free for gangs; ties by index.
     fn fit(&self, accelerators: u32, cpus: u32, memory_gb: u32, nodes: u32) -> Option<Vec<u32>> {
-        let chosen: Vec<u32> = self
+        let mut chosen: Vec<(u32, u32, u32)> = self
             .free
             .iter()
             .enumerate()
             .filter(|(_, n)| {
                 n.accelerators >= accelerators && n.cpus >= cpus && n.memory_gb >= memory_gb
             })
-            .map(|(i, _)| i as u32)
-            .take(nodes as usize)
+            .map(|(i, n)| (n.accelerators, n.cpus, i as u32))
             .collect();
-        (chosen.len() == nodes as usize).then_some(chosen)
+        if chosen.len() < nodes as usize {
+            return None;
+        }
+        chosen.sort_unstable();
+        chosen.truncate(nodes as usize);
+        let mut indices: Vec<u32> = chosen.into_iter().map(|(_, _, i)| i).collect();
+        indices.sort_unstable();
+        Some(indices)
     }
 }
 

@@ -165,3 +165,56 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn small_jobs_go_to_the_fullest_node_that_fits_so_whole_nodes_stay_free() {
+    let mut market = market();
+    let macao = |m: &mut Market| -> ClusterState {
+        m.clusters
+            .iter()
+            .find(|c| c.cluster.name == "macao-a100")
+            .unwrap()
+            .clone()
+    };
+    let spec = |n| job(&format!("{{A100: {n}}}"), 1, "");
+    let place = |market: &mut Market, n: u32| {
+        let quote = CheapestFeasible.quote(&spec(n), &guangzhou(), market, 0);
+        let alloc = quote.allocation(&spec(n)).unwrap();
+        assert_eq!(alloc.cluster, "macao-a100");
+        market
+            .clusters
+            .iter_mut()
+            .find(|c| c.cluster.name == "macao-a100")
+            .unwrap()
+            .take(&alloc);
+        alloc.nodes
+    };
+    // node 2 half used: a job of 3 joins it, a job of 4 fills the rest of it
+    let state = macao(&mut market);
+    let mut alloc = state_allocation(&state, 2, 4);
+    alloc.cluster = "macao-a100".into();
+    market
+        .clusters
+        .iter_mut()
+        .find(|c| c.cluster.name == "macao-a100")
+        .unwrap()
+        .take(&alloc);
+    assert_eq!(place(&mut market, 3), vec![2]);
+    assert_eq!(place(&mut market, 1), vec![2]);
+    // node 2 is full now; an 8 takes a whole node, the lowest free one
+    assert_eq!(place(&mut market, 8), vec![0]);
+    assert_eq!(place(&mut market, 2), vec![1]);
+    assert_eq!(place(&mut market, 6), vec![1]);
+}
+
+fn state_allocation(state: &ClusterState, node: u32, accelerators: u32) -> Allocation {
+    Allocation {
+        cluster: state.cluster.name.clone(),
+        accelerator: Some(state.cluster.accelerator.clone()),
+        accelerators_per_node: accelerators,
+        cpus_per_node: 1,
+        memory_gb_per_node: 1,
+        nodes: vec![node],
+        price_per_accelerator_hour: state.offer.as_ref().unwrap().price_per_accelerator_hour,
+    }
+}
