@@ -25,6 +25,8 @@ async fn setup(dir: &Path) -> Setup {
         heartbeat_interval: Duration::from_millis(200),
         lease_ttl: Duration::from_secs(3),
         grant_timeout: Duration::from_secs(5),
+        // a cluster that loses a job is blocked for it this long (failover); one cluster here
+        failover_backoff: Duration::from_millis(500),
         ..ServerConfig::default()
     };
     let server = baygrid_server::start(config).await.unwrap();

@@ -126,11 +126,22 @@ impl Market {
     }
 }
 
-/// Who is asking: the tenant's party's location.
+/// Who is asking: the tenant's party's location, and the clusters blocked for this job.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Requester {
     pub city: String,
     pub jurisdiction: Jurisdiction,
+    /// Clusters that lost this job recently (failover): the job waits rather than go back
+    /// to them before `until_ms`, and goes elsewhere when it can.
+    pub blocked: Vec<BlockedCluster>,
+}
+
+/// A cluster blocked for one job until a time, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockedCluster {
+    pub cluster: String,
+    pub until_ms: Millis,
+    pub reason: String,
 }
 
 /// What placement thinks of one cluster for one job.
@@ -517,6 +528,19 @@ fn assess(
                 format!("cannot finish by the deadline {}", deadline.to_rfc3339()),
             );
         }
+    }
+    if let Some(block) = requester
+        .blocked
+        .iter()
+        .find(|b| b.cluster == cluster.name && b.until_ms > now)
+    {
+        candidate.verdict = Verdict::Waits;
+        candidate.reason = format!(
+            "blocked for this job for {} s more after losing it: {}",
+            (block.until_ms - now + 999) / 1000,
+            block.reason
+        );
+        return candidate;
     }
     if !state.online {
         candidate.verdict = Verdict::Waits;

@@ -16,6 +16,7 @@ fn guangzhou() -> Requester {
     Requester {
         city: "guangzhou".into(),
         jurisdiction: Jurisdiction::CN,
+        blocked: vec![],
     }
 }
 
@@ -75,6 +76,7 @@ fn latency_sensitive_jobs_stay_near_the_tenant() {
     let hk = Requester {
         city: "hong-kong".into(),
         jurisdiction: Jurisdiction::HK,
+        blocked: vec![],
     };
     let quote = CheapestFeasible.quote(
         &job("{Ascend910B: 1}", 1, "latency_sensitive: true"),
@@ -217,4 +219,42 @@ fn state_allocation(state: &ClusterState, node: u32, accelerators: u32) -> Alloc
         nodes: vec![node],
         price_per_accelerator_hour: state.offer.as_ref().unwrap().price_per_accelerator_hour,
     }
+}
+
+#[test]
+fn a_cluster_that_lost_the_job_is_blocked_for_it_and_the_job_goes_elsewhere() {
+    let spec = job("{H800: 1}", 1, "");
+    let mut requester = guangzhou();
+    requester.blocked = vec![BlockedCluster {
+        cluster: "qianhai-h800".into(),
+        until_ms: 60_000,
+        reason: "lease expired: agent at 10.0.0.5 stopped heartbeating".into(),
+    }];
+    let quote = CheapestFeasible.quote(&spec, &requester, &market(), 0);
+    assert_eq!(quote.chosen().unwrap().cluster, "cyberport-h800");
+    let qianhai = quote
+        .candidates
+        .iter()
+        .find(|c| c.cluster == "qianhai-h800")
+        .unwrap();
+    assert_eq!(qianhai.verdict, Verdict::Waits);
+    assert!(
+        qianhai
+            .reason
+            .contains("blocked for this job for 60 s more"),
+        "{}",
+        qianhai.reason
+    );
+    // the only cluster that could hold it is blocked: the job waits, it is not rejected
+    requester.blocked.push(BlockedCluster {
+        cluster: "cyberport-h800".into(),
+        until_ms: 120_000,
+        reason: "lost".into(),
+    });
+    let quote = CheapestFeasible.quote(&spec, &requester, &market(), 0);
+    assert!(quote.chosen().is_none());
+    assert!(quote.ever_feasible());
+    // after the back-off it may go back
+    let quote = CheapestFeasible.quote(&spec, &requester, &market(), 60_000);
+    assert_eq!(quote.chosen().unwrap().cluster, "qianhai-h800");
 }

@@ -133,6 +133,7 @@ impl CatalogSnapshot {
         Some(baygrid_sched::Requester {
             city: party.city.clone(),
             jurisdiction: party.jurisdiction,
+            blocked: Vec::new(),
         })
     }
 }

@@ -62,6 +62,10 @@ pub struct ServerConfig {
     pub hold_timeout: Duration,
     /// A rule-pack parameters file (thresholds, city lists, dates); empty: the built-in one.
     pub rule_pack: String,
+    /// How long a cluster that lost a job is blocked for it after the first loss; doubles
+    /// with each further loss, at most an hour.
+    #[serde(with = "humantime_serde")]
+    pub failover_backoff: Duration,
 }
 
 impl Default for ServerConfig {
@@ -83,6 +87,7 @@ impl Default for ServerConfig {
             hold_margin_pct: 150,
             hold_timeout: Duration::from_secs(30 * 24 * 3600),
             rule_pack: String::new(),
+            failover_backoff: Duration::from_secs(60),
         }
     }
 }

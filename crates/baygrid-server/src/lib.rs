@@ -117,6 +117,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         source,
     })?;
     let store = Store::open(&config.store_url()).await?;
+    store.set_failover_backoff(config.failover_backoff.as_millis() as i64);
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let state = AppState {
         store: store.clone(),

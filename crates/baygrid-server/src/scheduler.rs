@@ -100,14 +100,25 @@ pub async fn cycle(state: &AppState) -> Result<usize, ApiError> {
     let grant_by = now + state.config.grant_timeout.as_millis() as i64;
     let mut writes = Vec::new();
     let mut placed = 0;
+    let mut blocks = state.store.cluster_blocks(now).await?;
     for job in queued {
-        let Some(requester) = catalog.requester(&job.tenant) else {
+        let Some(mut requester) = catalog.requester(&job.tenant) else {
             let reason = format!("tenant `{}` no longer exists", job.tenant);
             writes.push(futures::future::Either::Left(
                 state.store.fail_queued(job.id, reason, now),
             ));
             continue;
         };
+        requester.blocked = blocks
+            .remove(&job.id)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|b| baygrid_sched::BlockedCluster {
+                cluster: b.cluster,
+                until_ms: b.until_ms,
+                reason: b.reason,
+            })
+            .collect();
         let quote = state.placer.quote(&job.spec, &requester, &market, now);
         if let Some(allocation) = quote.allocation(&job.spec) {
             let chosen = quote.chosen().expect("an allocation has a chosen cluster");

@@ -1,5 +1,7 @@
 //! Jobs: submission, placement, leases with fencing epochs, reports, logs, cancellation.
 
+use std::collections::BTreeMap;
+
 use baygrid_core::{Allocation, JobSpec, JobState, Millis};
 use serde::Serialize;
 use sqlx::{AnyConnection, Row};
@@ -142,14 +144,56 @@ fn check_lease(job: &JobRecord, cluster: &str, epoch: i64) -> Result<()> {
     }
 }
 
-/// Puts a placed or running job back in the queue, dropping its allocation and lease.
+/// How long a cluster that lost a job stays blocked for it by default: one minute after the
+/// first loss ([`Store::set_failover_backoff`] changes it), doubling with each attempt, at
+/// most an hour.
+pub const FAILOVER_BACKOFF_MS: Millis = 60_000;
+pub const FAILOVER_BACKOFF_MAX_MS: Millis = 3_600_000;
+
+/// The back-off after a job's `attempts`-th loss (1 for the first), from a first back-off.
+pub fn failover_backoff(first_ms: Millis, attempts: i64) -> Millis {
+    let doublings = (attempts - 1).clamp(0, 16) as u32;
+    (first_ms << doublings).min(FAILOVER_BACKOFF_MAX_MS.max(first_ms))
+}
+
+/// A cluster a job may not be placed on until a time, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ClusterBlock {
+    pub job_id: String,
+    pub cluster: String,
+    pub until_ms: Millis,
+    pub reason: String,
+}
+
+/// Puts a placed or running job back in the queue, dropping its allocation and lease, and
+/// blocks the cluster that lost it for the job for the back-off period.
 async fn requeue(
     conn: &mut AnyConnection,
     job: &JobRecord,
     reason: &str,
     now: Millis,
     actor: &str,
+    backoff_ms: Millis,
 ) -> Result<()> {
+    if let Some(cluster) = job.allocation.as_ref().map(|a| &a.cluster) {
+        let until = now + failover_backoff(backoff_ms, job.attempts + 1);
+        sqlx::query("DELETE FROM job_blocks WHERE job_id = $1 AND cluster = $2")
+            .bind(&job.id)
+            .bind(cluster)
+            .execute(&mut *conn)
+            .await?;
+        sqlx::query(
+            "INSERT INTO job_blocks (job_id, cluster, until_ms, reason) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(&job.id)
+        .bind(cluster)
+        .bind(until)
+        .bind(reason)
+        .execute(&mut *conn)
+        .await?;
+        let payload = serde_json::json!({"job": job.id, "cluster": cluster, "until_ms": until, "reason": reason});
+        outbox(conn, now, "job.cluster_blocked", actor, &payload).await?;
+    }
     sqlx::query(
         "UPDATE jobs SET state = 'queued', reason = $1, updated_ms = $2, cluster = NULL, allocation = NULL, \
          lease_holder = NULL, lease_expires_ms = NULL, started_ms = NULL, attempts = attempts + 1 WHERE id = $3",
@@ -470,6 +514,28 @@ impl Store {
         rows.iter().map(JobRecord::from_row).collect()
     }
 
+    /// Clusters blocked for queued jobs at `now`, by job.
+    pub async fn cluster_blocks(&self, now: Millis) -> Result<BTreeMap<String, Vec<ClusterBlock>>> {
+        let rows = sqlx::query(
+            "SELECT b.job_id, b.cluster, b.until_ms, b.reason FROM job_blocks b JOIN jobs j ON j.id = b.job_id \
+             WHERE b.until_ms > $1 AND j.state = 'queued' ORDER BY b.job_id, b.cluster",
+        )
+        .bind(now)
+        .fetch_all(self.pool())
+        .await?;
+        let mut blocks: BTreeMap<String, Vec<ClusterBlock>> = BTreeMap::new();
+        for row in rows {
+            let block = ClusterBlock {
+                job_id: row.try_get("job_id")?,
+                cluster: row.try_get("cluster")?,
+                until_ms: row.try_get("until_ms")?,
+                reason: row.try_get("reason")?,
+            };
+            blocks.entry(block.job_id.clone()).or_default().push(block);
+        }
+        Ok(blocks)
+    }
+
     /// Allocations of every placed or running job.
     pub async fn active_allocations(&self) -> Result<Vec<Allocation>> {
         let rows = sqlx::query("SELECT allocation FROM jobs WHERE state IN ('placed', 'running') AND allocation IS NOT NULL")
@@ -685,6 +751,7 @@ impl Store {
     /// Applies an agent's report under its lease; a stale epoch is refused.
     pub async fn report(&self, report: LeaseReport) -> Result<JobRecord> {
         let ledger = self.ledger.clone();
+        let backoff_ms = self.failover_base_ms();
         self.write(move |conn| {
             Box::pin(async move {
                 let job = load_job(conn, &report.job_id).await?;
@@ -733,7 +800,7 @@ impl Store {
                         }
                     }
                     Report::Lost { reason } => {
-                        requeue(conn, &job, reason, now, &actor).await?;
+                        requeue(conn, &job, reason, now, &actor, backoff_ms).await?;
                     }
                 }
                 load_job(conn, &report.job_id).await
@@ -745,6 +812,7 @@ impl Store {
     /// Requeues every placed or running job whose lease ran out. Returns their ids.
     pub async fn expire_leases(&self, now: Millis) -> Result<Vec<String>> {
         let ledger = self.ledger.clone();
+        let backoff_ms = self.failover_base_ms();
         // the scheduler asks every cycle; a read answers the usual "none" without a commit
         let due = sqlx::query("SELECT COUNT(*) AS n FROM jobs WHERE state IN ('placed', 'running') AND lease_expires_ms < $1")
             .bind(now)
@@ -779,7 +847,7 @@ impl Store {
                         record_transition(conn, &job.id, Some(job.state), JobState::Cancelled, why, now, "scheduler").await?;
                         void_hold(conn, &ledger, &job.id, "scheduler", now).await?;
                     } else {
-                        requeue(conn, &job, &reason, now, "scheduler").await?;
+                        requeue(conn, &job, &reason, now, "scheduler", backoff_ms).await?;
                     }
                     requeued.push(job.id);
                 }

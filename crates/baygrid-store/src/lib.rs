@@ -22,7 +22,10 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyConnection, AnyPool, Connection, Executor, Row};
 use tokio::sync::{mpsc, oneshot};
 
-pub use jobs::{HeartbeatOutcome, JobFilter, LeaseReport, NewJob, Outcome, Report};
+pub use jobs::{
+    failover_backoff, ClusterBlock, HeartbeatOutcome, JobFilter, LeaseReport, NewJob, Outcome,
+    Report, FAILOVER_BACKOFF_MAX_MS, FAILOVER_BACKOFF_MS,
+};
 pub use ledger::{StatementLine, TransferRecord};
 pub use records::{JobEvent, JobRecord, LogLine, TokenRecord};
 pub use zone::FlowRecord;
@@ -104,9 +107,22 @@ pub struct Store {
     writer: mpsc::Sender<WriteRequest>,
     backend: Backend,
     ledger: std::sync::Arc<ledger::LedgerCell>,
+    /// The first failover back-off, in ms (see [`failover_backoff`]).
+    failover_backoff_ms: std::sync::Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl Store {
+    /// Sets the first failover back-off (ms); later losses double it, up to an hour.
+    pub fn set_failover_backoff(&self, ms: i64) {
+        self.failover_backoff_ms
+            .store(ms.max(0), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn failover_base_ms(&self) -> i64 {
+        self.failover_backoff_ms
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Opens (creating when needed) and migrates the store at `url`:
     /// `sqlite://PATH` or `postgres://USER@HOST/DB`.
     pub async fn open(url: &str) -> Result<Store> {
@@ -168,6 +184,9 @@ impl Store {
             writer,
             backend,
             ledger,
+            failover_backoff_ms: std::sync::Arc::new(std::sync::atomic::AtomicI64::new(
+                jobs::FAILOVER_BACKOFF_MS,
+            )),
         })
     }
 

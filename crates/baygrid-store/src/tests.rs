@@ -163,6 +163,27 @@ async fn suite(store: Store) {
     let job = store.get_job("job_a").await.unwrap();
     assert_eq!((job.state, job.attempts), (JobState::Queued, 1));
     assert!(job.reason.contains("lease expired"), "{}", job.reason);
+    // failover: the cluster that lost it is blocked for this job for the back-off
+    let blocks = store.cluster_blocks(14_000).await.unwrap();
+    let block = &blocks["job_a"][0];
+    assert_eq!(
+        (block.cluster.as_str(), block.until_ms),
+        ("c1", 14_000 + FAILOVER_BACKOFF_MS)
+    );
+    assert!(block.reason.contains("lease expired"));
+    assert!(store
+        .cluster_blocks(14_000 + FAILOVER_BACKOFF_MS)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        failover_backoff(FAILOVER_BACKOFF_MS, 3),
+        4 * FAILOVER_BACKOFF_MS
+    );
+    assert_eq!(
+        failover_backoff(FAILOVER_BACKOFF_MS, 40),
+        FAILOVER_BACKOFF_MAX_MS
+    );
     assert!(store
         .report(report(1, Report::Running, 14_100))
         .await
