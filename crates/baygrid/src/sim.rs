@@ -67,6 +67,10 @@ pub struct SimArgs {
     /// Replay: the green term's weight (CNY per CNY of compute per unit of non-green power).
     #[arg(long, default_value_t = 0.0)]
     pub green_weight: f64,
+    /// Replay: a blocked job reserves nodes only when it could start within this many
+    /// seconds.
+    #[arg(long, default_value_t = 86_400.0)]
+    pub reservation_horizon_s: f64,
 }
 
 pub fn run(args: &Args, sim: &SimArgs) -> anyhow::Result<ExitCode> {
@@ -313,9 +317,13 @@ fn run_replay(args: &Args, sim: &SimArgs) -> anyhow::Result<ExitCode> {
         .collect::<Result<Vec<_>, _>>()?;
     let config = DispatchConfig {
         green_weight: sim.green_weight,
+        reservation_horizon_s: sim.reservation_horizon_s,
     };
     if !(config.green_weight.is_finite() && config.green_weight >= 0.0) {
         bail!("--green-weight: must be 0 or more");
+    }
+    if config.reservation_horizon_s.is_nan() || config.reservation_horizon_s < 0.0 {
+        bail!("--reservation-horizon-s: must be 0 or more (inf for no limit)");
     }
     let mut results = Vec::new();
     for &policy in &policies {

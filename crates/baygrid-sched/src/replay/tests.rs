@@ -177,6 +177,14 @@ fn a_blocked_gang_gets_a_reservation_that_backfill_never_delays() {
     );
     assert_eq!(r.reservations_delayed, 0);
     check_schedule(&region, &jobs, &r);
+    // a start further out than the reservation horizon reserves nothing: the long job runs
+    let near_only = DispatchConfig {
+        reservation_horizon_s: 1000.0,
+        ..DispatchConfig::default()
+    };
+    let r = simulate(&region, &tenants, &jobs, ReplayPolicy::Baygrid, &near_only).unwrap();
+    assert_eq!(r.schedule[3].unwrap().1, 3.0);
+    check_schedule(&region, &jobs, &r);
     // the baselines start what fits: the long job takes a node and the gang waits longer
     let fifo = simulate(
         &region,
