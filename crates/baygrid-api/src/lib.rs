@@ -114,8 +114,16 @@ pub struct CandidateView {
     pub accelerators: u32,
     pub nodes: u32,
     pub price_per_accelerator_hour: Option<Money>,
+    /// The job's estimated duration on this cluster's model (scaled by BF16 TFLOPS from the
+    /// reference A800).
+    #[serde(default)]
+    pub estimated_seconds: Option<u64>,
     pub estimated_cost_cny: Option<Money>,
     pub round_trip_ms: Option<u32>,
+    /// When the job could start here, ms since the epoch: now if it fits now; for a busy
+    /// cluster, when running work is expected to end; absent when unknown.
+    #[serde(default)]
+    pub estimated_start_ms: Option<i64>,
     /// chosen, fits, waits or rejected.
     pub verdict: String,
     pub reason: String,
@@ -135,8 +143,10 @@ impl From<&Quote> for QuoteBody {
                 accelerators: c.accelerators,
                 nodes: c.nodes,
                 price_per_accelerator_hour: c.price_per_accelerator_hour,
+                estimated_seconds: c.estimated_seconds,
                 estimated_cost_cny: c.estimated_cost_cny,
                 round_trip_ms: c.round_trip_ms,
+                estimated_start_ms: c.estimated_start_ms,
                 verdict: serde_json::to_value(&c.verdict)
                     .ok()
                     .and_then(|v| v.as_str().map(str::to_string))

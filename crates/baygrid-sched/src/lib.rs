@@ -24,7 +24,18 @@ pub struct NodeFree {
     pub memory_gb: u32,
 }
 
-/// One cluster as placement sees it: its catalog facts and what is free on each node.
+/// Resources a running allocation is expected to give back on one node, and when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Release {
+    pub node: u32,
+    pub accelerators: u32,
+    pub cpus: u32,
+    pub memory_gb: u32,
+    pub at_ms: Millis,
+}
+
+/// One cluster as placement sees it: its catalog facts, what is free on each node, and
+/// when running work is expected to free more.
 #[derive(Debug, Clone)]
 pub struct ClusterState {
     pub cluster: Cluster,
@@ -34,6 +45,8 @@ pub struct ClusterState {
     /// Whether an agent is connected and heartbeating.
     pub online: bool,
     pub free: Vec<NodeFree>,
+    /// Expected ends of running allocations (estimates, for the quote's start time).
+    pub releases: Vec<Release>,
 }
 
 impl ClusterState {
@@ -58,7 +71,78 @@ impl ClusterState {
             model,
             online,
             free,
+            releases: Vec::new(),
         }
+    }
+
+    /// A duration estimated for the reference model, on this cluster's model.
+    pub fn scaled_ms(&self, reference_ms: i64, reference_tflops: Option<u32>) -> i64 {
+        match (reference_tflops, &self.model) {
+            (Some(reference), Some(model)) if model.bf16_tflops > 0 => {
+                let tflops = i64::from(model.bf16_tflops);
+                (reference_ms * i64::from(reference) + tflops - 1) / tflops
+            }
+            _ => reference_ms,
+        }
+    }
+
+    /// Takes an allocation off its nodes, expected to end at `ends_at_ms` (unknown: `None`).
+    pub fn take_until(&mut self, allocation: &Allocation, ends_at_ms: Option<Millis>) {
+        self.take(allocation);
+        if let Some(at_ms) = ends_at_ms {
+            for &node in &allocation.nodes {
+                self.releases.push(Release {
+                    node,
+                    accelerators: allocation.accelerators_per_node,
+                    cpus: allocation.cpus_per_node,
+                    memory_gb: allocation.memory_gb_per_node,
+                    at_ms,
+                });
+            }
+        }
+    }
+
+    /// When `nodes` nodes will each have room for the request, by the expected ends of
+    /// running work; `None` when the known ends never free enough.
+    fn earliest_start(
+        &self,
+        accelerators: u32,
+        cpus: u32,
+        memory_gb: u32,
+        nodes: u32,
+        now: Millis,
+    ) -> Option<Millis> {
+        let mut times: Vec<Millis> = Vec::new();
+        for (index, node) in self.free.iter().enumerate() {
+            let mut free = *node;
+            let fits = |f: &NodeFree| {
+                f.accelerators >= accelerators && f.cpus >= cpus && f.memory_gb >= memory_gb
+            };
+            if fits(&free) {
+                times.push(now);
+                continue;
+            }
+            let mut ends: Vec<&Release> = self
+                .releases
+                .iter()
+                .filter(|r| r.node as usize == index)
+                .collect();
+            ends.sort_by_key(|r| r.at_ms);
+            for release in ends {
+                free.accelerators += release.accelerators;
+                free.cpus += release.cpus;
+                free.memory_gb += release.memory_gb;
+                if fits(&free) {
+                    times.push(release.at_ms.max(now));
+                    break;
+                }
+            }
+        }
+        if times.len() < nodes as usize {
+            return None;
+        }
+        times.sort_unstable();
+        times.get(nodes.max(1) as usize - 1).copied()
     }
 
     /// Takes an allocation's resources off its nodes. Nodes out of range are ignored
@@ -175,6 +259,10 @@ pub struct Candidate {
     /// Compute cost for the estimated duration on this cluster, in CNY.
     pub estimated_cost_cny: Option<Money>,
     pub round_trip_ms: Option<u32>,
+    /// When the job could start here (ms since the epoch): now when it fits now; for a busy
+    /// cluster, when running work is expected to free enough; none when unknown (offline,
+    /// or work with no estimate).
+    pub estimated_start_ms: Option<Millis>,
     pub verdict: Verdict,
     pub reason: String,
     /// For a rejection: the spec field whose demand the cluster cannot meet.
@@ -342,6 +430,7 @@ fn assess(
         estimated_seconds: None,
         estimated_cost_cny: None,
         round_trip_ms,
+        estimated_start_ms: None,
         verdict: Verdict::Rejected,
         reason: String::new(),
         field: None,
@@ -540,6 +629,15 @@ fn assess(
             (block.until_ms - now + 999) / 1000,
             block.reason
         );
+        candidate.estimated_start_ms = state
+            .earliest_start(
+                per_node,
+                resources.cpus,
+                resources.memory_gb,
+                resources.nodes,
+                block.until_ms,
+            )
+            .filter(|_| state.online);
         return candidate;
     }
     if !state.online {
@@ -557,10 +655,24 @@ fn assess(
             candidate.verdict = Verdict::Fits;
             candidate.reason = "fits now".into();
             candidate.nodes_now = Some(nodes);
+            candidate.estimated_start_ms = Some(now);
         }
         None => {
             candidate.verdict = Verdict::Waits;
-            candidate.reason = "busy: not enough free nodes now".into();
+            candidate.estimated_start_ms = state.earliest_start(
+                per_node,
+                resources.cpus,
+                resources.memory_gb,
+                resources.nodes,
+                now,
+            );
+            candidate.reason = match candidate.estimated_start_ms {
+                Some(at) => format!(
+                    "busy: not enough free nodes now; expected to start in {} s, when running work ends",
+                    (at - now + 999) / 1000
+                ),
+                None => "busy: not enough free nodes now".into(),
+            };
         }
     }
     candidate

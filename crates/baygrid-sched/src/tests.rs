@@ -258,3 +258,33 @@ fn a_cluster_that_lost_the_job_is_blocked_for_it_and_the_job_goes_elsewhere() {
     let quote = CheapestFeasible.quote(&spec, &requester, &market(), 60_000);
     assert_eq!(quote.chosen().unwrap().cluster, "qianhai-h800");
 }
+
+#[test]
+fn a_busy_cluster_quotes_when_running_work_is_expected_to_end() {
+    let mut market = market();
+    let macao = market
+        .clusters
+        .iter_mut()
+        .find(|c| c.cluster.name == "macao-a100")
+        .unwrap();
+    // all four nodes full; they free at 50 s, 20 s, 90 s and 70 s
+    for (node, end) in [(0, 50_000), (1, 20_000), (2, 90_000), (3, 70_000)] {
+        let alloc = state_allocation(macao, node, 8);
+        macao.take_until(&alloc, Some(end));
+    }
+    let quote = CheapestFeasible.quote(&job("{A100: 8}", 1, ""), &guangzhou(), &market, 1_000);
+    let line = &quote.candidates[0];
+    assert_eq!(line.verdict, Verdict::Waits);
+    assert_eq!(line.estimated_start_ms, Some(20_000));
+    assert!(
+        line.reason.contains("expected to start in 19 s"),
+        "{}",
+        line.reason
+    );
+    // a gang of three starts when the third node frees
+    let quote = CheapestFeasible.quote(&job("{A100: 8}", 3, ""), &guangzhou(), &market, 1_000);
+    assert_eq!(quote.candidates[0].estimated_start_ms, Some(70_000));
+    // what fits now starts now
+    let quote = CheapestFeasible.quote(&job("{H800: 1}", 1, ""), &guangzhou(), &market, 1_000);
+    assert_eq!(quote.chosen().unwrap().estimated_start_ms, Some(1_000));
+}

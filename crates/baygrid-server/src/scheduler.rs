@@ -63,19 +63,23 @@ pub async fn live_market(
             catalog.cluster_state(c, online)
         })
         .collect();
-    for allocation in state.store.active_allocations().await? {
+    let reference_tflops = Market::reference_tflops(catalog.accelerators.values());
+    for (allocation, started_ms, estimate_ms) in state.store.active_allocation_ends().await? {
         if let Some(cluster) = clusters
             .iter_mut()
             .find(|c| c.cluster.name == allocation.cluster)
         {
-            cluster.take(&allocation);
+            // placed but not started: assume it starts now
+            let start = started_ms.unwrap_or(now);
+            let end = start + cluster.scaled_ms(estimate_ms, reference_tflops);
+            cluster.take_until(&allocation, Some(end));
         }
     }
     Ok(Market {
         clusters,
         rates: catalog.rates.clone(),
         round_trips: catalog.round_trips.clone(),
-        reference_tflops: Market::reference_tflops(catalog.accelerators.values()),
+        reference_tflops,
     })
 }
 

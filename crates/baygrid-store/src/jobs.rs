@@ -550,6 +550,32 @@ impl Store {
             .collect()
     }
 
+    /// Every placed or running job's allocation, when it started (`None`: not yet), and its
+    /// estimated duration in ms (for the reference model).
+    pub async fn active_allocation_ends(&self) -> Result<Vec<(Allocation, Option<Millis>, i64)>> {
+        let rows = sqlx::query(
+            "SELECT allocation, started_ms, spec FROM jobs WHERE state IN ('placed', 'running') AND allocation IS NOT NULL",
+        )
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let text: String = row.try_get("allocation")?;
+                let allocation: Allocation = serde_json::from_str(&text)
+                    .map_err(|e| StoreError::Corrupt(format!("allocation: {e}")))?;
+                let spec: String = row.try_get("spec")?;
+                let spec: JobSpec = serde_json::from_str(&spec)
+                    .map_err(|e| StoreError::Corrupt(format!("job spec: {e}")))?;
+                let started: Option<Millis> = row.try_get("started_ms")?;
+                Ok((
+                    allocation,
+                    started,
+                    spec.estimated_duration.0.as_millis() as i64,
+                ))
+            })
+            .collect()
+    }
+
     pub async fn job_events(&self, id: &str) -> Result<Vec<JobEvent>> {
         let rows = sqlx::query("SELECT seq, at_ms, from_state, to_state, reason FROM job_events WHERE job_id = $1 ORDER BY seq")
             .bind(id)

@@ -582,6 +582,17 @@ pub async fn job(args: &Args, cmd: &JobCommand) -> anyhow::Result<std::process::
                 )
                 .await?;
             emit(args.output, &quote, |q| {
+                let asked_at = chrono::Utc::now().timestamp_millis();
+                let start = |at: Option<i64>| match at {
+                    None => "-".to_string(),
+                    Some(at) if at <= asked_at + 1000 => "now".to_string(),
+                    Some(at) => format!(
+                        "in {}",
+                        humantime::format_duration(std::time::Duration::from_secs(
+                            ((at - asked_at) / 1000) as u64
+                        ))
+                    ),
+                };
                 let rows = q
                     .quote
                     .candidates
@@ -594,6 +605,7 @@ pub async fn job(args: &Args, cmd: &JobCommand) -> anyhow::Result<std::process::
                             format!("{} × {}", c.accelerators, or_dash(c.accelerator.clone())),
                             or_dash(c.price_per_accelerator_hour),
                             or_dash(c.estimated_cost_cny),
+                            start(c.estimated_start_ms),
                             c.round_trip_ms
                                 .map(|ms| format!("{ms} ms"))
                                 .unwrap_or_else(|| "-".into()),
@@ -610,6 +622,7 @@ pub async fn job(args: &Args, cmd: &JobCommand) -> anyhow::Result<std::process::
                         "ACCELERATORS",
                         "PRICE/H",
                         "EST. COST",
+                        "START",
                         "RTT",
                         "VERDICT",
                         "REASON",
