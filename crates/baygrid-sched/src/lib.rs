@@ -3,6 +3,7 @@
 //! Pure: no I/O, no clock of its own ("now" is passed in), no randomness. The server's
 //! scheduling loop and the quote endpoint call the same [`Placer`].
 
+pub mod fairshare;
 pub mod pack;
 pub mod replay;
 

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
+use baygrid_sched::fairshare::{self, Usage};
 use baygrid_sched::Market;
 use tokio::sync::watch;
 
@@ -47,6 +48,15 @@ pub async fn live_market(
     catalog: &CatalogSnapshot,
     now: i64,
 ) -> Result<Market, ApiError> {
+    Ok(live_market_and_usage(state, catalog, now).await?.0)
+}
+
+/// The live market, and what each tenant holds now (for the fair-share order).
+async fn live_market_and_usage(
+    state: &AppState,
+    catalog: &CatalogSnapshot,
+    now: i64,
+) -> Result<(Market, Usage), ApiError> {
     let ttl = state.config.lease_ttl.as_millis() as i64;
     let seen: BTreeMap<String, i64> = state
         .store
@@ -64,23 +74,35 @@ pub async fn live_market(
         })
         .collect();
     let reference_tflops = Market::reference_tflops(catalog.accelerators.values());
-    for (allocation, started_ms, estimate_ms) in state.store.active_allocation_ends().await? {
+    let mut capacity: BTreeMap<String, u64> = BTreeMap::new();
+    for c in &clusters {
+        *capacity.entry(c.cluster.accelerator.clone()).or_default() +=
+            u64::from(c.cluster.nodes * c.cluster.accelerators_per_node);
+    }
+    let mut usage = Usage::new(capacity);
+    for active in state.store.active_allocation_ends().await? {
+        let allocation = &active.allocation;
+        if let Some(model) = &allocation.accelerator {
+            let held = allocation.accelerators_per_node as usize * allocation.nodes.len();
+            usage.add(&active.tenant, model, held as u64);
+        }
         if let Some(cluster) = clusters
             .iter_mut()
             .find(|c| c.cluster.name == allocation.cluster)
         {
             // placed but not started: assume it starts now
-            let start = started_ms.unwrap_or(now);
-            let end = start + cluster.scaled_ms(estimate_ms, reference_tflops);
-            cluster.take_until(&allocation, Some(end));
+            let start = active.started_ms.unwrap_or(now);
+            let end = start + cluster.scaled_ms(active.estimate_ms, reference_tflops);
+            cluster.take_until(allocation, Some(end));
         }
     }
-    Ok(Market {
+    let market = Market {
         clusters,
         rates: catalog.rates.clone(),
         round_trips: catalog.round_trips.clone(),
         reference_tflops,
-    })
+    };
+    Ok((market, usage))
 }
 
 /// One cycle. Returns how many jobs were placed.
@@ -100,7 +122,21 @@ pub async fn cycle(state: &AppState) -> Result<usize, ApiError> {
         return Ok(0);
     }
     let catalog = state.catalog();
-    let mut market = live_market(state, &catalog, now).await?;
+    let (mut market, usage) = live_market_and_usage(state, &catalog, now).await?;
+    // higher priority first; within it, the least-served tenant (dominant share), then age
+    let order = fairshare::order(
+        &queued
+            .iter()
+            .map(|j| fairshare::Queued {
+                priority: j.priority,
+                tenant: &j.tenant,
+                submitted_ms: j.submitted_ms,
+            })
+            .collect::<Vec<_>>(),
+        &usage,
+    );
+    let mut slots: Vec<Option<_>> = queued.into_iter().map(Some).collect();
+    let queued: Vec<_> = order.into_iter().filter_map(|i| slots[i].take()).collect();
     let grant_by = now + state.config.grant_timeout.as_millis() as i64;
     let mut writes = Vec::new();
     let mut placed = 0;

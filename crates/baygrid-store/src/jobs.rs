@@ -156,6 +156,17 @@ pub fn failover_backoff(first_ms: Millis, attempts: i64) -> Millis {
     (first_ms << doublings).min(FAILOVER_BACKOFF_MAX_MS.max(first_ms))
 }
 
+/// A placed or running job's allocation, whose it is, and when it is expected to end.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ActiveAllocation {
+    pub tenant: String,
+    pub allocation: Allocation,
+    /// `None` while placed and not yet started.
+    pub started_ms: Option<Millis>,
+    /// The job's estimated duration, for the reference model.
+    pub estimate_ms: i64,
+}
+
 /// A cluster a job may not be placed on until a time, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ClusterBlock {
@@ -550,11 +561,11 @@ impl Store {
             .collect()
     }
 
-    /// Every placed or running job's allocation, when it started (`None`: not yet), and its
-    /// estimated duration in ms (for the reference model).
-    pub async fn active_allocation_ends(&self) -> Result<Vec<(Allocation, Option<Millis>, i64)>> {
+    /// Every placed or running job's tenant, allocation, when it started (`None`: not yet),
+    /// and its estimated duration in ms (for the reference model).
+    pub async fn active_allocation_ends(&self) -> Result<Vec<ActiveAllocation>> {
         let rows = sqlx::query(
-            "SELECT allocation, started_ms, spec FROM jobs WHERE state IN ('placed', 'running') AND allocation IS NOT NULL",
+            "SELECT tenant, allocation, started_ms, spec FROM jobs WHERE state IN ('placed', 'running') AND allocation IS NOT NULL",
         )
         .fetch_all(self.pool())
         .await?;
@@ -566,12 +577,12 @@ impl Store {
                 let spec: String = row.try_get("spec")?;
                 let spec: JobSpec = serde_json::from_str(&spec)
                     .map_err(|e| StoreError::Corrupt(format!("job spec: {e}")))?;
-                let started: Option<Millis> = row.try_get("started_ms")?;
-                Ok((
+                Ok(ActiveAllocation {
+                    tenant: row.try_get("tenant")?,
                     allocation,
-                    started,
-                    spec.estimated_duration.0.as_millis() as i64,
-                ))
+                    started_ms: row.try_get("started_ms")?,
+                    estimate_ms: spec.estimated_duration.0.as_millis() as i64,
+                })
             })
             .collect()
     }

@@ -23,8 +23,8 @@ use sqlx::{AnyConnection, AnyPool, Connection, Executor, Row};
 use tokio::sync::{mpsc, oneshot};
 
 pub use jobs::{
-    failover_backoff, ClusterBlock, HeartbeatOutcome, JobFilter, LeaseReport, NewJob, Outcome,
-    Report, FAILOVER_BACKOFF_MAX_MS, FAILOVER_BACKOFF_MS,
+    failover_backoff, ActiveAllocation, ClusterBlock, HeartbeatOutcome, JobFilter, LeaseReport,
+    NewJob, Outcome, Report, FAILOVER_BACKOFF_MAX_MS, FAILOVER_BACKOFF_MS,
 };
 pub use ledger::{StatementLine, TransferRecord};
 pub use records::{JobEvent, JobRecord, LogLine, TokenRecord};
