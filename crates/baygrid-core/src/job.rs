@@ -419,6 +419,10 @@ pub struct Allocation {
     pub nodes: Vec<u32>,
     /// The offer's price per accelerator-hour when placed.
     pub price_per_accelerator_hour: Money,
+    /// The job's estimated duration on this cluster's model, in seconds, when placed (what
+    /// start estimates for later jobs count on); absent in allocations from before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimated_seconds: Option<u64>,
 }
 
 impl Allocation {

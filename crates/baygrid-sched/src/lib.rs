@@ -25,16 +25,6 @@ pub struct NodeFree {
     pub memory_gb: u32,
 }
 
-/// Resources a running allocation is expected to give back on one node, and when.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Release {
-    pub node: u32,
-    pub accelerators: u32,
-    pub cpus: u32,
-    pub memory_gb: u32,
-    pub at_ms: Millis,
-}
-
 /// One cluster as placement sees it: its catalog facts, what is free on each node, and
 /// when running work is expected to free more.
 #[derive(Debug, Clone)]
@@ -46,8 +36,9 @@ pub struct ClusterState {
     /// Whether an agent is connected and heartbeating.
     pub online: bool,
     pub free: Vec<NodeFree>,
-    /// Expected ends of running allocations (estimates, for the quote's start time).
-    pub releases: Vec<Release>,
+    /// Per node, what running allocations are expected to give back and when, in time
+    /// order (estimates, for the quote's start time).
+    pub releases: Vec<Vec<(Millis, NodeFree)>>,
 }
 
 impl ClusterState {
@@ -71,34 +62,24 @@ impl ClusterState {
             offer,
             model,
             online,
+            releases: vec![Vec::new(); free.len()],
             free,
-            releases: Vec::new(),
-        }
-    }
-
-    /// A duration estimated for the reference model, on this cluster's model.
-    pub fn scaled_ms(&self, reference_ms: i64, reference_tflops: Option<u32>) -> i64 {
-        match (reference_tflops, &self.model) {
-            (Some(reference), Some(model)) if model.bf16_tflops > 0 => {
-                let tflops = i64::from(model.bf16_tflops);
-                (reference_ms * i64::from(reference) + tflops - 1) / tflops
-            }
-            _ => reference_ms,
         }
     }
 
     /// Takes an allocation off its nodes, expected to end at `ends_at_ms` (unknown: `None`).
     pub fn take_until(&mut self, allocation: &Allocation, ends_at_ms: Option<Millis>) {
         self.take(allocation);
-        if let Some(at_ms) = ends_at_ms {
-            for &node in &allocation.nodes {
-                self.releases.push(Release {
-                    node,
-                    accelerators: allocation.accelerators_per_node,
-                    cpus: allocation.cpus_per_node,
-                    memory_gb: allocation.memory_gb_per_node,
-                    at_ms,
-                });
+        let Some(at_ms) = ends_at_ms else { return };
+        let back = NodeFree {
+            accelerators: allocation.accelerators_per_node,
+            cpus: allocation.cpus_per_node,
+            memory_gb: allocation.memory_gb_per_node,
+        };
+        for &node in &allocation.nodes {
+            if let Some(list) = self.releases.get_mut(node as usize) {
+                let at = list.partition_point(|(t, _)| *t <= at_ms);
+                list.insert(at, (at_ms, back));
             }
         }
     }
@@ -123,18 +104,12 @@ impl ClusterState {
                 times.push(now);
                 continue;
             }
-            let mut ends: Vec<&Release> = self
-                .releases
-                .iter()
-                .filter(|r| r.node as usize == index)
-                .collect();
-            ends.sort_by_key(|r| r.at_ms);
-            for release in ends {
-                free.accelerators += release.accelerators;
-                free.cpus += release.cpus;
-                free.memory_gb += release.memory_gb;
+            for (at_ms, back) in self.releases.get(index).into_iter().flatten() {
+                free.accelerators += back.accelerators;
+                free.cpus += back.cpus;
+                free.memory_gb += back.memory_gb;
                 if fits(&free) {
-                    times.push(release.at_ms.max(now));
+                    times.push((*at_ms).max(now));
                     break;
                 }
             }
@@ -196,6 +171,22 @@ pub struct Market {
     /// BF16 TFLOPS of [`REFERENCE_MODEL`], when the catalog lists it; without it durations
     /// are not scaled.
     pub reference_tflops: Option<u32>,
+}
+
+/// A duration estimated for the reference model, on `model`: × the reference's BF16 TFLOPS
+/// ÷ the model's, rounded up; unscaled when either is unknown.
+pub fn scale_by_tflops(
+    reference: u64,
+    reference_tflops: Option<u32>,
+    model: Option<&AcceleratorModel>,
+) -> u64 {
+    match (reference_tflops, model) {
+        (Some(r), Some(m)) if m.bf16_tflops > 0 => {
+            (reference * u64::from(r)).div_ceil(u64::from(m.bf16_tflops))
+        }
+        _ => reference,
+    }
+    .max(1)
 }
 
 impl Market {
@@ -317,6 +308,7 @@ impl Quote {
             memory_gb_per_node: spec.resources.memory_gb,
             nodes: chosen.nodes_now.clone()?,
             price_per_accelerator_hour: chosen.price_per_accelerator_hour?,
+            estimated_seconds: chosen.estimated_seconds,
         })
     }
 }
@@ -597,16 +589,18 @@ fn assess(
             }
         }
     }
-    let reference_seconds = spec.estimated_duration.0.as_secs().max(1) as i128;
-    let seconds = match (market.reference_tflops, &state.model) {
-        (Some(reference), Some(model)) if model.bf16_tflops > 0 && per_node > 0 => {
-            let tflops = i128::from(model.bf16_tflops);
-            (reference_seconds * i128::from(reference) + tflops - 1) / tflops
-        }
-        _ => reference_seconds,
-    }
-    .max(1);
-    candidate.estimated_seconds = Some(seconds as u64);
+    let reference_seconds = spec.estimated_duration.0.as_secs().max(1);
+    let seconds = if per_node > 0 {
+        scale_by_tflops(
+            reference_seconds,
+            market.reference_tflops,
+            state.model.as_ref(),
+        )
+    } else {
+        reference_seconds
+    };
+    candidate.estimated_seconds = Some(seconds);
+    let seconds = i128::from(seconds);
     let billable = candidate.accelerators as i128;
     candidate.estimated_cost_cny = price_cny.mul_ratio(billable * seconds, 3600).ok();
     if let Some(deadline) = spec.deadline {

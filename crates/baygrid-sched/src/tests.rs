@@ -171,42 +171,32 @@ proptest! {
 #[test]
 fn small_jobs_go_to_the_fullest_node_that_fits_so_whole_nodes_stay_free() {
     let mut market = market();
-    let macao = |m: &mut Market| -> ClusterState {
-        m.clusters
-            .iter()
-            .find(|c| c.cluster.name == "macao-a100")
-            .unwrap()
-            .clone()
-    };
     let spec = |n| job(&format!("{{A100: {n}}}"), 1, "");
     let place = |market: &mut Market, n: u32| {
         let quote = CheapestFeasible.quote(&spec(n), &guangzhou(), market, 0);
         let alloc = quote.allocation(&spec(n)).unwrap();
         assert_eq!(alloc.cluster, "macao-a100");
-        market
-            .clusters
-            .iter_mut()
-            .find(|c| c.cluster.name == "macao-a100")
-            .unwrap()
-            .take(&alloc);
+        cluster_mut(market, "macao-a100").take(&alloc);
         alloc.nodes
     };
     // node 2 half used: a job of 3 joins it, a job of 4 fills the rest of it
-    let state = macao(&mut market);
-    let mut alloc = state_allocation(&state, 2, 4);
-    alloc.cluster = "macao-a100".into();
-    market
-        .clusters
-        .iter_mut()
-        .find(|c| c.cluster.name == "macao-a100")
-        .unwrap()
-        .take(&alloc);
+    let macao = cluster_mut(&mut market, "macao-a100");
+    let alloc = state_allocation(macao, 2, 4);
+    macao.take(&alloc);
     assert_eq!(place(&mut market, 3), vec![2]);
     assert_eq!(place(&mut market, 1), vec![2]);
     // node 2 is full now; an 8 takes a whole node, the lowest free one
     assert_eq!(place(&mut market, 8), vec![0]);
     assert_eq!(place(&mut market, 2), vec![1]);
     assert_eq!(place(&mut market, 6), vec![1]);
+}
+
+fn cluster_mut<'a>(market: &'a mut Market, name: &str) -> &'a mut ClusterState {
+    market
+        .clusters
+        .iter_mut()
+        .find(|c| c.cluster.name == name)
+        .unwrap()
 }
 
 fn state_allocation(state: &ClusterState, node: u32, accelerators: u32) -> Allocation {
@@ -218,6 +208,7 @@ fn state_allocation(state: &ClusterState, node: u32, accelerators: u32) -> Alloc
         memory_gb_per_node: 1,
         nodes: vec![node],
         price_per_accelerator_hour: state.offer.as_ref().unwrap().price_per_accelerator_hour,
+        estimated_seconds: None,
     }
 }
 
@@ -262,11 +253,7 @@ fn a_cluster_that_lost_the_job_is_blocked_for_it_and_the_job_goes_elsewhere() {
 #[test]
 fn a_busy_cluster_quotes_when_running_work_is_expected_to_end() {
     let mut market = market();
-    let macao = market
-        .clusters
-        .iter_mut()
-        .find(|c| c.cluster.name == "macao-a100")
-        .unwrap();
+    let macao = cluster_mut(&mut market, "macao-a100");
     // all four nodes full; they free at 50 s, 20 s, 90 s and 70 s
     for (node, end) in [(0, 50_000), (1, 20_000), (2, 90_000), (3, 70_000)] {
         let alloc = state_allocation(macao, node, 8);

@@ -377,7 +377,8 @@ pub async fn list_clusters(
         .map(|(name, seen, capacity)| (name, (seen, capacity)))
         .collect();
     let mut in_use: BTreeMap<String, u32> = BTreeMap::new();
-    for allocation in state.store.active_allocations().await? {
+    for active in state.store.active_allocations().await? {
+        let allocation = active.allocation;
         *in_use.entry(allocation.cluster.clone()).or_default() += allocation.total_accelerators();
     }
     let now = state.now();

@@ -80,20 +80,24 @@ async fn live_market_and_usage(
             u64::from(c.cluster.nodes * c.cluster.accelerators_per_node);
     }
     let mut usage = Usage::new(capacity);
-    for active in state.store.active_allocation_ends().await? {
+    for active in state.store.active_allocations().await? {
         let allocation = &active.allocation;
         if let Some(model) = &allocation.accelerator {
-            let held = allocation.accelerators_per_node as usize * allocation.nodes.len();
-            usage.add(&active.tenant, model, held as u64);
+            usage.add(
+                &active.tenant,
+                model,
+                u64::from(allocation.total_accelerators()),
+            );
         }
         if let Some(cluster) = clusters
             .iter_mut()
             .find(|c| c.cluster.name == allocation.cluster)
         {
             // placed but not started: assume it starts now
-            let start = active.started_ms.unwrap_or(now);
-            let end = start + cluster.scaled_ms(active.estimate_ms, reference_tflops);
-            cluster.take_until(allocation, Some(end));
+            let ends_at = allocation
+                .estimated_seconds
+                .map(|s| active.started_ms.unwrap_or(now) + s as i64 * 1000);
+            cluster.take_until(allocation, ends_at);
         }
     }
     let market = Market {

@@ -156,15 +156,14 @@ pub fn failover_backoff(first_ms: Millis, attempts: i64) -> Millis {
     (first_ms << doublings).min(FAILOVER_BACKOFF_MAX_MS.max(first_ms))
 }
 
-/// A placed or running job's allocation, whose it is, and when it is expected to end.
+/// A placed or running job's allocation (with its estimated duration on the cluster), whose
+/// it is, and when it started.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ActiveAllocation {
     pub tenant: String,
     pub allocation: Allocation,
     /// `None` while placed and not yet started.
     pub started_ms: Option<Millis>,
-    /// The job's estimated duration, for the reference model.
-    pub estimate_ms: i64,
 }
 
 /// A cluster a job may not be placed on until a time, and why.
@@ -188,13 +187,9 @@ async fn requeue(
 ) -> Result<()> {
     if let Some(cluster) = job.allocation.as_ref().map(|a| &a.cluster) {
         let until = now + failover_backoff(backoff_ms, job.attempts + 1);
-        sqlx::query("DELETE FROM job_blocks WHERE job_id = $1 AND cluster = $2")
-            .bind(&job.id)
-            .bind(cluster)
-            .execute(&mut *conn)
-            .await?;
         sqlx::query(
-            "INSERT INTO job_blocks (job_id, cluster, until_ms, reason) VALUES ($1, $2, $3, $4)",
+            "INSERT INTO job_blocks (job_id, cluster, until_ms, reason) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (job_id, cluster) DO UPDATE SET until_ms = excluded.until_ms, reason = excluded.reason",
         )
         .bind(&job.id)
         .bind(cluster)
@@ -547,41 +542,21 @@ impl Store {
         Ok(blocks)
     }
 
-    /// Allocations of every placed or running job.
-    pub async fn active_allocations(&self) -> Result<Vec<Allocation>> {
-        let rows = sqlx::query("SELECT allocation FROM jobs WHERE state IN ('placed', 'running') AND allocation IS NOT NULL")
-            .fetch_all(self.pool())
-            .await?;
-        rows.iter()
-            .map(|row| {
-                let text: String = row.try_get("allocation")?;
-                serde_json::from_str(&text)
-                    .map_err(|e| StoreError::Corrupt(format!("allocation: {e}")))
-            })
-            .collect()
-    }
-
-    /// Every placed or running job's tenant, allocation, when it started (`None`: not yet),
-    /// and its estimated duration in ms (for the reference model).
-    pub async fn active_allocation_ends(&self) -> Result<Vec<ActiveAllocation>> {
+    /// Every placed or running job's allocation, whose it is and when it started.
+    pub async fn active_allocations(&self) -> Result<Vec<ActiveAllocation>> {
         let rows = sqlx::query(
-            "SELECT tenant, allocation, started_ms, spec FROM jobs WHERE state IN ('placed', 'running') AND allocation IS NOT NULL",
+            "SELECT tenant, allocation, started_ms FROM jobs WHERE state IN ('placed', 'running') AND allocation IS NOT NULL",
         )
         .fetch_all(self.pool())
         .await?;
         rows.iter()
             .map(|row| {
                 let text: String = row.try_get("allocation")?;
-                let allocation: Allocation = serde_json::from_str(&text)
-                    .map_err(|e| StoreError::Corrupt(format!("allocation: {e}")))?;
-                let spec: String = row.try_get("spec")?;
-                let spec: JobSpec = serde_json::from_str(&spec)
-                    .map_err(|e| StoreError::Corrupt(format!("job spec: {e}")))?;
                 Ok(ActiveAllocation {
                     tenant: row.try_get("tenant")?,
-                    allocation,
+                    allocation: serde_json::from_str(&text)
+                        .map_err(|e| StoreError::Corrupt(format!("allocation: {e}")))?,
                     started_ms: row.try_get("started_ms")?,
-                    estimate_ms: spec.estimated_duration.0.as_millis() as i64,
                 })
             })
             .collect()

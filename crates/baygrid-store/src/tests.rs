@@ -32,6 +32,7 @@ fn allocation(cluster: &str) -> Allocation {
         memory_gb_per_node: 1,
         nodes: vec![0],
         price_per_accelerator_hour: Money::new(2200, Currency::CNY),
+        estimated_seconds: Some(60),
     }
 }
 

@@ -830,11 +830,7 @@ fn dispatch(
         .collect();
     let text = std::fs::read_to_string(runtimes)
         .with_context(|| format!("--runtimes {}: cannot read", runtimes.display()))?;
-    let durations: Vec<f64> = text
-        .lines()
-        .skip(1)
-        .filter_map(|l| l.trim().parse().ok())
-        .collect();
+    let durations = crate::sim::parse_runtimes(&runtimes.display().to_string(), &text)?;
     let tenants = replay::synthetic_tenants(&region);
     let mut jobs = replay::synthetic_jobs(&region, &tenants, &durations, 1.0, count, 42)?;
     for job in &mut jobs {

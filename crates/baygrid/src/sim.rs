@@ -419,7 +419,7 @@ fn hours(seconds: f64) -> String {
 }
 
 /// One column, `runtime`, in seconds.
-fn parse_runtimes(file: &str, text: &str) -> anyhow::Result<Vec<f64>> {
+pub fn parse_runtimes(file: &str, text: &str) -> anyhow::Result<Vec<f64>> {
     let mut lines = text.lines();
     if lines.next().map(str::trim) != Some("runtime") {
         bail!("{file}: the header must be `runtime`");

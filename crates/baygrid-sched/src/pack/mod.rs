@@ -579,12 +579,10 @@ impl PackHarness {
             for model in &task.gpu_spec {
                 mask |= 1u64 << models.bit(model)?;
             }
-            if task.num_gpu as usize > MAX_GPUS_PER_NODE {
-                // No node can hold it; it will fail, as in the cluster.
-            }
             requests.push(Request {
                 cpu: task.cpu_milli,
                 memory: task.memory_mib,
+                // more GPUs than any node has: no node fits and the task fails, as it would
                 gpus: task.num_gpu.min(u32::from(u8::MAX)) as u8,
                 milli: task.gpu_milli as u16,
                 models: if task.gpu_spec.is_empty() {

@@ -192,7 +192,7 @@ impl Acceptance {
         match self {
             Acceptance::Any => true,
             Acceptance::Nvidia => pool.vendor == "nvidia",
-            Acceptance::Ascend => pool.model.starts_with("Ascend"),
+            Acceptance::Ascend => pool.vendor == "huawei",
             Acceptance::Models(models) => models.contains(&pool.model),
         }
     }
@@ -426,42 +426,50 @@ pub fn eligible_pools(region: &Region, tenant: &SimTenant, job: &SimJob) -> Resu
     eligible_with(region, tenant, job, &rtts)
 }
 
-/// Why `pool` can never hold `job`, or `None` when it can (`rtt`: tenant to pool).
-fn refusal(job: &SimJob, pool: &Pool, rtt: Option<u32>) -> Option<String> {
+/// Why `pool` can never hold `job`, or `None` when it can (`rtt`: tenant to pool). The
+/// check allocates nothing; [`refusal_text`] words it for a rejected job.
+fn refusal(job: &SimJob, pool: &Pool, rtt: Option<u32>) -> Option<Refusal> {
     if !job.accepts.accepts(pool) {
-        Some(format!("{} is not accepted", pool.model))
+        Some(Refusal::Model)
     } else if job.per_node > pool.per_node {
-        Some(format!(
-            "{} per node, nodes have {}",
-            job.per_node, pool.per_node
-        ))
+        Some(Refusal::PerNode)
     } else if job.nodes > pool.nodes {
-        Some(format!(
-            "a gang of {} nodes, the pool has {}",
-            job.nodes, pool.nodes
-        ))
+        Some(Refusal::Gang)
     } else if job
         .jurisdictions
         .as_ref()
         .is_some_and(|allowed| !allowed.contains(&pool.jurisdiction))
     {
-        Some(format!("in {}, not allowed", pool.jurisdiction))
+        Some(Refusal::Jurisdiction)
     } else if job.latency_sensitive && rtt.is_none_or(|ms| ms > LATENCY_SENSITIVE_MAX_RTT_MS) {
-        Some(format!("more than {LATENCY_SENSITIVE_MAX_RTT_MS} ms away"))
+        Some(Refusal::Latency)
     } else {
         None
     }
 }
 
-fn fits_ever(job: &SimJob, pool: &Pool, rtt: Option<u32>) -> bool {
-    job.accepts.accepts(pool)
-        && job.per_node <= pool.per_node
-        && job.nodes <= pool.nodes
-        && job
-            .jurisdictions
-            .as_ref()
-            .is_none_or(|allowed| allowed.contains(&pool.jurisdiction))
-        && (!job.latency_sensitive || rtt.is_some_and(|ms| ms <= LATENCY_SENSITIVE_MAX_RTT_MS))
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    Model,
+    PerNode,
+    Gang,
+    Jurisdiction,
+    Latency,
+}
+
+fn refusal_text(refusal: Refusal, job: &SimJob, pool: &Pool, tenant: &SimTenant) -> String {
+    match refusal {
+        Refusal::Model => format!("{} is not accepted", pool.model),
+        Refusal::PerNode => format!("{} per node, nodes have {}", job.per_node, pool.per_node),
+        Refusal::Gang => format!("a gang of {} nodes, the pool has {}", job.nodes, pool.nodes),
+        Refusal::Jurisdiction => format!("in {}, not allowed", pool.jurisdiction),
+        Refusal::Latency => {
+            format!(
+                "more than {LATENCY_SENSITIVE_MAX_RTT_MS} ms from {}",
+                tenant.city
+            )
+        }
+    }
 }
 
 /// [`eligible_pools`] with the tenant's round trips to each pool already looked up.
@@ -471,30 +479,20 @@ fn eligible_with(
     job: &SimJob,
     rtts: &[Option<u32>],
 ) -> Result<u64, String> {
-    let mask = region
-        .pools
-        .iter()
-        .zip(rtts)
-        .enumerate()
-        .filter(|(_, (pool, rtt))| fits_ever(job, pool, **rtt))
-        .fold(0u64, |mask, (i, _)| mask | 1u64 << i);
+    let mut mask = 0u64;
+    let mut refused = Vec::new();
+    for (i, (pool, rtt)) in region.pools.iter().zip(rtts).enumerate() {
+        match refusal(job, pool, *rtt) {
+            None => mask |= 1u64 << i,
+            Some(why) => refused.push((pool, why)),
+        }
+    }
     if mask != 0 {
         return Ok(mask);
     }
-    let reasons: Vec<String> = region
-        .pools
-        .iter()
-        .zip(rtts)
-        .filter_map(|(pool, rtt)| {
-            refusal(job, pool, *rtt).map(|r| {
-                let r = if r.ends_with("ms away") {
-                    format!("{r} from {}", tenant.city)
-                } else {
-                    r
-                };
-                format!("{}: {r}", pool.name)
-            })
-        })
+    let reasons: Vec<String> = refused
+        .into_iter()
+        .map(|(pool, why)| format!("{}: {}", pool.name, refusal_text(why, job, pool, tenant)))
         .collect();
     Err(format!(
         "no cluster can ever hold this job ({})",
