@@ -78,6 +78,20 @@ pub enum BenchCommand {
         )]
         runtimes: std::path::PathBuf,
     },
+    /// ECDH private set intersection (ristretto255) of two id sets, both parties on this
+    /// machine over loopback TCP; with `--anchor`, openmined-psi (P-256) on the same sets in
+    /// the same run.
+    Psi {
+        /// Ids per party; the sets overlap by half.
+        #[arg(long, default_value_t = 1_000_000)]
+        ids: usize,
+        /// Points per streamed batch.
+        #[arg(long, default_value_t = baygrid_fusion::psi::DEFAULT_BATCH)]
+        batch: usize,
+        /// Also time openmined-psi with this script (scripts/psi-anchor.py).
+        #[arg(long)]
+        anchor: Option<std::path::PathBuf>,
+    },
     /// Durable job submissions per second over HTTP (SQLite, and PostgreSQL when given),
     /// and trivial jobs run to completion through the local engine.
     Submit {
@@ -117,6 +131,9 @@ pub async fn run(_args: &Args, cmd: &BenchCommand) -> anyhow::Result<ExitCode> {
     } = cmd
     {
         return dispatch(*clusters, *nodes, *jobs, runtimes);
+    }
+    if let BenchCommand::Psi { ids, batch, anchor } = cmd {
+        return psi_bench(*ids, *batch, anchor.as_deref());
     }
     if let BenchCommand::Rules { decisions, durable } = cmd {
         return rules_bench(*decisions, *durable).await;
@@ -891,5 +908,46 @@ fn dispatch(
         "cycle time baygrid ÷ fifo-first-fit: {:.2}",
         cycle[0] / cycle[1]
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn psi_bench(n: usize, batch: usize, anchor: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
+    use baygrid_fusion::psi::{run_loopback, Reveal};
+    anyhow::ensure!(n >= 2, "--ids: need at least 2 ids per party, got {n}");
+    let guest: Vec<String> = (0..n).map(|i| i.to_string()).collect();
+    let host: Vec<String> = (n / 2..n / 2 + n).map(|i| i.to_string()).collect();
+    let start = std::time::Instant::now();
+    let (g, h) = run_loopback(&guest, &host, Reveal::Both, batch)?;
+    let seconds = start.elapsed().as_secs_f64();
+    let found = g.intersection.as_ref().map_or(0, Vec::len);
+    anyhow::ensure!(
+        found == n - n / 2 && h.intersection.as_ref().map_or(0, Vec::len) == found,
+        "intersection has {found} ids, expected {}",
+        n - n / 2
+    );
+    println!(
+        "baygrid psi (ristretto255, both learn): {n} x {n} ids, intersection {found}: {seconds:.2} s, \
+         {:.1} us per id per party, {:.1} MB each way",
+        seconds * 1e6 / n as f64,
+        g.bytes_sent as f64 / 1e6
+    );
+    if let Some(script) = anchor {
+        let out = std::process::Command::new("python3")
+            .arg(script)
+            .arg(n.to_string())
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "anchor failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        let line = String::from_utf8_lossy(&out.stdout);
+        let anchor: serde_json::Value = serde_json::from_str(line.trim())?;
+        let anchor_s = anchor["seconds"].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "openmined-psi (P-256, in one process): {anchor_s:.2} s; baygrid / anchor = {:.3}",
+            seconds / anchor_s
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
