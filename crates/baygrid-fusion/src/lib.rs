@@ -5,5 +5,9 @@
 //! - [`data`]: party tables read from CSV.
 
 pub mod data;
+pub mod dp;
+pub mod hetero;
+pub mod homo;
+pub mod metrics;
 pub mod psi;
 pub mod secagg;
