@@ -92,6 +92,19 @@ pub enum BenchCommand {
         #[arg(long)]
         anchor: Option<std::path::PathBuf>,
     },
+    /// Secure aggregation's cost per round against plain FedAvg, on default_credit_homo's
+    /// three parties (logistic regression and an MLP), in the same run.
+    Fusion {
+        /// The directory holding FATE's example CSVs.
+        #[arg(long, default_value = "../shared/data/fate")]
+        data: std::path::PathBuf,
+        /// Rounds per run.
+        #[arg(long, default_value_t = 30)]
+        rounds: usize,
+        /// Hidden units of the MLP.
+        #[arg(long, default_value_t = 64)]
+        hidden: usize,
+    },
     /// Durable job submissions per second over HTTP (SQLite, and PostgreSQL when given),
     /// and trivial jobs run to completion through the local engine.
     Submit {
@@ -131,6 +144,14 @@ pub async fn run(_args: &Args, cmd: &BenchCommand) -> anyhow::Result<ExitCode> {
     } = cmd
     {
         return dispatch(*clusters, *nodes, *jobs, runtimes);
+    }
+    if let BenchCommand::Fusion {
+        data,
+        rounds,
+        hidden,
+    } = cmd
+    {
+        return fusion_bench(data, *rounds, *hidden);
     }
     if let BenchCommand::Psi { ids, batch, anchor } = cmd {
         return psi_bench(*ids, *batch, anchor.as_deref());
@@ -948,6 +969,67 @@ fn psi_bench(n: usize, batch: usize, anchor: Option<&std::path::Path>) -> anyhow
             "openmined-psi (P-256, in one process): {anchor_s:.2} s; baygrid / anchor = {:.3}",
             seconds / anchor_s
         );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn fusion_bench(data: &std::path::Path, rounds: usize, hidden: usize) -> anyhow::Result<ExitCode> {
+    use baygrid_fusion::data::Table;
+    use baygrid_fusion::homo::{self, Arch, HomoConfig};
+    let parties: Vec<Table> = [
+        "default_credit_homo_guest.csv",
+        "default_credit_homo_host_1.csv",
+        "default_credit_homo_host_2.csv",
+    ]
+    .iter()
+    .map(|f| Table::read_csv(&data.join(f)))
+    .collect::<Result<_, _>>()?;
+    let device = homo::device();
+    println!(
+        "default_credit_homo, 3 parties x 8000 rows, {rounds} rounds, full-batch local step, device {device:?}"
+    );
+    println!("model       aggregation  s/round   agg s/round  bytes/round  time x   bytes x");
+    for (name, arch) in [("logistic", Arch::Logistic), ("mlp", Arch::Mlp { hidden })] {
+        let mut figures = Vec::new();
+        for plain in [true, false] {
+            let cfg = HomoConfig {
+                arch,
+                rounds,
+                local_epochs: 1,
+                learning_rate: 0.15,
+                decay: 1.0,
+                decay_sqrt: true,
+                alpha: 0.01,
+                batch_size: None,
+                secure_threshold: None,
+                plain,
+                dp: None,
+                seed: 1,
+            };
+            let report = homo::train(&cfg, &parties, &device, |_| {})?;
+            let n = report.rounds.len() as f64;
+            let secs = report.rounds.iter().map(|r| r.seconds).sum::<f64>() / n;
+            let agg = report
+                .rounds
+                .iter()
+                .map(|r| r.aggregation_seconds)
+                .sum::<f64>()
+                / n;
+            let bytes = report.rounds.iter().map(|r| r.bytes as f64).sum::<f64>() / n;
+            figures.push((secs, bytes));
+            let (ts, tb) = if plain {
+                (String::new(), String::new())
+            } else {
+                (
+                    format!("{:.2}", secs / figures[0].0),
+                    format!("{:.2}", bytes / figures[0].1),
+                )
+            };
+            println!(
+                "{name:<11} {:<12} {secs:<9.4} {agg:<12.5} {bytes:<12.0} {ts:<8} {tb}",
+                if plain { "plain" } else { "secure" }
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

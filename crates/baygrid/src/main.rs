@@ -3,6 +3,7 @@
 mod audit;
 mod bench;
 mod cli;
+mod fusion;
 mod output;
 mod rules;
 mod sim;
@@ -122,6 +123,9 @@ pub enum Command {
     /// Cross-border flows decided by the exchange, recorded and counted.
     #[command(subcommand)]
     Flow(rules::FlowCommand),
+    /// Sample-data fusion training (样本数据融合训练): PSI, federated and vertical models.
+    #[command(subcommand)]
+    Fusion(fusion::FusionCommand),
     /// The simulator: the dispatcher and its baselines on traces, deterministic per seed.
     Sim(sim::SimArgs),
     /// Benchmarks that print figures.
@@ -173,6 +177,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Command::Rules(cmd) => rules::run(&args, cmd),
         Command::Evidence(cmd) => rules::evidence(&args, cmd).await,
         Command::Flow(cmd) => rules::flow(&args, cmd).await,
+        Command::Fusion(cmd) => fusion::run(&args, cmd),
         Command::Sim(sim) => sim::run(&args, sim),
         Command::Bench(cmd) => bench::run(&args, cmd).await,
     }
