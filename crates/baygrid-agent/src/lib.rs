@@ -54,12 +54,15 @@ pub struct AgentConfig {
     pub token_file: Option<PathBuf>,
     /// Where job directories and the agent's state live.
     pub work_dir: PathBuf,
-    /// The engine: `local` or `slurm`.
+    /// The engine: `local`, `slurm` or (built with the `k8s` feature) `kubernetes`.
     #[serde(default = "default_engine")]
     pub engine: String,
     /// Settings for the Slurm engine.
     #[serde(default)]
     pub slurm: baygrid_exec::SlurmConfig,
+    /// Settings for the Kubernetes engine.
+    #[serde(default)]
+    pub kubernetes: baygrid_exec::KubernetesConfig,
     /// Most jobs running at once.
     #[serde(default = "default_max_running")]
     pub max_running: u32,
@@ -67,6 +70,12 @@ pub struct AgentConfig {
     #[serde(default = "default_poll", with = "duration_text")]
     pub poll_interval: Duration,
 }
+
+/// The engines this build has.
+#[cfg(feature = "k8s")]
+pub const ENGINES: &[&str] = &["local", "slurm", "kubernetes"];
+#[cfg(not(feature = "k8s"))]
+pub const ENGINES: &[&str] = &["local", "slurm"];
 
 fn default_engine() -> String {
     "local".into()
@@ -108,12 +117,13 @@ impl AgentConfig {
             path: path.to_path_buf(),
             message,
         })?;
-        if !["local", "slurm"].contains(&config.engine.as_str()) {
+        if !ENGINES.contains(&config.engine.as_str()) {
             return Err(AgentError::Config {
                 path: path.to_path_buf(),
                 message: format!(
-                    "engine `{}` is not available in this build: expected `local` or `slurm`",
-                    config.engine
+                    "engine `{}` is not available in this build: expected one of {}",
+                    config.engine,
+                    ENGINES.join(", ")
                 ),
             });
         }
@@ -185,6 +195,18 @@ pub async fn run(
             config.work_dir.join("jobs"),
             config.slurm.clone(),
         )),
+        #[cfg(feature = "k8s")]
+        "kubernetes" => Arc::new(
+            baygrid_exec::KubernetesEngine::connect(
+                config.kubernetes.clone(),
+                config.work_dir.join("jobs"),
+            )
+            .await
+            .map_err(|e| AgentError::Config {
+                path: PathBuf::from("kubernetes"),
+                message: e.to_string(),
+            })?,
+        ),
         _ => Arc::new(LocalEngine::new(config.work_dir.join("jobs"))),
     };
     let mut agent = Agent {
@@ -426,6 +448,7 @@ impl Agent {
     async fn launch(&mut self, grant: LeaseGrant) {
         let spec = LaunchSpec {
             job_id: grant.job_id.clone(),
+            tenant: grant.tenant.clone(),
             epoch: grant.epoch,
             command: grant.spec.command.clone(),
             env: grant.spec.env.clone(),

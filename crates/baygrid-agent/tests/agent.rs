@@ -64,6 +64,7 @@ async fn start_agent(
         work_dir: work_dir.to_path_buf(),
         engine: "local".into(),
         slurm: Default::default(),
+        kubernetes: Default::default(),
         max_running: 8,
         poll_interval: Duration::from_millis(100),
     };
@@ -473,10 +474,22 @@ async fn an_agent_cut_off_from_the_server_stops_its_jobs_after_the_lease_ttl() {
 #[test]
 fn the_shipped_agent_configs_load() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy");
-    for name in ["agent-slurm.toml", "agent-local.toml"] {
+    for name in [
+        "agent-slurm.toml",
+        "agent-local.toml",
+        "agent-kubernetes.toml",
+    ] {
         let text = std::fs::read_to_string(root.join(name)).unwrap();
         // the token file is site-specific; the rest must parse as it stands
         let config: AgentConfig = toml::from_str(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert!(config.token_file.is_some());
+        if name == "agent-kubernetes.toml" {
+            assert_eq!(config.engine, "kubernetes");
+            assert_eq!(
+                config.kubernetes.resources.get("910B").map(String::as_str),
+                Some("huawei.com/Ascend910")
+            );
+            assert_eq!(config.kubernetes.scheduler_name, "volcano");
+        }
     }
 }

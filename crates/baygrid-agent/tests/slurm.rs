@@ -92,6 +92,7 @@ async fn setup(dir: &Path, h800_partition: &str) -> Setup {
             work_dir: dir.join(name),
             engine: "slurm".into(),
             slurm,
+            kubernetes: Default::default(),
             max_running: 16,
             poll_interval: Duration::from_millis(250),
         };

@@ -4,6 +4,9 @@
 //! A [`JobHandle`] is plain data: the agent persists it, and after a restart gives it back to
 //! [`Engine::status`] to re-attach to a job that is still running.
 
+#[cfg(feature = "k8s")]
+pub mod kubernetes;
+mod kubernetes_config;
 mod local;
 mod slurm;
 
@@ -12,6 +15,9 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+#[cfg(feature = "k8s")]
+pub use kubernetes::KubernetesEngine;
+pub use kubernetes_config::KubernetesConfig;
 pub use local::LocalEngine;
 pub use slurm::{map_state as map_slurm_state, SlurmConfig, SlurmEngine};
 
@@ -31,6 +37,8 @@ pub enum ExecError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LaunchSpec {
     pub job_id: String,
+    /// The tenant the job runs for (engines with namespaces keep tenants apart by it).
+    pub tenant: String,
     pub epoch: i64,
     pub command: String,
     pub env: BTreeMap<String, String>,
@@ -125,11 +133,21 @@ impl LogCursor {
         if (bytes.len() as u64) <= offset {
             return Vec::new();
         }
+        self.take_new_lines(key, &bytes, ended)
+    }
+
+    /// The lines of `bytes` (the whole output so far of stream `key`) past this cursor:
+    /// complete lines only, unless the writer has `ended`.
+    pub fn take_new_lines(&mut self, key: &str, bytes: &[u8], ended: bool) -> Vec<String> {
+        let offset = self.offsets.get(key).copied().unwrap_or(0);
+        if (bytes.len() as u64) <= offset {
+            return Vec::new();
+        }
         let fresh = &bytes[offset as usize..];
-        let upto = match fresh.iter().rposition(|b| *b == b'\n') {
-            Some(i) => i + 1,
-            None if ended => fresh.len(),
-            None => 0,
+        let upto = if ended {
+            fresh.len()
+        } else {
+            fresh.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1)
         };
         self.offsets.insert(key.to_string(), offset + upto as u64);
         String::from_utf8_lossy(&fresh[..upto])

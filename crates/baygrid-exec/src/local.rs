@@ -274,6 +274,7 @@ mod tests {
     fn spec(command: &str, nodes: u32) -> LaunchSpec {
         LaunchSpec {
             job_id: "job_t".into(),
+            tenant: "t".into(),
             epoch: 1,
             command: command.into(),
             env: [("GREETING".to_string(), "hi".to_string())].into(),

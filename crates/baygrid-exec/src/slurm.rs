@@ -542,6 +542,7 @@ mod tests {
         );
         let spec = LaunchSpec {
             job_id: "job_x".into(),
+            tenant: "t".into(),
             epoch: 2,
             command: "python train.py".into(),
             env: BTreeMap::new(),

@@ -365,6 +365,7 @@ async fn run_to_completion(dir: &std::path::Path, count: usize) -> anyhow::Resul
         work_dir: dir.join("agent"),
         engine: "local".into(),
         slurm: Default::default(),
+        kubernetes: Default::default(),
         max_running: 256,
         poll_interval: Duration::from_millis(50),
     };

@@ -193,6 +193,7 @@ pub async fn start_exchange(
             })?,
             engine: "local".into(),
             slurm: Default::default(),
+            kubernetes: Default::default(),
             max_running: 64,
             poll_interval: Duration::from_millis(250),
         };

@@ -825,3 +825,55 @@ fn sim_replay_runs_three_policies_with_the_bound_and_names_bad_input() {
     assert!(!bad.status.success());
     assert!(stderr(&bad).contains("`load`"), "{}", stderr(&bad));
 }
+
+#[test]
+fn fusion_eval_reproduces_fate_and_names_bad_input() {
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/fusion");
+    let out = baygrid(
+        &[
+            "fusion",
+            "eval",
+            &format!("{examples}/breast-hetero-lr.yaml"),
+            "--output",
+            "json",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let report: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(report["psi"]["intersection"], 569);
+    assert_eq!(report["psi"]["matches_plain"], true);
+    let auc = report["results"][0]["scores"]["auc"].as_f64().unwrap();
+    assert!((auc - 0.975186).abs() <= 0.005, "train AUC {auc}");
+    assert_eq!(report["results"][0]["model"], "federated");
+    // progress per iteration on stderr
+    assert!(stderr(&out).contains("iteration   5"), "{}", stderr(&out));
+
+    let out = baygrid(
+        &["fusion", "eval", &format!("{examples}/breast-homo-lr.yaml")],
+        &[],
+    );
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(
+        stdout(&out).contains("secure aggregation needs at least 3"),
+        "{}",
+        stdout(&out)
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        format!(
+            "task: homo-lr\nparties:\n  - name: a\n    file: {examples}/../../../shared/data/fate/breast_homo_guest.csv\nsettings:\n  rounds: 3\n  learning_rat: 0.1\n"
+        ),
+    )
+    .unwrap();
+    let out = baygrid(&["fusion", "eval", bad.to_str().unwrap()], &[]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("learning_rat"), "{}", stderr(&out));
+    std::fs::write(&bad, "task: vertical-boost\nparties: []\n").unwrap();
+    let out = baygrid(&["fusion", "eval", bad.to_str().unwrap()], &[]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("task"), "{}", stderr(&out));
+}
