@@ -213,3 +213,52 @@ impl Table {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Table, DataError> {
+        Table::parse_csv(text, Path::new("t.csv"))
+    }
+
+    #[test]
+    fn reads_ids_labels_and_features() {
+        let t = parse("id,y,x0,x1\na,1,0.5,-1\nb,0,2,3\n").unwrap();
+        assert_eq!(t.ids, vec!["a", "b"]);
+        assert_eq!(t.labels, Some(vec![1.0, 0.0]));
+        assert_eq!(t.columns, vec!["x0", "x1"]);
+        assert_eq!(t.row(1), &[2.0, 3.0]);
+        let h = parse("id,x0\na,1\n").unwrap();
+        assert_eq!(h.labels, None);
+    }
+
+    #[test]
+    fn errors_name_the_file_line_and_column() {
+        let e = parse("id,y,x0\na,1,0.5\nb,0,zz\n").unwrap_err().to_string();
+        assert_eq!(e, "t.csv:3: column `x0`: `zz` is not a number");
+        let e = parse("id,y,x0\na,2,0.5\n").unwrap_err().to_string();
+        assert!(e.contains("t.csv:2") && e.contains("must be 0 or 1"), "{e}");
+        let e = parse("id,y,x0\na,1\n").unwrap_err().to_string();
+        assert!(e.contains("expected 3 fields, found 2"), "{e}");
+        let e = parse("key,x0\n").unwrap_err().to_string();
+        assert!(e.contains("`id`"), "{e}");
+        assert!(matches!(parse(""), Err(DataError::Empty { .. })));
+    }
+
+    #[test]
+    fn split_and_sample_are_seeded_and_keep_order() {
+        let text: String = std::iter::once("id,x0".to_string())
+            .chain((0..100).map(|i| format!("{i},{i}")))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let t = parse(&text).unwrap();
+        let (a, b) = t.split(0.2, 7);
+        assert_eq!((a.rows(), b.rows()), (20, 80));
+        assert_eq!(t.split(0.2, 7).0, a);
+        let ids: Vec<usize> = a.ids.iter().map(|s| s.parse().unwrap()).collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(t.sample(0.75, 1).rows(), 75);
+        assert!(a.concat(&b).is_ok());
+    }
+}

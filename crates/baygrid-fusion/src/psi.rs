@@ -36,6 +36,8 @@ const FRAME_OWN: u8 = 2;
 const FRAME_OWN_END: u8 = 3;
 const FRAME_ECHO: u8 = 4;
 const FRAME_ECHO_END: u8 = 5;
+/// A peer silent for this long fails the run rather than hanging it.
+pub const IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 /// Largest batch a peer may announce; bounds what one frame can allocate.
 const MAX_FRAME_POINTS: u32 = 1 << 20;
 
@@ -431,6 +433,8 @@ pub fn run_loopback(
         let host = scope.spawn(move || -> Result<PsiOutcome, PsiError> {
             let (stream, _) = listener.accept()?;
             stream.set_nodelay(true)?;
+            stream.set_read_timeout(Some(IO_TIMEOUT))?;
+            stream.set_write_timeout(Some(IO_TIMEOUT))?;
             let reader = stream.try_clone()?;
             run_party(
                 Role::Host,
@@ -444,6 +448,8 @@ pub fn run_loopback(
         });
         let stream = std::net::TcpStream::connect(addr)?;
         stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+        stream.set_write_timeout(Some(IO_TIMEOUT))?;
         let reader = stream.try_clone()?;
         let guest = run_party(
             Role::Guest,

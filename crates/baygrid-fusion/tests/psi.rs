@@ -126,3 +126,78 @@ proptest! {
         prop_assert_eq!(ho.intersection.unwrap(), plain(&b, &a));
     }
 }
+
+/// A peer that hangs up, or speaks something else, ends the run with an error.
+#[test]
+fn a_broken_peer_is_an_error_not_a_hang() {
+    use baygrid_fusion::psi::{run_party, Role};
+    use std::io::Write;
+    let ids: Vec<String> = (0..5000).map(|i| i.to_string()).collect();
+    for garbage in [
+        &b""[..],
+        &b"\x09\x00\x00\x00\x00"[..],
+        &b"\x02\xff\xff\xff\xff"[..],
+    ] {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let peer = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            s.write_all(garbage).unwrap();
+        });
+        let stream = std::net::TcpStream::connect(addr).unwrap();
+        let reader = stream.try_clone().unwrap();
+        let err = run_party(
+            Role::Guest,
+            &ids,
+            Reveal::Both,
+            256,
+            reader,
+            stream,
+            &mut rand::rngs::OsRng,
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("transport") || text.contains("protocol"),
+            "{text}"
+        );
+        peer.join().unwrap();
+    }
+}
+
+#[test]
+fn a_reveal_mismatch_is_refused() {
+    use baygrid_fusion::psi::{run_party, Role};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let host = std::thread::spawn(move || {
+        let (s, _) = listener.accept().unwrap();
+        let r = s.try_clone().unwrap();
+        run_party(
+            Role::Host,
+            &ids(&["a"]),
+            Reveal::Designated,
+            4,
+            r,
+            s,
+            &mut rand::rngs::OsRng,
+        )
+    });
+    let s = std::net::TcpStream::connect(addr).unwrap();
+    let r = s.try_clone().unwrap();
+    let guest = run_party(
+        Role::Guest,
+        &ids(&["a"]),
+        Reveal::Both,
+        4,
+        r,
+        s,
+        &mut rand::rngs::OsRng,
+    );
+    let host = host.join().unwrap();
+    let refused = [guest, host]
+        .into_iter()
+        .filter_map(Result::err)
+        .any(|e| e.to_string().contains("settings disagree"));
+    assert!(refused);
+}
