@@ -36,7 +36,12 @@ fn slurm_available() -> bool {
 struct Setup {
     server: RunningServer,
     tenant: Client,
-    _agents: Vec<watch::Sender<bool>>,
+    /// Per cluster: the agent's stop switch, its task and its config (to start it again).
+    agents: Vec<(
+        watch::Sender<bool>,
+        tokio::task::JoinHandle<()>,
+        AgentConfig,
+    )>,
 }
 
 /// A server with two Slurm-backed clusters on this node: `slurm-h800` runs one task per
@@ -97,13 +102,14 @@ async fn setup(dir: &Path, h800_partition: &str) -> Setup {
             poll_interval: Duration::from_millis(250),
         };
         let (stop, stopped) = watch::channel(false);
-        tokio::spawn(async move { baygrid_agent::run(config, stopped).await.unwrap() });
-        agents.push(stop);
+        let again = config.clone();
+        let task = tokio::spawn(async move { baygrid_agent::run(config, stopped).await.unwrap() });
+        agents.push((stop, task, again));
     }
     Setup {
         server,
         tenant,
-        _agents: agents,
+        agents,
     }
 }
 
@@ -151,8 +157,9 @@ async fn real_slurm_jobs_through_the_agent() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let setup = setup(dir.path(), "").await;
-    let tenant = &setup.tenant;
+    let mut setup = setup(dir.path(), "").await;
+    let tenant_client = setup.tenant.clone();
+    let tenant = &tenant_client;
     let submit = |spec: JobSpec| async move {
         tenant
             .post::<_, JobView>("/api/v1/jobs", &spec)
@@ -273,6 +280,31 @@ async fn real_slurm_jobs_through_the_agent() {
         .await
         .iter()
         .any(|(_, l)| l == "survived"));
+
+    // the agent restarts while a Slurm job runs: the new agent re-attaches to it by its
+    // Slurm job id and tracks it to its end
+    let reattached = submit(spec("reattached", "H800", "1m", "sleep 6\necho reattached")).await;
+    wait(tenant, &reattached, Duration::from_secs(60), |j| {
+        j.state == JobState::Running
+    })
+    .await;
+    let (stop, task, config) = setup.agents.remove(0);
+    let _ = stop.send(true);
+    task.await.unwrap();
+    let (stop, stopped) = watch::channel(false);
+    let again = config.clone();
+    let task = tokio::spawn(async move { baygrid_agent::run(config, stopped).await.unwrap() });
+    setup.agents.insert(0, (stop, task, again));
+    let done = wait(tenant, &reattached, Duration::from_secs(90), |j| {
+        j.state.is_terminal()
+    })
+    .await;
+    assert_eq!(done.state, JobState::Succeeded, "{}", done.reason);
+    assert_eq!(done.attempts, 0, "the job ran once, under its first lease");
+    assert!(logs(tenant, &reattached)
+        .await
+        .iter()
+        .any(|(_, l)| l == "reattached"));
 
     // the time limit (estimated 10 s × 1.5, rounded up to Slurm's one minute) ends the overrun
     let done = wait(tenant, &timeout_job, Duration::from_secs(240), |j| {
