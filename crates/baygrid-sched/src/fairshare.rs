@@ -10,6 +10,8 @@ use std::collections::BTreeMap;
 pub struct Usage {
     held: BTreeMap<String, BTreeMap<String, u64>>,
     capacity: BTreeMap<String, u64>,
+    /// Tenants' weights (1 when absent): a tenant of weight 2 is entitled to twice the share.
+    weights: BTreeMap<String, f64>,
 }
 
 impl Usage {
@@ -18,7 +20,23 @@ impl Usage {
         Usage {
             held: BTreeMap::new(),
             capacity,
+            weights: BTreeMap::new(),
         }
+    }
+
+    /// The same usage with tenants' weights; weights that are not positive and finite are
+    /// ignored (the server's config refuses them).
+    pub fn with_weights(mut self, weights: BTreeMap<String, f64>) -> Self {
+        self.weights = weights
+            .into_iter()
+            .filter(|(_, w)| w.is_finite() && *w > 0.0)
+            .collect();
+        self
+    }
+
+    /// The tenant's dominant share divided by its weight: what the order compares.
+    pub fn weighted_share(&self, tenant: &str) -> f64 {
+        self.share(tenant) / self.weights.get(tenant).copied().unwrap_or(1.0)
     }
 
     /// Records `accelerators` of `model` held by `tenant`.
@@ -54,9 +72,13 @@ pub struct Queued<'a> {
 }
 
 /// The indices of `jobs` in the order to consider them: higher priority first; then the
-/// tenant with the smaller dominant share; then the older job; then the original order.
+/// tenant with the smaller dominant share over its weight; then the older job; then the
+/// original order.
 pub fn order(jobs: &[Queued<'_>], usage: &Usage) -> Vec<usize> {
-    let shares: Vec<f64> = jobs.iter().map(|j| usage.share(j.tenant)).collect();
+    let shares: Vec<f64> = jobs
+        .iter()
+        .map(|j| usage.weighted_share(j.tenant))
+        .collect();
     let mut indices: Vec<usize> = (0..jobs.len()).collect();
     indices.sort_by(|&a, &b| {
         jobs[b]
@@ -72,6 +94,40 @@ pub fn order(jobs: &[Queued<'_>], usage: &Usage) -> Vec<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn weights_scale_the_share_a_tenant_is_entitled_to() {
+        let capacity = BTreeMap::from([("H800".to_string(), 100)]);
+        let mut usage = Usage::new(capacity);
+        usage.add("heavy", "H800", 40); // 0.4, weight 4 → 0.1
+        usage.add("light", "H800", 20); // 0.2, weight 1 → 0.2
+        let usage = usage.with_weights(BTreeMap::from([
+            ("heavy".to_string(), 4.0),
+            ("bad".to_string(), -1.0),
+        ]));
+        assert!((usage.weighted_share("heavy") - 0.1).abs() < 1e-12);
+        assert!((usage.weighted_share("light") - 0.2).abs() < 1e-12);
+        assert_eq!(usage.weighted_share("bad"), 0.0);
+        let jobs = [
+            Queued {
+                priority: 0,
+                tenant: "light",
+                submitted_ms: 1,
+            },
+            Queued {
+                priority: 0,
+                tenant: "heavy",
+                submitted_ms: 2,
+            },
+        ];
+        // the heavier-weighted tenant is further below its entitlement: it goes first
+        assert_eq!(order(&jobs, &usage), vec![1, 0]);
+        // without weights, the one holding less goes first
+        let mut plain = Usage::new(BTreeMap::from([("H800".to_string(), 100)]));
+        plain.add("heavy", "H800", 40);
+        plain.add("light", "H800", 20);
+        assert_eq!(order(&jobs, &plain), vec![0, 1]);
+    }
 
     #[test]
     fn the_least_served_tenant_goes_first_within_a_priority() {

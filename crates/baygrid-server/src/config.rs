@@ -66,6 +66,9 @@ pub struct ServerConfig {
     /// with each further loss, at most an hour.
     #[serde(with = "humantime_serde")]
     pub failover_backoff: Duration,
+    /// Tenants' fair-share weights (1 when absent): the scheduling cycle orders queued jobs
+    /// by each tenant's dominant share divided by its weight.
+    pub tenant_weights: std::collections::BTreeMap<String, f64>,
 }
 
 impl Default for ServerConfig {
@@ -88,6 +91,7 @@ impl Default for ServerConfig {
             hold_timeout: Duration::from_secs(30 * 24 * 3600),
             rule_pack: String::new(),
             failover_backoff: Duration::from_secs(60),
+            tenant_weights: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -122,6 +126,13 @@ impl ServerConfig {
         }
         if self.hold_margin_pct < 100 {
             return Err("hold_margin_pct must be at least 100: a hold covers the estimate".into());
+        }
+        for (tenant, weight) in &self.tenant_weights {
+            if !(weight.is_finite() && *weight > 0.0) {
+                return Err(format!(
+                    "tenant_weights.{tenant}: must be a positive number, got {weight}"
+                ));
+            }
         }
         Ok(())
     }
@@ -166,6 +177,14 @@ mod tests {
         std::fs::write(&path, "lisen = \"127.0.0.1:1\"").unwrap();
         let err = ServerConfig::load(&path).unwrap_err().to_string();
         assert!(err.contains("lisen"), "{err}");
+        std::fs::write(&path, "[tenant_weights]\nhk-bank = 0\n").unwrap();
+        let err = ServerConfig::load(&path).unwrap_err().to_string();
+        assert!(err.contains("tenant_weights.hk-bank"), "{err}");
+        std::fs::write(&path, "[tenant_weights]\nhk-bank = 2.5\n").unwrap();
+        assert_eq!(
+            ServerConfig::load(&path).unwrap().tenant_weights["hk-bank"],
+            2.5
+        );
         std::fs::write(&path, "lease_ttl = \"1s\"").unwrap();
         assert!(ServerConfig::load(&path)
             .unwrap_err()

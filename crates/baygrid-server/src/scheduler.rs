@@ -79,7 +79,7 @@ async fn live_market_and_usage(
         *capacity.entry(c.cluster.accelerator.clone()).or_default() +=
             u64::from(c.cluster.nodes * c.cluster.accelerators_per_node);
     }
-    let mut usage = Usage::new(capacity);
+    let mut usage = Usage::new(capacity).with_weights(state.config.tenant_weights.clone());
     for active in state.store.active_allocations().await? {
         let allocation = &active.allocation;
         if let Some(model) = &allocation.accelerator {
