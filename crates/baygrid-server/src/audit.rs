@@ -28,6 +28,8 @@ pub struct AuditLog {
     key: SigningKey,
     tree: Mutex<Tree>,
     checkpoint: RwLock<String>,
+    /// The tree size the current checkpoint signs.
+    published: std::sync::atomic::AtomicU64,
 }
 
 impl AuditLog {
@@ -62,6 +64,7 @@ impl AuditLog {
             key,
             tree: Mutex::new(Tree::new()),
             checkpoint: RwLock::new(String::new()),
+            published: std::sync::atomic::AtomicU64::new(0),
         };
         log.publish();
         Ok(log)
@@ -75,6 +78,8 @@ impl AuditLog {
         let tree = self.tree.lock().expect("audit tree lock");
         let note = sign_checkpoint(&self.origin, tree.len(), &tree.root(), &self.key);
         *self.checkpoint.write().expect("checkpoint lock") = note;
+        self.published
+            .store(tree.len(), std::sync::atomic::Ordering::SeqCst);
     }
 
     pub fn checkpoint(&self) -> String {
@@ -124,6 +129,11 @@ pub async fn sync(state: &AppState) -> Result<u64, ApiError> {
         }
         let mut tree = log.tree.lock().expect("audit tree lock");
         for row in &rows {
+            // A concurrent sync (the background one and a reader's) may have appended
+            // these rows while this one was reading them: they are already in the tree.
+            if row.seq <= tree.len() as i64 {
+                continue;
+            }
             if row.seq != tree.len() as i64 + 1 {
                 return Err(ApiError::Unavailable(format!(
                     "outbox has a gap before seq {}",
@@ -134,7 +144,9 @@ pub async fn sync(state: &AppState) -> Result<u64, ApiError> {
             appended += 1;
         }
     }
-    if appended > 0 {
+    // Also when a concurrent sync appended and has not signed yet: a reader never gets a
+    // checkpoint older than the tree it synced.
+    if appended > 0 || log.published.load(std::sync::atomic::Ordering::SeqCst) != log.size() {
         log.publish();
     }
     Ok(appended)

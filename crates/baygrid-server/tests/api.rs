@@ -1046,3 +1046,56 @@ async fn the_operator_token_survives_a_restart() {
     assert_eq!(mode & 0o777, 0o600);
     second.stop().await;
 }
+
+/// Readers asking for checkpoints while entries are written, alongside the background
+/// sync: every answer is a checkpoint (never a spurious "gap"), and sizes never go back.
+#[tokio::test]
+async fn concurrent_checkpoint_reads_while_writing_never_fail() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(None, dir.path()).await;
+    let operator = Client::new(&server.url(), Some(server.operator_token.clone()));
+    let tenant = add_tenant(
+        &operator,
+        "audit-race",
+        Jurisdiction::CN,
+        "shenzhen",
+        "100000.00 CNY",
+    )
+    .await;
+    let base = server.url();
+    let writer = {
+        let tenant = tenant.clone();
+        tokio::spawn(async move {
+            for _ in 0..150 {
+                let _: JobView = tenant.post("/api/v1/jobs", &spec(SMALL)).await.unwrap();
+            }
+        })
+    };
+    let mut readers = Vec::new();
+    for _ in 0..4 {
+        let (base, token) = (base.clone(), server.operator_token.clone());
+        readers.push(tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let mut last = 0u64;
+            for _ in 0..60 {
+                let response = http
+                    .get(format!("{base}/api/v1/audit/checkpoint"))
+                    .bearer_auth(&token)
+                    .send()
+                    .await
+                    .unwrap();
+                let status = response.status();
+                let text = response.text().await.unwrap();
+                assert!(status.is_success(), "{status}: {text}");
+                let size: u64 = text.lines().nth(1).unwrap().parse().unwrap();
+                assert!(size >= last, "checkpoint went back from {last} to {size}");
+                last = size;
+            }
+        }));
+    }
+    writer.await.unwrap();
+    for r in readers {
+        r.await.unwrap();
+    }
+    server.stop().await;
+}
