@@ -482,3 +482,37 @@ pub fn run_loopback(
         Ok((guest?, host?))
     })
 }
+
+/// Seconds per point of each step a party takes per id, over `n` ids: hashing into the
+/// group, variable-base multiplication, compression (one at a time and in a batch), and
+/// decompression. For `baygrid bench psi --ops`.
+pub fn step_costs(n: usize) -> Vec<(&'static str, f64)> {
+    use std::time::Instant;
+    let ids: Vec<String> = (0..n).map(|i| i.to_string()).collect();
+    let key = PsiKey::random(&mut rand::rngs::OsRng);
+    let per = |t: Instant| t.elapsed().as_secs_f64() / n as f64;
+
+    let t = Instant::now();
+    let points: Vec<RistrettoPoint> = ids.iter().map(|i| hash_to_group(i.as_bytes())).collect();
+    let hash = per(t);
+    let t = Instant::now();
+    let blinded: Vec<RistrettoPoint> = points.iter().map(|p| p * key.0).collect();
+    let mul = per(t);
+    let t = Instant::now();
+    let single: Vec<CompressedRistretto> = blinded.iter().map(|p| p.compress()).collect();
+    let compress = per(t);
+    let t = Instant::now();
+    let batch = RistrettoPoint::double_and_compress_batch(&blinded);
+    let compress_batch = per(t);
+    let t = Instant::now();
+    let back = single.iter().filter_map(|c| c.decompress()).count();
+    let decompress = per(t);
+    assert_eq!((back, batch.len()), (n, n));
+    vec![
+        ("hash to group", hash),
+        ("scalar multiplication", mul),
+        ("compress, one at a time", compress),
+        ("double-and-compress, batched", compress_batch),
+        ("decompress", decompress),
+    ]
+}

@@ -91,6 +91,9 @@ pub enum BenchCommand {
         /// Also time openmined-psi with this script (scripts/psi-anchor.py).
         #[arg(long)]
         anchor: Option<std::path::PathBuf>,
+        /// Time each step of the curve arithmetic per id instead (over this many ids).
+        #[arg(long)]
+        ops: Option<usize>,
     },
     /// Secure aggregation's cost per round against plain FedAvg, on default_credit_homo's
     /// three parties (logistic regression and an MLP), in the same run.
@@ -153,7 +156,21 @@ pub async fn run(_args: &Args, cmd: &BenchCommand) -> anyhow::Result<ExitCode> {
     {
         return fusion_bench(data, *rounds, *hidden);
     }
-    if let BenchCommand::Psi { ids, batch, anchor } = cmd {
+    if let BenchCommand::Psi {
+        ids,
+        batch,
+        anchor,
+        ops,
+    } = cmd
+    {
+        if let Some(n) = ops {
+            anyhow::ensure!(*n > 0, "--ops: need at least one id");
+            println!("curve arithmetic per id, single thread, {n} ids:");
+            for (step, seconds) in baygrid_fusion::psi::step_costs(*n) {
+                println!("  {step:<30} {:>7.2} us", seconds * 1e6);
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
         return psi_bench(*ids, *batch, anchor.as_deref());
     }
     if let BenchCommand::Rules { decisions, durable } = cmd {
