@@ -395,6 +395,9 @@ impl KubernetesEngine {
                 ..Default::default()
             };
             let result = async {
+                if let Some(dir) = file.parent() {
+                    tokio::fs::create_dir_all(dir).await?;
+                }
                 let mut out = tokio::fs::File::create(&file).await?;
                 let stream = api
                     .log_stream(&pod, &params)
@@ -838,7 +841,6 @@ impl Engine for KubernetesEngine {
         cursor: &mut LogCursor,
     ) -> Result<Vec<OutputLine>, ExecError> {
         let (namespace, name) = Self::handle_parts(handle)?;
-        std::fs::create_dir_all(&handle.dir)?;
         let mut out = Vec::new();
         for pod in self.watched_pods(&namespace, &name).await? {
             let phase = pod

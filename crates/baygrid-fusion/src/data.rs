@@ -152,12 +152,7 @@ impl Table {
 
     /// Keep a seeded random `keep` fraction of rows (original order kept).
     pub fn sample(&self, keep: f64, seed: u64) -> Table {
-        let mut index: Vec<usize> = (0..self.rows()).collect();
-        index.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
-        let n = ((self.rows() as f64) * keep).round() as usize;
-        let mut kept = index[..n.min(self.rows())].to_vec();
-        kept.sort_unstable();
-        self.select(&kept)
+        self.split(keep, seed).0
     }
 
     /// Split rows by a seeded shuffle into (first `fraction`, rest), each in

@@ -213,6 +213,32 @@ fn secure_product(
     (owner_share, other_share, 8 * (e.len() + f.len()))
 }
 
+/// The owner's gradient Xᵀ(4d)/(4n) from its own share of 4d (multiplied locally) and the
+/// other party's (through one dealer correlation; the other's product share goes to the
+/// owner). Returns the gradient and the bytes moved.
+fn gradient(
+    owner: &Party,
+    own: &[u64],
+    other: &[u64],
+    dealer: &mut Dealer,
+    n: usize,
+) -> (Vec<f64>, usize) {
+    let (owner_part, other_part, dealt) = dealer.correlation(n, owner.m);
+    let (owner_share, other_share, moved) =
+        secure_product(&owner.x, owner.m, other, &owner_part, &other_part);
+    let local = xt_u(&owner.x, owner.m, own);
+    let grad = (0..owner.m)
+        .map(|j| {
+            let total = local[j]
+                .wrapping_add(owner_share[j])
+                .wrapping_add(other_share[j]);
+            dec_product(total) / (4.0 * n as f64)
+        })
+        .collect();
+    // the other party's product share travels to the owner
+    (grad, dealt + moved + 8 * owner.m)
+}
+
 /// One party's features, fixed-point encoded, with its weights.
 struct Party {
     x_real: Vec<f64>,
@@ -334,29 +360,10 @@ pub fn train(
             .map(|((a, b), c)| a.wrapping_add(*b).wrapping_sub(*c))
             .collect();
 
-        // 2–3. Host gradient: X_hᵀ d_host locally, X_hᵀ d_guest securely.
-        let (own, other, dealt) = dealer.correlation(n, h.m);
-        let (h_share, g_share, moved) = secure_product(&h.x, h.m, &d_guest, &own, &other);
-        bytes += dealt + moved + 8 * h.m; // guest's share → host
-        let local = xt_u(&h.x, h.m, &d_host);
-        let grad_h: Vec<f64> = (0..h.m)
-            .map(|j| {
-                let total = local[j].wrapping_add(h_share[j]).wrapping_add(g_share[j]);
-                dec_product(total) / (4.0 * n as f64)
-            })
-            .collect();
-
-        // Guest gradient: X_gᵀ d_guest locally, X_gᵀ d_host securely.
-        let (own, other, dealt) = dealer.correlation(n, g.m);
-        let (g_share, h_share, moved) = secure_product(&g.x, g.m, &d_host, &own, &other);
-        bytes += dealt + moved + 8 * g.m; // host's share → guest
-        let local = xt_u(&g.x, g.m, &d_guest);
-        let grad_g: Vec<f64> = (0..g.m)
-            .map(|j| {
-                let total = local[j].wrapping_add(g_share[j]).wrapping_add(h_share[j]);
-                dec_product(total) / (4.0 * n as f64)
-            })
-            .collect();
+        // 2–3. Each party's gradient: its own share locally, the other's securely.
+        let (grad_h, moved_h) = gradient(&h, &d_host, &d_guest, &mut dealer, n);
+        let (grad_g, moved_g) = gradient(&g, &d_guest, &d_host, &mut dealer, n);
+        bytes += moved_h + moved_g;
 
         let intercept = g.intercept;
         g.step.apply(&mut g.w, &grad_g, intercept);

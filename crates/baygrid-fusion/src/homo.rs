@@ -79,6 +79,27 @@ pub struct HomoConfig {
     pub seed: u64,
 }
 
+impl HomoConfig {
+    /// FATE's homo LR example settings: L2 (alpha 0.01), SGD at learning rate 0.15 decayed
+    /// by 1/sqrt(1 + t), 30 iterations, full batch, zero initial weights.
+    pub fn fate_lr() -> Self {
+        HomoConfig {
+            arch: Arch::Logistic,
+            rounds: 30,
+            local_epochs: 1,
+            learning_rate: 0.15,
+            decay: 1.0,
+            decay_sqrt: true,
+            alpha: 0.01,
+            batch_size: None,
+            secure_threshold: None,
+            plain: false,
+            dp: None,
+            seed: 0,
+        }
+    }
+}
+
 fn one() -> usize {
     1
 }
@@ -370,12 +391,18 @@ pub fn train(
     }
     let d = first.width();
     let dim = Model::dim(cfg.arch, d);
-    let aggregation = if parties.len() >= 3 && !cfg.plain {
+    // Secure aggregation's settings, when it runs: checked once, used every round.
+    let secure = if parties.len() >= 3 && !cfg.plain {
         let threshold = cfg.secure_threshold.unwrap_or(parties.len() / 2 + 1);
-        Params::new(parties.len(), threshold, dim)?;
-        Aggregation::Secure { threshold }
+        Some(Params::new(parties.len(), threshold, dim)?)
     } else {
-        Aggregation::Plain
+        None
+    };
+    let aggregation = match secure {
+        Some(p) => Aggregation::Secure {
+            threshold: p.threshold,
+        },
+        None => Aggregation::Plain,
     };
     let total: usize = parties.iter().map(Table::rows).sum();
     let mut global = Model::initial(cfg.arch, d, cfg.seed);
@@ -403,8 +430,8 @@ pub fn train(
             updates.push(params.iter().map(|p| p * weight).collect::<Vec<f32>>());
         }
         let agg_start = Instant::now();
-        let (sum, bytes) = match aggregation {
-            Aggregation::Plain => {
+        let (sum, bytes) = match secure {
+            None => {
                 let mut sum = vec![0.0f32; dim];
                 for u in &updates {
                     for (s, v) in sum.iter_mut().zip(u) {
@@ -413,8 +440,7 @@ pub fn train(
                 }
                 (sum, 2 * 4 * dim * parties.len())
             }
-            Aggregation::Secure { threshold } => {
-                let params = Params::new(parties.len(), threshold, dim)?;
+            Some(params) => {
                 let report = secagg::run_round(params, &updates, &[], &mut rand::rngs::OsRng)?;
                 (report.sum, report.bytes)
             }

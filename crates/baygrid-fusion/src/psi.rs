@@ -92,7 +92,10 @@ impl Reveal {
     }
 }
 
-/// A party's secret blinding scalar; fresh for every run.
+/// A party's secret blinding key, fresh for every run. The key is 2·h for the random
+/// scalar h held here: points are multiplied by h and then doubled while being compressed,
+/// which compresses a whole batch with one field inversion instead of one inverse square
+/// root per point.
 pub struct PsiKey(Scalar);
 
 impl PsiKey {
@@ -105,19 +108,11 @@ impl PsiKey {
         }
     }
 
-    /// Half the key: points are multiplied by k/2 and then doubled while being compressed,
-    /// which compresses a whole batch with one field inversion instead of one inverse
-    /// square root per point.
-    fn half(&self) -> Scalar {
-        self.0 * Scalar::from(2u8).invert()
-    }
-
     /// Hash each id into the group and blind it.
     pub fn blind<I: AsRef<[u8]>>(&self, ids: &[I]) -> Vec<[u8; 32]> {
-        let half = self.half();
         let points: Vec<RistrettoPoint> = ids
             .iter()
-            .map(|id| hash_to_group(id.as_ref()) * half)
+            .map(|id| hash_to_group(id.as_ref()) * self.0)
             .collect();
         RistrettoPoint::double_and_compress_batch(&points)
             .into_iter()
@@ -132,14 +127,13 @@ impl PsiKey {
         offset: usize,
         stream: &'static str,
     ) -> Result<Vec<[u8; 32]>, PsiError> {
-        let half = self.half();
         let blinded = points
             .iter()
             .enumerate()
             .map(|(i, p)| {
                 CompressedRistretto(*p)
                     .decompress()
-                    .map(|point| point * half)
+                    .map(|point| point * self.0)
                     .ok_or(PsiError::InvalidPoint {
                         stream,
                         index: offset + i,

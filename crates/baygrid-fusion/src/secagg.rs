@@ -183,10 +183,6 @@ fn secret_from_scalar(s: &Scalar) -> StaticSecret {
     StaticSecret::from(s.to_bytes())
 }
 
-fn random_scalar<R: RngCore + CryptoRng>(rng: &mut R) -> Scalar {
-    Scalar::random(rng)
-}
-
 impl Client {
     pub fn new<R: RngCore + CryptoRng>(
         params: Params,
@@ -197,7 +193,7 @@ impl Client {
             return Err(SecAggError::UnknownParty(index));
         }
         let channel = StaticSecret::random_from_rng(&mut *rng);
-        let mask_secret = random_scalar(rng);
+        let mask_secret = Scalar::random(rng);
         let advert = Advert {
             party: index,
             channel_key: PublicKey::from(&channel).to_bytes(),
@@ -208,7 +204,7 @@ impl Client {
             index,
             channel,
             mask_secret,
-            self_seed: random_scalar(rng),
+            self_seed: Scalar::random(rng),
             peers: BTreeMap::new(),
             held: BTreeMap::new(),
         };

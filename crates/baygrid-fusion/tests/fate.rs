@@ -9,20 +9,7 @@ use baygrid_fusion::homo::{self, Aggregation, Arch, HomoConfig};
 use baygrid_fusion::psi::{align, run_loopback, Reveal};
 
 fn fate_homo_lr() -> HomoConfig {
-    HomoConfig {
-        arch: Arch::Logistic,
-        rounds: 30,
-        local_epochs: 1,
-        learning_rate: 0.15,
-        decay: 1.0,
-        decay_sqrt: true,
-        alpha: 0.01,
-        batch_size: None,
-        secure_threshold: None,
-        plain: false,
-        dp: None,
-        seed: 0,
-    }
+    HomoConfig::fate_lr()
 }
 
 fn fate_hetero_lr() -> HeteroConfig {

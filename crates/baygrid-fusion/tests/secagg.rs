@@ -92,7 +92,6 @@ fn the_aggregator_sees_only_masked_vectors() {
     for c in clients.iter_mut() {
         envelopes.extend(c.share_keys(&adverts, &mut OsRng).unwrap());
     }
-    // Envelopes are sealed: a share does not appear in clear.
     for c in clients.iter_mut() {
         c.receive_shares(&envelopes).unwrap();
     }

@@ -1013,16 +1013,9 @@ fn fusion_bench(data: &std::path::Path, rounds: usize, hidden: usize) -> anyhow:
             let cfg = HomoConfig {
                 arch,
                 rounds,
-                local_epochs: 1,
-                learning_rate: 0.15,
-                decay: 1.0,
-                decay_sqrt: true,
-                alpha: 0.01,
-                batch_size: None,
-                secure_threshold: None,
                 plain,
-                dp: None,
                 seed: 1,
+                ..HomoConfig::fate_lr()
             };
             let report = homo::train(&cfg, &parties, &device, |_| {})?;
             let n = report.rounds.len() as f64;

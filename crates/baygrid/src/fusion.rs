@@ -311,28 +311,27 @@ fn vertical(file: &Path, spec: &FusionSpec, tables: &[Table]) -> anyhow::Result<
         .sum::<f64>()
         / report.rounds.max(1) as f64;
     report.aggregation = Some("additive shares with a dealer (guest, host, dealer)".into());
-    report.results.push(Row {
-        setting: "train".into(),
-        model: "federated".into(),
-        scores: hetero::score(&trained.model, &gtrain, &htrain)?,
-    });
-    report.results.push(Row {
-        setting: "train".into(),
-        model: "centralised".into(),
-        scores: hetero::score_central(&central, &pooled_train)?,
-    });
+    let mut pair = |setting: &str, federated: Scores, centralised: Scores| {
+        for (model, scores) in [("federated", federated), ("centralised", centralised)] {
+            report.results.push(Row {
+                setting: setting.into(),
+                model: model.into(),
+                scores,
+            });
+        }
+    };
+    pair(
+        "train",
+        hetero::score(&trained.model, &gtrain, &htrain)?,
+        hetero::score_central(&central, &pooled_train)?,
+    );
     if let Some(gtest) = gtest {
         let htest = host.select(&psi::align(&host.ids, &gtest.ids));
-        report.results.push(Row {
-            setting: "held-out".into(),
-            model: "federated".into(),
-            scores: hetero::score(&trained.model, &gtest, &htest)?,
-        });
-        report.results.push(Row {
-            setting: "held-out".into(),
-            model: "centralised".into(),
-            scores: hetero::score_central(&central, &gtest.join_columns(&htest)?)?,
-        });
+        pair(
+            "held-out",
+            hetero::score(&trained.model, &gtest, &htest)?,
+            hetero::score_central(&central, &gtest.join_columns(&htest)?)?,
+        );
     }
     Ok(report)
 }
