@@ -117,7 +117,11 @@ fn the_demo_runs_every_job_as_expected_and_exits_zero() {
         .filter(|(_, c)| **c > 0)
         .map(|(j, _)| j)
         .collect();
-    assert!(charged.len() >= 5, "{metered:?}");
+    // Demo jobs run for about a second, so most round to 0.00 CNY; which of
+    // the cheap ones reach a fen depends on the machine's speed. The
+    // many-accelerator gang and thesis-train always do; each job's exact
+    // figure is checked against its own run time below.
+    assert!(charged.len() >= 2, "{metered:?}");
     for (job, cost) in &metered {
         assert_eq!(posted.get(job).copied().unwrap_or(0), *cost, "job {job}");
         let allocation = &placed[job];
