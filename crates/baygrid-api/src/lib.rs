@@ -4,8 +4,10 @@
 //! the CLI and the agent speak through [`Client`].
 
 mod client;
+mod dataset;
 
 pub use client::{Client, ClientError};
+pub use dataset::{Column, ColumnType, DatasetError, DatasetSpec, DatasetView};
 
 use baygrid_core::{AcceleratorModel, Allocation, Cluster, JobSpec, JobState, Money, Role, Tenant};
 use baygrid_sched::Quote;
@@ -127,6 +129,10 @@ pub struct CandidateView {
     /// chosen, fits, waits or rejected.
     pub verdict: String,
     pub reason: String,
+    /// For a rejection: the spec field whose demand the cluster cannot meet (`inputs`
+    /// when the cross-border rules keep an input from its site).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
 }
 
 impl From<&Quote> for QuoteBody {
@@ -152,6 +158,7 @@ impl From<&Quote> for QuoteBody {
                     .and_then(|v| v.as_str().map(str::to_string))
                     .unwrap_or_default(),
                 reason: c.reason.clone(),
+                field: c.field.clone(),
             })
             .collect();
         QuoteBody { candidates }

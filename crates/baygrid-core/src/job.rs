@@ -13,6 +13,8 @@ use crate::money::Money;
 
 /// The largest gang a spec may ask for.
 pub const MAX_NODES: u32 = 4096;
+/// The most datasets one job may read.
+pub const MAX_INPUTS: usize = 16;
 
 /// A bad spec: which field, and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize)]
@@ -62,9 +64,13 @@ pub struct JobSpec {
     /// Jurisdictions the job may run in; all when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allowed_jurisdictions: Option<Vec<Jurisdiction>>,
-    /// Dataset names the job reads.
+    /// Dataset names the job reads. The job runs only where every input may be copied
+    /// under the cross-border rules.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub inputs: Vec<String>,
+    /// What the job uses its inputs for (the flow's purpose); required with `inputs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purpose: Option<String>,
 }
 
 /// What each node of the gang needs.
@@ -281,6 +287,47 @@ impl JobSpec {
                 return Err(SpecError::new("max_price_per_hour", "must be positive"));
             }
         }
+        for (i, input) in self.inputs.iter().enumerate() {
+            if !is_valid_name(input) {
+                return Err(SpecError::new(
+                    format!("inputs[{i}]"),
+                    format!("`{input}` is not a dataset name"),
+                ));
+            }
+            if self.inputs[..i].contains(input) {
+                return Err(SpecError::new(
+                    format!("inputs[{i}]"),
+                    format!("`{input}` is listed twice"),
+                ));
+            }
+        }
+        if self.inputs.len() > MAX_INPUTS {
+            return Err(SpecError::new(
+                "inputs",
+                format!("at most {MAX_INPUTS} datasets, got {}", self.inputs.len()),
+            ));
+        }
+        match self.purpose.as_deref() {
+            None if !self.inputs.is_empty() => {
+                return Err(SpecError::new(
+                    "purpose",
+                    "a job with inputs must say what it uses them for",
+                ));
+            }
+            Some(purpose)
+                if purpose.is_empty()
+                    || purpose.len() > 63
+                    || !purpose
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') =>
+            {
+                return Err(SpecError::new(
+                    "purpose",
+                    format!("`{purpose}` is not a purpose: use letters, digits, `_` and `-`"),
+                ));
+            }
+            _ => {}
+        }
         if !(-1000..=1000).contains(&self.priority) {
             return Err(SpecError::new("priority", "must be between -1000 and 1000"));
         }
@@ -486,6 +533,19 @@ latency_sensitive: true
             (GOOD.replace("finetune", "Fine Tune"), "name"),
             (GOOD.replace("python train.py", " "), "command"),
             (format!("{GOOD}\nextra: 1\n"), "extra"),
+            (format!("{GOOD}\ninputs: [hk-spend]\n"), "purpose"),
+            (
+                format!("{GOOD}\ninputs: [hk-spend, hk-spend]\npurpose: risk\n"),
+                "inputs[1]",
+            ),
+            (
+                format!("{GOOD}\ninputs: [HK]\npurpose: risk\n"),
+                "inputs[0]",
+            ),
+            (
+                format!("{GOOD}\ninputs: [hk-spend]\npurpose: credit risk\n"),
+                "purpose",
+            ),
         ];
         for (text, field) in cases {
             let err = JobSpec::from_yaml(&text).unwrap_err();

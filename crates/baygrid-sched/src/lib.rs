@@ -210,6 +210,9 @@ pub struct Requester {
     /// Clusters that lost this job recently (failover): the job waits rather than go back
     /// to them before `until_ms`, and goes elsewhere when it can.
     pub blocked: Vec<BlockedCluster>,
+    /// Sites the job's inputs may not go to under the cross-border rules, with why (the
+    /// input and the rules that deny it). Decided outside placement, which stays pure.
+    pub inputs_denied: std::collections::BTreeMap<String, String>,
 }
 
 /// A cluster blocked for one job until a time, and why.
@@ -517,6 +520,9 @@ fn assess(
                 ),
             );
         }
+    }
+    if let Some(why) = requester.inputs_denied.get(&state.site.name) {
+        return reject(candidate, "inputs", why.clone());
     }
     if spec.latency_sensitive {
         match round_trip_ms {

@@ -17,6 +17,7 @@ fn guangzhou() -> Requester {
         city: "guangzhou".into(),
         jurisdiction: Jurisdiction::CN,
         blocked: vec![],
+        inputs_denied: Default::default(),
     }
 }
 
@@ -77,6 +78,7 @@ fn latency_sensitive_jobs_stay_near_the_tenant() {
         city: "hong-kong".into(),
         jurisdiction: Jurisdiction::HK,
         blocked: vec![],
+        inputs_denied: Default::default(),
     };
     let quote = CheapestFeasible.quote(
         &job("{Ascend910B: 1}", 1, "latency_sensitive: true"),

@@ -42,6 +42,8 @@ pub struct CatalogSnapshot {
     pub tenants: BTreeMap<String, Tenant>,
     /// Evidence of legal bases for data flows, by id.
     pub evidence: BTreeMap<String, baygrid_api::EvidenceRecord>,
+    /// Datasets registered in the data zone, by name.
+    pub datasets: BTreeMap<String, baygrid_api::DatasetSpec>,
     pub rates: ExchangeRates,
     pub round_trips: RoundTrips,
     /// Every cluster empty and online: what "could ever hold" is judged on.
@@ -92,6 +94,7 @@ impl CatalogSnapshot {
             offers: load_kind(store, "offer").await?,
             tenants: load_kind(store, "tenant").await?,
             evidence: load_kind(store, "evidence").await?,
+            datasets: load_kind(store, "dataset").await?,
             rates,
             round_trips,
             empty: Market::default(),
@@ -134,6 +137,7 @@ impl CatalogSnapshot {
             city: party.city.clone(),
             jurisdiction: party.jurisdiction,
             blocked: Vec::new(),
+            inputs_denied: Default::default(),
         })
     }
 }

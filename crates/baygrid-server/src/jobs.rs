@@ -144,12 +144,13 @@ pub async fn submit(
     };
     let spec = parse_spec(&body)?;
     let catalog = state.catalog();
-    let requester = catalog.requester(&tenant).ok_or_else(|| {
+    let mut requester = catalog.requester(&tenant).ok_or_else(|| {
         ApiError::bad(
             "tenant",
             format!("unknown tenant `{tenant}` (or its party)"),
         )
     })?;
+    requester.inputs_denied = crate::zone::inputs_denied(&state, &catalog, &tenant, &spec).await?;
     let now = state.now();
     if let Some(deadline) = spec.deadline {
         if deadline.timestamp_millis() <= now {
@@ -215,12 +216,13 @@ pub async fn quote(
     let tenant = acting_tenant(&who, query.tenant.as_deref())?;
     let spec = parse_spec(&body)?;
     let catalog = state.catalog();
-    let requester = catalog.requester(&tenant).ok_or_else(|| {
+    let mut requester = catalog.requester(&tenant).ok_or_else(|| {
         ApiError::bad(
             "tenant",
             format!("unknown tenant `{tenant}` (or its party)"),
         )
     })?;
+    requester.inputs_denied = crate::zone::inputs_denied(&state, &catalog, &tenant, &spec).await?;
     let market = crate::scheduler::live_market(&state, &catalog, state.now()).await?;
     let quote = state.placer.quote(&spec, &requester, &market, state.now());
     let summary = match quote.chosen() {

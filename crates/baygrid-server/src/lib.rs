@@ -295,6 +295,11 @@ pub fn router(state: AppState) -> Router {
             get(zone::list_evidence).post(zone::put_evidence),
         )
         .route("/flows/decide", post(zone::decide))
+        .route(
+            "/datasets",
+            get(zone::list_datasets).post(zone::register_dataset),
+        )
+        .route("/datasets/{name}", get(zone::get_dataset))
         .route("/audit/checkpoint", get(audit::checkpoint))
         .route("/audit/key", get(audit::key))
         .route("/audit/entries", get(audit::list_entries))

@@ -163,6 +163,21 @@ pub async fn cycle(state: &AppState) -> Result<usize, ApiError> {
                 reason: b.reason,
             })
             .collect();
+        match crate::zone::inputs_denied(state, &catalog, &job.tenant, &job.spec).await {
+            Ok(denied) => requester.inputs_denied = denied,
+            Err(ApiError::BadRequest { field, message }) => {
+                // accepted once, now unreadable (a dataset or party went away)
+                let reason = match field {
+                    Some(field) => format!("{field}: {message}"),
+                    None => message,
+                };
+                writes.push(futures::future::Either::Left(
+                    state.store.fail_queued(job.id, reason, now),
+                ));
+                continue;
+            }
+            Err(other) => return Err(other),
+        }
         let quote = state.placer.quote(&job.spec, &requester, &market, now);
         if let Some(allocation) = quote.allocation(&job.spec) {
             let chosen = quote.chosen().expect("an allocation has a chosen cluster");

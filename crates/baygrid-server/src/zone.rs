@@ -1,10 +1,10 @@
 //! The data zone at the API: evidence records, and cross-border flow decisions by the GBA
 //! rule pack over the exchange's own state (parties, evidence, export totals).
 
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
-use baygrid_api::{EvidenceRecord, FlowAsk, FlowDecisionView};
+use baygrid_api::{DatasetSpec, DatasetView, EvidenceRecord, FlowAsk, FlowDecisionView};
 use baygrid_core::{Jurisdiction, Principal, Role};
 use baygrid_rules::{ExportCategory, Exporter, Flow, FlowRequest, Recipient, Region, RulePack};
 use baygrid_store::FlowRecord;
@@ -120,6 +120,101 @@ pub async fn put_evidence(
     )
     .await?;
     Ok((StatusCode::CREATED, Json(record)))
+}
+
+// ---- datasets: a holder registers, every role reads the metadata ----
+
+fn dataset_view(
+    catalog: &crate::catalog::CatalogSnapshot,
+    spec: &DatasetSpec,
+) -> ApiResult<DatasetView> {
+    let site = catalog.sites.get(&spec.vault).ok_or_else(|| {
+        ApiError::Unavailable(format!(
+            "dataset `{}` names vault `{}`, which is not a site",
+            spec.name, spec.vault
+        ))
+    })?;
+    Ok(DatasetView {
+        spec: spec.clone(),
+        jurisdiction: site.jurisdiction,
+    })
+}
+
+/// The catalog of datasets: metadata, for every role.
+#[utoipa::path(get, path = "/api/v1/datasets", responses((status = 200, body = [DatasetView])), security(("bearer" = [])))]
+pub async fn list_datasets(
+    State(state): State<AppState>,
+    _who: Principal,
+) -> ApiResult<Json<Vec<DatasetView>>> {
+    let catalog = state.catalog();
+    let views = catalog
+        .datasets
+        .values()
+        .map(|spec| dataset_view(&catalog, spec))
+        .collect::<ApiResult<Vec<_>>>()?;
+    Ok(Json(views))
+}
+
+/// One dataset's metadata.
+#[utoipa::path(get, path = "/api/v1/datasets/{name}", params(("name" = String, Path)), responses((status = 200, body = DatasetView), (status = 404, body = baygrid_api::ErrorBody)), security(("bearer" = [])))]
+pub async fn get_dataset(
+    State(state): State<AppState>,
+    _who: Principal,
+    Path(name): Path<String>,
+) -> ApiResult<Json<DatasetView>> {
+    let catalog = state.catalog();
+    let spec = catalog
+        .datasets
+        .get(&name)
+        .ok_or_else(|| ApiError::NotFound(format!("no dataset `{name}`")))?;
+    Ok(Json(dataset_view(&catalog, spec)?))
+}
+
+/// Registers a dataset (or changes its registration) in the holder's vault; written to the
+/// audit log. Only the holder (or an operator) may, and a dataset never changes holder or
+/// vault: moving data is a flow.
+#[utoipa::path(post, path = "/api/v1/datasets", request_body = DatasetSpec, responses((status = 201, body = DatasetView), (status = 400, body = baygrid_api::ErrorBody), (status = 403, body = baygrid_api::ErrorBody), (status = 409, body = baygrid_api::ErrorBody)), security(("bearer" = [])))]
+pub async fn register_dataset(
+    State(state): State<AppState>,
+    who: Principal,
+    JsonBody(spec): JsonBody<DatasetSpec>,
+) -> ApiResult<(StatusCode, Json<DatasetView>)> {
+    spec.validate()
+        .map_err(|e| ApiError::bad(e.field, e.message))?;
+    let catalog = state.catalog();
+    if !catalog.parties.contains_key(&spec.holder) {
+        return Err(ApiError::bad(
+            "holder",
+            format!("unknown party `{}`", spec.holder),
+        ));
+    }
+    may_act_for(&who, &spec.holder)?;
+    if !catalog.sites.contains_key(&spec.vault) {
+        return Err(ApiError::bad(
+            "vault",
+            format!("unknown site `{}`: every site has a vault", spec.vault),
+        ));
+    }
+    if let Some(existing) = catalog.datasets.get(&spec.name) {
+        if existing.holder != spec.holder || existing.vault != spec.vault {
+            return Err(ApiError::Conflict(format!(
+                "dataset `{}` is held by `{}` in vault `{}`; a dataset keeps its holder and vault (moving data is a flow)",
+                spec.name, existing.holder, existing.vault
+            )));
+        }
+    }
+    let view = dataset_view(&catalog, &spec)?;
+    let body = serde_json::to_value(&spec).map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    crate::catalog::put(
+        &state,
+        "dataset",
+        &spec.name,
+        Some(spec.holder.clone()),
+        body,
+        &who,
+    )
+    .await?;
+    Ok((StatusCode::CREATED, Json(view)))
 }
 
 /// Decides a flow by the GBA rule pack, on today's date, the exporter's totals for the year
@@ -244,4 +339,113 @@ fn decide_with_totals(
         counts,
         answer,
     })
+}
+
+/// For a job that reads datasets: every site its inputs may not be copied to under the rule
+/// pack, with why (the input, the rules that deny, and what would allow it). A site that
+/// holds an input in its own vault needs no flow for it. The decisions are previews on
+/// today's totals and evidence: nothing is counted or recorded.
+///
+/// An unknown input, or a request the rules refuse as malformed, is an error naming the
+/// spec field.
+pub(crate) async fn inputs_denied(
+    state: &AppState,
+    catalog: &crate::catalog::CatalogSnapshot,
+    tenant: &str,
+    spec: &baygrid_core::JobSpec,
+) -> ApiResult<std::collections::BTreeMap<String, String>> {
+    let mut denied: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    if spec.inputs.is_empty() {
+        return Ok(Default::default());
+    }
+    let recipient = catalog
+        .tenants
+        .get(tenant)
+        .and_then(|t| catalog.parties.get(&t.party))
+        .ok_or_else(|| {
+            ApiError::bad(
+                "tenant",
+                format!("unknown tenant `{tenant}` (or its party)"),
+            )
+        })?;
+    let purpose = spec.purpose.clone().unwrap_or_default();
+    let now = state.now();
+    let today = chrono::DateTime::from_timestamp_millis(now)
+        .ok_or_else(|| ApiError::Unavailable("the clock is out of range".into()))?
+        .date_naive();
+    for (i, input) in spec.inputs.iter().enumerate() {
+        let field = format!("inputs[{i}]");
+        let dataset = catalog
+            .datasets
+            .get(input)
+            .ok_or_else(|| ApiError::bad(&field, format!("unknown dataset `{input}`")))?;
+        let holder = catalog.parties.get(&dataset.holder).ok_or_else(|| {
+            ApiError::Unavailable(format!(
+                "dataset `{input}` names holder `{}`, which is not a party",
+                dataset.holder
+            ))
+        })?;
+        let (personal, sensitive) = state
+            .store
+            .export_totals(&holder.name, today.year() as i64)
+            .await?;
+        let evidence: Vec<_> = catalog
+            .evidence
+            .values()
+            .filter(|r| r.exporter == holder.name && r.recipient == recipient.name)
+            .map(EvidenceRecord::evidence)
+            .collect();
+        for site in catalog.sites.values() {
+            if site.name == dataset.vault {
+                continue;
+            }
+            let request = FlowRequest {
+                today,
+                exporter: Exporter {
+                    name: holder.name.clone(),
+                    jurisdiction: region(holder.jurisdiction),
+                    city: holder.city.clone(),
+                    ciio: holder.ciio,
+                },
+                recipient: Recipient {
+                    name: recipient.name.clone(),
+                    jurisdiction: region(recipient.jurisdiction),
+                    city: recipient.city.clone(),
+                },
+                data: dataset.facts(),
+                flow: Flow {
+                    mode: baygrid_rules::Mode::Copy,
+                    purpose: purpose.clone(),
+                    destination: region(site.jurisdiction),
+                    destination_city: site.city.clone(),
+                    exported_personal: personal.max(0) as u64,
+                    exported_sensitive: sensitive.max(0) as u64,
+                },
+                evidence: evidence.clone(),
+            };
+            let decision = state.rules.decide(&request).map_err(|e| match e {
+                baygrid_rules::RuleError::Invalid { field: f, message } => {
+                    ApiError::bad(&field, format!("`{input}`: {f}: {message}"))
+                }
+                other => ApiError::Unavailable(other.to_string()),
+            })?;
+            if !decision.allowed {
+                let mut why = format!(
+                    "input `{input}` may not be copied from {} to {} ({}): denied by {}",
+                    dataset.vault,
+                    site.name,
+                    site.jurisdiction,
+                    decision.denied_by.join(", ")
+                );
+                if !decision.remedies.is_empty() {
+                    why.push_str(&format!("; would allow: {}", decision.remedies.join("; ")));
+                }
+                denied.entry(site.name.clone()).or_default().push(why);
+            }
+        }
+    }
+    Ok(denied
+        .into_iter()
+        .map(|(site, reasons)| (site, reasons.join("; ")))
+        .collect())
 }

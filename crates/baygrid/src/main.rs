@@ -3,6 +3,7 @@
 mod audit;
 mod bench;
 mod cli;
+mod dataset;
 mod fusion;
 mod output;
 mod rules;
@@ -123,6 +124,9 @@ pub enum Command {
     /// Cross-border flows decided by the exchange, recorded and counted.
     #[command(subcommand)]
     Flow(rules::FlowCommand),
+    /// Datasets in the data zone's vaults: register, list, inspect.
+    #[command(subcommand)]
+    Dataset(dataset::DatasetCommand),
     /// Sample-data fusion training (样本数据融合训练): PSI, federated and vertical models.
     #[command(subcommand)]
     Fusion(fusion::FusionCommand),
@@ -177,6 +181,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Command::Rules(cmd) => rules::run(&args, cmd),
         Command::Evidence(cmd) => rules::evidence(&args, cmd).await,
         Command::Flow(cmd) => rules::flow(&args, cmd).await,
+        Command::Dataset(cmd) => dataset::dataset(&args, cmd).await,
         Command::Fusion(cmd) => fusion::run(&args, cmd),
         Command::Sim(sim) => sim::run(&args, sim),
         Command::Bench(cmd) => bench::run(&args, cmd).await,

@@ -1,0 +1,243 @@
+//! Datasets in the data zone through real HTTP: registration (errors name the field, only
+//! the holder registers, a dataset keeps its vault), the catalog for every role, and jobs
+//! that read a Hong Kong and a Shenzhen dataset placed only where both may be copied.
+
+use baygrid_api::{Client, ClientError, DatasetSpec, DatasetView, QuoteView};
+use baygrid_core::{JobSpec, Jurisdiction, Role};
+use baygrid_server::{RunningServer, ServerConfig};
+use serde_json::{json, Value};
+
+async fn serve(store: Option<String>, dir: &std::path::Path) -> RunningServer {
+    let config = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.to_path_buf(),
+        store: store.unwrap_or_default(),
+        sites_file: "sample".into(),
+        ..ServerConfig::default()
+    };
+    baygrid_server::start(config).await.unwrap()
+}
+
+fn error_of<T: std::fmt::Debug>(
+    result: Result<T, ClientError>,
+    status: u16,
+) -> (Option<String>, String) {
+    match result {
+        Err(ClientError::Api {
+            status: got,
+            field,
+            message,
+            ..
+        }) if got == status => (field, message),
+        other => panic!("expected HTTP {status}, got {other:?}"),
+    }
+}
+
+fn example(name: &str) -> DatasetSpec {
+    let path = format!(
+        "{}/../../examples/datasets/{name}.yaml",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn job(extra: &str) -> JobSpec {
+    JobSpec::from_yaml(&format!(
+        "name: credit-model\n\
+         resources: {{accelerators: [{{H800: 1}}, {{Ascend910B: 1}}, {{A800: 1}}, {{A100: 1}}]}}\n\
+         command: 'true'\nestimated_duration: 10m\n\
+         inputs: [sz-credit-labels, hk-card-features]\n{extra}"
+    ))
+    .unwrap()
+}
+
+/// Site → (verdict, field, reason) from a quote.
+fn verdicts(
+    quote: &QuoteView,
+) -> std::collections::BTreeMap<String, (String, Option<String>, String)> {
+    quote
+        .quote
+        .candidates
+        .iter()
+        .map(|c| {
+            let v = serde_json::to_value(c).unwrap();
+            (
+                c.site.clone(),
+                (
+                    v["verdict"].as_str().unwrap().to_string(),
+                    v["field"].as_str().map(str::to_string),
+                    v["reason"].as_str().unwrap_or_default().to_string(),
+                ),
+            )
+        })
+        .collect()
+}
+
+async fn datasets(store: Option<String>) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(store, dir.path()).await;
+    let operator = Client::new(&server.url(), Some(server.operator_token.clone()));
+    for party in [
+        json!({"name": "sz-lender", "jurisdiction": "CN", "city": "shenzhen"}),
+        json!({"name": "hk-card-issuer", "jurisdiction": "HK", "city": "hong-kong"}),
+    ] {
+        let _: Value = operator.post("/api/v1/parties", &party).await.unwrap();
+    }
+    let lender = operator
+        .issue(Role::DataHolder, Some("sz-lender"))
+        .await
+        .unwrap();
+    let issuer = operator
+        .issue(Role::DataHolder, Some("hk-card-issuer"))
+        .await
+        .unwrap();
+    let lab = operator
+        .add_tenant(
+            "gba-risk-lab",
+            Jurisdiction::HK,
+            "hong-kong",
+            "100000.00 CNY".parse().unwrap(),
+        )
+        .await
+        .unwrap();
+    let regulator = operator.issue(Role::Regulator, None).await.unwrap();
+
+    // registration: the holder registers its own; errors name the field
+    let sz = example("sz-credit-labels");
+    let hk = example("hk-card-features");
+    let (field, _) = error_of(
+        issuer.post::<_, DatasetView>("/api/v1/datasets", &sz).await,
+        403,
+    );
+    assert_eq!(field, None);
+    let view: DatasetView = lender.post("/api/v1/datasets", &sz).await.unwrap();
+    assert_eq!(view.jurisdiction, Jurisdiction::CN);
+    let view: DatasetView = issuer.post("/api/v1/datasets", &hk).await.unwrap();
+    assert_eq!(view.jurisdiction, Jurisdiction::HK);
+    let mut bad = serde_json::to_value(&hk).unwrap();
+    bad["vault"] = json!("atlantis");
+    let (field, _) = error_of(issuer.post::<_, Value>("/api/v1/datasets", &bad).await, 400);
+    assert_eq!(field.as_deref(), Some("vault"));
+    let mut bad = serde_json::to_value(&hk).unwrap();
+    bad["level"] = json!("secret");
+    let (field, _) = error_of(issuer.post::<_, Value>("/api/v1/datasets", &bad).await, 400);
+    assert_eq!(field.as_deref(), Some("level"));
+    let mut bad = serde_json::to_value(&hk).unwrap();
+    bad["subject_column"] = json!("card_no");
+    let (field, _) = error_of(issuer.post::<_, Value>("/api/v1/datasets", &bad).await, 400);
+    assert_eq!(field.as_deref(), Some("subject_column"));
+    let mut moved = hk.clone();
+    moved.vault = "shenzhen-qianhai".into();
+    let (_, message) = error_of(
+        issuer.post::<_, Value>("/api/v1/datasets", &moved).await,
+        409,
+    );
+    assert!(message.contains("moving data is a flow"), "{message}");
+    let (_, _) = error_of(lab.post::<_, Value>("/api/v1/datasets", &hk).await, 403);
+
+    // the catalog: metadata for every role
+    for client in [&lab, &regulator, &lender, &operator] {
+        let all: Vec<DatasetView> = client.get("/api/v1/datasets").await.unwrap();
+        let names: Vec<&str> = all.iter().map(|d| d.spec.name.as_str()).collect();
+        assert_eq!(names, ["hk-card-features", "sz-credit-labels"]);
+        let one: DatasetView = client
+            .get("/api/v1/datasets/sz-credit-labels")
+            .await
+            .unwrap();
+        assert_eq!(one.spec, sz);
+    }
+    error_of(lab.get::<DatasetView>("/api/v1/datasets/nope").await, 404);
+
+    // a job reading both: the Shenzhen lender's personal data may not leave the mainland
+    // without the individuals' separate consent, so Hong Kong and Macao are ruled out by
+    // the rules, naming the input and what would allow it; every mainland site may take both
+    let quote: QuoteView = lab
+        .post("/api/v1/jobs/quote", &job("purpose: credit_risk\n"))
+        .await
+        .unwrap();
+    let sites = verdicts(&quote);
+    for site in ["hk-cyberport", "macao"] {
+        let (verdict, field, reason) = &sites[site];
+        assert_eq!(verdict, "rejected", "{site}: {reason}");
+        assert_eq!(field.as_deref(), Some("inputs"), "{site}: {reason}");
+        assert!(reason.contains("`sz-credit-labels`"), "{reason}");
+        assert!(reason.contains("CN-CONSENT"), "{reason}");
+        assert!(reason.contains("separate_consent"), "{reason}");
+        assert!(!reason.contains("`hk-card-features`"), "{reason}");
+    }
+    for site in [
+        "shaoguan",
+        "shenzhen-qianhai",
+        "guangzhou-nansha",
+        "zhuhai-hengqin",
+    ] {
+        let (verdict, field, reason) = &sites[site];
+        assert_ne!(verdict, "rejected", "{site}: {reason}");
+        assert_ne!(field.as_deref(), Some("inputs"), "{site}: {reason}");
+    }
+
+    // kept to Hong Kong, the job cannot run anywhere: rejected at submit with the reasons
+    let hk_only = job("purpose: credit_risk\nallowed_jurisdictions: [HK]\n");
+    let (_, message) = error_of(lab.post::<_, Value>("/api/v1/jobs", &hk_only).await, 422);
+    assert!(message.contains("CN-CONSENT"), "{message}");
+
+    // with the individuals' consent and a filed GBA standard contract, Hong Kong may take it
+    for (kind, filed) in [
+        ("separate_consent", None),
+        ("gba_contract_hk", Some("2026-01-05")),
+    ] {
+        let record = json!({
+            "kind": kind, "exporter": "sz-lender", "recipient": "gba-risk-lab",
+            "effective": "2026-01-01", "filed": filed,
+        });
+        let _: Value = lender.post("/api/v1/evidence", &record).await.unwrap();
+    }
+    let quote: QuoteView = lab.post("/api/v1/jobs/quote", &hk_only).await.unwrap();
+    let sites = verdicts(&quote);
+    let (verdict, _, reason) = &sites["hk-cyberport"];
+    assert_ne!(verdict, "rejected", "{reason}");
+
+    // a purpose the card data was not collected for: Hong Kong's DPP3 keeps it home
+    // without prescribed consent, so only the Hong Kong site (where the lender's data may
+    // now go) could run the job
+    let quote: QuoteView = lab
+        .post("/api/v1/jobs/quote", &job("purpose: marketing\n"))
+        .await
+        .unwrap();
+    for (site, (verdict, field, reason)) in verdicts(&quote) {
+        if site == "hk-cyberport" {
+            assert_ne!(verdict, "rejected", "{reason}");
+        } else {
+            assert_eq!(field.as_deref(), Some("inputs"), "{site}: {reason}");
+            assert!(reason.contains("`hk-card-features`"), "{reason}");
+            assert!(reason.contains("HK-DPP3"), "{reason}");
+            assert!(reason.contains("hk_prescribed_consent"), "{reason}");
+        }
+    }
+
+    // an unknown input names its place in the spec
+    let mut unknown = job("purpose: credit_risk\n");
+    unknown.inputs[1] = "nope".into();
+    let (field, _) = error_of(lab.post::<_, Value>("/api/v1/jobs", &unknown).await, 400);
+    assert_eq!(field.as_deref(), Some("inputs[1]"));
+
+    // registrations are in the audit log's outbox
+    let outbox = server.state.store.outbox_from(1, 100_000).await.unwrap();
+    assert!(outbox
+        .iter()
+        .any(|r| r.kind == "catalog.put" && r.payload["kind"] == "dataset"));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn datasets_on_sqlite() {
+    datasets(None).await;
+}
+
+#[tokio::test]
+async fn datasets_on_postgres() {
+    let Some(url) = baygrid_store::testing::fresh_postgres_url().await else {
+        return;
+    };
+    datasets(Some(url)).await;
+}
