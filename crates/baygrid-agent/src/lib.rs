@@ -333,7 +333,15 @@ impl Agent {
     }
 
     fn forget(&mut self, job_id: &str) {
-        self.tracked.remove(job_id);
+        if let Some(tracked) = self.tracked.remove(job_id) {
+            // staged inputs leave with the job; only its results stay
+            let staged = self
+                .config
+                .work_dir
+                .join("inputs")
+                .join(format!("{job_id}.{}", tracked.handle.epoch));
+            let _ = std::fs::remove_dir_all(staged);
+        }
         let _ = std::fs::remove_file(self.state_file(job_id));
     }
 
@@ -446,12 +454,44 @@ impl Agent {
     }
 
     async fn launch(&mut self, grant: LeaseGrant) {
+        let mut env = grant.spec.env.clone();
+        if !grant.inputs.is_empty() {
+            let dir = self
+                .config
+                .work_dir
+                .join("inputs")
+                .join(format!("{}.{}", grant.job_id, grant.epoch));
+            match stage_inputs(&dir, &grant.inputs).await {
+                Ok(()) => {
+                    env.insert("BAYGRID_INPUTS".into(), dir.display().to_string());
+                    for input in &grant.inputs {
+                        env.insert(
+                            input_variable(&input.dataset),
+                            dir.join(&input.dataset).display().to_string(),
+                        );
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(job_id = %grant.job_id, error = %e, "staging inputs failed");
+                    let _ = std::fs::remove_dir_all(&dir);
+                    let report = ReportRequest {
+                        epoch: grant.epoch,
+                        status: Some(AgentStatus::Failed),
+                        exit_code: None,
+                        reason: Some(format!("staging inputs: {e}")),
+                        logs: vec![],
+                    };
+                    self.send_report(&grant.job_id, &report).await;
+                    return;
+                }
+            }
+        }
         let spec = LaunchSpec {
             job_id: grant.job_id.clone(),
             tenant: grant.tenant.clone(),
             epoch: grant.epoch,
             command: grant.spec.command.clone(),
-            env: grant.spec.env.clone(),
+            env,
             image: grant.spec.image.clone(),
             nodes: grant.spec.resources.nodes,
             node_indices: grant.allocation.nodes.clone(),
@@ -461,6 +501,7 @@ impl Agent {
             memory_gb_per_node: grant.allocation.memory_gb_per_node,
             time_limit: Some(grant.spec.estimated_duration.0),
             held: grant.held_seconds.map(std::time::Duration::from_secs),
+            no_network: grant.no_network,
         };
         match self.engine.launch(&spec).await {
             Ok(handle) => {
@@ -640,4 +681,29 @@ fn final_of(status: JobStatus) -> FinalStatus {
             reason,
         },
     }
+}
+
+/// `BAYGRID_INPUT_<NAME>`: the folder one input is staged in (`-` becomes `_`).
+fn input_variable(dataset: &str) -> String {
+    format!(
+        "BAYGRID_INPUT_{}",
+        dataset.to_ascii_uppercase().replace('-', "_")
+    )
+}
+
+/// Copies each input's files from its vault into `dir/<dataset>/`, checking every file
+/// against the digest recorded at upload.
+async fn stage_inputs(
+    dir: &std::path::Path,
+    inputs: &[baygrid_api::StagedInput],
+) -> Result<(), baygrid_vault::VaultError> {
+    for input in inputs {
+        let vault = baygrid_vault::Vault::open(&input.vault_url)?;
+        for file in &input.files {
+            let key = baygrid_vault::object_key(&input.dataset, &input.upload, &file.name);
+            let to = dir.join(&input.dataset).join(&file.name);
+            vault.get_file(&key, &file.sha256, &to).await?;
+        }
+    }
+    Ok(())
 }

@@ -212,6 +212,115 @@ pub struct DatasetView {
     pub spec: DatasetSpec,
     /// The vault's jurisdiction.
     pub jurisdiction: baygrid_core::Jurisdiction,
+    /// Uploaded versions, oldest first.
+    #[serde(default)]
+    pub versions: Vec<DatasetVersion>,
+}
+
+/// One file of a dataset version, as uploaded: its digest is checked on every read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VersionFile {
+    /// The file's name in the version (letters, digits, `.`, `_`, `-`).
+    pub name: String,
+    pub bytes: u64,
+    /// SHA-256, lowercase hex.
+    pub sha256: String,
+    pub rows: u64,
+    /// csv | parquet
+    pub format: String,
+}
+
+/// What an upload asks the exchange to record once its files are in the vault.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewVersion {
+    /// The upload's id: its files are under `datasets/<name>/uploads/<upload>/`.
+    pub upload: String,
+    pub files: Vec<VersionFile>,
+}
+
+/// A recorded version of a dataset.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DatasetVersion {
+    pub dataset: String,
+    /// 1, 2, … in upload order.
+    pub version: u32,
+    pub upload: String,
+    pub files: Vec<VersionFile>,
+    pub rows: u64,
+    pub bytes: u64,
+    /// RFC 3339.
+    pub created_at: String,
+}
+
+/// A site's vault.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VaultView {
+    pub site: String,
+    pub jurisdiction: baygrid_core::Jurisdiction,
+    /// A local directory, `file:///…` or `s3://bucket/prefix`.
+    pub url: String,
+}
+
+impl NewVersion {
+    /// Checks the shape of an upload record, naming the field at fault.
+    pub fn validate(&self) -> Result<(), DatasetError> {
+        if self.upload.is_empty()
+            || self.upload.len() > 64
+            || !self
+                .upload
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(bad("upload", "use 1-64 letters, digits, `-` and `_`"));
+        }
+        if self.files.is_empty() {
+            return Err(bad("files", "a version has at least one file"));
+        }
+        for (i, file) in self.files.iter().enumerate() {
+            let valid_name = !file.name.is_empty()
+                && file.name.len() <= 128
+                && !file.name.starts_with('.')
+                && file
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+            if !valid_name {
+                return Err(bad(
+                    format!("files[{i}].name"),
+                    format!(
+                        "`{}` is not a file name: letters, digits, `.`, `_` and `-`",
+                        file.name
+                    ),
+                ));
+            }
+            if self.files[..i].iter().any(|f| f.name == file.name) {
+                return Err(bad(
+                    format!("files[{i}].name"),
+                    format!("`{}` appears twice", file.name),
+                ));
+            }
+            if file.sha256.len() != 64
+                || !file
+                    .sha256
+                    .chars()
+                    .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+            {
+                return Err(bad(
+                    format!("files[{i}].sha256"),
+                    "must be 64 lowercase hex digits",
+                ));
+            }
+            if file.format != "csv" && file.format != "parquet" {
+                return Err(bad(
+                    format!("files[{i}].format"),
+                    format!("`{}`: use csv or parquet", file.format),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -7,7 +7,10 @@ mod client;
 mod dataset;
 
 pub use client::{Client, ClientError};
-pub use dataset::{Column, ColumnType, DatasetError, DatasetSpec, DatasetView};
+pub use dataset::{
+    Column, ColumnType, DatasetError, DatasetSpec, DatasetVersion, DatasetView, NewVersion,
+    VaultView, VersionFile,
+};
 
 use baygrid_core::{AcceleratorModel, Allocation, Cluster, JobSpec, JobState, Money, Role, Tenant};
 use baygrid_sched::Quote;
@@ -290,6 +293,23 @@ pub struct LeaseGrant {
     /// when it runs out. None when the job holds nothing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub held_seconds: Option<u64>,
+    /// The job's inputs, for the agent to stage into the job's folder before launch.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<StagedInput>,
+    /// The job reads personal, important or core data: it runs with no network access.
+    #[serde(default)]
+    pub no_network: bool,
+}
+
+/// One input of a job: the version to stage, where it is, and each file's digest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct StagedInput {
+    pub dataset: String,
+    pub version: u32,
+    /// The vault holding it.
+    pub vault_url: String,
+    pub upload: String,
+    pub files: Vec<VersionFile>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

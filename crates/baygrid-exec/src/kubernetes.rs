@@ -713,6 +713,11 @@ impl Engine for KubernetesEngine {
     }
 
     async fn launch(&self, spec: &LaunchSpec) -> Result<JobHandle, ExecError> {
+        if spec.no_network {
+            return Err(ExecError::Refused(
+                "the job reads protected data and must run with no network; the Kubernetes engine does not apply a deny-all NetworkPolicy yet".into(),
+            ));
+        }
         let job = self.job_object(spec);
         let name = job.name_any();
         let dir = self.work_dir.join(&name);

@@ -56,6 +56,9 @@ pub struct LaunchSpec {
     /// How long the job's hold pays for: an engine's own limit never exceeds it (beyond the
     /// engine's resolution, such as Slurm's minute).
     pub held: Option<std::time::Duration>,
+    /// The job reads personal, important or core data: it must run with no network
+    /// access. An engine that cannot isolate it refuses the job.
+    pub no_network: bool,
 }
 
 /// What an engine reports about its cluster's capacity.

@@ -103,6 +103,44 @@ fn read_exit(dir: &Path) -> Option<i64> {
         .ok()
 }
 
+/// The `unshare` arguments that give a process an empty network namespace here: as root,
+/// a new network namespace; otherwise inside a new user namespace. Tried once with `true`,
+/// so a machine that allows neither refuses the job with why instead of running it
+/// connected.
+async fn network_namespace_args() -> Result<Vec<&'static str>, ExecError> {
+    static CHOSEN: tokio::sync::OnceCell<Result<Vec<&'static str>, String>> =
+        tokio::sync::OnceCell::const_new();
+    CHOSEN
+        .get_or_init(|| async {
+            let mut errors = Vec::new();
+            for args in [vec!["--net"], vec!["--user", "--map-root-user", "--net"]] {
+                match Command::new("unshare")
+                    .args(&args)
+                    .arg("--")
+                    .arg("true")
+                    .output()
+                    .await
+                {
+                    Ok(out) if out.status.success() => return Ok(args),
+                    Ok(out) => errors.push(format!(
+                        "unshare {}: {}",
+                        args.join(" "),
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    )),
+                    Err(e) => errors.push(format!("unshare: {e}")),
+                }
+            }
+            Err(errors.join("; "))
+        })
+        .await
+        .clone()
+        .map_err(|why| {
+            ExecError::Refused(format!(
+                "the job reads protected data and must run with no network, but this machine cannot give it a network namespace ({why})"
+            ))
+        })
+}
+
 #[async_trait::async_trait]
 impl Engine for LocalEngine {
     fn kind(&self) -> &'static str {
@@ -115,6 +153,11 @@ impl Engine for LocalEngine {
                 "the local engine has no container runtime for image `{image}`"
             )));
         }
+        let isolate = if spec.no_network {
+            Some(network_namespace_args().await?)
+        } else {
+            None
+        };
         let dir = self.job_dir(&spec.job_id, spec.epoch);
         std::fs::create_dir_all(&dir)?;
         let world = spec.nodes.max(1);
@@ -124,7 +167,16 @@ impl Engine for LocalEngine {
             let rank_dir = rank_dir(&dir, rank);
             std::fs::create_dir_all(&rank_dir)?;
             let node = spec.node_indices.get(rank).copied().unwrap_or(rank as u32);
-            let mut command = Command::new("sh");
+            // with no network, each rank runs in its own empty network namespace
+            // (only a loopback, down): `unshare` execs the shell in place
+            let mut command = match &isolate {
+                Some(args) => {
+                    let mut c = Command::new("unshare");
+                    c.args(args).arg("--").arg("sh");
+                    c
+                }
+                None => Command::new("sh"),
+            };
             command
                 .arg("-c")
                 .arg(WRAPPER)
@@ -287,6 +339,7 @@ mod tests {
             memory_gb_per_node: 1,
             time_limit: None,
             held: None,
+            no_network: false,
         }
     }
 
@@ -299,6 +352,38 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
         panic!("job did not end");
+    }
+
+    #[tokio::test]
+    async fn a_job_without_network_sees_only_a_loopback() {
+        // the interfaces a process can see, from the kernel's own table
+        let interfaces = "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | sort | tr '\\n' ' '";
+        let dir = tempfile::tempdir().unwrap();
+        let engine = LocalEngine::new(dir.path());
+        let mut isolated = spec(interfaces, 1);
+        isolated.no_network = true;
+        let handle = engine.launch(&isolated).await.unwrap();
+        assert_eq!(wait_final(&engine, &handle).await, JobStatus::Succeeded);
+        let lines = engine
+            .read_output(&handle, &mut LogCursor::default())
+            .await
+            .unwrap();
+        let seen: Vec<&str> = lines.iter().map(|l| l.line.trim()).collect();
+        assert_eq!(seen, ["lo"]);
+
+        // the same command with the network sees the machine's interfaces too
+        let mut connected = spec(interfaces, 1);
+        connected.job_id = "job_u".into();
+        let handle = engine.launch(&connected).await.unwrap();
+        assert_eq!(wait_final(&engine, &handle).await, JobStatus::Succeeded);
+        let lines = engine
+            .read_output(&handle, &mut LogCursor::default())
+            .await
+            .unwrap();
+        assert!(
+            lines[0].line.split(' ').filter(|s| !s.is_empty()).count() > 1,
+            "{lines:?}"
+        );
     }
 
     #[tokio::test]

@@ -244,6 +244,11 @@ impl Engine for SlurmEngine {
                 "this Slurm cluster has no container runtime for image `{image}`"
             )));
         }
+        if spec.no_network {
+            return Err(ExecError::Refused(
+                "the job reads protected data and must run with no network; the Slurm engine does not isolate jobs' networks".into(),
+            ));
+        }
         let dir = self
             .work_dir
             .join(format!("{}.{}", spec.job_id, spec.epoch));
@@ -555,6 +560,7 @@ mod tests {
             memory_gb_per_node: 256,
             time_limit: Some(Duration::from_secs(3600)),
             held: None,
+            no_network: false,
         };
         let script = engine.batch_script(&spec, Path::new("/shared/baygrid/job_x.2"));
         for expected in [
@@ -575,6 +581,7 @@ mod tests {
         // the limit never exceeds what the hold pays for (to Slurm's minute)
         let held = LaunchSpec {
             held: Some(Duration::from_secs(61 * 60)),
+            no_network: false,
             ..spec
         };
         let script = engine.batch_script(&held, Path::new("/shared/baygrid/job_x.2"));

@@ -228,6 +228,7 @@ fn spec(nodes: u32, model: &str) -> LaunchSpec {
         memory_gb_per_node: 256,
         time_limit: Some(Duration::from_secs(3600)),
         held: Some(Duration::from_secs(4000)),
+        no_network: false,
     }
 }
 

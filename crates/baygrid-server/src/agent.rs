@@ -100,9 +100,11 @@ pub async fn lease(
         .store
         .grant_leases(cluster, request.max as i64, ttl_ms(&state), state.now())
         .await?;
+    let catalog = state.catalog();
     let leases = granted
         .into_iter()
         .filter_map(|job| {
+            let (inputs, no_network) = crate::zone::staged_inputs(&state, &catalog, &job.spec);
             Some(LeaseGrant {
                 held_seconds: crate::ledger::held_seconds(&state, &job),
                 allocation: job.allocation?,
@@ -111,6 +113,8 @@ pub async fn lease(
                 epoch: job.lease_epoch,
                 ttl_ms: ttl_ms(&state),
                 spec: job.spec,
+                inputs,
+                no_network,
             })
         })
         .collect();

@@ -44,6 +44,8 @@ pub struct CatalogSnapshot {
     pub evidence: BTreeMap<String, baygrid_api::EvidenceRecord>,
     /// Datasets registered in the data zone, by name.
     pub datasets: BTreeMap<String, baygrid_api::DatasetSpec>,
+    /// Each dataset's recorded versions, oldest first.
+    pub versions: BTreeMap<String, Vec<baygrid_api::DatasetVersion>>,
     pub rates: ExchangeRates,
     pub round_trips: RoundTrips,
     /// Every cluster empty and online: what "could ever hold" is judged on.
@@ -95,6 +97,22 @@ impl CatalogSnapshot {
             tenants: load_kind(store, "tenant").await?,
             evidence: load_kind(store, "evidence").await?,
             datasets: load_kind(store, "dataset").await?,
+            versions: {
+                let all: BTreeMap<String, baygrid_api::DatasetVersion> =
+                    load_kind(store, "dataset_version").await?;
+                let mut by_dataset: BTreeMap<String, Vec<baygrid_api::DatasetVersion>> =
+                    BTreeMap::new();
+                for version in all.into_values() {
+                    by_dataset
+                        .entry(version.dataset.clone())
+                        .or_default()
+                        .push(version);
+                }
+                for versions in by_dataset.values_mut() {
+                    versions.sort_by_key(|v| v.version);
+                }
+                by_dataset
+            },
             rates,
             round_trips,
             empty: Market::default(),

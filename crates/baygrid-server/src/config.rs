@@ -69,6 +69,9 @@ pub struct ServerConfig {
     /// Tenants' fair-share weights (1 when absent): the scheduling cycle orders queued jobs
     /// by each tenant's dominant share divided by its weight.
     pub tenant_weights: std::collections::BTreeMap<String, f64>,
+    /// Each site's vault, by site name: an absolute directory, `file:///…` or
+    /// `s3://bucket/prefix`. A site not listed keeps its vault in `<data_dir>/vaults/<site>`.
+    pub vaults: std::collections::BTreeMap<String, String>,
 }
 
 impl Default for ServerConfig {
@@ -92,6 +95,7 @@ impl Default for ServerConfig {
             rule_pack: String::new(),
             failover_backoff: Duration::from_secs(60),
             tenant_weights: std::collections::BTreeMap::new(),
+            vaults: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -134,7 +138,31 @@ impl ServerConfig {
                 ));
             }
         }
+        for (site, url) in &self.vaults {
+            let local = url.strip_prefix("file://").unwrap_or(url);
+            let fine = url.starts_with("s3://") && url.len() > 5
+                || !local.contains("://") && std::path::Path::new(local).is_absolute();
+            if !fine {
+                return Err(format!(
+                    "vaults.{site}: `{url}` is not an absolute directory, file:///path or s3://bucket/prefix"
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// The vault URL of a site: configured, or a directory in the data directory.
+    pub fn vault_url(&self, site: &str) -> String {
+        match self.vaults.get(site) {
+            Some(url) => url.clone(),
+            None => {
+                let dir = self.data_dir.join("vaults").join(site);
+                std::path::absolute(&dir)
+                    .unwrap_or(dir)
+                    .display()
+                    .to_string()
+            }
+        }
     }
 
     /// The store URL, defaulting to SQLite in the data directory.

@@ -69,6 +69,8 @@ pub struct AppState {
     pub audit: Arc<audit::AuditLog>,
     /// The GBA cross-border rule pack.
     pub rules: Arc<baygrid_rules::RulePack>,
+    /// Serialises dataset version numbering.
+    pub versions: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl AppState {
@@ -127,6 +129,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         metrics: metrics::Metrics::new(),
         clock,
         tokens: Arc::new(auth::TokenCache::default()),
+        versions: Arc::new(tokio::sync::Mutex::new(())),
         rules: Arc::new(if config.rule_pack.is_empty() {
             baygrid_rules::RulePack::load()?
         } else {
@@ -300,6 +303,8 @@ pub fn router(state: AppState) -> Router {
             get(zone::list_datasets).post(zone::register_dataset),
         )
         .route("/datasets/{name}", get(zone::get_dataset))
+        .route("/datasets/{name}/versions", post(zone::add_version))
+        .route("/vaults", get(zone::list_vaults))
         .route("/audit/checkpoint", get(audit::checkpoint))
         .route("/audit/key", get(audit::key))
         .route("/audit/entries", get(audit::list_entries))

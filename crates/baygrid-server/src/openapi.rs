@@ -35,7 +35,7 @@ impl Modify for BearerAuth {
         jobs::submit, jobs::quote, jobs::list, jobs::get, jobs::logs, jobs::cancel,
         agent::register, agent::heartbeat, agent::lease, agent::report,
         zone::list_evidence, zone::put_evidence, zone::decide,
-        zone::list_datasets, zone::get_dataset, zone::register_dataset,
+        zone::list_datasets, zone::get_dataset, zone::register_dataset, zone::add_version, zone::list_vaults,
         ledger::list_accounts, ledger::get_account, ledger::statement, ledger::deposit, ledger::invoice,
         audit::checkpoint, audit::key, audit::list_entries, audit::get_entry, audit::inclusion, audit::consistency,
     ),

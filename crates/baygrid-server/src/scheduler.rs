@@ -181,6 +181,22 @@ pub async fn cycle(state: &AppState) -> Result<usize, ApiError> {
         let quote = state.placer.quote(&job.spec, &requester, &market, now);
         if let Some(allocation) = quote.allocation(&job.spec) {
             let chosen = quote.chosen().expect("an allocation has a chosen cluster");
+            if !job.spec.inputs.is_empty() {
+                let job_id = job.id.to_string();
+                if let Some(why) = crate::zone::record_input_flows(
+                    state,
+                    &catalog,
+                    &job_id,
+                    &job.tenant,
+                    &job.spec,
+                    &chosen.site,
+                )
+                .await?
+                {
+                    tracing::info!(job = %job_id, %why, "not placed: an input's flow was denied");
+                    continue;
+                }
+            }
             let reason = format!(
                 "placed on {} at {}: {}",
                 chosen.cluster, chosen.site, chosen.reason

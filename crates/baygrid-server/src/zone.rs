@@ -4,7 +4,10 @@
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
-use baygrid_api::{DatasetSpec, DatasetView, EvidenceRecord, FlowAsk, FlowDecisionView};
+use baygrid_api::{
+    DatasetSpec, DatasetVersion, DatasetView, EvidenceRecord, FlowAsk, FlowDecisionView,
+    NewVersion, VaultView,
+};
 use baygrid_core::{Jurisdiction, Principal, Role};
 use baygrid_rules::{ExportCategory, Exporter, Flow, FlowRequest, Recipient, Region, RulePack};
 use baygrid_store::FlowRecord;
@@ -137,7 +140,84 @@ fn dataset_view(
     Ok(DatasetView {
         spec: spec.clone(),
         jurisdiction: site.jurisdiction,
+        versions: catalog
+            .versions
+            .get(&spec.name)
+            .cloned()
+            .unwrap_or_default(),
     })
+}
+
+/// Every site's vault: where holders upload and agents read. Operators, data holders and
+/// agents see them; tenants and regulators work through the exchange.
+#[utoipa::path(get, path = "/api/v1/vaults", responses((status = 200, body = [VaultView]), (status = 403, body = baygrid_api::ErrorBody)), security(("bearer" = [])))]
+pub async fn list_vaults(
+    State(state): State<AppState>,
+    who: Principal,
+) -> ApiResult<Json<Vec<VaultView>>> {
+    require(&who, &[Role::Operator, Role::DataHolder, Role::Agent])?;
+    Ok(Json(
+        state
+            .catalog()
+            .sites
+            .values()
+            .map(|site| VaultView {
+                site: site.name.clone(),
+                jurisdiction: site.jurisdiction,
+                url: state.config.vault_url(&site.name),
+            })
+            .collect(),
+    ))
+}
+
+/// Records an upload as the dataset's next version, once its files are in the vault (the
+/// holder writes them there; the exchange never carries the bytes). Written to the audit
+/// log with every file's digest.
+#[utoipa::path(post, path = "/api/v1/datasets/{name}/versions", params(("name" = String, Path)), request_body = NewVersion, responses((status = 201, body = DatasetVersion), (status = 400, body = baygrid_api::ErrorBody), (status = 403, body = baygrid_api::ErrorBody), (status = 404, body = baygrid_api::ErrorBody), (status = 409, body = baygrid_api::ErrorBody)), security(("bearer" = [])))]
+pub async fn add_version(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(name): Path<String>,
+    JsonBody(upload): JsonBody<NewVersion>,
+) -> ApiResult<(StatusCode, Json<DatasetVersion>)> {
+    let catalog = state.catalog();
+    let spec = catalog
+        .datasets
+        .get(&name)
+        .ok_or_else(|| ApiError::NotFound(format!("no dataset `{name}`")))?;
+    may_act_for(&who, &spec.holder)?;
+    upload
+        .validate()
+        .map_err(|e| ApiError::bad(e.field, e.message))?;
+    let _numbering = state.versions.lock().await;
+    let catalog = state.catalog();
+    let existing = catalog.versions.get(&name).cloned().unwrap_or_default();
+    if existing.iter().any(|v| v.upload == upload.upload) {
+        return Err(ApiError::Conflict(format!(
+            "upload `{}` is already a version of `{name}`",
+            upload.upload
+        )));
+    }
+    let version = DatasetVersion {
+        dataset: name.clone(),
+        version: existing.last().map(|v| v.version + 1).unwrap_or(1),
+        upload: upload.upload.clone(),
+        rows: upload.files.iter().map(|f| f.rows).sum(),
+        bytes: upload.files.iter().map(|f| f.bytes).sum(),
+        files: upload.files,
+        created_at: baygrid_core::millis_to_rfc3339(state.now()),
+    };
+    let body = serde_json::to_value(&version).map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    crate::catalog::put(
+        &state,
+        "dataset_version",
+        &format!("{name}@{:06}", version.version),
+        Some(spec.holder.clone()),
+        body,
+        &who,
+    )
+    .await?;
+    Ok((StatusCode::CREATED, Json(version)))
 }
 
 /// The catalog of datasets: metadata, for every role.
@@ -282,7 +362,9 @@ pub async fn decide(
             today.year() as i64,
             who_acts,
             now,
-            move |personal, sensitive| decide_with_totals(&pack, request, personal, sensitive),
+            move |personal, sensitive| {
+                decide_with_totals(&pack, request, personal, sensitive, None)
+            },
         )
         .await?;
     let view: FlowDecisionView = serde_json::from_value(payload)
@@ -303,6 +385,7 @@ fn decide_with_totals(
     mut request: FlowRequest,
     personal: i64,
     sensitive: i64,
+    job: Option<&str>,
 ) -> Result<FlowRecord, String> {
     request.flow.exported_personal = personal.max(0) as u64;
     request.flow.exported_sensitive = sensitive.max(0) as u64;
@@ -332,6 +415,7 @@ fn decide_with_totals(
         "denied_by": view.decision.denied_by,
         "obligations": view.decision.obligations,
         "counted": counts,
+        "job": job,
     });
     let answer = serde_json::to_value(&view).map_err(|e| e.to_string())?;
     Ok(FlowRecord {
@@ -379,6 +463,12 @@ pub(crate) async fn inputs_denied(
             .datasets
             .get(input)
             .ok_or_else(|| ApiError::bad(&field, format!("unknown dataset `{input}`")))?;
+        if catalog.versions.get(input).is_none_or(|v| v.is_empty()) {
+            return Err(ApiError::bad(
+                &field,
+                format!("dataset `{input}` has no uploaded version yet"),
+            ));
+        }
         let holder = catalog.parties.get(&dataset.holder).ok_or_else(|| {
             ApiError::Unavailable(format!(
                 "dataset `{input}` names holder `{}`, which is not a party",
@@ -448,4 +538,123 @@ pub(crate) async fn inputs_denied(
         .into_iter()
         .map(|(site, reasons)| (site, reasons.join("; ")))
         .collect())
+}
+
+/// What an agent stages for a job: each input's latest version in its vault, and whether
+/// the job must run with no network (it reads personal, important or core data). An input
+/// that has gone from the catalog is left out; the agent then fails the job for it.
+pub(crate) fn staged_inputs(
+    state: &AppState,
+    catalog: &crate::catalog::CatalogSnapshot,
+    spec: &baygrid_core::JobSpec,
+) -> (Vec<baygrid_api::StagedInput>, bool) {
+    let mut staged = Vec::new();
+    let mut no_network = false;
+    for input in &spec.inputs {
+        let Some(dataset) = catalog.datasets.get(input) else {
+            continue;
+        };
+        no_network |= dataset.personal != baygrid_rules::Personal::None
+            || dataset.level != baygrid_rules::Level::General;
+        if let Some(version) = catalog.versions.get(input).and_then(|v| v.last()) {
+            staged.push(baygrid_api::StagedInput {
+                dataset: input.clone(),
+                version: version.version,
+                vault_url: state.config.vault_url(&dataset.vault),
+                upload: version.upload.clone(),
+                files: version.files.clone(),
+            });
+        }
+    }
+    (staged, no_network)
+}
+
+/// Decides, counts and records the copy of each of a job's inputs to the site it was
+/// placed at (an input already in that site's vault needs none), in the writer's
+/// transaction per input, so the export totals stay exact under concurrent flows. Returns
+/// why not when a flow is now denied (the totals moved since the quote); the job then
+/// stays queued and the next cycle's quote rules the site out.
+pub(crate) async fn record_input_flows(
+    state: &AppState,
+    catalog: &crate::catalog::CatalogSnapshot,
+    job_id: &str,
+    tenant: &str,
+    spec: &baygrid_core::JobSpec,
+    site_name: &str,
+) -> ApiResult<Option<String>> {
+    let Some(recipient) = catalog
+        .tenants
+        .get(tenant)
+        .and_then(|t| catalog.parties.get(&t.party))
+    else {
+        return Ok(Some(format!("tenant `{tenant}` has no party")));
+    };
+    let Some(site) = catalog.sites.get(site_name) else {
+        return Ok(Some(format!("site `{site_name}` is gone")));
+    };
+    let now = state.now();
+    let today = chrono::DateTime::from_timestamp_millis(now)
+        .ok_or_else(|| ApiError::Unavailable("the clock is out of range".into()))?
+        .date_naive();
+    for input in &spec.inputs {
+        let Some(dataset) = catalog.datasets.get(input) else {
+            return Ok(Some(format!("dataset `{input}` is gone")));
+        };
+        if dataset.vault == site.name {
+            continue;
+        }
+        let Some(holder) = catalog.parties.get(&dataset.holder) else {
+            return Ok(Some(format!("holder `{}` is gone", dataset.holder)));
+        };
+        let request = FlowRequest {
+            today,
+            exporter: Exporter {
+                name: holder.name.clone(),
+                jurisdiction: region(holder.jurisdiction),
+                city: holder.city.clone(),
+                ciio: holder.ciio,
+            },
+            recipient: Recipient {
+                name: recipient.name.clone(),
+                jurisdiction: region(recipient.jurisdiction),
+                city: recipient.city.clone(),
+            },
+            data: dataset.facts(),
+            flow: Flow {
+                mode: baygrid_rules::Mode::Copy,
+                purpose: spec.purpose.clone().unwrap_or_default(),
+                destination: region(site.jurisdiction),
+                destination_city: site.city.clone(),
+                exported_personal: 0,
+                exported_sensitive: 0,
+            },
+            evidence: catalog
+                .evidence
+                .values()
+                .filter(|r| r.exporter == holder.name && r.recipient == recipient.name)
+                .map(EvidenceRecord::evidence)
+                .collect(),
+        };
+        let pack = state.rules.clone();
+        let job = job_id.to_string();
+        let answer = state
+            .store
+            .decide_flow(
+                holder.name.clone(),
+                today.year() as i64,
+                "scheduler".to_string(),
+                now,
+                move |personal, sensitive| {
+                    decide_with_totals(&pack, request, personal, sensitive, Some(&job))
+                },
+            )
+            .await?;
+        if answer["decision"]["allowed"] != serde_json::Value::Bool(true) {
+            return Ok(Some(format!(
+                "input `{input}` may no longer be copied to {}: denied by {}",
+                site.name, answer["decision"]["denied_by"]
+            )));
+        }
+    }
+    Ok(None)
 }

@@ -2,7 +2,9 @@
 //! the holder registers, a dataset keeps its vault), the catalog for every role, and jobs
 //! that read a Hong Kong and a Shenzhen dataset placed only where both may be copied.
 
-use baygrid_api::{Client, ClientError, DatasetSpec, DatasetView, QuoteView};
+use baygrid_api::{
+    Client, ClientError, DatasetSpec, DatasetView, NewVersion, QuoteView, VaultView,
+};
 use baygrid_core::{JobSpec, Jurisdiction, Role};
 use baygrid_server::{RunningServer, ServerConfig};
 use serde_json::{json, Value};
@@ -147,6 +149,57 @@ async fn datasets(store: Option<String>) {
         assert_eq!(one.spec, sz);
     }
     error_of(lab.get::<DatasetView>("/api/v1/datasets/nope").await, 404);
+
+    // uploads: the holder streams the real tables into its vault, then records the version
+    for (holder, name, file) in [
+        (
+            &lender,
+            "sz-credit-labels",
+            "default_credit_hetero_guest.csv",
+        ),
+        (
+            &issuer,
+            "hk-card-features",
+            "default_credit_hetero_host.csv",
+        ),
+    ] {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../../shared/data/fate")
+            .join(file);
+        let version = baygrid_vault::upload(holder, name, &[path]).await.unwrap();
+        assert_eq!((version.version, version.rows), (1, 30000));
+    }
+    let view: DatasetView = lab.get("/api/v1/datasets/hk-card-features").await.unwrap();
+    assert_eq!(view.versions.len(), 1);
+    let recorded = view.versions[0].clone();
+    let again = NewVersion {
+        upload: recorded.upload.clone(),
+        files: recorded.files.clone(),
+    };
+    // the same upload twice, another party's holder, a tenant, a malformed digest
+    error_of(
+        issuer
+            .post::<_, Value>("/api/v1/datasets/hk-card-features/versions", &again)
+            .await,
+        409,
+    );
+    error_of(
+        lender
+            .post::<_, Value>("/api/v1/datasets/hk-card-features/versions", &again)
+            .await,
+        403,
+    );
+    error_of(lab.get::<Vec<VaultView>>("/api/v1/vaults").await, 403);
+    let mut bad = serde_json::to_value(&again).unwrap();
+    bad["upload"] = json!("up-2");
+    bad["files"][0]["sha256"] = json!("xyz");
+    let (field, _) = error_of(
+        issuer
+            .post::<_, Value>("/api/v1/datasets/hk-card-features/versions", &bad)
+            .await,
+        400,
+    );
+    assert_eq!(field.as_deref(), Some("files[0].sha256"));
 
     // a job reading both: the Shenzhen lender's personal data may not leave the mainland
     // without the individuals' separate consent, so Hong Kong and Macao are ruled out by

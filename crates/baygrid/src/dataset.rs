@@ -16,8 +16,16 @@ pub enum DatasetCommand {
     Register { file: PathBuf },
     /// The catalog: every dataset's metadata.
     Ls,
-    /// One dataset's metadata.
+    /// One dataset's metadata and versions.
     Get { name: String },
+    /// Upload CSV or Parquet files as the dataset's next version (its holder): each file is
+    /// checked against the schema, streamed into the dataset's vault with its SHA-256, and
+    /// the version recorded once every file is in.
+    Upload {
+        name: String,
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
 }
 
 /// Reads a dataset spec, naming the field at fault with the file's name.
@@ -70,6 +78,23 @@ pub async fn dataset(args: &Args, cmd: &DatasetCommand) -> anyhow::Result<ExitCo
                 table(&header, &views.iter().map(describe).collect::<Vec<_>>())
             });
         }
+        DatasetCommand::Upload { name, paths } => {
+            let version = baygrid_vault::upload(&client, name, paths).await?;
+            emit(args.output, &version, |v| {
+                println!(
+                    "dataset {} version {}: {} file(s), {} rows, {} bytes (upload {})",
+                    v.dataset,
+                    v.version,
+                    v.files.len(),
+                    v.rows,
+                    v.bytes,
+                    v.upload
+                );
+                for f in &v.files {
+                    println!("  {}  {}  {} rows", f.sha256, f.name, f.rows);
+                }
+            });
+        }
         DatasetCommand::Get { name } => {
             let view: DatasetView = client.get(&format!("/api/v1/datasets/{name}")).await?;
             emit(args.output, &view, |v| {
@@ -83,6 +108,16 @@ pub async fn dataset(args: &Args, cmd: &DatasetCommand) -> anyhow::Result<ExitCo
                 println!("\ncolumns: {}", columns.join(", "));
                 if let Some(column) = &v.spec.subject_column {
                     println!("subject column: {column}");
+                }
+                for version in &v.versions {
+                    println!(
+                        "version {}: {} file(s), {} rows, {} bytes, {}",
+                        version.version,
+                        version.files.len(),
+                        version.rows,
+                        version.bytes,
+                        version.created_at
+                    );
                 }
             });
         }

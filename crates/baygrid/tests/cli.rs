@@ -881,3 +881,142 @@ fn fusion_eval_reproduces_fate_and_names_bad_input() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("task"), "{}", stderr(&out));
 }
+
+#[test]
+fn datasets_are_registered_uploaded_and_read_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data_arg = data.to_str().unwrap();
+    let port = free_port();
+    let server = format!("http://127.0.0.1:{port}");
+    let mut up = spawn(
+        &[
+            "up",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+            data_arg,
+        ],
+        &dir.path().join("up.log"),
+    );
+    wait_healthy(&server, Duration::from_secs(30));
+    let operator_env = [
+        ("BAYGRID_SERVER", server.as_str()),
+        ("BAYGRID_DATA_DIR", data_arg),
+    ];
+    let out = baygrid(
+        &[
+            "party",
+            "add",
+            "sz-lender",
+            "--jurisdiction",
+            "CN",
+            "--city",
+            "shenzhen",
+        ],
+        &operator_env,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = baygrid(
+        &[
+            "token",
+            "issue",
+            "--role",
+            "data_holder",
+            "--subject",
+            "sz-lender",
+            "--output",
+            "json",
+        ],
+        &operator_env,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let issued: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let holder_env = [
+        ("BAYGRID_SERVER", server.as_str()),
+        ("BAYGRID_TOKEN", issued["token"].as_str().unwrap()),
+    ];
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let spec = repo.join("examples/datasets/sz-credit-labels.yaml");
+    let out = baygrid(
+        &["dataset", "register", spec.to_str().unwrap()],
+        &holder_env,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("shenzhen-qianhai (CN)"),
+        "{}",
+        stdout(&out)
+    );
+
+    // a spec with a bad field, and a file that is not this dataset, are refused by name
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        std::fs::read_to_string(&spec)
+            .unwrap()
+            .replace("level: general", "level: secret"),
+    )
+    .unwrap();
+    let out = baygrid(&["dataset", "register", bad.to_str().unwrap()], &holder_env);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("level"), "{}", stderr(&out));
+    let fate = repo.join("../shared/data/fate");
+    let wrong = fate.join("default_credit_hetero_host.csv");
+    let out = baygrid(
+        &[
+            "dataset",
+            "upload",
+            "sz-credit-labels",
+            wrong.to_str().unwrap(),
+        ],
+        &holder_env,
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("column 2"), "{}", stderr(&out));
+
+    let table = fate.join("default_credit_hetero_guest.csv");
+    let out = baygrid(
+        &[
+            "dataset",
+            "upload",
+            "sz-credit-labels",
+            table.to_str().unwrap(),
+            "--output",
+            "json",
+        ],
+        &holder_env,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let version: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(version["version"], 1);
+    assert_eq!(version["rows"], 30000);
+    let digest = version["files"][0]["sha256"].as_str().unwrap().to_string();
+    // the bytes are in the Shenzhen vault, under the upload
+    let object = data
+        .join("vaults/shenzhen-qianhai/datasets/sz-credit-labels/uploads")
+        .join(version["upload"].as_str().unwrap())
+        .join("default_credit_hetero_guest.csv");
+    assert_eq!(
+        std::fs::read(&object).unwrap(),
+        std::fs::read(&table).unwrap()
+    );
+
+    // every role reads the catalog
+    let out = baygrid(&["dataset", "get", "sz-credit-labels"], &operator_env);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("version 1: 1 file(s), 30000 rows"),
+        "{}",
+        stdout(&out)
+    );
+    let out = baygrid(&["dataset", "ls", "--output", "json"], &operator_env);
+    let all: Vec<Value> = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(all[0]["versions"][0]["files"][0]["sha256"], digest.as_str());
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(up.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(up.wait().unwrap().success(), "up exits cleanly on SIGTERM");
+}
