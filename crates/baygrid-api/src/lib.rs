@@ -5,11 +5,16 @@
 
 mod client;
 mod dataset;
+mod offer;
 
 pub use client::{Client, ClientError};
 pub use dataset::{
     Column, ColumnType, DatasetError, DatasetSpec, DatasetVersion, DatasetView, NewVersion,
     VaultView, VersionFile,
+};
+pub use offer::{
+    ContractRequest, ContractState, ContractView, DataOfferSpec, DataOfferView, OfferMode,
+    OfferPrice, QueryTerms, AGGREGATES,
 };
 
 use baygrid_core::{AcceleratorModel, Allocation, Cluster, JobSpec, JobState, Money, Role, Tenant};

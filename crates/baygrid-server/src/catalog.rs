@@ -44,6 +44,10 @@ pub struct CatalogSnapshot {
     pub evidence: BTreeMap<String, baygrid_api::EvidenceRecord>,
     /// Datasets registered in the data zone, by name.
     pub datasets: BTreeMap<String, baygrid_api::DatasetSpec>,
+    /// Data offers, by name.
+    pub data_offers: BTreeMap<String, baygrid_api::DataOfferSpec>,
+    /// Contracts on data offers, by id.
+    pub contracts: BTreeMap<String, baygrid_api::ContractView>,
     /// Each dataset's recorded versions, oldest first.
     pub versions: BTreeMap<String, Vec<baygrid_api::DatasetVersion>>,
     pub rates: ExchangeRates,
@@ -97,6 +101,8 @@ impl CatalogSnapshot {
             tenants: load_kind(store, "tenant").await?,
             evidence: load_kind(store, "evidence").await?,
             datasets: load_kind(store, "dataset").await?,
+            data_offers: load_kind(store, "data_offer").await?,
+            contracts: load_kind(store, "contract").await?,
             versions: {
                 let all: BTreeMap<String, baygrid_api::DatasetVersion> =
                     load_kind(store, "dataset_version").await?;

@@ -17,7 +17,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::AppState;
 
 /// Which tenant a request acts for: a tenant's own, or the one an operator names.
-fn acting_tenant(who: &Principal, named: Option<&str>) -> ApiResult<String> {
+pub(crate) fn acting_tenant(who: &Principal, named: Option<&str>) -> ApiResult<String> {
     match who.role {
         Role::Tenant => {
             let own = who.subject.clone().unwrap_or_default();

@@ -7,6 +7,7 @@ pub mod auth;
 mod body;
 mod catalog;
 pub mod config;
+mod contracts;
 mod error;
 mod jobs;
 pub mod ledger;
@@ -305,6 +306,16 @@ pub fn router(state: AppState) -> Router {
         .route("/datasets/{name}", get(zone::get_dataset))
         .route("/datasets/{name}/versions", post(zone::add_version))
         .route("/vaults", get(zone::list_vaults))
+        .route(
+            "/data-offers",
+            get(contracts::list_offers).post(contracts::publish_offer),
+        )
+        .route(
+            "/contracts",
+            get(contracts::list_contracts).post(contracts::request_contract),
+        )
+        .route("/contracts/{id}/approve", post(contracts::approve))
+        .route("/contracts/{id}/revoke", post(contracts::revoke))
         .route("/audit/checkpoint", get(audit::checkpoint))
         .route("/audit/key", get(audit::key))
         .route("/audit/entries", get(audit::list_entries))

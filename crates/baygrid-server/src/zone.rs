@@ -29,7 +29,7 @@ fn region(j: Jurisdiction) -> Region {
 }
 
 /// Operators act for anyone; a data holder only for its own party.
-fn may_act_for(who: &Principal, party: &str) -> ApiResult<()> {
+pub(crate) fn may_act_for(who: &Principal, party: &str) -> ApiResult<()> {
     match who.role {
         Role::Operator => Ok(()),
         Role::DataHolder if who.subject.as_deref() == Some(party) => Ok(()),
@@ -425,6 +425,66 @@ fn decide_with_totals(
     })
 }
 
+/// Who a dataset flow is between and where it goes.
+pub(crate) struct FlowEnds<'a> {
+    pub holder: &'a baygrid_core::Party,
+    pub recipient: &'a baygrid_core::Party,
+    pub site: &'a baygrid_core::Site,
+}
+
+/// The flow of `dataset` from its holder to the recipient at the site, as the rules see
+/// it, on `today`'s evidence between the two; the totals are filled in by whoever decides.
+pub(crate) fn dataset_flow(
+    catalog: &crate::catalog::CatalogSnapshot,
+    dataset: &DatasetSpec,
+    ends: FlowEnds<'_>,
+    mode: baygrid_rules::Mode,
+    purpose: &str,
+    today: chrono::NaiveDate,
+) -> FlowRequest {
+    let FlowEnds {
+        holder,
+        recipient,
+        site,
+    } = ends;
+    FlowRequest {
+        today,
+        exporter: Exporter {
+            name: holder.name.clone(),
+            jurisdiction: region(holder.jurisdiction),
+            city: holder.city.clone(),
+            ciio: holder.ciio,
+        },
+        recipient: Recipient {
+            name: recipient.name.clone(),
+            jurisdiction: region(recipient.jurisdiction),
+            city: recipient.city.clone(),
+        },
+        data: dataset.facts(),
+        flow: Flow {
+            mode,
+            purpose: purpose.to_string(),
+            destination: region(site.jurisdiction),
+            destination_city: site.city.clone(),
+            exported_personal: 0,
+            exported_sensitive: 0,
+        },
+        evidence: catalog
+            .evidence
+            .values()
+            .filter(|r| r.exporter == holder.name && r.recipient == recipient.name)
+            .map(EvidenceRecord::evidence)
+            .collect(),
+    }
+}
+
+/// Today, from the server's clock.
+pub(crate) fn today(state: &AppState) -> ApiResult<chrono::NaiveDate> {
+    Ok(chrono::DateTime::from_timestamp_millis(state.now())
+        .ok_or_else(|| ApiError::Unavailable("the clock is out of range".into()))?
+        .date_naive())
+}
+
 /// For a job that reads datasets: every site its inputs may not be copied to under the rule
 /// pack, with why (the input, the rules that deny, and what would allow it). A site that
 /// holds an input in its own vault needs no flow for it. The decisions are previews on
@@ -453,10 +513,7 @@ pub(crate) async fn inputs_denied(
             )
         })?;
     let purpose = spec.purpose.clone().unwrap_or_default();
-    let now = state.now();
-    let today = chrono::DateTime::from_timestamp_millis(now)
-        .ok_or_else(|| ApiError::Unavailable("the clock is out of range".into()))?
-        .date_naive();
+    let today = today(state)?;
     for (i, input) in spec.inputs.iter().enumerate() {
         let field = format!("inputs[{i}]");
         let dataset = catalog
@@ -479,40 +536,24 @@ pub(crate) async fn inputs_denied(
             .store
             .export_totals(&holder.name, today.year() as i64)
             .await?;
-        let evidence: Vec<_> = catalog
-            .evidence
-            .values()
-            .filter(|r| r.exporter == holder.name && r.recipient == recipient.name)
-            .map(EvidenceRecord::evidence)
-            .collect();
         for site in catalog.sites.values() {
             if site.name == dataset.vault {
                 continue;
             }
-            let request = FlowRequest {
+            let mut request = dataset_flow(
+                catalog,
+                dataset,
+                FlowEnds {
+                    holder,
+                    recipient,
+                    site,
+                },
+                baygrid_rules::Mode::Copy,
+                &purpose,
                 today,
-                exporter: Exporter {
-                    name: holder.name.clone(),
-                    jurisdiction: region(holder.jurisdiction),
-                    city: holder.city.clone(),
-                    ciio: holder.ciio,
-                },
-                recipient: Recipient {
-                    name: recipient.name.clone(),
-                    jurisdiction: region(recipient.jurisdiction),
-                    city: recipient.city.clone(),
-                },
-                data: dataset.facts(),
-                flow: Flow {
-                    mode: baygrid_rules::Mode::Copy,
-                    purpose: purpose.clone(),
-                    destination: region(site.jurisdiction),
-                    destination_city: site.city.clone(),
-                    exported_personal: personal.max(0) as u64,
-                    exported_sensitive: sensitive.max(0) as u64,
-                },
-                evidence: evidence.clone(),
-            };
+            );
+            request.flow.exported_personal = personal.max(0) as u64;
+            request.flow.exported_sensitive = sensitive.max(0) as u64;
             let decision = state.rules.decide(&request).map_err(|e| match e {
                 baygrid_rules::RuleError::Invalid { field: f, message } => {
                     ApiError::bad(&field, format!("`{input}`: {f}: {message}"))
@@ -593,9 +634,7 @@ pub(crate) async fn record_input_flows(
         return Ok(Some(format!("site `{site_name}` is gone")));
     };
     let now = state.now();
-    let today = chrono::DateTime::from_timestamp_millis(now)
-        .ok_or_else(|| ApiError::Unavailable("the clock is out of range".into()))?
-        .date_naive();
+    let today = today(state)?;
     for input in &spec.inputs {
         let Some(dataset) = catalog.datasets.get(input) else {
             return Ok(Some(format!("dataset `{input}` is gone")));
@@ -606,35 +645,18 @@ pub(crate) async fn record_input_flows(
         let Some(holder) = catalog.parties.get(&dataset.holder) else {
             return Ok(Some(format!("holder `{}` is gone", dataset.holder)));
         };
-        let request = FlowRequest {
+        let request = dataset_flow(
+            catalog,
+            dataset,
+            FlowEnds {
+                holder,
+                recipient,
+                site,
+            },
+            baygrid_rules::Mode::Copy,
+            spec.purpose.as_deref().unwrap_or_default(),
             today,
-            exporter: Exporter {
-                name: holder.name.clone(),
-                jurisdiction: region(holder.jurisdiction),
-                city: holder.city.clone(),
-                ciio: holder.ciio,
-            },
-            recipient: Recipient {
-                name: recipient.name.clone(),
-                jurisdiction: region(recipient.jurisdiction),
-                city: recipient.city.clone(),
-            },
-            data: dataset.facts(),
-            flow: Flow {
-                mode: baygrid_rules::Mode::Copy,
-                purpose: spec.purpose.clone().unwrap_or_default(),
-                destination: region(site.jurisdiction),
-                destination_city: site.city.clone(),
-                exported_personal: 0,
-                exported_sensitive: 0,
-            },
-            evidence: catalog
-                .evidence
-                .values()
-                .filter(|r| r.exporter == holder.name && r.recipient == recipient.name)
-                .map(EvidenceRecord::evidence)
-                .collect(),
-        };
+        );
         let pack = state.rules.clone();
         let job = job_id.to_string();
         let answer = state

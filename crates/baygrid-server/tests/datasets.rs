@@ -43,6 +43,14 @@ fn example(name: &str) -> DatasetSpec {
     serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
+fn offer(name: &str) -> Value {
+    let path = format!(
+        "{}/../../examples/data-offers/{name}.yaml",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
 fn job(extra: &str) -> JobSpec {
     JobSpec::from_yaml(&format!(
         "name: credit-model\n\
@@ -201,6 +209,131 @@ async fn datasets(store: Option<String>) {
     );
     assert_eq!(field.as_deref(), Some("files[0].sha256"));
 
+    // data offers: the holder publishes; errors name the field; every role reads them
+    let hk_offer = offer("hk-card-features");
+    let sz_offer = offer("sz-credit-labels");
+    error_of(
+        lender
+            .post::<_, Value>("/api/v1/data-offers", &hk_offer)
+            .await,
+        403,
+    );
+    let view: Value = issuer.post("/api/v1/data-offers", &hk_offer).await.unwrap();
+    assert_eq!(view["holder"], "hk-card-issuer");
+    let _: Value = lender.post("/api/v1/data-offers", &sz_offer).await.unwrap();
+    for (path, value, field) in [
+        ("/query/k_min", json!(5), "query.k_min"),
+        ("/price/per_use", json!("80.00 CNY"), "price.per_use"),
+        ("/expires", json!("2020-01-01"), "expires"),
+        ("/query/filters/0", json!("id"), "query.filters[0]"),
+        ("/query/filters/0", json!("x99"), "query.filters[0]"),
+        (
+            "/query/aggregates/0",
+            json!("median"),
+            "query.aggregates[0]",
+        ),
+        ("/query/ranges/x1", json!([3.0, -3.0]), "query.ranges.x1"),
+        ("/modes/1", json!("federated"), "modes[1]"),
+    ] {
+        let mut bad = hk_offer.clone();
+        *bad.pointer_mut(path).unwrap() = value;
+        let (got, message) = error_of(
+            issuer.post::<_, Value>("/api/v1/data-offers", &bad).await,
+            400,
+        );
+        assert_eq!(got.as_deref(), Some(field), "{path}: {message}");
+    }
+    for client in [&lab, &regulator, &lender] {
+        let offers: Vec<Value> = client.get("/api/v1/data-offers").await.unwrap();
+        assert_eq!(offers.len(), 2);
+    }
+
+    // contracts: the rules decide each request, and the contract records the decision
+    let ask = |offer: &str, mode: &str, site: &str| json!({"offer": offer, "mode": mode, "purpose": "credit_risk", "site": site});
+    let federated: Value = lab
+        .post(
+            "/api/v1/contracts",
+            &ask("hk-card-features-risk", "federated", "shenzhen-qianhai"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(federated["state"], "pending", "{federated}");
+    assert_eq!(federated["decision"]["allowed"], true);
+    let id = federated["id"].as_str().unwrap().to_string();
+    // the other holder cannot see it, a regulator can but may not revoke it
+    error_of(
+        lender
+            .post::<_, Value>(&format!("/api/v1/contracts/{id}/approve"), &json!({}))
+            .await,
+        404,
+    );
+    let seen: Vec<Value> = regulator.get("/api/v1/contracts").await.unwrap();
+    assert_eq!(seen.len(), 1);
+    error_of(
+        regulator
+            .post::<_, Value>(&format!("/api/v1/contracts/{id}/revoke"), &json!({}))
+            .await,
+        403,
+    );
+    let approved: Value = issuer
+        .post(&format!("/api/v1/contracts/{id}/approve"), &json!({}))
+        .await
+        .unwrap();
+    assert_eq!(approved["state"], "active");
+    let revoked: Value = lab
+        .post(&format!("/api/v1/contracts/{id}/revoke"), &json!({}))
+        .await
+        .unwrap();
+    assert_eq!(revoked["state"], "revoked");
+    error_of(
+        lab.post::<_, Value>(&format!("/api/v1/contracts/{id}/revoke"), &json!({}))
+            .await,
+        409,
+    );
+    // a mode, purpose or site the offer does not allow is refused by name
+    for (bad, field) in [
+        (ask("hk-card-features-risk", "copy", "shaoguan"), "mode"),
+        (ask("hk-card-features-risk", "query", "macao"), "site"),
+        (ask("nope", "query", "shaoguan"), "offer"),
+    ] {
+        let (got, _) = error_of(lab.post::<_, Value>("/api/v1/contracts", &bad).await, 400);
+        assert_eq!(got.as_deref(), Some(field));
+    }
+    let mut purpose = ask("hk-card-features-risk", "query", "shaoguan");
+    purpose["purpose"] = json!("marketing");
+    let (got, _) = error_of(
+        lab.post::<_, Value>("/api/v1/contracts", &purpose).await,
+        400,
+    );
+    assert_eq!(got.as_deref(), Some("purpose"));
+    // the lender's offer approves itself when the rules allow: a mainland copy is active at
+    // once; a copy to Hong Kong is denied, naming what would allow it
+    let mainland: Value = lab
+        .post(
+            "/api/v1/contracts",
+            &ask("sz-credit-labels-copy", "copy", "shaoguan"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(mainland["state"], "active", "{mainland}");
+    let abroad: Value = lab
+        .post(
+            "/api/v1/contracts",
+            &ask("sz-credit-labels-copy", "copy", "hk-cyberport"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(abroad["state"], "denied", "{abroad}");
+    assert_eq!(abroad["decision"]["denied_by"], json!(["CN-CONSENT"]));
+    assert!(abroad["decision"]["remedies"][0]
+        .as_str()
+        .unwrap()
+        .contains("separate_consent"));
+    let mine: Vec<Value> = lab.get("/api/v1/contracts").await.unwrap();
+    assert_eq!(mine.len(), 3);
+    let theirs: Vec<Value> = issuer.get("/api/v1/contracts").await.unwrap();
+    assert_eq!(theirs.len(), 1);
+
     // a job reading both: the Shenzhen lender's personal data may not leave the mainland
     // without the individuals' separate consent, so Hong Kong and Macao are ruled out by
     // the rules, naming the input and what would allow it; every mainland site may take both
@@ -279,6 +412,19 @@ async fn datasets(store: Option<String>) {
     assert!(outbox
         .iter()
         .any(|r| r.kind == "catalog.put" && r.payload["kind"] == "dataset"));
+    // every contract write is in the log with the decision it carries
+    let denied = outbox
+        .iter()
+        .find(|r| {
+            r.kind == "catalog.put"
+                && r.payload["kind"] == "contract"
+                && r.payload["body"]["state"] == "denied"
+        })
+        .unwrap();
+    assert_eq!(
+        denied.payload["body"]["decision"]["denied_by"],
+        json!(["CN-CONSENT"])
+    );
     server.stop().await;
 }
 

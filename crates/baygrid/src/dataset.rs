@@ -124,3 +124,183 @@ pub async fn dataset(args: &Args, cmd: &DatasetCommand) -> anyhow::Result<ExitCo
     }
     Ok(ExitCode::SUCCESS)
 }
+
+#[derive(Debug, Subcommand)]
+pub enum DataOfferCommand {
+    /// Publish a data offer from a YAML file (the dataset's holder).
+    Publish { file: PathBuf },
+    /// Every data offer's terms.
+    Ls,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ContractCommand {
+    /// Ask for a contract on a data offer; the rules decide at once.
+    Request {
+        #[arg(long)]
+        offer: String,
+        /// copy | remote_access | query | federated
+        #[arg(long)]
+        mode: String,
+        #[arg(long)]
+        purpose: String,
+        /// The site the data (or its results) goes to.
+        #[arg(long)]
+        site: String,
+        /// For operators: the tenant to request for.
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Approve a pending contract (the holder).
+    Approve { id: String },
+    /// End a pending or active contract (either side).
+    Revoke { id: String },
+    /// The contracts the caller is a party to.
+    Ls,
+}
+
+pub async fn data_offer(args: &Args, cmd: &DataOfferCommand) -> anyhow::Result<ExitCode> {
+    let client = crate::cli::client(args)?;
+    match cmd {
+        DataOfferCommand::Publish { file } => {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let deserializer = serde_yaml::Deserializer::from_str(&text);
+            let spec: baygrid_api::DataOfferSpec = serde_path_to_error::deserialize(deserializer)
+                .map_err(|e| {
+                anyhow::anyhow!("{}: {}: {}", file.display(), e.path(), e.inner())
+            })?;
+            let view: baygrid_api::DataOfferView =
+                client.post("/api/v1/data-offers", &spec).await?;
+            emit(args.output, &view, |v| {
+                println!(
+                    "published offer {} on {} (held by {} at {})",
+                    v.spec.name, v.spec.dataset, v.holder, v.vault
+                )
+            });
+        }
+        DataOfferCommand::Ls => {
+            let offers: Vec<baygrid_api::DataOfferView> = client.get("/api/v1/data-offers").await?;
+            emit(args.output, &offers, |offers| {
+                let rows: Vec<Vec<String>> = offers
+                    .iter()
+                    .map(|o| {
+                        let s = &o.spec;
+                        vec![
+                            s.name.clone(),
+                            s.dataset.clone(),
+                            o.holder.clone(),
+                            s.modes
+                                .iter()
+                                .map(|m| m.as_str())
+                                .collect::<Vec<_>>()
+                                .join(","),
+                            s.purposes.join(","),
+                            s.destinations
+                                .iter()
+                                .map(|d| d.to_string())
+                                .collect::<Vec<_>>()
+                                .join(","),
+                            match (&s.price.per_use, &s.price.per_gb) {
+                                (Some(p), _) => format!("{p}/use"),
+                                (_, Some(p)) => format!("{p}/GB"),
+                                _ => "-".into(),
+                            },
+                            s.expires.to_string(),
+                        ]
+                    })
+                    .collect();
+                table(
+                    &[
+                        "NAME", "DATASET", "HOLDER", "MODES", "PURPOSES", "TO", "PRICE", "EXPIRES",
+                    ],
+                    &rows,
+                )
+            });
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn contract_line(c: &baygrid_api::ContractView) -> String {
+    let mut line = format!(
+        "contract {}: {} of {} by {} for {} at {}: {:?}",
+        c.id,
+        c.request.mode.as_str(),
+        c.dataset,
+        c.tenant,
+        c.request.purpose,
+        c.request.site,
+        c.state
+    )
+    .to_lowercase();
+    if !c.decision.allowed {
+        line.push_str(&format!(
+            "\n  denied by {}; would allow: {}",
+            c.decision.denied_by.join(", "),
+            c.decision.remedies.join("; ")
+        ));
+    }
+    for o in &c.decision.obligations {
+        line.push_str(&format!(
+            "\n  obligation {} ({}){}",
+            o.id,
+            o.rule,
+            o.due.map(|d| format!(" due {d}")).unwrap_or_default()
+        ));
+    }
+    line
+}
+
+pub async fn contract(args: &Args, cmd: &ContractCommand) -> anyhow::Result<ExitCode> {
+    let client = crate::cli::client(args)?;
+    let view: baygrid_api::ContractView = match cmd {
+        ContractCommand::Request {
+            offer,
+            mode,
+            purpose,
+            site,
+            tenant,
+        } => {
+            let body = serde_json::json!({
+                "offer": offer, "mode": mode, "purpose": purpose, "site": site,
+            });
+            let path = match tenant {
+                Some(t) => format!("/api/v1/contracts?tenant={t}"),
+                None => "/api/v1/contracts".into(),
+            };
+            client.post(&path, &body).await?
+        }
+        ContractCommand::Approve { id } => {
+            client
+                .post(
+                    &format!("/api/v1/contracts/{id}/approve"),
+                    &serde_json::json!({}),
+                )
+                .await?
+        }
+        ContractCommand::Revoke { id } => {
+            client
+                .post(
+                    &format!("/api/v1/contracts/{id}/revoke"),
+                    &serde_json::json!({}),
+                )
+                .await?
+        }
+        ContractCommand::Ls => {
+            let all: Vec<baygrid_api::ContractView> = client.get("/api/v1/contracts").await?;
+            emit(args.output, &all, |all| {
+                for c in all {
+                    println!("{}", contract_line(c));
+                }
+            });
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+    emit(args.output, &view, |c| println!("{}", contract_line(c)));
+    // a request the rules denied is recorded, but the caller did not get a contract
+    if view.state == baygrid_api::ContractState::Denied {
+        return Ok(ExitCode::from(3));
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -127,6 +127,12 @@ pub enum Command {
     /// Datasets in the data zone's vaults: register, list, inspect.
     #[command(subcommand)]
     Dataset(dataset::DatasetCommand),
+    /// Data offers: what a holder lets others do with a dataset, at what price.
+    #[command(subcommand, name = "data-offer")]
+    DataOffer(dataset::DataOfferCommand),
+    /// Contracts on data offers: request (the rules decide), approve, revoke, list.
+    #[command(subcommand)]
+    Contract(dataset::ContractCommand),
     /// Sample-data fusion training (样本数据融合训练): PSI, federated and vertical models.
     #[command(subcommand)]
     Fusion(fusion::FusionCommand),
@@ -182,6 +188,8 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Command::Evidence(cmd) => rules::evidence(&args, cmd).await,
         Command::Flow(cmd) => rules::flow(&args, cmd).await,
         Command::Dataset(cmd) => dataset::dataset(&args, cmd).await,
+        Command::DataOffer(cmd) => dataset::data_offer(&args, cmd).await,
+        Command::Contract(cmd) => dataset::contract(&args, cmd).await,
         Command::Fusion(cmd) => fusion::run(&args, cmd),
         Command::Sim(sim) => sim::run(&args, sim),
         Command::Bench(cmd) => bench::run(&args, cmd).await,

@@ -1013,6 +1013,62 @@ fn datasets_are_registered_uploaded_and_read_through_the_cli() {
     let out = baygrid(&["dataset", "ls", "--output", "json"], &operator_env);
     let all: Vec<Value> = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(all[0]["versions"][0]["files"][0]["sha256"], digest.as_str());
+
+    // an offer, and contracts the rules decide: a mainland copy is active at once (the
+    // offer approves itself); a copy to Hong Kong is denied, exit 3, with the remedy
+    let offer = repo.join("examples/data-offers/sz-credit-labels.yaml");
+    let out = baygrid(
+        &["data-offer", "publish", offer.to_str().unwrap()],
+        &holder_env,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = baygrid(&["data-offer", "ls"], &operator_env);
+    assert!(stdout(&out).contains("200.00 CNY/GB"), "{}", stdout(&out));
+    let tenant_token = std::fs::read_to_string(data.join("tokens/gz-ai-lab.token")).unwrap();
+    let tenant_env = [
+        ("BAYGRID_SERVER", server.as_str()),
+        ("BAYGRID_TOKEN", tenant_token.trim()),
+    ];
+    let request = |site: &str| {
+        baygrid(
+            &[
+                "contract",
+                "request",
+                "--offer",
+                "sz-credit-labels-copy",
+                "--mode",
+                "copy",
+                "--purpose",
+                "credit_risk",
+                "--site",
+                site,
+            ],
+            &tenant_env,
+        )
+    };
+    let out = request("shaoguan");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains(": active"), "{}", stdout(&out));
+    let out = request("hk-cyberport");
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("denied by CN-CONSENT") && stdout(&out).contains("separate_consent"),
+        "{}",
+        stdout(&out)
+    );
+    let out = request("atlantis");
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("site"), "{}", stderr(&out));
+    let out = baygrid(&["contract", "ls", "--output", "json"], &holder_env);
+    let contracts: Vec<Value> = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(contracts.len(), 2);
+    let active = contracts.iter().find(|c| c["state"] == "active").unwrap();
+    let out = baygrid(
+        &["contract", "revoke", active["id"].as_str().unwrap()],
+        &holder_env,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains(": revoked"), "{}", stdout(&out));
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(up.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
