@@ -12,9 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use baygrid_api::{
-    AgentStatus, Capacity, Client, ClientError, HeartbeatRequest, HeartbeatResponse, HeldLease,
-    LeaseGrant, LeaseRequest, LeaseResponse, LogLineIn, RegisterRequest, RegisterResponse,
-    ReportRequest,
+    AgentStatus, Capacity, Client, ClientError, FlowReport, HeartbeatRequest, HeartbeatResponse,
+    HeldLease, LeaseGrant, LeaseRequest, LeaseResponse, LogLineIn, RegisterRequest,
+    RegisterResponse, ReportRequest,
 };
 use baygrid_exec::{Engine, JobHandle, JobStatus, LaunchSpec, LocalEngine, LogCursor, SlurmEngine};
 use serde::{Deserialize, Serialize};
@@ -418,6 +418,30 @@ impl Agent {
                 },
             )
             .await?;
+        for task in beat.transfers {
+            // copies run beside the loop, so heartbeats go on however big the data is
+            let client = self.client.clone();
+            tokio::spawn(async move {
+                let report = match copy(&task).await {
+                    Ok(()) => FlowReport {
+                        ok: true,
+                        error: None,
+                    },
+                    Err(e) => {
+                        tracing::warn!(flow = %task.id, error = %e, "copy failed");
+                        FlowReport {
+                            ok: false,
+                            error: Some(e.to_string()),
+                        }
+                    }
+                };
+                let path = format!("/api/v1/agent/flows/{}/report", task.id);
+                if let Err(e) = client.post::<_, serde_json::Value>(&path, &report).await {
+                    // unreported, the server hands the copy out again later
+                    tracing::warn!(flow = %task.id, error = %e, "copy report not delivered");
+                }
+            });
+        }
         for job_id in beat.stale {
             if let Some(tracked) = self.tracked.get(&job_id) {
                 tracing::warn!(job_id, "lease no longer valid: stopping this copy");
@@ -704,6 +728,22 @@ async fn stage_inputs(
             let to = dir.join(&input.dataset).join(&file.name);
             vault.get_file(&key, &file.sha256, &to).await?;
         }
+    }
+    Ok(())
+}
+
+/// Copies each file of a flow from the source vault to the destination's, digests checked.
+async fn copy(task: &baygrid_api::FlowTask) -> Result<(), baygrid_vault::VaultError> {
+    let from = baygrid_vault::Vault::open(&task.source_url)?;
+    let to = baygrid_vault::Vault::open(&task.destination_url)?;
+    for file in &task.files {
+        from.copy_to(
+            &baygrid_vault::object_key(&task.dataset, &task.upload, &file.name),
+            &file.sha256,
+            &to,
+            &baygrid_vault::object_key(&task.copy_as, &task.copy_upload, &file.name),
+        )
+        .await?;
     }
     Ok(())
 }

@@ -212,3 +212,205 @@ async fn a_job_reads_a_hong_kong_and_a_shenzhen_dataset_where_both_may_go() {
     assert!(done.reason.contains("hash"), "{}", done.reason);
     server.stop().await;
 }
+
+async fn wait_flow(client: &Client, id: &str) -> Value {
+    for _ in 0..600 {
+        let flow: Value = client.get(&format!("/api/v1/flows/{id}")).await.unwrap();
+        if flow["state"] != "pending" && flow["state"] != "copying" {
+            return flow;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("flow {id} never finished");
+}
+
+#[tokio::test]
+async fn a_copy_under_a_contract_is_counted_moved_by_the_source_agent_and_undone_on_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().join("server"),
+        sites_file: "sample".into(),
+        schedule_interval: Duration::from_millis(50),
+        heartbeat_interval: Duration::from_millis(200),
+        lease_ttl: Duration::from_secs(30),
+        ..ServerConfig::default()
+    };
+    let server = baygrid_server::start(config).await.unwrap();
+    let url = server.url();
+    let operator = Client::new(&url, Some(server.operator_token.clone()));
+    let _: Value = operator
+        .post(
+            "/api/v1/parties",
+            &json!({"name": "sz-lender", "jurisdiction": "CN", "city": "shenzhen"}),
+        )
+        .await
+        .unwrap();
+    let lender = operator
+        .issue(Role::DataHolder, Some("sz-lender"))
+        .await
+        .unwrap();
+    let lab = operator
+        .add_tenant(
+            "gba-risk-lab",
+            Jurisdiction::HK,
+            "hong-kong",
+            "100000.00 CNY".parse().unwrap(),
+        )
+        .await
+        .unwrap();
+    let _: DatasetView = lender
+        .post("/api/v1/datasets", &example("sz-credit-labels"))
+        .await
+        .unwrap();
+    let table = repo("../shared/data/fate/default_credit_hetero_guest.csv");
+    let uploaded = baygrid_vault::upload(&lender, "sz-credit-labels", std::slice::from_ref(&table))
+        .await
+        .unwrap();
+    let offer: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(repo("examples/data-offers/sz-credit-labels.yaml")).unwrap(),
+    )
+    .unwrap();
+    let _: Value = lender.post("/api/v1/data-offers", &offer).await.unwrap();
+    // the agent beside the source vault does the moving
+    let _qianhai = start_agent(&url, &operator, "qianhai-h800", &dir.path().join("sz")).await;
+
+    let ask =
+        |site: &str| json!({"dataset": "sz-credit-labels", "site": site, "purpose": "credit_risk"});
+    // no contract, no copy
+    match lab
+        .post::<_, Value>("/api/v1/flows", &ask("shaoguan"))
+        .await
+    {
+        Err(e) => assert_eq!(e.status(), Some(403), "{e}"),
+        Ok(v) => panic!("copied without a contract: {v}"),
+    }
+    let contract = |site: &str| json!({"offer": "sz-credit-labels-copy", "mode": "copy", "purpose": "credit_risk", "site": site});
+    let active: Value = lab
+        .post("/api/v1/contracts", &contract("shaoguan"))
+        .await
+        .unwrap();
+    assert_eq!(active["state"], "active");
+    let flow: Value = lab.post("/api/v1/flows", &ask("shaoguan")).await.unwrap();
+    assert_eq!(flow["state"], "pending", "{flow}");
+    let done = wait_flow(&lab, flow["id"].as_str().unwrap()).await;
+    assert_eq!(done["state"], "done", "{done}");
+    // the copy is the lab's dataset in the Shaoguan vault, byte for byte
+    let copy: DatasetView = lab
+        .get("/api/v1/datasets/sz-credit-labels-shaoguan")
+        .await
+        .unwrap();
+    assert_eq!(copy.spec.holder, "gba-risk-lab");
+    assert_eq!(copy.spec.vault, "shaoguan");
+    assert_eq!(copy.versions[0].files, uploaded.files);
+    let object = dir
+        .path()
+        .join("server/vaults/shaoguan")
+        .join(baygrid_vault::object_key(
+            "sz-credit-labels-shaoguan",
+            done["id"].as_str().unwrap(),
+            "default_credit_hetero_guest.csv",
+        ));
+    assert_eq!(
+        std::fs::read(object).unwrap(),
+        std::fs::read(&table).unwrap()
+    );
+
+    // to Hong Kong: with consent and a filed GBA contract the copy is allowed and counted
+    for (kind, filed) in [
+        ("separate_consent", None),
+        ("gba_contract_hk", Some("2026-01-05")),
+    ] {
+        let record = json!({
+            "kind": kind, "exporter": "sz-lender", "recipient": "gba-risk-lab",
+            "effective": "2026-01-01", "filed": filed,
+        });
+        let _: Value = lender.post("/api/v1/evidence", &record).await.unwrap();
+    }
+    let active: Value = lab
+        .post("/api/v1/contracts", &contract("hk-cyberport"))
+        .await
+        .unwrap();
+    assert_eq!(active["state"], "active", "{active}");
+    let year = i64::from(chrono::Datelike::year(&chrono::Utc::now()));
+    let before = server
+        .state
+        .store
+        .export_totals("sz-lender", year)
+        .await
+        .unwrap();
+    let flow: Value = lab
+        .post("/api/v1/flows", &ask("hk-cyberport"))
+        .await
+        .unwrap();
+    let counted = flow["counted"][1]
+        .as_i64()
+        .expect("a cross-border copy counts");
+    assert_eq!(counted, 30000);
+    let done = wait_flow(&lab, flow["id"].as_str().unwrap()).await;
+    assert_eq!(done["state"], "done", "{done}");
+    let after = server
+        .state
+        .store
+        .export_totals("sz-lender", year)
+        .await
+        .unwrap();
+    assert_eq!(after.0 + after.1 - before.0 - before.1, counted);
+    let copy: DatasetView = lab
+        .get("/api/v1/datasets/sz-credit-labels-hk-cyberport")
+        .await
+        .unwrap();
+    assert!(copy.spec.collected_abroad);
+    assert_eq!(
+        copy.spec.arrived_under,
+        Some(baygrid_rules::EvidenceKind::GbaContractHk)
+    );
+
+    // the source object changes under the vault: the copy fails on its digest, nothing is
+    // left at the destination, and the flow is taken back out of the totals
+    let source = dir
+        .path()
+        .join("server/vaults/shenzhen-qianhai")
+        .join(baygrid_vault::object_key(
+            "sz-credit-labels",
+            &uploaded.upload,
+            "default_credit_hetero_guest.csv",
+        ));
+    let mut bytes = std::fs::read(&source).unwrap();
+    bytes[300] ^= 1;
+    std::fs::write(&source, bytes).unwrap();
+    let flow: Value = lab
+        .post(
+            "/api/v1/flows",
+            &json!({"dataset": "sz-credit-labels", "site": "hk-cyberport", "purpose": "credit_risk", "as": "sz-credit-labels-retry"}),
+        )
+        .await
+        .unwrap();
+    let failed = wait_flow(&lab, flow["id"].as_str().unwrap()).await;
+    assert_eq!(failed["state"], "failed", "{failed}");
+    assert!(
+        failed["error"].as_str().unwrap().contains("hash"),
+        "{failed}"
+    );
+    assert_eq!(
+        server
+            .state
+            .store
+            .export_totals("sz-lender", year)
+            .await
+            .unwrap(),
+        after
+    );
+    assert!(!dir
+        .path()
+        .join("server/vaults/hk-cyberport/datasets/sz-credit-labels-retry")
+        .join("uploads")
+        .join(flow["id"].as_str().unwrap())
+        .join("default_credit_hetero_guest.csv")
+        .exists());
+    let outbox = server.state.store.outbox_from(1, 100_000).await.unwrap();
+    assert!(outbox
+        .iter()
+        .any(|r| r.kind == "flow.compensated" && r.payload["flow"] == flow["id"]));
+    server.stop().await;
+}

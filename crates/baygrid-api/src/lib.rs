@@ -13,8 +13,8 @@ pub use dataset::{
     VaultView, VersionFile,
 };
 pub use offer::{
-    ContractRequest, ContractState, ContractView, DataOfferSpec, DataOfferView, OfferMode,
-    OfferPrice, QueryTerms, AGGREGATES,
+    ContractRequest, ContractState, ContractView, DataOfferSpec, DataOfferView, FlowReport,
+    FlowRequestBody, FlowState, FlowTask, FlowView, OfferMode, OfferPrice, QueryTerms, AGGREGATES,
 };
 
 use baygrid_core::{AcceleratorModel, Allocation, Cluster, JobSpec, JobState, Money, Role, Tenant};
@@ -277,6 +277,9 @@ pub struct HeartbeatResponse {
     pub stale: Vec<String>,
     /// Stop these: the tenant cancelled them.
     pub cancel: Vec<String>,
+    /// Copies out of this site's vaults for the agent to make, claimed for it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub transfers: Vec<offer::FlowTask>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

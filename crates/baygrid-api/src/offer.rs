@@ -348,3 +348,92 @@ pub struct ContractView {
     #[schema(value_type = String)]
     pub expires: chrono::NaiveDate,
 }
+
+/// A consumer's request to copy a dataset to a site under its contract.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FlowRequestBody {
+    pub dataset: String,
+    /// The destination site: its vault receives the copy.
+    pub site: String,
+    pub purpose: String,
+    /// The copy's name in the destination vault; `<dataset>-<site>` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(rename = "as")]
+    pub copy_as: Option<String>,
+}
+
+/// Where a copy stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FlowState {
+    /// The rules denied it: nothing moves.
+    Denied,
+    /// Allowed and counted; waiting for the source site's agent.
+    Pending,
+    /// An agent at the source site is copying it.
+    Copying,
+    /// The copy is in the destination vault, registered as the recipient's dataset.
+    Done,
+    /// The copy failed; a compensating record took it out of the totals.
+    Failed,
+}
+
+/// A copy of a dataset version from its vault to another site's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct FlowView {
+    pub id: String,
+    pub dataset: String,
+    pub version: u32,
+    pub source_site: String,
+    pub site: String,
+    pub purpose: String,
+    pub contract: String,
+    pub tenant: String,
+    /// The exporter and the recipient.
+    pub holder: String,
+    pub recipient: String,
+    /// The copy's dataset name at the destination.
+    pub copy_as: String,
+    pub state: FlowState,
+    #[schema(value_type = Object)]
+    pub decision: baygrid_rules::Decision,
+    /// What the flow added to the holder's export totals (category, individuals).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counted: Option<(String, u64)>,
+    pub upload: String,
+    pub files: Vec<crate::VersionFile>,
+    pub requested_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claimed_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claimed_at_ms: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// What a source site's agent copies: each file from the source vault to the
+/// destination's, digests checked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct FlowTask {
+    pub id: String,
+    pub dataset: String,
+    pub upload: String,
+    pub files: Vec<crate::VersionFile>,
+    pub source_url: String,
+    pub destination_url: String,
+    /// The copy's dataset name and upload id at the destination.
+    pub copy_as: String,
+    pub copy_upload: String,
+}
+
+/// The agent's word on a copy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FlowReport {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}

@@ -76,12 +76,14 @@ pub async fn heartbeat(
         .collect();
     let outcome = state
         .store
-        .heartbeat(cluster, capacity, held, ttl_ms(&state), state.now())
+        .heartbeat(cluster.clone(), capacity, held, ttl_ms(&state), state.now())
         .await?;
+    let transfers = crate::flows::claim(&state, &cluster, &who).await?;
     Ok(Json(HeartbeatResponse {
         renewed: outcome.renewed,
         stale: outcome.stale,
         cancel: outcome.cancel,
+        transfers,
     }))
 }
 

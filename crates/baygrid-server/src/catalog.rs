@@ -46,6 +46,8 @@ pub struct CatalogSnapshot {
     pub datasets: BTreeMap<String, baygrid_api::DatasetSpec>,
     /// Data offers, by name.
     pub data_offers: BTreeMap<String, baygrid_api::DataOfferSpec>,
+    /// Copies of datasets between vaults, by id.
+    pub flows: BTreeMap<String, baygrid_api::FlowView>,
     /// Contracts on data offers, by id.
     pub contracts: BTreeMap<String, baygrid_api::ContractView>,
     /// Each dataset's recorded versions, oldest first.
@@ -103,6 +105,7 @@ impl CatalogSnapshot {
             datasets: load_kind(store, "dataset").await?,
             data_offers: load_kind(store, "data_offer").await?,
             contracts: load_kind(store, "contract").await?,
+            flows: load_kind(store, "flow").await?,
             versions: {
                 let all: BTreeMap<String, baygrid_api::DatasetVersion> =
                     load_kind(store, "dataset_version").await?;

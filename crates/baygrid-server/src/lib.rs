@@ -9,6 +9,7 @@ mod catalog;
 pub mod config;
 mod contracts;
 mod error;
+mod flows;
 mod jobs;
 pub mod ledger;
 mod metrics;
@@ -70,8 +71,9 @@ pub struct AppState {
     pub audit: Arc<audit::AuditLog>,
     /// The GBA cross-border rule pack.
     pub rules: Arc<baygrid_rules::RulePack>,
-    /// Serialises dataset version numbering.
-    pub versions: Arc<tokio::sync::Mutex<()>>,
+    /// Serialises the data zone's read-modify-writes of catalog rows (version numbering,
+    /// claiming and finishing copies).
+    pub zone_writes: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl AppState {
@@ -130,7 +132,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         metrics: metrics::Metrics::new(),
         clock,
         tokens: Arc::new(auth::TokenCache::default()),
-        versions: Arc::new(tokio::sync::Mutex::new(())),
+        zone_writes: Arc::new(tokio::sync::Mutex::new(())),
         rules: Arc::new(if config.rule_pack.is_empty() {
             baygrid_rules::RulePack::load()?
         } else {
@@ -299,6 +301,9 @@ pub fn router(state: AppState) -> Router {
             get(zone::list_evidence).post(zone::put_evidence),
         )
         .route("/flows/decide", post(zone::decide))
+        .route("/flows", get(flows::list).post(flows::request))
+        .route("/flows/{id}", get(flows::get))
+        .route("/agent/flows/{id}/report", post(flows::report))
         .route(
             "/datasets",
             get(zone::list_datasets).post(zone::register_dataset),

@@ -189,7 +189,7 @@ pub async fn add_version(
     upload
         .validate()
         .map_err(|e| ApiError::bad(e.field, e.message))?;
-    let _numbering = state.versions.lock().await;
+    let _numbering = state.zone_writes.lock().await;
     let catalog = state.catalog();
     let existing = catalog.versions.get(&name).cloned().unwrap_or_default();
     if existing.iter().any(|v| v.upload == upload.upload) {
@@ -363,7 +363,7 @@ pub async fn decide(
             who_acts,
             now,
             move |personal, sensitive| {
-                decide_with_totals(&pack, request, personal, sensitive, None)
+                decide_with_totals(&pack, request, personal, sensitive, serde_json::Value::Null)
             },
         )
         .await?;
@@ -385,7 +385,7 @@ fn decide_with_totals(
     mut request: FlowRequest,
     personal: i64,
     sensitive: i64,
-    job: Option<&str>,
+    extra: serde_json::Value,
 ) -> Result<FlowRecord, String> {
     request.flow.exported_personal = personal.max(0) as u64;
     request.flow.exported_sensitive = sensitive.max(0) as u64;
@@ -404,7 +404,7 @@ fn decide_with_totals(
         decision,
     };
     // the audit entry: parties, data set, the decision and its reasons; no personal data
-    let payload = serde_json::json!({
+    let mut payload = serde_json::json!({
         "exporter": request.exporter.name,
         "recipient": request.recipient.name,
         "dataset": request.data.name,
@@ -415,8 +415,10 @@ fn decide_with_totals(
         "denied_by": view.decision.denied_by,
         "obligations": view.decision.obligations,
         "counted": counts,
-        "job": job,
     });
+    if let (Some(payload), serde_json::Value::Object(extra)) = (payload.as_object_mut(), extra) {
+        payload.extend(extra);
+    }
     let answer = serde_json::to_value(&view).map_err(|e| e.to_string())?;
     Ok(FlowRecord {
         payload,
@@ -633,7 +635,6 @@ pub(crate) async fn record_input_flows(
     let Some(site) = catalog.sites.get(site_name) else {
         return Ok(Some(format!("site `{site_name}` is gone")));
     };
-    let now = state.now();
     let today = today(state)?;
     for input in &spec.inputs {
         let Some(dataset) = catalog.datasets.get(input) else {
@@ -657,20 +658,14 @@ pub(crate) async fn record_input_flows(
             spec.purpose.as_deref().unwrap_or_default(),
             today,
         );
-        let pack = state.rules.clone();
-        let job = job_id.to_string();
-        let answer = state
-            .store
-            .decide_flow(
-                holder.name.clone(),
-                today.year() as i64,
-                "scheduler".to_string(),
-                now,
-                move |personal, sensitive| {
-                    decide_with_totals(&pack, request, personal, sensitive, Some(&job))
-                },
-            )
-            .await?;
+        let answer = decide_recorded(
+            state,
+            request,
+            holder.name.clone(),
+            serde_json::json!({ "job": job_id }),
+            "scheduler".to_string(),
+        )
+        .await?;
         if answer["decision"]["allowed"] != serde_json::Value::Bool(true) {
             return Ok(Some(format!(
                 "input `{input}` may no longer be copied to {}: denied by {}",
@@ -679,4 +674,30 @@ pub(crate) async fn record_input_flows(
         }
     }
     Ok(None)
+}
+
+/// Decides a flow on the exporter's totals as they stand in the writer's transaction, and
+/// records it (with `extra` in its audit entry) and counts it in the same transaction.
+/// Returns the decision as [`FlowDecisionView`] JSON.
+pub(crate) async fn decide_recorded(
+    state: &AppState,
+    request: FlowRequest,
+    exporter: String,
+    extra: serde_json::Value,
+    actor: String,
+) -> ApiResult<serde_json::Value> {
+    let pack = state.rules.clone();
+    let year = request.today.year() as i64;
+    Ok(state
+        .store
+        .decide_flow(
+            exporter,
+            year,
+            actor,
+            state.now(),
+            move |personal, sensitive| {
+                decide_with_totals(&pack, request, personal, sensitive, extra)
+            },
+        )
+        .await?)
 }

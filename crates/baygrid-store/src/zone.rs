@@ -85,4 +85,35 @@ impl Store {
         })
         .await
     }
+
+    /// Takes a flow that was counted but never happened (its copy failed) back out of the
+    /// exporter's totals, with its record in the audit log, in one transaction.
+    pub async fn compensate_flow(
+        &self,
+        exporter: String,
+        year: i64,
+        counted: Option<(String, i64)>,
+        actor: String,
+        now: Millis,
+        payload: serde_json::Value,
+    ) -> Result<()> {
+        self.write(move |conn| {
+            Box::pin(async move {
+                if let Some((category, subjects)) = &counted {
+                    sqlx::query(
+                        "UPDATE export_counters SET subjects = subjects - $1 \
+                         WHERE exporter = $2 AND year = $3 AND category = $4",
+                    )
+                    .bind(*subjects)
+                    .bind(&exporter)
+                    .bind(year)
+                    .bind(category)
+                    .execute(&mut *conn)
+                    .await?;
+                }
+                outbox(conn, now, "flow.compensated", &actor, &payload).await
+            })
+        })
+        .await
+    }
 }

@@ -180,6 +180,43 @@ impl Vault {
     }
 }
 
+impl Vault {
+    /// Streams the object at `key` into `to` at `to_key`, checking it hashes to `sha256`;
+    /// a mismatch deletes what was written there and fails. Writing the same key again
+    /// replaces it, so a copy cut short can simply be run again.
+    pub async fn copy_to(
+        &self,
+        key: &str,
+        sha256: &str,
+        to: &Vault,
+        to_key: &str,
+    ) -> Result<Stored, VaultError> {
+        let target = ObjectPath::from(to_key);
+        let mut stream = self.store.get(&ObjectPath::from(key)).await?.into_stream();
+        let mut writer = WriteMultipart::new(to.store.put_multipart(&target).await?);
+        let mut hasher = Sha256::new();
+        let mut bytes = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            hasher.update(&chunk);
+            bytes += chunk.len() as u64;
+            writer.write(&chunk);
+        }
+        let got = hex::encode(hasher.finalize());
+        if got != sha256 {
+            writer.abort().await?;
+            let _ = to.store.delete(&target).await;
+            return Err(VaultError::Checksum {
+                key: key.to_string(),
+                got,
+                want: sha256.to_string(),
+            });
+        }
+        writer.finish().await?;
+        Ok(Stored { bytes, sha256: got })
+    }
+}
+
 /// Where an upload's file lives in its vault.
 pub fn object_key(dataset: &str, upload: &str, file: &str) -> String {
     format!("datasets/{dataset}/uploads/{upload}/{file}")

@@ -181,3 +181,31 @@ fn parquet_files_are_checked_by_their_footer() {
     let err = inspect(&path, &schema).unwrap_err().to_string();
     assert!(err.contains("column 2 is `x`"), "{err}");
 }
+
+#[tokio::test]
+async fn copies_between_vaults_check_the_digest_and_leave_nothing_on_a_mismatch() {
+    let dir = tempfile::tempdir().unwrap();
+    let from = Vault::open(dir.path().join("sz").to_str().unwrap()).unwrap();
+    let to = Vault::open(dir.path().join("hk").to_str().unwrap()).unwrap();
+    let source = shared("breast_hetero_guest.csv");
+    let key = object_key("breast-guest", "u1", "breast_hetero_guest.csv");
+    let stored = from.put_file(&key, &source).await.unwrap();
+    let target = object_key("breast-guest-hk", "t1", "breast_hetero_guest.csv");
+    let copied = from
+        .copy_to(&key, &stored.sha256, &to, &target)
+        .await
+        .unwrap();
+    assert_eq!(copied, stored);
+    assert_eq!(
+        std::fs::read(dir.path().join("hk").join(&target)).unwrap(),
+        std::fs::read(&source).unwrap()
+    );
+    // a digest that does not match: nothing stays at the target
+    let other = object_key("breast-guest-hk", "t2", "breast_hetero_guest.csv");
+    let err = from
+        .copy_to(&key, &"0".repeat(64), &to, &other)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, VaultError::Checksum { .. }), "{err}");
+    assert!(!dir.path().join("hk").join(&other).exists());
+}

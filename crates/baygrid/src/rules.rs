@@ -44,6 +44,30 @@ pub enum FlowCommand {
     /// Ask the exchange to decide a flow (TOML or JSON: exporter, recipient, data, flow);
     /// the decision is recorded in the audit log and counted in the exporter's totals.
     Decide { file: PathBuf },
+    /// Copy a dataset's latest version to a site's vault under an active copy contract:
+    /// the rules decide and the holder's totals count now; the source site's agent copies.
+    Request {
+        #[arg(long)]
+        dataset: String,
+        /// The destination site.
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        purpose: String,
+        /// The copy's dataset name at the destination (default `<dataset>-<site>`).
+        #[arg(long = "as")]
+        copy_as: Option<String>,
+        /// For operators: the tenant to request for.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Wait until the copy is done or failed.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// The copies the caller is a party to.
+    Ls,
+    /// One copy: its decision, state and files.
+    Get { id: String },
 }
 
 pub async fn evidence(args: &Args, cmd: &EvidenceCommand) -> anyhow::Result<ExitCode> {
@@ -120,7 +144,68 @@ pub async fn evidence(args: &Args, cmd: &EvidenceCommand) -> anyhow::Result<Exit
 
 pub async fn flow(args: &Args, cmd: &FlowCommand) -> anyhow::Result<ExitCode> {
     let client = crate::cli::client(args)?;
-    let FlowCommand::Decide { file } = cmd;
+    let file = match cmd {
+        FlowCommand::Decide { file } => file,
+        FlowCommand::Request {
+            dataset,
+            to,
+            purpose,
+            copy_as,
+            tenant,
+            wait,
+        } => {
+            let body = baygrid_api::FlowRequestBody {
+                dataset: dataset.clone(),
+                site: to.clone(),
+                purpose: purpose.clone(),
+                copy_as: copy_as.clone(),
+            };
+            let path = match tenant {
+                Some(t) => format!("/api/v1/flows?tenant={t}"),
+                None => "/api/v1/flows".into(),
+            };
+            let mut view: baygrid_api::FlowView = client.post(&path, &body).await?;
+            while *wait
+                && matches!(
+                    view.state,
+                    baygrid_api::FlowState::Pending | baygrid_api::FlowState::Copying
+                )
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                view = client.get(&format!("/api/v1/flows/{}", view.id)).await?;
+            }
+            emit(args.output, &view, print_flow);
+            return Ok(match view.state {
+                baygrid_api::FlowState::Denied => ExitCode::from(3),
+                baygrid_api::FlowState::Failed => ExitCode::from(1),
+                _ => ExitCode::SUCCESS,
+            });
+        }
+        FlowCommand::Ls => {
+            let all: Vec<baygrid_api::FlowView> = client.get("/api/v1/flows").await?;
+            emit(args.output, &all, |all| {
+                for f in all {
+                    println!(
+                        "{}  {:?}  {} v{} {} -> {} as {} ({})",
+                        f.id,
+                        f.state,
+                        f.dataset,
+                        f.version,
+                        f.source_site,
+                        f.site,
+                        f.copy_as,
+                        f.tenant
+                    );
+                }
+            });
+            return Ok(ExitCode::SUCCESS);
+        }
+        FlowCommand::Get { id } => {
+            let view: baygrid_api::FlowView = client.get(&format!("/api/v1/flows/{id}")).await?;
+            emit(args.output, &view, print_flow);
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
     let ask: baygrid_api::FlowAsk = read_file(file)?;
     let view: baygrid_api::FlowDecisionView = client.post("/api/v1/flows/decide", &ask).await?;
     emit(args.output, &view, |v| {
@@ -131,6 +216,31 @@ pub async fn flow(args: &Args, cmd: &FlowCommand) -> anyhow::Result<ExitCode> {
         print_decision(&v.decision);
     });
     Ok(ExitCode::SUCCESS)
+}
+
+fn print_flow(f: &baygrid_api::FlowView) {
+    println!(
+        "flow {}: {} v{} from {} to {} as {}, for {} under {}: {}",
+        f.id,
+        f.dataset,
+        f.version,
+        f.source_site,
+        f.site,
+        f.copy_as,
+        f.purpose,
+        f.contract,
+        format!("{:?}", f.state).to_lowercase()
+    );
+    if let Some((category, subjects)) = &f.counted {
+        println!(
+            "counted: {subjects} individuals ({category}) in {}'s totals",
+            f.holder
+        );
+    }
+    if let Some(error) = &f.error {
+        println!("error: {error}");
+    }
+    print_decision(&f.decision);
 }
 
 fn print_decision(d: &baygrid_rules::Decision) {

@@ -1049,6 +1049,37 @@ fn datasets_are_registered_uploaded_and_read_through_the_cli() {
     let out = request("shaoguan");
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(stdout(&out).contains(": active"), "{}", stdout(&out));
+    // the copy it allows: decided, moved by the Shenzhen agent, the tenant's dataset at
+    // Shaoguan
+    let out = baygrid(
+        &[
+            "flow",
+            "request",
+            "--dataset",
+            "sz-credit-labels",
+            "--to",
+            "shaoguan",
+            "--purpose",
+            "credit_risk",
+            "--wait",
+        ],
+        &tenant_env,
+    );
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(stdout(&out).contains(": done"), "{}", stdout(&out));
+    let out = baygrid(
+        &[
+            "dataset",
+            "get",
+            "sz-credit-labels-shaoguan",
+            "--output",
+            "json",
+        ],
+        &tenant_env,
+    );
+    let copy: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(copy["holder"], "gz-ai-lab");
+    assert_eq!(copy["versions"][0]["files"][0]["sha256"], digest.as_str());
     let out = request("hk-cyberport");
     assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
     assert!(
