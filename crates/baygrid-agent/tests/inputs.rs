@@ -144,6 +144,32 @@ async fn a_job_reads_a_hong_kong_and_a_shenzhen_dataset_where_both_may_go() {
     .unwrap();
     assert_eq!((hk.version, hk.rows), (1, 30000));
 
+    // the holders offer copies; the lab contracts for both tables in Guangzhou and Hong Kong
+    for (holder, offer) in [(&lender, "sz-credit-labels"), (&issuer, "hk-card-features")] {
+        let text =
+            std::fs::read_to_string(repo(&format!("examples/data-offers/{offer}.yaml"))).unwrap();
+        let spec: Value = serde_yaml::from_str(&text).unwrap();
+        let _: Value = holder.post("/api/v1/data-offers", &spec).await.unwrap();
+    }
+    for site in ["guangzhou-nansha", "hk-cyberport"] {
+        for offer in ["sz-credit-labels-copy", "hk-card-features-risk"] {
+            let made: Value = lab
+                .post(
+                    "/api/v1/contracts",
+                    &json!({"offer": offer, "mode": "copy", "purpose": "credit_risk", "site": site}),
+                )
+                .await
+                .unwrap();
+            if made["state"] == "pending" {
+                let id = made["id"].as_str().unwrap();
+                let _: Value = issuer
+                    .post(&format!("/api/v1/contracts/{id}/approve"), &json!({}))
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+
     // agents in Guangzhou and Hong Kong; the lender's data may not go to Hong Kong
     let nansha_dir = dir.path().join("nansha");
     let _nansha = start_agent(&url, &operator, "nansha-a800", &nansha_dir).await;

@@ -538,8 +538,24 @@ pub(crate) async fn inputs_denied(
             .store
             .export_totals(&holder.name, today.year() as i64)
             .await?;
+        let own = holder.name == recipient.name;
         for site in catalog.sites.values() {
+            // the law first, then the holder's consent: a contract for this site and purpose
+            let contracted =
+                own || has_contract(catalog, tenant, input, &site.name, &purpose, today);
+            let no_contract = || {
+                format!(
+                    "input `{input}`: no active copy or remote_access contract with {} for {} at {}",
+                    holder.name, purpose, site.name
+                )
+            };
             if site.name == dataset.vault {
+                if !contracted {
+                    denied
+                        .entry(site.name.clone())
+                        .or_default()
+                        .push(no_contract());
+                }
                 continue;
             }
             let mut request = dataset_flow(
@@ -574,6 +590,11 @@ pub(crate) async fn inputs_denied(
                     why.push_str(&format!("; would allow: {}", decision.remedies.join("; ")));
                 }
                 denied.entry(site.name.clone()).or_default().push(why);
+            } else if !contracted {
+                denied
+                    .entry(site.name.clone())
+                    .or_default()
+                    .push(no_contract());
             }
         }
     }
@@ -700,4 +721,28 @@ pub(crate) async fn decide_recorded(
             },
         )
         .await?)
+}
+
+/// Whether a tenant holds an active contract to use a dataset at a site for a purpose, in a
+/// mode that brings the data to a job there (copy, or remote access).
+fn has_contract(
+    catalog: &crate::catalog::CatalogSnapshot,
+    tenant: &str,
+    dataset: &str,
+    site: &str,
+    purpose: &str,
+    today: chrono::NaiveDate,
+) -> bool {
+    catalog.contracts.values().any(|c| {
+        c.tenant == tenant
+            && c.dataset == dataset
+            && c.state == baygrid_api::ContractState::Active
+            && matches!(
+                c.request.mode,
+                baygrid_api::OfferMode::Copy | baygrid_api::OfferMode::RemoteAccess
+            )
+            && c.request.site == site
+            && c.request.purpose == purpose
+            && c.expires > today
+    })
 }

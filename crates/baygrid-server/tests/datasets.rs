@@ -233,7 +233,7 @@ async fn datasets(store: Option<String>) {
             "query.aggregates[0]",
         ),
         ("/query/ranges/x1", json!([3.0, -3.0]), "query.ranges.x1"),
-        ("/modes/1", json!("federated"), "modes[1]"),
+        ("/modes/1", json!("copy"), "modes[1]"),
     ] {
         let mut bad = hk_offer.clone();
         *bad.pointer_mut(path).unwrap() = value;
@@ -292,7 +292,10 @@ async fn datasets(store: Option<String>) {
     );
     // a mode, purpose or site the offer does not allow is refused by name
     for (bad, field) in [
-        (ask("hk-card-features-risk", "copy", "shaoguan"), "mode"),
+        (
+            ask("hk-card-features-risk", "remote_access", "shaoguan"),
+            "mode",
+        ),
         (ask("hk-card-features-risk", "query", "macao"), "site"),
         (ask("nope", "query", "shaoguan"), "offer"),
     ] {
@@ -334,6 +337,50 @@ async fn datasets(store: Option<String>) {
     let theirs: Vec<Value> = issuer.get("/api/v1/contracts").await.unwrap();
     assert_eq!(theirs.len(), 1);
 
+    // the job below reads both tables: it needs a copy contract for each at a site
+    let contract_at = |offer: &'static str, site: &'static str, purpose: &'static str| {
+        let lab = lab.clone();
+        let issuer = issuer.clone();
+        async move {
+            let made: Value = lab
+                .post(
+                    "/api/v1/contracts",
+                    &json!({"offer": offer, "mode": "copy", "purpose": purpose, "site": site}),
+                )
+                .await
+                .unwrap();
+            if made["state"] == "pending" {
+                let id = made["id"].as_str().unwrap();
+                let _: Value = issuer
+                    .post(&format!("/api/v1/contracts/{id}/approve"), &json!({}))
+                    .await
+                    .unwrap();
+            }
+            made
+        }
+    };
+    // without a contract a site is ruled out, naming the holder
+    let quote: QuoteView = lab
+        .post("/api/v1/jobs/quote", &job("purpose: credit_risk\n"))
+        .await
+        .unwrap();
+    let (verdict, field, reason) = &verdicts(&quote)["guangzhou-nansha"];
+    assert_eq!(verdict, "rejected");
+    assert_eq!(field.as_deref(), Some("inputs"));
+    assert!(
+        reason.contains("no active copy or remote_access contract with sz-lender"),
+        "{reason}"
+    );
+    for site in [
+        "shaoguan",
+        "shenzhen-qianhai",
+        "guangzhou-nansha",
+        "zhuhai-hengqin",
+    ] {
+        contract_at("sz-credit-labels-copy", site, "credit_risk").await;
+        contract_at("hk-card-features-risk", site, "credit_risk").await;
+    }
+
     // a job reading both: the Shenzhen lender's personal data may not leave the mainland
     // without the individuals' separate consent, so Hong Kong and Macao are ruled out by
     // the rules, naming the input and what would allow it; every mainland site may take both
@@ -349,7 +396,10 @@ async fn datasets(store: Option<String>) {
         assert!(reason.contains("`sz-credit-labels`"), "{reason}");
         assert!(reason.contains("CN-CONSENT"), "{reason}");
         assert!(reason.contains("separate_consent"), "{reason}");
-        assert!(!reason.contains("`hk-card-features`"), "{reason}");
+        assert!(
+            !reason.contains("`hk-card-features` may not be copied"),
+            "{reason}"
+        );
     }
     for site in [
         "shaoguan",
@@ -379,20 +429,30 @@ async fn datasets(store: Option<String>) {
         let _: Value = lender.post("/api/v1/evidence", &record).await.unwrap();
     }
     let quote: QuoteView = lab.post("/api/v1/jobs/quote", &hk_only).await.unwrap();
+    let (verdict, _, reason) = &verdicts(&quote)["hk-cyberport"];
+    assert_eq!(verdict, "rejected", "{reason}");
+    assert!(reason.contains("contract"), "{reason}");
+    for offer in ["sz-credit-labels-copy", "hk-card-features-risk"] {
+        let made = contract_at(offer, "hk-cyberport", "credit_risk").await;
+        assert_ne!(made["state"], "denied", "{made}");
+    }
+    let quote: QuoteView = lab.post("/api/v1/jobs/quote", &hk_only).await.unwrap();
     let sites = verdicts(&quote);
     let (verdict, _, reason) = &sites["hk-cyberport"];
     assert_ne!(verdict, "rejected", "{reason}");
 
     // a purpose the card data was not collected for: Hong Kong's DPP3 keeps it home
     // without prescribed consent, so only the Hong Kong site (where the lender's data may
-    // now go) could run the job
+    // now go) is left, and there the lab has no contract for this purpose
     let quote: QuoteView = lab
         .post("/api/v1/jobs/quote", &job("purpose: marketing\n"))
         .await
         .unwrap();
     for (site, (verdict, field, reason)) in verdicts(&quote) {
         if site == "hk-cyberport" {
-            assert_ne!(verdict, "rejected", "{reason}");
+            assert_eq!(verdict, "rejected", "{reason}");
+            assert!(reason.contains("contract"), "{reason}");
+            assert!(!reason.contains("HK-DPP3"), "{reason}");
         } else {
             assert_eq!(field.as_deref(), Some("inputs"), "{site}: {reason}");
             assert!(reason.contains("`hk-card-features`"), "{reason}");
