@@ -10,8 +10,8 @@ use crate::ErrorBody;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// The server answered with an error.
-    #[error("{message} ({code}, HTTP {status})")]
+    /// The server answered with an error; its field, when it names one, leads.
+    #[error("{}{message} ({code}, HTTP {status})", field_prefix(.field, .message))]
     Api {
         status: u16,
         code: String,
@@ -26,6 +26,14 @@ pub enum ClientError {
     },
     #[error("unexpected answer from the server: {0}")]
     Decode(String),
+}
+
+/// `field: `, unless the message already starts with the field.
+fn field_prefix(field: &Option<String>, message: &str) -> String {
+    match field {
+        Some(field) if !message.starts_with(field.as_str()) => format!("{field}: "),
+        _ => String::new(),
+    }
 }
 
 impl ClientError {

@@ -14,7 +14,8 @@ pub use dataset::{
 };
 pub use offer::{
     ContractRequest, ContractState, ContractView, DataOfferSpec, DataOfferView, FlowReport,
-    FlowRequestBody, FlowState, FlowTask, FlowView, OfferMode, OfferPrice, QueryTerms, AGGREGATES,
+    FlowRequestBody, FlowState, FlowTask, FlowView, ObligationView, OfferMode, OfferPrice,
+    QueryTerms, AGGREGATES,
 };
 
 use baygrid_core::{AcceleratorModel, Allocation, Cluster, JobSpec, JobState, Money, Role, Tenant};

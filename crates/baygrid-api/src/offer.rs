@@ -437,3 +437,24 @@ pub struct FlowReport {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
+
+/// Something an allowed flow obliges a party to do, with where it stands today.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ObligationView {
+    pub id: i64,
+    /// RFC 3339: when the flow was decided.
+    pub decided_at: String,
+    pub exporter: String,
+    pub recipient: String,
+    pub dataset: String,
+    /// file-standard-contract | impact-assessment | separate-consent | notice |
+    /// recipient-records-3y | model-clauses
+    pub obligation: String,
+    /// The rule that brings it.
+    pub rule: String,
+    /// YYYY-MM-DD, when it has a deadline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub due: Option<String>,
+    /// due (deadline ahead), overdue (deadline passed) or standing (no deadline).
+    pub status: String,
+}

@@ -301,6 +301,7 @@ pub fn router(state: AppState) -> Router {
             get(zone::list_evidence).post(zone::put_evidence),
         )
         .route("/flows/decide", post(zone::decide))
+        .route("/obligations", get(zone::obligations))
         .route("/flows", get(flows::list).post(flows::request))
         .route("/flows/{id}", get(flows::get))
         .route("/agent/flows/{id}/report", post(flows::report))

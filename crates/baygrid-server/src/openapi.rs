@@ -37,7 +37,7 @@ impl Modify for BearerAuth {
         zone::list_evidence, zone::put_evidence, zone::decide,
         zone::list_datasets, zone::get_dataset, zone::register_dataset, zone::add_version, zone::list_vaults,
         contracts::list_offers, contracts::publish_offer, contracts::list_contracts, contracts::request_contract, contracts::approve, contracts::revoke,
-        flows::request, flows::list, flows::get, flows::report,
+        flows::request, flows::list, flows::get, flows::report, zone::obligations,
         ledger::list_accounts, ledger::get_account, ledger::statement, ledger::deposit, ledger::invoice,
         audit::checkpoint, audit::key, audit::list_entries, audit::get_entry, audit::inclusion, audit::consistency,
     ),

@@ -420,10 +420,29 @@ fn decide_with_totals(
         payload.extend(extra);
     }
     let answer = serde_json::to_value(&view).map_err(|e| e.to_string())?;
+    let obligations = if view.decision.allowed {
+        view.decision
+            .obligations
+            .iter()
+            .map(|o| {
+                (
+                    o.id.clone(),
+                    o.rule.clone(),
+                    o.due.map(|d| d.to_string()).unwrap_or_default(),
+                )
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
     Ok(FlowRecord {
         payload,
         counts,
         answer,
+        obligations,
+        exporter: request.exporter.name.clone(),
+        recipient: request.recipient.name.clone(),
+        dataset: request.data.name.clone(),
     })
 }
 
@@ -745,4 +764,77 @@ fn has_contract(
             && c.request.purpose == purpose
             && c.expires > today
     })
+}
+
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ObligationQuery {
+    /// due | overdue | standing; all when absent.
+    pub status: Option<String>,
+}
+
+/// The obligations allowed flows brought, with where each stands today: operators and
+/// regulators see all; a data holder or tenant those of its party.
+#[utoipa::path(get, path = "/api/v1/obligations", params(ObligationQuery), responses((status = 200, body = [baygrid_api::ObligationView]), (status = 400, body = baygrid_api::ErrorBody)), security(("bearer" = [])))]
+pub async fn obligations(
+    State(state): State<AppState>,
+    who: Principal,
+    crate::body::QueryParams(query): crate::body::QueryParams<ObligationQuery>,
+) -> ApiResult<Json<Vec<baygrid_api::ObligationView>>> {
+    if let Some(status) = query.status.as_deref() {
+        if !matches!(status, "due" | "overdue" | "standing") {
+            return Err(ApiError::bad(
+                "status",
+                format!("`{status}`: use due, overdue or standing"),
+            ));
+        }
+    }
+    let party = match who.role {
+        Role::Operator | Role::Regulator => None,
+        Role::DataHolder => Some(who.subject.clone().unwrap_or_default()),
+        Role::Tenant => {
+            let tenant = who.subject.clone().unwrap_or_default();
+            Some(
+                state
+                    .catalog()
+                    .tenants
+                    .get(&tenant)
+                    .map(|t| t.party.clone())
+                    .unwrap_or(tenant),
+            )
+        }
+        _ => {
+            return Err(ApiError::Forbidden(format!(
+                "role {} has no obligations to read",
+                who.role
+            )))
+        }
+    };
+    let today = today(&state)?.to_string();
+    let rows = state.store.obligations(party.as_deref()).await?;
+    Ok(Json(
+        rows.into_iter()
+            .map(|r| {
+                let status = if r.due.is_empty() {
+                    "standing"
+                } else if r.due < today {
+                    "overdue"
+                } else {
+                    "due"
+                };
+                baygrid_api::ObligationView {
+                    id: r.id,
+                    decided_at: baygrid_core::millis_to_rfc3339(r.decided_ms),
+                    exporter: r.exporter,
+                    recipient: r.recipient,
+                    dataset: r.dataset,
+                    obligation: r.obligation,
+                    rule: r.rule,
+                    due: (!r.due.is_empty()).then_some(r.due),
+                    status: status.to_string(),
+                }
+            })
+            .filter(|o| query.status.as_deref().is_none_or(|s| s == o.status))
+            .collect(),
+    ))
 }

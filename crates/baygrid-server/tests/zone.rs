@@ -170,6 +170,45 @@ async fn flows(store: Option<String>) {
         (110_001, 0)
     );
 
+    // what the allowed flows oblige, written with their decisions: the operator sees all,
+    // the clinic its own, the bank none; each is due, overdue or standing today
+    let all: Vec<Value> = operator.get("/api/v1/obligations").await.unwrap();
+    let expected: usize = [&allowed, &next, &third]
+        .iter()
+        .map(|d| d.decision.obligations.len())
+        .sum();
+    assert!(expected > 0);
+    assert_eq!(all.len(), expected, "{all:?}");
+    let today = chrono::Utc::now().date_naive().to_string();
+    for o in &all {
+        assert_eq!(o["exporter"], "sz-clinic");
+        let status = o["status"].as_str().unwrap();
+        match o["due"].as_str() {
+            None => assert_eq!(status, "standing"),
+            Some(due) if due < today.as_str() => assert_eq!(status, "overdue"),
+            Some(_) => assert_eq!(status, "due"),
+        }
+    }
+    let own: Vec<Value> = clinic.get("/api/v1/obligations").await.unwrap();
+    assert_eq!(own.len(), all.len());
+    let none: Vec<Value> = bank.get("/api/v1/obligations").await.unwrap();
+    assert!(none.is_empty());
+    let dated: Vec<Value> = operator
+        .get("/api/v1/obligations?status=standing")
+        .await
+        .unwrap();
+    assert!(dated.iter().all(|o| o["status"] == "standing"));
+    assert_eq!(
+        field_of(
+            operator
+                .get::<Vec<Value>>("/api/v1/obligations?status=late")
+                .await,
+            400
+        )
+        .as_deref(),
+        Some("status")
+    );
+
     // every decision is in the audit log, with its rules
     let outbox = server.state.store.outbox_from(1, 100_000).await.unwrap();
     let decisions: Vec<_> = outbox

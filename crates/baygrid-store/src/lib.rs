@@ -28,7 +28,7 @@ pub use jobs::{
 };
 pub use ledger::{StatementLine, TransferRecord};
 pub use records::{JobEvent, JobRecord, LogLine, TokenRecord};
-pub use zone::FlowRecord;
+pub use zone::{FlowRecord, ObligationRow};
 
 use baygrid_core::Millis;
 

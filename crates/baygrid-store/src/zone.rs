@@ -13,6 +13,26 @@ pub struct FlowRecord {
     pub counts: Option<(String, i64)>,
     /// What the caller gets back once the record is durable.
     pub answer: serde_json::Value,
+    /// What the flow obliges, when allowed: (obligation, rule, due date or "").
+    pub obligations: Vec<(String, String, String)>,
+    /// The parties and data set, for the obligations' rows.
+    pub exporter: String,
+    pub recipient: String,
+    pub dataset: String,
+}
+
+/// One obligation an allowed flow brought.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ObligationRow {
+    pub id: i64,
+    pub decided_ms: Millis,
+    pub exporter: String,
+    pub recipient: String,
+    pub dataset: String,
+    pub obligation: String,
+    pub rule: String,
+    /// YYYY-MM-DD, or "" when it has no date.
+    pub due: String,
 }
 
 async fn totals(conn: &mut AnyConnection, exporter: &str, year: i64) -> Result<(i64, i64)> {
@@ -68,6 +88,21 @@ impl Store {
                 let (personal, sensitive) = totals(conn, &exporter, year).await?;
                 let record = decide(personal, sensitive).map_err(StoreError::Conflict)?;
                 outbox(conn, now, "flow.decision", &actor, &record.payload).await?;
+                for (obligation, rule, due) in &record.obligations {
+                    sqlx::query(
+                        "INSERT INTO obligations (id, decided_ms, exporter, recipient, dataset, obligation, rule, due) \
+                         VALUES ((SELECT COALESCE(MAX(id), 0) + 1 FROM obligations), $1, $2, $3, $4, $5, $6, $7)",
+                    )
+                    .bind(now)
+                    .bind(&record.exporter)
+                    .bind(&record.recipient)
+                    .bind(&record.dataset)
+                    .bind(obligation)
+                    .bind(rule)
+                    .bind(due)
+                    .execute(&mut *conn)
+                    .await?;
+                }
                 if let Some((category, subjects)) = &record.counts {
                     sqlx::query(
                         "INSERT INTO export_counters (exporter, year, category, subjects) VALUES ($1, $2, $3, $4) \
@@ -115,5 +150,42 @@ impl Store {
             })
         })
         .await
+    }
+
+    /// Obligations, oldest first; only those of `party` (as exporter or recipient) when
+    /// given.
+    pub async fn obligations(&self, party: Option<&str>) -> Result<Vec<ObligationRow>> {
+        let rows = match party {
+            Some(party) => {
+                sqlx::query(
+                    "SELECT id, decided_ms, exporter, recipient, dataset, obligation, rule, due FROM obligations \
+                     WHERE exporter = $1 OR recipient = $1 ORDER BY id",
+                )
+                .bind(party)
+                .fetch_all(self.pool())
+                .await?
+            }
+            None => {
+                sqlx::query(
+                    "SELECT id, decided_ms, exporter, recipient, dataset, obligation, rule, due FROM obligations ORDER BY id",
+                )
+                .fetch_all(self.pool())
+                .await?
+            }
+        };
+        rows.iter()
+            .map(|row| {
+                Ok(ObligationRow {
+                    id: row.try_get("id")?,
+                    decided_ms: row.try_get("decided_ms")?,
+                    exporter: row.try_get("exporter")?,
+                    recipient: row.try_get("recipient")?,
+                    dataset: row.try_get("dataset")?,
+                    obligation: row.try_get("obligation")?,
+                    rule: row.try_get("rule")?,
+                    due: row.try_get("due")?,
+                })
+            })
+            .collect()
     }
 }

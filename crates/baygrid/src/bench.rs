@@ -554,6 +554,14 @@ async fn rules_bench(decisions: usize, durable: usize) -> anyhow::Result<ExitCod
                         payload: serde_json::json!({"allowed": decision.allowed, "rules": decision.rules}),
                         counts,
                         answer: serde_json::Value::Null,
+                        obligations: decision
+                            .obligations
+                            .iter()
+                            .map(|o| (o.id.clone(), o.rule.clone(), o.due.map(|d| d.to_string()).unwrap_or_default()))
+                            .collect(),
+                        exporter: request.exporter.name.clone(),
+                        recipient: request.recipient.name.clone(),
+                        dataset: request.data.name.clone(),
                     })
                 })
                 .await

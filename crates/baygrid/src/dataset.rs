@@ -304,3 +304,55 @@ pub async fn contract(args: &Args, cmd: &ContractCommand) -> anyhow::Result<Exit
     }
     Ok(ExitCode::SUCCESS)
 }
+
+#[derive(Debug, Subcommand)]
+pub enum ObligationsCommand {
+    /// What allowed flows oblige the caller's party (operators, regulators: everyone) to
+    /// do, and where each stands today.
+    Ls {
+        /// due | overdue | standing
+        #[arg(long)]
+        status: Option<String>,
+    },
+}
+
+pub async fn obligations(args: &Args, cmd: &ObligationsCommand) -> anyhow::Result<ExitCode> {
+    let client = crate::cli::client(args)?;
+    let ObligationsCommand::Ls { status } = cmd;
+    let path = match status {
+        Some(s) => format!("/api/v1/obligations?status={s}"),
+        None => "/api/v1/obligations".into(),
+    };
+    let all: Vec<baygrid_api::ObligationView> = client.get(&path).await?;
+    emit(args.output, &all, |all| {
+        let rows: Vec<Vec<String>> = all
+            .iter()
+            .map(|o| {
+                vec![
+                    o.status.clone(),
+                    o.due.clone().unwrap_or_else(|| "-".into()),
+                    o.obligation.clone(),
+                    o.rule.clone(),
+                    o.exporter.clone(),
+                    o.recipient.clone(),
+                    o.dataset.clone(),
+                    o.decided_at.clone(),
+                ]
+            })
+            .collect();
+        table(
+            &[
+                "STATUS",
+                "DUE",
+                "OBLIGATION",
+                "RULE",
+                "EXPORTER",
+                "RECIPIENT",
+                "DATASET",
+                "DECIDED",
+            ],
+            &rows,
+        )
+    });
+    Ok(ExitCode::SUCCESS)
+}

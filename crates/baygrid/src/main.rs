@@ -133,6 +133,9 @@ pub enum Command {
     /// Contracts on data offers: request (the rules decide), approve, revoke, list.
     #[command(subcommand)]
     Contract(dataset::ContractCommand),
+    /// What allowed flows oblige the parties to do: due, overdue and standing.
+    #[command(subcommand)]
+    Obligations(dataset::ObligationsCommand),
     /// Sample-data fusion training (样本数据融合训练): PSI, federated and vertical models.
     #[command(subcommand)]
     Fusion(fusion::FusionCommand),
@@ -190,6 +193,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Command::Dataset(cmd) => dataset::dataset(&args, cmd).await,
         Command::DataOffer(cmd) => dataset::data_offer(&args, cmd).await,
         Command::Contract(cmd) => dataset::contract(&args, cmd).await,
+        Command::Obligations(cmd) => dataset::obligations(&args, cmd).await,
         Command::Fusion(cmd) => fusion::run(&args, cmd),
         Command::Sim(sim) => sim::run(&args, sim),
         Command::Bench(cmd) => bench::run(&args, cmd).await,

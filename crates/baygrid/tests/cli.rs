@@ -1087,6 +1087,11 @@ fn datasets_are_registered_uploaded_and_read_through_the_cli() {
         "{}",
         stdout(&out)
     );
+    let out = baygrid(&["obligations", "ls", "--status", "late"], &operator_env);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("status"), "{}", stderr(&out));
+    let out = baygrid(&["obligations", "ls", "--output", "json"], &operator_env);
+    assert!(out.status.success(), "{}", stderr(&out));
     let out = request("atlantis");
     assert!(!out.status.success());
     assert!(stderr(&out).contains("site"), "{}", stderr(&out));
