@@ -289,6 +289,46 @@ mod properties {
             // the same request decides the same way
             prop_assert_eq!(pack.decide(&r).unwrap(), decision);
         }
+
+        #[test]
+        fn a_request_missing_any_field_is_an_error_never_an_allow(r in arbitrary_request()) {
+            // every key of the request, at every depth, except those optional by design
+            // (the evidence list, and a piece of evidence's filing date and data set)
+            fn paths(value: &serde_json::Value, at: &str, out: &mut Vec<String>) {
+                match value {
+                    serde_json::Value::Object(map) => {
+                        for (key, inner) in map {
+                            let path = format!("{at}/{key}");
+                            if !matches!(key.as_str(), "evidence" | "filed" | "dataset") {
+                                out.push(path.clone());
+                            }
+                            paths(inner, &path, out);
+                        }
+                    }
+                    serde_json::Value::Array(items) => {
+                        for (i, inner) in items.iter().enumerate() {
+                            paths(inner, &format!("{at}/{i}"), out);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            let whole = serde_json::to_value(&r).unwrap();
+            let mut all = Vec::new();
+            paths(&whole, "", &mut all);
+            prop_assert!(all.len() > 15);
+            for path in all {
+                let (parent, key) = path.rsplit_once('/').unwrap();
+                let mut cut = whole.clone();
+                let removed = match cut.pointer_mut(parent).unwrap_or(&mut serde_json::Value::Null) {
+                    serde_json::Value::Object(map) => map.remove(key).is_some(),
+                    _ => false,
+                };
+                prop_assert!(removed, "{path}");
+                let parsed = serde_json::from_value::<FlowRequest>(cut);
+                prop_assert!(parsed.is_err(), "a request without {path} was accepted");
+            }
+        }
     }
 }
 

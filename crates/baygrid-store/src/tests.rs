@@ -662,3 +662,112 @@ fn multi_row_statements_number_every_bind() {
         "INSERT INTO t VALUES ($1, 'x', $2, $2), ($3, 'x', $4, $4), ($5, 'x', $6, $6)"
     );
 }
+
+mod counters {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// One step against the data zone's counters: a flow decided (counted in a category,
+    /// or not counted: denied or exempt), possibly failing later and compensated.
+    #[derive(Debug, Clone)]
+    struct Step {
+        exporter: usize,
+        counted: Option<(bool, i64)>,
+        fails: bool,
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        (
+            0usize..3,
+            prop::option::of((any::<bool>(), 1i64..200_000)),
+            any::<bool>(),
+        )
+            .prop_map(|(exporter, counted, fails)| Step {
+                exporter,
+                counted,
+                fails,
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        /// The export totals always equal what the log says: the counted flows' individuals
+        /// less the compensated ones', per exporter and category.
+        #[test]
+        fn totals_equal_the_recorded_flows_less_compensations(steps in prop::collection::vec(step(), 1..25)) {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                let dir = tempfile::tempdir().unwrap();
+                let store = Store::open(&format!("sqlite://{}", dir.path().join("z.db").display()))
+                    .await
+                    .unwrap();
+                // concurrent decisions: the writer serialises them
+                let mut tasks = Vec::new();
+                for (i, s) in steps.iter().cloned().enumerate() {
+                    let store = store.clone();
+                    tasks.push(tokio::spawn(async move {
+                        let exporter = format!("exporter-{}", s.exporter);
+                        let counts = s.counted.map(|(sensitive, n)| {
+                            ((if sensitive { "sensitive" } else { "personal" }).to_string(), n)
+                        });
+                        let recorded = counts.clone();
+                        store
+                            .decide_flow(exporter.clone(), 2026, "t".into(), i as i64, move |_, _| {
+                                Ok(FlowRecord {
+                                    payload: serde_json::json!({"exporter": exporter, "counted": recorded, "step": i}),
+                                    counts,
+                                    answer: serde_json::Value::Null,
+                                    obligations: vec![],
+                                    exporter: String::new(),
+                                    recipient: String::new(),
+                                    dataset: String::new(),
+                                })
+                            })
+                            .await
+                            .unwrap();
+                        if s.fails {
+                            let exporter = format!("exporter-{}", s.exporter);
+                            let counted = s.counted.map(|(sensitive, n)| {
+                                ((if sensitive { "sensitive" } else { "personal" }).to_string(), n)
+                            });
+                            store
+                                .compensate_flow(
+                                    exporter.clone(),
+                                    2026,
+                                    counted.clone(),
+                                    "t".into(),
+                                    i as i64,
+                                    serde_json::json!({"exporter": exporter, "counted": counted}),
+                                )
+                                .await
+                                .unwrap();
+                        }
+                    }));
+                }
+                for task in tasks {
+                    task.await.unwrap();
+                }
+                let mut expected = std::collections::BTreeMap::<(String, String), i64>::new();
+                for row in store.outbox_from(1, 10_000).await.unwrap() {
+                    let sign = match row.kind.as_str() {
+                        "flow.decision" => 1,
+                        "flow.compensated" => -1,
+                        _ => continue,
+                    };
+                    if let Some(counted) = row.payload["counted"].as_array() {
+                        let category = counted[0].as_str().unwrap().to_string();
+                        let exporter = row.payload["exporter"].as_str().unwrap().to_string();
+                        *expected.entry((exporter, category)).or_default() +=
+                            sign * counted[1].as_i64().unwrap();
+                    }
+                }
+                for e in 0..3 {
+                    let exporter = format!("exporter-{e}");
+                    let (personal, sensitive) = store.export_totals(&exporter, 2026).await.unwrap();
+                    let want = |c: &str| expected.get(&(exporter.clone(), c.to_string())).copied().unwrap_or(0);
+                    assert_eq!((personal, sensitive), (want("personal"), want("sensitive")), "{steps:?}");
+                }
+            });
+        }
+    }
+}
