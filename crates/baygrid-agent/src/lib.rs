@@ -159,6 +159,10 @@ struct Tracked {
     /// the engine's own time limit.
     #[serde(default)]
     stop_at_ms: Option<i64>,
+    /// A protected job's outputs: where they go, and the folder the job writes them to.
+    /// Its logs go there too instead of to the server.
+    #[serde(default)]
+    outputs: Option<(baygrid_api::OutputsTarget, PathBuf)>,
 }
 
 fn unix_ms() -> i64 {
@@ -341,6 +345,9 @@ impl Agent {
                 .join("inputs")
                 .join(format!("{job_id}.{}", tracked.handle.epoch));
             let _ = std::fs::remove_dir_all(staged);
+            if let Some((_, dir)) = &tracked.outputs {
+                let _ = std::fs::remove_dir_all(dir);
+            }
         }
         let _ = std::fs::remove_file(self.state_file(job_id));
     }
@@ -479,6 +486,29 @@ impl Agent {
 
     async fn launch(&mut self, grant: LeaseGrant) {
         let mut env = grant.spec.env.clone();
+        let outputs = grant.outputs.clone().map(|target| {
+            let dir = self
+                .config
+                .work_dir
+                .join("outputs")
+                .join(format!("{}.{}", grant.job_id, grant.epoch));
+            (target, dir)
+        });
+        if let Some((_, dir)) = &outputs {
+            if let Err(e) = std::fs::create_dir_all(dir) {
+                let report = ReportRequest {
+                    epoch: grant.epoch,
+                    status: Some(AgentStatus::Failed),
+                    exit_code: None,
+                    reason: Some(format!("outputs folder {}: {e}", dir.display())),
+                    logs: vec![],
+                    outputs: vec![],
+                };
+                self.send_report(&grant.job_id, &report).await;
+                return;
+            }
+            env.insert("BAYGRID_OUTPUTS".into(), dir.display().to_string());
+        }
         if !grant.inputs.is_empty() {
             let dir = self
                 .config
@@ -504,6 +534,7 @@ impl Agent {
                         exit_code: None,
                         reason: Some(format!("staging inputs: {e}")),
                         logs: vec![],
+                        outputs: vec![],
                     };
                     self.send_report(&grant.job_id, &report).await;
                     return;
@@ -539,6 +570,7 @@ impl Agent {
                         .held_seconds
                         .filter(|_| !self.engine.enforces_time_limit())
                         .map(|s| unix_ms() + (s as i64).saturating_mul(1000)),
+                    outputs,
                 };
                 self.persist(&grant.job_id, &tracked);
                 self.tracked.insert(grant.job_id.clone(), tracked);
@@ -548,6 +580,7 @@ impl Agent {
                     exit_code: None,
                     reason: None,
                     logs: vec![],
+                    outputs: vec![],
                 };
                 self.send_report(&grant.job_id, &report).await;
             }
@@ -559,6 +592,7 @@ impl Agent {
                     exit_code: None,
                     reason: Some(format!("{} engine: {e}", self.engine.kind())),
                     logs: vec![],
+                    outputs: vec![],
                 };
                 self.send_report(&grant.job_id, &report).await;
             }
@@ -626,6 +660,34 @@ impl Agent {
                 Vec::new()
             }
         };
+        // a protected job's output stays at the site: appended to its log file among its
+        // outputs (the cursor kept at once, so no line is written twice)
+        let lines = match &tracked.outputs {
+            Some((_, dir)) => {
+                if let Err(e) = append_log(dir, &lines) {
+                    tracing::warn!(job_id, error = %e, "cannot keep the job's output");
+                    return;
+                }
+                tracked.cursor = cursor.clone();
+                self.persist(job_id, &tracked);
+                Vec::new()
+            }
+            None => lines,
+        };
+        let mut kept = Vec::new();
+        if let (Some((target, dir)), Some(_)) = (&tracked.outputs, &tracked.final_status) {
+            match keep_outputs(target, dir, job_id).await {
+                Ok(files) => kept = files,
+                Err(e) => {
+                    tracing::warn!(job_id, error = %e, "cannot keep the job's outputs");
+                    tracked.final_status = Some(FinalStatus {
+                        status: AgentStatus::Failed,
+                        exit_code: None,
+                        reason: format!("keeping outputs in the site's vault: {e}"),
+                    });
+                }
+            }
+        }
         let mut logs = Vec::with_capacity(lines.len());
         let mut seq = tracked.next_seq;
         for line in lines {
@@ -659,6 +721,7 @@ impl Agent {
                 exit_code: status.and_then(|s| s.exit_code),
                 reason: status.map(|s| s.reason.clone()),
                 logs: page,
+                outputs: if last { kept.clone() } else { vec![] },
             };
             if !self.send_report(job_id, &report).await {
                 // keep what was not delivered for the next step (if the job is still ours)
@@ -746,4 +809,81 @@ async fn copy(task: &baygrid_api::FlowTask) -> Result<(), baygrid_vault::VaultEr
         .await?;
     }
     Ok(())
+}
+
+/// Appends a protected job's output lines to `job.log` among its outputs.
+fn append_log(dir: &std::path::Path, lines: &[baygrid_exec::OutputLine]) -> std::io::Result<()> {
+    use std::io::Write;
+    if lines.is_empty() {
+        return Ok(());
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("job.log"))?;
+    for line in lines {
+        writeln!(file, "{}: {}", line.stream, line.line)?;
+    }
+    file.sync_all()
+}
+
+/// Writes every file a protected job left in its outputs folder (and its log) to the
+/// site's vault under the derived dataset, with digests.
+async fn keep_outputs(
+    target: &baygrid_api::OutputsTarget,
+    dir: &std::path::Path,
+    job_id: &str,
+) -> Result<Vec<baygrid_api::VersionFile>, baygrid_vault::VaultError> {
+    let vault = baygrid_vault::Vault::open(&target.vault_url)?;
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map_err(|source| baygrid_vault::VaultError::Io {
+            path: dir.display().to_string(),
+            source,
+        })?
+        .flatten()
+        .filter(|e| e.file_type().map(|t| t.is_file()).unwrap_or(false))
+        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+        .collect();
+    names.sort();
+    let mut files = Vec::new();
+    for name in names {
+        let path = dir.join(&name);
+        // what the job names its files is its own business; the vault's key is checked
+        let safe: String = name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let safe = safe.trim_start_matches('.').to_string();
+        if safe.is_empty() {
+            continue;
+        }
+        let stored = vault
+            .put_file(
+                &baygrid_vault::object_key(&target.dataset, job_id, &safe),
+                &path,
+            )
+            .await?;
+        let csv = safe.to_ascii_lowercase().ends_with(".csv");
+        let rows = if csv {
+            std::fs::read_to_string(&path)
+                .map(|t| t.lines().count().saturating_sub(1) as u64)
+                .unwrap_or(0)
+        } else {
+            0
+        };
+        files.push(baygrid_api::VersionFile {
+            name: safe,
+            bytes: stored.bytes,
+            sha256: stored.sha256,
+            rows,
+            format: if csv { "csv" } else { "file" }.into(),
+        });
+    }
+    Ok(files)
 }

@@ -60,8 +60,10 @@ async fn wait_ended(client: &Client, id: &str) -> JobView {
     panic!("job {id} never ended");
 }
 
-const COMMAND: &str = "wc -l < $BAYGRID_INPUT_SZ_CREDIT_LABELS/default_credit_hetero_guest.csv; \
-     wc -l < $BAYGRID_INPUT_HK_CARD_FEATURES/default_credit_hetero_host.csv; \
+const COMMAND: &str = "{ echo table,lines; \
+     echo guest,$(wc -l < $BAYGRID_INPUT_SZ_CREDIT_LABELS/default_credit_hetero_guest.csv); \
+     echo host,$(wc -l < $BAYGRID_INPUT_HK_CARD_FEATURES/default_credit_hetero_host.csv); } \
+     > $BAYGRID_OUTPUTS/counts.csv; \
      echo interfaces $(tail -n +3 /proc/net/dev | wc -l)";
 
 fn job() -> JobSpec {
@@ -178,13 +180,46 @@ async fn a_job_reads_a_hong_kong_and_a_shenzhen_dataset_where_both_may_go() {
     let done = wait_ended(&lab, &submitted.id).await;
     assert_eq!(done.state, JobState::Succeeded, "{}", done.reason);
     assert_eq!(done.site.as_deref(), Some("guangzhou-nansha"));
+    // its output and logs stayed at the site: none reached the exchange; they are the
+    // lab's dataset in the Guangzhou vault, classified as its inputs
     let logs: LogsView = lab
         .get(&format!("/api/v1/jobs/{}/logs", submitted.id))
         .await
         .unwrap();
-    let out: Vec<&str> = logs.lines.iter().map(|l| l.line.trim()).collect();
+    assert!(logs.lines.is_empty(), "{logs:?}");
+    let derived_name = format!("credit-model-{}", &submitted.id[submitted.id.len() - 8..]);
+    assert!(done.reason.contains(&derived_name), "{}", done.reason);
+    let derived: DatasetView = lab
+        .get(&format!("/api/v1/datasets/{derived_name}"))
+        .await
+        .unwrap();
+    assert_eq!(derived.spec.holder, "gba-risk-lab");
+    assert_eq!(derived.spec.vault, "guangzhou-nansha");
+    assert_eq!(derived.spec.personal, baygrid_rules::Personal::Personal);
+    assert_eq!(derived.spec.subjects, 30000);
+    assert!(
+        derived.spec.collected_abroad,
+        "the card table crossed a border"
+    );
+    assert_eq!(
+        derived.spec.derived_from,
+        ["sz-credit-labels", "hk-card-features"]
+    );
+    let files: Vec<&str> = derived.versions[0]
+        .files
+        .iter()
+        .map(|f| f.name.as_str())
+        .collect();
+    assert_eq!(files, ["counts.csv", "job.log"]);
+    let kept = |file: &str| {
+        std::fs::read_to_string(dir.path().join("server/vaults/guangzhou-nansha").join(
+            baygrid_vault::object_key(&derived_name, &submitted.id, file),
+        ))
+        .unwrap()
+    };
     // both tables whole (header + 30,000 rows), and only a loopback to talk on
-    assert_eq!(out, ["30001", "30001", "interfaces 1"], "{logs:?}");
+    assert_eq!(kept("counts.csv"), "table,lines\nguest,30001\nhost,30001\n");
+    assert_eq!(kept("job.log"), "stdout: interfaces 1\n");
 
     // each copy to Guangzhou was decided by the rules and recorded with the job
     let outbox = server.state.store.outbox_from(1, 100_000).await.unwrap();

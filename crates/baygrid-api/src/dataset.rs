@@ -37,8 +37,13 @@ pub struct DatasetSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>)]
     pub arrived_under: Option<EvidenceKind>,
-    /// The columns, in file order.
+    /// The columns, in file order. A derived dataset (a job's outputs) may have none: its
+    /// files are whatever the job wrote.
+    #[serde(default)]
     pub schema: Vec<Column>,
+    /// For a job's outputs: the datasets it read, whose classification it carries.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub derived_from: Vec<String>,
 }
 
 /// One column of a dataset.
@@ -100,7 +105,8 @@ impl DatasetSpec {
                 ),
             ));
         }
-        if self.schema.is_empty() {
+        let derived = !self.derived_from.is_empty();
+        if self.schema.is_empty() && !derived {
             return Err(bad("schema", "must list at least one column"));
         }
         for (i, column) in self.schema.iter().enumerate() {
@@ -148,6 +154,9 @@ impl DatasetSpec {
                     ));
                 }
                 let Some(column) = self.subject_column.as_deref() else {
+                    if derived {
+                        return self.check_arrived_under();
+                    }
                     return Err(bad(
                         "subject_column",
                         "personal data must name the column that identifies an individual",
@@ -169,6 +178,10 @@ impl DatasetSpec {
                 ));
             }
         }
+        self.check_arrived_under()
+    }
+
+    fn check_arrived_under(&self) -> Result<(), DatasetError> {
         if let Some(kind) = self.arrived_under {
             if !matches!(
                 kind,
@@ -227,7 +240,7 @@ pub struct VersionFile {
     /// SHA-256, lowercase hex.
     pub sha256: String,
     pub rows: u64,
-    /// csv | parquet
+    /// csv | parquet; `file` for what a job wrote among its outputs
     pub format: String,
 }
 
@@ -312,7 +325,7 @@ impl NewVersion {
                     "must be 64 lowercase hex digits",
                 ));
             }
-            if file.format != "csv" && file.format != "parquet" {
+            if !matches!(file.format.as_str(), "csv" | "parquet" | "file") {
                 return Err(bad(
                     format!("files[{i}].format"),
                     format!("`{}`: use csv or parquet", file.format),

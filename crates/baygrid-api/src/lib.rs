@@ -308,6 +308,17 @@ pub struct LeaseGrant {
     /// The job reads personal, important or core data: it runs with no network access.
     #[serde(default)]
     pub no_network: bool,
+    /// For such a job, where its outputs and logs go: they stay at the site, as a derived
+    /// dataset in its vault, and leave only as flows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outputs: Option<OutputsTarget>,
+}
+
+/// The site's vault and the derived dataset a protected job's outputs become.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct OutputsTarget {
+    pub vault_url: String,
+    pub dataset: String,
 }
 
 /// One input of a job: the version to stage, where it is, and each file's digest.
@@ -359,6 +370,9 @@ pub struct ReportRequest {
     pub reason: Option<String>,
     #[serde(default)]
     pub logs: Vec<LogLineIn>,
+    /// With the final status of a protected job: the files it left in the site's vault.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outputs: Vec<VersionFile>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

@@ -107,6 +107,9 @@ pub async fn lease(
         .into_iter()
         .filter_map(|job| {
             let (inputs, no_network) = crate::zone::staged_inputs(&state, &catalog, &job.spec);
+            let outputs = no_network
+                .then(|| crate::zone::outputs_target(&state, &catalog, &job))
+                .flatten();
             Some(LeaseGrant {
                 held_seconds: crate::ledger::held_seconds(&state, &job),
                 allocation: job.allocation?,
@@ -117,6 +120,7 @@ pub async fn lease(
                 spec: job.spec,
                 inputs,
                 no_network,
+                outputs,
             })
         })
         .collect();
@@ -167,10 +171,24 @@ pub async fn report(
                 AgentStatus::Failed => JobState::Failed,
                 _ => JobState::Cancelled,
             };
-            let reason = reason.unwrap_or_else(|| match request.exit_code {
+            let mut reason = reason.unwrap_or_else(|| match request.exit_code {
                 Some(code) => format!("exit code {code}"),
                 None => final_state.to_string(),
             });
+            // a protected job's outputs: registered only while the report is the lease
+            // holder's, before the job is finished (so a crash between the two leaves the
+            // dataset, not the job's outputs unaccounted for)
+            if !request.outputs.is_empty()
+                && job.lease_epoch == request.epoch
+                && job.allocation.as_ref().map(|a| a.cluster.as_str()) == Some(cluster.as_str())
+            {
+                let name =
+                    crate::zone::register_outputs(&state, &job, &cluster, &request.outputs, &who)
+                        .await?;
+                reason.push_str(&format!(
+                    "; outputs and logs kept at the site as dataset `{name}`"
+                ));
+            }
             let (cost_cny_minor, settlement) = crate::ledger::settlement(&state, &job, now)?;
             let accounts = crate::ledger::accounts_for(&settlement, &state);
             if !accounts.is_empty() {

@@ -189,6 +189,12 @@ pub async fn add_version(
     upload
         .validate()
         .map_err(|e| ApiError::bad(e.field, e.message))?;
+    if let Some(i) = upload.files.iter().position(|f| f.format == "file") {
+        return Err(ApiError::bad(
+            format!("files[{i}].format"),
+            "an upload is csv or parquet, checked against the schema",
+        ));
+    }
     let _numbering = state.zone_writes.lock().await;
     let catalog = state.catalog();
     let existing = catalog.versions.get(&name).cloned().unwrap_or_default();
@@ -261,6 +267,12 @@ pub async fn register_dataset(
 ) -> ApiResult<(StatusCode, Json<DatasetView>)> {
     spec.validate()
         .map_err(|e| ApiError::bad(e.field, e.message))?;
+    if !spec.derived_from.is_empty() {
+        return Err(ApiError::bad(
+            "derived_from",
+            "is set by the exchange on a job's outputs",
+        ));
+    }
     let catalog = state.catalog();
     if !catalog.parties.contains_key(&spec.holder) {
         return Err(ApiError::bad(
@@ -837,4 +849,123 @@ pub async fn obligations(
             .filter(|o| query.status.as_deref().is_none_or(|s| s == o.status))
             .collect(),
     ))
+}
+
+/// The derived dataset a protected job's outputs become: `<job name>-<id suffix>` in the
+/// vault of the site it runs at.
+pub(crate) fn outputs_target(
+    state: &AppState,
+    catalog: &crate::catalog::CatalogSnapshot,
+    job: &baygrid_store::JobRecord,
+) -> Option<baygrid_api::OutputsTarget> {
+    let cluster = &job.allocation.as_ref()?.cluster;
+    let site = &catalog.clusters.get(cluster)?.site;
+    Some(baygrid_api::OutputsTarget {
+        vault_url: state.config.vault_url(site),
+        dataset: derived_name(job),
+    })
+}
+
+fn derived_name(job: &baygrid_store::JobRecord) -> String {
+    let id = job.id.to_string();
+    let suffix = &id[id.len().saturating_sub(8)..];
+    let mut name = job.spec.name.clone();
+    name.truncate(63 - 9);
+    format!("{name}-{suffix}")
+}
+
+/// Registers a protected job's outputs (and logs) as a dataset at its site: held by the
+/// tenant's party, carrying the strictest classification of its inputs, for the job's
+/// purpose; its first version is the files the agent wrote to the vault.
+pub(crate) async fn register_outputs(
+    state: &AppState,
+    job: &baygrid_store::JobRecord,
+    cluster: &str,
+    files: &[baygrid_api::VersionFile],
+    who: &Principal,
+) -> ApiResult<String> {
+    let catalog = state.catalog();
+    let site = catalog
+        .clusters
+        .get(cluster)
+        .map(|c| c.site.clone())
+        .ok_or_else(|| ApiError::Unavailable(format!("cluster `{cluster}` is gone")))?;
+    let holder = catalog
+        .tenants
+        .get(&job.tenant)
+        .map(|t| t.party.clone())
+        .ok_or_else(|| ApiError::Unavailable(format!("tenant `{}` is gone", job.tenant)))?;
+    let inputs: Vec<&DatasetSpec> = job
+        .spec
+        .inputs
+        .iter()
+        .filter_map(|i| catalog.datasets.get(i))
+        .collect();
+    let site_jurisdiction = catalog.sites.get(&site).map(|s| s.jurisdiction);
+    let rank_level = |l: baygrid_rules::Level| match l {
+        baygrid_rules::Level::General => 0,
+        baygrid_rules::Level::Important => 1,
+        baygrid_rules::Level::Core => 2,
+    };
+    let rank_personal = |p: baygrid_rules::Personal| match p {
+        baygrid_rules::Personal::None => 0,
+        baygrid_rules::Personal::Personal => 1,
+        baygrid_rules::Personal::Sensitive => 2,
+    };
+    let name = derived_name(job);
+    let for_files = NewVersion {
+        upload: job.id.to_string(),
+        files: files.to_vec(),
+    };
+    for_files
+        .validate()
+        .map_err(|e| ApiError::bad(format!("outputs: {}", e.field), e.message))?;
+    let spec = DatasetSpec {
+        name: name.clone(),
+        holder: holder.clone(),
+        vault: site.clone(),
+        level: inputs
+            .iter()
+            .map(|d| d.level)
+            .max_by_key(|l| rank_level(*l))
+            .unwrap_or(baygrid_rules::Level::General),
+        personal: inputs
+            .iter()
+            .map(|d| d.personal)
+            .max_by_key(|p| rank_personal(*p))
+            .unwrap_or(baygrid_rules::Personal::None),
+        // the same individuals may be in several inputs: the largest is the floor
+        subjects: inputs.iter().map(|d| d.subjects).max().unwrap_or(0),
+        subject_column: None,
+        purposes: vec![job.spec.purpose.clone().unwrap_or_default()],
+        collected_abroad: inputs.iter().any(|d| {
+            d.collected_abroad
+                || catalog.sites.get(&d.vault).map(|s| s.jurisdiction) != site_jurisdiction
+        }),
+        arrived_under: None,
+        schema: Vec::new(),
+        derived_from: job.spec.inputs.clone(),
+    };
+    let body = serde_json::to_value(&spec).map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    crate::catalog::put(state, "dataset", &name, Some(holder.clone()), body, who).await?;
+    let version = DatasetVersion {
+        dataset: name.clone(),
+        version: 1,
+        upload: job.id.to_string(),
+        rows: files.iter().map(|f| f.rows).sum(),
+        bytes: files.iter().map(|f| f.bytes).sum(),
+        files: files.to_vec(),
+        created_at: baygrid_core::millis_to_rfc3339(state.now()),
+    };
+    let body = serde_json::to_value(&version).map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    crate::catalog::put(
+        state,
+        "dataset_version",
+        &format!("{name}@{:06}", 1),
+        Some(holder),
+        body,
+        who,
+    )
+    .await?;
+    Ok(name)
 }
