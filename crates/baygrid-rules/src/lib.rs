@@ -567,11 +567,61 @@ fn check_request(request: &FlowRequest) -> Result<(), RuleError> {
     Ok(())
 }
 
+/// A fact as a Cedar value: booleans, integers, strings, sets and records.
+fn restricted(value: serde_json::Value) -> Result<cedar_policy::RestrictedExpression, RuleError> {
+    use cedar_policy::RestrictedExpression as R;
+    Ok(match value {
+        serde_json::Value::Bool(b) => R::new_bool(b),
+        serde_json::Value::Number(n) => {
+            R::new_long(n.as_i64().ok_or_else(|| {
+                RuleError::Evaluation(format!("facts: {n} is not a whole number"))
+            })?)
+        }
+        serde_json::Value::String(s) => R::new_string(s),
+        serde_json::Value::Array(items) => R::new_set(
+            items
+                .into_iter()
+                .map(restricted)
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+        serde_json::Value::Object(fields) => R::new_record(
+            fields
+                .into_iter()
+                .map(|(k, v)| Ok((k, restricted(v)?)))
+                .collect::<Result<Vec<_>, RuleError>>()?,
+        )
+        .map_err(|e| RuleError::Evaluation(format!("facts: {e}")))?,
+        serde_json::Value::Null => return Err(RuleError::Evaluation("facts: a null fact".into())),
+    })
+}
+
 /// One policy set with what each policy says about itself.
 struct Policies {
     set: PolicySet,
-    /// The permits alone: evaluated to name every rule that allows, even when a forbid wins.
-    permits: PolicySet,
+    /// Every decision and report policy as a `permit`, so that one evaluation names every
+    /// policy whose conditions hold (Cedar reports only the permits when nothing forbids);
+    /// the decision is then taken from what each matched policy was.
+    all: PolicySet,
+    /// Per policy of `all`: what the original policy says about itself.
+    origin: std::collections::HashMap<cedar_policy::PolicyId, Meta>,
+}
+
+/// A policy's annotations, read once at load (Cedar parses the key on every lookup).
+#[derive(Debug, Clone)]
+struct Meta {
+    rule: String,
+    needs: Option<String>,
+    obligations: Option<String>,
+    from: Origin,
+    /// The rule's place in the pack, then the policy's own id, for a stable order.
+    order: (usize, String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    Permit,
+    Forbid,
+    Report,
 }
 
 /// The loaded rule pack.
@@ -579,8 +629,11 @@ pub struct RulePack {
     params: PackParams,
     schema: Schema,
     rules: Policies,
-    reports: PolicySet,
     order: Vec<String>,
+    /// The request's action and entity types, parsed once (Cedar's parser is costly).
+    action: EntityUid,
+    party: EntityTypeName,
+    dataset: EntityTypeName,
 }
 
 fn parse(text: &str, what: &str) -> Result<PolicySet, RuleError> {
@@ -621,32 +674,60 @@ impl RulePack {
             }
         }
         let mut order = Vec::new();
-        let mut permits = PolicySet::new();
-        for policy in set.policies() {
+        let mut all = PolicySet::new();
+        let mut origin = std::collections::HashMap::new();
+        let as_permit = |policy: &cedar_policy::Policy, n: usize| {
+            let mut json = policy
+                .to_json()
+                .map_err(|e| RuleError::Pack(format!("policy {}: {e}", policy.id())))?;
+            json["effect"] = serde_json::json!("permit");
+            let id = cedar_policy::PolicyId::new(format!("p{n}"));
+            cedar_policy::Policy::from_json(Some(id), json)
+                .map_err(|e| RuleError::Pack(format!("policy {}: {e}", policy.id())))
+        };
+        for (policy, from) in set
+            .policies()
+            .map(|p| {
+                let from = if p.effect() == cedar_policy::Effect::Permit {
+                    Origin::Permit
+                } else {
+                    Origin::Forbid
+                };
+                (p, from)
+            })
+            .chain(reports.policies().map(|p| (p, Origin::Report)))
+        {
             let id = policy
                 .annotation("id")
                 .ok_or_else(|| RuleError::Pack(format!("policy {} has no @id", policy.id())))?;
             if !order.iter().any(|o| o == id) {
                 order.push(id.to_string());
             }
-            if policy.effect() == cedar_policy::Effect::Permit {
-                permits
-                    .add(policy.clone())
-                    .map_err(|e| RuleError::Pack(e.to_string()))?;
-            }
-        }
-        for policy in reports.policies() {
-            let id = policy
-                .annotation("id")
-                .ok_or_else(|| RuleError::Pack(format!("policy {} has no @id", policy.id())))?;
-            order.push(id.to_string());
+            let permit = as_permit(policy, origin.len())?;
+            let meta = Meta {
+                rule: id.to_string(),
+                needs: policy.annotation("needs").map(str::to_string),
+                obligations: policy.annotation("obligations").map(str::to_string),
+                from,
+                order: (
+                    order.iter().position(|o| o == id).unwrap_or(usize::MAX),
+                    policy.id().to_string(),
+                ),
+            };
+            origin.insert(permit.id().clone(), meta);
+            all.add(permit)
+                .map_err(|e| RuleError::Pack(e.to_string()))?;
         }
         Ok(RulePack {
             params,
             schema,
-            rules: Policies { set, permits },
-            reports,
+            rules: Policies { set, all, origin },
             order,
+            action: EntityUid::from_str(r#"Action::"flow""#)
+                .map_err(|e| RuleError::Pack(e.to_string()))?,
+            party: EntityTypeName::from_str("Party").map_err(|e| RuleError::Pack(e.to_string()))?,
+            dataset: EntityTypeName::from_str("Dataset")
+                .map_err(|e| RuleError::Pack(e.to_string()))?,
         })
     }
 
@@ -663,19 +744,34 @@ impl RulePack {
         facts: serde_json::Value,
         schema: Option<&Schema>,
     ) -> Result<Request, RuleError> {
-        let action = EntityUid::from_str(r#"Action::"flow""#)
-            .map_err(|e| RuleError::Evaluation(e.to_string()))?;
-        let uid = |kind: &str, id: &str| -> Result<EntityUid, RuleError> {
-            let kind =
-                EntityTypeName::from_str(kind).map_err(|e| RuleError::Evaluation(e.to_string()))?;
-            Ok(EntityUid::from_type_name_and_id(kind, EntityId::new(id)))
+        let action = &self.action;
+        let context = match schema {
+            // checked against the schema: through Cedar's JSON reader
+            Some(schema) => Context::from_json_value(facts, Some((schema, action)))
+                .map_err(|e| RuleError::Evaluation(format!("facts: {e}")))?,
+            // built here in the schema's shape: straight to Cedar values
+            None => {
+                let serde_json::Value::Object(fields) = facts else {
+                    return Err(RuleError::Evaluation("facts: not a record".into()));
+                };
+                let pairs = fields
+                    .into_iter()
+                    .map(|(k, v)| Ok((k, restricted(v)?)))
+                    .collect::<Result<Vec<_>, RuleError>>()?;
+                Context::from_pairs(pairs)
+                    .map_err(|e| RuleError::Evaluation(format!("facts: {e}")))?
+            }
         };
-        let context = Context::from_json_value(facts, schema.map(|s| (s, &action)))
-            .map_err(|e| RuleError::Evaluation(format!("facts: {e}")))?;
         Request::new(
-            uid("Party", &request.exporter.name)?,
+            EntityUid::from_type_name_and_id(
+                self.party.clone(),
+                EntityId::new(&request.exporter.name),
+            ),
             action.clone(),
-            uid("Dataset", &request.data.name)?,
+            EntityUid::from_type_name_and_id(
+                self.dataset.clone(),
+                EntityId::new(&request.data.name),
+            ),
             context,
             schema,
         )
@@ -708,6 +804,23 @@ impl RulePack {
             == CedarDecision::Allow
     }
 
+    /// For benchmarks: the one evaluation a decision makes (every policy as a permit) on a
+    /// request built beforehand; the number of policies that matched.
+    pub fn evaluate_merged(&self, request: &Request) -> usize {
+        Authorizer::new()
+            .is_authorized(request, &self.rules.all, &Entities::empty())
+            .diagnostics()
+            .reason()
+            .count()
+    }
+
+    /// For benchmarks: a decision's first half, the facts weighed and built into the Cedar
+    /// request it evaluates.
+    pub fn prepare(&self, request: &FlowRequest) -> Result<Request, RuleError> {
+        let facts = self.facts(request)?;
+        self.build_request(request, facts, None)
+    }
+
     /// Decides a flow.
     pub fn decide(&self, request: &FlowRequest) -> Result<Decision, RuleError> {
         check_request(request)?;
@@ -717,33 +830,38 @@ impl RulePack {
         // checks them against it); parsing them against the schema again on every request
         // would cost more than the evaluations
         let cedar_request = self.build_request(request, facts.clone(), None)?;
-        let authorizer = Authorizer::new();
-        let entities = Entities::empty();
-        let evaluate = |set: &PolicySet| -> Result<(bool, Vec<cedar_policy::Policy>), RuleError> {
-            let response = authorizer.is_authorized(&cedar_request, set, &entities);
-            if let Some(error) = response.diagnostics().errors().next() {
-                return Err(RuleError::Evaluation(error.to_string()));
-            }
-            // Cedar reports the determining policies as a set: put them in the pack's order
-            let mut fired: Vec<cedar_policy::Policy> = response
-                .diagnostics()
-                .reason()
-                .filter_map(|id| set.policy(id).cloned())
-                .collect();
-            fired.sort_by_key(|p| {
-                let rule = p.annotation("id").unwrap_or_default();
-                (
-                    self.order.iter().position(|o| o == rule),
-                    p.id().to_string(),
-                )
-            });
-            Ok((response.decision() == CedarDecision::Allow, fired))
+        // one evaluation: every policy whose conditions hold, as permits
+        let response =
+            Authorizer::new().is_authorized(&cedar_request, &self.rules.all, &Entities::empty());
+        if let Some(error) = response.diagnostics().errors().next() {
+            return Err(RuleError::Evaluation(error.to_string()));
+        }
+        // Cedar reports the matched policies as a set: put them in the pack's order
+        let mut matched: Vec<&Meta> = response
+            .diagnostics()
+            .reason()
+            .filter_map(|id| self.rules.origin.get(id))
+            .collect();
+        matched.sort_by(|a, b| a.order.cmp(&b.order));
+        let of = |wanted: Origin| -> Vec<&Meta> {
+            matched
+                .iter()
+                .filter(|m| m.from == wanted)
+                .copied()
+                .collect()
         };
-        let (allowed, decisive) = evaluate(&self.rules.set)?;
-        let (_, allowing) = evaluate(&self.rules.permits)?;
-        let (_, reported) = evaluate(&self.reports)?;
+        let allowing = of(Origin::Permit);
+        let forbidding = of(Origin::Forbid);
+        let reported = of(Origin::Report);
+        // Cedar's own semantics: a forbid that holds wins; otherwise a permit must hold
+        let allowed = forbidding.is_empty() && !allowing.is_empty();
+        let decisive = if allowed {
+            allowing.clone()
+        } else {
+            forbidding
+        };
 
-        let id_of = |p: &cedar_policy::Policy| p.annotation("id").unwrap_or_default().to_string();
+        let id_of = |m: &&Meta| m.rule.clone();
         let mut applied: BTreeSet<String> = BTreeSet::new();
         applied.extend(allowing.iter().map(id_of));
         applied.extend(reported.iter().map(id_of));
@@ -766,7 +884,7 @@ impl RulePack {
         let mut remedies = Vec::new();
         let mut needed: BTreeSet<String> = BTreeSet::new();
         for policy in &allowing {
-            if let Some(needs) = policy.annotation("needs") {
+            if let Some(needs) = policy.needs.as_deref() {
                 needed.extend(needs.split('|').map(str::to_string));
             }
         }
@@ -774,7 +892,8 @@ impl RulePack {
             for policy in &allowing {
                 let rule = id_of(policy);
                 for id in policy
-                    .annotation("obligations")
+                    .obligations
+                    .as_deref()
                     .unwrap_or_default()
                     .split(',')
                     .filter(|s| !s.is_empty())
@@ -817,7 +936,7 @@ impl RulePack {
                     "gba_contract_mo" => facts["destination_gba_city"] == true,
                     _ => true,
                 };
-                let remedy = match policy.annotation("needs") {
+                let remedy = match policy.needs.as_deref() {
                     Some(needs) => format!(
                         "{rule}: needs evidence that counts: {}",
                         needs

@@ -269,7 +269,14 @@ mod properties {
             let pack = RulePack::load().unwrap();
             let decision = pack.decide(&r).unwrap();
             // the facts the engine builds conform to the schema the policies are checked against
-            prop_assert!(pack.cedar_request(&r).is_ok());
+            let checked = pack.cedar_request(&r);
+            prop_assert!(checked.is_ok());
+            // the facts go to Cedar directly in decisions: the same policies match as when
+            // they are read through Cedar's JSON reader against the schema
+            prop_assert_eq!(
+                pack.evaluate_merged(&checked.unwrap()),
+                pack.evaluate_merged(&pack.prepare(&r).unwrap())
+            );
             // every decision names the rules it rests on
             prop_assert!(!decision.rules.is_empty() || !decision.allowed);
             if decision.allowed {
