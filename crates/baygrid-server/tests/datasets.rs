@@ -198,6 +198,26 @@ async fn datasets(store: Option<String>) {
         403,
     );
     error_of(lab.get::<Vec<VaultView>>("/api/v1/vaults").await, 403);
+    // a regulator reads the record (evidence, contracts, flows, obligations) but is never
+    // told where the bytes are, so it never reads raw data
+    error_of(regulator.get::<Vec<VaultView>>("/api/v1/vaults").await, 403);
+    for path in [
+        "/api/v1/evidence",
+        "/api/v1/contracts",
+        "/api/v1/flows",
+        "/api/v1/obligations",
+    ] {
+        let _: Vec<Value> = regulator.get(path).await.unwrap();
+    }
+    error_of(
+        regulator
+            .post::<_, Value>(
+                "/api/v1/flows",
+                &json!({"dataset": "hk-card-features", "site": "shaoguan", "purpose": "credit_risk"}),
+            )
+            .await,
+        403,
+    );
     let mut bad = serde_json::to_value(&again).unwrap();
     bad["upload"] = json!("up-2");
     bad["files"][0]["sha256"] = json!("xyz");
