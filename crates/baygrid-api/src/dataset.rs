@@ -75,7 +75,7 @@ pub struct DatasetError {
     pub message: String,
 }
 
-fn bad(field: impl Into<String>, message: impl Into<String>) -> DatasetError {
+pub(crate) fn bad(field: impl Into<String>, message: impl Into<String>) -> DatasetError {
     DatasetError {
         field: field.into(),
         message: message.into(),
@@ -83,7 +83,7 @@ fn bad(field: impl Into<String>, message: impl Into<String>) -> DatasetError {
 }
 
 /// A column or purpose name: 1-63 letters, digits, `_` and `-`, starting with a letter or `_`.
-fn is_identifier(value: &str) -> bool {
+pub(crate) fn is_identifier(value: &str) -> bool {
     !value.is_empty()
         && value.len() <= 63
         && value

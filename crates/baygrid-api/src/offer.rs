@@ -7,7 +7,7 @@ use baygrid_core::{Jurisdiction, Money};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::dataset::{DatasetError, DatasetSpec};
+use crate::dataset::{bad, is_identifier, DatasetError, DatasetSpec};
 
 /// How a consumer may use a dataset under an offer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
@@ -107,21 +107,6 @@ pub struct DataOfferSpec {
     pub auto_approve: bool,
 }
 
-fn bad(field: impl Into<String>, message: impl Into<String>) -> DatasetError {
-    DatasetError {
-        field: field.into(),
-        message: message.into(),
-    }
-}
-
-fn is_purpose(value: &str) -> bool {
-    !value.is_empty()
-        && value.len() <= 63
-        && value
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-}
-
 impl DataOfferSpec {
     /// Checks the offer against its dataset (columns) and the holder's home currency,
     /// on `today`; errors name the field.
@@ -158,7 +143,7 @@ impl DataOfferSpec {
             return Err(bad("purposes", "name at least one purpose"));
         }
         for (i, purpose) in self.purposes.iter().enumerate() {
-            if !is_purpose(purpose) {
+            if !is_identifier(purpose) {
                 return Err(bad(
                     format!("purposes[{i}]"),
                     format!("`{purpose}` is not a purpose: use letters, digits, `_` and `-`"),

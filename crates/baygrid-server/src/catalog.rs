@@ -235,6 +235,20 @@ pub(crate) fn check_name(field: &str, name: &str) -> ApiResult<()> {
     }
 }
 
+/// [`put`] for any serialisable object.
+pub(crate) async fn put_json<T: Serialize>(
+    state: &AppState,
+    kind: &'static str,
+    name: &str,
+    owner: Option<String>,
+    value: &T,
+    who: &Principal,
+) -> ApiResult<()> {
+    let body = serde_json::to_value(value)
+        .map_err(|e| ApiError::Unavailable(format!("{kind} `{name}`: {e}")))?;
+    put(state, kind, name, owner, body, who).await
+}
+
 pub(crate) async fn put(
     state: &AppState,
     kind: &'static str,

@@ -69,13 +69,12 @@ pub async fn publish_offer(
         }
     }
     let view = offer_view(&catalog, &spec).expect("the dataset was found above");
-    let body = serde_json::to_value(&spec).map_err(|e| ApiError::Unavailable(e.to_string()))?;
-    crate::catalog::put(
+    crate::catalog::put_json(
         &state,
         "data_offer",
         &spec.name,
         Some(dataset.holder.clone()),
-        body,
+        &spec,
         &who,
     )
     .await?;
@@ -248,13 +247,12 @@ pub async fn request_contract(
 }
 
 async fn save(state: &AppState, contract: &ContractView, who: &Principal) -> ApiResult<()> {
-    let body = serde_json::to_value(contract).map_err(|e| ApiError::Unavailable(e.to_string()))?;
-    crate::catalog::put(
+    crate::catalog::put_json(
         state,
         "contract",
         &contract.id,
         Some(contract.holder.clone()),
-        body,
+        contract,
         who,
     )
     .await

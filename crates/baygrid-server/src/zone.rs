@@ -112,13 +112,12 @@ pub async fn put_evidence(
             "a security assessment must name the data set it covers",
         ));
     }
-    let body = serde_json::to_value(&record).map_err(|e| ApiError::Unavailable(e.to_string()))?;
-    crate::catalog::put(
+    crate::catalog::put_json(
         &state,
         "evidence",
         &record.id,
         Some(record.exporter.clone()),
-        body,
+        &record,
         &who,
     )
     .await?;
@@ -204,26 +203,52 @@ pub async fn add_version(
             upload.upload
         )));
     }
-    let version = DatasetVersion {
-        dataset: name.clone(),
-        version: existing.last().map(|v| v.version + 1).unwrap_or(1),
-        upload: upload.upload.clone(),
-        rows: upload.files.iter().map(|f| f.rows).sum(),
-        bytes: upload.files.iter().map(|f| f.bytes).sum(),
-        files: upload.files,
-        created_at: baygrid_core::millis_to_rfc3339(state.now()),
-    };
-    let body = serde_json::to_value(&version).map_err(|e| ApiError::Unavailable(e.to_string()))?;
-    crate::catalog::put(
+    let version = put_version(
         &state,
-        "dataset_version",
-        &format!("{name}@{:06}", version.version),
-        Some(spec.holder.clone()),
-        body,
+        &name,
+        &spec.holder,
+        upload.upload,
+        upload.files,
         &who,
     )
     .await?;
     Ok((StatusCode::CREATED, Json(version)))
+}
+
+/// Records files already in a dataset's vault as its next version (callers that number
+/// concurrently hold `zone_writes`).
+pub(crate) async fn put_version(
+    state: &AppState,
+    dataset: &str,
+    holder: &str,
+    upload: String,
+    files: Vec<baygrid_api::VersionFile>,
+    who: &Principal,
+) -> ApiResult<DatasetVersion> {
+    let last = state
+        .catalog()
+        .versions
+        .get(dataset)
+        .and_then(|v| v.last().map(|v| v.version));
+    let version = DatasetVersion {
+        dataset: dataset.to_string(),
+        version: last.map(|v| v + 1).unwrap_or(1),
+        upload,
+        rows: files.iter().map(|f| f.rows).sum(),
+        bytes: files.iter().map(|f| f.bytes).sum(),
+        files,
+        created_at: baygrid_core::millis_to_rfc3339(state.now()),
+    };
+    crate::catalog::put_json(
+        state,
+        "dataset_version",
+        &format!("{dataset}@{:06}", version.version),
+        Some(holder.to_string()),
+        &version,
+        who,
+    )
+    .await?;
+    Ok(version)
 }
 
 /// The catalog of datasets: metadata, for every role.
@@ -296,13 +321,12 @@ pub async fn register_dataset(
         }
     }
     let view = dataset_view(&catalog, &spec)?;
-    let body = serde_json::to_value(&spec).map_err(|e| ApiError::Unavailable(e.to_string()))?;
-    crate::catalog::put(
+    crate::catalog::put_json(
         &state,
         "dataset",
         &spec.name,
         Some(spec.holder.clone()),
-        body,
+        &spec,
         &who,
     )
     .await?;
@@ -946,26 +970,25 @@ pub(crate) async fn register_outputs(
         schema: Vec::new(),
         derived_from: job.spec.inputs.clone(),
     };
-    let body = serde_json::to_value(&spec).map_err(|e| ApiError::Unavailable(e.to_string()))?;
-    crate::catalog::put(state, "dataset", &name, Some(holder.clone()), body, who).await?;
-    let version = DatasetVersion {
-        dataset: name.clone(),
-        version: 1,
-        upload: job.id.to_string(),
-        rows: files.iter().map(|f| f.rows).sum(),
-        bytes: files.iter().map(|f| f.bytes).sum(),
-        files: files.to_vec(),
-        created_at: baygrid_core::millis_to_rfc3339(state.now()),
-    };
-    let body = serde_json::to_value(&version).map_err(|e| ApiError::Unavailable(e.to_string()))?;
-    crate::catalog::put(
-        state,
-        "dataset_version",
-        &format!("{name}@{:06}", 1),
-        Some(holder),
-        body,
-        who,
-    )
-    .await?;
+    crate::catalog::put_json(state, "dataset", &name, Some(holder.clone()), &spec, who).await?;
+    // a resent report finds its version recorded already
+    let upload = job.id.to_string();
+    let recorded = state
+        .catalog()
+        .versions
+        .get(&name)
+        .is_some_and(|v| v.iter().any(|v| v.upload == upload));
+    if !recorded {
+        let _numbering = state.zone_writes.lock().await;
+        put_version(
+            state,
+            &name,
+            &holder,
+            job.id.to_string(),
+            files.to_vec(),
+            who,
+        )
+        .await?;
+    }
     Ok(name)
 }
