@@ -369,3 +369,61 @@ async fn sbatch_rejections_reach_the_user_as_the_failure_reason() {
     );
     setup.server.stop().await;
 }
+
+#[tokio::test]
+async fn a_slurm_job_without_network_sees_only_a_loopback() {
+    use baygrid_exec::{Engine, JobStatus, LaunchSpec, LogCursor};
+    if !slurm_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let engine = baygrid_exec::SlurmEngine::new(dir.path().join("jobs"), SlurmConfig::default());
+    let interfaces = "echo interfaces $(tail -n +3 /proc/net/dev | wc -l)";
+    let mut outputs = Vec::new();
+    for (id, no_network) in [("job_isolated", true), ("job_connected", false)] {
+        let spec = LaunchSpec {
+            job_id: id.into(),
+            tenant: "sg-lab".into(),
+            epoch: 1,
+            command: interfaces.into(),
+            env: Default::default(),
+            image: None,
+            nodes: 1,
+            node_indices: vec![0],
+            accelerator: None,
+            accelerators_per_node: 0,
+            cpus_per_node: 1,
+            memory_gb_per_node: 1,
+            time_limit: Some(Duration::from_secs(60)),
+            held: None,
+            no_network,
+        };
+        let handle = engine.launch(&spec).await.unwrap();
+        let started = Instant::now();
+        let status = loop {
+            let status = engine.status(&handle).await.unwrap();
+            if status.is_final() {
+                break status;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "{id} never ended"
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        };
+        assert_eq!(status, JobStatus::Succeeded, "{id}");
+        let lines = engine
+            .read_output(&handle, &mut LogCursor::default())
+            .await
+            .unwrap();
+        outputs.push(
+            lines
+                .iter()
+                .find(|l| l.line.starts_with("interfaces"))
+                .map(|l| l.line.clone())
+                .unwrap_or_else(|| panic!("{id}: {lines:?}")),
+        );
+    }
+    assert_eq!(outputs[0], "interfaces 1", "only the loopback");
+    assert_ne!(outputs[1], "interfaces 1", "the node's own interfaces");
+}

@@ -40,6 +40,10 @@ use crate::{
 pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 const JOB_ID_LABEL: &str = "baygrid.io/job-id";
 const EPOCH_LABEL: &str = "baygrid.io/epoch";
+/// Pods of a job that must have no network carry `baygrid.io/network: none`.
+pub const NETWORK_LABEL: &str = "baygrid.io/network";
+/// The tenant namespace's deny-all policy for those pods.
+pub const NO_NETWORK_POLICY: &str = "baygrid-no-network";
 const JOB_NAME_LABEL: &str = "batch.kubernetes.io/job-name";
 const INDEX_ANNOTATION: &str = "batch.kubernetes.io/job-completion-index";
 
@@ -203,6 +207,9 @@ impl KubernetesEngine {
         labels.insert(MANAGED_BY.into(), "baygrid".into());
         labels.insert(JOB_ID_LABEL.into(), dns_label(&spec.job_id));
         labels.insert(EPOCH_LABEL.into(), spec.epoch.to_string());
+        if spec.no_network {
+            labels.insert(NETWORK_LABEL.into(), "none".into());
+        }
 
         let mut quantities = BTreeMap::from([
             (
@@ -324,6 +331,39 @@ impl KubernetesEngine {
             Ok(_) => Ok(()),
             Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
             Err(e) => Err(k8s_err(&format!("namespace {namespace}"), e)),
+        }
+    }
+
+    /// The tenant namespace's deny-all NetworkPolicy for pods labelled
+    /// `baygrid.io/network: none` (no ingress, no egress). It takes effect where the
+    /// cluster's network plugin enforces NetworkPolicies.
+    async fn ensure_no_network_policy(&self, namespace: &str) -> Result<(), ExecError> {
+        use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicySpec};
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+        let api: Api<NetworkPolicy> = Api::namespaced(self.client.clone(), namespace);
+        let policy = NetworkPolicy {
+            metadata: ObjectMeta {
+                name: Some(NO_NETWORK_POLICY.into()),
+                labels: Some(BTreeMap::from([(MANAGED_BY.into(), "baygrid".into())])),
+                ..Default::default()
+            },
+            spec: Some(NetworkPolicySpec {
+                pod_selector: Some(LabelSelector {
+                    match_labels: Some(BTreeMap::from([(NETWORK_LABEL.into(), "none".into())])),
+                    ..Default::default()
+                }),
+                policy_types: Some(vec!["Ingress".into(), "Egress".into()]),
+                ingress: None,
+                egress: None,
+            }),
+        };
+        match api.create(&PostParams::default(), &policy).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+            Err(e) => Err(k8s_err(
+                &format!("network policy in {namespace} (the job must have no network)"),
+                e,
+            )),
         }
     }
 
@@ -713,17 +753,16 @@ impl Engine for KubernetesEngine {
     }
 
     async fn launch(&self, spec: &LaunchSpec) -> Result<JobHandle, ExecError> {
-        if spec.no_network {
-            return Err(ExecError::Refused(
-                "the job reads protected data and must run with no network; the Kubernetes engine does not apply a deny-all NetworkPolicy yet".into(),
-            ));
-        }
         let job = self.job_object(spec);
         let name = job.name_any();
         let dir = self.work_dir.join(&name);
         std::fs::create_dir_all(&dir)?;
         let namespace = job.namespace().unwrap_or_default();
         self.ensure_namespace(&namespace).await?;
+        if spec.no_network {
+            // before the Job, so its pods never start without the policy in place
+            self.ensure_no_network_policy(&namespace).await?;
+        }
         let api: Api<Job> = Api::namespaced(self.client.clone(), &namespace);
         let created = match api.create(&PostParams::default(), &job).await {
             Ok(j) => j,

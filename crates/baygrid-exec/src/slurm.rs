@@ -64,6 +64,13 @@ export BAYGRID_RANK BAYGRID_WORLD_SIZE BAYGRID_NODE_INDEX BAYGRID_MASTER_ADDR
 cmd=$BAYGRID_COMMAND; unset BAYGRID_COMMAND
 exec sh -c "$cmd""#;
 
+/// The end of [`TASK`] for a job that must have no network.
+const ISOLATED: &str = r#"for how in "--net" "--user --map-root-user --net"; do
+  if unshare $how true 2>/dev/null; then exec unshare $how -- sh -c "$cmd"; fi
+done
+echo "baygrid: this node cannot give the job an empty network namespace" >&2
+exit 97"#;
+
 /// A Slurm job state and what it means for baygrid.
 pub fn map_state(
     state: &str,
@@ -222,11 +229,19 @@ impl SlurmEngine {
         directive(format!("--output={}", dir.join("slurm-%j.out").display()));
         directive(format!("--error={}", dir.join("slurm-%j.err").display()));
         directive("--export=ALL".into());
+        // with no network, each task runs its command in its own empty network namespace
+        // (a user namespace too where the node's user may not make one alone); a node that
+        // can do neither fails the task rather than run it connected
+        let task = if spec.no_network {
+            TASK.replace("exec sh -c \"$cmd\"", ISOLATED)
+        } else {
+            TASK.to_string()
+        };
         lines.push(format!(
             "exec srun --kill-on-bad-exit=1 --output={} --error={} sh -c '{}'",
             dir.join("rank-%t.out").display(),
             dir.join("rank-%t.err").display(),
-            TASK.replace('\'', r"'\''")
+            task.replace('\'', r"'\''")
         ));
         lines.join("\n") + "\n"
     }
@@ -244,11 +259,7 @@ impl Engine for SlurmEngine {
                 "this Slurm cluster has no container runtime for image `{image}`"
             )));
         }
-        if spec.no_network {
-            return Err(ExecError::Refused(
-                "the job reads protected data and must run with no network; the Slurm engine does not isolate jobs' networks".into(),
-            ));
-        }
+
         let dir = self
             .work_dir
             .join(format!("{}.{}", spec.job_id, spec.epoch));
@@ -586,5 +597,17 @@ mod tests {
         };
         let script = engine.batch_script(&held, Path::new("/shared/baygrid/job_x.2"));
         assert!(script.contains("--time=61"), "{script}");
+        assert!(!script.contains("unshare"), "{script}");
+        // a job that must have no network runs its command inside unshare, or not at all
+        let isolated = LaunchSpec {
+            no_network: true,
+            ..held
+        };
+        let script = engine.batch_script(&isolated, Path::new("/shared/baygrid/job_x.2"));
+        assert!(
+            script.contains(r#"exec unshare $how -- sh -c "$cmd""#) && script.contains("exit 97"),
+            "{script}"
+        );
+        assert!(!script.contains(r#"exec sh -c "$cmd""#), "{script}");
     }
 }

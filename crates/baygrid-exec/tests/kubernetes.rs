@@ -194,6 +194,16 @@ async fn serve(state: Shared, req: Request<Body>) -> Response<Body> {
             let nodes: Value = serde_json::from_str(include_str!("k8s/nodes.json")).unwrap();
             ok(200, &nodes)
         }
+        ("POST", ["apis", "networking.k8s.io", "v1", "namespaces", ns, "networkpolicies"]) => {
+            let policy: Value = serde_json::from_str(&body).unwrap();
+            let key = format!("{ns}/{}", policy["metadata"]["name"].as_str().unwrap());
+            let mut s = state.lock().unwrap();
+            if s.namespaces.contains(&key) {
+                return status(409, "AlreadyExists", &format!("{key} already exists"));
+            }
+            s.namespaces.push(key);
+            ok(201, &policy)
+        }
         _ => status(404, "NotFound", &format!("no route for {method} {path}")),
     }
 }
@@ -241,6 +251,62 @@ fn requests(state: &Shared, method: &str, fragment: &str) -> Vec<String> {
         .filter(|(m, p, _)| m == method && p.contains(fragment))
         .map(|(_, _, b)| b.clone())
         .collect()
+}
+
+#[tokio::test]
+async fn a_job_without_network_gets_a_deny_all_policy_before_its_pods() {
+    let state = Shared::default();
+    let (protected, _dir) = engine(&state, KubernetesConfig::default());
+    let mut isolated = spec(1, "H800");
+    isolated.no_network = true;
+    protected.launch(&isolated).await.unwrap();
+    // a second protected job in the namespace finds the policy there
+    isolated.job_id = "job_01jdz3k4second".into();
+    protected.launch(&isolated).await.unwrap();
+    let order: Vec<String> = state
+        .lock()
+        .unwrap()
+        .requests
+        .iter()
+        .filter(|(m, _, _)| m == "POST")
+        .map(|(_, p, _)| p.split('?').next().unwrap().to_string())
+        .collect();
+    let policy_at = order
+        .iter()
+        .position(|p| p.ends_with("/networkpolicies"))
+        .unwrap();
+    let job_at = order.iter().position(|p| p.ends_with("/jobs")).unwrap();
+    assert!(policy_at < job_at, "{order:?}");
+    let policies = requests(
+        &state,
+        "POST",
+        "/namespaces/baygrid-hk-hospital/networkpolicies",
+    );
+    assert_eq!(policies.len(), 2);
+    let policy: Value = serde_json::from_str(&policies[0]).unwrap();
+    assert_eq!(policy["metadata"]["name"], "baygrid-no-network");
+    assert_eq!(
+        policy["spec"]["podSelector"]["matchLabels"]["baygrid.io/network"],
+        "none"
+    );
+    assert_eq!(policy["spec"]["policyTypes"], json!(["Ingress", "Egress"]));
+    assert!(policy["spec"].get("ingress").is_none() && policy["spec"].get("egress").is_none());
+    let job: Value =
+        serde_json::from_str(&requests(&state, "POST", "/namespaces/baygrid-hk-hospital/jobs")[0])
+            .unwrap();
+    assert_eq!(
+        job["spec"]["template"]["metadata"]["labels"]["baygrid.io/network"],
+        "none"
+    );
+    // a job that may use the network makes no policy and carries no such label
+    let state = Shared::default();
+    let (connected, _dir) = engine(&state, KubernetesConfig::default());
+    connected.launch(&spec(1, "H800")).await.unwrap();
+    assert!(requests(&state, "POST", "networkpolicies").is_empty());
+    let job: Value = serde_json::from_str(&requests(&state, "POST", "/jobs")[0]).unwrap();
+    assert!(job["spec"]["template"]["metadata"]["labels"]
+        .get("baygrid.io/network")
+        .is_none());
 }
 
 #[tokio::test]
