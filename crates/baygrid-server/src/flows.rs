@@ -232,6 +232,17 @@ pub async fn get(
         .ok_or_else(|| ApiError::NotFound(format!("no flow `{id}`")))
 }
 
+/// Whether an agent at `site` may be handed this copy now: only an allowed one not yet
+/// done (pending, or claimed and unreported for too long), out of that site's vault.
+/// Nothing else ever reaches an agent, so a denied flow never moves a byte.
+fn claimable(flow: &FlowView, site: &str, now: i64) -> bool {
+    flow.decision.allowed
+        && flow.source_site == site
+        && (flow.state == FlowState::Pending
+            || flow.state == FlowState::Copying
+                && flow.claimed_at_ms.is_some_and(|t| now - t > RECLAIM_MS))
+}
+
 /// Claims the copies out of `cluster`'s site for its agent: pending ones, and ones another
 /// claim left unreported for too long.
 pub(crate) async fn claim(
@@ -244,12 +255,7 @@ pub(crate) async fn claim(
         return Ok(vec![]);
     };
     let now = state.now();
-    let ready = |f: &FlowView| {
-        f.source_site == site
-            && (f.state == FlowState::Pending
-                || f.state == FlowState::Copying
-                    && f.claimed_at_ms.is_some_and(|t| now - t > RECLAIM_MS))
-    };
+    let ready = |f: &FlowView| claimable(f, &site, now);
     if !catalog.flows.values().any(ready) {
         return Ok(vec![]);
     }
@@ -414,4 +420,80 @@ async fn register_copy(
         who,
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn flow(allowed: bool, state: FlowState, claimed_at_ms: Option<i64>, site: &str) -> FlowView {
+        let pack = baygrid_rules::RulePack::load().unwrap();
+        let mut decision = pack
+            .decide(
+                &toml::from_str(include_str!(
+                    "../../../examples/flows/sz-clinic-to-hk-lab.toml"
+                ))
+                .unwrap(),
+            )
+            .unwrap();
+        decision.allowed = allowed;
+        FlowView {
+            id: "fl-1".into(),
+            dataset: "d".into(),
+            version: 1,
+            source_site: site.into(),
+            site: "hk-cyberport".into(),
+            purpose: "research".into(),
+            contract: "ct-1".into(),
+            tenant: "t".into(),
+            holder: "h".into(),
+            recipient: "r".into(),
+            copy_as: "d-hk".into(),
+            state,
+            decision,
+            counted: None,
+            upload: "u".into(),
+            files: vec![],
+            requested_at: "2026-11-28T00:00:00Z".into(),
+            claimed_by: None,
+            claimed_at_ms,
+            finished_at: None,
+            error: None,
+        }
+    }
+
+    fn state() -> impl Strategy<Value = FlowState> {
+        prop_oneof![
+            Just(FlowState::Denied),
+            Just(FlowState::Pending),
+            Just(FlowState::Copying),
+            Just(FlowState::Done),
+            Just(FlowState::Failed),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// Whatever a record says, a flow the rules denied, or one that is over, is never
+        /// handed to an agent; nor is one out of another site's vault.
+        #[test]
+        fn a_denied_flow_never_reaches_an_agent(
+            allowed in any::<bool>(),
+            state in state(),
+            claimed in prop::option::of(0i64..1_000_000),
+            here in any::<bool>(),
+            now in 0i64..2_000_000,
+        ) {
+            let site = if here { "shenzhen-qianhai" } else { "macao" };
+            let f = flow(allowed, state, claimed, site);
+            let handed = claimable(&f, "shenzhen-qianhai", now);
+            if !allowed || !here || matches!(state, FlowState::Denied | FlowState::Done | FlowState::Failed) {
+                prop_assert!(!handed);
+            }
+            if allowed && here && state == FlowState::Pending {
+                prop_assert!(handed);
+            }
+        }
+    }
 }
