@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: starts the services the tests need (PostgreSQL; munged, slurmctld
-# and slurmd), then runs every test of the workspace against SQLite, PostgreSQL and the real
-# Slurm, and prints one summary line.
+# and slurmd; moto's S3-compatible server for vaults), then runs every test of the
+# workspace against SQLite, PostgreSQL, the real Slurm and S3, and prints one summary line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,6 +9,9 @@ BAYGRID_TEST_POSTGRES_URL=$(scripts/start-postgres.sh)
 export BAYGRID_TEST_POSTGRES_URL
 echo "postgresql: $BAYGRID_TEST_POSTGRES_URL"
 scripts/start-slurm.sh
+BAYGRID_TEST_S3_ENDPOINT=$(scripts/start-s3.sh | tail -1)
+export BAYGRID_TEST_S3_ENDPOINT
+echo "s3: $BAYGRID_TEST_S3_ENDPOINT"
 
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
