@@ -4,11 +4,11 @@
 set -euo pipefail
 port=${BAYGRID_S3_PORT:-9700}
 endpoint="http://127.0.0.1:$port"
-if ! command -v moto_server >/dev/null 2>&1; then
+if ! python3 -c 'import moto.server' >/dev/null 2>&1; then
   python3 -m pip install -q 'moto[server]' >&2
 fi
 if ! curl -fsS -o /dev/null "$endpoint/moto-api/" 2>/dev/null; then
-  nohup moto_server -H 127.0.0.1 -p "$port" >/tmp/baygrid-s3.log 2>&1 &
+  nohup python3 -m moto.server -H 127.0.0.1 -p "$port" >/tmp/baygrid-s3.log 2>&1 &
   for _ in $(seq 1 100); do
     curl -fsS -o /dev/null "$endpoint/moto-api/" 2>/dev/null && break
     sleep 0.2
