@@ -49,6 +49,73 @@ async fn start_agent(
     stop
 }
 
+/// A server with the sample sites, the Shenzhen lender and the Hong Kong card issuer as
+/// data holders with their datasets registered (nothing uploaded), and the Hong Kong lab.
+struct Zone {
+    server: baygrid_server::RunningServer,
+    url: String,
+    operator: Client,
+    lender: Client,
+    issuer: Client,
+    lab: Client,
+}
+
+async fn zone(dir: &Path) -> Zone {
+    let config = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.join("server"),
+        sites_file: "sample".into(),
+        schedule_interval: Duration::from_millis(50),
+        heartbeat_interval: Duration::from_millis(200),
+        lease_ttl: Duration::from_secs(30),
+        ..ServerConfig::default()
+    };
+    let server = baygrid_server::start(config).await.unwrap();
+    let url = server.url();
+    let operator = Client::new(&url, Some(server.operator_token.clone()));
+    let mut holders = Vec::new();
+    for (party, dataset) in [
+        (
+            json!({"name": "sz-lender", "jurisdiction": "CN", "city": "shenzhen"}),
+            "sz-credit-labels",
+        ),
+        (
+            json!({"name": "hk-card-issuer", "jurisdiction": "HK", "city": "hong-kong"}),
+            "hk-card-features",
+        ),
+    ] {
+        let _: Value = operator.post("/api/v1/parties", &party).await.unwrap();
+        let holder = operator
+            .issue(Role::DataHolder, party["name"].as_str())
+            .await
+            .unwrap();
+        let _: DatasetView = holder
+            .post("/api/v1/datasets", &example(dataset))
+            .await
+            .unwrap();
+        holders.push(holder);
+    }
+    let lab = operator
+        .add_tenant(
+            "gba-risk-lab",
+            Jurisdiction::HK,
+            "hong-kong",
+            "100000.00 CNY".parse().unwrap(),
+        )
+        .await
+        .unwrap();
+    let issuer = holders.pop().unwrap();
+    let lender = holders.pop().unwrap();
+    Zone {
+        server,
+        url,
+        operator,
+        lender,
+        issuer,
+        lab,
+    }
+}
+
 async fn wait_ended(client: &Client, id: &str) -> JobView {
     for _ in 0..600 {
         let view: JobView = client.get(&format!("/api/v1/jobs/{id}")).await.unwrap();
@@ -79,49 +146,14 @@ fn job() -> JobSpec {
 #[tokio::test]
 async fn a_job_reads_a_hong_kong_and_a_shenzhen_dataset_where_both_may_go() {
     let dir = tempfile::tempdir().unwrap();
-    let config = ServerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.path().join("server"),
-        sites_file: "sample".into(),
-        schedule_interval: Duration::from_millis(50),
-        heartbeat_interval: Duration::from_millis(200),
-        lease_ttl: Duration::from_secs(30),
-        ..ServerConfig::default()
-    };
-    let server = baygrid_server::start(config).await.unwrap();
-    let url = server.url();
-    let operator = Client::new(&url, Some(server.operator_token.clone()));
-    for party in [
-        json!({"name": "sz-lender", "jurisdiction": "CN", "city": "shenzhen"}),
-        json!({"name": "hk-card-issuer", "jurisdiction": "HK", "city": "hong-kong"}),
-    ] {
-        let _: Value = operator.post("/api/v1/parties", &party).await.unwrap();
-    }
-    let lender = operator
-        .issue(Role::DataHolder, Some("sz-lender"))
-        .await
-        .unwrap();
-    let issuer = operator
-        .issue(Role::DataHolder, Some("hk-card-issuer"))
-        .await
-        .unwrap();
-    let lab = operator
-        .add_tenant(
-            "gba-risk-lab",
-            Jurisdiction::HK,
-            "hong-kong",
-            "100000.00 CNY".parse().unwrap(),
-        )
-        .await
-        .unwrap();
-    let _: DatasetView = lender
-        .post("/api/v1/datasets", &example("sz-credit-labels"))
-        .await
-        .unwrap();
-    let _: DatasetView = issuer
-        .post("/api/v1/datasets", &example("hk-card-features"))
-        .await
-        .unwrap();
+    let Zone {
+        server,
+        url,
+        operator,
+        lender,
+        issuer,
+        lab,
+    } = zone(dir.path()).await;
 
     // a job may not name a dataset with nothing uploaded
     match lab.post::<_, JobView>("/api/v1/jobs", &job()).await {
@@ -288,42 +320,14 @@ async fn wait_flow(client: &Client, id: &str) -> Value {
 #[tokio::test]
 async fn a_copy_under_a_contract_is_counted_moved_by_the_source_agent_and_undone_on_failure() {
     let dir = tempfile::tempdir().unwrap();
-    let config = ServerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.path().join("server"),
-        sites_file: "sample".into(),
-        schedule_interval: Duration::from_millis(50),
-        heartbeat_interval: Duration::from_millis(200),
-        lease_ttl: Duration::from_secs(30),
-        ..ServerConfig::default()
-    };
-    let server = baygrid_server::start(config).await.unwrap();
-    let url = server.url();
-    let operator = Client::new(&url, Some(server.operator_token.clone()));
-    let _: Value = operator
-        .post(
-            "/api/v1/parties",
-            &json!({"name": "sz-lender", "jurisdiction": "CN", "city": "shenzhen"}),
-        )
-        .await
-        .unwrap();
-    let lender = operator
-        .issue(Role::DataHolder, Some("sz-lender"))
-        .await
-        .unwrap();
-    let lab = operator
-        .add_tenant(
-            "gba-risk-lab",
-            Jurisdiction::HK,
-            "hong-kong",
-            "100000.00 CNY".parse().unwrap(),
-        )
-        .await
-        .unwrap();
-    let _: DatasetView = lender
-        .post("/api/v1/datasets", &example("sz-credit-labels"))
-        .await
-        .unwrap();
+    let Zone {
+        server,
+        url,
+        operator,
+        lender,
+        lab,
+        ..
+    } = zone(dir.path()).await;
     let table = repo("../shared/data/fate/default_credit_hetero_guest.csv");
     let uploaded = baygrid_vault::upload(&lender, "sz-credit-labels", std::slice::from_ref(&table))
         .await

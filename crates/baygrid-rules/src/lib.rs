@@ -307,6 +307,19 @@ pub struct Decision {
     pub counts: Option<(ExportCategory, u64)>,
 }
 
+impl Decision {
+    /// The contract an allowed flow rests on, if any: the kind data copied under this
+    /// decision arrived under.
+    pub fn contract_used(&self) -> Option<EvidenceKind> {
+        // `evidence_used` reads `kind (index)`, as `decide` writes it
+        self.evidence_used
+            .iter()
+            .filter_map(|used| used.split_once(' ').map(|(kind, _)| kind))
+            .filter_map(|kind| serde_json::from_value::<EvidenceKind>(serde_json::json!(kind)).ok())
+            .find(|kind| kind.is_contract())
+    }
+}
+
 /// What the evidence offered amounts to, after validity and filing.
 #[derive(Debug, Default, Clone)]
 struct EvidenceFacts {

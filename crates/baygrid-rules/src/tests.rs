@@ -386,3 +386,17 @@ fn an_edited_pack_file_changes_decisions_without_a_rebuild() {
     assert!(err.contains("personal_assessment"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_decision_names_the_contract_it_rests_on() {
+    let pack = RulePack::load().unwrap();
+    let request: FlowRequest = toml::from_str(include_str!(
+        "../../../examples/flows/sz-clinic-to-hk-lab.toml"
+    ))
+    .unwrap();
+    let decision = pack.decide(&request).unwrap();
+    assert_eq!(decision.contract_used(), Some(EvidenceKind::GbaContractHk));
+    let mut without = request.clone();
+    without.evidence.retain(|e| !e.kind.is_contract());
+    assert_eq!(pack.decide(&without).unwrap().contract_used(), None);
+}

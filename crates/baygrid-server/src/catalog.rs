@@ -156,10 +156,24 @@ impl CatalogSnapshot {
         ))
     }
 
+    /// The party a tenant acts as: the recipient of every flow to it.
+    pub fn tenant_party(&self, tenant: &str) -> Option<&Party> {
+        self.parties.get(&self.tenants.get(tenant)?.party)
+    }
+
+    /// The party holding a dataset: the exporter of every flow out of it.
+    pub fn holder(&self, dataset: &baygrid_api::DatasetSpec) -> Result<&Party, ApiError> {
+        self.parties.get(&dataset.holder).ok_or_else(|| {
+            ApiError::Unavailable(format!(
+                "dataset `{}` names holder `{}`, which is not a party",
+                dataset.name, dataset.holder
+            ))
+        })
+    }
+
     /// The tenant's location, which latency limits are measured from.
     pub fn requester(&self, tenant: &str) -> Option<baygrid_sched::Requester> {
-        let tenant = self.tenants.get(tenant)?;
-        let party = self.parties.get(&tenant.party)?;
+        let party = self.tenant_party(tenant)?;
         Some(baygrid_sched::Requester {
             city: party.city.clone(),
             jurisdiction: party.jurisdiction,

@@ -55,9 +55,7 @@ pub async fn publish_offer(
         .get(&spec.dataset)
         .ok_or_else(|| ApiError::bad("dataset", format!("unknown dataset `{}`", spec.dataset)))?;
     crate::zone::may_act_for(&who, &dataset.holder)?;
-    let holder = catalog.parties.get(&dataset.holder).ok_or_else(|| {
-        ApiError::Unavailable(format!("holder `{}` is not a party", dataset.holder))
-    })?;
+    let holder = catalog.holder(dataset)?;
     spec.validate(dataset, holder.jurisdiction, today(&state)?)
         .map_err(|e| ApiError::bad(e.field, e.message))?;
     if let Some(existing) = catalog.data_offers.get(&spec.name) {
@@ -192,13 +190,9 @@ pub async fn request_contract(
         .datasets
         .get(&offer.dataset)
         .ok_or_else(|| ApiError::Unavailable(format!("dataset `{}` is gone", offer.dataset)))?;
-    let holder = catalog.parties.get(&dataset.holder).ok_or_else(|| {
-        ApiError::Unavailable(format!("holder `{}` is not a party", dataset.holder))
-    })?;
+    let holder = catalog.holder(dataset)?;
     let recipient = catalog
-        .tenants
-        .get(&tenant)
-        .and_then(|t| catalog.parties.get(&t.party))
+        .tenant_party(&tenant)
         .ok_or_else(|| ApiError::bad("tenant", format!("unknown tenant `{tenant}`")))?;
     let mut flow = dataset_flow(
         &catalog,

@@ -121,13 +121,9 @@ pub async fn request(
             ),
         ));
     }
-    let holder = catalog.parties.get(&dataset.holder).ok_or_else(|| {
-        ApiError::Unavailable(format!("holder `{}` is not a party", dataset.holder))
-    })?;
+    let holder = catalog.holder(dataset)?;
     let recipient = catalog
-        .tenants
-        .get(&tenant)
-        .and_then(|t| catalog.parties.get(&t.party))
+        .tenant_party(&tenant)
         .ok_or_else(|| ApiError::bad("tenant", format!("unknown tenant `{tenant}`")))?;
     if let Some(existing) = catalog.datasets.get(&copy_as) {
         if existing.holder != recipient.name || existing.vault != site.name {
@@ -360,23 +356,7 @@ async fn register_copy(
 ) -> ApiResult<()> {
     let jurisdiction = |site: &str| catalog.sites.get(site).map(|s| s.jurisdiction);
     let crossed = jurisdiction(&flow.source_site) != jurisdiction(&flow.site);
-    let arrived_under = flow
-        .decision
-        .evidence_used
-        .iter()
-        .filter_map(|used| used.split_whitespace().next())
-        .filter_map(|kind| {
-            serde_json::from_value::<baygrid_rules::EvidenceKind>(serde_json::json!(kind)).ok()
-        })
-        .find(|kind| {
-            matches!(
-                kind,
-                baygrid_rules::EvidenceKind::StandardContract
-                    | baygrid_rules::EvidenceKind::GbaContractHk
-                    | baygrid_rules::EvidenceKind::GbaContractMo
-            )
-        })
-        .or(source.arrived_under);
+    let arrived_under = flow.decision.contract_used().or(source.arrived_under);
     let copy = DatasetSpec {
         name: flow.copy_as.clone(),
         holder: flow.recipient.clone(),

@@ -109,6 +109,9 @@ async fn live_market_and_usage(
     Ok((market, usage))
 }
 
+/// What a job's inputs are judged on: the tenant, the datasets and the purpose.
+type InputsKey = (String, Vec<String>, Option<String>);
+
 /// One cycle. Returns how many jobs were placed.
 pub async fn cycle(state: &AppState) -> Result<usize, ApiError> {
     let now = state.now();
@@ -145,6 +148,7 @@ pub async fn cycle(state: &AppState) -> Result<usize, ApiError> {
     let mut writes = Vec::new();
     let mut placed = 0;
     let mut blocks = state.store.cluster_blocks(now).await?;
+    let mut inputs_judged: BTreeMap<InputsKey, BTreeMap<String, String>> = BTreeMap::new();
     for job in queued {
         let Some(mut requester) = catalog.requester(&job.tenant) else {
             let reason = format!("tenant `{}` no longer exists", job.tenant);
@@ -163,8 +167,24 @@ pub async fn cycle(state: &AppState) -> Result<usize, ApiError> {
                 reason: b.reason,
             })
             .collect();
-        match crate::zone::inputs_denied(state, &catalog, &job.tenant, &job.spec).await {
-            Ok(denied) => requester.inputs_denied = denied,
+        // jobs alike in tenant, inputs and purpose share one judgement per cycle (the copy
+        // is decided again, on the totals of the moment, when a job is placed)
+        let key = (
+            job.tenant.clone(),
+            job.spec.inputs.clone(),
+            job.spec.purpose.clone(),
+        );
+        let judged = match inputs_judged.get(&key) {
+            Some(denied) => Ok(denied.clone()),
+            None => crate::zone::inputs_denied(state, &catalog, &job.tenant, &job.spec).await,
+        };
+        match judged {
+            Ok(denied) => {
+                if !job.spec.inputs.is_empty() {
+                    inputs_judged.insert(key, denied.clone());
+                }
+                requester.inputs_denied = denied;
+            }
             Err(ApiError::BadRequest { field, message }) => {
                 // accepted once, now unreadable (a dataset or party went away)
                 let reason = match field {

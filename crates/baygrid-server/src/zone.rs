@@ -354,9 +354,7 @@ pub async fn decide(
     let exporter = party("exporter", &ask.exporter)?;
     let recipient = party("recipient", &ask.recipient)?;
     let now = state.now();
-    let today = chrono::DateTime::from_timestamp_millis(now)
-        .ok_or_else(|| ApiError::Unavailable("the clock is out of range".into()))?
-        .date_naive();
+    let today = today(&state)?;
     let evidence = catalog
         .evidence
         .values()
@@ -559,16 +557,12 @@ pub(crate) async fn inputs_denied(
     if spec.inputs.is_empty() {
         return Ok(Default::default());
     }
-    let recipient = catalog
-        .tenants
-        .get(tenant)
-        .and_then(|t| catalog.parties.get(&t.party))
-        .ok_or_else(|| {
-            ApiError::bad(
-                "tenant",
-                format!("unknown tenant `{tenant}` (or its party)"),
-            )
-        })?;
+    let recipient = catalog.tenant_party(tenant).ok_or_else(|| {
+        ApiError::bad(
+            "tenant",
+            format!("unknown tenant `{tenant}` (or its party)"),
+        )
+    })?;
     let purpose = spec.purpose.clone().unwrap_or_default();
     let today = today(state)?;
     for (i, input) in spec.inputs.iter().enumerate() {
@@ -583,12 +577,7 @@ pub(crate) async fn inputs_denied(
                 format!("dataset `{input}` has no uploaded version yet"),
             ));
         }
-        let holder = catalog.parties.get(&dataset.holder).ok_or_else(|| {
-            ApiError::Unavailable(format!(
-                "dataset `{input}` names holder `{}`, which is not a party",
-                dataset.holder
-            ))
-        })?;
+        let holder = catalog.holder(dataset)?;
         let (personal, sensitive) = state
             .store
             .export_totals(&holder.name, today.year() as i64)
@@ -701,11 +690,7 @@ pub(crate) async fn record_input_flows(
     spec: &baygrid_core::JobSpec,
     site_name: &str,
 ) -> ApiResult<Option<String>> {
-    let Some(recipient) = catalog
-        .tenants
-        .get(tenant)
-        .and_then(|t| catalog.parties.get(&t.party))
-    else {
+    let Some(recipient) = catalog.tenant_party(tenant) else {
         return Ok(Some(format!("tenant `{tenant}` has no party")));
     };
     let Some(site) = catalog.sites.get(site_name) else {
@@ -833,9 +818,8 @@ pub async fn obligations(
             Some(
                 state
                     .catalog()
-                    .tenants
-                    .get(&tenant)
-                    .map(|t| t.party.clone())
+                    .tenant_party(&tenant)
+                    .map(|p| p.name.clone())
                     .unwrap_or(tenant),
             )
         }
@@ -915,9 +899,8 @@ pub(crate) async fn register_outputs(
         .map(|c| c.site.clone())
         .ok_or_else(|| ApiError::Unavailable(format!("cluster `{cluster}` is gone")))?;
     let holder = catalog
-        .tenants
-        .get(&job.tenant)
-        .map(|t| t.party.clone())
+        .tenant_party(&job.tenant)
+        .map(|p| p.name.clone())
         .ok_or_else(|| ApiError::Unavailable(format!("tenant `{}` is gone", job.tenant)))?;
     let inputs: Vec<&DatasetSpec> = job
         .spec

@@ -197,6 +197,19 @@ async fn flows(store: Option<String>) {
         .get("/api/v1/obligations?status=standing")
         .await
         .unwrap();
+    // exactly the decisions' obligations with no date
+    let undated: usize = [&allowed, &next, &third]
+        .iter()
+        .map(|d| {
+            d.decision
+                .obligations
+                .iter()
+                .filter(|o| o.due.is_none())
+                .count()
+        })
+        .sum();
+    assert!(undated > 0);
+    assert_eq!(dated.len(), undated, "{dated:?}");
     assert!(dated.iter().all(|o| o["status"] == "standing"));
     assert_eq!(
         field_of(
