@@ -263,7 +263,20 @@ pub(crate) async fn claim(
         claimed.state = FlowState::Copying;
         claimed.claimed_by = Some(cluster.to_string());
         claimed.claimed_at_ms = Some(now);
-        save(state, &claimed, who).await?;
+        // every claim written, then the catalog reloaded once
+        let body = serde_json::to_value(&claimed)
+            .map_err(|e| ApiError::Unavailable(format!("flow `{}`: {e}", claimed.id)))?;
+        state
+            .store
+            .put_catalog(
+                "flow",
+                claimed.id.clone(),
+                Some(claimed.holder.clone()),
+                body,
+                crate::auth::actor(who),
+                now,
+            )
+            .await?;
         tasks.push(FlowTask {
             id: flow.id.clone(),
             dataset: flow.dataset.clone(),
@@ -275,6 +288,7 @@ pub(crate) async fn claim(
             copy_upload: flow.id.clone(),
         });
     }
+    state.reload_catalog().await?;
     Ok(tasks)
 }
 
