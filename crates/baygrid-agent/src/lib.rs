@@ -6,6 +6,8 @@
 //! What it runs is persisted in its work directory, one file per job, so a restarted agent
 //! re-attaches to jobs that are still running and reports the ones that are gone as lost.
 
+mod query;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -246,6 +248,11 @@ pub async fn run(
     agent.lease_ttl = Duration::from_millis(registered.lease_ttl_ms.max(0) as u64);
     agent.last_renewed = std::time::Instant::now();
     agent.reattach().await;
+    tokio::spawn(query::serve(
+        agent.client.clone(),
+        agent.config.work_dir.clone(),
+        shutdown.clone(),
+    ));
     loop {
         match agent.step().await {
             Ok(()) => {

@@ -153,24 +153,64 @@ impl Client {
         body: Option<&B>,
         idempotency_key: Option<&str>,
     ) -> Result<T, ClientError> {
+        let (status, bytes) = self
+            .exchange(method, path, |mut request| {
+                if let Some(key) = idempotency_key {
+                    request = request.header("Idempotency-Key", key);
+                }
+                if let Some(body) = body {
+                    request = request.json(body);
+                }
+                request
+            })
+            .await?;
+        let bytes = if bytes.is_empty() || status == StatusCode::NO_CONTENT {
+            bytes::Bytes::from_static(b"null")
+        } else {
+            bytes
+        };
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(format!("{path}: {e}")))
+    }
+
+    /// POSTs raw bytes (`application/octet-stream`).
+    pub async fn post_bytes(&self, path: &str, body: Vec<u8>) -> Result<(), ClientError> {
+        self.exchange(Method::POST, path, |request| {
+            request
+                .header("Content-Type", "application/octet-stream")
+                .body(body)
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// GETs raw bytes.
+    pub async fn get_bytes(&self, path: &str) -> Result<bytes::Bytes, ClientError> {
+        self.exchange(Method::GET, path, |request| request)
+            .await
+            .map(|(_, bytes)| bytes)
+    }
+
+    /// Sends a request with the bearer token; a success's status and body, or the API's
+    /// error.
+    async fn exchange(
+        &self,
+        method: Method,
+        path: &str,
+        prepare: impl FnOnce(reqwest::RequestBuilder) -> reqwest::RequestBuilder,
+    ) -> Result<(StatusCode, bytes::Bytes), ClientError> {
         let url = format!("{}{}", self.base, path);
         let mut request = self.http.request(method, &url);
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
         }
-        if let Some(key) = idempotency_key {
-            request = request.header("Idempotency-Key", key);
-        }
-        if let Some(body) = body {
-            request = request.json(body);
-        }
-        let response = request
-            .send()
-            .await
-            .map_err(|source| ClientError::Unreachable {
-                url: url.clone(),
-                source,
-            })?;
+        let response =
+            prepare(request)
+                .send()
+                .await
+                .map_err(|source| ClientError::Unreachable {
+                    url: url.clone(),
+                    source,
+                })?;
         let status = response.status();
         let bytes = response
             .bytes()
@@ -180,13 +220,7 @@ impl Client {
                 source,
             })?;
         if status.is_success() {
-            let bytes = if bytes.is_empty() || status == StatusCode::NO_CONTENT {
-                bytes::Bytes::from_static(b"null")
-            } else {
-                bytes
-            };
-            return serde_json::from_slice(&bytes)
-                .map_err(|e| ClientError::Decode(format!("{path}: {e}")));
+            return Ok((status, bytes));
         }
         match serde_json::from_slice::<ErrorBody>(&bytes) {
             Ok(body) => Err(ClientError::Api {

@@ -6,6 +6,7 @@
 mod client;
 mod dataset;
 mod offer;
+mod query;
 
 pub use client::{Client, ClientError};
 pub use dataset::{
@@ -16,6 +17,10 @@ pub use offer::{
     ContractRequest, ContractState, ContractView, DataOfferSpec, DataOfferView, FlowReport,
     FlowRequestBody, FlowState, FlowTask, FlowView, ObligationView, OfferMode, OfferPrice,
     QueryTerms, AGGREGATES,
+};
+pub use query::{
+    BudgetView, GroupAnswer, NoiseNote, QueryAnswerBody, QueryCostView, QueryDryRun, QueryRequest,
+    QueryResult, QueryState, QueryTable, QueryTask, QueryView, SideAnswer,
 };
 
 use baygrid_core::{AcceleratorModel, Allocation, Cluster, JobSpec, JobState, Money, Role, Tenant};

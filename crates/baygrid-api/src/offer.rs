@@ -54,8 +54,10 @@ pub struct OfferPrice {
     pub per_gb: Option<Money>,
 }
 
-/// The aggregate functions a query offer may allow.
-pub const AGGREGATES: &[&str] = &["count", "sum", "avg", "min", "max"];
+/// The aggregate functions a query offer may allow: `count` covers COUNT(*) and
+/// COUNT(DISTINCT subject). MIN and MAX are not among them: one individual decides them, so
+/// no noise calibrated to a bounded contribution covers them.
+pub const AGGREGATES: &[&str] = &["count", "sum", "avg"];
 
 /// What a query offer allows, for the compute-to-data engine to enforce.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -79,8 +81,15 @@ pub struct QueryTerms {
     /// Declared ranges, per numeric column, that values are clamped to.
     #[serde(default)]
     pub ranges: BTreeMap<String, (f64, f64)>,
-    /// The most rows one individual may contribute.
+    /// The most rows one individual may contribute (and the most groups it may appear in).
     pub max_rows_per_subject: u32,
+    /// The budget per period shared by every consumer of the dataset, so that colluding
+    /// accounts cannot multiply `epsilon`; `epsilon` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_epsilon: Option<f64>,
+    /// The shared δ per period; `delta` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_delta: Option<f64>,
 }
 
 /// A data offer, as its holder publishes it.
@@ -195,6 +204,21 @@ impl DataOfferSpec {
 }
 
 impl QueryTerms {
+    /// The budget per period shared by all consumers.
+    pub fn shared(&self) -> (f64, f64) {
+        (
+            self.shared_epsilon.unwrap_or(self.epsilon),
+            self.shared_delta.unwrap_or(self.delta),
+        )
+    }
+
+    /// The refresh period in milliseconds (checked when the offer was published).
+    pub fn period_ms(&self) -> i64 {
+        humantime::parse_duration(&self.refresh)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(30 * 86_400_000)
+    }
+
     fn validate(&self, dataset: &DatasetSpec) -> Result<(), DatasetError> {
         if self.k_min < 10 {
             return Err(bad("query.k_min", "must be at least 10"));
@@ -204,6 +228,22 @@ impl QueryTerms {
         }
         if !(self.delta.is_finite() && (0.0..1.0).contains(&self.delta)) {
             return Err(bad("query.delta", "must be at least 0 and below 1"));
+        }
+        if let Some(shared) = self.shared_epsilon {
+            if !(shared.is_finite() && shared >= self.epsilon && shared <= 100.0) {
+                return Err(bad(
+                    "query.shared_epsilon",
+                    "must be at least `epsilon` and at most 100",
+                ));
+            }
+        }
+        if let Some(shared) = self.shared_delta {
+            if !(shared.is_finite() && shared >= self.delta && shared < 1.0) {
+                return Err(bad(
+                    "query.shared_delta",
+                    "must be at least `delta` and below 1",
+                ));
+            }
         }
         match humantime::parse_duration(&self.refresh) {
             Ok(d) if d.as_secs() >= 3600 => {}

@@ -556,6 +556,16 @@ pub mod names {
         )
     }
 
+    /// A data holder's revenue from uses of its data, in the currency of its offers.
+    pub fn holder(party: &str, currency: Currency) -> Account {
+        account(
+            format!("holder:{party}:{currency}"),
+            party,
+            currency,
+            AccountKind::DataHolderRevenue,
+        )
+    }
+
     pub fn fees(currency: Currency) -> Account {
         account(
             format!("fees:{currency}"),

@@ -159,7 +159,6 @@ pub fn settlement(state: &AppState, job: &JobRecord, now: i64) -> ApiResult<(i64
         return Ok((cost_cny, Vec::new()));
     }
     let reference = names::job_reference(&job.id);
-    let clearing = names::clearing(Currency::CNY).id;
     let mut chain = vec![Transfer {
         id: format!("post:{}", job.id),
         debit_account: hold.debit_account.clone(),
@@ -172,70 +171,94 @@ pub fn settlement(state: &AppState, job: &JobRecord, now: i64) -> ApiResult<(i64
         linked: true,
         reference: reference.clone(),
     }];
+    let provider = catalog
+        .clusters
+        .get(&allocation.cluster)
+        .map(|c| c.provider.clone())
+        .ok_or_else(|| {
+            ApiError::Conflict(format!(
+                "job {} ran on cluster {}, which is no longer published",
+                job.id, allocation.cluster
+            ))
+        })?;
+    pay_out(
+        state,
+        &mut chain,
+        &job.id,
+        charged,
+        &names::provider(&provider, price.currency),
+        &reference,
+    )?;
+    chain.last_mut().expect("a post at least").linked = false;
+    Ok((cost_cny, chain))
+}
+
+/// Pays `charged` CNY out of clearing, as linked transfers appended to `chain`: the
+/// platform's fee, then the rest to `payee` in its currency (through the FX accounts when
+/// that is not CNY). Transfer ids end in `id`.
+pub fn pay_out(
+    state: &AppState,
+    chain: &mut Vec<Transfer>,
+    id: &str,
+    charged: i64,
+    payee: &Account,
+    reference: &str,
+) -> ApiResult<()> {
+    let clearing = names::clearing(Currency::CNY).id;
     let fee = Money::new(charged, Currency::CNY)
         .mul_ratio(state.config.fee_bps as i128, 10_000)
-        .map_err(|e| ApiError::Conflict(format!("fee of job {}: {e}", job.id)))?
+        .map_err(|e| ApiError::Conflict(format!("fee of {id}: {e}")))?
         .minor;
     if fee > 0 {
         chain.push(Transfer {
-            id: format!("fee:{}", job.id),
+            id: format!("fee:{id}"),
             debit_account: clearing.clone(),
             credit_account: names::fees(Currency::CNY).id,
             amount: fee,
             currency: Currency::CNY,
             kind: TransferKind::Single,
             linked: true,
-            reference: reference.clone(),
+            reference: reference.to_string(),
         });
     }
-    let provider_share = charged - fee;
-    if provider_share > 0 {
-        let provider = catalog
-            .clusters
-            .get(&allocation.cluster)
-            .map(|c| c.provider.clone())
-            .ok_or_else(|| {
-                ApiError::Conflict(format!(
-                    "job {} ran on cluster {}, which is no longer published",
-                    job.id, allocation.cluster
-                ))
-            })?;
-        let revenue = names::provider(&provider, price.currency).id;
-        if price.currency == Currency::CNY {
-            chain.push(Transfer {
-                id: format!("revenue:{}", job.id),
-                debit_account: clearing,
-                credit_account: revenue,
-                amount: provider_share,
-                currency: Currency::CNY,
-                kind: TransferKind::Single,
-                linked: true,
-                reference,
-            });
-        } else {
-            let to_rate = catalog
-                .rates
-                .rate(price.currency)
-                .map_err(|e| ApiError::Conflict(format!("cannot pay job {}: {e}", job.id)))?;
-            let (pair, _) = baygrid_ledger::fx_pair(
-                &format!("revenue:{}", job.id),
-                (&clearing, Currency::CNY),
-                &names::fx(Currency::CNY).id,
-                &names::fx(price.currency).id,
-                (&revenue, price.currency),
-                provider_share,
-                catalog.rates.rate(Currency::CNY).expect("CNY has a rate"),
-                to_rate,
-                &reference,
-            );
-            chain.extend(pair.into_iter().map(|mut t| {
-                t.linked = true;
-                t
-            }));
-        }
+    let share = charged - fee;
+    if share <= 0 {
+        return Ok(());
     }
-    chain.last_mut().expect("a post at least").linked = false;
-    Ok((cost_cny, chain))
+    if payee.currency == Currency::CNY {
+        chain.push(Transfer {
+            id: format!("revenue:{id}"),
+            debit_account: clearing,
+            credit_account: payee.id.clone(),
+            amount: share,
+            currency: Currency::CNY,
+            kind: TransferKind::Single,
+            linked: true,
+            reference: reference.to_string(),
+        });
+        return Ok(());
+    }
+    let catalog = state.catalog();
+    let to_rate = catalog
+        .rates
+        .rate(payee.currency)
+        .map_err(|e| ApiError::Conflict(format!("cannot pay {id}: {e}")))?;
+    let (pair, _) = baygrid_ledger::fx_pair(
+        &format!("revenue:{id}"),
+        (&clearing, Currency::CNY),
+        &names::fx(Currency::CNY).id,
+        &names::fx(payee.currency).id,
+        (&payee.id, payee.currency),
+        share,
+        catalog.rates.rate(Currency::CNY).expect("CNY has a rate"),
+        to_rate,
+        reference,
+    );
+    chain.extend(pair.into_iter().map(|mut t| {
+        t.linked = true;
+        t
+    }));
+    Ok(())
 }
 
 /// The provider accounts a settlement pays into, opened before it is applied.

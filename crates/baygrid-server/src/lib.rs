@@ -14,6 +14,7 @@ mod jobs;
 pub mod ledger;
 mod metrics;
 mod openapi;
+mod queries;
 mod scheduler;
 mod zone;
 
@@ -74,6 +75,8 @@ pub struct AppState {
     /// Serialises the data zone's read-modify-writes of catalog rows (version numbering,
     /// claiming and finishing copies).
     pub zone_writes: Arc<tokio::sync::Mutex<()>>,
+    /// Queries at the data: the signals waking agents and consumers, and the PSI relay.
+    pub queries: Arc<queries::Queries>,
 }
 
 impl AppState {
@@ -133,6 +136,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         clock,
         tokens: Arc::new(auth::TokenCache::default()),
         zone_writes: Arc::new(tokio::sync::Mutex::new(())),
+        queries: Arc::new(queries::Queries::default()),
         rules: Arc::new(if config.rule_pack.is_empty() {
             baygrid_rules::RulePack::load()?
         } else {
@@ -185,9 +189,11 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     let (shutdown, mut stopped) = watch::channel(false);
     let scheduler = tokio::spawn(scheduler::run(state.clone(), shutdown.subscribe()));
     let app = router(state.clone());
+    let queries = state.queries.clone();
     let task = tokio::spawn(async move {
         let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
             let _ = stopped.wait_for(|s| *s).await;
+            queries.close();
         });
         if let Err(e) = serve.await {
             tracing::error!(error = %e, "server stopped");
@@ -322,6 +328,14 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/contracts/{id}/approve", post(contracts::approve))
         .route("/contracts/{id}/revoke", post(contracts::revoke))
+        .route("/queries", get(queries::list).post(queries::submit))
+        .route("/queries/{id}", get(queries::get))
+        .route("/agent/queries/claim", post(queries::claim))
+        .route("/agent/queries/{id}/answer", post(queries::answer))
+        .route(
+            "/agent/queries/{id}/relay",
+            get(queries::relay_receive).post(queries::relay_send),
+        )
         .route("/audit/checkpoint", get(audit::checkpoint))
         .route("/audit/key", get(audit::key))
         .route("/audit/entries", get(audit::list_entries))

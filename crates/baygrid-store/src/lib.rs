@@ -10,6 +10,7 @@
 
 mod jobs;
 mod ledger;
+mod queries;
 mod records;
 pub mod testing;
 mod zone;
@@ -27,6 +28,7 @@ pub use jobs::{
     NewJob, Outcome, Report, FAILOVER_BACKOFF_MAX_MS, FAILOVER_BACKOFF_MS,
 };
 pub use ledger::{StatementLine, TransferRecord};
+pub use queries::{QueryRow, Spend, Spent, DELTA_UNIT, EPSILON_UNIT};
 pub use records::{JobEvent, JobRecord, LogLine, TokenRecord};
 pub use zone::{FlowRecord, ObligationRow};
 
@@ -249,6 +251,8 @@ impl Store {
             "ledger_accounts",
             "ledger_transfers",
             "export_counters",
+            "queries",
+            "privacy_spends",
         ];
         if !allowed.contains(&table) {
             return Err(StoreError::Conflict(format!("no table `{table}`")));

@@ -95,6 +95,19 @@ pub enum BenchCommand {
         #[arg(long)]
         ops: Option<usize>,
     },
+    /// Queries at the data: enforcement and noise over plain DataFusion on the same
+    /// aggregate over a seeded Parquet table, then small queries end to end through the API.
+    Query {
+        /// Rows in the generated table (3 to 5 per card holder).
+        #[arg(long, default_value_t = 10_000_000)]
+        rows: usize,
+        /// Runs of each of the two, interleaved; the medians are compared.
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
+        /// Small queries timed through the API (0: skip).
+        #[arg(long, default_value_t = 50)]
+        api_queries: usize,
+    },
     /// Secure aggregation's cost per round against plain FedAvg, on default_credit_homo's
     /// three parties (logistic regression and an MLP), in the same run.
     Fusion {
@@ -147,6 +160,15 @@ pub async fn run(_args: &Args, cmd: &BenchCommand) -> anyhow::Result<ExitCode> {
     } = cmd
     {
         return dispatch(*clusters, *nodes, *jobs, runtimes);
+    }
+    if let BenchCommand::Query {
+        rows,
+        repeats,
+        api_queries,
+    } = cmd
+    {
+        crate::bench_query::run(*rows, *repeats, *api_queries).await?;
+        return Ok(ExitCode::SUCCESS);
     }
     if let BenchCommand::Fusion {
         data,

@@ -2,10 +2,12 @@
 
 mod audit;
 mod bench;
+mod bench_query;
 mod cli;
 mod dataset;
 mod fusion;
 mod output;
+mod query;
 mod rules;
 mod sim;
 mod up;
@@ -136,6 +138,9 @@ pub enum Command {
     /// What allowed flows oblige the parties to do: due, overdue and standing.
     #[command(subcommand)]
     Obligations(dataset::ObligationsCommand),
+    /// Aggregate questions asked at a dataset's vault (可用不可见): only noisy aggregates
+    /// that pass the offer's privacy terms come back.
+    Query(query::QueryArgs),
     /// Sample-data fusion training (样本数据融合训练): PSI, federated and vertical models.
     #[command(subcommand)]
     Fusion(fusion::FusionCommand),
@@ -194,6 +199,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Command::DataOffer(cmd) => dataset::data_offer(&args, cmd).await,
         Command::Contract(cmd) => dataset::contract(&args, cmd).await,
         Command::Obligations(cmd) => dataset::obligations(&args, cmd).await,
+        Command::Query(q) => query::run(&args, q).await,
         Command::Fusion(cmd) => fusion::run(&args, cmd),
         Command::Sim(sim) => sim::run(&args, sim),
         Command::Bench(cmd) => bench::run(&args, cmd).await,

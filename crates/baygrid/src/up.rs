@@ -539,6 +539,103 @@ async fn reconcile(
     )))
 }
 
+/// The data zone's queries at the data: a Hong Kong bank's card holders (FATE's
+/// default_credit guest table) in the Cyberport vault and a Shenzhen card issuer's spending
+/// (the host table) in the Qianhai vault, each with a seeded 25% of card holders dropped;
+/// hk-fintech asks a grouped question of one and a question across both (PSI-aligned).
+/// Returns whether both were released.
+async fn demo_queries(exchange: &Exchange, data_dir: &Path, show: bool) -> anyhow::Result<bool> {
+    let fate = Path::new("../shared/data/fate");
+    if !fate.join("default_credit_hetero_guest.csv").exists() {
+        if show {
+            println!(
+                "
+queries at the data skipped: ../shared/data/fate is not beside this checkout"
+            );
+        }
+        return Ok(true);
+    }
+    let operator = &exchange.operator;
+    let parts = data_dir.join("query-data");
+    std::fs::create_dir_all(&parts)?;
+    for (party, city, jurisdiction, dataset, offer, file, seed) in [
+        (
+            "hk-bank",
+            "hong-kong",
+            "HK",
+            include_str!("../../../examples/datasets/hk-credit-history.yaml"),
+            include_str!("../../../examples/data-offers/hk-credit-history.yaml"),
+            "default_credit_hetero_guest.csv",
+            1u64,
+        ),
+        (
+            "sz-card-issuer",
+            "shenzhen",
+            "CN",
+            include_str!("../../../examples/datasets/sz-card-spend.yaml"),
+            include_str!("../../../examples/data-offers/sz-card-spend.yaml"),
+            "default_credit_hetero_host.csv",
+            2u64,
+        ),
+    ] {
+        let _: serde_json::Value = operator
+            .post(
+                "/api/v1/parties",
+                &serde_json::json!({"name": party, "jurisdiction": jurisdiction, "city": city}),
+            )
+            .await?;
+        let holder = operator.issue(Role::DataHolder, Some(party)).await?;
+        let spec: baygrid_api::DatasetSpec = serde_yaml::from_str(dataset)?;
+        let _: serde_json::Value = holder.post("/api/v1/datasets", &spec).await?;
+        let part = parts.join(file);
+        baygrid_query::drop_subjects(&fate.join(file), &part, "id", 0.25, seed)?;
+        baygrid_vault::upload(&holder, &spec.name, &[part]).await?;
+        let offer: serde_json::Value = serde_yaml::from_str(offer)?;
+        let _: serde_json::Value = holder.post("/api/v1/data-offers", &offer).await?;
+    }
+    let lab = exchange.tenant("hk-fintech");
+    for offer in ["hk-credit-history-query", "sz-card-spend-query"] {
+        let _: serde_json::Value = lab
+            .post("/api/v1/contracts", &serde_json::json!({"offer": offer, "mode": "query", "purpose": "credit_risk", "site": "hk-cyberport"}))
+            .await?;
+    }
+    let mut released = true;
+    for (dataset, sql) in [
+        ("hk-credit-history", "SELECT y AS defaulted, COUNT(*) AS card_holders, AVG(x1) AS mean_x1 FROM hk_credit_history GROUP BY y"),
+        ("hk-credit-history", "SELECT COUNT(*) AS card_holders, AVG(hk_credit_history.x1) AS history_x1, AVG(sz_card_spend.x3) AS spend_x3 FROM hk_credit_history JOIN sz_card_spend ON hk_credit_history.id = sz_card_spend.id"),
+    ] {
+        let view: baygrid_api::QueryView = lab
+            .post("/api/v1/queries", &serde_json::json!({"dataset": dataset, "sql": sql, "epsilon": 1.0, "wait_ms": 60000}))
+            .await?;
+        released &= view.state == baygrid_api::QueryState::Released;
+        if show {
+            println!("
+query {} by hk-fintech: {sql}", view.id);
+            match &view.result {
+                Some(result) => {
+                    let cells: Vec<Vec<String>> = result
+                        .rows
+                        .iter()
+                        .map(|r| r.iter().map(|v| match v.as_f64() {
+                            Some(f) if f.fract() != 0.0 => format!("{f:.4}"),
+                            _ => v.to_string(),
+                        }).collect())
+                        .collect();
+                    let headers: Vec<&str> = result.columns.iter().map(String::as_str).collect();
+                    table(&headers, &cells);
+                    let costs: Vec<String> = view.cost.iter().map(|c| format!("{} ε {} ({} left)", c.dataset, c.epsilon, c.budget.epsilon_left)).collect();
+                    let charged: Vec<String> = view.charged.iter().map(|m| m.to_string()).collect();
+                    println!("{:?} under {}; {}; charged {}; result sha256 {} in the audit log",
+                        view.state, view.rules.join(", "), costs.join(", "), charged.join(" + "),
+                        view.result_sha256.as_deref().unwrap_or("-"));
+                }
+                None => println!("{:?}: {}", view.state, view.error.as_deref().unwrap_or("")),
+            }
+        }
+    }
+    Ok(released)
+}
+
 pub async fn demo(args: &Args, keep: bool) -> anyhow::Result<ExitCode> {
     let (data_dir, _temp) = match &args.data_dir {
         Some(dir) => (dir.clone(), None),
@@ -665,8 +762,10 @@ pub async fn demo(args: &Args, keep: bool) -> anyhow::Result<ExitCode> {
         });
     }
     rows.sort_by_key(|r| r.state == "rejected");
+    // the jobs' settlement is reconciled before queries charge the same wallets
     let settled = reconcile(&exchange, &rows).await?;
-    let all_as_expected = rows.iter().all(|r| r.as_expected) && settled.is_ok();
+    let queries_released = demo_queries(&exchange, &data_dir, table_output).await?;
+    let all_as_expected = rows.iter().all(|r| r.as_expected) && settled.is_ok() && queries_released;
     emit(args.output, &rows, |rows| {
         println!();
         let cells = rows

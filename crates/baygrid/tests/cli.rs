@@ -1087,6 +1087,31 @@ fn datasets_are_registered_uploaded_and_read_through_the_cli() {
         "{}",
         stdout(&out)
     );
+    // queries at the data: malformed SQL is refused naming `sql`; a tenant with no query
+    // contract gets nothing
+    let query = |sql: &str| {
+        baygrid(
+            &["query", "--dataset", "sz-credit-labels", "--sql", sql],
+            &tenant_env,
+        )
+    };
+    let out = query("SELECT COUNT(* FROM sz_credit_labels");
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("sql: the SQL does not parse"),
+        "{}",
+        stderr(&out)
+    );
+    let out = query("SELECT COUNT(*) FROM sz_credit_labels");
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("no active query contract"),
+        "{}",
+        stderr(&out)
+    );
+    let out = baygrid(&["query", "ls", "--output", "json"], &tenant_env);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), "[]");
     let out = baygrid(&["obligations", "ls", "--status", "late"], &operator_env);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("status"), "{}", stderr(&out));

@@ -1,0 +1,291 @@
+//! The vault's side of queries at the data: claim a side, stage the dataset's files from
+//! the vault (digests checked, kept for the next query), plan and check the whole query
+//! again, align the individuals with the other vault by PSI when the query spans two, run
+//! the side with its privacy bounds and noise, and answer with the released groups only.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use baygrid_api::{Client, ClientError, QueryAnswerBody, QueryTask};
+use baygrid_query::datafusion::prelude::SessionContext;
+use baygrid_query::{sql_name, Table};
+use rand::SeedableRng;
+use tokio::sync::watch;
+
+/// Serves query sides until shutdown: long-polls for work, runs each side beside the loop.
+pub(crate) async fn serve(client: Client, work_dir: PathBuf, mut shutdown: watch::Receiver<bool>) {
+    let ask = serde_json::json!({ "wait_ms": 20_000 });
+    loop {
+        let claimed = tokio::select! {
+            r = client.post::<_, Vec<QueryTask>>("/api/v1/agent/queries/claim", &ask) => r,
+            _ = shutdown.changed() => return,
+        };
+        match claimed {
+            Ok(tasks) => {
+                for task in tasks {
+                    let client = client.clone();
+                    let dir = work_dir.clone();
+                    tokio::spawn(async move {
+                        let body = match run(&client, &dir, &task).await {
+                            Ok(answer) => QueryAnswerBody {
+                                answer: Some(answer),
+                                error: None,
+                            },
+                            Err(error) => {
+                                tracing::warn!(query = %task.query, %error, "query side failed");
+                                QueryAnswerBody {
+                                    answer: None,
+                                    error: Some(error),
+                                }
+                            }
+                        };
+                        let path = format!(
+                            "/api/v1/agent/queries/{}/answer?dataset={}",
+                            task.query, task.dataset
+                        );
+                        if let Err(e) = client.post::<_, serde_json::Value>(&path, &body).await {
+                            // unanswered, the server hands the side out again later
+                            tracing::warn!(query = %task.query, error = %e, "answer not delivered");
+                        }
+                    });
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot claim query sides yet");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = shutdown.changed() => return,
+                }
+            }
+        }
+    }
+}
+
+/// The dataset's files of one upload, staged once into `work_dir/vault-cache` and checked
+/// against their recorded digests. Each staging writes its own folder and renames it into
+/// place whole, so concurrent queries never read a half-staged one.
+async fn staged(work_dir: &Path, table: &baygrid_api::QueryTable) -> Result<PathBuf, String> {
+    let name = &table.dataset.name;
+    let parent = work_dir.join("vault-cache").join(name);
+    let dir = parent.join(&table.upload);
+    if dir.exists() {
+        return Ok(dir);
+    }
+    let staging = parent.join(format!(
+        ".staging-{}-{}",
+        table.upload,
+        rand::random::<u64>()
+    ));
+    let vault = baygrid_vault::Vault::open(&table.vault_url).map_err(|e| e.to_string())?;
+    for file in &table.files {
+        let key = baygrid_vault::object_key(name, &table.upload, &file.name);
+        if let Err(e) = vault
+            .get_file(&key, &file.sha256, &staging.join(&file.name))
+            .await
+        {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(e.to_string());
+        }
+    }
+    if let Err(e) = std::fs::rename(&staging, &dir) {
+        let _ = std::fs::remove_dir_all(&staging);
+        // another query staged the same upload first
+        if !dir.exists() {
+            return Err(format!("{}: {e}", dir.display()));
+        }
+    }
+    Ok(dir)
+}
+
+async fn run(
+    client: &Client,
+    work_dir: &Path,
+    task: &QueryTask,
+) -> Result<baygrid_api::SideAnswer, String> {
+    let mut tables = Vec::new();
+    for t in &task.tables {
+        let mut table = Table::new(&t.dataset, t.terms.clone()).map_err(|e| e.to_string())?;
+        table.name = sql_name(&t.dataset.name);
+        tables.push(table);
+    }
+    // the vault checks the query itself: it does not take the server's word for its shape
+    let shape = baygrid_query::plan(&task.sql, &tables)
+        .await
+        .map_err(|e| format!("refused at the vault: {e}"))?;
+    let mine = task
+        .tables
+        .iter()
+        .position(|t| t.dataset.name == task.dataset)
+        .ok_or_else(|| format!("the task does not carry `{}`", task.dataset))?;
+    let table = &tables[mine];
+    let dir = staged(work_dir, &task.tables[mine]).await?;
+    let ctx = SessionContext::new();
+    baygrid_query::register_files(&ctx, table, &dir)
+        .await
+        .map_err(|e| e.to_string())?;
+    let members = match &task.psi_role {
+        None => None,
+        Some(role) => Some(intersect(client, &ctx, table, task, role).await?),
+    };
+    let mut rng = rand_chacha::ChaCha20Rng::from_entropy();
+    baygrid_query::answer(
+        &ctx,
+        table,
+        &shape.side(&table.name),
+        task.epsilon,
+        task.delta,
+        members.as_deref(),
+        &mut rng,
+    )
+    .await
+    .map_err(|e| e.to_string())
+}
+
+/// The individuals both vaults hold, by ECDH PSI with the other side's agent through the
+/// server's relay: only blinded points cross, and each side learns which of its own ids
+/// the other holds, nothing about the others.
+async fn intersect(
+    client: &Client,
+    ctx: &SessionContext,
+    table: &Table,
+    task: &QueryTask,
+    role: &str,
+) -> Result<Vec<String>, String> {
+    use baygrid_query::datafusion::arrow::array::AsArray;
+    use baygrid_query::datafusion::arrow::datatypes::DataType;
+    use baygrid_query::datafusion::logical_expr::{cast, ident};
+    let ids_df = ctx
+        .table(table.name.as_str())
+        .await
+        .and_then(|df| df.select(vec![cast(ident(&table.subject), DataType::Utf8).alias("id")]))
+        .and_then(|df| df.distinct())
+        .map_err(|e| e.to_string())?;
+    let batches = ids_df.collect().await.map_err(|e| e.to_string())?;
+    let mut ids = Vec::new();
+    for batch in &batches {
+        let column = batch.column(0).as_string::<i32>();
+        ids.extend(column.iter().flatten().map(str::to_string));
+    }
+    let role = match role {
+        "guest" => baygrid_fusion::psi::Role::Guest,
+        "host" => baygrid_fusion::psi::Role::Host,
+        other => return Err(format!("unknown PSI role `{other}`")),
+    };
+    let base = format!(
+        "/api/v1/agent/queries/{}/relay?dataset={}",
+        task.query, task.dataset
+    );
+    let (to_peer, mut outgoing) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    let (incoming, from_peer) = std::sync::mpsc::channel::<Vec<u8>>();
+    let sender = {
+        let client = client.clone();
+        let base = base.clone();
+        tokio::spawn(async move {
+            while let Some(chunk) = outgoing.recv().await {
+                client.post_bytes(&base, chunk).await?;
+            }
+            Ok::<(), ClientError>(())
+        })
+    };
+    let receiver = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let mut next = 0usize;
+            loop {
+                let bytes = client
+                    .get_bytes(&format!("{base}&from={next}&wait_ms=20000"))
+                    .await?;
+                let mut at = 0;
+                while at + 4 <= bytes.len() {
+                    let len =
+                        u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
+                    let message = bytes[at + 4..at + 4 + len].to_vec();
+                    at += 4 + len;
+                    next += 1;
+                    if incoming.send(message).is_err() {
+                        return Ok::<(), ClientError>(());
+                    }
+                }
+            }
+        })
+    };
+    let outcome = tokio::task::spawn_blocking(move || {
+        let mut rng = rand_chacha::ChaCha20Rng::from_entropy();
+        baygrid_fusion::psi::run_party(
+            role,
+            &ids,
+            baygrid_fusion::psi::Reveal::Both,
+            baygrid_fusion::psi::DEFAULT_BATCH,
+            RelayReader {
+                from: from_peer,
+                buffer: Vec::new(),
+                at: 0,
+            },
+            RelayWriter { to: to_peer },
+            &mut rng,
+        )
+    })
+    .await
+    .map_err(|e| format!("PSI: {e}"))?;
+    receiver.abort();
+    let outcome = outcome.map_err(|e| format!("PSI with the other vault: {e}"))?;
+    // the writer's channel closed when the run ended: the sender drains and stops
+    match sender.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(format!("PSI relay: {e}")),
+        Err(e) => return Err(format!("PSI relay: {e}")),
+    }
+    outcome
+        .intersection
+        .ok_or_else(|| "PSI: this side was not told the intersection".to_string())
+}
+
+/// The peer's messages as a byte stream.
+struct RelayReader {
+    from: std::sync::mpsc::Receiver<Vec<u8>>,
+    buffer: Vec<u8>,
+    at: usize,
+}
+
+impl Read for RelayReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.at >= self.buffer.len() {
+            match self.from.recv_timeout(baygrid_fusion::psi::IO_TIMEOUT) {
+                Ok(chunk) => {
+                    self.buffer = chunk;
+                    self.at = 0;
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the other vault went silent",
+                    ))
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.buffer.len() - self.at);
+        out[..n].copy_from_slice(&self.buffer[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+/// Bytes to the peer: each write is one relayed message.
+struct RelayWriter {
+    to: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
+}
+
+impl Write for RelayWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.to
+            .send(bytes.to_vec())
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "relay closed"))?;
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}

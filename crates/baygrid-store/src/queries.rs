@@ -1,0 +1,261 @@
+//! Aggregate queries run at the data: their records, and the privacy budget they spend.
+//! A query's spend, its record, the hold on the consumer's wallet and its audit entry are
+//! written in one transaction, after the budgets are summed inside it, so concurrent queries
+//! can never spend past a budget.
+
+use baygrid_core::Millis;
+use baygrid_ledger::Transfer;
+use sqlx::{AnyConnection, Row};
+
+use crate::ledger::apply_in_tx;
+use crate::{outbox, Result, Store, StoreError};
+
+/// ε is kept in millionths and δ in 10⁻¹⁵, so that budget sums are exact.
+pub const EPSILON_UNIT: f64 = 1e6;
+pub const DELTA_UNIT: f64 = 1e15;
+
+/// A query's stored record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueryRow {
+    pub id: String,
+    pub tenant: String,
+    /// running | released | withheld | failed
+    pub state: String,
+    pub created_ms: Millis,
+    pub finished_ms: Option<Millis>,
+    pub body: serde_json::Value,
+}
+
+/// What one query spends from one dataset's budgets, and the budgets' limits.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Spend {
+    pub dataset: String,
+    pub tenant: String,
+    pub period_start: Millis,
+    /// (ε millionths, δ 10⁻¹⁵)
+    pub amount: (i64, i64),
+    /// The consumer's own budget on the dataset, and the one every consumer shares.
+    pub consumer_limit: (i64, i64),
+    pub shared_limit: (i64, i64),
+}
+
+/// What has been spent of a dataset's budgets this period: (ε, δ) in stored units.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Spent {
+    pub consumer: (i64, i64),
+    pub shared: (i64, i64),
+}
+
+async fn spent(
+    conn: &mut AnyConnection,
+    dataset: &str,
+    tenant: &str,
+    period_start: Millis,
+) -> Result<Spent> {
+    let rows = sqlx::query(
+        "SELECT tenant, epsilon_micros, delta_femtos FROM privacy_spends \
+         WHERE dataset = $1 AND period_start_ms = $2",
+    )
+    .bind(dataset)
+    .bind(period_start)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut out = Spent::default();
+    for row in rows {
+        let who: String = row.try_get("tenant")?;
+        let e: i64 = row.try_get("epsilon_micros")?;
+        let d: i64 = row.try_get("delta_femtos")?;
+        out.shared.0 += e;
+        out.shared.1 += d;
+        if who == tenant {
+            out.consumer.0 += e;
+            out.consumer.1 += d;
+        }
+    }
+    Ok(out)
+}
+
+fn row_of(row: &sqlx::any::AnyRow) -> Result<QueryRow> {
+    let body: String = row.try_get("body")?;
+    Ok(QueryRow {
+        id: row.try_get("id")?,
+        tenant: row.try_get("tenant")?,
+        state: row.try_get("state")?,
+        created_ms: row.try_get("created_ms")?,
+        finished_ms: row.try_get("finished_ms")?,
+        body: serde_json::from_str(&body)
+            .map_err(|e| StoreError::Corrupt(format!("query body: {e}")))?,
+    })
+}
+
+impl Store {
+    /// What has been spent of `dataset`'s budgets in the period starting at `period_start`,
+    /// by `tenant` and by everyone.
+    pub async fn privacy_spent(
+        &self,
+        dataset: &str,
+        tenant: &str,
+        period_start: Millis,
+    ) -> Result<Spent> {
+        let mut conn = self.pool().acquire().await?;
+        spent(&mut conn, dataset, tenant, period_start).await
+    }
+
+    /// Accepts a query: every spend must fit both of its budgets as they stand inside this
+    /// transaction, or nothing is written and the error says which budget and by how much.
+    /// Then the spends, the record, the hold on the consumer's wallet and the audit entry
+    /// are written together.
+    pub async fn accept_query(
+        &self,
+        row: QueryRow,
+        spends: Vec<Spend>,
+        hold: Option<Transfer>,
+        actor: String,
+        payload: serde_json::Value,
+    ) -> Result<()> {
+        let cell = self.ledger.clone();
+        self.write(move |conn| {
+            Box::pin(async move {
+                for s in &spends {
+                    let before = spent(conn, &s.dataset, &s.tenant, s.period_start).await?;
+                    for (whose, used, limit) in [
+                        ("the consumer's", before.consumer, s.consumer_limit),
+                        ("the shared", before.shared, s.shared_limit),
+                    ] {
+                        if used.0 + s.amount.0 > limit.0 {
+                            return Err(StoreError::Conflict(format!(
+                                "epsilon: the query needs ε {} of `{}`; {} budget has {} left this period",
+                                s.amount.0 as f64 / EPSILON_UNIT,
+                                s.dataset,
+                                whose,
+                                (limit.0 - used.0).max(0) as f64 / EPSILON_UNIT
+                            )));
+                        }
+                        if used.1 + s.amount.1 > limit.1 {
+                            return Err(StoreError::Conflict(format!(
+                                "delta: the query needs δ {:e} of `{}`; {} budget has {:e} left this period",
+                                s.amount.1 as f64 / DELTA_UNIT,
+                                s.dataset,
+                                whose,
+                                (limit.1 - used.1).max(0) as f64 / DELTA_UNIT
+                            )));
+                        }
+                    }
+                }
+                for s in &spends {
+                    sqlx::query(
+                        "INSERT INTO privacy_spends (query, dataset, tenant, period_start_ms, epsilon_micros, delta_femtos, at_ms) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                    )
+                    .bind(&row.id)
+                    .bind(&s.dataset)
+                    .bind(&s.tenant)
+                    .bind(s.period_start)
+                    .bind(s.amount.0)
+                    .bind(s.amount.1)
+                    .bind(row.created_ms)
+                    .execute(&mut *conn)
+                    .await?;
+                }
+                sqlx::query(
+                    "INSERT INTO queries (id, tenant, state, created_ms, finished_ms, body) VALUES ($1, $2, $3, $4, $5, $6)",
+                )
+                .bind(&row.id)
+                .bind(&row.tenant)
+                .bind(&row.state)
+                .bind(row.created_ms)
+                .bind(row.finished_ms)
+                .bind(row.body.to_string())
+                .execute(&mut *conn)
+                .await?;
+                if let Some(hold) = hold {
+                    apply_in_tx(conn, &cell, &[hold], &actor, row.created_ms).await?;
+                }
+                outbox(conn, row.created_ms, "query.accepted", &actor, &payload).await
+            })
+        })
+        .await
+    }
+
+    /// Rewrites a running query's record (its sides claimed or answered).
+    pub async fn update_query(&self, id: String, body: serde_json::Value) -> Result<()> {
+        self.write(move |conn| {
+            Box::pin(async move {
+                let done =
+                    sqlx::query("UPDATE queries SET body = $1 WHERE id = $2 AND state = 'running'")
+                        .bind(body.to_string())
+                        .bind(&id)
+                        .execute(&mut *conn)
+                        .await?;
+                if done.rows_affected() == 0 {
+                    return Err(StoreError::Conflict(format!("query `{id}` is not running")));
+                }
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    /// Ends a running query: its record, the ledger's transfers (the charge, or the hold
+    /// voided) and its audit entry in one transaction.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn finish_query(
+        &self,
+        id: String,
+        state: String,
+        body: serde_json::Value,
+        transfers: Vec<Transfer>,
+        actor: String,
+        now: Millis,
+        kind: &'static str,
+        payload: serde_json::Value,
+    ) -> Result<()> {
+        let cell = self.ledger.clone();
+        self.write(move |conn| {
+            Box::pin(async move {
+                let done = sqlx::query(
+                    "UPDATE queries SET state = $1, body = $2, finished_ms = $3 WHERE id = $4 AND state = 'running'",
+                )
+                .bind(&state)
+                .bind(body.to_string())
+                .bind(now)
+                .bind(&id)
+                .execute(&mut *conn)
+                .await?;
+                if done.rows_affected() == 0 {
+                    return Err(StoreError::Conflict(format!("query `{id}` is not running")));
+                }
+                apply_in_tx(conn, &cell, &transfers, &actor, now).await?;
+                outbox(conn, now, kind, &actor, &payload).await
+            })
+        })
+        .await
+    }
+
+    pub async fn query_row(&self, id: &str) -> Result<Option<QueryRow>> {
+        let row = sqlx::query("SELECT * FROM queries WHERE id = $1")
+            .bind(id)
+            .fetch_optional(self.pool())
+            .await?;
+        row.as_ref().map(row_of).transpose()
+    }
+
+    /// Queries, newest first: one tenant's when given, in one state when given.
+    pub async fn query_rows(
+        &self,
+        tenant: Option<&str>,
+        state: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<QueryRow>> {
+        let rows = sqlx::query(
+            "SELECT * FROM queries WHERE ($1 = '' OR tenant = $1) AND ($2 = '' OR state = $2) \
+             ORDER BY created_ms DESC, id DESC LIMIT $3",
+        )
+        .bind(tenant.unwrap_or(""))
+        .bind(state.unwrap_or(""))
+        .bind(limit)
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter().map(row_of).collect()
+    }
+}
