@@ -792,12 +792,14 @@ async fn stage_inputs(
     inputs: &[baygrid_api::StagedInput],
 ) -> Result<(), baygrid_vault::VaultError> {
     for input in inputs {
-        let vault = baygrid_vault::Vault::open(&input.vault_url)?;
-        for file in &input.files {
-            let key = baygrid_vault::object_key(&input.dataset, &input.upload, &file.name);
-            let to = dir.join(&input.dataset).join(&file.name);
-            vault.get_file(&key, &file.sha256, &to).await?;
-        }
+        baygrid_vault::Vault::open(&input.vault_url)?
+            .get_upload(
+                &input.dataset,
+                &input.upload,
+                &input.files,
+                &dir.join(&input.dataset),
+            )
+            .await?;
     }
     Ok(())
 }

@@ -77,16 +77,17 @@ async fn staged(work_dir: &Path, table: &baygrid_api::QueryTable) -> Result<Path
         table.upload,
         rand::random::<u64>()
     ));
-    let vault = baygrid_vault::Vault::open(&table.vault_url).map_err(|e| e.to_string())?;
-    for file in &table.files {
-        let key = baygrid_vault::object_key(name, &table.upload, &file.name);
-        if let Err(e) = vault
-            .get_file(&key, &file.sha256, &staging.join(&file.name))
-            .await
-        {
-            let _ = std::fs::remove_dir_all(&staging);
-            return Err(e.to_string());
+    let fetched = match baygrid_vault::Vault::open(&table.vault_url) {
+        Ok(vault) => {
+            vault
+                .get_upload(name, &table.upload, &table.files, &staging)
+                .await
         }
+        Err(e) => Err(e),
+    };
+    if let Err(e) = fetched {
+        let _ = std::fs::remove_dir_all(&staging);
+        return Err(e.to_string());
     }
     if let Err(e) = std::fs::rename(&staging, &dir) {
         let _ = std::fs::remove_dir_all(&staging);

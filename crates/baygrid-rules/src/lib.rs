@@ -308,6 +308,15 @@ pub struct Decision {
 }
 
 impl Decision {
+    /// A denial in words: the rules that denied, and what would allow the flow.
+    pub fn why_denied(&self) -> String {
+        let mut why = format!("denied by {}", self.denied_by.join(", "));
+        if !self.remedies.is_empty() {
+            why.push_str(&format!("; would allow: {}", self.remedies.join("; ")));
+        }
+        why
+    }
+
     /// The contract an allowed flow rests on, if any: the kind data copied under this
     /// decision arrived under.
     pub fn contract_used(&self) -> Option<EvidenceKind> {

@@ -15,7 +15,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::AppState;
 
 /// The cluster an agent token is bound to.
-fn agent_cluster(who: &Principal) -> ApiResult<String> {
+pub(crate) fn agent_cluster(who: &Principal) -> ApiResult<String> {
     match (who.role, &who.subject) {
         (Role::Agent, Some(cluster)) => Ok(cluster.clone()),
         _ => Err(ApiError::Forbidden(

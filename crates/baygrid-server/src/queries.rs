@@ -29,6 +29,7 @@ use baygrid_query::{sql_name, Refusal, Shape, Table};
 use baygrid_store::{QueryRow, Spend, DELTA_UNIT, EPSILON_UNIT};
 use serde::{Deserialize, Serialize};
 
+use crate::agent::agent_cluster;
 use crate::body::{JsonBody, QueryParams};
 use crate::catalog::CatalogSnapshot;
 use crate::error::{ApiError, ApiResult};
@@ -350,7 +351,7 @@ pub async fn submit(
                 "the rules would not let a result of `{}` reach {}: {}",
                 read.dataset.name,
                 site.name,
-                why(&decision)
+                decision.why_denied()
             )));
         }
     }
@@ -500,14 +501,6 @@ pub async fn submit(
     Ok((status, Json(json(&view)?)))
 }
 
-fn why(decision: &baygrid_rules::Decision) -> String {
-    let mut text = format!("denied by {}", decision.denied_by.join(", "));
-    if !decision.remedies.is_empty() {
-        text.push_str(&format!("; to allow it: {}", decision.remedies.join("; ")));
-    }
-    text
-}
-
 fn json<T: Serialize>(value: &T) -> ApiResult<serde_json::Value> {
     serde_json::to_value(value).map_err(|e| ApiError::Unavailable(e.to_string()))
 }
@@ -585,15 +578,6 @@ pub async fn list(
         .map(|r| QueryRecord::from_row(r).map(|q| q.view))
         .collect::<ApiResult<Vec<_>>>()
         .map(Json)
-}
-
-fn agent_cluster(who: &Principal) -> ApiResult<String> {
-    match (who.role, &who.subject) {
-        (Role::Agent, Some(cluster)) => Ok(cluster.clone()),
-        _ => Err(ApiError::Forbidden(
-            "only an agent token may answer queries".into(),
-        )),
-    }
 }
 
 #[derive(Debug, Deserialize, Serialize, utoipa::ToSchema)]
@@ -918,7 +902,7 @@ async fn release(
             .map_err(|e| ApiError::Unavailable(format!("decision record: {e}")))?;
         rules.extend(decision.rules.iter().map(|r| r.to_string()));
         if !decision.allowed {
-            denied.push(format!("{}: {}", side.dataset, why(&decision)));
+            denied.push(format!("{}: {}", side.dataset, decision.why_denied()));
         }
     }
     rules.sort();

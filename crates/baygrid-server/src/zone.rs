@@ -623,16 +623,13 @@ pub(crate) async fn inputs_denied(
                 other => ApiError::Unavailable(other.to_string()),
             })?;
             if !decision.allowed {
-                let mut why = format!(
-                    "input `{input}` may not be copied from {} to {} ({}): denied by {}",
+                let why = format!(
+                    "input `{input}` may not be copied from {} to {} ({}): {}",
                     dataset.vault,
                     site.name,
                     site.jurisdiction,
-                    decision.denied_by.join(", ")
+                    decision.why_denied()
                 );
-                if !decision.remedies.is_empty() {
-                    why.push_str(&format!("; would allow: {}", decision.remedies.join("; ")));
-                }
                 denied.entry(site.name.clone()).or_default().push(why);
             } else if !contracted {
                 denied

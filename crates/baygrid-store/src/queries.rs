@@ -122,23 +122,18 @@ impl Store {
                         ("the consumer's", before.consumer, s.consumer_limit),
                         ("the shared", before.shared, s.shared_limit),
                     ] {
-                        if used.0 + s.amount.0 > limit.0 {
-                            return Err(StoreError::Conflict(format!(
-                                "epsilon: the query needs ε {} of `{}`; {} budget has {} left this period",
-                                s.amount.0 as f64 / EPSILON_UNIT,
-                                s.dataset,
-                                whose,
-                                (limit.0 - used.0).max(0) as f64 / EPSILON_UNIT
-                            )));
-                        }
-                        if used.1 + s.amount.1 > limit.1 {
-                            return Err(StoreError::Conflict(format!(
-                                "delta: the query needs δ {:e} of `{}`; {} budget has {:e} left this period",
-                                s.amount.1 as f64 / DELTA_UNIT,
-                                s.dataset,
-                                whose,
-                                (limit.1 - used.1).max(0) as f64 / DELTA_UNIT
-                            )));
+                        for (field, symbol, used, amount, limit, unit) in [
+                            ("epsilon", "ε", used.0, s.amount.0, limit.0, EPSILON_UNIT),
+                            ("delta", "δ", used.1, s.amount.1, limit.1, DELTA_UNIT),
+                        ] {
+                            if used + amount > limit {
+                                return Err(StoreError::Conflict(format!(
+                                    "{field}: the query needs {symbol} {} of `{}`; {whose} budget has {} left this period",
+                                    amount as f64 / unit,
+                                    s.dataset,
+                                    (limit - used).max(0) as f64 / unit
+                                )));
+                            }
                         }
                     }
                 }

@@ -181,6 +181,23 @@ impl Vault {
 }
 
 impl Vault {
+    /// Fetches every file of one upload of `dataset` into `dir`, each checked against its
+    /// recorded digest.
+    pub async fn get_upload(
+        &self,
+        dataset: &str,
+        upload: &str,
+        files: &[baygrid_api::VersionFile],
+        dir: &Path,
+    ) -> Result<(), VaultError> {
+        for file in files {
+            let key = object_key(dataset, upload, &file.name);
+            self.get_file(&key, &file.sha256, &dir.join(&file.name))
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Streams the object at `key` into `to` at `to_key`, checking it hashes to `sha256`;
     /// a mismatch deletes what was written there and fails. Writing the same key again
     /// replaces it, so a copy cut short can simply be run again.
