@@ -71,6 +71,17 @@ pub struct SimArgs {
     /// seconds.
     #[arg(long, default_value_t = 86_400.0)]
     pub reservation_horizon_s: f64,
+    /// Replay, synthetic: the share of latency-insensitive jobs that are preemptible (drawn
+    /// from their own stream: the jobs are otherwise the same).
+    #[arg(long, default_value_t = 0.0)]
+    pub preemptible: f64,
+    /// Replay: a blocked job that cannot start within this many seconds may evict
+    /// preemptible jobs of a lower priority or of a tenant above its fair share (inf: never).
+    #[arg(long, default_value_t = 3_600.0)]
+    pub preemption_wait_s: f64,
+    /// Replay: how long an evicted job runs on to checkpoint before its nodes are free.
+    #[arg(long, default_value_t = 30.0)]
+    pub grace_s: f64,
 }
 
 pub fn run(args: &Args, sim: &SimArgs) -> anyhow::Result<ExitCode> {
@@ -303,7 +314,8 @@ fn run_replay(args: &Args, sim: &SimArgs) -> anyhow::Result<ExitCode> {
         })?;
         let runtimes = parse_runtimes(&label(&sim.runtimes), &text)?;
         let tenants = replay::synthetic_tenants(&region);
-        let jobs = replay::synthetic_jobs(&region, &tenants, &runtimes, load, count, seed)?;
+        let mut jobs = replay::synthetic_jobs(&region, &tenants, &runtimes, load, count, seed)?;
+        replay::mark_preemptible(&mut jobs, sim.preemptible, seed)?;
         (tenants, jobs)
     } else {
         let (trace_label, text) =
@@ -318,12 +330,20 @@ fn run_replay(args: &Args, sim: &SimArgs) -> anyhow::Result<ExitCode> {
     let config = DispatchConfig {
         green_weight: sim.green_weight,
         reservation_horizon_s: sim.reservation_horizon_s,
+        preemption_wait_s: sim.preemption_wait_s,
+        grace_s: sim.grace_s,
     };
     if !(config.green_weight.is_finite() && config.green_weight >= 0.0) {
         bail!("--green-weight: must be 0 or more");
     }
     if config.reservation_horizon_s.is_nan() || config.reservation_horizon_s < 0.0 {
         bail!("--reservation-horizon-s: must be 0 or more (inf for no limit)");
+    }
+    if config.preemption_wait_s.is_nan() || config.preemption_wait_s < 0.0 {
+        bail!("--preemption-wait-s: must be 0 or more (inf never preempts)");
+    }
+    if !(config.grace_s.is_finite() && config.grace_s >= 0.0) {
+        bail!("--grace-s: must be 0 or more");
     }
     let mut results = Vec::new();
     for &policy in &policies {
@@ -386,6 +406,13 @@ fn run_replay(args: &Args, sim: &SimArgs) -> anyhow::Result<ExitCode> {
         }));
         rows.push(figure("fairness (Jain)", &|r| {
             format!("{:.3}", r.result.jain_fairness)
+        }));
+        rows.push(figure("preemptions", &|r| {
+            format!(
+                "{} ({:.0} acc·h lost)",
+                r.result.preemptions,
+                r.result.lost_accelerator_s / 3600.0
+            )
         }));
         rows.push(figure("decisions/s", &|r| {
             format!("{:.0}", r.result.decisions_per_s)

@@ -828,6 +828,44 @@ fn sim_replay_runs_three_policies_with_the_bound_and_names_bad_input() {
     );
     assert!(!bad.status.success());
     assert!(stderr(&bad).contains("`load`"), "{}", stderr(&bad));
+    // preemptible batch jobs on an oversubscribed region: evictions, each requeued once
+    let preempting = |share: &str| {
+        baygrid(
+            &[
+                "sim",
+                "--mode",
+                "replay",
+                "--synthetic",
+                "--load",
+                "8",
+                "--jobs",
+                "1000",
+                "--preemption-wait-s",
+                "0",
+                "--seed",
+                "11",
+                "--runtimes",
+                runtimes,
+                "--preemptible",
+                share,
+                "--output",
+                "json",
+            ],
+            &[],
+        )
+    };
+    let out = preempting("0.5");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert!(report["preemptions"].as_u64().unwrap() > 0, "{report}");
+    assert_eq!(report["preemptions"], report["requeues"]);
+    let bad = preempting("1.5");
+    assert!(!bad.status.success());
+    assert!(
+        stderr(&bad).contains("`preemptible`: 1.5 must be from 0 to 1"),
+        "{}",
+        stderr(&bad)
+    );
 }
 
 #[test]

@@ -238,6 +238,12 @@ pub struct SimJob {
     /// Input data to move to the pool's site.
     #[serde(default)]
     pub data_gb: f64,
+    /// Its priority class's priority: higher goes first and may preempt lower.
+    #[serde(default)]
+    pub priority: i32,
+    /// Whether the dispatcher may evict it (after the grace period) and requeue it.
+    #[serde(default)]
+    pub preemptible: bool,
 }
 
 impl SimJob {
@@ -344,9 +350,29 @@ pub fn synthetic_jobs(
             latency_sensitive,
             jurisdictions: restricted.then(|| vec![tenants[tenant].jurisdiction]),
             data_gb: 0.0,
+            priority: 0,
+            preemptible: false,
         });
     }
     Ok(jobs)
+}
+
+/// Marks each latency-insensitive job preemptible with probability `share` (batch training
+/// that checkpoints; latency-sensitive jobs are interactive and never are). The draws come
+/// from their own stream, so the jobs themselves are the same for a seed whatever the share.
+pub fn mark_preemptible(jobs: &mut [SimJob], share: f64, seed: u64) -> Result<(), ReplayError> {
+    if !(0.0..=1.0).contains(&share) {
+        return Err(argument(
+            "preemptible",
+            format!("{share} must be from 0 to 1"),
+        ));
+    }
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x7072_6565_6d70_7421);
+    for job in jobs {
+        let draw = rng.gen::<f64>();
+        job.preemptible = !job.latency_sensitive && draw < share;
+    }
+    Ok(())
 }
 
 /// The policies in the replay harness.
@@ -405,6 +431,14 @@ pub struct DispatchConfig {
     /// it can save (on the sample region at load 0.85, one day: mean wait 215 s; no limit:
     /// 320 s, with a longer longest wait).
     pub reservation_horizon_s: f64,
+    /// A blocked job that could not start within this many seconds by running jobs' ends
+    /// may evict preemptible jobs instead: of a lower priority class, or of a tenant that
+    /// would still hold a larger weighted dominant share than the job's own afterwards
+    /// (back to fair share). Infinite: never.
+    pub preemption_wait_s: f64,
+    /// An evicted job runs this long to checkpoint and stop before its nodes are free; then
+    /// it is requeued, once per eviction.
+    pub grace_s: f64,
 }
 
 impl Default for DispatchConfig {
@@ -412,6 +446,8 @@ impl Default for DispatchConfig {
         DispatchConfig {
             green_weight: 0.0,
             reservation_horizon_s: 86_400.0,
+            preemption_wait_s: 3_600.0,
+            grace_s: 30.0,
         }
     }
 }
@@ -675,6 +711,14 @@ pub struct ReplayResult {
     pub demand: Vec<(u64, f64, f64)>,
     /// Reservation starts that a later placement pushed back (backfill's invariant: 0).
     pub reservations_delayed: usize,
+    /// Running jobs evicted, and evicted jobs put back in the queue (one per eviction).
+    pub preemptions: usize,
+    pub requeues: usize,
+    /// Accelerator-seconds evicted jobs had run (and will run again).
+    pub lost_accelerator_s: f64,
+    /// Evicted runs: job, pool, start, stop.
+    #[serde(skip)]
+    pub preempted_runs: Vec<(usize, usize, f64, f64)>,
     /// The first rejection reasons, for the report.
     pub rejections: Vec<String>,
     /// Each accepted job's start and end, by index (`None` for rejected).
@@ -773,7 +817,12 @@ pub fn simulate_until(
 
     let mut schedule: Vec<Option<(usize, f64, f64)>> = vec![None; jobs.len()];
     let mut pending: Vec<usize> = Vec::new();
-    let mut completions: BinaryHeap<Reverse<(u64, usize)>> = BinaryHeap::new();
+    // (end, job, run): an eviction pushes an earlier end; the run's old entry is then stale
+    let mut completions: BinaryHeap<Reverse<(u64, usize, u32)>> = BinaryHeap::new();
+    let mut runs = vec![0u32; jobs.len()];
+    let mut evicting = vec![false; jobs.len()];
+    let mut preempted_runs: Vec<(usize, usize, f64, f64)> = Vec::new();
+    let mut requeues = 0;
     let mut busy = vec![0f64; pools.len()];
     let mut rejected = 0;
     let mut rejections = Vec::new();
@@ -785,11 +834,16 @@ pub fn simulate_until(
     let mut placements = 0;
     let mut reservation: Option<Reservation> = None;
     let mut reservations_delayed = 0;
+    let mut preemptions = 0;
+    let mut lost_accelerator_s = 0.0;
+    let mut preemptible_running = 0usize;
     let key = |t: f64| (t * 1000.0).round() as u64;
     let mut pending_per_tenant = vec![0usize; tenants.len()];
     loop {
         let next_arrival = jobs.get(next).map(|j| j.arrival_s);
-        let next_end = completions.peek().map(|Reverse((t, _))| *t as f64 / 1000.0);
+        let next_end = completions
+            .peek()
+            .map(|Reverse((t, _, _))| *t as f64 / 1000.0);
         now = match (next_arrival, next_end) {
             (None, None) => break,
             (Some(a), None) => a,
@@ -807,12 +861,18 @@ pub fn simulate_until(
             }
         }
         last_event = now;
-        while let Some(Reverse((t, job))) = completions.peek().copied() {
+        while let Some(Reverse((t, job, run))) = completions.peek().copied() {
             if t > key(now) {
                 break;
             }
             completions.pop();
-            let (p, _, _) = schedule[job].expect("a running job was started");
+            let Some((p, start, end)) = schedule[job] else {
+                continue;
+            };
+            if run != runs[job] || key(end) != t {
+                // an eviction moved this run's end
+                continue;
+            }
             let j = &jobs[job];
             let pool = &mut state[p];
             let mut freed = Vec::new();
@@ -828,6 +888,19 @@ pub fn simulate_until(
                 pool.set_free(node, free);
             }
             held[j.tenant][pool_model[p]] -= f64::from(j.accelerators());
+            if j.preemptible {
+                preemptible_running -= 1;
+            }
+            if evicting[job] {
+                // stopped after its grace period: back in the queue, once
+                evicting[job] = false;
+                preempted_runs.push((job, p, start, end));
+                schedule[job] = None;
+                debug_assert!(!pending.contains(&job), "requeued once");
+                pending.push(job);
+                pending_per_tenant[j.tenant] += 1;
+                requeues += 1;
+            }
         }
         while next < jobs.len() && jobs[next].arrival_s <= now {
             match &masks[next] {
@@ -859,8 +932,10 @@ pub fn simulate_until(
             };
             let shares: Vec<f64> = (0..tenants.len()).map(share).collect();
             pending.sort_by(|&a, &b| {
-                shares[jobs[a].tenant]
-                    .total_cmp(&shares[jobs[b].tenant])
+                jobs[b]
+                    .priority
+                    .cmp(&jobs[a].priority)
+                    .then(shares[jobs[a].tenant].total_cmp(&shares[jobs[b].tenant]))
                     .then(a.cmp(&b))
             });
         }
@@ -871,8 +946,15 @@ pub fn simulate_until(
             reservation = None;
         }
         let mut started_now = Vec::new();
+        // jobs ahead of the reservation's holder in this cycle's order may preempt for it;
+        // one preemption per cycle, and none while nothing preemptible runs
+        let mut before_holder = reservation.is_some();
+        let mut preempted_this_cycle = false;
         for &job in &pending {
             let j = &jobs[job];
+            if reservation.as_ref().is_some_and(|r| r.job == job) {
+                before_holder = false;
+            }
             let mask = *masks[job].as_ref().expect("pending jobs are eligible");
             let mut best: Option<(f64, u32, usize, Vec<u32>)> = None;
             for p in 0..pools.len() {
@@ -927,14 +1009,28 @@ pub fn simulate_until(
                 held[j.tenant][pool_model[p]] += f64::from(j.accelerators());
                 busy[p] += f64::from(j.accelerators()) * cost.runtime_s;
                 schedule[job] = Some((p, now, end));
-                completions.push(Reverse((key(end), job)));
+                runs[job] += 1;
+                completions.push(Reverse((key(end), job, runs[job])));
+                if j.preemptible {
+                    preemptible_running += 1;
+                }
                 started_now.push(job);
                 placements += 1;
                 if reservation.as_ref().is_some_and(|r| r.job == job) {
                     reservation = None;
                 }
-            } else if policy == ReplayPolicy::Baygrid && reservation.is_none() {
-                // EASY backfill: the first blocked job in order reserves where it starts first
+            } else if policy == ReplayPolicy::Baygrid
+                && (reservation
+                    .as_ref()
+                    .is_none_or(|r| jobs[r.job].priority < j.priority)
+                    || (before_holder && preemptible_running > 0 && !preempted_this_cycle))
+            {
+                // EASY backfill: the first blocked job in order reserves where it starts
+                // first (a job of a higher priority class takes the reservation over); a job
+                // ahead of the holder takes it only by preempting
+                let may_reserve = reservation
+                    .as_ref()
+                    .is_none_or(|r| jobs[r.job].priority < j.priority);
                 let mut choice: Option<(f64, f64, usize, Vec<u32>)> = None;
                 for p in 0..pools.len() {
                     if mask & (1 << p) == 0 {
@@ -952,7 +1048,53 @@ pub fn simulate_until(
                 }
                 let within =
                     |c: &(f64, f64, usize, Vec<u32>)| c.0 - now <= config.reservation_horizon_s;
-                if let Some((start, _, pool, nodes)) = choice.filter(within) {
+                let waits_long = choice
+                    .as_ref()
+                    .is_none_or(|c| c.0 - now > config.preemption_wait_s);
+                let view = PreemptView {
+                    jobs,
+                    tenants,
+                    state: &state,
+                    schedule: &schedule,
+                    evicting: &evicting,
+                    held: &held,
+                    model_capacity: &model_capacity,
+                    pool_model: &pool_model,
+                };
+                let plan = (waits_long && preemptible_running > 0 && !preempted_this_cycle)
+                    .then(|| {
+                        let others = reservation.as_ref().filter(|r| r.job != job);
+                        plan_preemption(&view, job, mask, others, &costs[job], now, config)
+                    })
+                    .flatten();
+                if let Some(plan) = plan {
+                    // evict: each victim stops at the end of its grace period and is requeued
+                    let stop = key(now + config.grace_s) as f64 / 1000.0;
+                    for &v in &plan.victims {
+                        let (vp, start, end) = schedule[v].expect("victims are running");
+                        schedule[v] = Some((vp, start, stop));
+                        for running in &mut state[vp].running {
+                            for entry in running.iter_mut().filter(|e| e.0 == v) {
+                                entry.1 = stop;
+                            }
+                        }
+                        busy[vp] -= f64::from(jobs[v].accelerators()) * (end - stop);
+                        evicting[v] = true;
+                        completions.push(Reverse((key(stop), v, runs[v])));
+                        preemptions += 1;
+                        lost_accelerator_s += f64::from(jobs[v].accelerators()) * (stop - start);
+                    }
+                    reservation = Some(Reservation {
+                        job,
+                        pool: plan.pool,
+                        start: stop,
+                        nodes: plan.nodes,
+                    });
+                    preempted_this_cycle = true;
+                    before_holder = false;
+                } else if let Some((start, _, pool, nodes)) =
+                    choice.filter(within).filter(|_| may_reserve)
+                {
                     reservation = Some(Reservation {
                         job,
                         pool,
@@ -986,6 +1128,11 @@ pub fn simulate_until(
             let c = costs[job][*p].expect("costed");
             total_cost += c.compute_cny + c.transfer_cny;
         }
+    }
+    for &(job, p, start, end) in &preempted_runs {
+        // the work an eviction threw away is paid for too
+        let c = costs[job][p].expect("costed");
+        total_cost += c.compute_cny * (end - start) / c.runtime_s;
     }
     waits.sort_by(f64::total_cmp);
     let n = waits.len().max(1) as f64;
@@ -1042,9 +1189,158 @@ pub fn simulate_until(
         decisions_per_s: placements as f64 / wall.max(1e-9),
         demand,
         reservations_delayed,
+        preemptions,
+        requeues,
+        lost_accelerator_s,
+        preempted_runs,
         rejections,
         schedule,
     })
+}
+
+/// What the dispatcher sees when it weighs evicting running jobs for a blocked one.
+struct PreemptView<'a> {
+    jobs: &'a [SimJob],
+    tenants: &'a [SimTenant],
+    state: &'a [PoolState],
+    schedule: &'a [Option<(usize, f64, f64)>],
+    evicting: &'a [bool],
+    held: &'a [Vec<f64>],
+    model_capacity: &'a [f64],
+    pool_model: &'a [usize],
+}
+
+/// Evictions that make room for a blocked job: the pool, the nodes it will take when the
+/// victims have stopped, and the victims.
+#[derive(Debug)]
+struct Preemption {
+    pool: usize,
+    nodes: Vec<u32>,
+    victims: Vec<usize>,
+}
+
+/// The eviction that makes room for `job` throwing away the least work (accelerator-seconds
+/// already run), ties to the cheaper pool. A victim must be preemptible, not already
+/// stopping, and due to run past the grace period; and either of a lower priority class, or
+/// of the same class and of another tenant whose weighted dominant share, without all its
+/// victims here, stays above the job's tenant's with the job (so the two never trade places
+/// back and forth). `reserved` is another job's reservation, whose nodes are not taken.
+fn plan_preemption(
+    view: &PreemptView<'_>,
+    job: usize,
+    mask: u64,
+    reserved: Option<&Reservation>,
+    costs: &[Option<CostBreakdown>],
+    now: f64,
+    config: &DispatchConfig,
+) -> Option<Preemption> {
+    let j = &view.jobs[job];
+    let weighted = |tenant: usize, model: usize, delta: f64| {
+        view.held[tenant]
+            .iter()
+            .zip(view.model_capacity)
+            .enumerate()
+            .map(|(m, (h, c))| (h + if m == model { delta } else { 0.0 }) / c)
+            .fold(0.0f64, f64::max)
+            / view.tenants[tenant].weight
+    };
+    let lost = |v: usize| {
+        let start = view.schedule[v].expect("victims are running").1;
+        f64::from(view.jobs[v].accelerators()) * (now - start)
+    };
+    let mut best: Option<(f64, f64, Preemption)> = None;
+    for (p, state) in view.state.iter().enumerate() {
+        if mask & (1 << p) == 0 {
+            continue;
+        }
+        let model = view.pool_model[p];
+        let mine_after = weighted(j.tenant, model, f64::from(j.accelerators()));
+        let may_evict = |v: usize| {
+            let victim = &view.jobs[v];
+            victim.preemptible
+                && !view.evicting[v]
+                && (victim.priority < j.priority
+                    || (victim.priority == j.priority
+                        && victim.tenant != j.tenant
+                        && weighted(victim.tenant, model, -f64::from(victim.accelerators()))
+                            > mine_after))
+        };
+        let excluded: &[u32] = match reserved {
+            Some(r) if r.pool == p => &r.nodes,
+            _ => &[],
+        };
+        // per node: the work lost to make room there, and the victims
+        let mut options: Vec<(f64, u32, Vec<usize>)> = Vec::new();
+        for (n, running) in state.running.iter().enumerate() {
+            let node = n as u32;
+            if excluded.contains(&node) {
+                continue;
+            }
+            let mut free = state.free[n];
+            let mut candidates: Vec<(f64, usize, u32)> = running
+                .iter()
+                .filter(|(v, end, _)| *end > now + config.grace_s && may_evict(*v))
+                .map(|&(v, _, accelerators)| (lost(v), v, accelerators))
+                .collect();
+            candidates.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+            let mut chosen = Vec::new();
+            let mut thrown = 0.0;
+            for (l, v, accelerators) in candidates {
+                if free >= j.per_node {
+                    break;
+                }
+                free += accelerators;
+                thrown += l;
+                chosen.push(v);
+            }
+            if free >= j.per_node {
+                options.push((thrown, node, chosen));
+            }
+        }
+        if options.len() < j.nodes as usize {
+            continue;
+        }
+        options.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        options.truncate(j.nodes as usize);
+        let mut victims: Vec<usize> = options.iter().flat_map(|o| o.2.clone()).collect();
+        victims.sort_unstable();
+        victims.dedup();
+        if victims.is_empty() {
+            continue;
+        }
+        // the fair-share condition over all of one tenant's victims together
+        let mut taken: BTreeMap<usize, f64> = BTreeMap::new();
+        for &v in &victims {
+            if view.jobs[v].priority == j.priority {
+                *taken.entry(view.jobs[v].tenant).or_default() +=
+                    f64::from(view.jobs[v].accelerators());
+            }
+        }
+        if taken
+            .iter()
+            .any(|(&tenant, &gone)| weighted(tenant, model, -gone) <= mine_after)
+        {
+            continue;
+        }
+        let thrown: f64 = victims.iter().map(|&v| lost(v)).sum();
+        let cost = costs[p].expect("eligible pools are costed").total();
+        if best.as_ref().is_none_or(|(l, c, _)| {
+            thrown < *l - 1e-9 || ((thrown - *l).abs() <= 1e-9 && cost < *c)
+        }) {
+            let mut nodes: Vec<u32> = options.iter().map(|o| o.1).collect();
+            nodes.sort_unstable();
+            best = Some((
+                thrown,
+                cost,
+                Preemption {
+                    pool: p,
+                    nodes,
+                    victims,
+                },
+            ));
+        }
+    }
+    best.map(|(_, _, plan)| plan)
 }
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {
@@ -1107,7 +1403,8 @@ pub fn lower_bound(region: &Region, result: &ReplayResult) -> bound::Bound {
 
 /// Reads a job list (CSV with a header, or a JSON array of [`SimJob`]-shaped objects with
 /// tenant names). CSV columns: `arrival_s, accelerators, nodes, accepts, duration_s, tenant,
-/// latency_sensitive, jurisdictions` (and optionally `data_gb`); `accepts` is `any`,
+/// latency_sensitive, jurisdictions` (and optionally `data_gb`, `priority` and
+/// `preemptible`); `accepts` is `any`,
 /// `nvidia`, `ascend` or models joined by `|`; `jurisdictions` is empty or joined by `|`.
 /// Tenants are named; each new name becomes a tenant of weight 1, in the region's cities in
 /// turn. Jobs are returned sorted by arrival.
@@ -1133,6 +1430,10 @@ pub fn parse_trace(
         jurisdictions: String,
         #[serde(default)]
         data_gb: f64,
+        #[serde(default)]
+        priority: i32,
+        #[serde(default)]
+        preemptible: bool,
     }
     fn one() -> u32 {
         1
@@ -1169,7 +1470,7 @@ pub fn parse_trace(
                     "accepts" | "tenant" | "jurisdictions" => {
                         serde_json::Value::String(cell.to_string())
                     }
-                    "latency_sensitive" => match *cell {
+                    "latency_sensitive" | "preemptible" => match *cell {
                         "true" | "1" | "yes" => serde_json::Value::Bool(true),
                         "false" | "0" | "no" | "" => serde_json::Value::Bool(false),
                         other => {
@@ -1182,6 +1483,12 @@ pub fn parse_trace(
                     },
                     "accelerators" | "nodes" => {
                         let number: u32 = cell.parse().map_err(|_| {
+                            bad(i + 1, column, format!("`{cell}` is not a whole number"))
+                        })?;
+                        serde_json::json!(number)
+                    }
+                    "priority" => {
+                        let number: i32 = cell.parse().map_err(|_| {
                             bad(i + 1, column, format!("`{cell}` is not a whole number"))
                         })?;
                         serde_json::json!(number)
@@ -1266,6 +1573,8 @@ pub fn parse_trace(
             latency_sensitive: row.latency_sensitive,
             jurisdictions,
             data_gb: row.data_gb,
+            priority: row.priority,
+            preemptible: row.preemptible,
         });
     }
     if jobs.is_empty() {

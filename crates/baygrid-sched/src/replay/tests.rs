@@ -16,14 +16,31 @@ fn job(arrival_s: f64, nodes: u32, per_node: u32, accepts: Acceptance, duration_
         latency_sensitive: false,
         jurisdictions: None,
         data_gb: 0.0,
+        priority: 0,
+        preemptible: false,
     }
 }
 
 /// Checks a finished replay against the region: at no instant does a pool run more
-/// accelerators than it has, and no job starts before it arrives or runs for a different
-/// time than its duration on the pool it got.
+/// accelerators than it has (evicted runs included), no job starts before it arrives or runs
+/// for a different time than its duration on the pool it got, and each eviction is followed
+/// by exactly one requeue.
 fn check_schedule(region: &Region, jobs: &[SimJob], result: &ReplayResult) {
     let mut events: Vec<(f64, i64, usize)> = Vec::new();
+    assert_eq!(result.preemptions, result.requeues);
+    assert_eq!(result.preemptions, result.preempted_runs.len());
+    for &(i, p, start, end) in &result.preempted_runs {
+        assert!(
+            jobs[i].preemptible,
+            "job {i} was evicted but is not preemptible"
+        );
+        assert!(start >= jobs[i].arrival_s - 1e-9 && end >= start);
+        assert!(end - start < jobs[i].duration_s / region.pools[p].speed);
+        let (_, again, _) = result.schedule[i].expect("an evicted job runs again");
+        assert!(again >= end, "job {i} restarts after it stopped");
+        events.push((start, i64::from(jobs[i].accelerators()), p));
+        events.push((end, -i64::from(jobs[i].accelerators()), p));
+    }
     for (i, entry) in result.schedule.iter().enumerate() {
         let Some((p, start, end)) = *entry else {
             continue;
@@ -260,6 +277,20 @@ fn traces_parse_and_bad_records_are_named() {
         jobs[0].jurisdictions,
         Some(vec![Jurisdiction::CN, Jurisdiction::HK])
     );
+    let classes = "arrival_s,accelerators,tenant,duration_s,priority,preemptible\n\
+                   0,1,a,60,-1,true\n";
+    let (_, jobs) = parse_trace("t.csv", classes, &region).unwrap();
+    assert_eq!((jobs[0].priority, jobs[0].preemptible), (-1, true));
+    let error = parse_trace(
+        "t.csv",
+        "arrival_s,accelerators,tenant,duration_s,priority\n0,1,a,60,high\n",
+        &region,
+    )
+    .unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "t.csv record 1: `priority`: `high` is not a whole number"
+    );
     let json = r#"[{"arrival_s": 0, "accelerators": 8, "accepts": "H800|A800", "duration_s": 5, "tenant": "x"}]"#;
     let (_, jobs) = parse_trace("t.json", json, &region).unwrap();
     assert_eq!(
@@ -358,6 +389,24 @@ fn the_replay_is_deterministic_and_the_bound_is_below_every_policy() {
             "{policy}: every job ends up somewhere"
         );
     }
+    // on a region four times oversubscribed, half the batch jobs preemptible: the same jobs
+    // otherwise, evictions happen, and the schedule still holds
+    let jobs = synthetic_jobs(&region, &tenants, &runtimes(), 4.0, 2_000, 11).unwrap();
+    let mut batch = jobs.clone();
+    mark_preemptible(&mut batch, 0.5, 11).unwrap();
+    assert!(batch.iter().any(|j| j.preemptible));
+    assert!(batch.iter().zip(&jobs).all(|(b, j)| SimJob {
+        preemptible: false,
+        ..b.clone()
+    } == *j));
+    assert!(batch
+        .iter()
+        .all(|j| !(j.preemptible && j.latency_sensitive)));
+    let r = simulate(&region, &tenants, &batch, ReplayPolicy::Baygrid, &config).unwrap();
+    check_schedule(&region, &batch, &r);
+    assert!(r.preemptions > 0, "a loaded region evicts for fair share");
+    assert_eq!(r.placements - r.requeues + r.rejected, batch.len());
+    assert!(mark_preemptible(&mut batch, 1.5, 11).is_err());
 }
 
 proptest! {
@@ -396,4 +445,167 @@ proptest! {
             prop_assert_eq!(r.reservations_delayed, 0);
         }
     }
+
+    /// With priority classes and preemptible jobs: capacity is never exceeded (evicted runs
+    /// included), every accepted job finishes exactly once, each eviction is requeued exactly
+    /// once, only preemptible jobs are evicted, and backfill still never delays a
+    /// reservation.
+    #[test]
+    fn preemption_requeues_each_evicted_job_once(
+        specs in prop::collection::vec(
+            (0u32..5000, 0usize..8, 1u32..40_000, 0u8..3, 0i32..3, any::<bool>()),
+            1..60,
+        ),
+        wait in prop::sample::select(vec![0.0, 600.0, 3600.0]),
+    ) {
+        let region = region();
+        let tenants = synthetic_tenants(&region);
+        let mut jobs: Vec<SimJob> = specs
+            .iter()
+            .map(|&(at, size, duration, accepts, priority, preemptible)| {
+                let accelerators = SIZE_MIX[size].0;
+                let (nodes, per_node) = if accelerators > 8 { (accelerators / 8, 8) } else { (1, accelerators) };
+                SimJob {
+                    tenant: (at as usize + size) % 8,
+                    priority,
+                    preemptible,
+                    ..job(
+                        f64::from(at),
+                        nodes,
+                        per_node,
+                        [Acceptance::Any, Acceptance::Nvidia, Acceptance::Ascend][accepts as usize].clone(),
+                        f64::from(duration),
+                    )
+                }
+            })
+            .collect();
+        jobs.sort_by(|a, b| a.arrival_s.total_cmp(&b.arrival_s));
+        let config = DispatchConfig { preemption_wait_s: wait, ..DispatchConfig::default() };
+        let r = simulate(&region, &tenants, &jobs, ReplayPolicy::Baygrid, &config).unwrap();
+        check_schedule(&region, &jobs, &r);
+        prop_assert_eq!(r.placements - r.requeues + r.rejected, jobs.len());
+        prop_assert_eq!(r.schedule.iter().flatten().count() + r.rejected, jobs.len());
+        prop_assert_eq!(r.reservations_delayed, 0);
+    }
+}
+
+/// Macao's pool: 4 nodes of 8 A100s, the only A100s in the sample region.
+fn a100() -> Acceptance {
+    Acceptance::Models(vec!["A100".into()])
+}
+
+#[test]
+fn an_urgent_job_evicts_the_preemptible_job_that_has_run_least() {
+    let region = region();
+    let tenants = synthetic_tenants(&region);
+    let mut jobs: Vec<SimJob> = (0..4)
+        .map(|i| SimJob {
+            preemptible: true,
+            ..job(f64::from(i), 1, 8, a100(), 100_000.0)
+        })
+        .collect();
+    jobs.push(SimJob {
+        priority: 10,
+        ..job(100.0, 1, 8, a100(), 1000.0)
+    });
+    let r = simulate(
+        &region,
+        &tenants,
+        &jobs,
+        ReplayPolicy::Baygrid,
+        &DispatchConfig::default(),
+    )
+    .unwrap();
+    check_schedule(&region, &jobs, &r);
+    assert_eq!((r.preemptions, r.requeues), (1, 1));
+    let (victim, _, start, stop) = r.preempted_runs[0];
+    assert_eq!(victim, 3, "the job that started last loses the least work");
+    assert_eq!((start, stop), (3.0, 130.0), "it stops after its 30 s grace");
+    assert_eq!(
+        r.schedule[4].unwrap().1,
+        130.0,
+        "the urgent job starts then"
+    );
+    assert_eq!(
+        r.schedule[3].unwrap().1,
+        1130.0,
+        "the victim runs again when the urgent job ends"
+    );
+    // a job that is not preemptible is never evicted: the urgent one waits
+    for j in &mut jobs[..4] {
+        j.preemptible = false;
+    }
+    let r = simulate(
+        &region,
+        &tenants,
+        &jobs,
+        ReplayPolicy::Baygrid,
+        &DispatchConfig::default(),
+    )
+    .unwrap();
+    assert_eq!(r.preemptions, 0);
+    assert_eq!(r.schedule[4].unwrap().1, 100_000.0);
+    // nor when preemption is off
+    jobs[3].preemptible = true;
+    let never = DispatchConfig {
+        preemption_wait_s: f64::INFINITY,
+        ..DispatchConfig::default()
+    };
+    let r = simulate(&region, &tenants, &jobs, ReplayPolicy::Baygrid, &never).unwrap();
+    assert_eq!(r.preemptions, 0);
+}
+
+#[test]
+fn preemption_restores_fair_share_and_never_flips_back() {
+    // tenant-1 (the heaviest weight) fills Macao's A100s with preemptible jobs; tenant-2,
+    // holding nothing, asks for one node
+    let region = region();
+    let tenants = synthetic_tenants(&region);
+    let mut jobs: Vec<SimJob> = (0..4)
+        .map(|i| SimJob {
+            preemptible: true,
+            ..job(f64::from(i), 1, 8, a100(), 100_000.0)
+        })
+        .collect();
+    jobs.push(SimJob {
+        tenant: 1,
+        preemptible: true,
+        ..job(100.0, 1, 8, a100(), 50_000.0)
+    });
+    let r = simulate(
+        &region,
+        &tenants,
+        &jobs,
+        ReplayPolicy::Baygrid,
+        &DispatchConfig::default(),
+    )
+    .unwrap();
+    check_schedule(&region, &jobs, &r);
+    assert_eq!(r.preemptions, 1, "one eviction restores the balance");
+    assert_eq!(r.schedule[4].unwrap().1, 130.0);
+    // the evicted job, requeued, does not evict tenant-2's in turn: it waits for a node
+    assert!(r.schedule[3].unwrap().1 >= 50_130.0 - 1e-6);
+    // the same tenant never evicts its own jobs for fair share
+    jobs[4].tenant = 0;
+    let r = simulate(
+        &region,
+        &tenants,
+        &jobs,
+        ReplayPolicy::Baygrid,
+        &DispatchConfig::default(),
+    )
+    .unwrap();
+    assert_eq!(r.preemptions, 0);
+    // nor does a light tenant that would end up above the heavy one: tenant-8's weight is an
+    // eighth of tenant-1's, so a quarter of the A100s is more than its due
+    jobs[4].tenant = 7;
+    let r = simulate(
+        &region,
+        &tenants,
+        &jobs,
+        ReplayPolicy::Baygrid,
+        &DispatchConfig::default(),
+    )
+    .unwrap();
+    assert_eq!(r.preemptions, 0);
 }
