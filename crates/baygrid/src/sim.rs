@@ -82,6 +82,13 @@ pub struct SimArgs {
     /// Replay: how long an evicted job runs on to checkpoint before its nodes are free.
     #[arg(long, default_value_t = 30.0)]
     pub grace_s: f64,
+    /// Replay: give each tenant a nominal quota of this × its weight of every model's
+    /// capacity (1 divides the region by weight); the dispatcher admits within it.
+    #[arg(long)]
+    pub quota: Option<f64>,
+    /// Replay, with --quota: tenants may not borrow the cohort's unused quota.
+    #[arg(long, requires = "quota")]
+    pub no_borrowing: bool,
 }
 
 pub fn run(args: &Args, sim: &SimArgs) -> anyhow::Result<ExitCode> {
@@ -299,7 +306,7 @@ fn run_replay(args: &Args, sim: &SimArgs) -> anyhow::Result<ExitCode> {
         bail!("--seeds: replay mode takes one seed (--seed S)");
     }
     let seed = seeds[0];
-    let (tenants, jobs) = if sim.synthetic {
+    let (mut tenants, jobs) = if sim.synthetic {
         let Some(load) = sim.load else {
             bail!("--load L is required with --synthetic");
         };
@@ -332,7 +339,11 @@ fn run_replay(args: &Args, sim: &SimArgs) -> anyhow::Result<ExitCode> {
         reservation_horizon_s: sim.reservation_horizon_s,
         preemption_wait_s: sim.preemption_wait_s,
         grace_s: sim.grace_s,
+        borrowing: !sim.no_borrowing,
     };
+    if let Some(scale) = sim.quota {
+        replay::set_quotas(&mut tenants, scale)?;
+    }
     if !(config.green_weight.is_finite() && config.green_weight >= 0.0) {
         bail!("--green-weight: must be 0 or more");
     }

@@ -217,6 +217,51 @@ pub struct SimTenant {
     pub city: String,
     pub jurisdiction: Jurisdiction,
     pub weight: f64,
+    /// Nominal quota: this share of each accelerator model's capacity (`None`: no quota).
+    pub quota: Option<f64>,
+}
+
+/// Gives each tenant a nominal quota of `scale` × its weight of every model's capacity (at
+/// most all of it); with weights summing to 1, a scale of 1 divides the region among them.
+pub fn set_quotas(tenants: &mut [SimTenant], scale: f64) -> Result<(), ReplayError> {
+    if !(scale.is_finite() && scale > 0.0) {
+        return Err(argument("quota", format!("{scale} must be above 0")));
+    }
+    for tenant in tenants {
+        tenant.quota = Some((scale * tenant.weight).min(1.0));
+    }
+    Ok(())
+}
+
+/// Whether a tenant may take `accelerators` more of model `model`: within its nominal quota,
+/// or, with borrowing, within the unused quota of the whole cohort (every tenant with a
+/// quota). `freed` lists tenants' accelerators of that model about to be given back.
+fn admitted(
+    nominal: &[Option<Vec<f64>>],
+    held: &[Vec<f64>],
+    tenant: usize,
+    model: usize,
+    accelerators: f64,
+    borrowing: bool,
+    freed: &[(usize, f64)],
+) -> bool {
+    let Some(mine) = &nominal[tenant] else {
+        return true;
+    };
+    let holds =
+        |t: usize| held[t][model] - freed.iter().filter(|f| f.0 == t).map(|f| f.1).sum::<f64>();
+    if holds(tenant) + accelerators <= mine[model] + 1e-9 {
+        return true;
+    }
+    if !borrowing {
+        return false;
+    }
+    let (used, total) = nominal
+        .iter()
+        .enumerate()
+        .filter_map(|(t, n)| n.as_ref().map(|n| (holds(t), n[model])))
+        .fold((0.0, 0.0), |(u, c), (h, n)| (u + h, c + n));
+    used + accelerators <= total + 1e-9
 }
 
 /// One job of a replay.
@@ -278,6 +323,7 @@ pub fn synthetic_tenants(region: &Region) -> Vec<SimTenant> {
                 city,
                 jurisdiction,
                 weight: w / total,
+                quota: None,
             }
         })
         .collect()
@@ -439,6 +485,10 @@ pub struct DispatchConfig {
     /// An evicted job runs this long to checkpoint and stop before its nodes are free; then
     /// it is requeued, once per eviction.
     pub grace_s: f64,
+    /// Tenants with a quota may borrow the cohort's unused quota (every tenant with a quota
+    /// is in one cohort); borrowed capacity is reclaimed by preempting the borrower's
+    /// preemptible jobs when a tenant within its own quota needs it.
+    pub borrowing: bool,
 }
 
 impl Default for DispatchConfig {
@@ -448,6 +498,7 @@ impl Default for DispatchConfig {
             reservation_horizon_s: 86_400.0,
             preemption_wait_s: 3_600.0,
             grace_s: 30.0,
+            borrowing: true,
         }
     }
 }
@@ -814,6 +865,48 @@ pub fn simulate_until(
         model_capacity[pool_model[p]] += f64::from(pool.nodes * pool.per_node);
     }
     let mut held = vec![vec![0f64; models.len()]; tenants.len()];
+    // quotas bind the dispatcher; the baselines have none
+    let nominal: Vec<Option<Vec<f64>>> = tenants
+        .iter()
+        .map(|t| {
+            t.quota
+                .filter(|_| policy == ReplayPolicy::Baygrid)
+                .map(|q| model_capacity.iter().map(|c| (q * c).floor()).collect())
+        })
+        .collect();
+    // fail fast: a job larger than its tenant's quota (or, borrowing, the cohort's) on every
+    // pool it may use could never be admitted
+    let masks: Vec<Result<u64, String>> = masks
+        .into_iter()
+        .zip(jobs)
+        .map(|(mask, j)| {
+            let mask = mask?;
+            let Some(mine) = &nominal[j.tenant] else {
+                return Ok(mask);
+            };
+            let acc = f64::from(j.accelerators());
+            let mut within = 0u64;
+            for (p, &m) in pool_model.iter().enumerate() {
+                let limit = if config.borrowing {
+                    nominal.iter().flatten().map(|n| n[m]).sum()
+                } else {
+                    mine[m]
+                };
+                if mask & (1 << p) != 0 && acc <= limit + 1e-9 {
+                    within |= 1 << p;
+                }
+            }
+            if within == 0 {
+                Err(format!(
+                    "no cluster can ever hold this job ({acc} accelerators exceed {}'s quota{} on every cluster it may use)",
+                    tenants[j.tenant].name,
+                    if config.borrowing { " and what its cohort could lend" } else { "" }
+                ))
+            } else {
+                Ok(within)
+            }
+        })
+        .collect();
 
     let mut schedule: Vec<Option<(usize, f64, f64)>> = vec![None; jobs.len()];
     let mut pending: Vec<usize> = Vec::new();
@@ -961,6 +1054,18 @@ pub fn simulate_until(
                 if mask & (1 << p) == 0 || state[p].free_total < j.accelerators() {
                     continue;
                 }
+                let acc = f64::from(j.accelerators());
+                if !admitted(
+                    &nominal,
+                    &held,
+                    j.tenant,
+                    pool_model[p],
+                    acc,
+                    config.borrowing,
+                    &[],
+                ) {
+                    continue;
+                }
                 let cost = costs[job][p].expect("eligible pools are costed");
                 let excluded: &[u32] = match &reservation {
                     Some(r) if r.pool == p && r.job != job && now + cost.runtime_s > r.start => {
@@ -1033,7 +1138,19 @@ pub fn simulate_until(
                     .is_none_or(|r| jobs[r.job].priority < j.priority);
                 let mut choice: Option<(f64, f64, usize, Vec<u32>)> = None;
                 for p in 0..pools.len() {
-                    if mask & (1 << p) == 0 {
+                    let acc = f64::from(j.accelerators());
+                    if mask & (1 << p) == 0
+                        || !admitted(
+                            &nominal,
+                            &held,
+                            j.tenant,
+                            pool_model[p],
+                            acc,
+                            config.borrowing,
+                            &[],
+                        )
+                    {
+                        // a job held back by its quota reserves nothing there
                         continue;
                     }
                     let (at, nodes) =
@@ -1060,6 +1177,8 @@ pub fn simulate_until(
                     held: &held,
                     model_capacity: &model_capacity,
                     pool_model: &pool_model,
+                    nominal: &nominal,
+                    borrowing: config.borrowing,
                 };
                 let plan = (waits_long && preemptible_running > 0 && !preempted_this_cycle)
                     .then(|| {
@@ -1208,6 +1327,8 @@ struct PreemptView<'a> {
     held: &'a [Vec<f64>],
     model_capacity: &'a [f64],
     pool_model: &'a [usize],
+    nominal: &'a [Option<Vec<f64>>],
+    borrowing: bool,
 }
 
 /// Evictions that make room for a blocked job: the pool, the nodes it will take when the
@@ -1254,12 +1375,26 @@ fn plan_preemption(
             continue;
         }
         let model = view.pool_model[p];
-        let mine_after = weighted(j.tenant, model, f64::from(j.accelerators()));
+        let acc = f64::from(j.accelerators());
+        let mine_after = weighted(j.tenant, model, acc);
+        // reclaim: the job stays within its own quota, and the victim's tenant borrows
+        let within_quota = view.nominal[j.tenant]
+            .as_ref()
+            .is_some_and(|n| view.held[j.tenant][model] + acc <= n[model] + 1e-9);
+        let borrows = |t: usize| {
+            view.nominal[t]
+                .as_ref()
+                .is_some_and(|n| view.held[t][model] > n[model] + 1e-9)
+        };
+        let reclaims = |v: usize| {
+            within_quota && view.jobs[v].tenant != j.tenant && borrows(view.jobs[v].tenant)
+        };
         let may_evict = |v: usize| {
             let victim = &view.jobs[v];
             victim.preemptible
                 && !view.evicting[v]
                 && (victim.priority < j.priority
+                    || reclaims(v)
                     || (victim.priority == j.priority
                         && victim.tenant != j.tenant
                         && weighted(victim.tenant, model, -f64::from(victim.accelerators()))
@@ -1308,10 +1443,11 @@ fn plan_preemption(
         if victims.is_empty() {
             continue;
         }
-        // the fair-share condition over all of one tenant's victims together
+        // the fair-share condition over all of one tenant's victims together (victims of a
+        // lower class, or reclaimed from a borrower, need none)
         let mut taken: BTreeMap<usize, f64> = BTreeMap::new();
         for &v in &victims {
-            if view.jobs[v].priority == j.priority {
+            if view.jobs[v].priority == j.priority && !reclaims(v) {
                 *taken.entry(view.jobs[v].tenant).or_default() +=
                     f64::from(view.jobs[v].accelerators());
             }
@@ -1320,6 +1456,23 @@ fn plan_preemption(
             .iter()
             .any(|(&tenant, &gone)| weighted(tenant, model, -gone) <= mine_after)
         {
+            continue;
+        }
+        // and the job must be admitted by the quotas once the victims have gone
+        let freed: Vec<(usize, f64)> = victims
+            .iter()
+            .filter(|&&v| view.pool_model[view.schedule[v].expect("running").0] == model)
+            .map(|&v| (view.jobs[v].tenant, f64::from(view.jobs[v].accelerators())))
+            .collect();
+        if !admitted(
+            view.nominal,
+            view.held,
+            j.tenant,
+            model,
+            acc,
+            view.borrowing,
+            &freed,
+        ) {
             continue;
         }
         let thrown: f64 = victims.iter().map(|&v| lost(v)).sum();
@@ -1559,6 +1712,7 @@ pub fn parse_trace(
                     city,
                     jurisdiction,
                     weight: 1.0,
+                    quota: None,
                 });
                 tenants.len() - 1
             }

@@ -609,3 +609,168 @@ fn preemption_restores_fair_share_and_never_flips_back() {
     .unwrap();
     assert_eq!(r.preemptions, 0);
 }
+
+/// Every tenant's accelerators of each model over time (evicted runs included) stay within
+/// its nominal quota, or, borrowing, the quota-holders' total stays within the cohort's.
+fn check_quotas(
+    region: &Region,
+    tenants: &[SimTenant],
+    jobs: &[SimJob],
+    r: &ReplayResult,
+    borrowing: bool,
+) {
+    let mut models: Vec<String> = region.pools.iter().map(|p| p.model.clone()).collect();
+    models.sort();
+    models.dedup();
+    let model_of = |p: usize| {
+        models
+            .iter()
+            .position(|m| *m == region.pools[p].model)
+            .unwrap()
+    };
+    let mut capacity = vec![0.0; models.len()];
+    for (p, pool) in region.pools.iter().enumerate() {
+        capacity[model_of(p)] += f64::from(pool.nodes * pool.per_node);
+    }
+    let nominal = |t: usize, m: usize| tenants[t].quota.map(|q| (q * capacity[m]).floor());
+    let mut events: Vec<(f64, f64, usize, usize)> = Vec::new();
+    let runs = r
+        .schedule
+        .iter()
+        .enumerate()
+        .filter_map(|(i, e)| e.map(|(p, s, end)| (i, p, s, end)))
+        .chain(r.preempted_runs.iter().copied());
+    for (i, p, start, end) in runs {
+        let acc = f64::from(jobs[i].accelerators());
+        events.push((start, acc, jobs[i].tenant, model_of(p)));
+        events.push((end, -acc, jobs[i].tenant, model_of(p)));
+    }
+    events.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.total_cmp(&b.1)));
+    let mut held = vec![vec![0.0; models.len()]; tenants.len()];
+    for (_, delta, t, m) in events {
+        held[t][m] += delta;
+        if borrowing {
+            let (used, total) = (0..tenants.len())
+                .filter_map(|u| nominal(u, m).map(|n| (held[u][m], n)))
+                .fold((0.0, 0.0), |(a, b), (h, n)| (a + h, b + n));
+            assert!(used <= total + 1e-9, "{}: cohort over its quota", models[m]);
+        } else if let Some(n) = nominal(t, m) {
+            assert!(
+                held[t][m] <= n + 1e-9,
+                "{} over its quota of {}",
+                tenants[t].name,
+                models[m]
+            );
+        }
+    }
+}
+
+#[test]
+fn quotas_cap_a_tenant_borrowing_lends_idle_quota_and_reclaim_takes_it_back() {
+    let region = region();
+    let mut tenants = synthetic_tenants(&region);
+    // the first two tenants hold half of every model each (16 of Macao's 32 A100s)
+    tenants[0].quota = Some(0.5);
+    tenants[1].quota = Some(0.5);
+    let mut jobs: Vec<SimJob> = (0..4)
+        .map(|i| SimJob {
+            preemptible: true,
+            ..job(f64::from(i), 1, 8, a100(), 10_000.0)
+        })
+        .collect();
+    let strict = DispatchConfig {
+        borrowing: false,
+        ..DispatchConfig::default()
+    };
+    let r = simulate(&region, &tenants, &jobs, ReplayPolicy::Baygrid, &strict).unwrap();
+    check_quotas(&region, &tenants, &jobs, &r, false);
+    let starts: Vec<f64> = r.schedule.iter().map(|s| s.unwrap().1).collect();
+    assert_eq!(
+        starts,
+        [0.0, 1.0, 10_000.0, 10_001.0],
+        "two nodes at a time"
+    );
+    // borrowing: the idle half is lent
+    let lend = DispatchConfig::default();
+    let r = simulate(&region, &tenants, &jobs, ReplayPolicy::Baygrid, &lend).unwrap();
+    check_quotas(&region, &tenants, &jobs, &r, true);
+    let starts: Vec<f64> = r.schedule.iter().map(|s| s.unwrap().1).collect();
+    assert_eq!(starts, [0.0, 1.0, 2.0, 3.0]);
+    // the lender comes back for its quota: the borrower's latest job is evicted
+    jobs.push(SimJob {
+        tenant: 1,
+        ..job(100.0, 1, 8, a100(), 1000.0)
+    });
+    let r = simulate(&region, &tenants, &jobs, ReplayPolicy::Baygrid, &lend).unwrap();
+    check_schedule(&region, &jobs, &r);
+    check_quotas(&region, &tenants, &jobs, &r, true);
+    assert_eq!(r.preemptions, 1);
+    assert_eq!(r.preempted_runs[0].0, 3);
+    assert_eq!(r.schedule[4].unwrap().1, 130.0);
+    // the evicted job cannot borrow again until the cohort has room: when the lender ends
+    assert_eq!(r.schedule[3].unwrap().1, 1130.0);
+    // a job larger than the cohort could ever lend is refused at arrival
+    let mut huge = job(0.0, 5, 8, a100(), 60.0);
+    huge.tenant = 1;
+    let r = simulate(
+        &region,
+        &tenants,
+        &[huge.clone()],
+        ReplayPolicy::Baygrid,
+        &lend,
+    )
+    .unwrap();
+    assert_eq!(r.rejected, 1);
+    huge.nodes = 3;
+    let r = simulate(&region, &tenants, &[huge], ReplayPolicy::Baygrid, &strict).unwrap();
+    assert_eq!(r.rejected, 1);
+    assert!(
+        r.rejections[0].contains("exceed tenant-2's quota on every cluster"),
+        "{:?}",
+        r.rejections
+    );
+    assert!(set_quotas(&mut tenants, 0.0).is_err());
+    set_quotas(&mut tenants, 1.0).unwrap();
+    assert!((tenants[0].quota.unwrap() - tenants[0].weight).abs() < 1e-12);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    /// Quotas are honoured at every instant, with and without borrowing, with evictions
+    /// for reclaim; every job is placed or rejected.
+    #[test]
+    fn quotas_are_honoured(
+        specs in prop::collection::vec((0u32..5000, 0usize..6, 1u32..40_000, 0u8..3, 0usize..4, any::<bool>()), 1..50),
+        scale in 0.5f64..4.0,
+        borrowing in any::<bool>(),
+    ) {
+        let region = region();
+        let mut tenants = synthetic_tenants(&region);
+        set_quotas(&mut tenants, scale).unwrap();
+        let mut jobs: Vec<SimJob> = specs
+            .iter()
+            .map(|&(at, size, duration, accepts, tenant, preemptible)| {
+                let accelerators = SIZE_MIX[size].0;
+                let (nodes, per_node) = if accelerators > 8 { (accelerators / 8, 8) } else { (1, accelerators) };
+                SimJob {
+                    tenant,
+                    preemptible,
+                    ..job(
+                        f64::from(at),
+                        nodes,
+                        per_node,
+                        [Acceptance::Any, Acceptance::Nvidia, Acceptance::Ascend][accepts as usize].clone(),
+                        f64::from(duration),
+                    )
+                }
+            })
+            .collect();
+        jobs.sort_by(|a, b| a.arrival_s.total_cmp(&b.arrival_s));
+        let config = DispatchConfig { borrowing, ..DispatchConfig::default() };
+        let r = simulate(&region, &tenants, &jobs, ReplayPolicy::Baygrid, &config).unwrap();
+        check_schedule(&region, &jobs, &r);
+        check_quotas(&region, &tenants, &jobs, &r, borrowing);
+        prop_assert_eq!(r.schedule.iter().flatten().count() + r.rejected, jobs.len());
+    }
+}
