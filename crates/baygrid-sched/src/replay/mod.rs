@@ -235,7 +235,8 @@ pub fn set_quotas(tenants: &mut [SimTenant], scale: f64) -> Result<(), ReplayErr
 
 /// Whether a tenant may take `accelerators` more of model `model`: within its nominal quota,
 /// or, with borrowing, within the unused quota of the whole cohort (every tenant with a
-/// quota). `freed` lists tenants' accelerators of that model about to be given back.
+/// quota), whose total never exceeds the quotas' sum. `freed` lists tenants' accelerators
+/// of that model about to be given back.
 fn admitted(
     nominal: &[Option<Vec<f64>>],
     held: &[Vec<f64>],
@@ -250,12 +251,11 @@ fn admitted(
     };
     let holds =
         |t: usize| held[t][model] - freed.iter().filter(|f| f.0 == t).map(|f| f.1).sum::<f64>();
-    if holds(tenant) + accelerators <= mine[model] + 1e-9 {
-        return true;
-    }
     if !borrowing {
-        return false;
+        return holds(tenant) + accelerators <= mine[model] + 1e-9;
     }
+    // even within its own quota a tenant waits while others borrow it: the cohort never
+    // holds more than its quotas' sum (reclaim evicts the borrowers first)
     let (used, total) = nominal
         .iter()
         .enumerate()
@@ -874,6 +874,18 @@ pub fn simulate_until(
                 .map(|q| model_capacity.iter().map(|c| (q * c).floor()).collect())
         })
         .collect();
+    let quota_admits = |held: &[Vec<f64>], j: &SimJob, p: usize| {
+        let acc = f64::from(j.accelerators());
+        admitted(
+            &nominal,
+            held,
+            j.tenant,
+            pool_model[p],
+            acc,
+            config.borrowing,
+            &[],
+        )
+    };
     // fail fast: a job larger than its tenant's quota (or, borrowing, the cohort's) on every
     // pool it may use could never be admitted
     let masks: Vec<Result<u64, String>> = masks
@@ -1054,16 +1066,7 @@ pub fn simulate_until(
                 if mask & (1 << p) == 0 || state[p].free_total < j.accelerators() {
                     continue;
                 }
-                let acc = f64::from(j.accelerators());
-                if !admitted(
-                    &nominal,
-                    &held,
-                    j.tenant,
-                    pool_model[p],
-                    acc,
-                    config.borrowing,
-                    &[],
-                ) {
+                if !quota_admits(&held, j, p) {
                     continue;
                 }
                 let cost = costs[job][p].expect("eligible pools are costed");
@@ -1138,18 +1141,7 @@ pub fn simulate_until(
                     .is_none_or(|r| jobs[r.job].priority < j.priority);
                 let mut choice: Option<(f64, f64, usize, Vec<u32>)> = None;
                 for p in 0..pools.len() {
-                    let acc = f64::from(j.accelerators());
-                    if mask & (1 << p) == 0
-                        || !admitted(
-                            &nominal,
-                            &held,
-                            j.tenant,
-                            pool_model[p],
-                            acc,
-                            config.borrowing,
-                            &[],
-                        )
-                    {
+                    if mask & (1 << p) == 0 || !quota_admits(&held, j, p) {
                         // a job held back by its quota reserves nothing there
                         continue;
                     }

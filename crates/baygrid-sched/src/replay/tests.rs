@@ -21,6 +21,20 @@ fn job(arrival_s: f64, nodes: u32, per_node: u32, accepts: Acceptance, duration_
     }
 }
 
+/// A job of the synthetic size mix (`size` indexes it; above 8, gangs of 8-accelerator
+/// nodes), accepting any model, NVIDIA or Ascend (`accepts` 0, 1, 2).
+fn mixed_job(at: u32, size: usize, duration: u32, accepts: u8) -> SimJob {
+    let accelerators = SIZE_MIX[size].0;
+    let (nodes, per_node) = if accelerators > 8 {
+        (accelerators / 8, 8)
+    } else {
+        (1, accelerators)
+    };
+    let accepts =
+        [Acceptance::Any, Acceptance::Nvidia, Acceptance::Ascend][accepts as usize].clone();
+    job(f64::from(at), nodes, per_node, accepts, f64::from(duration))
+}
+
 /// Checks a finished replay against the region: at no instant does a pool run more
 /// accelerators than it has (evicted runs included), no job starts before it arrives or runs
 /// for a different time than its duration on the pool it got, and each eviction is followed
@@ -423,17 +437,9 @@ proptest! {
         let mut jobs: Vec<SimJob> = specs
             .iter()
             .map(|&(at, size, duration, accepts)| {
-                let accelerators = SIZE_MIX[size].0;
-                let (nodes, per_node) = if accelerators > 8 { (accelerators / 8, 8) } else { (1, accelerators) };
                 SimJob {
                     tenant: size % 8,
-                    ..job(
-                        f64::from(at),
-                        nodes,
-                        per_node,
-                        [Acceptance::Any, Acceptance::Nvidia, Acceptance::Ascend][accepts as usize].clone(),
-                        f64::from(duration),
-                    )
+                    ..mixed_job(at, size, duration, accepts)
                 }
             })
             .collect();
@@ -463,19 +469,11 @@ proptest! {
         let mut jobs: Vec<SimJob> = specs
             .iter()
             .map(|&(at, size, duration, accepts, priority, preemptible)| {
-                let accelerators = SIZE_MIX[size].0;
-                let (nodes, per_node) = if accelerators > 8 { (accelerators / 8, 8) } else { (1, accelerators) };
                 SimJob {
                     tenant: (at as usize + size) % 8,
                     priority,
                     preemptible,
-                    ..job(
-                        f64::from(at),
-                        nodes,
-                        per_node,
-                        [Acceptance::Any, Acceptance::Nvidia, Acceptance::Ascend][accepts as usize].clone(),
-                        f64::from(duration),
-                    )
+                    ..mixed_job(at, size, duration, accepts)
                 }
             })
             .collect();
@@ -751,18 +749,10 @@ proptest! {
         let mut jobs: Vec<SimJob> = specs
             .iter()
             .map(|&(at, size, duration, accepts, tenant, preemptible)| {
-                let accelerators = SIZE_MIX[size].0;
-                let (nodes, per_node) = if accelerators > 8 { (accelerators / 8, 8) } else { (1, accelerators) };
                 SimJob {
                     tenant,
                     preemptible,
-                    ..job(
-                        f64::from(at),
-                        nodes,
-                        per_node,
-                        [Acceptance::Any, Acceptance::Nvidia, Acceptance::Ascend][accepts as usize].clone(),
-                        f64::from(duration),
-                    )
+                    ..mixed_job(at, size, duration, accepts)
                 }
             })
             .collect();
