@@ -13,7 +13,8 @@ bin=${BAYGRID_BIN:-target/release/baygrid}
 batch=${1:-10000}
 target=${JOBS:-100000}
 dir=$(mktemp -d)
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+source scripts/bench-lib.sh
+port=$(free_port)
 python3 - "$dir/sites.yaml" <<'PY'
 import sys, yaml
 sites = yaml.safe_load(open("config/sites.yaml"))
@@ -30,28 +31,16 @@ sites_file = "$dir/sites.yaml"
 schedule_interval = "2s"
 schedule_batch = $batch
 CONF
-BAYGRID_LOG=warn "$bin" server --config "$dir/server.toml" 2>"$dir/server.log" &
-server=$!
-trap 'kill $server 2>/dev/null; rm -rf "$dir"' EXIT
-export BAYGRID_SERVER="http://127.0.0.1:$port" BAYGRID_DATA_DIR="$dir/data"
-for _ in $(seq 1 100); do [ -s "$dir/data/operator.token" ] && curl -sf "$BAYGRID_SERVER/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
-"$bin" party add mem-lab --jurisdiction CN --city guangzhou >/dev/null
-"$bin" tenant add mem-lab --party mem-lab --budget "1000000000.00 CNY" >/dev/null
-token=$("$bin" token issue --role tenant --subject mem-lab --output json | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
-cat > "$dir/post.lua" <<LUA
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer $token"
-wrk.body = '{"name":"mem","resources":{"accelerators":{"H800":8}},"command":"train.sh","estimated_duration":"2h"}'
-LUA
-queued() { curl -sf "$BAYGRID_SERVER/metrics" | awk '/^baygrid_jobs\{state="queued"\}/ {print int($2)}'; }
+start_server "$port"
+tenant_post_script mem-lab "1000000000.00 CNY" \
+  '{"name":"mem","resources":{"accelerators":{"H800":8}},"command":"train.sh","estimated_duration":"2h"}'
 rss() { awk '/^(VmRSS|VmHWM)/ {printf "%s %.1f MiB  ", $1, $2/1024}' /proc/$server/status; echo; }
 echo "empty server: $(rss)"
-while [ "$(queued)" -lt "$target" ]; do
+while [ "$(queued_jobs)" -lt "$target" ]; do
   wrk -t1 -c64 -d5s -s "$dir/post.lua" "$BAYGRID_SERVER/api/v1/jobs" >/dev/null
-  echo "queued: $(queued)  $(rss)"
+  echo "queued: $(queued_jobs)  $(rss)"
 done
 echo "filled; letting the scheduler cycle over the queue for 20 s"
 sleep 20
-echo "nodes: 10000  queued jobs: $(queued)  schedule_batch: $batch"
+echo "nodes: 10000  queued jobs: $(queued_jobs)  schedule_batch: $batch"
 echo "server: $(rss)"

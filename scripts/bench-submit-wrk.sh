@@ -9,7 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=${BAYGRID_BIN:-target/release/baygrid}
 dir=$(mktemp -d)
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+source scripts/bench-lib.sh
+port=$(free_port)
 store=""
 if [ "${1:-}" != "" ]; then
   db="baygrid_wrk_$(date +%s)"
@@ -23,24 +24,13 @@ store = "$store"
 sites_file = "sample"
 schedule_interval = "1h"   # placement is not part of this figure
 CONF
-BAYGRID_LOG=warn "$bin" server --config "$dir/server.toml" 2>"$dir/server.log" &
-server=$!
-trap 'kill $server 2>/dev/null; rm -rf "$dir"' EXIT
-export BAYGRID_SERVER="http://127.0.0.1:$port" BAYGRID_DATA_DIR="$dir/data"
-for _ in $(seq 1 100); do [ -s "$dir/data/operator.token" ] && curl -sf "$BAYGRID_SERVER/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
-"$bin" party add wrk-lab --jurisdiction CN --city guangzhou >/dev/null
-"$bin" tenant add wrk-lab --party wrk-lab --budget "100000000.00 CNY" >/dev/null
-token=$("$bin" token issue --role tenant --subject wrk-lab --output json | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
-cat > "$dir/post.lua" <<LUA
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = "Bearer $token"
-wrk.body = '{"name":"bench","resources":{"accelerators":{"H800":1}},"command":"true","estimated_duration":"1m"}'
-LUA
+start_server "$port"
+tenant_post_script wrk-lab "100000000.00 CNY" \
+  '{"name":"bench","resources":{"accelerators":{"H800":1}},"command":"true","estimated_duration":"1m"}'
 curl -sf "$BAYGRID_SERVER/healthz"; echo
 wrk -t1 -c64 -d15s --latency -s "$dir/post.lua" "$BAYGRID_SERVER/api/v1/jobs" | tee "$dir/wrk.out"
 sleep 1
-stored=$(curl -sf "$BAYGRID_SERVER/metrics" | awk '/^baygrid_jobs\{state="queued"\}/ {print $2}')
+stored=$(queued_jobs)
 requests=$(awk '/requests in/ {print $1}' "$dir/wrk.out")
 non2xx=$(awk '/Non-2xx/ {print $NF}' "$dir/wrk.out")
 echo "requests answered: $requests (non-2xx: ${non2xx:-0}); jobs in the store: $stored"

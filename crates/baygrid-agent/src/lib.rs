@@ -106,6 +106,21 @@ mod duration_text {
 }
 
 impl AgentConfig {
+    /// An agent of the local engine with the config file's defaults for everything else.
+    pub fn local(server: impl Into<String>, token: Option<String>, work_dir: PathBuf) -> Self {
+        AgentConfig {
+            server: server.into(),
+            token,
+            token_file: None,
+            work_dir,
+            engine: default_engine(),
+            slurm: Default::default(),
+            kubernetes: Default::default(),
+            max_running: default_max_running(),
+            poll_interval: default_poll(),
+        }
+    }
+
     pub fn load(path: &Path) -> Result<AgentConfig, AgentError> {
         let text = std::fs::read_to_string(path).map_err(|source| AgentError::ReadConfig {
             path: path.to_path_buf(),

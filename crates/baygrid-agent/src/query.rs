@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use baygrid_api::{Client, ClientError, QueryAnswerBody, QueryTask};
 use baygrid_query::datafusion::prelude::SessionContext;
-use baygrid_query::{sql_name, Table};
+use baygrid_query::Table;
 use rand::SeedableRng;
 use tokio::sync::watch;
 
@@ -104,12 +104,12 @@ async fn run(
     work_dir: &Path,
     task: &QueryTask,
 ) -> Result<baygrid_api::SideAnswer, String> {
-    let mut tables = Vec::new();
-    for t in &task.tables {
-        let mut table = Table::new(&t.dataset, t.terms.clone()).map_err(|e| e.to_string())?;
-        table.name = sql_name(&t.dataset.name);
-        tables.push(table);
-    }
+    let tables = task
+        .tables
+        .iter()
+        .map(|t| Table::new(&t.dataset, t.terms.clone()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
     // the vault checks the query itself: it does not take the server's word for its shape
     let shape = baygrid_query::plan(&task.sql, &tables)
         .await
@@ -196,16 +196,12 @@ async fn intersect(
             loop {
                 let bytes = client
                     .get_bytes(&format!("{base}&from={next}&wait_ms=20000"))
-                    .await?;
-                let mut at = 0;
-                while at + 4 <= bytes.len() {
-                    let len =
-                        u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
-                    let message = bytes[at + 4..at + 4 + len].to_vec();
-                    at += 4 + len;
+                    .await
+                    .map_err(|e| e.to_string())?;
+                for message in baygrid_api::relay::unframe(&bytes)? {
                     next += 1;
                     if incoming.send(message).is_err() {
-                        return Ok::<(), ClientError>(());
+                        return Ok::<(), String>(());
                     }
                 }
             }
@@ -230,7 +226,12 @@ async fn intersect(
     .await
     .map_err(|e| format!("PSI: {e}"))?;
     receiver.abort();
-    let outcome = outcome.map_err(|e| format!("PSI with the other vault: {e}"))?;
+    // a receiver that stopped on its own says why the peer's messages ended
+    let received = receiver.await;
+    let outcome = outcome.map_err(|e| match received {
+        Ok(Err(why)) => format!("PSI relay: {why}"),
+        _ => format!("PSI with the other vault: {e}"),
+    })?;
     // the writer's channel closed when the run ended: the sender drains and stops
     match sender.await {
         Ok(Ok(())) => {}

@@ -1,12 +1,14 @@
 //! The agent against a real server: real processes run, are cancelled, are requeued when
 //! their agent dies, and are re-attached when it comes back.
 
+mod common;
+
 use std::path::Path;
 use std::time::Duration;
 
 use baygrid_agent::AgentConfig;
 use baygrid_api::{Client, JobView, LogsView};
-use baygrid_core::{JobSpec, JobState, Jurisdiction, Role};
+use baygrid_core::{JobSpec, JobState, Jurisdiction};
 use baygrid_server::{RunningServer, ServerConfig};
 use tokio::sync::watch;
 
@@ -52,25 +54,13 @@ async fn start_agent(
     setup: &Setup,
     work_dir: &Path,
 ) -> (watch::Sender<bool>, tokio::task::JoinHandle<()>) {
-    let issued = setup
-        .operator
-        .issue(Role::Agent, Some("nansha-a800"))
-        .await
-        .unwrap();
-    let config = AgentConfig {
-        server: setup.server.url(),
-        token: issued.token().map(str::to_string),
-        token_file: None,
-        work_dir: work_dir.to_path_buf(),
-        engine: "local".into(),
-        slurm: Default::default(),
-        kubernetes: Default::default(),
-        max_running: 8,
-        poll_interval: Duration::from_millis(100),
-    };
-    let (stop, stopped) = watch::channel(false);
-    let task = tokio::spawn(async move { baygrid_agent::run(config, stopped).await.unwrap() });
-    (stop, task)
+    common::start_agent(
+        &setup.server.url(),
+        &setup.operator,
+        "nansha-a800",
+        work_dir,
+    )
+    .await
 }
 
 fn job(name: &str, command: &str) -> JobSpec {

@@ -5,48 +5,20 @@
 //! runs with no network, and a vault object changed after upload fails the job instead of
 //! feeding it other bytes.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::time::Duration;
 
-use baygrid_agent::AgentConfig;
 use baygrid_api::{Client, DatasetSpec, DatasetView, JobView, LogsView};
 use baygrid_core::{JobSpec, JobState, Jurisdiction, Role};
 use baygrid_server::ServerConfig;
+use common::{repo, start_agent};
 use serde_json::{json, Value};
-use tokio::sync::watch;
-
-fn repo(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .join(path)
-}
 
 fn example(name: &str) -> DatasetSpec {
     let text = std::fs::read_to_string(repo(&format!("examples/datasets/{name}.yaml"))).unwrap();
     serde_yaml::from_str(&text).unwrap()
-}
-
-async fn start_agent(
-    url: &str,
-    operator: &Client,
-    cluster: &str,
-    work_dir: &Path,
-) -> watch::Sender<bool> {
-    let issued = operator.issue(Role::Agent, Some(cluster)).await.unwrap();
-    let config = AgentConfig {
-        server: url.to_string(),
-        token: issued.token().map(str::to_string),
-        token_file: None,
-        work_dir: work_dir.to_path_buf(),
-        engine: "local".into(),
-        slurm: Default::default(),
-        kubernetes: Default::default(),
-        max_running: 8,
-        poll_interval: Duration::from_millis(100),
-    };
-    let (stop, stopped) = watch::channel(false);
-    tokio::spawn(async move { baygrid_agent::run(config, stopped).await.unwrap() });
-    stop
 }
 
 /// A server with the sample sites, the Shenzhen lender and the Hong Kong card issuer as

@@ -6,54 +6,29 @@
 //! audited with the result's hash and charged; a query across both vaults aligns the card
 //! holders by PSI through the server's relay.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::time::Duration;
 
-use baygrid_agent::AgentConfig;
 use baygrid_api::{Client, DatasetSpec, DatasetView, QueryDryRun, QueryState, QueryView};
 use baygrid_core::{Jurisdiction, Role};
 use baygrid_server::ServerConfig;
+use common::{repo, start_agent};
 use serde_json::{json, Value};
-use tokio::sync::watch;
-
-fn repo(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .join(path)
-}
 
 fn yaml<T: serde::de::DeserializeOwned>(path: &str) -> T {
     serde_yaml::from_str(&std::fs::read_to_string(repo(path)).unwrap()).unwrap()
-}
-
-async fn start_agent(
-    url: &str,
-    operator: &Client,
-    cluster: &str,
-    work_dir: &Path,
-) -> watch::Sender<bool> {
-    let issued = operator.issue(Role::Agent, Some(cluster)).await.unwrap();
-    let config = AgentConfig {
-        server: url.to_string(),
-        token: issued.token().map(str::to_string),
-        token_file: None,
-        work_dir: work_dir.to_path_buf(),
-        engine: "local".into(),
-        slurm: Default::default(),
-        kubernetes: Default::default(),
-        max_running: 8,
-        poll_interval: Duration::from_millis(200),
-    };
-    let (stop, stopped) = watch::channel(false);
-    tokio::spawn(async move { baygrid_agent::run(config, stopped).await.unwrap() });
-    stop
 }
 
 struct Zone {
     _server: baygrid_server::RunningServer,
     operator: Client,
     lab: Client,
-    _agents: Vec<watch::Sender<bool>>,
+    _agents: Vec<(
+        tokio::sync::watch::Sender<bool>,
+        tokio::task::JoinHandle<()>,
+    )>,
     /// Card holders kept in each table.
     kept: (usize, usize),
 }

@@ -91,15 +91,15 @@ async fn setup(dir: &Path, h800_partition: &str) -> Setup {
             ..SlurmConfig::default()
         };
         let config = AgentConfig {
-            server: server.url(),
-            token: issued.token().map(str::to_string),
-            token_file: None,
-            work_dir: dir.join(name),
             engine: "slurm".into(),
             slurm,
-            kubernetes: Default::default(),
             max_running: 16,
             poll_interval: Duration::from_millis(250),
+            ..AgentConfig::local(
+                server.url(),
+                issued.token().map(str::to_string),
+                dir.join(name),
+            )
         };
         let (stop, stopped) = watch::channel(false);
         let again = config.clone();

@@ -7,6 +7,7 @@ mod client;
 mod dataset;
 mod offer;
 mod query;
+pub mod relay;
 
 pub use client::{Client, ClientError};
 pub use dataset::{

@@ -67,6 +67,7 @@ impl From<datafusion::error::DataFusionError> for QueryError {
 /// A dataset a query may read, with the terms of the offer it is read under.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Table {
+    /// The table's name in SQL.
     pub name: String,
     /// The column that identifies an individual.
     pub subject: String,
@@ -75,7 +76,8 @@ pub struct Table {
 }
 
 impl Table {
-    /// A dataset under a query offer; its subject column is required.
+    /// A dataset under a query offer, named as SQL sees it ([`sql_name`]); its subject
+    /// column is required.
     pub fn new(dataset: &DatasetSpec, terms: QueryTerms) -> Result<Table, Refusal> {
         let subject = dataset.subject_column.clone().ok_or_else(|| {
             Refusal::new(format!(
@@ -84,7 +86,7 @@ impl Table {
             ))
         })?;
         Ok(Table {
-            name: dataset.name.clone(),
+            name: sql_name(&dataset.name),
             subject,
             columns: dataset
                 .schema

@@ -107,7 +107,53 @@ fn sees(who: &Principal, row: &QueryRow) -> bool {
     }
 }
 
-/// A dataset of the query, with its contract, offer and latest version.
+/// The `query_result` flow of an answer from `dataset` to the consumer (`recipient`) at
+/// its contract's site, as the rules see it; and the dataset's holder, who exports it.
+fn result_flow<'c>(
+    catalog: &'c CatalogSnapshot,
+    dataset: &DatasetSpec,
+    contract: &baygrid_api::ContractView,
+    recipient: &'c baygrid_core::Party,
+    purpose: &str,
+    today: chrono::NaiveDate,
+) -> ApiResult<(baygrid_rules::FlowRequest, &'c baygrid_core::Party)> {
+    let holder = catalog.holder(dataset)?;
+    let site = catalog
+        .sites
+        .get(&contract.request.site)
+        .ok_or_else(|| ApiError::Conflict(format!("site `{}` is gone", contract.request.site)))?;
+    let request = dataset_flow(
+        catalog,
+        dataset,
+        FlowEnds {
+            holder,
+            recipient,
+            site,
+        },
+        baygrid_rules::Mode::QueryResult,
+        purpose,
+        today,
+    );
+    Ok((request, holder))
+}
+
+/// A side's dataset and contract as the catalog has them now.
+fn side_parts<'c>(
+    catalog: &'c CatalogSnapshot,
+    side: &SideRecord,
+) -> ApiResult<(&'c DatasetSpec, &'c baygrid_api::ContractView)> {
+    let dataset = catalog
+        .datasets
+        .get(&side.dataset)
+        .ok_or_else(|| ApiError::Conflict(format!("dataset `{}` is gone", side.dataset)))?;
+    let contract = catalog
+        .contracts
+        .get(&side.contract)
+        .ok_or_else(|| ApiError::Conflict(format!("contract `{}` is gone", side.contract)))?;
+    Ok((dataset, contract))
+}
+
+/// A dataset of the query, with its contract, its offer and the table it is read as.
 struct Read<'a> {
     dataset: &'a DatasetSpec,
     contract: baygrid_api::ContractView,
@@ -278,8 +324,7 @@ pub async fn submit(
         let terms = offer.query.clone().ok_or_else(|| {
             ApiError::Conflict(format!("offer `{}` has no query terms", offer.name))
         })?;
-        let mut table = Table::new(dataset, terms).map_err(refused)?;
-        table.name = sql_name(&dataset.name);
+        let table = Table::new(dataset, terms).map_err(refused)?;
         if catalog
             .versions
             .get(&dataset.name)
@@ -323,25 +368,14 @@ pub async fn submit(
         .tenant_party(&tenant)
         .ok_or_else(|| ApiError::bad("tenant", format!("unknown tenant `{tenant}`")))?;
     for read in &reads {
-        let holder = catalog.holder(read.dataset)?;
-        let site = catalog
-            .sites
-            .get(&read.contract.request.site)
-            .ok_or_else(|| {
-                ApiError::Conflict(format!("site `{}` is gone", read.contract.request.site))
-            })?;
-        let request = dataset_flow(
+        let (request, _) = result_flow(
             &catalog,
             read.dataset,
-            FlowEnds {
-                holder,
-                recipient,
-                site,
-            },
-            baygrid_rules::Mode::QueryResult,
+            &read.contract,
+            recipient,
             &purpose,
             today,
-        );
+        )?;
         let decision = state
             .rules
             .decide(&request)
@@ -350,7 +384,7 @@ pub async fn submit(
             return Err(ApiError::Forbidden(format!(
                 "the rules would not let a result of `{}` reach {}: {}",
                 read.dataset.name,
-                site.name,
+                read.contract.request.site,
                 decision.why_denied()
             )));
         }
@@ -510,26 +544,44 @@ fn sha256(bytes: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(bytes))
 }
 
-async fn wait_for(state: &AppState, id: &str, wait: Duration) -> ApiResult<QueryView> {
+/// A long poll: `check` answers (what to return, whether it is final); it runs again each
+/// time `signal` fires, until it is final, `wait` has passed or the server is stopping, and
+/// its last answer is returned. A signal between a check and the wait is not missed.
+async fn long_poll<T, F, C>(
+    state: &AppState,
+    signal: &tokio::sync::Notify,
+    wait: Duration,
+    mut check: C,
+) -> ApiResult<T>
+where
+    C: FnMut() -> F,
+    F: std::future::Future<Output = ApiResult<(T, bool)>>,
+{
     let deadline = tokio::time::Instant::now() + wait;
     loop {
-        let done = state.queries.done.notified();
-        tokio::pin!(done);
-        done.as_mut().enable();
+        let woken = signal.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        let (answer, done) = check().await?;
+        if done || tokio::time::Instant::now() >= deadline || state.queries.closing() {
+            return Ok(answer);
+        }
+        let _ = tokio::time::timeout_at(deadline, woken).await;
+    }
+}
+
+async fn wait_for(state: &AppState, id: &str, wait: Duration) -> ApiResult<QueryView> {
+    long_poll(state, &state.queries.done, wait, || async move {
         let row = state
             .store
             .query_row(id)
             .await?
             .ok_or_else(|| ApiError::NotFound(format!("no query `{id}`")))?;
-        let record = QueryRecord::from_row(&row)?;
-        if record.view.state != QueryState::Running
-            || tokio::time::Instant::now() >= deadline
-            || state.queries.closing()
-        {
-            return Ok(record.view);
-        }
-        let _ = tokio::time::timeout_at(deadline, done).await;
-    }
+        let view = QueryRecord::from_row(&row)?.view;
+        let done = view.state != QueryState::Running;
+        Ok((view, done))
+    })
+    .await
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -597,17 +649,15 @@ pub async fn claim(
     JsonBody(body): JsonBody<ClaimBody>,
 ) -> ApiResult<Json<Vec<QueryTask>>> {
     let cluster = agent_cluster(&who)?;
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(body.wait_ms.min(30_000));
-    loop {
-        let work = state.queries.work.notified();
-        tokio::pin!(work);
-        work.as_mut().enable();
-        let tasks = claim_now(&state, &cluster).await?;
-        if !tasks.is_empty() || tokio::time::Instant::now() >= deadline || state.queries.closing() {
-            return Ok(Json(tasks));
-        }
-        let _ = tokio::time::timeout_at(deadline, work).await;
-    }
+    let wait = Duration::from_millis(body.wait_ms.min(30_000));
+    let (state, cluster) = (&state, cluster.as_str());
+    let tasks = long_poll(state, &state.queries.work, wait, || async move {
+        let tasks = claim_now(state, cluster).await?;
+        let any = !tasks.is_empty();
+        Ok((tasks, any))
+    })
+    .await?;
+    Ok(Json(tasks))
 }
 
 async fn claim_now(state: &AppState, cluster: &str) -> ApiResult<Vec<QueryTask>> {
@@ -660,14 +710,7 @@ fn task_for(
 ) -> ApiResult<QueryTask> {
     let mut tables = Vec::new();
     for side in &record.sides {
-        let dataset = catalog
-            .datasets
-            .get(&side.dataset)
-            .ok_or_else(|| ApiError::Conflict(format!("dataset `{}` is gone", side.dataset)))?;
-        let contract = catalog
-            .contracts
-            .get(&side.contract)
-            .ok_or_else(|| ApiError::Conflict(format!("contract `{}` is gone", side.contract)))?;
+        let (dataset, contract) = side_parts(catalog, side)?;
         let terms = catalog
             .data_offers
             .get(&contract.request.offer)
@@ -811,31 +854,54 @@ fn void_hold(record: &QueryRecord) -> Vec<Transfer> {
     }]
 }
 
-async fn fail(
+/// Ends a running query without a result (failed, or withheld by the rules): the hold on
+/// the consumer's wallet is voided, nothing is charged, and the audit entry says why.
+async fn end_unreleased(
     state: &AppState,
     mut record: QueryRecord,
+    outcome: QueryState,
     error: String,
+    audit: serde_json::Value,
     actor: String,
     now: i64,
 ) -> ApiResult<QueryView> {
-    record.view.state = QueryState::Failed;
-    record.view.error = Some(error.clone());
+    record.view.state = outcome;
+    record.view.error = Some(error);
     record.view.finished_at = Some(millis_to_rfc3339(now));
     let transfers = void_hold(&record);
+    let kind = match outcome {
+        QueryState::Withheld => "query.withheld",
+        _ => "query.failed",
+    };
+    let mut payload = serde_json::json!({ "query": record.view.id, "tenant": record.view.tenant });
+    if let (Some(all), Some(more)) = (payload.as_object_mut(), audit.as_object()) {
+        all.extend(more.clone());
+    }
     state
         .store
         .finish_query(
             record.view.id.clone(),
-            QueryState::Failed.as_str().into(),
+            outcome.as_str().into(),
             record.body()?,
             transfers,
             actor,
             now,
-            "query.failed",
-            serde_json::json!({ "query": record.view.id, "tenant": record.view.tenant, "error": error }),
+            kind,
+            payload,
         )
         .await?;
     Ok(record.view)
+}
+
+async fn fail(
+    state: &AppState,
+    record: QueryRecord,
+    error: String,
+    actor: String,
+    now: i64,
+) -> ApiResult<QueryView> {
+    let audit = serde_json::json!({ "error": error });
+    end_unreleased(state, record, QueryState::Failed, error, audit, actor, now).await
 }
 
 /// Puts the sides' answers together, has the rules decide each dataset's `query_result`
@@ -866,30 +932,15 @@ async fn release(
     let mut rules = Vec::new();
     let mut denied = Vec::new();
     for side in &record.sides {
-        let dataset = catalog
-            .datasets
-            .get(&side.dataset)
-            .ok_or_else(|| ApiError::Conflict(format!("dataset `{}` is gone", side.dataset)))?;
-        let holder = catalog.holder(dataset)?;
-        let contract = catalog
-            .contracts
-            .get(&side.contract)
-            .ok_or_else(|| ApiError::Conflict(format!("contract `{}` is gone", side.contract)))?;
-        let site = catalog.sites.get(&contract.request.site).ok_or_else(|| {
-            ApiError::Conflict(format!("site `{}` is gone", contract.request.site))
-        })?;
-        let request = dataset_flow(
+        let (dataset, contract) = side_parts(&catalog, side)?;
+        let (request, holder) = result_flow(
             &catalog,
             dataset,
-            FlowEnds {
-                holder,
-                recipient: &recipient,
-                site,
-            },
-            baygrid_rules::Mode::QueryResult,
+            contract,
+            &recipient,
             &record.view.purpose,
             today,
-        );
+        )?;
         let answer = crate::zone::decide_recorded(
             state,
             request,
@@ -910,23 +961,18 @@ async fn release(
     record.view.rules = rules;
     record.view.finished_at = Some(millis_to_rfc3339(now));
     if !denied.is_empty() {
-        record.view.state = QueryState::Withheld;
-        record.view.error = Some(denied.join(" | "));
-        let transfers = void_hold(&record);
-        state
-            .store
-            .finish_query(
-                record.view.id.clone(),
-                QueryState::Withheld.as_str().into(),
-                record.body()?,
-                transfers,
-                actor,
-                now,
-                "query.withheld",
-                serde_json::json!({ "query": record.view.id, "tenant": record.view.tenant, "result_sha256": digest, "reasons": denied }),
-            )
-            .await?;
-        return Ok(record.view);
+        let audit = serde_json::json!({ "result_sha256": digest, "reasons": denied });
+        let error = denied.join(" | ");
+        return end_unreleased(
+            state,
+            record,
+            QueryState::Withheld,
+            error,
+            audit,
+            actor,
+            now,
+        )
+        .await;
     }
     let mut transfers = Vec::new();
     if record.held_cny > 0 {
@@ -1096,28 +1142,15 @@ pub async fn relay_receive(
 ) -> ApiResult<Vec<u8>> {
     let cluster = agent_cluster(&who)?;
     relay_ends(&state, &id, &params.dataset, &cluster).await?;
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(params.wait_ms.min(30_000));
-    let key = (id, params.dataset);
-    loop {
-        let relayed = state.queries.relayed.notified();
-        tokio::pin!(relayed);
-        relayed.as_mut().enable();
-        let out: Vec<u8> = {
-            let relay = state.queries.relay.lock().expect("relay lock");
-            let mut out = Vec::new();
-            for message in relay
-                .get(&key)
-                .map(|m| &m[params.from.min(m.len())..])
-                .unwrap_or(&[])
-            {
-                out.extend_from_slice(&(message.len() as u32).to_le_bytes());
-                out.extend_from_slice(message);
-            }
-            out
-        };
-        if !out.is_empty() || tokio::time::Instant::now() >= deadline || state.queries.closing() {
-            return Ok(out);
-        }
-        let _ = tokio::time::timeout_at(deadline, relayed).await;
-    }
+    let wait = Duration::from_millis(params.wait_ms.min(30_000));
+    let (state, key, from) = (&state, &(id, params.dataset), params.from);
+    long_poll(state, &state.queries.relayed, wait, || async move {
+        let relay = state.queries.relay.lock().expect("relay lock");
+        let waiting = relay
+            .get(key)
+            .map(|m| &m[from.min(m.len())..])
+            .unwrap_or(&[]);
+        Ok((baygrid_api::relay::frame(waiting), !waiting.is_empty()))
+    })
+    .await
 }

@@ -52,27 +52,22 @@ async fn spent(
     tenant: &str,
     period_start: Millis,
 ) -> Result<Spent> {
-    let rows = sqlx::query(
-        "SELECT tenant, epsilon_micros, delta_femtos FROM privacy_spends \
-         WHERE dataset = $1 AND period_start_ms = $2",
+    let row = sqlx::query(
+        "SELECT CAST(COALESCE(SUM(epsilon_micros), 0) AS BIGINT) AS e, \
+                CAST(COALESCE(SUM(delta_femtos), 0) AS BIGINT) AS d, \
+                CAST(COALESCE(SUM(CASE WHEN tenant = $3 THEN epsilon_micros ELSE 0 END), 0) AS BIGINT) AS mine_e, \
+                CAST(COALESCE(SUM(CASE WHEN tenant = $3 THEN delta_femtos ELSE 0 END), 0) AS BIGINT) AS mine_d \
+         FROM privacy_spends WHERE dataset = $1 AND period_start_ms = $2",
     )
     .bind(dataset)
     .bind(period_start)
-    .fetch_all(&mut *conn)
+    .bind(tenant)
+    .fetch_one(&mut *conn)
     .await?;
-    let mut out = Spent::default();
-    for row in rows {
-        let who: String = row.try_get("tenant")?;
-        let e: i64 = row.try_get("epsilon_micros")?;
-        let d: i64 = row.try_get("delta_femtos")?;
-        out.shared.0 += e;
-        out.shared.1 += d;
-        if who == tenant {
-            out.consumer.0 += e;
-            out.consumer.1 += d;
-        }
-    }
-    Ok(out)
+    Ok(Spent {
+        consumer: (row.try_get("mine_e")?, row.try_get("mine_d")?),
+        shared: (row.try_get("e")?, row.try_get("d")?),
+    })
 }
 
 fn row_of(row: &sqlx::any::AnyRow) -> Result<QueryRow> {

@@ -771,3 +771,128 @@ mod counters {
         }
     }
 }
+
+/// Privacy budgets: a query is accepted only if its spend fits the consumer's budget and
+/// the one all consumers share, as summed inside the transaction; a refused one writes
+/// nothing; a new period starts afresh; a finished query can no longer change.
+async fn query_budget_suite(store: Store) {
+    let spend = |tenant: &str, epsilon: f64| Spend {
+        dataset: "hk-credit".into(),
+        tenant: tenant.into(),
+        period_start: 0,
+        amount: ((epsilon * EPSILON_UNIT) as i64, 10),
+        consumer_limit: ((3.0 * EPSILON_UNIT) as i64, 100),
+        shared_limit: ((4.0 * EPSILON_UNIT) as i64, 100),
+    };
+    let row = |id: &str, tenant: &str| QueryRow {
+        id: id.into(),
+        tenant: tenant.into(),
+        state: "running".into(),
+        created_ms: 1,
+        finished_ms: None,
+        body: serde_json::json!({ "sql": "SELECT COUNT(*) FROM t" }),
+    };
+    let accept = |id: &str, tenant: &str, epsilon: f64| {
+        store.accept_query(
+            row(id, tenant),
+            vec![spend(tenant, epsilon)],
+            None,
+            "test".into(),
+            serde_json::json!({ "query": id }),
+        )
+    };
+    accept("q1", "alice", 2.0).await.unwrap();
+    let over = accept("q2", "alice", 1.5).await.unwrap_err().to_string();
+    assert!(
+        over.contains(
+            "epsilon: the query needs ε 1.5 of `hk-credit`; the consumer's budget has 1 left"
+        ),
+        "{over}"
+    );
+    assert!(
+        store.query_row("q2").await.unwrap().is_none(),
+        "nothing written"
+    );
+    accept("q3", "bob", 2.0).await.unwrap();
+    let shared = accept("q4", "bob", 0.5).await.unwrap_err().to_string();
+    assert!(shared.contains("the shared budget has 0 left"), "{shared}");
+    let spent = store.privacy_spent("hk-credit", "alice", 0).await.unwrap();
+    assert_eq!(spent.consumer, ((2.0 * EPSILON_UNIT) as i64, 10));
+    assert_eq!(spent.shared, ((4.0 * EPSILON_UNIT) as i64, 20));
+    assert_eq!(
+        store
+            .privacy_spent("hk-credit", "alice", 86_400_000)
+            .await
+            .unwrap(),
+        Spent::default()
+    );
+    // δ is a budget of its own
+    let mut greedy = spend("carol", 0.1);
+    greedy.amount.1 = 101;
+    let delta = store
+        .accept_query(
+            row("q5", "carol"),
+            vec![greedy],
+            None,
+            "test".into(),
+            serde_json::json!({}),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(delta.contains("delta: the query needs δ"), "{delta}");
+    // running queries change; finished ones do not
+    store
+        .update_query("q1".into(), serde_json::json!({ "claimed": true }))
+        .await
+        .unwrap();
+    store
+        .finish_query(
+            "q1".into(),
+            "released".into(),
+            serde_json::json!({ "done": true }),
+            vec![],
+            "test".into(),
+            2,
+            "query.released",
+            serde_json::json!({ "query": "q1" }),
+        )
+        .await
+        .unwrap();
+    assert!(store
+        .update_query("q1".into(), serde_json::json!({}))
+        .await
+        .is_err());
+    let finished = store.query_row("q1").await.unwrap().unwrap();
+    assert_eq!(
+        (finished.state.as_str(), finished.finished_ms),
+        ("released", Some(2))
+    );
+    let running = store.query_rows(None, Some("running"), 10).await.unwrap();
+    assert_eq!(
+        running.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        ["q3"]
+    );
+    assert_eq!(
+        store
+            .query_rows(Some("alice"), None, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn sqlite_query_budget_suite() {
+    let dir = tempfile::tempdir().unwrap();
+    query_budget_suite(Store::open(&sqlite_url(dir.path())).await.unwrap()).await;
+}
+
+#[tokio::test]
+async fn postgres_query_budget_suite() {
+    let Some(url) = fresh_postgres_url().await else {
+        return;
+    };
+    query_budget_suite(Store::open(&url).await.unwrap()).await;
+}

@@ -398,15 +398,13 @@ async fn run_to_completion(dir: &std::path::Path, count: usize) -> anyhow::Resul
     let cluster = "nansha-a800";
     let issued = operator.issue(Role::Agent, Some(cluster)).await?;
     let config = baygrid_agent::AgentConfig {
-        server: server.url(),
-        token: issued.token().map(str::to_string),
-        token_file: None,
-        work_dir: dir.join("agent"),
-        engine: "local".into(),
-        slurm: Default::default(),
-        kubernetes: Default::default(),
         max_running: 256,
         poll_interval: Duration::from_millis(50),
+        ..baygrid_agent::AgentConfig::local(
+            server.url(),
+            issued.token().map(str::to_string),
+            dir.join("agent"),
+        )
     };
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let agent = tokio::spawn(baygrid_agent::run(config, stopped));

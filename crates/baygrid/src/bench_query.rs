@@ -202,15 +202,13 @@ async fn api_latency(dir: &std::path::Path, count: usize) -> anyhow::Result<()> 
         .await?;
     let issued = operator.issue(Role::Agent, Some("cyberport-h800")).await?;
     let agent_config = baygrid_agent::AgentConfig {
-        server: url,
-        token: issued.token().map(str::to_string),
-        token_file: None,
-        work_dir: dir.join("agent"),
-        engine: "local".into(),
-        slurm: Default::default(),
-        kubernetes: Default::default(),
         max_running: 8,
         poll_interval: Duration::from_millis(500),
+        ..baygrid_agent::AgentConfig::local(
+            url,
+            issued.token().map(str::to_string),
+            dir.join("agent"),
+        )
     };
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let agent = tokio::spawn(baygrid_agent::run(agent_config, stopped));

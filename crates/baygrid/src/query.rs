@@ -60,20 +60,14 @@ fn outcome(view: &QueryView) -> ExitCode {
     }
 }
 
-fn show(view: &QueryView) {
-    println!("query {}  {:?}  {}", view.id, view.state, view.sql);
+/// A query as the CLI (and the demo) shows it.
+pub(crate) fn show(view: &QueryView) {
+    println!(
+        "query {} by {}  {:?}  {}",
+        view.id, view.tenant, view.state, view.sql
+    );
     for c in &view.cost {
-        println!(
-            "  {}: ε {} ({} shares of {:.4}), δ {:e}; budget left ε {:.4} (shared {:.4}) until {}",
-            c.dataset,
-            c.epsilon,
-            c.shares,
-            c.epsilon_each,
-            c.delta,
-            c.budget.epsilon_left,
-            c.budget.shared_epsilon_left,
-            c.budget.resets_at
-        );
+        println!("  {}", cost_line(c));
     }
     if let Some(result) = &view.result {
         let rows: Vec<Vec<String>> = result
@@ -93,6 +87,9 @@ fn show(view: &QueryView) {
             );
         }
     }
+    if !view.rules.is_empty() {
+        println!("  released under {}", view.rules.join(", "));
+    }
     if let Some(digest) = &view.result_sha256 {
         println!("  result sha256 {digest} (in the audit log)");
     }
@@ -103,6 +100,25 @@ fn show(view: &QueryView) {
     if let Some(error) = &view.error {
         println!("  {error}");
     }
+}
+
+/// What a query costs one dataset's budgets, and what is left of them.
+fn cost_line(c: &baygrid_api::QueryCostView) -> String {
+    format!(
+        "{}: ε {} in {} shares of {:.4}, δ {:e}; left ε {:.4} of {} (shared {:.4} of {}), δ {:e} (shared {:e}); refills {}",
+        c.dataset,
+        c.epsilon,
+        c.shares,
+        c.epsilon_each,
+        c.delta,
+        c.budget.epsilon_left,
+        c.budget.epsilon,
+        c.budget.shared_epsilon_left,
+        c.budget.shared_epsilon,
+        c.budget.delta_left,
+        c.budget.shared_delta_left,
+        c.budget.resets_at
+    )
 }
 
 fn cell(v: &serde_json::Value) -> String {
@@ -172,21 +188,7 @@ pub async fn run(args: &Args, query: &QueryArgs) -> anyhow::Result<ExitCode> {
                 emit(args.output, &dry, |d| {
                     println!("columns: {}", d.columns.join(", "));
                     for c in &d.cost {
-                        println!(
-                            "{}: ε {} in {} shares of {:.4}, δ {:e}; left ε {:.4} of {} (shared {:.4} of {}), δ {:e} (shared {:e}); refills {}",
-                            c.dataset,
-                            c.epsilon,
-                            c.shares,
-                            c.epsilon_each,
-                            c.delta,
-                            c.budget.epsilon_left,
-                            c.budget.epsilon,
-                            c.budget.shared_epsilon_left,
-                            c.budget.shared_epsilon,
-                            c.budget.delta_left,
-                            c.budget.shared_delta_left,
-                            c.budget.resets_at
-                        );
+                        println!("{}", cost_line(c));
                     }
                     let price: Vec<String> = d.price.iter().map(|m| m.to_string()).collect();
                     println!(

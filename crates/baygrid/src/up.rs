@@ -183,19 +183,14 @@ pub async fn start_exchange(
             label: Some("local agent".into()),
         };
         token_file(&operator, &server, &token_path, request).await?;
+        let work_dir = agents_dir.join(name).canonicalize().or_else(|_| {
+            std::fs::create_dir_all(agents_dir.join(name))?;
+            agents_dir.join(name).canonicalize()
+        })?;
         let config = baygrid_agent::AgentConfig {
-            server: url.clone(),
-            token: None,
             token_file: Some(token_path.canonicalize()?),
-            work_dir: agents_dir.join(name).canonicalize().or_else(|_| {
-                std::fs::create_dir_all(agents_dir.join(name))?;
-                agents_dir.join(name).canonicalize()
-            })?,
-            engine: "local".into(),
-            slurm: Default::default(),
-            kubernetes: Default::default(),
-            max_running: 64,
             poll_interval: Duration::from_millis(250),
+            ..baygrid_agent::AgentConfig::local(url.clone(), None, work_dir)
         };
         let config_path = agents_dir.join(format!("{name}.toml"));
         std::fs::write(&config_path, toml::to_string(&config)?)?;
@@ -609,28 +604,8 @@ queries at the data skipped: ../shared/data/fate is not beside this checkout"
             .await?;
         released &= view.state == baygrid_api::QueryState::Released;
         if show {
-            println!("
-query {} by hk-fintech: {sql}", view.id);
-            match &view.result {
-                Some(result) => {
-                    let cells: Vec<Vec<String>> = result
-                        .rows
-                        .iter()
-                        .map(|r| r.iter().map(|v| match v.as_f64() {
-                            Some(f) if f.fract() != 0.0 => format!("{f:.4}"),
-                            _ => v.to_string(),
-                        }).collect())
-                        .collect();
-                    let headers: Vec<&str> = result.columns.iter().map(String::as_str).collect();
-                    table(&headers, &cells);
-                    let costs: Vec<String> = view.cost.iter().map(|c| format!("{} ε {} ({} left)", c.dataset, c.epsilon, c.budget.epsilon_left)).collect();
-                    let charged: Vec<String> = view.charged.iter().map(|m| m.to_string()).collect();
-                    println!("{:?} under {}; {}; charged {}; result sha256 {} in the audit log",
-                        view.state, view.rules.join(", "), costs.join(", "), charged.join(" + "),
-                        view.result_sha256.as_deref().unwrap_or("-"));
-                }
-                None => println!("{:?}: {}", view.state, view.error.as_deref().unwrap_or("")),
-            }
+            println!();
+            crate::query::show(&view);
         }
     }
     Ok(released)

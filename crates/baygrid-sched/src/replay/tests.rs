@@ -187,14 +187,7 @@ fn a_blocked_gang_gets_a_reservation_that_backfill_never_delays() {
         job(2.0, 1, 8, a100(), 500.0),
         job(3.0, 1, 8, a100(), 50_000.0),
     ];
-    let r = simulate(
-        &region,
-        &tenants,
-        &jobs,
-        ReplayPolicy::Baygrid,
-        &DispatchConfig::default(),
-    )
-    .unwrap();
+    let r = dispatch(&tenants, &jobs);
     let start = |i: usize| r.schedule[i].unwrap().1;
     assert_eq!(
         start(1),
@@ -492,28 +485,39 @@ fn a100() -> Acceptance {
     Acceptance::Models(vec!["A100".into()])
 }
 
+/// Macao's four A100 nodes, each taken by one of tenant-1's preemptible jobs, arriving at
+/// 0, 1, 2 and 3 s and running `duration` seconds.
+fn macao_filled(duration: f64) -> Vec<SimJob> {
+    (0..4)
+        .map(|i| SimJob {
+            preemptible: true,
+            ..job(f64::from(i), 1, 8, a100(), duration)
+        })
+        .collect()
+}
+
+/// The dispatcher's replay of `jobs` on the sample region, with its default knobs.
+fn dispatch(tenants: &[SimTenant], jobs: &[SimJob]) -> ReplayResult {
+    simulate(
+        &region(),
+        tenants,
+        jobs,
+        ReplayPolicy::Baygrid,
+        &DispatchConfig::default(),
+    )
+    .unwrap()
+}
+
 #[test]
 fn an_urgent_job_evicts_the_preemptible_job_that_has_run_least() {
     let region = region();
     let tenants = synthetic_tenants(&region);
-    let mut jobs: Vec<SimJob> = (0..4)
-        .map(|i| SimJob {
-            preemptible: true,
-            ..job(f64::from(i), 1, 8, a100(), 100_000.0)
-        })
-        .collect();
+    let mut jobs = macao_filled(100_000.0);
     jobs.push(SimJob {
         priority: 10,
         ..job(100.0, 1, 8, a100(), 1000.0)
     });
-    let r = simulate(
-        &region,
-        &tenants,
-        &jobs,
-        ReplayPolicy::Baygrid,
-        &DispatchConfig::default(),
-    )
-    .unwrap();
+    let r = dispatch(&tenants, &jobs);
     check_schedule(&region, &jobs, &r);
     assert_eq!((r.preemptions, r.requeues), (1, 1));
     let (victim, _, start, stop) = r.preempted_runs[0];
@@ -533,14 +537,7 @@ fn an_urgent_job_evicts_the_preemptible_job_that_has_run_least() {
     for j in &mut jobs[..4] {
         j.preemptible = false;
     }
-    let r = simulate(
-        &region,
-        &tenants,
-        &jobs,
-        ReplayPolicy::Baygrid,
-        &DispatchConfig::default(),
-    )
-    .unwrap();
+    let r = dispatch(&tenants, &jobs);
     assert_eq!(r.preemptions, 0);
     assert_eq!(r.schedule[4].unwrap().1, 100_000.0);
     // nor when preemption is off
@@ -559,25 +556,13 @@ fn preemption_restores_fair_share_and_never_flips_back() {
     // holding nothing, asks for one node
     let region = region();
     let tenants = synthetic_tenants(&region);
-    let mut jobs: Vec<SimJob> = (0..4)
-        .map(|i| SimJob {
-            preemptible: true,
-            ..job(f64::from(i), 1, 8, a100(), 100_000.0)
-        })
-        .collect();
+    let mut jobs = macao_filled(100_000.0);
     jobs.push(SimJob {
         tenant: 1,
         preemptible: true,
         ..job(100.0, 1, 8, a100(), 50_000.0)
     });
-    let r = simulate(
-        &region,
-        &tenants,
-        &jobs,
-        ReplayPolicy::Baygrid,
-        &DispatchConfig::default(),
-    )
-    .unwrap();
+    let r = dispatch(&tenants, &jobs);
     check_schedule(&region, &jobs, &r);
     assert_eq!(r.preemptions, 1, "one eviction restores the balance");
     assert_eq!(r.schedule[4].unwrap().1, 130.0);
@@ -585,26 +570,12 @@ fn preemption_restores_fair_share_and_never_flips_back() {
     assert!(r.schedule[3].unwrap().1 >= 50_130.0 - 1e-6);
     // the same tenant never evicts its own jobs for fair share
     jobs[4].tenant = 0;
-    let r = simulate(
-        &region,
-        &tenants,
-        &jobs,
-        ReplayPolicy::Baygrid,
-        &DispatchConfig::default(),
-    )
-    .unwrap();
+    let r = dispatch(&tenants, &jobs);
     assert_eq!(r.preemptions, 0);
     // nor does a light tenant that would end up above the heavy one: tenant-8's weight is an
     // eighth of tenant-1's, so a quarter of the A100s is more than its due
     jobs[4].tenant = 7;
-    let r = simulate(
-        &region,
-        &tenants,
-        &jobs,
-        ReplayPolicy::Baygrid,
-        &DispatchConfig::default(),
-    )
-    .unwrap();
+    let r = dispatch(&tenants, &jobs);
     assert_eq!(r.preemptions, 0);
 }
 
@@ -670,12 +641,7 @@ fn quotas_cap_a_tenant_borrowing_lends_idle_quota_and_reclaim_takes_it_back() {
     // the first two tenants hold half of every model each (16 of Macao's 32 A100s)
     tenants[0].quota = Some(0.5);
     tenants[1].quota = Some(0.5);
-    let mut jobs: Vec<SimJob> = (0..4)
-        .map(|i| SimJob {
-            preemptible: true,
-            ..job(f64::from(i), 1, 8, a100(), 10_000.0)
-        })
-        .collect();
+    let mut jobs = macao_filled(10_000.0);
     let strict = DispatchConfig {
         borrowing: false,
         ..DispatchConfig::default()

@@ -1,0 +1,42 @@
+//! What the agent's integration tests share: paths into the repository, and a local-engine
+//! agent run in the test's own runtime.
+#![allow(dead_code)] // each test file uses the parts it needs
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use baygrid_agent::AgentConfig;
+use baygrid_api::Client;
+use baygrid_core::Role;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// A path relative to the repository's root (`../shared/…` reaches beside it).
+pub fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(path)
+}
+
+/// Starts a local-engine agent for `cluster` working in `work_dir`, with a token the
+/// operator issues. Sending `true` stops it; the handle ends when it has.
+pub async fn start_agent(
+    url: &str,
+    operator: &Client,
+    cluster: &str,
+    work_dir: &Path,
+) -> (watch::Sender<bool>, JoinHandle<()>) {
+    let issued = operator.issue(Role::Agent, Some(cluster)).await.unwrap();
+    let config = AgentConfig {
+        max_running: 8,
+        poll_interval: Duration::from_millis(100),
+        ..AgentConfig::local(
+            url,
+            issued.token().map(str::to_string),
+            work_dir.to_path_buf(),
+        )
+    };
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(async move { baygrid_agent::run(config, stopped).await.unwrap() });
+    (stop, task)
+}
