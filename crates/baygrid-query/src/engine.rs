@@ -9,7 +9,7 @@
 //! scaled to.
 
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
+use std::hash::Hasher;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -278,28 +278,54 @@ impl Totals {
     }
 }
 
-/// One (individual, group) row of the first aggregation.
-struct Cell {
-    subject: u32,
-    group: u32,
-    rows: f64,
-    sums: Vec<f64>,
-    present: Vec<f64>,
+/// A key already spread by a 128-bit hash: its low bits serve the map as they are.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // only u128 keys are hashed here
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 ^= u64::from_le_bytes(word);
+        }
+    }
+    fn write_u128(&mut self, key: u128) {
+        self.0 = key as u64;
+    }
 }
 
+type KeyMap = HashMap<u128, u32, std::hash::BuildHasherDefault<Prehashed>>;
+
+/// An individual's or a group's key: two differently seeded 64-bit XXH64 hashes of its
+/// row-encoded columns. Two different keys share one with a chance near 2⁻¹²⁸ per pair
+/// (below 10⁻²⁵ for ten million individuals), so no key bytes are kept.
+fn key_of(bytes: &[u8]) -> u128 {
+    let low = twox_hash::XxHash64::oneshot(0x9e37_79b9_7f4a_7c15, bytes);
+    let high = twox_hash::XxHash64::oneshot(0xc2b2_ae3d_27d4_eb4f, bytes);
+    (u128::from(high) << 64) | u128::from(low)
+}
+
+/// The (individual, group) rows of the first aggregation, column by column: which
+/// individual and group, the rows, and per value column its clamped sum and non-null count
+/// (`values` of each, side by side).
 #[derive(Default)]
 struct Bounding {
-    subjects: HashMap<Box<[u8]>, u32>,
-    groups: HashMap<Box<[u8]>, u32>,
+    subjects: KeyMap,
+    groups: KeyMap,
+    /// Per group: its key's values and the hash that orders an individual's groups.
     keys: Vec<(Vec<serde_json::Value>, u64)>,
-    cells: Vec<Cell>,
+    subject: Vec<u32>,
+    group: Vec<u32>,
+    rows: Vec<f64>,
+    sums: Vec<f64>,
+    present: Vec<f64>,
+    values: usize,
     converters: Option<(RowConverter, RowConverter)>,
-}
-
-fn key_hash(bytes: &[u8]) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    bytes.hash(&mut h);
-    h.finish()
 }
 
 impl Bounding {
@@ -312,6 +338,7 @@ impl Bounding {
             let dims =
                 RowConverter::new(columns[1..=dims].iter().map(field).collect()).map_err(engine)?;
             self.converters = Some((subject, dims));
+            self.values = values;
         }
         let (subject_conv, dims_conv) = self.converters.as_mut().expect("set above");
         let subject_rows = subject_conv
@@ -333,17 +360,24 @@ impl Bounding {
         let present: Vec<_> = (0..values)
             .map(|i| columns[dims + 3 + 2 * i].as_primitive::<Int64Type>())
             .collect();
-        for r in 0..batch.num_rows() {
+        let n = batch.num_rows();
+        self.subject.reserve(n);
+        self.group.reserve(n);
+        self.rows.reserve(n);
+        self.sums.reserve(n * values);
+        self.present.reserve(n * values);
+        for r in 0..n {
             let next = self.subjects.len() as u32;
             let subject = *self
                 .subjects
-                .entry(Box::from(subject_rows.row(r).as_ref()))
+                .entry(key_of(subject_rows.row(r).as_ref()))
                 .or_insert(next);
             let bytes: &[u8] = match &dim_rows {
                 Some(rows) => rows.row(r).data(),
                 None => &[],
             };
-            let group = match self.groups.get(bytes) {
+            let group_key = key_of(bytes);
+            let group = match self.groups.get(&group_key) {
                 Some(g) => *g,
                 None => {
                     let g = self.keys.len() as u32;
@@ -351,21 +385,18 @@ impl Bounding {
                     for column in &columns[1..=dims] {
                         key.push(json(column, r)?);
                     }
-                    self.keys.push((key, key_hash(bytes)));
-                    self.groups.insert(Box::from(bytes), g);
+                    self.keys.push((key, (group_key >> 64) as u64));
+                    self.groups.insert(group_key, g);
                     g
                 }
             };
-            self.cells.push(Cell {
-                subject,
-                group,
-                rows: rows.value(r) as f64,
-                sums: sums
-                    .iter()
-                    .map(|s| if s.is_null(r) { 0.0 } else { s.value(r) })
-                    .collect(),
-                present: present.iter().map(|p| p.value(r) as f64).collect(),
-            });
+            self.subject.push(subject);
+            self.group.push(group);
+            self.rows.push(rows.value(r) as f64);
+            for (s, p) in sums.iter().zip(&present) {
+                self.sums.push(if s.is_null(r) { 0.0 } else { s.value(r) });
+                self.present.push(p.value(r) as f64);
+            }
         }
         Ok(())
     }
@@ -374,46 +405,42 @@ impl Bounding {
     /// sums per group.
     fn totals(self, m: u32) -> Vec<(Vec<serde_json::Value>, Totals)> {
         let subjects = self.subjects.len();
+        let cells = self.subject.len();
         let mut groups_of = vec![0u32; subjects];
-        for cell in &self.cells {
-            groups_of[cell.subject as usize] += 1;
+        for &s in &self.subject {
+            groups_of[s as usize] += 1;
         }
         // individuals in more than m groups keep the m whose keys hash lowest
-        let mut kept = vec![true; self.cells.len()];
+        let mut kept = vec![true; cells];
         let mut crowded: HashMap<u32, Vec<(u64, usize)>> = HashMap::new();
-        for (i, cell) in self.cells.iter().enumerate() {
-            if groups_of[cell.subject as usize] > m {
+        for (i, (&s, &g)) in self.subject.iter().zip(&self.group).enumerate() {
+            if groups_of[s as usize] > m {
                 crowded
-                    .entry(cell.subject)
+                    .entry(s)
                     .or_default()
-                    .push((self.keys[cell.group as usize].1, i));
+                    .push((self.keys[g as usize].1, i));
             }
         }
-        for (_, mut cells) in crowded {
-            cells.sort_unstable();
-            for (_, i) in cells.into_iter().skip(m as usize) {
+        for (_, mut list) in crowded {
+            list.sort_unstable();
+            for (_, i) in list.into_iter().skip(m as usize) {
                 kept[i] = false;
             }
         }
         let mut rows_of = vec![0f64; subjects];
-        for (cell, keep) in self.cells.iter().zip(&kept) {
-            if *keep {
-                rows_of[cell.subject as usize] += cell.rows;
-            }
+        for i in (0..cells).filter(|&i| kept[i]) {
+            rows_of[self.subject[i] as usize] += self.rows[i];
         }
-        let values = self.cells.first().map(|c| c.sums.len()).unwrap_or(0);
+        let values = self.values;
         let mut totals: Vec<Totals> = (0..self.keys.len()).map(|_| Totals::new(values)).collect();
-        for (cell, keep) in self.cells.iter().zip(&kept) {
-            if !*keep {
-                continue;
-            }
-            let weight = (m as f64 / rows_of[cell.subject as usize]).min(1.0);
-            let t = &mut totals[cell.group as usize];
-            t.rows += weight * cell.rows;
+        for i in (0..cells).filter(|&i| kept[i]) {
+            let weight = (m as f64 / rows_of[self.subject[i] as usize]).min(1.0);
+            let t = &mut totals[self.group[i] as usize];
+            t.rows += weight * self.rows[i];
             t.subjects += 1.0;
-            for i in 0..values {
-                t.sums[i] += weight * cell.sums[i];
-                t.present[i] += weight * cell.present[i];
+            for v in 0..values {
+                t.sums[v] += weight * self.sums[i * values + v];
+                t.present[v] += weight * self.present[i * values + v];
             }
         }
         self.keys
