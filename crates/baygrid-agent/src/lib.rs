@@ -6,6 +6,7 @@
 //! What it runs is persisted in its work directory, one file per job, so a restarted agent
 //! re-attaches to jobs that are still running and reports the ones that are gone as lost.
 
+mod fusion;
 mod query;
 
 use std::collections::BTreeMap;
@@ -264,6 +265,11 @@ pub async fn run(
     agent.last_renewed = std::time::Instant::now();
     agent.reattach().await;
     tokio::spawn(query::serve(
+        agent.client.clone(),
+        agent.config.work_dir.clone(),
+        shutdown.clone(),
+    ));
+    tokio::spawn(fusion::serve(
         agent.client.clone(),
         agent.config.work_dir.clone(),
         shutdown.clone(),

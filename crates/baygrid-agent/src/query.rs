@@ -14,45 +14,68 @@ use rand::SeedableRng;
 use tokio::sync::watch;
 
 /// Serves query sides until shutdown: long-polls for work, runs each side beside the loop.
-pub(crate) async fn serve(client: Client, work_dir: PathBuf, mut shutdown: watch::Receiver<bool>) {
+pub(crate) async fn serve(client: Client, work_dir: PathBuf, shutdown: watch::Receiver<bool>) {
+    let answerer = client.clone();
+    serve_claims(
+        client,
+        "/api/v1/agent/queries/claim",
+        shutdown,
+        move |task: QueryTask| {
+            let client = answerer.clone();
+            let dir = work_dir.clone();
+            async move {
+                let body = match run(&client, &dir, &task).await {
+                    Ok(answer) => QueryAnswerBody {
+                        answer: Some(answer),
+                        error: None,
+                    },
+                    Err(error) => {
+                        tracing::warn!(query = %task.query, %error, "query side failed");
+                        QueryAnswerBody {
+                            answer: None,
+                            error: Some(error),
+                        }
+                    }
+                };
+                let path = format!(
+                    "/api/v1/agent/queries/{}/answer?dataset={}",
+                    task.query, task.dataset
+                );
+                if let Err(e) = client.post::<_, serde_json::Value>(&path, &body).await {
+                    // unanswered, the server hands the side out again later
+                    tracing::warn!(query = %task.query, error = %e, "answer not delivered");
+                }
+            }
+        },
+    )
+    .await
+}
+
+/// Long-polls `path` for work until shutdown and runs each piece beside the loop.
+pub(crate) async fn serve_claims<T, F, Fut>(
+    client: Client,
+    path: &'static str,
+    mut shutdown: watch::Receiver<bool>,
+    handle: F,
+) where
+    T: serde::de::DeserializeOwned + Send + 'static,
+    F: Fn(T) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let ask = serde_json::json!({ "wait_ms": 20_000 });
     loop {
         let claimed = tokio::select! {
-            r = client.post::<_, Vec<QueryTask>>("/api/v1/agent/queries/claim", &ask) => r,
+            r = client.post::<_, Vec<T>>(path, &ask) => r,
             _ = shutdown.changed() => return,
         };
         match claimed {
-            Ok(tasks) => {
-                for task in tasks {
-                    let client = client.clone();
-                    let dir = work_dir.clone();
-                    tokio::spawn(async move {
-                        let body = match run(&client, &dir, &task).await {
-                            Ok(answer) => QueryAnswerBody {
-                                answer: Some(answer),
-                                error: None,
-                            },
-                            Err(error) => {
-                                tracing::warn!(query = %task.query, %error, "query side failed");
-                                QueryAnswerBody {
-                                    answer: None,
-                                    error: Some(error),
-                                }
-                            }
-                        };
-                        let path = format!(
-                            "/api/v1/agent/queries/{}/answer?dataset={}",
-                            task.query, task.dataset
-                        );
-                        if let Err(e) = client.post::<_, serde_json::Value>(&path, &body).await {
-                            // unanswered, the server hands the side out again later
-                            tracing::warn!(query = %task.query, error = %e, "answer not delivered");
-                        }
-                    });
+            Ok(work) => {
+                for piece in work {
+                    tokio::spawn(handle(piece));
                 }
             }
             Err(e) => {
-                tracing::debug!(error = %e, "cannot claim query sides yet");
+                tracing::debug!(error = %e, path, "cannot claim work yet");
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                     _ = shutdown.changed() => return,
@@ -65,24 +88,21 @@ pub(crate) async fn serve(client: Client, work_dir: PathBuf, mut shutdown: watch
 /// The dataset's files of one upload, staged once into `work_dir/vault-cache` and checked
 /// against their recorded digests. Each staging writes its own folder and renames it into
 /// place whole, so concurrent queries never read a half-staged one.
-async fn staged(work_dir: &Path, table: &baygrid_api::QueryTable) -> Result<PathBuf, String> {
-    let name = &table.dataset.name;
+pub(crate) async fn staged(
+    work_dir: &Path,
+    name: &str,
+    upload: &str,
+    files: &[baygrid_api::VersionFile],
+    vault_url: &str,
+) -> Result<PathBuf, String> {
     let parent = work_dir.join("vault-cache").join(name);
-    let dir = parent.join(&table.upload);
+    let dir = parent.join(upload);
     if dir.exists() {
         return Ok(dir);
     }
-    let staging = parent.join(format!(
-        ".staging-{}-{}",
-        table.upload,
-        rand::random::<u64>()
-    ));
-    let fetched = match baygrid_vault::Vault::open(&table.vault_url) {
-        Ok(vault) => {
-            vault
-                .get_upload(name, &table.upload, &table.files, &staging)
-                .await
-        }
+    let staging = parent.join(format!(".staging-{upload}-{}", rand::random::<u64>()));
+    let fetched = match baygrid_vault::Vault::open(vault_url) {
+        Ok(vault) => vault.get_upload(name, upload, files, &staging).await,
         Err(e) => Err(e),
     };
     if let Err(e) = fetched {
@@ -120,7 +140,15 @@ async fn run(
         .position(|t| t.dataset.name == task.dataset)
         .ok_or_else(|| format!("the task does not carry `{}`", task.dataset))?;
     let table = &tables[mine];
-    let dir = staged(work_dir, &task.tables[mine]).await?;
+    let mine = &task.tables[mine];
+    let dir = staged(
+        work_dir,
+        &mine.dataset.name,
+        &mine.upload,
+        &mine.files,
+        &mine.vault_url,
+    )
+    .await?;
     let ctx = SessionContext::new();
     baygrid_query::register_files(&ctx, table, &dir)
         .await

@@ -5,6 +5,7 @@
 
 mod client;
 mod dataset;
+mod fusion;
 mod offer;
 mod query;
 pub mod relay;
@@ -13,6 +14,10 @@ pub use client::{Client, ClientError};
 pub use dataset::{
     Column, ColumnType, DatasetError, DatasetSpec, DatasetVersion, DatasetView, NewVersion,
     VaultView, VersionFile,
+};
+pub use fusion::{
+    FusionEvent, FusionParty, FusionReport, FusionRequest, FusionRound, FusionState, FusionTask,
+    FusionView, FusionWork, FusionWorker, PartyDone, PartyTable, WorkerState,
 };
 pub use offer::{
     ContractRequest, ContractState, ContractView, DataOfferSpec, DataOfferView, FlowReport,

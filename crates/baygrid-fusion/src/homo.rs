@@ -35,7 +35,7 @@ pub enum Arch {
 }
 
 /// How the aggregator combines the parties' models.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Aggregation {
     /// Plain weighted average: the aggregator sees each party's model.
@@ -100,6 +100,64 @@ impl HomoConfig {
     }
 }
 
+/// A horizontal task's trainer settings from a map of [`HomoConfig`]'s fields laid
+/// over `base` (every field must be given when there is none). For the MLP, `hidden`
+/// is its width (16 when absent). An error names the field at fault.
+pub fn config_from(
+    mlp: bool,
+    mut settings: serde_json::Map<String, serde_json::Value>,
+    base: Option<&HomoConfig>,
+) -> Result<HomoConfig, TrainError> {
+    let bad = |field: &str, what: String| TrainError::Config(format!("settings.{field}: {what}"));
+    let arch = if mlp {
+        let hidden = match settings.remove("hidden") {
+            None => 16,
+            Some(v) => v
+                .as_u64()
+                .filter(|h| (1..=4096).contains(h))
+                .ok_or_else(|| {
+                    bad(
+                        "hidden",
+                        format!("must be an integer from 1 to 4096, not {v}"),
+                    )
+                })? as usize,
+        };
+        Arch::Mlp { hidden }
+    } else {
+        if settings.contains_key("hidden") {
+            return Err(bad("hidden", "only the MLP has a hidden layer".into()));
+        }
+        Arch::Logistic
+    };
+    if settings.contains_key("arch") {
+        return Err(bad("arch", "is set by the task".into()));
+    }
+    let mut map = match base {
+        Some(b) => match serde_json::to_value(b) {
+            Ok(serde_json::Value::Object(m)) => m,
+            _ => serde_json::Map::new(),
+        },
+        None => serde_json::Map::new(),
+    };
+    map.extend(settings);
+    map.insert(
+        "arch".into(),
+        serde_json::to_value(arch).map_err(|e| TrainError::Config(e.to_string()))?,
+    );
+    let cfg: HomoConfig = serde_path_to_error::deserialize(serde_json::Value::Object(map))
+        .map_err(|e| bad(&e.path().to_string(), e.inner().to_string()))?;
+    if cfg.rounds == 0 || cfg.rounds > 10_000 {
+        return Err(bad("rounds", "must be from 1 to 10000".into()));
+    }
+    if !(cfg.learning_rate.is_finite() && cfg.learning_rate > 0.0) {
+        return Err(bad("learning_rate", "must be above 0".into()));
+    }
+    if cfg.batch_size == Some(0) {
+        return Err(bad("batch_size", "must be at least 1".into()));
+    }
+    Ok(cfg)
+}
+
 fn one() -> usize {
     1
 }
@@ -108,7 +166,7 @@ fn yes() -> bool {
 }
 
 /// One round's figures.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RoundStats {
     pub round: usize,
     pub loss: f64,
@@ -362,6 +420,93 @@ fn rand_distr_normal() -> impl Fn(&mut ChaCha8Rng) -> f64 {
     }
 }
 
+/// The model's parameter count for `d` features.
+pub fn dim(arch: Arch, d: usize) -> usize {
+    Model::dim(arch, d)
+}
+
+/// The global model every run starts from: zeros for logistic regression,
+/// seeded Xavier-uniform weights for the MLP.
+pub fn initial_params(arch: Arch, d: usize, seed: u64) -> Vec<f32> {
+    Model::initial(arch, d, seed)
+}
+
+/// One party of a horizontal run, holding only its own rows: each round it
+/// trains from the global model and gives back its update weighted by its
+/// share of all rows, ready to be summed (in the clear or through secure
+/// aggregation). Party indices run from 1.
+pub struct LocalParty {
+    cfg: HomoConfig,
+    table: Table,
+    rng: ChaCha8Rng,
+    accountant: Accountant,
+    device: Device,
+}
+
+impl LocalParty {
+    pub fn new(cfg: HomoConfig, table: Table, index: usize, device: Device) -> Self {
+        let rng = ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_add(index as u64));
+        LocalParty {
+            cfg,
+            table,
+            rng,
+            accountant: Accountant::default(),
+            device,
+        }
+    }
+
+    pub fn rows(&self) -> usize {
+        self.table.rows()
+    }
+
+    pub fn table(&self) -> &Table {
+        &self.table
+    }
+
+    /// Local training from `global` in round `round` (from 0), with `total`
+    /// rows across all parties: the update weighted by this party's share,
+    /// and its loss before the update weighted the same way.
+    pub fn step(
+        &mut self,
+        global: &[f32],
+        round: usize,
+        total: usize,
+    ) -> Result<(Vec<f32>, f64), TrainError> {
+        if total < self.table.rows() || total == 0 {
+            return Err(TrainError::Config(format!(
+                "{total} rows in all, fewer than this party's {}",
+                self.table.rows()
+            )));
+        }
+        let expected = Model::dim(self.cfg.arch, self.table.width());
+        if global.len() != expected {
+            return Err(TrainError::Config(format!(
+                "a global model of {} parameters for a model of {expected}",
+                global.len()
+            )));
+        }
+        let (params, loss) = local_train(
+            &self.cfg,
+            &self.table,
+            global,
+            round,
+            &mut self.rng,
+            &mut self.accountant,
+            &self.device,
+        )?;
+        let weight = self.table.rows() as f32 / total as f32;
+        Ok((
+            params.iter().map(|p| p * weight).collect(),
+            loss * self.table.rows() as f64 / total as f64,
+        ))
+    }
+
+    /// ε spent so far by DP-SGD at the configured δ (none without DP).
+    pub fn epsilon(&self) -> Option<f64> {
+        self.cfg.dp.map(|dp| self.accountant.epsilon(dp.delta).0)
+    }
+}
+
 /// Train across `parties` (each a table with labels and the same columns).
 /// One party is the centralised baseline.
 pub fn train(
@@ -405,29 +550,21 @@ pub fn train(
         None => Aggregation::Plain,
     };
     let total: usize = parties.iter().map(Table::rows).sum();
-    let mut global = Model::initial(cfg.arch, d, cfg.seed);
-    let mut rngs: Vec<ChaCha8Rng> = (0..parties.len())
-        .map(|i| ChaCha8Rng::seed_from_u64(cfg.seed.wrapping_add(1 + i as u64)))
+    let mut global = initial_params(cfg.arch, d, cfg.seed);
+    let mut locals: Vec<LocalParty> = parties
+        .iter()
+        .enumerate()
+        .map(|(i, table)| LocalParty::new(cfg.clone(), table.clone(), i + 1, device.clone()))
         .collect();
-    let mut accountants = vec![Accountant::default(); parties.len()];
     let mut rounds = Vec::with_capacity(cfg.rounds);
     for round in 0..cfg.rounds {
         let start = Instant::now();
         let mut updates = Vec::with_capacity(parties.len());
         let mut loss = 0.0;
-        for (i, table) in parties.iter().enumerate() {
-            let (params, l) = local_train(
-                cfg,
-                table,
-                &global,
-                round,
-                &mut rngs[i],
-                &mut accountants[i],
-                device,
-            )?;
-            let weight = table.rows() as f32 / total as f32;
-            loss += l * table.rows() as f64 / total as f64;
-            updates.push(params.iter().map(|p| p * weight).collect::<Vec<f32>>());
+        for local in locals.iter_mut() {
+            let (update, l) = local.step(&global, round, total)?;
+            loss += l;
+            updates.push(update);
         }
         let agg_start = Instant::now();
         let (sum, bytes) = match secure {
@@ -458,9 +595,9 @@ pub fn train(
         rounds.push(stats);
     }
     let dp = cfg.dp.map(|dp| {
-        let eps = accountants
+        let eps = locals
             .iter()
-            .map(|a| a.epsilon(dp.delta).0)
+            .map(|p| p.epsilon().unwrap_or(0.0))
             .fold(0.0, f64::max);
         (eps, dp.delta)
     });

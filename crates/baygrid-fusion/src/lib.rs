@@ -6,6 +6,7 @@
 
 pub mod data;
 pub mod dp;
+pub mod fed;
 pub mod hetero;
 pub mod homo;
 pub mod metrics;

@@ -29,6 +29,7 @@ use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
 use curve25519_dalek::scalar::Scalar;
 use rand::{CryptoRng, RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use x25519_dalek::{PublicKey, StaticSecret};
 
@@ -124,7 +125,7 @@ impl Params {
 }
 
 /// Round 0: a party's public keys, relayed by the aggregator to all.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Advert {
     pub party: usize,
     pub channel_key: [u8; 32],
@@ -132,7 +133,7 @@ pub struct Advert {
 }
 
 /// Round 1: the shares one party seals for one peer.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Envelope {
     pub from: usize,
     pub to: usize,
@@ -140,13 +141,43 @@ pub struct Envelope {
 }
 
 /// Round 3: one survivor's answer to the aggregator's unmasking request.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct UnmaskReply {
     pub from: usize,
-    /// Shares of survivors' self-mask seeds: (owner, x, y).
+    /// Shares of survivors' self-mask seeds: (owner, share).
+    #[serde(with = "scalars")]
     pub self_mask: Vec<(usize, Scalar)>,
-    /// Shares of dropped parties' mask secrets: (owner, x, y).
+    /// Shares of dropped parties' mask secrets: (owner, share).
+    #[serde(with = "scalars")]
     pub mask_secret: Vec<(usize, Scalar)>,
+}
+
+/// Shares on the wire: each scalar as its 32 canonical bytes, refused when not canonical.
+mod scalars {
+    use curve25519_dalek::scalar::Scalar;
+    use serde::{de::Error, Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(shares: &[(usize, Scalar)], s: S) -> Result<S::Ok, S::Error> {
+        let bytes: Vec<(usize, [u8; 32])> =
+            shares.iter().map(|(i, v)| (*i, v.to_bytes())).collect();
+        bytes.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(usize, Scalar)>, D::Error> {
+        let bytes = Vec::<(usize, [u8; 32])>::deserialize(d)?;
+        bytes
+            .into_iter()
+            .map(|(i, b)| {
+                Option::<Scalar>::from(Scalar::from_canonical_bytes(b))
+                    .map(|v| (i, v))
+                    .ok_or_else(|| {
+                        D::Error::custom(format!(
+                            "the share for party {i} is not a canonical scalar"
+                        ))
+                    })
+            })
+            .collect()
+    }
 }
 
 impl UnmaskReply {

@@ -193,6 +193,25 @@ pub fn settlement(state: &AppState, job: &JobRecord, now: i64) -> ApiResult<(i64
     Ok((cost_cny, chain))
 }
 
+/// Voids the hold placed for `id` (a query or a fusion run): nothing is charged.
+pub fn void_hold(id: &str, tenant: &str, held_cny: i64, reference: String) -> Vec<Transfer> {
+    if held_cny <= 0 {
+        return vec![];
+    }
+    vec![Transfer {
+        id: format!("void:{id}"),
+        debit_account: names::wallet(tenant).id,
+        credit_account: names::clearing(Currency::CNY).id,
+        amount: held_cny,
+        currency: Currency::CNY,
+        kind: TransferKind::Void {
+            pending_id: names::hold(id),
+        },
+        linked: false,
+        reference,
+    }]
+}
+
 /// Pays `charged` CNY out of clearing, as linked transfers appended to `chain`: the
 /// platform's fee, then the rest to `payee` in its currency (through the FX accounts when
 /// that is not CNY). Transfer ids end in `id`.

@@ -10,6 +10,7 @@ pub mod config;
 mod contracts;
 mod error;
 mod flows;
+mod fusion;
 mod jobs;
 pub mod ledger;
 mod metrics;
@@ -172,6 +173,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     // agents get a grace period to reconnect before any lease held across the restart expires
     let grace_until = state.now() + config.restart_grace.as_millis() as i64;
     state.store.extend_leases(grace_until).await?;
+    fusion::fail_orphans(&state).await?;
 
     let listener =
         TcpListener::bind(config.listen)
@@ -330,6 +332,16 @@ pub fn router(state: AppState) -> Router {
         .route("/contracts/{id}/revoke", post(contracts::revoke))
         .route("/queries", get(queries::list).post(queries::submit))
         .route("/queries/{id}", get(queries::get))
+        .route("/fusion", get(fusion::list).post(fusion::submit))
+        .route("/fusion/{id}", get(fusion::get))
+        .route("/fusion/{id}/logs", get(fusion::logs))
+        .route("/fusion/{id}/cancel", post(fusion::cancel))
+        .route("/agent/fusion/claim", post(fusion::claim))
+        .route(
+            "/agent/fusion/{id}/relay",
+            get(fusion::relay_receive).post(fusion::relay_send),
+        )
+        .route("/agent/fusion/{id}/report", post(fusion::report))
         .route("/agent/queries/claim", post(queries::claim))
         .route("/agent/queries/{id}/answer", post(queries::answer))
         .route(

@@ -4,7 +4,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::{agent, audit, catalog, contracts, flows, jobs, ledger, queries, zone};
+use crate::{agent, audit, catalog, contracts, flows, fusion, jobs, ledger, queries, zone};
 
 struct BearerAuth;
 
@@ -39,6 +39,7 @@ impl Modify for BearerAuth {
         contracts::list_offers, contracts::publish_offer, contracts::list_contracts, contracts::request_contract, contracts::approve, contracts::revoke,
         flows::request, flows::list, flows::get, flows::report, zone::obligations,
         queries::submit, queries::list, queries::get, queries::claim, queries::answer, queries::relay_send, queries::relay_receive,
+        fusion::submit, fusion::list, fusion::get, fusion::logs, fusion::cancel, fusion::claim, fusion::relay_send, fusion::relay_receive, fusion::report,
         ledger::list_accounts, ledger::get_account, ledger::statement, ledger::deposit, ledger::invoice,
         audit::checkpoint, audit::key, audit::list_entries, audit::get_entry, audit::inclusion, audit::consistency,
     ),

@@ -26,7 +26,7 @@ use baygrid_api::{
 use baygrid_core::{millis_to_rfc3339, Currency, Money, Principal, Role};
 use baygrid_ledger::{names, Transfer, TransferKind};
 use baygrid_query::{sql_name, Refusal, Shape, Table};
-use baygrid_store::{QueryRow, Spend, DELTA_UNIT, EPSILON_UNIT};
+use baygrid_store::{Ending, QueryRow, Spend, DELTA_UNIT, EPSILON_UNIT};
 use serde::{Deserialize, Serialize};
 
 use crate::agent::agent_cluster;
@@ -535,11 +535,11 @@ pub async fn submit(
     Ok((status, Json(json(&view)?)))
 }
 
-fn json<T: Serialize>(value: &T) -> ApiResult<serde_json::Value> {
+pub(crate) fn json<T: Serialize>(value: &T) -> ApiResult<serde_json::Value> {
     serde_json::to_value(value).map_err(|e| ApiError::Unavailable(e.to_string()))
 }
 
-fn sha256(bytes: &[u8]) -> String {
+pub(crate) fn sha256(bytes: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(bytes))
 }
@@ -547,7 +547,7 @@ fn sha256(bytes: &[u8]) -> String {
 /// A long poll: `check` answers (what to return, whether it is final); it runs again each
 /// time `signal` fires, until it is final, `wait` has passed or the server is stopping, and
 /// its last answer is returned. A signal between a check and the wait is not missed.
-async fn long_poll<T, F, C>(
+pub(crate) async fn long_poll<T, F, C>(
     state: &AppState,
     signal: &tokio::sync::Notify,
     wait: Duration,
@@ -837,21 +837,12 @@ pub async fn answer(
 }
 
 fn void_hold(record: &QueryRecord) -> Vec<Transfer> {
-    if record.held_cny <= 0 {
-        return vec![];
-    }
-    vec![Transfer {
-        id: format!("void:{}", record.view.id),
-        debit_account: names::wallet(&record.view.tenant).id,
-        credit_account: names::clearing(Currency::CNY).id,
-        amount: record.held_cny,
-        currency: Currency::CNY,
-        kind: TransferKind::Void {
-            pending_id: names::hold(&record.view.id),
-        },
-        linked: false,
-        reference: format!("query:{}", record.view.id),
-    }]
+    crate::ledger::void_hold(
+        &record.view.id,
+        &record.view.tenant,
+        record.held_cny,
+        format!("query:{}", record.view.id),
+    )
 }
 
 /// Ends a running query without a result (failed, or withheld by the rules): the hold on
@@ -881,13 +872,15 @@ async fn end_unreleased(
         .store
         .finish_query(
             record.view.id.clone(),
-            outcome.as_str().into(),
-            record.body()?,
-            transfers,
-            actor,
-            now,
-            kind,
-            payload,
+            Ending {
+                state: outcome.as_str().into(),
+                body: record.body()?,
+                transfers,
+                actor,
+                now,
+                kind,
+                payload,
+            },
         )
         .await?;
     Ok(record.view)
@@ -1023,13 +1016,14 @@ async fn release(
         .store
         .finish_query(
             record.view.id.clone(),
-            QueryState::Released.as_str().into(),
-            record.body()?,
-            transfers,
-            actor,
-            now,
-            "query.released",
-            serde_json::json!({
+            Ending {
+                state: QueryState::Released.as_str().into(),
+                body: record.body()?,
+                transfers,
+                actor,
+                now,
+                kind: "query.released",
+                payload: serde_json::json!({
                 "query": record.view.id,
                 "tenant": record.view.tenant,
                 "datasets": record.sides.iter().map(|s| &s.dataset).collect::<Vec<_>>(),
@@ -1037,11 +1031,15 @@ async fn release(
                 "result_sha256": digest,
                 "rules": record.view.rules,
                 "charged": record.view.charged,
-            }),
+                }),
+            },
         )
         .await?;
     Ok(record.view)
 }
+
+/// (run, worker a message is for) → (sender, message), in the order sent.
+pub(crate) type FusionMailboxes = HashMap<(String, usize), Vec<(usize, Bytes)>>;
 
 /// What the server holds in memory for queries: the signals that wake waiting agents and
 /// consumers, and the relay's mailboxes.
@@ -1053,6 +1051,12 @@ pub struct Queries {
     /// (query, dataset it is addressed to) → the messages sent so far, in order.
     pub(crate) relay: std::sync::Mutex<HashMap<(String, String), Vec<Bytes>>>,
     pub(crate) relayed: tokio::sync::Notify,
+    /// Fusion runs: workers to hand out, the relay between a run's workers ((run, worker
+    /// it is addressed to) → (sender, message) in order), and its signal.
+    pub(crate) fusion_work: tokio::sync::Notify,
+    pub(crate) fusion_writes: tokio::sync::Mutex<()>,
+    pub(crate) fusion_relay: std::sync::Mutex<FusionMailboxes>,
+    pub(crate) fusion_relayed: tokio::sync::Notify,
     /// Set when the server stops: long polls answer at once, so shutdown does not wait.
     closing: std::sync::atomic::AtomicBool,
 }
@@ -1065,6 +1069,8 @@ impl Queries {
         self.work.notify_waiters();
         self.done.notify_waiters();
         self.relayed.notify_waiters();
+        self.fusion_work.notify_waiters();
+        self.fusion_relayed.notify_waiters();
     }
 
     fn closing(&self) -> bool {

@@ -899,9 +899,53 @@ pub(crate) async fn register_outputs(
         .tenant_party(&job.tenant)
         .map(|p| p.name.clone())
         .ok_or_else(|| ApiError::Unavailable(format!("tenant `{}` is gone", job.tenant)))?;
-    let inputs: Vec<&DatasetSpec> = job
-        .spec
-        .inputs
+    let derived = Derived {
+        name: derived_name(job),
+        holder,
+        site,
+        inputs: job.spec.inputs.clone(),
+        purpose: job.spec.purpose.clone().unwrap_or_default(),
+        personal: None,
+        upload: job.id.to_string(),
+    };
+    register_derived(state, derived, files, who).await
+}
+
+/// A dataset derived from others at a site: a protected job's outputs, or a party's copy
+/// of a trained model.
+pub(crate) struct Derived {
+    pub name: String,
+    pub holder: String,
+    pub site: String,
+    pub inputs: Vec<String>,
+    pub purpose: String,
+    /// The personal profile when the rules decided it (a model is not personal data);
+    /// otherwise the strictest of the inputs'.
+    pub personal: Option<baygrid_rules::Personal>,
+    /// The upload its files were written under.
+    pub upload: String,
+}
+
+/// Registers a derived dataset at its site with the strictest level of its inputs; its
+/// first version is the files already written to the site's vault. Registering again
+/// (a resent report) finds the version recorded and changes nothing.
+pub(crate) async fn register_derived(
+    state: &AppState,
+    derived: Derived,
+    files: &[baygrid_api::VersionFile],
+    who: &Principal,
+) -> ApiResult<String> {
+    let catalog = state.catalog();
+    let Derived {
+        name,
+        holder,
+        site,
+        inputs: input_names,
+        purpose,
+        personal,
+        upload,
+    } = derived;
+    let inputs: Vec<&DatasetSpec> = input_names
         .iter()
         .filter_map(|i| catalog.datasets.get(i))
         .collect();
@@ -916,9 +960,8 @@ pub(crate) async fn register_outputs(
         baygrid_rules::Personal::Personal => 1,
         baygrid_rules::Personal::Sensitive => 2,
     };
-    let name = derived_name(job);
     let for_files = NewVersion {
-        upload: job.id.to_string(),
+        upload: upload.clone(),
         files: files.to_vec(),
     };
     for_files
@@ -933,26 +976,26 @@ pub(crate) async fn register_outputs(
             .map(|d| d.level)
             .max_by_key(|l| rank_level(*l))
             .unwrap_or(baygrid_rules::Level::General),
-        personal: inputs
-            .iter()
-            .map(|d| d.personal)
-            .max_by_key(|p| rank_personal(*p))
-            .unwrap_or(baygrid_rules::Personal::None),
+        personal: personal.unwrap_or_else(|| {
+            inputs
+                .iter()
+                .map(|d| d.personal)
+                .max_by_key(|p| rank_personal(*p))
+                .unwrap_or(baygrid_rules::Personal::None)
+        }),
         // the same individuals may be in several inputs: the largest is the floor
         subjects: inputs.iter().map(|d| d.subjects).max().unwrap_or(0),
         subject_column: None,
-        purposes: vec![job.spec.purpose.clone().unwrap_or_default()],
+        purposes: vec![purpose],
         collected_abroad: inputs.iter().any(|d| {
             d.collected_abroad
                 || catalog.sites.get(&d.vault).map(|s| s.jurisdiction) != site_jurisdiction
         }),
         arrived_under: None,
         schema: Vec::new(),
-        derived_from: job.spec.inputs.clone(),
+        derived_from: input_names.clone(),
     };
     crate::catalog::put_json(state, "dataset", &name, Some(holder.clone()), &spec, who).await?;
-    // a resent report finds its version recorded already
-    let upload = job.id.to_string();
     let recorded = state
         .catalog()
         .versions
@@ -960,15 +1003,7 @@ pub(crate) async fn register_outputs(
         .is_some_and(|v| v.iter().any(|v| v.upload == upload));
     if !recorded {
         let _numbering = state.zone_writes.lock().await;
-        put_version(
-            state,
-            &name,
-            &holder,
-            job.id.to_string(),
-            files.to_vec(),
-            who,
-        )
-        .await?;
+        put_version(state, &name, &holder, upload, files.to_vec(), who).await?;
     }
     Ok(name)
 }

@@ -28,7 +28,7 @@ pub use jobs::{
     NewJob, Outcome, Report, FAILOVER_BACKOFF_MAX_MS, FAILOVER_BACKOFF_MS,
 };
 pub use ledger::{StatementLine, TransferRecord};
-pub use queries::{QueryRow, Spend, Spent, DELTA_UNIT, EPSILON_UNIT};
+pub use queries::{Ending, FusionRow, QueryRow, RecordRow, Spend, Spent, DELTA_UNIT, EPSILON_UNIT};
 pub use records::{JobEvent, JobRecord, LogLine, TokenRecord};
 pub use zone::{FlowRecord, ObligationRow};
 

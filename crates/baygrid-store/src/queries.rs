@@ -14,16 +14,43 @@ use crate::{outbox, Result, Store, StoreError};
 pub const EPSILON_UNIT: f64 = 1e6;
 pub const DELTA_UNIT: f64 = 1e15;
 
-/// A query's stored record.
+/// A record kept as its JSON body with its state: a query, or a fusion run.
 #[derive(Debug, Clone, PartialEq)]
-pub struct QueryRow {
+pub struct RecordRow {
     pub id: String,
     pub tenant: String,
-    /// running | released | withheld | failed
+    /// `running` until it ends (a query: released | withheld | failed; a fusion run:
+    /// succeeded | failed | cancelled)
     pub state: String,
     pub created_ms: Millis,
     pub finished_ms: Option<Millis>,
     pub body: serde_json::Value,
+}
+
+pub type QueryRow = RecordRow;
+pub type FusionRow = RecordRow;
+
+/// The tables of records kept as a JSON body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Records {
+    Queries,
+    Fusion,
+}
+
+impl Records {
+    fn table(self) -> &'static str {
+        match self {
+            Records::Queries => "queries",
+            Records::Fusion => "fusion_runs",
+        }
+    }
+
+    fn noun(self) -> &'static str {
+        match self {
+            Records::Queries => "query",
+            Records::Fusion => "fusion run",
+        }
+    }
 }
 
 /// What one query spends from one dataset's budgets, and the budgets' limits.
@@ -70,17 +97,33 @@ async fn spent(
     })
 }
 
-fn row_of(row: &sqlx::any::AnyRow) -> Result<QueryRow> {
+fn row_of(row: &sqlx::any::AnyRow) -> Result<RecordRow> {
     let body: String = row.try_get("body")?;
-    Ok(QueryRow {
+    Ok(RecordRow {
         id: row.try_get("id")?,
         tenant: row.try_get("tenant")?,
         state: row.try_get("state")?,
         created_ms: row.try_get("created_ms")?,
         finished_ms: row.try_get("finished_ms")?,
         body: serde_json::from_str(&body)
-            .map_err(|e| StoreError::Corrupt(format!("query body: {e}")))?,
+            .map_err(|e| StoreError::Corrupt(format!("record body: {e}")))?,
     })
+}
+
+async fn insert(conn: &mut AnyConnection, records: Records, row: &RecordRow) -> Result<()> {
+    sqlx::query(&format!(
+        "INSERT INTO {} (id, tenant, state, created_ms, finished_ms, body) VALUES ($1, $2, $3, $4, $5, $6)",
+        records.table()
+    ))
+    .bind(&row.id)
+    .bind(&row.tenant)
+    .bind(&row.state)
+    .bind(row.created_ms)
+    .bind(row.finished_ms)
+    .bind(row.body.to_string())
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 impl Store {
@@ -147,17 +190,7 @@ impl Store {
                     .execute(&mut *conn)
                     .await?;
                 }
-                sqlx::query(
-                    "INSERT INTO queries (id, tenant, state, created_ms, finished_ms, body) VALUES ($1, $2, $3, $4, $5, $6)",
-                )
-                .bind(&row.id)
-                .bind(&row.tenant)
-                .bind(&row.state)
-                .bind(row.created_ms)
-                .bind(row.finished_ms)
-                .bind(row.body.to_string())
-                .execute(&mut *conn)
-                .await?;
+                insert(conn, Records::Queries, &row).await?;
                 if let Some(hold) = hold {
                     apply_in_tx(conn, &cell, &[hold], &actor, row.created_ms).await?;
                 }
@@ -167,18 +200,59 @@ impl Store {
         .await
     }
 
-    /// Rewrites a running query's record (its sides claimed or answered).
-    pub async fn update_query(&self, id: String, body: serde_json::Value) -> Result<()> {
+    /// Accepts a fusion run: its record, the hold on the consumer's wallet and the audit
+    /// entry together.
+    pub async fn accept_fusion(
+        &self,
+        row: FusionRow,
+        hold: Option<Transfer>,
+        actor: String,
+        payload: serde_json::Value,
+    ) -> Result<()> {
+        let cell = self.ledger.clone();
         self.write(move |conn| {
             Box::pin(async move {
-                let done =
-                    sqlx::query("UPDATE queries SET body = $1 WHERE id = $2 AND state = 'running'")
-                        .bind(body.to_string())
-                        .bind(&id)
-                        .execute(&mut *conn)
-                        .await?;
+                insert(conn, Records::Fusion, &row).await?;
+                if let Some(hold) = hold {
+                    apply_in_tx(conn, &cell, &[hold], &actor, row.created_ms).await?;
+                }
+                outbox(conn, row.created_ms, "fusion.accepted", &actor, &payload).await
+            })
+        })
+        .await
+    }
+
+    /// Rewrites a running query's record (its sides claimed or answered).
+    pub async fn update_query(&self, id: String, body: serde_json::Value) -> Result<()> {
+        self.update_record(Records::Queries, id, body).await
+    }
+
+    /// Rewrites a running fusion run's record (workers claimed, rounds, models).
+    pub async fn update_fusion(&self, id: String, body: serde_json::Value) -> Result<()> {
+        self.update_record(Records::Fusion, id, body).await
+    }
+
+    async fn update_record(
+        &self,
+        records: Records,
+        id: String,
+        body: serde_json::Value,
+    ) -> Result<()> {
+        self.write(move |conn| {
+            Box::pin(async move {
+                let done = sqlx::query(&format!(
+                    "UPDATE {} SET body = $1 WHERE id = $2 AND state = 'running'",
+                    records.table()
+                ))
+                .bind(body.to_string())
+                .bind(&id)
+                .execute(&mut *conn)
+                .await?;
                 if done.rows_affected() == 0 {
-                    return Err(StoreError::Conflict(format!("query `{id}` is not running")));
+                    return Err(StoreError::Conflict(format!(
+                        "{} `{id}` is not running",
+                        records.noun()
+                    )));
                 }
                 Ok(())
             })
@@ -188,42 +262,52 @@ impl Store {
 
     /// Ends a running query: its record, the ledger's transfers (the charge, or the hold
     /// voided) and its audit entry in one transaction.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn finish_query(
-        &self,
-        id: String,
-        state: String,
-        body: serde_json::Value,
-        transfers: Vec<Transfer>,
-        actor: String,
-        now: Millis,
-        kind: &'static str,
-        payload: serde_json::Value,
-    ) -> Result<()> {
+    pub async fn finish_query(&self, id: String, end: Ending) -> Result<()> {
+        self.finish_record(Records::Queries, id, end).await
+    }
+
+    /// Ends a running fusion run, as [`Store::finish_query`] ends a query.
+    pub async fn finish_fusion(&self, id: String, end: Ending) -> Result<()> {
+        self.finish_record(Records::Fusion, id, end).await
+    }
+
+    async fn finish_record(&self, records: Records, id: String, end: Ending) -> Result<()> {
         let cell = self.ledger.clone();
         self.write(move |conn| {
             Box::pin(async move {
-                let done = sqlx::query(
-                    "UPDATE queries SET state = $1, body = $2, finished_ms = $3 WHERE id = $4 AND state = 'running'",
-                )
-                .bind(&state)
-                .bind(body.to_string())
-                .bind(now)
+                let done = sqlx::query(&format!(
+                    "UPDATE {} SET state = $1, body = $2, finished_ms = $3 WHERE id = $4 AND state = 'running'",
+                    records.table()
+                ))
+                .bind(&end.state)
+                .bind(end.body.to_string())
+                .bind(end.now)
                 .bind(&id)
                 .execute(&mut *conn)
                 .await?;
                 if done.rows_affected() == 0 {
-                    return Err(StoreError::Conflict(format!("query `{id}` is not running")));
+                    return Err(StoreError::Conflict(format!(
+                        "{} `{id}` is not running",
+                        records.noun()
+                    )));
                 }
-                apply_in_tx(conn, &cell, &transfers, &actor, now).await?;
-                outbox(conn, now, kind, &actor, &payload).await
+                apply_in_tx(conn, &cell, &end.transfers, &end.actor, end.now).await?;
+                outbox(conn, end.now, end.kind, &end.actor, &end.payload).await
             })
         })
         .await
     }
 
     pub async fn query_row(&self, id: &str) -> Result<Option<QueryRow>> {
-        let row = sqlx::query("SELECT * FROM queries WHERE id = $1")
+        self.record_row(Records::Queries, id).await
+    }
+
+    pub async fn fusion_row(&self, id: &str) -> Result<Option<FusionRow>> {
+        self.record_row(Records::Fusion, id).await
+    }
+
+    async fn record_row(&self, records: Records, id: &str) -> Result<Option<RecordRow>> {
+        let row = sqlx::query(&format!("SELECT * FROM {} WHERE id = $1", records.table()))
             .bind(id)
             .fetch_optional(self.pool())
             .await?;
@@ -237,10 +321,33 @@ impl Store {
         state: Option<&str>,
         limit: i64,
     ) -> Result<Vec<QueryRow>> {
-        let rows = sqlx::query(
-            "SELECT * FROM queries WHERE ($1 = '' OR tenant = $1) AND ($2 = '' OR state = $2) \
+        self.record_rows(Records::Queries, tenant, state, limit)
+            .await
+    }
+
+    /// Fusion runs, newest first: one tenant's when given, in one state when given.
+    pub async fn fusion_rows(
+        &self,
+        tenant: Option<&str>,
+        state: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<FusionRow>> {
+        self.record_rows(Records::Fusion, tenant, state, limit)
+            .await
+    }
+
+    async fn record_rows(
+        &self,
+        records: Records,
+        tenant: Option<&str>,
+        state: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<RecordRow>> {
+        let rows = sqlx::query(&format!(
+            "SELECT * FROM {} WHERE ($1 = '' OR tenant = $1) AND ($2 = '' OR state = $2) \
              ORDER BY created_ms DESC, id DESC LIMIT $3",
-        )
+            records.table()
+        ))
         .bind(tenant.unwrap_or(""))
         .bind(state.unwrap_or(""))
         .bind(limit)
@@ -248,4 +355,17 @@ impl Store {
         .await?;
         rows.iter().map(row_of).collect()
     }
+}
+
+/// How a running record ends: its new state and body, the ledger's transfers (a charge,
+/// or a hold voided), and the audit entry.
+#[derive(Debug, Clone)]
+pub struct Ending {
+    pub state: String,
+    pub body: serde_json::Value,
+    pub transfers: Vec<Transfer>,
+    pub actor: String,
+    pub now: Millis,
+    pub kind: &'static str,
+    pub payload: serde_json::Value,
 }

@@ -849,13 +849,15 @@ async fn query_budget_suite(store: Store) {
     store
         .finish_query(
             "q1".into(),
-            "released".into(),
-            serde_json::json!({ "done": true }),
-            vec![],
-            "test".into(),
-            2,
-            "query.released",
-            serde_json::json!({ "query": "q1" }),
+            crate::Ending {
+                state: "released".into(),
+                body: serde_json::json!({ "done": true }),
+                transfers: vec![],
+                actor: "test".into(),
+                now: 2,
+                kind: "query.released",
+                payload: serde_json::json!({ "query": "q1" }),
+            },
         )
         .await
         .unwrap();
@@ -881,6 +883,96 @@ async fn query_budget_suite(store: Store) {
             .len(),
         1
     );
+}
+
+async fn fusion_suite(store: Store) {
+    let run = |id: &str, tenant: &str, at: i64| FusionRow {
+        id: id.into(),
+        tenant: tenant.into(),
+        state: "running".into(),
+        created_ms: at,
+        finished_ms: None,
+        body: serde_json::json!({ "workers": [] }),
+    };
+    for (id, tenant, at) in [("f1", "alice", 1), ("f2", "bob", 2)] {
+        store
+            .accept_fusion(
+                run(id, tenant, at),
+                None,
+                "test".into(),
+                serde_json::json!({ "run": id }),
+            )
+            .await
+            .unwrap();
+    }
+    // the same id twice is refused, and nothing of the second is written
+    assert!(store
+        .accept_fusion(
+            run("f1", "bob", 3),
+            None,
+            "test".into(),
+            serde_json::json!({})
+        )
+        .await
+        .is_err());
+    store
+        .update_fusion("f1".into(), serde_json::json!({ "round": 1 }))
+        .await
+        .unwrap();
+    let end = |state: &str| Ending {
+        state: state.into(),
+        body: serde_json::json!({ "done": true }),
+        transfers: vec![],
+        actor: "test".into(),
+        now: 9,
+        kind: "fusion.finished",
+        payload: serde_json::json!({ "run": "f1" }),
+    };
+    store
+        .finish_fusion("f1".into(), end("succeeded"))
+        .await
+        .unwrap();
+    // an ended run neither changes nor ends again
+    assert!(store
+        .update_fusion("f1".into(), serde_json::json!({}))
+        .await
+        .is_err());
+    assert!(store
+        .finish_fusion("f1".into(), end("cancelled"))
+        .await
+        .is_err());
+    let f1 = store.fusion_row("f1").await.unwrap().unwrap();
+    assert_eq!((f1.state.as_str(), f1.finished_ms), ("succeeded", Some(9)));
+    assert_eq!(f1.body, serde_json::json!({ "done": true }));
+    let running = store.fusion_rows(None, Some("running"), 10).await.unwrap();
+    assert_eq!(
+        running.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+        ["f2"]
+    );
+    assert_eq!(
+        store
+            .fusion_rows(Some("alice"), None, 10)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    // queries and fusion runs are kept apart
+    assert!(store.query_row("f1").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn sqlite_fusion_suite() {
+    let dir = tempfile::tempdir().unwrap();
+    fusion_suite(Store::open(&sqlite_url(dir.path())).await.unwrap()).await;
+}
+
+#[tokio::test]
+async fn postgres_fusion_suite() {
+    let Some(url) = fresh_postgres_url().await else {
+        return;
+    };
+    fusion_suite(Store::open(&url).await.unwrap()).await;
 }
 
 #[tokio::test]

@@ -11,7 +11,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use baygrid_fusion::data::Table;
 use baygrid_fusion::hetero::{self, HeteroConfig};
-use baygrid_fusion::homo::{self, Arch, HomoConfig};
+use baygrid_fusion::homo;
 use baygrid_fusion::metrics::Scores;
 use baygrid_fusion::psi::{self, Reveal};
 use serde::{Deserialize, Serialize};
@@ -342,26 +342,12 @@ fn horizontal(
     tables: &[Table],
     resolve: &dyn Fn(&Path) -> PathBuf,
 ) -> anyhow::Result<Report> {
-    let mut map = spec.settings.clone();
-    let arch = if spec.task == Task::HomoMlp {
-        let hidden = match map.remove("hidden") {
-            None => 16,
-            Some(v) => v.as_u64().filter(|h| *h > 0).with_context(|| {
-                format!(
-                    "{}: settings.hidden: must be a positive integer",
-                    file.display()
-                )
-            })? as usize,
-        };
-        Arch::Mlp { hidden }
-    } else {
-        Arch::Logistic
+    let map = match serde_json::to_value(&spec.settings) {
+        Ok(serde_json::Value::Object(m)) => m,
+        _ => bail!("{}: settings: must be a mapping", file.display()),
     };
-    map.insert(
-        "arch".into(),
-        serde_yaml::to_value(arch).context("arch serialises")?,
-    );
-    let cfg: HomoConfig = settings(file, map)?;
+    let cfg = homo::config_from(spec.task == Task::HomoMlp, map, None)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     let device = homo::device();
     let trained = homo::train(&cfg, tables, &device, |s| {
         eprintln!(

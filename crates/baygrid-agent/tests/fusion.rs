@@ -1,0 +1,345 @@
+//! Fusion training through the exchange, end to end: a Hong Kong hospital's breast-tumour
+//! cases (FATE's breast_homo guest table) in the Cyberport vault and a Guangzhou hospital's
+//! (the host table) in the Nansha vault. A Hong Kong lab with federated contracts on both
+//! starts a homo-LR run through the API; each party's worker runs beside its own vault, in
+//! its own jurisdiction; the aggregator is placed where the rules let both parties' model
+//! updates go; each party's copy of the model lands in its vault, released by the rules,
+//! audited, and the run is charged.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use baygrid_api::{
+    Client, DatasetSpec, DatasetView, FusionEvent, FusionState, FusionView, WorkerState,
+};
+use baygrid_core::{Jurisdiction, Role};
+use baygrid_server::ServerConfig;
+use common::{repo, start_agent};
+use serde_json::{json, Value};
+
+fn yaml<T: serde::de::DeserializeOwned>(path: &str) -> T {
+    serde_yaml::from_str(&std::fs::read_to_string(repo(path)).unwrap()).unwrap()
+}
+
+struct Zone {
+    server: baygrid_server::RunningServer,
+    operator: Client,
+    lab: Client,
+    agents: Vec<(
+        tokio::sync::watch::Sender<bool>,
+        tokio::task::JoinHandle<()>,
+    )>,
+}
+
+async fn zone(dir: &Path) -> Zone {
+    let config = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.join("server"),
+        sites_file: "sample".into(),
+        schedule_interval: Duration::from_millis(50),
+        heartbeat_interval: Duration::from_millis(200),
+        ..ServerConfig::default()
+    };
+    let server = baygrid_server::start(config).await.unwrap();
+    let url = server.url();
+    let operator = Client::new(&url, Some(server.operator_token.clone()));
+    for (party, dataset, file) in [
+        (
+            json!({"name": "hk-hospital", "jurisdiction": "HK", "city": "hong-kong"}),
+            "hk-breast-clinic",
+            "breast_homo_guest.csv",
+        ),
+        (
+            json!({"name": "gz-hospital", "jurisdiction": "CN", "city": "guangzhou"}),
+            "gz-breast-clinic",
+            "breast_homo_host.csv",
+        ),
+    ] {
+        let _: Value = operator.post("/api/v1/parties", &party).await.unwrap();
+        let holder = operator
+            .issue(Role::DataHolder, party["name"].as_str())
+            .await
+            .unwrap();
+        let spec: DatasetSpec = yaml(&format!("examples/datasets/{dataset}.yaml"));
+        let _: DatasetView = holder.post("/api/v1/datasets", &spec).await.unwrap();
+        baygrid_vault::upload(
+            &holder,
+            dataset,
+            &[repo(&format!("../shared/data/fate/{file}"))],
+        )
+        .await
+        .unwrap();
+        let offer: Value = yaml(&format!("examples/data-offers/{dataset}.yaml"));
+        let _: Value = holder.post("/api/v1/data-offers", &offer).await.unwrap();
+    }
+    let lab = operator
+        .add_tenant(
+            "gba-oncology-lab",
+            Jurisdiction::HK,
+            "hong-kong",
+            "10000.00 CNY".parse().unwrap(),
+        )
+        .await
+        .unwrap();
+    let agents = vec![
+        start_agent(&url, &operator, "cyberport-h800", &dir.join("hk")).await,
+        start_agent(&url, &operator, "nansha-a800", &dir.join("gz")).await,
+    ];
+    Zone {
+        server,
+        operator,
+        lab,
+        agents,
+    }
+}
+
+async fn contracts(lab: &Client) {
+    for offer in ["hk-breast-clinic-federated", "gz-breast-clinic-federated"] {
+        let c: Value = lab
+            .post(
+                "/api/v1/contracts",
+                &json!({"offer": offer, "mode": "federated", "purpose": "medical_research", "site": "hk-cyberport"}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(c["state"], "active", "{c}");
+    }
+}
+
+fn run_file() -> Value {
+    let spec: Value = yaml("examples/fusion/breast-homo-lr-exchange.yaml");
+    spec
+}
+
+async fn wait_ended(client: &Client, id: &str) -> FusionView {
+    for _ in 0..1200 {
+        let view: FusionView = client.get(&format!("/api/v1/fusion/{id}")).await.unwrap();
+        if view.state != FusionState::Running {
+            return view;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("fusion run {id} did not end");
+}
+
+#[tokio::test]
+async fn a_federated_run_trains_in_each_partys_jurisdiction_and_saves_each_copy_in_its_vault() {
+    let dir = tempfile::tempdir().unwrap();
+    let zone = zone(dir.path()).await;
+    contracts(&zone.lab).await;
+    let started: FusionView = zone.lab.post("/api/v1/fusion", &run_file()).await.unwrap();
+    assert_eq!(started.state, FusionState::Running);
+    let view = wait_ended(&zone.lab, &started.id).await;
+    assert_eq!(view.state, FusionState::Succeeded, "{view:#?}");
+
+    // every party's worker ran at its own vault's site, in its own jurisdiction
+    let by_role = |role: &str| view.workers.iter().find(|w| w.role == role).unwrap();
+    let hk = by_role("hk-hospital");
+    let gz = by_role("gz-hospital");
+    assert_eq!(
+        (hk.site.as_str(), hk.jurisdiction),
+        ("hk-cyberport", Jurisdiction::HK)
+    );
+    assert_eq!(hk.cluster.as_deref(), Some("cyberport-h800"));
+    assert_eq!(
+        (gz.site.as_str(), gz.jurisdiction),
+        ("guangzhou-nansha", Jurisdiction::CN)
+    );
+    assert_eq!(gz.cluster.as_deref(), Some("nansha-a800"));
+    // the aggregator sits at the cheaper party site both parties' updates may reach
+    let aggregator = by_role("aggregator");
+    assert_eq!(aggregator.site, "guangzhou-nansha");
+    assert!(view
+        .placement
+        .iter()
+        .any(|p| p.starts_with("guangzhou-nansha (CN)")));
+    assert!(
+        view.rules.iter().any(|r| r == "DERIVED-MODEL"),
+        "{:?}",
+        view.rules
+    );
+    assert!(view
+        .aggregation
+        .as_deref()
+        .is_some_and(|a| a.starts_with("plain")));
+    assert!(view.workers.iter().all(|w| w.state == WorkerState::Done));
+
+    // FATE's settings: 30 rounds, the loss falls, the model separates the classes
+    assert_eq!(view.rounds.len(), 30);
+    assert!(view.rounds[29].loss < view.rounds[0].loss);
+    for party in [hk, gz] {
+        let auc = party.scores.as_ref().unwrap()["auc"].as_f64().unwrap();
+        assert!(auc > 0.97, "{}: AUC {auc}", party.role);
+    }
+
+    // each copy of the model is a derived dataset in the party's own vault, not personal
+    assert_eq!(hk.model_sha256, gz.model_sha256, "both hold the same model");
+    for party in [hk, gz] {
+        let name = party.model.as_ref().unwrap();
+        let dataset: DatasetView = zone
+            .operator
+            .get(&format!("/api/v1/datasets/{name}"))
+            .await
+            .unwrap();
+        assert_eq!(dataset.spec.vault, party.site);
+        assert_eq!(dataset.spec.personal, baygrid_rules::Personal::None);
+        assert_eq!(
+            dataset.spec.derived_from,
+            vec![
+                "hk-breast-clinic".to_string(),
+                "gz-breast-clinic".to_string()
+            ]
+        );
+        let file = &dataset.versions[0].files[0];
+        assert_eq!(file.name, "model.json");
+        assert_eq!(Some(&file.sha256), party.model_sha256.as_ref());
+    }
+
+    // charged: both offers' per-use prices and the workers' metered time
+    let charged = view.charged.unwrap();
+    assert!(
+        charged.minor > 0 && charged.minor <= view.held.minor,
+        "{charged} of {}",
+        view.held
+    );
+    let statement: Value = zone
+        .lab
+        .get("/api/v1/ledger/accounts/wallet:gba-oncology-lab/statement")
+        .await
+        .unwrap();
+    assert!(
+        statement
+            .to_string()
+            .contains(&format!("fusion:{}", view.id)),
+        "{statement}"
+    );
+
+    // the log shows placement and every round; the audit log has the run and the release
+    let logs: Vec<FusionEvent> = zone
+        .lab
+        .get(&format!("/api/v1/fusion/{}/logs", view.id))
+        .await
+        .unwrap();
+    assert!(logs.iter().any(|e| e.line.starts_with("round 30: loss")));
+    assert!(logs.iter().any(|e| e.line.contains("released under")));
+    let entries: Value = zone
+        .operator
+        .get("/api/v1/audit/entries?limit=1000")
+        .await
+        .unwrap();
+    let text = entries.to_string();
+    assert!(text.contains("fusion.accepted") && text.contains("fusion.finished"));
+    assert!(text.contains(&view.id));
+
+    // listed for the lab; another tenant sees nothing of it
+    let mine: Vec<FusionView> = zone.lab.get("/api/v1/fusion").await.unwrap();
+    assert_eq!(mine.len(), 1);
+    let other = zone
+        .operator
+        .add_tenant(
+            "other-lab",
+            Jurisdiction::HK,
+            "hong-kong",
+            "10.00 CNY".parse().unwrap(),
+        )
+        .await
+        .unwrap();
+    assert!(other
+        .get::<FusionView>(&format!("/api/v1/fusion/{}", view.id))
+        .await
+        .is_err());
+    let theirs: Vec<FusionView> = other.get("/api/v1/fusion").await.unwrap();
+    assert!(theirs.is_empty());
+    drop(zone.agents);
+    zone.server.stop().await;
+}
+
+#[tokio::test]
+async fn bad_runs_are_refused_with_the_field_and_a_cancelled_run_is_not_charged() {
+    let dir = tempfile::tempdir().unwrap();
+    let zone = zone(dir.path()).await;
+    // no contract yet
+    let err = zone
+        .lab
+        .post::<_, FusionView>("/api/v1/fusion", &run_file())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no active federated contract"), "{err}");
+    contracts(&zone.lab).await;
+    let cases = [
+        (
+            json!({"task": "homo-lr", "parties": [{"name": "a", "dataset": "hk-breast-clinic"}]}),
+            "parties",
+        ),
+        (json!({"task": "hetero-lr", "parties": []}), "task"),
+        (
+            json!({"task": "homo-lr", "parties": [{"name": "a", "dataset": "hk-breast-clinic"}, {"name": "a", "dataset": "gz-breast-clinic"}]}),
+            "parties[1].name",
+        ),
+        (
+            json!({"task": "homo-lr", "parties": [{"name": "a", "dataset": "hk-breast-clinic"}, {"name": "b", "dataset": "nowhere"}]}),
+            "parties[1].dataset",
+        ),
+        (
+            json!({"task": "homo-lr", "parties": [{"name": "a", "dataset": "hk-breast-clinic"}, {"name": "b", "dataset": "gz-breast-clinic"}], "settings": {"rounds": 0}}),
+            "settings.rounds",
+        ),
+        (
+            json!({"task": "homo-lr", "parties": [{"name": "a", "dataset": "hk-breast-clinic"}, {"name": "b", "dataset": "gz-breast-clinic"}], "settings": {"learning_rate": "fast"}}),
+            "settings.learning_rate",
+        ),
+        (
+            json!({"task": "homo-lr", "parties": [{"name": "a", "dataset": "hk-breast-clinic"}, {"name": "b", "dataset": "gz-breast-clinic"}], "settings": {"hidden": 8}}),
+            "settings.hidden",
+        ),
+    ];
+    for (body, field) in cases {
+        let err = zone
+            .lab
+            .post::<_, FusionView>("/api/v1/fusion", &body)
+            .await
+            .unwrap_err();
+        match &err {
+            baygrid_api::ClientError::Api {
+                status,
+                field: got,
+                message,
+                ..
+            } => {
+                assert_eq!(*status, 400, "{message}");
+                assert_eq!(got.as_deref(), Some(field), "{message}");
+            }
+            other => panic!("{other}"),
+        }
+    }
+    // a run whose parties never get an agent can be cancelled; its hold is voided
+    drop(zone.agents);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut spec = run_file();
+    spec["settings"]["rounds"] = json!(500);
+    let started: FusionView = zone.lab.post("/api/v1/fusion", &spec).await.unwrap();
+    let cancelled: FusionView = zone
+        .lab
+        .post(&format!("/api/v1/fusion/{}/cancel", started.id), &json!({}))
+        .await
+        .unwrap();
+    assert_eq!(cancelled.state, FusionState::Cancelled);
+    assert!(cancelled.charged.is_none());
+    let again = zone
+        .lab
+        .post::<_, FusionView>(&format!("/api/v1/fusion/{}/cancel", started.id), &json!({}))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(again.contains("has ended"), "{again}");
+    let wallet: Value = zone
+        .lab
+        .get("/api/v1/ledger/accounts/wallet:gba-oncology-lab")
+        .await
+        .unwrap();
+    assert_eq!(wallet["debits_pending"], "0.00 CNY", "{wallet}");
+    zone.server.stop().await;
+}

@@ -1,0 +1,1183 @@
+//! Fusion training runs (样本数据融合训练) through the exchange: a run's parties train where
+//! their data is. Each party's worker is placed at its dataset's vault site, so in its own
+//! jurisdiction; the aggregator goes to the first party site, cheapest first, to which the
+//! rules allow a `model_update` flow from every party's dataset. The vaults' agents claim
+//! the workers, and the workers talk only through this server's relay (the aggregator sees
+//! masked vectors when three or more parties train). Each party's copy of the final model
+//! is released by the rules (decided on record, with the model's digest), saved as a
+//! derived dataset in its own vault, and the run is charged: the data offers' per-use
+//! prices and every worker's metered time at its cluster's price.
+
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use baygrid_api::{
+    ContractState, FusionEvent, FusionReport, FusionRequest, FusionState, FusionTask, FusionView,
+    FusionWork, FusionWorker, OfferMode, OutputsTarget, PartyDone, PartyTable, WorkerState,
+};
+use baygrid_core::{millis_to_rfc3339, Currency, Money, Principal, Role};
+use baygrid_ledger::{names, Transfer, TransferKind};
+use baygrid_store::{Ending, FusionRow};
+use serde::{Deserialize, Serialize};
+
+use crate::agent::agent_cluster;
+use crate::body::{JsonBody, QueryParams};
+use crate::catalog::CatalogSnapshot;
+use crate::error::{ApiError, ApiResult};
+use crate::jobs::{acting_tenant, TenantQuery};
+use crate::queries::{json, long_poll, ClaimBody};
+use crate::zone::{dataset_flow, today, FlowEnds};
+use crate::AppState;
+
+/// How long a worker waits for the next message before it gives up on the run.
+const WORKER_WAIT_MS: u64 = 120_000;
+
+/// A run's stored record: what the consumer sees, and what the server keeps to run it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct FusionRecord {
+    view: FusionView,
+    /// The trainer's settings, complete.
+    settings: serde_json::Value,
+    /// Per party: its contract and the per-use price of its offer.
+    contracts: Vec<String>,
+    prices: Vec<Money>,
+    held_cny: i64,
+    /// Per worker: when it was claimed.
+    started_ms: Vec<Option<i64>>,
+    /// Per party: its model's files in its vault, once it has reported them.
+    models: Vec<Option<PartyDone>>,
+    events: Vec<FusionEvent>,
+}
+
+impl FusionRecord {
+    fn from_row(row: &FusionRow) -> ApiResult<Self> {
+        serde_json::from_value(row.body.clone())
+            .map_err(|e| ApiError::Unavailable(format!("fusion record {}: {e}", row.id)))
+    }
+
+    fn body(&self) -> ApiResult<serde_json::Value> {
+        json(self)
+    }
+
+    fn log(&mut self, now: i64, line: String) {
+        self.events.push(FusionEvent {
+            at: millis_to_rfc3339(now),
+            line,
+        });
+    }
+
+    fn parties(&self) -> usize {
+        self.view.workers.len() - 1
+    }
+}
+
+fn sees(who: &Principal, row: &FusionRow) -> bool {
+    match who.role {
+        Role::Operator | Role::Regulator => true,
+        Role::Tenant => who.subject.as_deref() == Some(row.tenant.as_str()),
+        _ => false,
+    }
+}
+
+/// The cheapest and dearest price per accelerator-hour (CNY minor units) of the clusters
+/// at a site, or none when no cluster there is offered.
+fn site_prices(catalog: &CatalogSnapshot, site: &str) -> Option<(i64, i64)> {
+    let prices: Vec<i64> = catalog
+        .offers
+        .values()
+        .filter(|o| {
+            catalog
+                .clusters
+                .get(&o.cluster)
+                .is_some_and(|c| c.site == site)
+        })
+        .filter_map(|o| catalog.rates.to_cny(o.price_per_accelerator_hour).ok())
+        .map(|m| m.minor)
+        .collect();
+    Some((*prices.iter().min()?, *prices.iter().max()?))
+}
+
+fn cluster_price_cny(catalog: &CatalogSnapshot, cluster: &str) -> i64 {
+    catalog
+        .offers
+        .values()
+        .find(|o| o.cluster == cluster)
+        .and_then(|o| catalog.rates.to_cny(o.price_per_accelerator_hour).ok())
+        .map(|m| m.minor)
+        .unwrap_or(0)
+}
+
+/// The dataset a party's copy of the model is saved as.
+fn model_name(run: &str, party: &str) -> String {
+    let suffix = &run[run.len().saturating_sub(8)..];
+    let mut name = party.to_string();
+    name.truncate(63 - 7 - 9);
+    format!("{name}-model-{suffix}")
+}
+
+/// Why `settings` is refused, with the field at fault.
+fn settings_error(e: baygrid_fusion::homo::TrainError) -> ApiError {
+    let text = e.to_string();
+    match text.split_once(": ") {
+        Some((field, message)) if field.starts_with("settings") => {
+            ApiError::bad(field.to_string(), message.to_string())
+        }
+        _ => ApiError::bad("settings", text),
+    }
+}
+
+/// Starts a fusion run: the parties' contracts checked, the aggregator placed where the
+/// rules allow every party's model updates to go, the hold placed, the workers handed to
+/// the vaults' agents.
+#[utoipa::path(post, path = "/api/v1/fusion", params(TenantQuery), request_body = FusionRequest, responses((status = 201, body = FusionView), (status = 400, body = baygrid_api::ErrorBody), (status = 403, body = baygrid_api::ErrorBody), (status = 409, body = baygrid_api::ErrorBody)), security(("bearer" = [])))]
+pub async fn submit(
+    State(state): State<AppState>,
+    who: Principal,
+    QueryParams(params): QueryParams<TenantQuery>,
+    JsonBody(ask): JsonBody<FusionRequest>,
+) -> ApiResult<(StatusCode, Json<FusionView>)> {
+    let tenant = acting_tenant(&who, params.tenant.as_deref())?;
+    let mlp = match ask.task {
+        FusionTask::HomoLr => false,
+        FusionTask::HomoMlp => true,
+        other => {
+            return Err(ApiError::bad(
+                "task",
+                format!(
+                    "`{}` runs with `baygrid fusion eval` only; through the exchange: homo-lr, homo-mlp",
+                    other.as_str()
+                ),
+            ))
+        }
+    };
+    if !(2..=16).contains(&ask.parties.len()) {
+        return Err(ApiError::bad(
+            "parties",
+            format!("a run takes 2 to 16 parties, not {}", ask.parties.len()),
+        ));
+    }
+    for (i, p) in ask.parties.iter().enumerate() {
+        if !baygrid_core::ids::is_valid_name(&p.name) || p.name.len() > 40 || p.name == "aggregator"
+        {
+            return Err(ApiError::bad(
+                format!("parties[{i}].name"),
+                "1–40 lowercase letters, digits and `-`, and not `aggregator`",
+            ));
+        }
+        if ask.parties[..i].iter().any(|q| q.name == p.name) {
+            return Err(ApiError::bad(format!("parties[{i}].name"), "named twice"));
+        }
+        if ask.parties[..i].iter().any(|q| q.dataset == p.dataset) {
+            return Err(ApiError::bad(
+                format!("parties[{i}].dataset"),
+                "the same dataset twice",
+            ));
+        }
+    }
+    let base = baygrid_fusion::homo::HomoConfig::fate_lr();
+    let cfg = baygrid_fusion::homo::config_from(mlp, ask.settings.clone(), Some(&base))
+        .map_err(settings_error)?;
+    let max_minutes = ask.max_minutes.unwrap_or(30);
+    if !(1..=1440).contains(&max_minutes) {
+        return Err(ApiError::bad("max_minutes", "must be from 1 to 1440"));
+    }
+    let catalog = state.catalog();
+    let today = today(&state)?;
+    let recipient = catalog
+        .tenant_party(&tenant)
+        .ok_or_else(|| ApiError::bad("tenant", format!("unknown tenant `{tenant}`")))?;
+    let federated = |dataset: &str| {
+        catalog
+            .contracts
+            .values()
+            .filter(|c| {
+                c.tenant == tenant
+                    && c.dataset == dataset
+                    && c.state == ContractState::Active
+                    && c.request.mode == OfferMode::Federated
+                    && c.expires > today
+            })
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let purpose = match &ask.purpose {
+        Some(p) => p.clone(),
+        None => {
+            let mut purposes: Vec<String> = federated(&ask.parties[0].dataset)
+                .into_iter()
+                .map(|c| c.request.purpose)
+                .collect();
+            purposes.sort();
+            purposes.dedup();
+            match purposes.as_slice() {
+                [one] => one.clone(),
+                [] => {
+                    return Err(ApiError::Forbidden(format!(
+                        "tenant `{tenant}` has no active federated contract on `{}`",
+                        ask.parties[0].dataset
+                    )))
+                }
+                many => {
+                    return Err(ApiError::bad(
+                        "purpose",
+                        format!("name one of the contracts' purposes: {}", many.join(", ")),
+                    ))
+                }
+            }
+        }
+    };
+    let mut datasets = Vec::new();
+    let mut contracts = Vec::new();
+    let mut prices = Vec::new();
+    for (i, p) in ask.parties.iter().enumerate() {
+        let dataset = catalog.datasets.get(&p.dataset).ok_or_else(|| {
+            ApiError::bad(
+                format!("parties[{i}].dataset"),
+                format!("unknown dataset `{}`", p.dataset),
+            )
+        })?;
+        if catalog
+            .versions
+            .get(&p.dataset)
+            .is_none_or(|v| v.is_empty())
+        {
+            return Err(ApiError::Conflict(format!(
+                "`{}` has no uploaded version yet",
+                p.dataset
+            )));
+        }
+        let contract = federated(&p.dataset)
+            .into_iter()
+            .find(|c| c.request.purpose == purpose)
+            .ok_or_else(|| {
+                ApiError::Forbidden(format!(
+                    "tenant `{tenant}` has no active federated contract on `{}` for {purpose}",
+                    p.dataset
+                ))
+            })?;
+        let offer = catalog
+            .data_offers
+            .get(&contract.request.offer)
+            .ok_or_else(|| {
+                ApiError::Conflict(format!("offer `{}` is withdrawn", contract.request.offer))
+            })?;
+        if site_prices(&catalog, &dataset.vault).is_none() {
+            return Err(ApiError::Conflict(format!(
+                "site `{}`, where `{}` is kept, offers no cluster to run its worker",
+                dataset.vault, p.dataset
+            )));
+        }
+        prices.push(offer.price.per_use.unwrap_or(Money::new(0, Currency::CNY)));
+        contracts.push(contract.id.clone());
+        datasets.push(dataset);
+    }
+    // the rules decide every model_update flow before anything is placed: each party's
+    // updates to the aggregator's site, and the final model to every party's vault
+    let decide =
+        |dataset: &baygrid_api::DatasetSpec, site: &str| -> ApiResult<baygrid_rules::Decision> {
+            let holder = catalog.holder(dataset)?;
+            let site = catalog
+                .sites
+                .get(site)
+                .ok_or_else(|| ApiError::Conflict(format!("site `{site}` is gone")))?;
+            let request = dataset_flow(
+                &catalog,
+                dataset,
+                FlowEnds {
+                    holder,
+                    recipient,
+                    site,
+                },
+                baygrid_rules::Mode::ModelUpdate,
+                &purpose,
+                today,
+            );
+            state
+                .rules
+                .decide(&request)
+                .map_err(|e| ApiError::Unavailable(e.to_string()))
+        };
+    let mut rules = Vec::new();
+    for d in &datasets {
+        for party_site in datasets.iter().map(|d| d.vault.as_str()) {
+            let decision = decide(d, party_site)?;
+            if !decision.allowed {
+                return Err(ApiError::Forbidden(format!(
+                    "the rules would not let a model trained on `{}` reach {party_site}: {}",
+                    d.name,
+                    decision.why_denied()
+                )));
+            }
+            rules.extend(decision.rules.iter().map(|r| r.to_string()));
+        }
+    }
+    let mut candidates: Vec<&str> = Vec::new();
+    for d in &datasets {
+        if !candidates.contains(&d.vault.as_str()) {
+            candidates.push(&d.vault);
+        }
+    }
+    candidates.sort_by_key(|site| site_prices(&catalog, site).map(|p| p.0).unwrap_or(i64::MAX));
+    let mut placement = Vec::new();
+    let mut chosen = None;
+    for site in candidates {
+        let mut denied = Vec::new();
+        let mut site_rules = Vec::new();
+        for d in &datasets {
+            let decision = decide(d, site)?;
+            site_rules.extend(decision.rules.iter().map(|r| r.to_string()));
+            if !decision.allowed {
+                denied.push(format!("{}: {}", d.name, decision.why_denied()));
+            }
+        }
+        let jurisdiction = catalog.sites.get(site).map(|s| s.jurisdiction);
+        if denied.is_empty() {
+            site_rules.sort();
+            site_rules.dedup();
+            placement.push(format!(
+                "{site} ({}): every party's updates may come, under {}",
+                jurisdiction.map(|j| j.to_string()).unwrap_or_default(),
+                site_rules.join(", ")
+            ));
+            if chosen.is_none() {
+                chosen = Some(site.to_string());
+                rules.extend(site_rules);
+            }
+        } else {
+            placement.push(format!(
+                "{site} ({}): refused: {}",
+                jurisdiction.map(|j| j.to_string()).unwrap_or_default(),
+                denied.join("; ")
+            ));
+        }
+    }
+    let Some(aggregator_site) = chosen else {
+        return Err(ApiError::Forbidden(format!(
+            "no party's site may receive every party's model updates: {}",
+            placement.join(" | ")
+        )));
+    };
+    rules.sort();
+    rules.dedup();
+    // the hold: every offer's per-use price and max_minutes of every worker at the
+    // dearest cluster of its site
+    let mut held_cny = 0i64;
+    for price in &prices {
+        held_cny += catalog
+            .rates
+            .to_cny(*price)
+            .map_err(|e| ApiError::Conflict(format!("cannot price the run: {e}")))?
+            .minor;
+    }
+    let worker_sites: Vec<&str> = std::iter::once(aggregator_site.as_str())
+        .chain(datasets.iter().map(|d| d.vault.as_str()))
+        .collect();
+    for site in &worker_sites {
+        let dearest = site_prices(&catalog, site).map(|p| p.1).unwrap_or(0);
+        held_cny += dearest * max_minutes as i64 / 60;
+    }
+    let now = state.now();
+    let id = baygrid_core::new_id("fu").replace('_', "-");
+    let hold = (held_cny > 0).then(|| Transfer {
+        id: names::hold(&id),
+        debit_account: names::wallet(&tenant).id,
+        credit_account: names::clearing(Currency::CNY).id,
+        amount: held_cny,
+        currency: Currency::CNY,
+        kind: TransferKind::Pending {
+            expires_at: now + state.config.hold_timeout.as_millis() as i64,
+        },
+        linked: false,
+        reference: format!("fusion:{id}"),
+    });
+    let worker = |index: usize, role: &str, dataset: Option<String>, site: &str| FusionWorker {
+        index,
+        role: role.to_string(),
+        dataset,
+        site: site.to_string(),
+        jurisdiction: catalog
+            .sites
+            .get(site)
+            .map(|s| s.jurisdiction)
+            .unwrap_or(baygrid_core::Jurisdiction::CN),
+        state: WorkerState::Pending,
+        cluster: None,
+        started_at: None,
+        seconds: 0.0,
+        model: None,
+        model_sha256: None,
+        scores: None,
+        error: None,
+    };
+    let mut workers = vec![worker(0, "aggregator", None, &aggregator_site)];
+    for (i, (p, d)) in ask.parties.iter().zip(&datasets).enumerate() {
+        workers.push(worker(i + 1, &p.name, Some(d.name.clone()), &d.vault));
+    }
+    let settings = json(&cfg)?;
+    let mut record = FusionRecord {
+        view: FusionView {
+            id: id.clone(),
+            tenant: tenant.clone(),
+            task: ask.task,
+            purpose: purpose.clone(),
+            state: FusionState::Running,
+            aggregation: None,
+            workers,
+            placement,
+            rules,
+            rounds: vec![],
+            held: Money::new(held_cny, Currency::CNY),
+            charged: None,
+            error: None,
+            created_at: millis_to_rfc3339(now),
+            finished_at: None,
+        },
+        settings,
+        contracts: contracts.clone(),
+        prices,
+        held_cny,
+        started_ms: vec![None; ask.parties.len() + 1],
+        models: vec![None; ask.parties.len()],
+        events: vec![],
+    };
+    for w in &record.view.workers.clone() {
+        record.log(
+            now,
+            format!("{} placed at {} ({})", w.role, w.site, w.jurisdiction),
+        );
+    }
+    let payload = serde_json::json!({
+        "run": id,
+        "tenant": tenant,
+        "task": ask.task.as_str(),
+        "purpose": purpose,
+        "datasets": datasets.iter().map(|d| &d.name).collect::<Vec<_>>(),
+        "contracts": contracts,
+        "sites": record.view.workers.iter().map(|w| &w.site).collect::<Vec<_>>(),
+        "rules": record.view.rules,
+    });
+    state
+        .store
+        .accept_fusion(
+            FusionRow {
+                id: id.clone(),
+                tenant,
+                state: FusionState::Running.as_str().into(),
+                created_ms: now,
+                finished_ms: None,
+                body: record.body()?,
+            },
+            hold,
+            crate::auth::actor(&who),
+            payload,
+        )
+        .await?;
+    state.queries.fusion_work.notify_waiters();
+    Ok((StatusCode::CREATED, Json(record.view)))
+}
+
+async fn record_of(state: &AppState, id: &str) -> ApiResult<(FusionRow, FusionRecord)> {
+    let row = state
+        .store
+        .fusion_row(id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no fusion run `{id}`")))?;
+    let record = FusionRecord::from_row(&row)?;
+    Ok((row, record))
+}
+
+async fn visible(state: &AppState, who: &Principal, id: &str) -> ApiResult<FusionRecord> {
+    let (row, record) = record_of(state, id).await?;
+    if !sees(who, &row) {
+        return Err(ApiError::NotFound(format!("no fusion run `{id}`")));
+    }
+    Ok(record)
+}
+
+#[utoipa::path(get, path = "/api/v1/fusion/{id}", params(("id" = String, Path)), responses((status = 200, body = FusionView), (status = 404, body = baygrid_api::ErrorBody)), security(("bearer" = [])))]
+pub async fn get(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(id): Path<String>,
+) -> ApiResult<Json<FusionView>> {
+    Ok(Json(visible(&state, &who, &id).await?.view))
+}
+
+/// The run's log: placement, workers claimed, every round, the release.
+#[utoipa::path(get, path = "/api/v1/fusion/{id}/logs", params(("id" = String, Path)), responses((status = 200, body = [FusionEvent]), (status = 404, body = baygrid_api::ErrorBody)), security(("bearer" = [])))]
+pub async fn logs(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Vec<FusionEvent>>> {
+    Ok(Json(visible(&state, &who, &id).await?.events))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    /// running | succeeded | failed | cancelled
+    pub state: Option<String>,
+    /// For operators and regulators: one tenant's runs.
+    pub tenant: Option<String>,
+}
+
+#[utoipa::path(get, path = "/api/v1/fusion", params(ListParams), responses((status = 200, body = [FusionView])), security(("bearer" = [])))]
+pub async fn list(
+    State(state): State<AppState>,
+    who: Principal,
+    QueryParams(params): QueryParams<ListParams>,
+) -> ApiResult<Json<Vec<FusionView>>> {
+    if let Some(s) = &params.state {
+        if !["running", "succeeded", "failed", "cancelled"].contains(&s.as_str()) {
+            return Err(ApiError::bad(
+                "state",
+                "one of running, succeeded, failed, cancelled",
+            ));
+        }
+    }
+    let tenant = match who.role {
+        Role::Operator | Role::Regulator => params.tenant.clone(),
+        Role::Tenant => who.subject.clone(),
+        _ => {
+            return Err(ApiError::Forbidden(
+                "tenants, operators and regulators only".into(),
+            ))
+        }
+    };
+    let rows = state
+        .store
+        .fusion_rows(tenant.as_deref(), params.state.as_deref(), 500)
+        .await?;
+    rows.iter()
+        .map(|r| FusionRecord::from_row(r).map(|f| f.view))
+        .collect::<ApiResult<Vec<_>>>()
+        .map(Json)
+}
+
+/// Stops a running run: its workers' next message fails, the hold is voided.
+#[utoipa::path(post, path = "/api/v1/fusion/{id}/cancel", params(("id" = String, Path)), responses((status = 200, body = FusionView), (status = 404, body = baygrid_api::ErrorBody), (status = 409, body = baygrid_api::ErrorBody)), security(("bearer" = [])))]
+pub async fn cancel(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(id): Path<String>,
+) -> ApiResult<Json<FusionView>> {
+    if !matches!(who.role, Role::Operator | Role::Tenant) {
+        return Err(ApiError::Forbidden("tenants and operators only".into()));
+    }
+    let _serial = state.queries.fusion_writes.lock().await;
+    let record = visible(&state, &who, &id).await?;
+    if record.view.state != FusionState::Running {
+        return Err(ApiError::Conflict(format!(
+            "fusion run `{id}` has ended ({})",
+            record.view.state.as_str()
+        )));
+    }
+    let who_name = crate::auth::actor(&who);
+    let view = end_unfinished(
+        &state,
+        record,
+        FusionState::Cancelled,
+        format!("cancelled by {who_name}"),
+        who_name,
+    )
+    .await?;
+    Ok(Json(view))
+}
+
+/// Ends a running run without a model (failed, withheld or cancelled): the hold is voided,
+/// the relay's messages dropped, the audit entry says why.
+async fn end_unfinished(
+    state: &AppState,
+    mut record: FusionRecord,
+    outcome: FusionState,
+    error: String,
+    actor: String,
+) -> ApiResult<FusionView> {
+    let now = state.now();
+    record.view.state = outcome;
+    record.view.error = Some(error.clone());
+    record.view.finished_at = Some(millis_to_rfc3339(now));
+    record.log(now, format!("{}: {error}", outcome.as_str()));
+    let id = record.view.id.clone();
+    let transfers = crate::ledger::void_hold(
+        &id,
+        &record.view.tenant,
+        record.held_cny,
+        format!("fusion:{id}"),
+    );
+    let kind = match outcome {
+        FusionState::Cancelled => "fusion.cancelled",
+        _ => "fusion.failed",
+    };
+    state
+        .store
+        .finish_fusion(
+            id.clone(),
+            Ending {
+                state: outcome.as_str().into(),
+                body: record.body()?,
+                transfers,
+                actor,
+                now,
+                kind,
+                payload: serde_json::json!({ "run": id, "tenant": record.view.tenant, "reason": error }),
+            },
+        )
+        .await?;
+    drop_relay(state, &id);
+    Ok(record.view)
+}
+
+fn drop_relay(state: &AppState, id: &str) {
+    state
+        .queries
+        .fusion_relay
+        .lock()
+        .expect("relay lock")
+        .retain(|(run, _), _| run != id);
+    state.queries.fusion_relayed.notify_waiters();
+}
+
+/// Fails the runs a previous server left running: their workers' messages were in memory.
+pub async fn fail_orphans(state: &AppState) -> ApiResult<()> {
+    let running = state
+        .store
+        .fusion_rows(None, Some(FusionState::Running.as_str()), 10_000)
+        .await?;
+    for row in running {
+        let record = FusionRecord::from_row(&row)?;
+        end_unfinished(
+            state,
+            record,
+            FusionState::Failed,
+            "the server restarted during the run; its workers' messages were lost".into(),
+            "server".into(),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Hands the agent the workers of running runs placed at its site. Waits up to `wait_ms`.
+#[utoipa::path(post, path = "/api/v1/agent/fusion/claim", request_body = ClaimBody, responses((status = 200, body = [FusionWork]), (status = 403, body = baygrid_api::ErrorBody)), security(("bearer" = [])))]
+pub async fn claim(
+    State(state): State<AppState>,
+    who: Principal,
+    JsonBody(body): JsonBody<ClaimBody>,
+) -> ApiResult<Json<Vec<FusionWork>>> {
+    let cluster = agent_cluster(&who)?;
+    let wait = Duration::from_millis(body.wait_ms.min(30_000));
+    let (state, cluster) = (&state, cluster.as_str());
+    let work = long_poll(state, &state.queries.fusion_work, wait, || async move {
+        let work = claim_now(state, cluster).await?;
+        let any = !work.is_empty();
+        Ok((work, any))
+    })
+    .await?;
+    Ok(Json(work))
+}
+
+async fn claim_now(state: &AppState, cluster: &str) -> ApiResult<Vec<FusionWork>> {
+    let catalog = state.catalog();
+    let Some(site) = catalog.clusters.get(cluster).map(|c| c.site.clone()) else {
+        return Ok(vec![]);
+    };
+    let _serial = state.queries.fusion_writes.lock().await;
+    let now = state.now();
+    let running = state
+        .store
+        .fusion_rows(None, Some(FusionState::Running.as_str()), 1000)
+        .await?;
+    let mut work = Vec::new();
+    for row in running {
+        let mut record = FusionRecord::from_row(&row)?;
+        let mut changed = false;
+        for i in 0..record.view.workers.len() {
+            let w = &record.view.workers[i];
+            if w.site != site || w.state != WorkerState::Pending {
+                continue;
+            }
+            let (table, model) = match &w.dataset {
+                None => (None, None),
+                Some(name) => {
+                    let version = catalog
+                        .versions
+                        .get(name)
+                        .and_then(|v| v.last())
+                        .ok_or_else(|| ApiError::Conflict(format!("`{name}` has no version")))?;
+                    let vault_url = state.config.vault_url(&site);
+                    (
+                        Some(PartyTable {
+                            dataset: name.clone(),
+                            upload: version.upload.clone(),
+                            files: version.files.clone(),
+                            vault_url: vault_url.clone(),
+                        }),
+                        Some(OutputsTarget {
+                            vault_url,
+                            dataset: model_name(&record.view.id, &w.role),
+                        }),
+                    )
+                }
+            };
+            work.push(FusionWork {
+                run: record.view.id.clone(),
+                task: record.view.task,
+                index: i,
+                parties: record.parties(),
+                settings: record.settings.clone(),
+                table,
+                model,
+                wait_ms: WORKER_WAIT_MS,
+            });
+            let w = &mut record.view.workers[i];
+            w.state = WorkerState::Running;
+            w.cluster = Some(cluster.to_string());
+            w.started_at = Some(millis_to_rfc3339(now));
+            let line = format!("{} started on {cluster} at {site}", w.role);
+            record.started_ms[i] = Some(now);
+            record.log(now, line);
+            changed = true;
+        }
+        if changed {
+            state
+                .store
+                .update_fusion(row.id.clone(), record.body()?)
+                .await?;
+        }
+    }
+    Ok(work)
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerParams {
+    /// The worker: 0 for the aggregator, the party's number otherwise.
+    pub index: usize,
+    /// On send: the worker the message is for.
+    pub to: Option<usize>,
+    /// On receive: the first message wanted (numbered from 0).
+    #[serde(default)]
+    pub from: usize,
+    /// On receive: how long to wait for a message (milliseconds, at most 30,000).
+    #[serde(default)]
+    pub wait_ms: u64,
+}
+
+/// The running run's worker `index`, which this agent's cluster claimed.
+async fn claimed_worker(
+    state: &AppState,
+    id: &str,
+    index: usize,
+    cluster: &str,
+) -> ApiResult<FusionRecord> {
+    let (_, record) = record_of(state, id).await?;
+    if record.view.state != FusionState::Running {
+        return Err(ApiError::Conflict(format!(
+            "fusion run `{id}` has ended ({})",
+            record.view.state.as_str()
+        )));
+    }
+    let worker = record
+        .view
+        .workers
+        .get(index)
+        .ok_or_else(|| ApiError::bad("index", format!("run `{id}` has no worker {index}")))?;
+    if worker.cluster.as_deref() != Some(cluster) {
+        return Err(ApiError::Forbidden(format!(
+            "worker {index} of run `{id}` is not this cluster's"
+        )));
+    }
+    Ok(record)
+}
+
+/// A message from one worker of a run to another, kept in memory until the run ends.
+#[utoipa::path(post, path = "/api/v1/agent/fusion/{id}/relay", params(("id" = String, Path), WorkerParams), request_body(content = Vec<u8>, content_type = "application/octet-stream"), responses((status = 204), (status = 409, body = baygrid_api::ErrorBody)), security(("bearer" = [])))]
+pub async fn relay_send(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(id): Path<String>,
+    QueryParams(params): QueryParams<WorkerParams>,
+    bytes: Bytes,
+) -> ApiResult<StatusCode> {
+    let cluster = agent_cluster(&who)?;
+    let record = claimed_worker(&state, &id, params.index, &cluster).await?;
+    let to = params
+        .to
+        .filter(|t| *t < record.view.workers.len() && *t != params.index)
+        .ok_or_else(|| ApiError::bad("to", "another worker of the run"))?;
+    state
+        .queries
+        .fusion_relay
+        .lock()
+        .expect("relay lock")
+        .entry((id, to))
+        .or_default()
+        .push((params.index, bytes));
+    state.queries.fusion_relayed.notify_waiters();
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The messages addressed to a worker from `from` on, waiting up to `wait_ms` for one:
+/// each framed as the sender's number (4 bytes, little-endian) and the message.
+#[utoipa::path(get, path = "/api/v1/agent/fusion/{id}/relay", params(("id" = String, Path), WorkerParams), responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 409, body = baygrid_api::ErrorBody)), security(("bearer" = [])))]
+pub async fn relay_receive(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(id): Path<String>,
+    QueryParams(params): QueryParams<WorkerParams>,
+) -> ApiResult<Vec<u8>> {
+    let cluster = agent_cluster(&who)?;
+    claimed_worker(&state, &id, params.index, &cluster).await?;
+    let wait = Duration::from_millis(params.wait_ms.min(30_000));
+    let (state, key, from) = (&state, &(id, params.index), params.from);
+    let body = long_poll(state, &state.queries.fusion_relayed, wait, || async move {
+        let relay = state.queries.fusion_relay.lock().expect("relay lock");
+        let waiting: Vec<Vec<u8>> = relay
+            .get(key)
+            .map(|m| &m[from.min(m.len())..])
+            .unwrap_or(&[])
+            .iter()
+            .map(|(sender, bytes)| {
+                let mut message = (*sender as u32).to_le_bytes().to_vec();
+                message.extend_from_slice(bytes);
+                message
+            })
+            .collect();
+        Ok((baygrid_api::relay::frame(&waiting), !waiting.is_empty()))
+    })
+    .await?;
+    // a run that ended while this worker waited is answered as ended
+    claimed_worker(state, &key.0, params.index, &cluster).await?;
+    Ok(body)
+}
+
+/// A worker's report: a round's figures (the aggregator), a party's model in its vault,
+/// its end, or its error. When every worker is done the models are released and the run
+/// is charged.
+#[utoipa::path(post, path = "/api/v1/agent/fusion/{id}/report", params(("id" = String, Path), WorkerParams), request_body = FusionReport, responses((status = 200, body = FusionView), (status = 409, body = baygrid_api::ErrorBody)), security(("bearer" = [])))]
+pub async fn report(
+    State(state): State<AppState>,
+    who: Principal,
+    Path(id): Path<String>,
+    QueryParams(params): QueryParams<WorkerParams>,
+    JsonBody(report): JsonBody<FusionReport>,
+) -> ApiResult<Json<FusionView>> {
+    let cluster = agent_cluster(&who)?;
+    let _serial = state.queries.fusion_writes.lock().await;
+    let mut record = claimed_worker(&state, &id, params.index, &cluster).await?;
+    let i = params.index;
+    let now = state.now();
+    let actor = crate::auth::actor(&who);
+    if let Some(error) = report.error {
+        let role = record.view.workers[i].role.clone();
+        record.view.workers[i].state = WorkerState::Failed;
+        record.view.workers[i].error = Some(error.clone());
+        let view = end_unfinished(
+            &state,
+            record,
+            FusionState::Failed,
+            format!("{role} failed: {error}"),
+            actor,
+        )
+        .await?;
+        return Ok(Json(view));
+    }
+    if let Some(round) = report.round {
+        if i != 0 {
+            return Err(ApiError::bad("round", "only the aggregator reports rounds"));
+        }
+        record.log(
+            now,
+            format!(
+                "round {}: loss {:.5}, {:.3} s, {} bytes",
+                round.round, round.loss, round.seconds, round.bytes
+            ),
+        );
+        record.view.rounds.retain(|r| r.round != round.round);
+        record.view.rounds.push(round);
+    }
+    if let Some(aggregation) = report.aggregation {
+        record.log(now, format!("aggregation: {aggregation}"));
+        record.view.aggregation = Some(aggregation);
+    }
+    if let Some(done) = report.party {
+        if i == 0 {
+            return Err(ApiError::bad("party", "the aggregator keeps no model"));
+        }
+        let model = done
+            .files
+            .iter()
+            .find(|f| f.name == "model.json")
+            .ok_or_else(|| ApiError::bad("party.files", "no `model.json` among them"))?;
+        let w = &mut record.view.workers[i];
+        w.model_sha256 = Some(model.sha256.clone());
+        w.scores = Some(done.scores.clone());
+        let line = format!("{} saved its model ({})", w.role, model.sha256);
+        record.models[i - 1] = Some(done);
+        record.log(now, line);
+    }
+    if report.done {
+        let started = record.started_ms[i].unwrap_or(now);
+        let w = &mut record.view.workers[i];
+        if i > 0 && record.models[i - 1].is_none() {
+            return Err(ApiError::bad("done", "a party reports its model first"));
+        }
+        w.state = WorkerState::Done;
+        w.seconds = (now - started).max(0) as f64 / 1000.0;
+        let line = format!("{} done after {:.1} s", w.role, w.seconds);
+        record.log(now, line);
+    }
+    if record
+        .view
+        .workers
+        .iter()
+        .all(|w| w.state == WorkerState::Done)
+    {
+        let view = release(&state, record, &who, actor).await?;
+        return Ok(Json(view));
+    }
+    state.store.update_fusion(id, record.body()?).await?;
+    Ok(Json(record.view))
+}
+
+/// Every worker is done: each party's copy of the model is released by the rules (decided
+/// on record with its digest) and registered as a derived dataset in its vault, and the
+/// run is charged.
+async fn release(
+    state: &AppState,
+    mut record: FusionRecord,
+    who: &Principal,
+    actor: String,
+) -> ApiResult<FusionView> {
+    let catalog = state.catalog();
+    let today = today(state)?;
+    let id = record.view.id.clone();
+    let recipient = catalog
+        .tenant_party(&record.view.tenant)
+        .ok_or_else(|| ApiError::Conflict(format!("tenant `{}` is gone", record.view.tenant)))?
+        .clone();
+    let datasets: Vec<baygrid_api::DatasetSpec> = record.view.workers[1..]
+        .iter()
+        .filter_map(|w| w.dataset.as_ref())
+        .map(|d| {
+            catalog
+                .datasets
+                .get(d)
+                .cloned()
+                .ok_or_else(|| ApiError::Conflict(format!("dataset `{d}` is gone")))
+        })
+        .collect::<ApiResult<_>>()?;
+    let mut rules = record.view.rules.clone();
+    let mut denied = Vec::new();
+    for w in &record.view.workers[1..] {
+        let site = catalog
+            .sites
+            .get(&w.site)
+            .ok_or_else(|| ApiError::Conflict(format!("site `{}` is gone", w.site)))?;
+        for d in &datasets {
+            let holder = catalog.holder(d)?;
+            let request = dataset_flow(
+                &catalog,
+                d,
+                FlowEnds {
+                    holder,
+                    recipient: &recipient,
+                    site,
+                },
+                baygrid_rules::Mode::ModelUpdate,
+                &record.view.purpose,
+                today,
+            );
+            let answer = crate::zone::decide_recorded(
+                state,
+                request,
+                holder.name.clone(),
+                serde_json::json!({ "fusion": id, "party": w.role, "model_sha256": w.model_sha256 }),
+                actor.clone(),
+            )
+            .await?;
+            let decision: baygrid_rules::Decision =
+                serde_json::from_value(answer["decision"].clone())
+                    .map_err(|e| ApiError::Unavailable(format!("decision record: {e}")))?;
+            rules.extend(decision.rules.iter().map(|r| r.to_string()));
+            if !decision.allowed {
+                denied.push(format!(
+                    "{} to {}: {}",
+                    d.name,
+                    w.site,
+                    decision.why_denied()
+                ));
+            }
+        }
+    }
+    rules.sort();
+    rules.dedup();
+    record.view.rules = rules;
+    if !denied.is_empty() {
+        return end_unfinished(
+            state,
+            record,
+            FusionState::Failed,
+            format!("the rules withheld the model: {}", denied.join(" | ")),
+            actor,
+        )
+        .await;
+    }
+    let inputs: Vec<String> = datasets.iter().map(|d| d.name.clone()).collect();
+    for i in 1..record.view.workers.len() {
+        let files = record.models[i - 1]
+            .as_ref()
+            .map(|m| m.files.clone())
+            .unwrap_or_default();
+        let w = &record.view.workers[i];
+        let holder = datasets[i - 1].holder.clone();
+        let derived = crate::zone::Derived {
+            name: model_name(&id, &w.role),
+            holder,
+            site: w.site.clone(),
+            inputs: inputs.clone(),
+            purpose: record.view.purpose.clone(),
+            // decided as not personal under DERIVED-MODEL
+            personal: Some(baygrid_rules::Personal::None),
+            upload: id.clone(),
+        };
+        let name = crate::zone::register_derived(state, derived, &files, who).await?;
+        record.view.workers[i].model = Some(name);
+    }
+    // the charge: the offers' per-use prices to their holders, every worker's metered
+    // time at its cluster's price to its provider; at most the hold
+    let now = state.now();
+    let reference = format!("fusion:{id}");
+    let mut payees: Vec<(String, i64, baygrid_ledger::Account)> = Vec::new();
+    for (d, price) in datasets.iter().zip(&record.prices) {
+        let cny = catalog
+            .rates
+            .to_cny(*price)
+            .map_err(|e| ApiError::Conflict(format!("cannot price the run: {e}")))?
+            .minor;
+        payees.push((
+            format!("{id}:{}", d.name),
+            cny,
+            names::holder(&d.holder, price.currency),
+        ));
+    }
+    for w in &record.view.workers {
+        let Some(cluster) = &w.cluster else { continue };
+        let per_hour = cluster_price_cny(&catalog, cluster);
+        let cny = (per_hour as f64 * w.seconds / 3600.0).ceil() as i64;
+        let provider = catalog
+            .clusters
+            .get(cluster)
+            .map(|c| c.provider.clone())
+            .ok_or_else(|| ApiError::Conflict(format!("cluster `{cluster}` is gone")))?;
+        let currency = catalog
+            .offers
+            .values()
+            .find(|o| &o.cluster == cluster)
+            .map(|o| o.price_per_accelerator_hour.currency)
+            .unwrap_or(Currency::CNY);
+        payees.push((
+            format!("{id}:{}", w.index),
+            cny,
+            names::provider(&provider, currency),
+        ));
+    }
+    let mut left = record.held_cny;
+    let mut charged = 0;
+    let mut transfers = Vec::new();
+    let mut accounts = Vec::new();
+    for (key, cny, payee) in &payees {
+        let cny = (*cny).min(left);
+        if cny <= 0 {
+            continue;
+        }
+        left -= cny;
+        charged += cny;
+        if state.store.ledger_account(&payee.id).is_none() && !accounts.contains(payee) {
+            accounts.push(payee.clone());
+        }
+        crate::ledger::pay_out(state, &mut transfers, key, cny, payee, &reference)?;
+    }
+    if charged > 0 {
+        transfers.insert(
+            0,
+            Transfer {
+                id: format!("post:{id}"),
+                debit_account: names::wallet(&record.view.tenant).id,
+                credit_account: names::clearing(Currency::CNY).id,
+                amount: charged,
+                currency: Currency::CNY,
+                kind: TransferKind::Post {
+                    pending_id: names::hold(&id),
+                },
+                linked: true,
+                reference: reference.clone(),
+            },
+        );
+        transfers.last_mut().expect("a post at least").linked = false;
+    } else {
+        transfers =
+            crate::ledger::void_hold(&id, &record.view.tenant, record.held_cny, reference.clone());
+    }
+    if !accounts.is_empty() {
+        state.store.open_accounts(accounts, now).await?;
+    }
+    record.view.charged = Some(Money::new(charged, Currency::CNY));
+    record.view.state = FusionState::Succeeded;
+    record.view.finished_at = Some(millis_to_rfc3339(now));
+    record.log(
+        now,
+        format!(
+            "released under {}; charged {}",
+            record.view.rules.join(", "),
+            Money::new(charged, Currency::CNY)
+        ),
+    );
+    let models: Vec<serde_json::Value> = record.view.workers[1..]
+        .iter()
+        .map(|w| serde_json::json!({ "party": w.role, "dataset": w.model, "sha256": w.model_sha256, "site": w.site }))
+        .collect();
+    state
+        .store
+        .finish_fusion(
+            id.clone(),
+            Ending {
+                state: FusionState::Succeeded.as_str().into(),
+                body: record.body()?,
+                transfers,
+                actor,
+                now,
+                kind: "fusion.finished",
+                payload: serde_json::json!({
+                    "run": id,
+                    "tenant": record.view.tenant,
+                    "models": models,
+                    "rules": record.view.rules,
+                    "rounds": record.view.rounds.len(),
+                    "charged": record.view.charged,
+                }),
+            },
+        )
+        .await?;
+    drop_relay(state, &id);
+    Ok(record.view)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_names_are_valid_dataset_names() {
+        let run = "fu-01jabcdefghijklmnopqrstuvw";
+        let name = model_name(run, &"a".repeat(40));
+        assert!(baygrid_core::ids::is_valid_name(&name), "{name}");
+        assert!(name.ends_with("-model-qrstuvw") || name.contains("-model-"));
+        assert_eq!(model_name(run, "hk-hospital"), "hk-hospital-model-pqrstuvw");
+    }
+}
