@@ -33,7 +33,43 @@ struct Zone {
     )>,
 }
 
-async fn zone(dir: &Path) -> Zone {
+/// A holder's dataset, its federated offer, and the file uploaded into its vault.
+struct Holding {
+    party: Value,
+    dataset: DatasetSpec,
+    offer: Value,
+    file: &'static str,
+}
+
+/// The two hospitals of examples/datasets and examples/data-offers.
+fn hospitals() -> Vec<Holding> {
+    [
+        (
+            "hk-hospital",
+            "HK",
+            "hong-kong",
+            "hk-breast-clinic",
+            "breast_homo_guest.csv",
+        ),
+        (
+            "gz-hospital",
+            "CN",
+            "guangzhou",
+            "gz-breast-clinic",
+            "breast_homo_host.csv",
+        ),
+    ]
+    .into_iter()
+    .map(|(name, jurisdiction, city, dataset, file)| Holding {
+        party: json!({"name": name, "jurisdiction": jurisdiction, "city": city}),
+        dataset: yaml(&format!("examples/datasets/{dataset}.yaml")),
+        offer: yaml(&format!("examples/data-offers/{dataset}.yaml")),
+        file,
+    })
+    .collect()
+}
+
+async fn zone(dir: &Path, holdings: Vec<Holding>, clusters: &[&str]) -> Zone {
     let config = ServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.join("server"),
@@ -45,34 +81,21 @@ async fn zone(dir: &Path) -> Zone {
     let server = baygrid_server::start(config).await.unwrap();
     let url = server.url();
     let operator = Client::new(&url, Some(server.operator_token.clone()));
-    for (party, dataset, file) in [
-        (
-            json!({"name": "hk-hospital", "jurisdiction": "HK", "city": "hong-kong"}),
-            "hk-breast-clinic",
-            "breast_homo_guest.csv",
-        ),
-        (
-            json!({"name": "gz-hospital", "jurisdiction": "CN", "city": "guangzhou"}),
-            "gz-breast-clinic",
-            "breast_homo_host.csv",
-        ),
-    ] {
-        let _: Value = operator.post("/api/v1/parties", &party).await.unwrap();
+    for h in holdings {
+        let _: Value = operator.post("/api/v1/parties", &h.party).await.unwrap();
         let holder = operator
-            .issue(Role::DataHolder, party["name"].as_str())
+            .issue(Role::DataHolder, h.party["name"].as_str())
             .await
             .unwrap();
-        let spec: DatasetSpec = yaml(&format!("examples/datasets/{dataset}.yaml"));
-        let _: DatasetView = holder.post("/api/v1/datasets", &spec).await.unwrap();
+        let _: DatasetView = holder.post("/api/v1/datasets", &h.dataset).await.unwrap();
         baygrid_vault::upload(
             &holder,
-            dataset,
-            &[repo(&format!("../shared/data/fate/{file}"))],
+            &h.dataset.name,
+            &[repo(&format!("../shared/data/fate/{}", h.file))],
         )
         .await
         .unwrap();
-        let offer: Value = yaml(&format!("examples/data-offers/{dataset}.yaml"));
-        let _: Value = holder.post("/api/v1/data-offers", &offer).await.unwrap();
+        let _: Value = holder.post("/api/v1/data-offers", &h.offer).await.unwrap();
     }
     let lab = operator
         .add_tenant(
@@ -83,10 +106,10 @@ async fn zone(dir: &Path) -> Zone {
         )
         .await
         .unwrap();
-    let agents = vec![
-        start_agent(&url, &operator, "cyberport-h800", &dir.join("hk")).await,
-        start_agent(&url, &operator, "nansha-a800", &dir.join("gz")).await,
-    ];
+    let mut agents = Vec::new();
+    for cluster in clusters {
+        agents.push(start_agent(&url, &operator, cluster, &dir.join(cluster)).await);
+    }
     Zone {
         server,
         operator,
@@ -95,8 +118,8 @@ async fn zone(dir: &Path) -> Zone {
     }
 }
 
-async fn contracts(lab: &Client) {
-    for offer in ["hk-breast-clinic-federated", "gz-breast-clinic-federated"] {
+async fn contracts(lab: &Client, offers: &[&str]) {
+    for offer in offers {
         let c: Value = lab
             .post(
                 "/api/v1/contracts",
@@ -107,6 +130,8 @@ async fn contracts(lab: &Client) {
         assert_eq!(c["state"], "active", "{c}");
     }
 }
+
+const HOSPITAL_OFFERS: [&str; 2] = ["hk-breast-clinic-federated", "gz-breast-clinic-federated"];
 
 fn run_file() -> Value {
     let spec: Value = yaml("examples/fusion/breast-homo-lr-exchange.yaml");
@@ -127,8 +152,8 @@ async fn wait_ended(client: &Client, id: &str) -> FusionView {
 #[tokio::test]
 async fn a_federated_run_trains_in_each_partys_jurisdiction_and_saves_each_copy_in_its_vault() {
     let dir = tempfile::tempdir().unwrap();
-    let zone = zone(dir.path()).await;
-    contracts(&zone.lab).await;
+    let zone = zone(dir.path(), hospitals(), &["cyberport-h800", "nansha-a800"]).await;
+    contracts(&zone.lab, &HOSPITAL_OFFERS).await;
     let started: FusionView = zone.lab.post("/api/v1/fusion", &run_file()).await.unwrap();
     assert_eq!(started.state, FusionState::Running);
     let view = wait_ended(&zone.lab, &started.id).await;
@@ -259,7 +284,7 @@ async fn a_federated_run_trains_in_each_partys_jurisdiction_and_saves_each_copy_
 #[tokio::test]
 async fn bad_runs_are_refused_with_the_field_and_a_cancelled_run_is_not_charged() {
     let dir = tempfile::tempdir().unwrap();
-    let zone = zone(dir.path()).await;
+    let zone = zone(dir.path(), hospitals(), &["cyberport-h800", "nansha-a800"]).await;
     // no contract yet
     let err = zone
         .lab
@@ -268,7 +293,7 @@ async fn bad_runs_are_refused_with_the_field_and_a_cancelled_run_is_not_charged(
         .unwrap_err()
         .to_string();
     assert!(err.contains("no active federated contract"), "{err}");
-    contracts(&zone.lab).await;
+    contracts(&zone.lab, &HOSPITAL_OFFERS).await;
     let cases = [
         (
             json!({"task": "homo-lr", "parties": [{"name": "a", "dataset": "hk-breast-clinic"}]}),
@@ -341,5 +366,141 @@ async fn bad_runs_are_refused_with_the_field_and_a_cancelled_run_is_not_charged(
         .await
         .unwrap();
     assert_eq!(wallet["debits_pending"], "0.00 CNY", "{wallet}");
+    zone.server.stop().await;
+}
+
+/// A card issuer's table (FATE's default_credit_homo) as a dataset in a vault, with a
+/// federated offer.
+fn issuer(
+    name: &str,
+    jurisdiction: &str,
+    city: &str,
+    vault: &str,
+    price: &str,
+    file: &'static str,
+) -> Holding {
+    let mut schema = vec![
+        json!({"name": "id", "type": "string"}),
+        json!({"name": "y", "type": "int"}),
+    ];
+    schema.extend((0..23).map(|i| json!({"name": format!("x{i}"), "type": "float"})));
+    let dataset = format!("{name}-cards");
+    Holding {
+        party: json!({"name": name, "jurisdiction": jurisdiction, "city": city}),
+        dataset: serde_json::from_value(json!({
+            "name": dataset, "holder": name, "vault": vault, "level": "general",
+            "personal": "personal", "subjects": 8000, "subject_column": "id",
+            "purposes": ["credit_risk"], "collected_abroad": false, "schema": schema,
+        }))
+        .unwrap(),
+        offer: json!({
+            "name": format!("{dataset}-federated"), "dataset": dataset, "modes": ["federated"],
+            "purposes": ["credit_risk"], "destinations": ["CN", "HK", "MO"],
+            "price": {"per_use": price}, "expires": "2027-12-31", "auto_approve": true,
+        }),
+        file,
+    }
+}
+
+#[tokio::test]
+async fn three_card_issuers_in_three_jurisdictions_train_with_secure_aggregation() {
+    let dir = tempfile::tempdir().unwrap();
+    let holdings = vec![
+        issuer(
+            "hk-issuer",
+            "HK",
+            "hong-kong",
+            "hk-cyberport",
+            "10.00 HKD",
+            "default_credit_homo_guest.csv",
+        ),
+        issuer(
+            "sz-issuer",
+            "CN",
+            "shenzhen",
+            "shenzhen-qianhai",
+            "10.00 CNY",
+            "default_credit_homo_host_1.csv",
+        ),
+        issuer(
+            "mo-issuer",
+            "MO",
+            "macao",
+            "macao",
+            "10.00 MOP",
+            "default_credit_homo_host_2.csv",
+        ),
+    ];
+    let zone = zone(
+        dir.path(),
+        holdings,
+        &["cyberport-h800", "qianhai-h800", "macao-a100"],
+    )
+    .await;
+    for offer in [
+        "hk-issuer-cards-federated",
+        "sz-issuer-cards-federated",
+        "mo-issuer-cards-federated",
+    ] {
+        let c: Value = zone
+            .lab
+            .post(
+                "/api/v1/contracts",
+                &json!({"offer": offer, "mode": "federated", "purpose": "credit_risk", "site": "hk-cyberport"}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(c["state"], "active", "{c}");
+    }
+    let run = json!({
+        "task": "homo-lr",
+        "parties": [
+            {"name": "hk-issuer", "dataset": "hk-issuer-cards"},
+            {"name": "sz-issuer", "dataset": "sz-issuer-cards"},
+            {"name": "mo-issuer", "dataset": "mo-issuer-cards"},
+        ],
+        "settings": {"rounds": 5},
+    });
+    let started: FusionView = zone.lab.post("/api/v1/fusion", &run).await.unwrap();
+    let view = wait_ended(&zone.lab, &started.id).await;
+    assert_eq!(view.state, FusionState::Succeeded, "{view:#?}");
+    assert_eq!(view.aggregation.as_deref(), Some("secure (threshold 2)"));
+    let jurisdictions: Vec<Jurisdiction> =
+        view.workers[1..].iter().map(|w| w.jurisdiction).collect();
+    assert_eq!(
+        jurisdictions,
+        [Jurisdiction::HK, Jurisdiction::CN, Jurisdiction::MO]
+    );
+    assert_eq!(view.rounds.len(), 5);
+    // the same model as the three tables trained in one process, through the same
+    // secure aggregation: the parties' split never changed the arithmetic
+    let tables: Vec<baygrid_fusion::data::Table> = ["guest", "host_1", "host_2"]
+        .iter()
+        .map(|p| {
+            baygrid_fusion::data::Table::read_csv(&repo(&format!(
+                "../shared/data/fate/default_credit_homo_{p}.csv"
+            )))
+            .unwrap()
+        })
+        .collect();
+    let cfg = baygrid_fusion::homo::HomoConfig {
+        rounds: 5,
+        ..baygrid_fusion::homo::HomoConfig::fate_lr()
+    };
+    let together =
+        baygrid_fusion::homo::train(&cfg, &tables, &baygrid_fusion::homo::device(), |_| {})
+            .unwrap();
+    for (r, t) in view.rounds.iter().zip(&together.rounds) {
+        assert!(
+            (r.loss - t.loss).abs() < 1e-3,
+            "round {}: {} vs {}",
+            r.round,
+            r.loss,
+            t.loss
+        );
+    }
+    for w in &view.workers[1..] {
+        assert!(w.model.is_some() && w.model_sha256 == view.workers[1].model_sha256);
+    }
     zone.server.stop().await;
 }

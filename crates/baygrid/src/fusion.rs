@@ -28,6 +28,8 @@ pub enum FusionCommand {
         /// The task file (see examples/fusion/).
         file: PathBuf,
     },
+    #[command(flatten)]
+    Exchange(crate::fusion_run::RunCommand),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -157,8 +159,11 @@ fn settings<T: serde::de::DeserializeOwned>(
         .map_err(|e| anyhow::anyhow!("{}: settings.{}: {}", path.display(), e.path(), e.inner()))
 }
 
-pub fn run(args: &Args, cmd: &FusionCommand) -> anyhow::Result<ExitCode> {
-    let FusionCommand::Eval { file } = cmd;
+pub async fn run(args: &Args, cmd: &FusionCommand) -> anyhow::Result<ExitCode> {
+    let file = match cmd {
+        FusionCommand::Eval { file } => file,
+        FusionCommand::Exchange(c) => return crate::fusion_run::run(args, c).await,
+    };
     let spec = read_spec(file)?;
     let base = file.parent().unwrap_or(Path::new("."));
     let resolve = |p: &Path| {

@@ -6,6 +6,7 @@ mod bench_query;
 mod cli;
 mod dataset;
 mod fusion;
+mod fusion_run;
 mod output;
 mod query;
 mod rules;
@@ -200,7 +201,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Command::Contract(cmd) => dataset::contract(&args, cmd).await,
         Command::Obligations(cmd) => dataset::obligations(&args, cmd).await,
         Command::Query(q) => query::run(&args, q).await,
-        Command::Fusion(cmd) => fusion::run(&args, cmd),
+        Command::Fusion(cmd) => fusion::run(&args, cmd).await,
         Command::Sim(sim) => sim::run(&args, sim),
         Command::Bench(cmd) => bench::run(&args, cmd).await,
     }

@@ -611,6 +611,76 @@ queries at the data skipped: ../shared/data/fate is not beside this checkout"
     Ok(released)
 }
 
+/// Fusion training through the exchange: a Hong Kong and a Guangzhou hospital publish their
+/// breast-tumour cases (FATE's breast_homo) for federated training; hk-fintech trains one
+/// logistic regression on both, each party's worker beside its own vault. Returns whether
+/// the run succeeded.
+async fn demo_fusion(exchange: &Exchange, show: bool) -> anyhow::Result<bool> {
+    let fate = Path::new("../shared/data/fate");
+    if !fate.join("breast_homo_guest.csv").exists() {
+        if show {
+            println!("\nfusion training skipped: ../shared/data/fate is not beside this checkout");
+        }
+        return Ok(true);
+    }
+    let operator = &exchange.operator;
+    for (party, city, jurisdiction, dataset, offer, file) in [
+        (
+            "hk-hospital",
+            "hong-kong",
+            "HK",
+            include_str!("../../../examples/datasets/hk-breast-clinic.yaml"),
+            include_str!("../../../examples/data-offers/hk-breast-clinic.yaml"),
+            "breast_homo_guest.csv",
+        ),
+        (
+            "gz-hospital",
+            "guangzhou",
+            "CN",
+            include_str!("../../../examples/datasets/gz-breast-clinic.yaml"),
+            include_str!("../../../examples/data-offers/gz-breast-clinic.yaml"),
+            "breast_homo_host.csv",
+        ),
+    ] {
+        let _: serde_json::Value = operator
+            .post(
+                "/api/v1/parties",
+                &serde_json::json!({"name": party, "jurisdiction": jurisdiction, "city": city}),
+            )
+            .await?;
+        let holder = operator.issue(Role::DataHolder, Some(party)).await?;
+        let spec: baygrid_api::DatasetSpec = serde_yaml::from_str(dataset)?;
+        let _: serde_json::Value = holder.post("/api/v1/datasets", &spec).await?;
+        baygrid_vault::upload(&holder, &spec.name, &[fate.join(file)]).await?;
+        let offer: serde_json::Value = serde_yaml::from_str(offer)?;
+        let _: serde_json::Value = holder.post("/api/v1/data-offers", &offer).await?;
+    }
+    let lab = exchange.tenant("hk-fintech");
+    for offer in ["hk-breast-clinic-federated", "gz-breast-clinic-federated"] {
+        let _: serde_json::Value = lab
+            .post("/api/v1/contracts", &serde_json::json!({"offer": offer, "mode": "federated", "purpose": "medical_research", "site": "hk-cyberport"}))
+            .await?;
+    }
+    let request: baygrid_api::FusionRequest = serde_yaml::from_str(include_str!(
+        "../../../examples/fusion/breast-homo-lr-exchange.yaml"
+    ))?;
+    let started: baygrid_api::FusionView = lab.post("/api/v1/fusion", &request).await?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    let view = loop {
+        let view: baygrid_api::FusionView =
+            lab.get(&format!("/api/v1/fusion/{}", started.id)).await?;
+        if view.state != baygrid_api::FusionState::Running || std::time::Instant::now() > deadline {
+            break view;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    if show {
+        println!();
+        crate::fusion_run::show(&view);
+    }
+    Ok(view.state == baygrid_api::FusionState::Succeeded)
+}
+
 pub async fn demo(args: &Args, keep: bool) -> anyhow::Result<ExitCode> {
     let (data_dir, _temp) = match &args.data_dir {
         Some(dir) => (dir.clone(), None),
@@ -740,7 +810,9 @@ pub async fn demo(args: &Args, keep: bool) -> anyhow::Result<ExitCode> {
     // the jobs' settlement is reconciled before queries charge the same wallets
     let settled = reconcile(&exchange, &rows).await?;
     let queries_released = demo_queries(&exchange, &data_dir, table_output).await?;
-    let all_as_expected = rows.iter().all(|r| r.as_expected) && settled.is_ok() && queries_released;
+    let trained = demo_fusion(&exchange, table_output).await?;
+    let all_as_expected =
+        rows.iter().all(|r| r.as_expected) && settled.is_ok() && queries_released && trained;
     emit(args.output, &rows, |rows| {
         println!();
         let cells = rows

@@ -1,0 +1,231 @@
+//! `baygrid fusion run|ls|get|logs|cancel`: fusion runs through the exchange, each party's
+//! worker beside its own vault.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use baygrid_api::{FusionEvent, FusionRequest, FusionState, FusionView};
+
+use crate::output::{emit, or_dash, table};
+use crate::Args;
+
+/// A run file as the API takes it: `task`, `parties` (name and dataset), `purpose`,
+/// `settings`, `max_minutes`. An error names the file and the field.
+pub(crate) fn read_request(path: &Path) -> anyhow::Result<FusionRequest> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let de = serde_yaml::Deserializer::from_str(&text);
+    serde_path_to_error::deserialize(de)
+        .map_err(|e| anyhow::anyhow!("{}: {}: {}", path.display(), e.path(), e.inner()))
+}
+
+fn outcome(view: &FusionView) -> ExitCode {
+    match view.state {
+        FusionState::Succeeded | FusionState::Running => ExitCode::SUCCESS,
+        FusionState::Failed | FusionState::Cancelled => ExitCode::FAILURE,
+    }
+}
+
+/// A run as the CLI (and the demo) shows it.
+pub(crate) fn show(view: &FusionView) {
+    println!(
+        "fusion run {} by {}  {}  {:?}  ({})",
+        view.id,
+        view.tenant,
+        view.task.as_str(),
+        view.state,
+        view.purpose
+    );
+    let rows: Vec<Vec<String>> = view
+        .workers
+        .iter()
+        .map(|w| {
+            let auc = w
+                .scores
+                .as_ref()
+                .and_then(|s| s["auc"].as_f64())
+                .map(|a| format!("{a:.6}"));
+            vec![
+                w.role.clone(),
+                w.site.clone(),
+                w.jurisdiction.to_string(),
+                or_dash(w.cluster.clone()),
+                format!("{:?}", w.state).to_lowercase(),
+                format!("{:.1}", w.seconds),
+                or_dash(auc),
+                or_dash(w.model.clone()),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "WORKER", "SITE", "JUR", "CLUSTER", "STATE", "SECONDS", "AUC", "MODEL",
+        ],
+        &rows,
+    );
+    for p in &view.placement {
+        println!("  aggregator candidate {p}");
+    }
+    if let Some(a) = &view.aggregation {
+        println!("  aggregation: {a}");
+    }
+    if let (Some(first), Some(last)) = (view.rounds.first(), view.rounds.last()) {
+        let bytes: usize = view.rounds.iter().map(|r| r.bytes).sum();
+        println!(
+            "  {} rounds: loss {:.5} → {:.5}, {} bytes through the relay",
+            view.rounds.len(),
+            first.loss,
+            last.loss,
+            bytes
+        );
+    }
+    if !view.rules.is_empty() {
+        println!("  model_update flows under {}", view.rules.join(", "));
+    }
+    match &view.charged {
+        Some(c) => println!("  held {}, charged {c}", view.held),
+        None => println!("  held {}", view.held),
+    }
+    if let Some(e) = &view.error {
+        println!("  {e}");
+    }
+}
+
+fn print_events(events: &[FusionEvent]) {
+    for e in events {
+        println!("{}  {}", e.at, e.line);
+    }
+}
+
+/// Submits a run and follows its log until it ends.
+pub(crate) async fn run_file(
+    client: &baygrid_api::Client,
+    file: &Path,
+    tenant: Option<&str>,
+    follow: bool,
+) -> anyhow::Result<FusionView> {
+    let request = read_request(file)?;
+    let path = match tenant {
+        Some(t) => format!("/api/v1/fusion?tenant={t}"),
+        None => "/api/v1/fusion".into(),
+    };
+    let started: FusionView = client.post(&path, &request).await?;
+    if !follow {
+        return Ok(started);
+    }
+    let mut seen = 0;
+    loop {
+        let events: Vec<FusionEvent> = client
+            .get(&format!("/api/v1/fusion/{}/logs", started.id))
+            .await?;
+        if events.len() > seen {
+            print_events(&events[seen..]);
+            seen = events.len();
+        }
+        let view: FusionView = client
+            .get(&format!("/api/v1/fusion/{}", started.id))
+            .await?;
+        if view.state != FusionState::Running {
+            let events: Vec<FusionEvent> = client
+                .get(&format!("/api/v1/fusion/{}/logs", started.id))
+                .await?;
+            print_events(&events[seen.min(events.len())..]);
+            return Ok(view);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum RunCommand {
+    /// Start a run through the exchange (see examples/fusion/*-exchange.yaml): each party's
+    /// worker trains beside its own vault; follows the run's log until it ends.
+    Run {
+        file: std::path::PathBuf,
+        /// Print the run and return at once.
+        #[arg(long)]
+        no_wait: bool,
+        /// For operators: the tenant to act for.
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Your runs, newest first.
+    Ls {
+        /// running | succeeded | failed | cancelled
+        #[arg(long)]
+        state: Option<String>,
+    },
+    /// One run: its workers, placement, rounds, models and charge.
+    Get { id: String },
+    /// A run's log: placement, workers, every round, the release.
+    Logs { id: String },
+    /// Stop a running run; nothing is charged.
+    Cancel { id: String },
+}
+
+pub async fn run(args: &Args, cmd: &RunCommand) -> anyhow::Result<ExitCode> {
+    let client = crate::cli::client(args)?;
+    match cmd {
+        RunCommand::Run {
+            file,
+            no_wait,
+            tenant,
+        } => {
+            let view = run_file(&client, file, tenant.as_deref(), !no_wait).await?;
+            emit(args.output, &view, show);
+            Ok(outcome(&view))
+        }
+        RunCommand::Ls { state } => {
+            let path = match state {
+                Some(s) => format!("/api/v1/fusion?state={s}"),
+                None => "/api/v1/fusion".into(),
+            };
+            let all: Vec<FusionView> = client.get(&path).await?;
+            emit(args.output, &all, |all| {
+                let rows: Vec<Vec<String>> = all
+                    .iter()
+                    .map(|v| {
+                        vec![
+                            v.id.clone(),
+                            v.task.as_str().into(),
+                            format!("{:?}", v.state).to_lowercase(),
+                            v.workers.len().saturating_sub(1).to_string(),
+                            v.rounds.len().to_string(),
+                            or_dash(v.charged),
+                            v.created_at.clone(),
+                        ]
+                    })
+                    .collect();
+                table(
+                    &[
+                        "ID", "TASK", "STATE", "PARTIES", "ROUNDS", "CHARGED", "CREATED",
+                    ],
+                    &rows,
+                );
+            });
+            Ok(ExitCode::SUCCESS)
+        }
+        RunCommand::Get { id } => {
+            let view: FusionView = client.get(&format!("/api/v1/fusion/{id}")).await?;
+            emit(args.output, &view, show);
+            Ok(outcome(&view))
+        }
+        RunCommand::Logs { id } => {
+            let events: Vec<FusionEvent> = client.get(&format!("/api/v1/fusion/{id}/logs")).await?;
+            emit(args.output, &events, |e| print_events(e));
+            Ok(ExitCode::SUCCESS)
+        }
+        RunCommand::Cancel { id } => {
+            let view: FusionView = client
+                .post(
+                    &format!("/api/v1/fusion/{id}/cancel"),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            emit(args.output, &view, show);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
