@@ -7,9 +7,12 @@ use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use baygrid_api::{Client, FusionReport, FusionRound, FusionWork, PartyDone, VersionFile};
+use baygrid_api::{
+    Client, FusionReport, FusionRound, FusionTask, FusionWork, PartyDone, VersionFile,
+};
 use baygrid_fusion::data::Table;
 use baygrid_fusion::fed::{self, FedError, Msg, Transport};
+use baygrid_fusion::hetero::{apart, HeteroConfig};
 use baygrid_fusion::homo::{self, Aggregation, HomoConfig};
 use tokio::runtime::Handle;
 use tokio::sync::watch;
@@ -69,9 +72,37 @@ fn aggregation_name(a: Aggregation) -> String {
     }
 }
 
+/// Reports each round's figures from a protocol thread.
+fn round_reporter(client: &Client, work: &FusionWork) -> impl FnMut(FusionRound) + Send + 'static {
+    let client = client.clone();
+    let work = work.clone();
+    let handle = Handle::current();
+    move |round| {
+        let report = FusionReport {
+            round: Some(round),
+            ..FusionReport::default()
+        };
+        if let Err(e) = handle.block_on(send_report(&client, &work, &report)) {
+            tracing::warn!(error = %e, "round not reported");
+        }
+    }
+}
+
+/// Runs a protocol role on a blocking thread with the relay as its transport.
+async fn on_relay<T: Send + 'static>(
+    relay: Relay,
+    role: impl FnOnce(&mut Relay) -> Result<T, FedError> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(move || {
+        let mut relay = relay;
+        role(&mut relay)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())
+}
+
 async fn run(client: &Client, work_dir: &Path, work: &FusionWork) -> Result<FusionReport, String> {
-    let cfg: HomoConfig =
-        serde_json::from_value(work.settings.clone()).map_err(|e| format!("settings: {e}"))?;
     let wait = Duration::from_millis(work.wait_ms);
     let relay = Relay {
         client: client.clone(),
@@ -84,45 +115,111 @@ async fn run(client: &Client, work_dir: &Path, work: &FusionWork) -> Result<Fusi
         waiting: VecDeque::new(),
         bytes: 0,
     };
+    let vertical = work.task == FusionTask::HeteroLr;
+    if vertical {
+        let cfg: HeteroConfig =
+            serde_json::from_value(work.settings.clone()).map_err(|e| format!("settings: {e}"))?;
+        if work.index == apart::DEALER {
+            on_relay(relay, move |r| apart::run_dealer(&cfg, r, wait)).await?;
+            return Ok(FusionReport {
+                done: true,
+                ..FusionReport::default()
+            });
+        }
+        let rows = party_rows(work_dir, work).await?;
+        let columns = rows.columns.clone();
+        let index = work.index;
+        let mut report_round = round_reporter(client, work);
+        let outcome = on_relay(relay, move |r| {
+            if index == apart::GUEST {
+                apart::run_guest(&cfg, &rows, r, wait, |s| {
+                    report_round(FusionRound {
+                        round: s.iteration,
+                        loss: None,
+                        gradient_norm: Some(s.guest_gradient_norm),
+                        seconds: s.seconds,
+                        bytes: s.bytes,
+                    })
+                })
+            } else {
+                apart::run_host(&cfg, &rows, r, wait)
+            }
+        })
+        .await?;
+        let role = if index == apart::GUEST {
+            "guest"
+        } else {
+            "host"
+        };
+        let model = serde_json::json!({
+            "run": work.run,
+            "task": work.task,
+            "role": role,
+            "settings": work.settings,
+            "columns": columns,
+            "weights": outcome.weights,
+            "intercept": index == apart::GUEST,
+            "aligned_rows": outcome.aligned,
+        });
+        let scores = match outcome.scores {
+            Some(s) => serde_json::to_value(s).map_err(|e| e.to_string())?,
+            None => serde_json::json!({ "aligned_rows": outcome.aligned }),
+        };
+        return save_model(work_dir, work, &model, scores).await;
+    }
+    let cfg: HomoConfig =
+        serde_json::from_value(work.settings.clone()).map_err(|e| format!("settings: {e}"))?;
     if work.index == fed::AGGREGATOR {
-        let reporter = client.clone();
-        let handle = Handle::current();
-        let the_work = work.clone();
         let parties = work.parties;
-        let outcome = tokio::task::spawn_blocking(move || {
-            let mut relay = relay;
-            fed::run_aggregator(&cfg, parties, &mut relay, wait, |stats| {
-                let round = FusionReport {
-                    round: Some(FusionRound {
-                        round: stats.round,
-                        loss: stats.loss,
-                        seconds: stats.seconds,
-                        bytes: stats.bytes,
-                    }),
-                    ..FusionReport::default()
-                };
-                if let Err(e) = handle.block_on(send_report(&reporter, &the_work, &round)) {
-                    tracing::warn!(error = %e, "round not reported");
-                }
+        let mut report_round = round_reporter(client, work);
+        let outcome = on_relay(relay, move |r| {
+            fed::run_aggregator(&cfg, parties, r, wait, |s| {
+                report_round(FusionRound {
+                    round: s.round,
+                    loss: Some(s.loss),
+                    gradient_norm: None,
+                    seconds: s.seconds,
+                    bytes: s.bytes,
+                })
             })
         })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+        .await?;
         return Ok(FusionReport {
             aggregation: Some(aggregation_name(outcome.aggregation)),
             done: true,
             ..FusionReport::default()
         });
     }
+    let rows = party_rows(work_dir, work).await?;
+    let index = work.index;
+    let (outcome, scores, columns) = on_relay(relay, move |r| {
+        let device = homo::device();
+        let columns = rows.columns.clone();
+        let outcome = fed::run_party(&cfg, rows.clone(), index, device.clone(), r, wait)?;
+        let scores = homo::score(cfg.arch, &outcome.params, &rows, &device)?;
+        Ok((outcome, scores, columns))
+    })
+    .await?;
+    let model = serde_json::json!({
+        "run": work.run,
+        "task": work.task,
+        "settings": work.settings,
+        "columns": columns,
+        "params": outcome.params,
+        "aggregation": outcome.aggregation,
+        "rounds": outcome.rounds,
+        "dp_epsilon": outcome.epsilon,
+    });
+    let scores = serde_json::to_value(scores).map_err(|e| e.to_string())?;
+    save_model(work_dir, work, &model, scores).await
+}
+
+/// A party's rows: its dataset's version staged from its vault (digests checked).
+async fn party_rows(work_dir: &Path, work: &FusionWork) -> Result<Table, String> {
     let table = work
         .table
         .as_ref()
         .ok_or("a party's work carries its dataset")?;
-    let target = work
-        .model
-        .as_ref()
-        .ok_or("a party's work says where its model goes")?;
     let dir = staged(
         work_dir,
         &table.dataset,
@@ -139,29 +236,20 @@ async fn run(client: &Client, work_dir: &Path, work: &FusionWork) -> Result<Fusi
             Some(all) => all.concat(&t).map_err(|e| e.to_string())?,
         });
     }
-    let rows = rows.ok_or("the dataset's version has no files")?;
-    let index = work.index;
-    let (outcome, scores, columns) = tokio::task::spawn_blocking(move || {
-        let mut relay = relay;
-        let device = homo::device();
-        let columns = rows.columns.clone();
-        let outcome = fed::run_party(&cfg, rows.clone(), index, device.clone(), &mut relay, wait)?;
-        let scores = homo::score(cfg.arch, &outcome.params, &rows, &device)?;
-        Ok::<_, FedError>((outcome, scores, columns))
-    })
-    .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e| e.to_string())?;
-    let model = serde_json::json!({
-        "run": work.run,
-        "task": work.task,
-        "settings": work.settings,
-        "columns": columns,
-        "params": outcome.params,
-        "aggregation": outcome.aggregation,
-        "rounds": outcome.rounds,
-        "dp_epsilon": outcome.epsilon,
-    });
+    Ok(rows.ok_or("the dataset's version has no files")?)
+}
+
+/// Writes the party's copy of the model into its vault, and the report that says so.
+async fn save_model(
+    work_dir: &Path,
+    work: &FusionWork,
+    model: &serde_json::Value,
+    scores: serde_json::Value,
+) -> Result<FusionReport, String> {
+    let target = work
+        .model
+        .as_ref()
+        .ok_or("a party's work says where its model goes")?;
     let scratch = work_dir
         .join("fusion")
         .join(format!("{}-{}", work.run, work.index));
@@ -169,7 +257,7 @@ async fn run(client: &Client, work_dir: &Path, work: &FusionWork) -> Result<Fusi
     let path = scratch.join("model.json");
     std::fs::write(
         &path,
-        serde_json::to_vec_pretty(&model).map_err(|e| e.to_string())?,
+        serde_json::to_vec_pretty(model).map_err(|e| e.to_string())?,
     )
     .map_err(|e| format!("{}: {e}", path.display()))?;
     let vault = baygrid_vault::Vault::open(&target.vault_url).map_err(|e| e.to_string())?;
@@ -190,7 +278,7 @@ async fn run(client: &Client, work_dir: &Path, work: &FusionWork) -> Result<Fusi
                 rows: 0,
                 format: "file".into(),
             }],
-            scores: serde_json::to_value(scores).map_err(|e| e.to_string())?,
+            scores,
         }),
         done: true,
         ..FusionReport::default()

@@ -41,9 +41,22 @@ struct Holding {
     file: &'static str,
 }
 
-/// The two hospitals of examples/datasets and examples/data-offers.
+/// Holders of examples/datasets with their examples/data-offers: (party, jurisdiction,
+/// city, dataset, FATE file).
+fn holdings(of: &[(&str, &str, &str, &str, &'static str)]) -> Vec<Holding> {
+    of.iter()
+        .map(|&(name, jurisdiction, city, dataset, file)| Holding {
+            party: json!({"name": name, "jurisdiction": jurisdiction, "city": city}),
+            dataset: yaml(&format!("examples/datasets/{dataset}.yaml")),
+            offer: yaml(&format!("examples/data-offers/{dataset}.yaml")),
+            file,
+        })
+        .collect()
+}
+
+/// The two hospitals (FATE's breast_homo).
 fn hospitals() -> Vec<Holding> {
-    [
+    holdings(&[
         (
             "hk-hospital",
             "HK",
@@ -58,15 +71,34 @@ fn hospitals() -> Vec<Holding> {
             "gz-breast-clinic",
             "breast_homo_host.csv",
         ),
-    ]
-    .into_iter()
-    .map(|(name, jurisdiction, city, dataset, file)| Holding {
-        party: json!({"name": name, "jurisdiction": jurisdiction, "city": city}),
-        dataset: yaml(&format!("examples/datasets/{dataset}.yaml")),
-        offer: yaml(&format!("examples/data-offers/{dataset}.yaml")),
-        file,
-    })
-    .collect()
+    ])
+}
+
+/// The three card issuers (FATE's default_credit_homo).
+fn issuers() -> Vec<Holding> {
+    holdings(&[
+        (
+            "hk-issuer",
+            "HK",
+            "hong-kong",
+            "hk-issuer-cards",
+            "default_credit_homo_guest.csv",
+        ),
+        (
+            "sz-issuer",
+            "CN",
+            "shenzhen",
+            "sz-issuer-cards",
+            "default_credit_homo_host_1.csv",
+        ),
+        (
+            "mo-issuer",
+            "MO",
+            "macao",
+            "mo-issuer-cards",
+            "default_credit_homo_host_2.csv",
+        ),
+    ])
 }
 
 async fn zone(dir: &Path, holdings: Vec<Holding>, clusters: &[&str]) -> Zone {
@@ -193,7 +225,7 @@ async fn a_federated_run_trains_in_each_partys_jurisdiction_and_saves_each_copy_
 
     // FATE's settings: 30 rounds, the loss falls, the model separates the classes
     assert_eq!(view.rounds.len(), 30);
-    assert!(view.rounds[29].loss < view.rounds[0].loss);
+    assert!(view.rounds[29].loss.unwrap() < view.rounds[0].loss.unwrap());
     for party in [hk, gz] {
         let auc = party.scores.as_ref().unwrap()["auc"].as_f64().unwrap();
         assert!(auc > 0.97, "{}: AUC {auc}", party.role);
@@ -299,7 +331,7 @@ async fn bad_runs_are_refused_with_the_field_and_a_cancelled_run_is_not_charged(
             json!({"task": "homo-lr", "parties": [{"name": "a", "dataset": "hk-breast-clinic"}]}),
             "parties",
         ),
-        (json!({"task": "hetero-lr", "parties": []}), "task"),
+        (json!({"task": "psi", "parties": []}), "task"),
         (
             json!({"task": "homo-lr", "parties": [{"name": "a", "dataset": "hk-breast-clinic"}, {"name": "a", "dataset": "gz-breast-clinic"}]}),
             "parties[1].name",
@@ -369,68 +401,10 @@ async fn bad_runs_are_refused_with_the_field_and_a_cancelled_run_is_not_charged(
     zone.server.stop().await;
 }
 
-/// A card issuer's table (FATE's default_credit_homo) as a dataset in a vault, with a
-/// federated offer.
-fn issuer(
-    name: &str,
-    jurisdiction: &str,
-    city: &str,
-    vault: &str,
-    price: &str,
-    file: &'static str,
-) -> Holding {
-    let mut schema = vec![
-        json!({"name": "id", "type": "string"}),
-        json!({"name": "y", "type": "int"}),
-    ];
-    schema.extend((0..23).map(|i| json!({"name": format!("x{i}"), "type": "float"})));
-    let dataset = format!("{name}-cards");
-    Holding {
-        party: json!({"name": name, "jurisdiction": jurisdiction, "city": city}),
-        dataset: serde_json::from_value(json!({
-            "name": dataset, "holder": name, "vault": vault, "level": "general",
-            "personal": "personal", "subjects": 8000, "subject_column": "id",
-            "purposes": ["credit_risk"], "collected_abroad": false, "schema": schema,
-        }))
-        .unwrap(),
-        offer: json!({
-            "name": format!("{dataset}-federated"), "dataset": dataset, "modes": ["federated"],
-            "purposes": ["credit_risk"], "destinations": ["CN", "HK", "MO"],
-            "price": {"per_use": price}, "expires": "2027-12-31", "auto_approve": true,
-        }),
-        file,
-    }
-}
-
 #[tokio::test]
 async fn three_card_issuers_in_three_jurisdictions_train_with_secure_aggregation() {
     let dir = tempfile::tempdir().unwrap();
-    let holdings = vec![
-        issuer(
-            "hk-issuer",
-            "HK",
-            "hong-kong",
-            "hk-cyberport",
-            "10.00 HKD",
-            "default_credit_homo_guest.csv",
-        ),
-        issuer(
-            "sz-issuer",
-            "CN",
-            "shenzhen",
-            "shenzhen-qianhai",
-            "10.00 CNY",
-            "default_credit_homo_host_1.csv",
-        ),
-        issuer(
-            "mo-issuer",
-            "MO",
-            "macao",
-            "macao",
-            "10.00 MOP",
-            "default_credit_homo_host_2.csv",
-        ),
-    ];
+    let holdings = issuers();
     let zone = zone(
         dir.path(),
         holdings,
@@ -452,15 +426,8 @@ async fn three_card_issuers_in_three_jurisdictions_train_with_secure_aggregation
             .unwrap();
         assert_eq!(c["state"], "active", "{c}");
     }
-    let run = json!({
-        "task": "homo-lr",
-        "parties": [
-            {"name": "hk-issuer", "dataset": "hk-issuer-cards"},
-            {"name": "sz-issuer", "dataset": "sz-issuer-cards"},
-            {"name": "mo-issuer", "dataset": "mo-issuer-cards"},
-        ],
-        "settings": {"rounds": 5},
-    });
+    let mut run: Value = yaml("examples/fusion/default-credit-homo-lr-exchange.yaml");
+    run["settings"]["rounds"] = json!(5);
     let started: FusionView = zone.lab.post("/api/v1/fusion", &run).await.unwrap();
     let view = wait_ended(&zone.lab, &started.id).await;
     assert_eq!(view.state, FusionState::Succeeded, "{view:#?}");
@@ -492,15 +459,85 @@ async fn three_card_issuers_in_three_jurisdictions_train_with_secure_aggregation
             .unwrap();
     for (r, t) in view.rounds.iter().zip(&together.rounds) {
         assert!(
-            (r.loss - t.loss).abs() < 1e-3,
+            (r.loss.unwrap() - t.loss).abs() < 1e-3,
             "round {}: {} vs {}",
             r.round,
-            r.loss,
+            r.loss.unwrap(),
             t.loss
         );
     }
     for w in &view.workers[1..] {
         assert!(w.model.is_some() && w.model_sha256 == view.workers[1].model_sha256);
     }
+    zone.server.stop().await;
+}
+
+#[tokio::test]
+async fn a_vertical_run_aligns_patients_by_psi_and_reproduces_fates_auc_across_the_border() {
+    let dir = tempfile::tempdir().unwrap();
+    let zone = zone(
+        dir.path(),
+        holdings(&[
+            (
+                "hk-hospital",
+                "HK",
+                "hong-kong",
+                "hk-tumour-diagnoses",
+                "breast_hetero_guest.csv",
+            ),
+            (
+                "gz-hospital",
+                "CN",
+                "guangzhou",
+                "gz-tumour-imaging",
+                "breast_hetero_host.csv",
+            ),
+        ]),
+        &["cyberport-h800", "nansha-a800"],
+    )
+    .await;
+    contracts(
+        &zone.lab,
+        &[
+            "hk-tumour-diagnoses-federated",
+            "gz-tumour-imaging-federated",
+        ],
+    )
+    .await;
+    // the host's table holds no label, the guest's does: swapped, the run is refused
+    let mut swapped: Value = yaml("examples/fusion/breast-hetero-lr-exchange.yaml");
+    let parties = swapped["parties"].as_array_mut().unwrap();
+    parties.swap(0, 1);
+    let err = zone
+        .lab
+        .post::<_, FusionView>("/api/v1/fusion", &swapped)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("parties[0].dataset"), "{err}");
+
+    let run: Value = yaml("examples/fusion/breast-hetero-lr-exchange.yaml");
+    let started: FusionView = zone.lab.post("/api/v1/fusion", &run).await.unwrap();
+    let view = wait_ended(&zone.lab, &started.id).await;
+    assert_eq!(view.state, FusionState::Succeeded, "{view:#?}");
+    let dealer = &view.workers[0];
+    assert_eq!(dealer.role, "dealer");
+    assert!(dealer.model.is_none());
+    let (guest, host) = (&view.workers[1], &view.workers[2]);
+    assert_eq!(
+        (guest.jurisdiction, host.jurisdiction),
+        (Jurisdiction::HK, Jurisdiction::CN)
+    );
+    assert_eq!(view.rounds.len(), 5);
+    assert!(view.rounds.iter().all(|r| r.gradient_norm.is_some()));
+    // FATE's train AUC on breast_hetero, 0.975186, within ±0.005
+    let scores = guest.scores.as_ref().unwrap();
+    let auc = scores["auc"].as_f64().unwrap();
+    assert!((auc - 0.975186).abs() <= 0.005, "train AUC {auc}");
+    // the host never scores (it has no label); it only says how many rows it aligned
+    assert_eq!(host.scores.as_ref().unwrap()["aligned_rows"], 569);
+    // each party's own weights are in its own vault, and they differ
+    assert!(guest.model.is_some() && host.model.is_some());
+    assert_ne!(guest.model_sha256, host.model_sha256);
     zone.server.stop().await;
 }

@@ -87,11 +87,12 @@ pub enum WorkerState {
     Failed,
 }
 
-/// One worker of a run: the aggregator (index 0) or a party (1..), placed at a site.
+/// One worker of a run: the aggregator or, in a vertical run, the dealer (index 0), or a
+/// party (1..), placed at a site.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct FusionWorker {
     pub index: usize,
-    /// `aggregator` or the party's name.
+    /// `aggregator`, `dealer`, or the party's name.
     pub role: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dataset: Option<String>,
@@ -119,12 +120,19 @@ pub struct FusionWorker {
     pub error: Option<String>,
 }
 
-/// One round's figures, as the aggregator reports them.
+/// One round's figures, as the aggregator (horizontal) or the guest (vertical) reports
+/// them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct FusionRound {
     pub round: usize,
-    pub loss: f64,
+    /// The weighted training loss before the round (horizontal runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss: Option<f64>,
+    /// The norm of the guest's gradient (vertical runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gradient_norm: Option<f64>,
     pub seconds: f64,
+    /// Bytes the reporting worker sent and received in the round.
     pub bytes: usize,
 }
 
@@ -177,7 +185,8 @@ pub struct PartyTable {
 pub struct FusionWork {
     pub run: String,
     pub task: FusionTask,
-    /// 0 for the aggregator, the party's number otherwise.
+    /// 0 for the aggregator or dealer; the party's number otherwise (in a vertical run 1
+    /// is the guest, 2 the host).
     pub index: usize,
     pub parties: usize,
     /// The trainer's settings, complete.

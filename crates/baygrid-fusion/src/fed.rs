@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::Table;
 use crate::homo::{self, Aggregation, HomoConfig, LocalParty, RoundStats, TrainError};
+use crate::psi;
 use crate::secagg::{self, Advert, Envelope, Params, UnmaskReply};
 
 /// The aggregator's address; parties are 1..=n.
@@ -75,6 +76,24 @@ pub enum Msg {
         rounds: Vec<RoundStats>,
         aggregation: Aggregation,
     },
+    /// Vertical runs: a stretch of the PSI byte stream between guest and host.
+    Psi(Vec<u8>),
+    /// Vertical runs, party → dealer: the aligned rows and the party's width.
+    Shape {
+        rows: usize,
+        width: usize,
+    },
+    /// Vertical runs, dealer → a product's owner: the seed of its (R, c_A).
+    Seed([u8; 32]),
+    /// Vertical runs, dealer → the other party of a product: the seed of s, and c_B.
+    Correlation {
+        seed: [u8; 32],
+        c: Vec<u64>,
+    },
+    /// Vertical runs, guest ↔ host: ring elements (a share, E, f, a product share).
+    Ring(Vec<u64>),
+    /// Vertical runs, host → guest, at the end: the host's partial scores, for scoring.
+    Partial(Vec<f64>),
     /// Either way: the run stops, with the reason.
     Abort(String),
 }
@@ -90,24 +109,24 @@ pub trait Transport {
 
 /// A transport with the messages that arrived ahead of their turn kept in order: the
 /// aggregator waits for each party in turn, and another may answer first.
-struct Link<'t, T: Transport> {
+pub(crate) struct Link<'t, T: Transport> {
     transport: &'t mut T,
     early: std::collections::VecDeque<(usize, Msg)>,
 }
 
 impl<'t, T: Transport> Link<'t, T> {
-    fn new(transport: &'t mut T) -> Self {
+    pub(crate) fn new(transport: &'t mut T) -> Self {
         Link {
             transport,
             early: Default::default(),
         }
     }
 
-    fn send(&mut self, to: usize, msg: &Msg) -> Result<(), FedError> {
+    pub(crate) fn send(&mut self, to: usize, msg: &Msg) -> Result<(), FedError> {
         self.transport.send(to, msg)
     }
 
-    fn bytes(&self) -> usize {
+    pub(crate) fn bytes(&self) -> usize {
         self.transport.bytes()
     }
 
@@ -120,7 +139,7 @@ impl<'t, T: Transport> Link<'t, T> {
     }
 
     /// The next message from `from`; an abort from anyone ends the wait.
-    fn from(&mut self, from: usize, wait: Duration) -> Result<Msg, FedError> {
+    pub(crate) fn from(&mut self, from: usize, wait: Duration) -> Result<Msg, FedError> {
         if let Some(at) = self.early.iter().position(|(who, _)| *who == from) {
             let (_, msg) = self.early.remove(at).expect("found");
             return Ok(msg);
@@ -140,6 +159,120 @@ impl<'t, T: Transport> Link<'t, T> {
                 }
             }
         }
+    }
+}
+
+impl<T: Transport> Link<'_, T> {
+    /// ECDH PSI with `peer` over this link (both learn the intersection): the protocol's
+    /// byte stream travels as `Psi` messages, pumped here while the protocol runs on its
+    /// own threads. Other messages that arrive meanwhile keep their turn.
+    pub(crate) fn psi(
+        &mut self,
+        peer: usize,
+        role: psi::Role,
+        ids: &[String],
+        wait: Duration,
+    ) -> Result<psi::PsiOutcome, FedError> {
+        let (out_tx, out_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        let (in_tx, in_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        // stretches that came before the pump started
+        let mut kept = std::collections::VecDeque::new();
+        for (from, msg) in self.early.drain(..) {
+            match msg {
+                Msg::Psi(bytes) if from == peer => {
+                    let _ = in_tx.send(bytes);
+                }
+                other => kept.push_back((from, other)),
+            }
+        }
+        self.early = kept;
+        std::thread::scope(|scope| {
+            let protocol = scope.spawn(move || {
+                psi::run_party(
+                    role,
+                    ids,
+                    psi::Reveal::Both,
+                    psi::DEFAULT_BATCH,
+                    ChannelReader {
+                        from: in_rx,
+                        chunk: Vec::new(),
+                        at: 0,
+                        wait,
+                    },
+                    ChannelWriter(out_tx),
+                    &mut rand::rngs::OsRng,
+                )
+            });
+            loop {
+                let finished = protocol.is_finished();
+                for chunk in out_rx.try_iter() {
+                    self.transport.send(peer, &Msg::Psi(chunk))?;
+                }
+                if finished {
+                    break;
+                }
+                match self.transport.recv(Duration::from_millis(20))? {
+                    Some((from, Msg::Psi(bytes))) if from == peer => {
+                        let _ = in_tx.send(bytes);
+                    }
+                    Some((_, Msg::Abort(reason))) => return Err(FedError::Aborted(reason)),
+                    Some(other) => self.early.push_back(other),
+                    None => {}
+                }
+            }
+            protocol
+                .join()
+                .map_err(|_| FedError::Protocol("the PSI thread panicked".into()))?
+                .map_err(|e| FedError::Protocol(format!("PSI: {e}")))
+        })
+    }
+}
+
+/// The peer's PSI stream as bytes: stretches received, read in order.
+struct ChannelReader {
+    from: std::sync::mpsc::Receiver<Vec<u8>>,
+    chunk: Vec<u8>,
+    at: usize,
+    wait: Duration,
+}
+
+impl std::io::Read for ChannelReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.at >= self.chunk.len() {
+            match self.from.recv_timeout(self.wait) {
+                Ok(chunk) => {
+                    self.chunk = chunk;
+                    self.at = 0;
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the other party went silent",
+                    ))
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.chunk.len() - self.at);
+        out[..n].copy_from_slice(&self.chunk[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+/// Bytes for the peer: each write is one stretch.
+struct ChannelWriter(std::sync::mpsc::Sender<Vec<u8>>);
+
+impl std::io::Write for ChannelWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .send(bytes.to_vec())
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "link closed"))?;
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -169,6 +302,12 @@ impl Msg {
             Msg::Roster { .. } => "a roster",
             Msg::Unmask(_) => "an unmasking reply",
             Msg::Final { .. } => "the final model",
+            Msg::Psi(_) => "a PSI stream stretch",
+            Msg::Shape { .. } => "a shape",
+            Msg::Seed(_) => "a correlation seed",
+            Msg::Correlation { .. } => "a correlation",
+            Msg::Ring(_) => "ring elements",
+            Msg::Partial(_) => "partial scores",
             Msg::Abort(_) => "an abort",
         }
     }

@@ -39,7 +39,7 @@ const FRAC: u32 = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HeteroError {
-    #[error("hetero LR: {0}")]
+    #[error("{0}")]
     Config(String),
 }
 
@@ -69,6 +69,42 @@ pub struct HeteroConfig {
 
 fn yes() -> bool {
     true
+}
+
+impl HeteroConfig {
+    /// FATE's hetero LR example settings: L2 (alpha 0.01), RMSprop at learning rate 0.15
+    /// decayed by 1/sqrt(1 + t), 5 iterations, full batch.
+    pub fn fate() -> Self {
+        HeteroConfig {
+            iterations: 5,
+            learning_rate: 0.15,
+            optimizer: Optimizer::Rmsprop,
+            alpha: 0.01,
+            decay: 1.0,
+            decay_sqrt: true,
+            seed: 0,
+        }
+    }
+
+    /// The settings given laid over `base`; an error names the field at fault.
+    pub fn from_settings(
+        settings: serde_json::Map<String, serde_json::Value>,
+        base: Option<&HeteroConfig>,
+    ) -> Result<HeteroConfig, HeteroError> {
+        let cfg: HeteroConfig =
+            crate::settings_over(base, settings).map_err(HeteroError::Config)?;
+        if cfg.iterations == 0 || cfg.iterations > 10_000 {
+            return Err(HeteroError::Config(
+                "settings.iterations: must be from 1 to 10000".into(),
+            ));
+        }
+        if !(cfg.learning_rate.is_finite() && cfg.learning_rate > 0.0) {
+            return Err(HeteroError::Config(
+                "settings.learning_rate: must be above 0".into(),
+            ));
+        }
+        Ok(cfg)
+    }
 }
 
 /// FATE's optimizers: SGD and RMSprop (ρ = 0.99, ε = 1e-6) with the
@@ -299,11 +335,22 @@ pub struct HeteroReport {
     pub iterations: Vec<IterationStats>,
 }
 
-fn check(guest: &Table, host: &Table) -> Result<Vec<f64>, HeteroError> {
+/// The guest's labels as ±1.
+fn check_labels(guest: &Table) -> Result<Vec<f64>, HeteroError> {
     let labels = guest
         .labels
         .as_ref()
         .ok_or_else(|| HeteroError::Config("the guest's table needs a `y` column".into()))?;
+    if guest.rows() == 0 {
+        return Err(HeteroError::Config("no rows in common".into()));
+    }
+    Ok(labels
+        .iter()
+        .map(|&y| if y > 0.5 { 1.0 } else { -1.0 })
+        .collect())
+}
+
+fn check(guest: &Table, host: &Table) -> Result<Vec<f64>, HeteroError> {
     if host.labels.is_some() {
         return Err(HeteroError::Config(
             "the host's table must not hold labels".into(),
@@ -314,13 +361,7 @@ fn check(guest: &Table, host: &Table) -> Result<Vec<f64>, HeteroError> {
             "guest and host rows are not aligned by id; run PSI and align first".into(),
         ));
     }
-    if guest.rows() == 0 {
-        return Err(HeteroError::Config("no rows in common".into()));
-    }
-    Ok(labels
-        .iter()
-        .map(|&y| if y > 0.5 { 1.0 } else { -1.0 })
-        .collect())
+    check_labels(guest)
 }
 
 /// Train over aligned tables through the protocol above.
@@ -467,4 +508,396 @@ pub fn score_central(w: &[f64], table: &Table) -> Result<Scores, HeteroError> {
         })
         .collect();
     Ok(evaluate(&probs, labels))
+}
+
+/// The workers of a vertical run apart: the dealer (0), the guest (1), the host (2).
+pub mod apart {
+    use std::time::{Duration, Instant};
+
+    use rand::{RngCore, SeedableRng};
+    use rand_chacha::ChaCha20Rng;
+
+    use super::{
+        check_labels, dec_product, enc, random_ring, xt_u, HeteroConfig, IterationStats, Party,
+    };
+    use crate::data::Table;
+    use crate::fed::{FedError, Link, Msg, Transport};
+    use crate::metrics::{evaluate, Scores};
+    use crate::psi;
+
+    pub const DEALER: usize = 0;
+    pub const GUEST: usize = 1;
+    pub const HOST: usize = 2;
+
+    /// What a party of a vertical run ends with.
+    #[derive(Debug, Clone)]
+    pub struct PartyOutcome {
+        /// Its own weights (the guest's intercept last).
+        pub weights: Vec<f64>,
+        /// The rows both hold, after PSI.
+        pub aligned: usize,
+        pub iterations: Vec<IterationStats>,
+        /// The guest's scores on the aligned rows (the host releases its partial scores
+        /// to the guest at the end); none at the host.
+        pub scores: Option<Scores>,
+    }
+
+    fn ring(
+        link: &mut Link<'_, impl Transport>,
+        from: usize,
+        wait: Duration,
+    ) -> Result<Vec<u64>, FedError> {
+        match link.from(from, wait)? {
+            Msg::Ring(v) => Ok(v),
+            other => Err(FedError::Protocol(format!(
+                "expected ring elements, got {}",
+                other.kind()
+            ))),
+        }
+    }
+
+    fn sized(v: Vec<u64>, len: usize, what: &str) -> Result<Vec<u64>, FedError> {
+        if v.len() != len {
+            return Err(FedError::Protocol(format!(
+                "{what}: {} elements, expected {len}",
+                v.len()
+            )));
+        }
+        Ok(v)
+    }
+
+    fn owner_part(seed: [u8; 32], n: usize, m: usize) -> (Vec<u64>, Vec<u64>) {
+        let mut rng = ChaCha20Rng::from_seed(seed);
+        let r = random_ring(&mut rng, n * m);
+        let c = random_ring(&mut rng, m);
+        (r, c)
+    }
+
+    fn seed_from(
+        link: &mut Link<'_, impl Transport>,
+        wait: Duration,
+    ) -> Result<[u8; 32], FedError> {
+        match link.from(DEALER, wait)? {
+            Msg::Seed(s) => Ok(s),
+            other => Err(FedError::Protocol(format!(
+                "expected a seed, got {}",
+                other.kind()
+            ))),
+        }
+    }
+
+    fn correlation_from(
+        link: &mut Link<'_, impl Transport>,
+        n: usize,
+        m: usize,
+        wait: Duration,
+    ) -> Result<(Vec<u64>, Vec<u64>), FedError> {
+        match link.from(DEALER, wait)? {
+            Msg::Correlation { seed, c } => {
+                let s = random_ring(&mut ChaCha20Rng::from_seed(seed), n);
+                Ok((s, sized(c, m, "c_B")?))
+            }
+            other => Err(FedError::Protocol(format!(
+                "expected a correlation, got {}",
+                other.kind()
+            ))),
+        }
+    }
+
+    /// The owner's half of a secure product Xᵀu (u the other party's share): sends E,
+    /// takes f and the other's product share; returns Xᵀ(own + other's share) decoded / 4n.
+    fn own_gradient(
+        link: &mut Link<'_, impl Transport>,
+        me: &Party,
+        own: &[u64],
+        peer: usize,
+        n: usize,
+        wait: Duration,
+    ) -> Result<Vec<f64>, FedError> {
+        let (r, c_a) = owner_part(seed_from(link, wait)?, n, me.m);
+        let e: Vec<u64> =
+            me.x.iter()
+                .zip(&r)
+                .map(|(a, b)| a.wrapping_sub(*b))
+                .collect();
+        link.send(peer, &Msg::Ring(e))?;
+        let f = sized(ring(link, peer, wait)?, n, "f")?;
+        let other_share = sized(ring(link, peer, wait)?, me.m, "a product share")?;
+        let owner_share = xt_u(&r, me.m, &f);
+        let local = xt_u(&me.x, me.m, own);
+        Ok((0..me.m)
+            .map(|j| {
+                let total = local[j]
+                    .wrapping_add(owner_share[j])
+                    .wrapping_add(c_a[j])
+                    .wrapping_add(other_share[j]);
+                dec_product(total) / (4.0 * n as f64)
+            })
+            .collect())
+    }
+
+    /// The other half of the owner's product: its share u goes in masked as f, and its
+    /// product share Eᵀu + c_B goes to the owner.
+    fn help_gradient(
+        link: &mut Link<'_, impl Transport>,
+        mine: &[u64],
+        peer: usize,
+        peer_width: usize,
+        n: usize,
+        wait: Duration,
+    ) -> Result<(), FedError> {
+        let (s, c_b) = correlation_from(link, n, peer_width, wait)?;
+        let e = sized(ring(link, peer, wait)?, n * peer_width, "E")?;
+        let f: Vec<u64> = mine
+            .iter()
+            .zip(&s)
+            .map(|(a, b)| a.wrapping_sub(*b))
+            .collect();
+        link.send(peer, &Msg::Ring(f))?;
+        let share: Vec<u64> = xt_u(&e, peer_width, mine)
+            .iter()
+            .zip(&c_b)
+            .map(|(a, b)| a.wrapping_add(*b))
+            .collect();
+        link.send(peer, &Msg::Ring(share))
+    }
+
+    /// PSI with the other party, then this party's rows in the intersection's sorted order
+    /// (both sort it, so rows line up without either sending an order).
+    fn aligned(
+        link: &mut Link<'_, impl Transport>,
+        table: &Table,
+        peer: usize,
+        role: psi::Role,
+        wait: Duration,
+    ) -> Result<Table, FedError> {
+        let outcome = link.psi(peer, role, &table.ids, wait)?;
+        let mut ids = outcome.intersection.ok_or_else(|| {
+            FedError::Protocol("PSI did not tell this party the intersection".into())
+        })?;
+        ids.sort_unstable();
+        if ids.is_empty() {
+            return Err(FedError::Protocol(
+                "the parties hold no id in common".into(),
+            ));
+        }
+        Ok(table.select(&psi::align(&table.ids, &ids)))
+    }
+
+    fn shape(
+        link: &mut Link<'_, impl Transport>,
+        table: &Table,
+        me: &Party,
+    ) -> Result<(), FedError> {
+        link.send(
+            DEALER,
+            &Msg::Shape {
+                rows: table.rows(),
+                width: me.m,
+            },
+        )
+    }
+
+    /// The guest: labels and its features; learns its own weights and, at the end, the
+    /// model's scores on the aligned rows.
+    pub fn run_guest<T: Transport>(
+        cfg: &HeteroConfig,
+        table: &Table,
+        transport: &mut T,
+        wait: Duration,
+        mut progress: impl FnMut(&IterationStats),
+    ) -> Result<PartyOutcome, FedError> {
+        let link = &mut Link::new(transport);
+        let t = aligned(link, table, HOST, psi::Role::Guest, wait)?;
+        let y = check_labels(&t).map_err(|e| FedError::Protocol(e.to_string()))?;
+        let n = t.rows();
+        let mut me = Party::new(&t, true, cfg);
+        shape(link, &t, &me)?;
+        let host_width = match link.from(HOST, wait)? {
+            Msg::Shape { rows, width } if rows == n => width,
+            other => {
+                return Err(FedError::Protocol(format!(
+                    "expected the host's shape, got {}",
+                    other.kind()
+                )))
+            }
+        };
+        let two_y: Vec<u64> = y.iter().map(|&v| enc(2.0 * v)).collect();
+        let mut iterations = Vec::new();
+        for it in 0..cfg.iterations {
+            let start = Instant::now();
+            let before = link.bytes();
+            let r = sized(ring(link, HOST, wait)?, n, "the host's share")?;
+            let d: Vec<u64> = me
+                .scores()
+                .into_iter()
+                .map(enc)
+                .zip(&r)
+                .zip(&two_y)
+                .map(|((a, b), c)| a.wrapping_add(*b).wrapping_sub(*c))
+                .collect();
+            help_gradient(link, &d, HOST, host_width, n, wait)?;
+            let grad = own_gradient(link, &me, &d, HOST, n, wait)?;
+            let intercept = me.intercept;
+            me.step.apply(&mut me.w, &grad, intercept);
+            let stats = IterationStats {
+                iteration: it + 1,
+                seconds: start.elapsed().as_secs_f64(),
+                bytes: link.bytes() - before,
+                guest_gradient_norm: grad.iter().map(|v| v * v).sum::<f64>().sqrt(),
+            };
+            progress(&stats);
+            iterations.push(stats);
+        }
+        let z_h = match link.from(HOST, wait)? {
+            Msg::Partial(z) if z.len() == n => z,
+            other => {
+                return Err(FedError::Protocol(format!(
+                    "expected partial scores, got {}",
+                    other.kind()
+                )))
+            }
+        };
+        let probs: Vec<f32> = me
+            .scores()
+            .iter()
+            .zip(&z_h)
+            .map(|(g, h)| (1.0 / (1.0 + (-(g + h)).exp())) as f32)
+            .collect();
+        let labels = t.labels.as_ref().expect("checked");
+        Ok(PartyOutcome {
+            weights: me.w,
+            aligned: n,
+            iterations,
+            scores: Some(evaluate(&probs, labels)),
+        })
+    }
+
+    /// The host: only features, never a label; learns its own weights.
+    pub fn run_host<T: Transport>(
+        cfg: &HeteroConfig,
+        table: &Table,
+        transport: &mut T,
+        wait: Duration,
+    ) -> Result<PartyOutcome, FedError> {
+        if table.labels.is_some() {
+            return Err(FedError::Protocol(
+                "the host's table must not hold labels".into(),
+            ));
+        }
+        let link = &mut Link::new(transport);
+        let t = aligned(link, table, GUEST, psi::Role::Host, wait)?;
+        let n = t.rows();
+        let mut me = Party::new(&t, false, cfg);
+        shape(link, &t, &me)?;
+        link.send(
+            GUEST,
+            &Msg::Shape {
+                rows: n,
+                width: me.m,
+            },
+        )?;
+        let guest_width = match link.from(DEALER, wait)? {
+            Msg::Shape { width, .. } => width,
+            other => {
+                return Err(FedError::Protocol(format!(
+                    "expected the guest's width, got {}",
+                    other.kind()
+                )))
+            }
+        };
+        let mut rng = ChaCha20Rng::from_entropy();
+        let mut iterations = Vec::new();
+        for it in 0..cfg.iterations {
+            let start = Instant::now();
+            let before = link.bytes();
+            let r = random_ring(&mut rng, n);
+            link.send(GUEST, &Msg::Ring(r.clone()))?;
+            let d: Vec<u64> = me
+                .scores()
+                .into_iter()
+                .map(enc)
+                .zip(&r)
+                .map(|(a, b)| a.wrapping_sub(*b))
+                .collect();
+            let grad = own_gradient(link, &me, &d, GUEST, n, wait)?;
+            help_gradient(link, &d, GUEST, guest_width, n, wait)?;
+            me.step.apply(&mut me.w, &grad, false);
+            iterations.push(IterationStats {
+                iteration: it + 1,
+                seconds: start.elapsed().as_secs_f64(),
+                bytes: link.bytes() - before,
+                guest_gradient_norm: 0.0,
+            });
+        }
+        link.send(GUEST, &Msg::Partial(me.scores()))?;
+        Ok(PartyOutcome {
+            weights: me.w,
+            aligned: n,
+            iterations,
+            scores: None,
+        })
+    }
+
+    /// The dealer: sees only the two shapes; deals every iteration's correlations and is
+    /// done. It never sees a row, a share or a weight.
+    pub fn run_dealer<T: Transport>(
+        cfg: &HeteroConfig,
+        transport: &mut T,
+        wait: Duration,
+    ) -> Result<(), FedError> {
+        let link = &mut Link::new(transport);
+        let mut shapes = [(0, 0); 2];
+        for (i, party) in [GUEST, HOST].into_iter().enumerate() {
+            match link.from(party, wait)? {
+                Msg::Shape { rows, width } => shapes[i] = (rows, width),
+                other => {
+                    return Err(FedError::Protocol(format!(
+                        "expected a shape, got {}",
+                        other.kind()
+                    )))
+                }
+            }
+        }
+        let ((n, m_g), (n_h, m_h)) = (shapes[0], shapes[1]);
+        if n != n_h {
+            return Err(FedError::Protocol(format!(
+                "the guest aligned {n} rows, the host {n_h}"
+            )));
+        }
+        // the host learns the guest's width, to size the products it helps with
+        link.send(
+            HOST,
+            &Msg::Shape {
+                rows: n,
+                width: m_g,
+            },
+        )?;
+        let mut rng = ChaCha20Rng::from_entropy();
+        for _ in 0..cfg.iterations {
+            // the host's gradient first, then the guest's, as the parties take them
+            for (owner, other, m) in [(HOST, GUEST, m_h), (GUEST, HOST, m_g)] {
+                let mut owner_seed = [0u8; 32];
+                let mut other_seed = [0u8; 32];
+                rng.fill_bytes(&mut owner_seed);
+                rng.fill_bytes(&mut other_seed);
+                let (r, c_a) = owner_part(owner_seed, n, m);
+                let s = random_ring(&mut ChaCha20Rng::from_seed(other_seed), n);
+                let c_b: Vec<u64> = xt_u(&r, m, &s)
+                    .iter()
+                    .zip(&c_a)
+                    .map(|(p, a)| p.wrapping_sub(*a))
+                    .collect();
+                link.send(owner, &Msg::Seed(owner_seed))?;
+                link.send(
+                    other,
+                    &Msg::Correlation {
+                        seed: other_seed,
+                        c: c_b,
+                    },
+                )?;
+            }
+        }
+        Ok(())
+    }
 }

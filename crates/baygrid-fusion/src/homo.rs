@@ -132,20 +132,11 @@ pub fn config_from(
     if settings.contains_key("arch") {
         return Err(bad("arch", "is set by the task".into()));
     }
-    let mut map = match base {
-        Some(b) => match serde_json::to_value(b) {
-            Ok(serde_json::Value::Object(m)) => m,
-            _ => serde_json::Map::new(),
-        },
-        None => serde_json::Map::new(),
-    };
-    map.extend(settings);
-    map.insert(
+    settings.insert(
         "arch".into(),
         serde_json::to_value(arch).map_err(|e| TrainError::Config(e.to_string()))?,
     );
-    let cfg: HomoConfig = serde_path_to_error::deserialize(serde_json::Value::Object(map))
-        .map_err(|e| bad(&e.path().to_string(), e.inner().to_string()))?;
+    let cfg: HomoConfig = crate::settings_over(base, settings).map_err(TrainError::Config)?;
     if cfg.rounds == 0 || cfg.rounds > 10_000 {
         return Err(bad("rounds", "must be from 1 to 10000".into()));
     }

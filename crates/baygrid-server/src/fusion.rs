@@ -119,8 +119,7 @@ fn model_name(run: &str, party: &str) -> String {
 }
 
 /// Why `settings` is refused, with the field at fault.
-fn settings_error(e: baygrid_fusion::homo::TrainError) -> ApiError {
-    let text = e.to_string();
+fn settings_error(text: String) -> ApiError {
     match text.split_once(": ") {
         Some((field, message)) if field.starts_with("settings") => {
             ApiError::bad(field.to_string(), message.to_string())
@@ -140,19 +139,25 @@ pub async fn submit(
     JsonBody(ask): JsonBody<FusionRequest>,
 ) -> ApiResult<(StatusCode, Json<FusionView>)> {
     let tenant = acting_tenant(&who, params.tenant.as_deref())?;
-    let mlp = match ask.task {
-        FusionTask::HomoLr => false,
-        FusionTask::HomoMlp => true,
-        other => {
+    let vertical = match ask.task {
+        FusionTask::HomoLr | FusionTask::HomoMlp => false,
+        FusionTask::HeteroLr => true,
+        FusionTask::Psi => {
             return Err(ApiError::bad(
                 "task",
-                format!(
-                    "`{}` runs with `baygrid fusion eval` only; through the exchange: homo-lr, homo-mlp",
-                    other.as_str()
-                ),
+                "`psi` alone runs with `baygrid fusion eval`; through the exchange PSI aligns the rows of a hetero-lr run and its result never leaves the workers",
             ))
         }
     };
+    if vertical && ask.parties.len() != 2 {
+        return Err(ApiError::bad(
+            "parties",
+            format!(
+                "hetero-lr takes two parties, the guest (labels) then the host, not {}",
+                ask.parties.len()
+            ),
+        ));
+    }
     if !(2..=16).contains(&ask.parties.len()) {
         return Err(ApiError::bad(
             "parties",
@@ -177,9 +182,19 @@ pub async fn submit(
             ));
         }
     }
-    let base = baygrid_fusion::homo::HomoConfig::fate_lr();
-    let cfg = baygrid_fusion::homo::config_from(mlp, ask.settings.clone(), Some(&base))
-        .map_err(settings_error)?;
+    let settings = if vertical {
+        let base = baygrid_fusion::hetero::HeteroConfig::fate();
+        let cfg =
+            baygrid_fusion::hetero::HeteroConfig::from_settings(ask.settings.clone(), Some(&base))
+                .map_err(|e| settings_error(e.to_string()))?;
+        json(&cfg)?
+    } else {
+        let base = baygrid_fusion::homo::HomoConfig::fate_lr();
+        let mlp = ask.task == FusionTask::HomoMlp;
+        let cfg = baygrid_fusion::homo::config_from(mlp, ask.settings.clone(), Some(&base))
+            .map_err(|e| settings_error(e.to_string()))?;
+        json(&cfg)?
+    };
     let max_minutes = ask.max_minutes.unwrap_or(30);
     if !(1..=1440).contains(&max_minutes) {
         return Err(ApiError::bad("max_minutes", "must be from 1 to 1440"));
@@ -264,6 +279,27 @@ pub async fn submit(
             .ok_or_else(|| {
                 ApiError::Conflict(format!("offer `{}` is withdrawn", contract.request.offer))
             })?;
+        if vertical {
+            let labelled = dataset.schema.iter().any(|c| c.name == "y");
+            match (i, labelled) {
+                (0, false) => {
+                    return Err(ApiError::bad(
+                        "parties[0].dataset",
+                        format!("the guest's dataset `{}` has no label column `y`", p.dataset),
+                    ))
+                }
+                (1, true) => {
+                    return Err(ApiError::bad(
+                        "parties[1].dataset",
+                        format!(
+                            "the host's dataset `{}` holds labels (`y`): a vertical run's host never has them",
+                            p.dataset
+                        ),
+                    ))
+                }
+                _ => {}
+            }
+        }
         if site_prices(&catalog, &dataset.vault).is_none() {
             return Err(ApiError::Conflict(format!(
                 "site `{}`, where `{}` is kept, offers no cluster to run its worker",
@@ -323,6 +359,18 @@ pub async fn submit(
     candidates.sort_by_key(|site| site_prices(&catalog, site).map(|p| p.0).unwrap_or(i64::MAX));
     let mut placement = Vec::new();
     let mut chosen = None;
+    if vertical {
+        // the dealer receives two shapes and nothing derived from a row; it goes to the
+        // cheapest party site
+        let site = candidates[0];
+        let jurisdiction = catalog.sites.get(site).map(|s| s.jurisdiction);
+        placement.push(format!(
+            "{site} ({}): the dealer; it receives only the aligned tables' shapes",
+            jurisdiction.map(|j| j.to_string()).unwrap_or_default()
+        ));
+        chosen = Some(site.to_string());
+        candidates.clear();
+    }
     for site in candidates {
         let mut denied = Vec::new();
         let mut site_rules = Vec::new();
@@ -412,11 +460,15 @@ pub async fn submit(
         scores: None,
         error: None,
     };
-    let mut workers = vec![worker(0, "aggregator", None, &aggregator_site)];
+    let mut workers = vec![worker(
+        0,
+        if vertical { "dealer" } else { "aggregator" },
+        None,
+        &aggregator_site,
+    )];
     for (i, (p, d)) in ask.parties.iter().zip(&datasets).enumerate() {
         workers.push(worker(i + 1, &p.name, Some(d.name.clone()), &d.vault));
     }
-    let settings = json(&cfg)?;
     let mut record = FusionRecord {
         view: FusionView {
             id: id.clone(),
@@ -888,14 +940,27 @@ pub async fn report(
         return Ok(Json(view));
     }
     if let Some(round) = report.round {
-        if i != 0 {
-            return Err(ApiError::bad("round", "only the aggregator reports rounds"));
+        let reporter = if record.view.task == FusionTask::HeteroLr {
+            1
+        } else {
+            0
+        };
+        if i != reporter {
+            return Err(ApiError::bad(
+                "round",
+                "rounds come from the aggregator, or a vertical run's guest",
+            ));
         }
+        let figure = match (round.loss, round.gradient_norm) {
+            (Some(loss), _) => format!("loss {loss:.5}"),
+            (None, Some(norm)) => format!("guest gradient norm {norm:.5}"),
+            (None, None) => "no figure".into(),
+        };
         record.log(
             now,
             format!(
-                "round {}: loss {:.5}, {:.3} s, {} bytes",
-                round.round, round.loss, round.seconds, round.bytes
+                "round {}: {figure}, {:.3} s, {} bytes",
+                round.round, round.seconds, round.bytes
             ),
         );
         record.view.rounds.retain(|r| r.round != round.round);
@@ -907,7 +972,10 @@ pub async fn report(
     }
     if let Some(done) = report.party {
         if i == 0 {
-            return Err(ApiError::bad("party", "the aggregator keeps no model"));
+            return Err(ApiError::bad(
+                "party",
+                "the aggregator or dealer keeps no model",
+            ));
         }
         let model = done
             .files

@@ -120,6 +120,10 @@ pub enum BenchCommand {
         /// Hidden units of the MLP.
         #[arg(long, default_value_t = 64)]
         hidden: usize,
+        /// Also run logistic regression through an exchange on this machine (server and
+        /// one agent process per site, every message through the server's relay).
+        #[arg(long)]
+        exchange: bool,
     },
     /// Durable job submissions per second over HTTP (SQLite, and PostgreSQL when given),
     /// and trivial jobs run to completion through the local engine.
@@ -174,9 +178,14 @@ pub async fn run(_args: &Args, cmd: &BenchCommand) -> anyhow::Result<ExitCode> {
         data,
         rounds,
         hidden,
+        exchange,
     } = cmd
     {
-        return fusion_bench(data, *rounds, *hidden);
+        let code = fusion_bench(data, *rounds, *hidden)?;
+        if *exchange {
+            fusion_exchange_bench(data, *rounds).await?;
+        }
+        return Ok(code);
     }
     if let BenchCommand::Psi {
         ids,
@@ -1025,6 +1034,90 @@ fn psi_bench(n: usize, batch: usize, anchor: Option<&std::path::Path>) -> anyhow
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Plain against secure aggregation through an exchange on this machine: the three card
+/// issuers' workers in Hong Kong, Shenzhen and Macao, every message through the relay.
+async fn fusion_exchange_bench(data: &std::path::Path, rounds: usize) -> anyhow::Result<()> {
+    let dir = tempfile::Builder::new()
+        .prefix("baygrid-bench-fusion-")
+        .tempdir()?;
+    let exchange =
+        crate::up::start_exchange(dir.path(), "127.0.0.1:0".parse().expect("literal"), None)
+            .await?;
+    for (party, dataset, offer, file) in [
+        (
+            ("hk-issuer", "HK", "hong-kong"),
+            include_str!("../../../examples/datasets/hk-issuer-cards.yaml"),
+            include_str!("../../../examples/data-offers/hk-issuer-cards.yaml"),
+            "default_credit_homo_guest.csv",
+        ),
+        (
+            ("sz-issuer", "CN", "shenzhen"),
+            include_str!("../../../examples/datasets/sz-issuer-cards.yaml"),
+            include_str!("../../../examples/data-offers/sz-issuer-cards.yaml"),
+            "default_credit_homo_host_1.csv",
+        ),
+        (
+            ("mo-issuer", "MO", "macao"),
+            include_str!("../../../examples/datasets/mo-issuer-cards.yaml"),
+            include_str!("../../../examples/data-offers/mo-issuer-cards.yaml"),
+            "default_credit_homo_host_2.csv",
+        ),
+    ] {
+        crate::up::publish_holding(&exchange.operator, party, dataset, offer, &data.join(file))
+            .await?;
+    }
+    let lab = exchange.tenant("hk-fintech");
+    for offer in [
+        "hk-issuer-cards-federated",
+        "sz-issuer-cards-federated",
+        "mo-issuer-cards-federated",
+    ] {
+        let _: serde_json::Value = lab
+            .post(
+                "/api/v1/contracts",
+                &serde_json::json!({"offer": offer, "mode": "federated", "purpose": "credit_risk", "site": "hk-cyberport"}),
+            )
+            .await?;
+    }
+    let mut request: baygrid_api::FusionRequest = serde_yaml::from_str(include_str!(
+        "../../../examples/fusion/default-credit-homo-lr-exchange.yaml"
+    ))?;
+    request.settings.insert("rounds".into(), rounds.into());
+    println!(
+        "\nthrough the exchange: 3 agent processes (hk-cyberport, shenzhen-qianhai, macao), server relay, {rounds} rounds"
+    );
+    println!("aggregation  s/round   bytes/round  run s    time x   bytes x");
+    let mut plain_figures = None;
+    for plain in [true, false] {
+        request.settings.insert("plain".into(), plain.into());
+        let started: baygrid_api::FusionView = lab.post("/api/v1/fusion", &request).await?;
+        let view =
+            crate::up::fusion_ended(lab, &started.id, std::time::Duration::from_secs(1800)).await?;
+        anyhow::ensure!(
+            view.state == baygrid_api::FusionState::Succeeded,
+            "run {} ended {:?}: {}",
+            view.id,
+            view.state,
+            view.error.unwrap_or_default()
+        );
+        let n = view.rounds.len().max(1) as f64;
+        let secs = view.rounds.iter().map(|r| r.seconds).sum::<f64>() / n;
+        let bytes = view.rounds.iter().map(|r| r.bytes as f64).sum::<f64>() / n;
+        let run_s = view.workers[0].seconds;
+        let (tx, bx) = match plain_figures {
+            None => (String::new(), String::new()),
+            Some((s0, b0)) => (format!("{:.2}", secs / s0), format!("{:.2}", bytes / b0)),
+        };
+        println!(
+            "{:<12} {secs:<9.4} {bytes:<12.0} {run_s:<8.1} {tx:<8} {bx}",
+            if plain { "plain" } else { "secure" }
+        );
+        plain_figures.get_or_insert((secs, bytes));
+    }
+    exchange.stop().await;
+    Ok(())
 }
 
 fn fusion_bench(data: &std::path::Path, rounds: usize, hidden: usize) -> anyhow::Result<ExitCode> {

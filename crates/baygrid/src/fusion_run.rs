@@ -73,12 +73,14 @@ pub(crate) fn show(view: &FusionView) {
     }
     if let (Some(first), Some(last)) = (view.rounds.first(), view.rounds.last()) {
         let bytes: usize = view.rounds.iter().map(|r| r.bytes).sum();
+        let trend = match (first.loss, last.loss, last.gradient_norm) {
+            (Some(a), Some(b), _) => format!("loss {a:.5} → {b:.5}"),
+            (_, _, Some(g)) => format!("guest gradient norm {g:.5} at the end"),
+            _ => String::new(),
+        };
         println!(
-            "  {} rounds: loss {:.5} → {:.5}, {} bytes through the relay",
-            view.rounds.len(),
-            first.loss,
-            last.loss,
-            bytes
+            "  {} rounds: {trend}, {bytes} bytes through the relay",
+            view.rounds.len()
         );
     }
     if !view.rules.is_empty() {

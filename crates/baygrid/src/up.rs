@@ -573,20 +573,9 @@ queries at the data skipped: ../shared/data/fate is not beside this checkout"
             2u64,
         ),
     ] {
-        let _: serde_json::Value = operator
-            .post(
-                "/api/v1/parties",
-                &serde_json::json!({"name": party, "jurisdiction": jurisdiction, "city": city}),
-            )
-            .await?;
-        let holder = operator.issue(Role::DataHolder, Some(party)).await?;
-        let spec: baygrid_api::DatasetSpec = serde_yaml::from_str(dataset)?;
-        let _: serde_json::Value = holder.post("/api/v1/datasets", &spec).await?;
         let part = parts.join(file);
         baygrid_query::drop_subjects(&fate.join(file), &part, "id", 0.25, seed)?;
-        baygrid_vault::upload(&holder, &spec.name, &[part]).await?;
-        let offer: serde_json::Value = serde_yaml::from_str(offer)?;
-        let _: serde_json::Value = holder.post("/api/v1/data-offers", &offer).await?;
+        publish_holding(operator, (party, jurisdiction, city), dataset, offer, &part).await?;
     }
     let lab = exchange.tenant("hk-fintech");
     for offer in ["hk-credit-history-query", "sz-card-spend-query"] {
@@ -609,6 +598,47 @@ queries at the data skipped: ../shared/data/fate is not beside this checkout"
         }
     }
     Ok(released)
+}
+
+/// A data holder joins: its party, its dataset (a spec of examples/datasets), the file
+/// uploaded into its vault, and its offer (of examples/data-offers).
+pub(crate) async fn publish_holding(
+    operator: &Client,
+    party: (&str, &str, &str),
+    dataset: &str,
+    offer: &str,
+    file: &Path,
+) -> anyhow::Result<()> {
+    let (name, jurisdiction, city) = party;
+    let _: serde_json::Value = operator
+        .post(
+            "/api/v1/parties",
+            &serde_json::json!({"name": name, "jurisdiction": jurisdiction, "city": city}),
+        )
+        .await?;
+    let holder = operator.issue(Role::DataHolder, Some(name)).await?;
+    let spec: baygrid_api::DatasetSpec = serde_yaml::from_str(dataset)?;
+    let _: serde_json::Value = holder.post("/api/v1/datasets", &spec).await?;
+    baygrid_vault::upload(&holder, &spec.name, &[file.to_path_buf()]).await?;
+    let offer: serde_json::Value = serde_yaml::from_str(offer)?;
+    let _: serde_json::Value = holder.post("/api/v1/data-offers", &offer).await?;
+    Ok(())
+}
+
+/// Waits for a fusion run to end (at most `limit`).
+pub(crate) async fn fusion_ended(
+    client: &Client,
+    id: &str,
+    limit: Duration,
+) -> anyhow::Result<baygrid_api::FusionView> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let view: baygrid_api::FusionView = client.get(&format!("/api/v1/fusion/{id}")).await?;
+        if view.state != baygrid_api::FusionState::Running || std::time::Instant::now() > deadline {
+            return Ok(view);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// Fusion training through the exchange: a Hong Kong and a Guangzhou hospital publish their
@@ -642,18 +672,14 @@ async fn demo_fusion(exchange: &Exchange, show: bool) -> anyhow::Result<bool> {
             "breast_homo_host.csv",
         ),
     ] {
-        let _: serde_json::Value = operator
-            .post(
-                "/api/v1/parties",
-                &serde_json::json!({"name": party, "jurisdiction": jurisdiction, "city": city}),
-            )
-            .await?;
-        let holder = operator.issue(Role::DataHolder, Some(party)).await?;
-        let spec: baygrid_api::DatasetSpec = serde_yaml::from_str(dataset)?;
-        let _: serde_json::Value = holder.post("/api/v1/datasets", &spec).await?;
-        baygrid_vault::upload(&holder, &spec.name, &[fate.join(file)]).await?;
-        let offer: serde_json::Value = serde_yaml::from_str(offer)?;
-        let _: serde_json::Value = holder.post("/api/v1/data-offers", &offer).await?;
+        publish_holding(
+            operator,
+            (party, jurisdiction, city),
+            dataset,
+            offer,
+            &fate.join(file),
+        )
+        .await?;
     }
     let lab = exchange.tenant("hk-fintech");
     for offer in ["hk-breast-clinic-federated", "gz-breast-clinic-federated"] {
@@ -665,15 +691,7 @@ async fn demo_fusion(exchange: &Exchange, show: bool) -> anyhow::Result<bool> {
         "../../../examples/fusion/breast-homo-lr-exchange.yaml"
     ))?;
     let started: baygrid_api::FusionView = lab.post("/api/v1/fusion", &request).await?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(300);
-    let view = loop {
-        let view: baygrid_api::FusionView =
-            lab.get(&format!("/api/v1/fusion/{}", started.id)).await?;
-        if view.state != baygrid_api::FusionState::Running || std::time::Instant::now() > deadline {
-            break view;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let view = fusion_ended(lab, &started.id, Duration::from_secs(300)).await?;
     if show {
         println!();
         crate::fusion_run::show(&view);

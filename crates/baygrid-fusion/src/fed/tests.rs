@@ -230,3 +230,71 @@ fn parties_with_different_columns_are_refused_by_name() {
     let err = outcome.unwrap_err().to_string();
     assert!(err.contains("party 2 has columns"), "{err}");
 }
+
+fn fate_hetero_lr() -> crate::hetero::HeteroConfig {
+    crate::hetero::HeteroConfig {
+        iterations: 5,
+        learning_rate: 0.15,
+        optimizer: crate::hetero::Optimizer::Rmsprop,
+        alpha: 0.01,
+        decay: 1.0,
+        decay_sqrt: true,
+        seed: 7,
+    }
+}
+
+#[test]
+fn a_vertical_run_apart_aligns_by_psi_and_learns_the_same_weights_as_in_one_process() {
+    use crate::hetero::{self, apart};
+    // a seeded quarter of each side's rows dropped, so that PSI has work to do
+    let guest = fate("breast_hetero_guest.csv").sample(0.75, 1);
+    let host = fate("breast_hetero_host.csv").sample(0.75, 2);
+    let cfg = fate_hetero_lr();
+    let mut w = wires(2);
+    let mut host_wire = w.pop().unwrap();
+    let mut guest_wire = w.pop().unwrap();
+    let mut dealer_wire = w.pop().unwrap();
+    let dealer_seen = dealer_wire.seen.clone();
+    let wait = Duration::from_secs(10);
+    let (g, h, d) = std::thread::scope(|scope| {
+        let (gc, hc, dc) = (cfg.clone(), cfg.clone(), cfg.clone());
+        let (gt, ht) = (&guest, &host);
+        let g = scope.spawn(move || apart::run_guest(&gc, gt, &mut guest_wire, wait, |_| {}));
+        let h = scope.spawn(move || apart::run_host(&hc, ht, &mut host_wire, wait));
+        let d = scope.spawn(move || apart::run_dealer(&dc, &mut dealer_wire, wait));
+        (g.join().unwrap(), h.join().unwrap(), d.join().unwrap())
+    });
+    let (g, h) = (g.unwrap(), h.unwrap());
+    d.unwrap();
+    // the rows both hold, aligned in one process, trained by the in-process protocol
+    let host_ids: std::collections::HashSet<&String> = host.ids.iter().collect();
+    let common: Vec<String> = guest
+        .ids
+        .iter()
+        .filter(|i| host_ids.contains(i))
+        .cloned()
+        .collect();
+    assert_eq!(g.aligned, common.len());
+    assert_eq!(h.aligned, common.len());
+    let together = hetero::train(
+        &cfg,
+        &guest.select(&crate::psi::align(&guest.ids, &common)),
+        &host.select(&crate::psi::align(&host.ids, &common)),
+        |_| {},
+    )
+    .unwrap();
+    // ring arithmetic is exact, so the order of the rows changes nothing
+    assert_eq!(g.weights, together.model.guest);
+    assert_eq!(h.weights, together.model.host);
+    assert_eq!(g.iterations.len(), 5);
+    let auc = g.scores.unwrap().auc;
+    assert!(auc > 0.95, "{auc}");
+    assert!(
+        h.scores.is_none(),
+        "the host never scores: it has no labels"
+    );
+    // the dealer saw two shapes and nothing else
+    let seen = dealer_seen.lock().unwrap();
+    assert_eq!(seen.len(), 2);
+    assert!(seen.iter().all(|(_, m)| matches!(m, Msg::Shape { .. })));
+}
