@@ -120,8 +120,8 @@ pub enum BenchCommand {
         /// Hidden units of the MLP.
         #[arg(long, default_value_t = 64)]
         hidden: usize,
-        /// Also run logistic regression through an exchange on this machine (server and
-        /// one agent process per site, every message through the server's relay).
+        /// Also run both models through an exchange on this machine (server and one agent
+        /// process per site, every message through the server's relay).
         #[arg(long)]
         exchange: bool,
     },
@@ -183,7 +183,7 @@ pub async fn run(_args: &Args, cmd: &BenchCommand) -> anyhow::Result<ExitCode> {
     {
         let code = fusion_bench(data, *rounds, *hidden)?;
         if *exchange {
-            fusion_exchange_bench(data, *rounds).await?;
+            fusion_exchange_bench(data, *rounds, *hidden).await?;
         }
         return Ok(code);
     }
@@ -1038,7 +1038,11 @@ fn psi_bench(n: usize, batch: usize, anchor: Option<&std::path::Path>) -> anyhow
 
 /// Plain against secure aggregation through an exchange on this machine: the three card
 /// issuers' workers in Hong Kong, Shenzhen and Macao, every message through the relay.
-async fn fusion_exchange_bench(data: &std::path::Path, rounds: usize) -> anyhow::Result<()> {
+async fn fusion_exchange_bench(
+    data: &std::path::Path,
+    rounds: usize,
+    hidden: usize,
+) -> anyhow::Result<()> {
     let dir = tempfile::Builder::new()
         .prefix("baygrid-bench-fusion-")
         .tempdir()?;
@@ -1081,40 +1085,51 @@ async fn fusion_exchange_bench(data: &std::path::Path, rounds: usize) -> anyhow:
             )
             .await?;
     }
-    let mut request: baygrid_api::FusionRequest = serde_yaml::from_str(include_str!(
+    let base: baygrid_api::FusionRequest = serde_yaml::from_str(include_str!(
         "../../../examples/fusion/default-credit-homo-lr-exchange.yaml"
     ))?;
-    request.settings.insert("rounds".into(), rounds.into());
     println!(
         "\nthrough the exchange: 3 agent processes (hk-cyberport, shenzhen-qianhai, macao), server relay, {rounds} rounds"
     );
-    println!("aggregation  s/round   bytes/round  run s    time x   bytes x");
-    let mut plain_figures = None;
-    for plain in [true, false] {
-        request.settings.insert("plain".into(), plain.into());
-        let started: baygrid_api::FusionView = lab.post("/api/v1/fusion", &request).await?;
-        let view =
-            crate::up::fusion_ended(lab, &started.id, std::time::Duration::from_secs(1800)).await?;
-        anyhow::ensure!(
-            view.state == baygrid_api::FusionState::Succeeded,
-            "run {} ended {:?}: {}",
-            view.id,
-            view.state,
-            view.error.unwrap_or_default()
-        );
-        let n = view.rounds.len().max(1) as f64;
-        let secs = view.rounds.iter().map(|r| r.seconds).sum::<f64>() / n;
-        let bytes = view.rounds.iter().map(|r| r.bytes as f64).sum::<f64>() / n;
-        let run_s = view.workers[0].seconds;
-        let (tx, bx) = match plain_figures {
-            None => (String::new(), String::new()),
-            Some((s0, b0)) => (format!("{:.2}", secs / s0), format!("{:.2}", bytes / b0)),
-        };
-        println!(
-            "{:<12} {secs:<9.4} {bytes:<12.0} {run_s:<8.1} {tx:<8} {bx}",
-            if plain { "plain" } else { "secure" }
-        );
-        plain_figures.get_or_insert((secs, bytes));
+    println!("model       aggregation  s/round   bytes/round  run s    time x   bytes x");
+    for (name, task) in [
+        ("logistic", baygrid_api::FusionTask::HomoLr),
+        ("mlp", baygrid_api::FusionTask::HomoMlp),
+    ] {
+        let mut request = base.clone();
+        request.task = task;
+        request.settings.insert("rounds".into(), rounds.into());
+        if task == baygrid_api::FusionTask::HomoMlp {
+            request.settings.insert("hidden".into(), hidden.into());
+        }
+        let mut plain_figures = None;
+        for plain in [true, false] {
+            request.settings.insert("plain".into(), plain.into());
+            let started: baygrid_api::FusionView = lab.post("/api/v1/fusion", &request).await?;
+            let view =
+                crate::up::fusion_ended(lab, &started.id, std::time::Duration::from_secs(1800))
+                    .await?;
+            anyhow::ensure!(
+                view.state == baygrid_api::FusionState::Succeeded,
+                "run {} ended {:?}: {}",
+                view.id,
+                view.state,
+                view.error.unwrap_or_default()
+            );
+            let n = view.rounds.len().max(1) as f64;
+            let secs = view.rounds.iter().map(|r| r.seconds).sum::<f64>() / n;
+            let bytes = view.rounds.iter().map(|r| r.bytes as f64).sum::<f64>() / n;
+            let run_s = view.workers[0].seconds;
+            let (tx, bx) = match plain_figures {
+                None => (String::new(), String::new()),
+                Some((s0, b0)) => (format!("{:.2}", secs / s0), format!("{:.2}", bytes / b0)),
+            };
+            println!(
+                "{name:<11} {:<12} {secs:<9.4} {bytes:<12.0} {run_s:<8.1} {tx:<8} {bx}",
+                if plain { "plain" } else { "secure" }
+            );
+            plain_figures.get_or_insert((secs, bytes));
+        }
     }
     exchange.stop().await;
     Ok(())
