@@ -272,6 +272,23 @@ async fn a_federated_run_trains_in_each_partys_jurisdiction_and_saves_each_copy_
             .contains(&format!("fusion:{}", view.id)),
         "{statement}"
     );
+    // and on the month's invoice, as a data use with its datasets
+    let month = &view.finished_at.as_ref().unwrap()[..7];
+    let invoice: baygrid_api::InvoiceView = zone
+        .lab
+        .get(&format!(
+            "/api/v1/ledger/invoices/gba-oncology-lab?month={month}"
+        ))
+        .await
+        .unwrap();
+    let line = invoice.data_uses.iter().find(|u| u.id == view.id).unwrap();
+    assert_eq!(
+        (line.kind.as_str(), line.state.as_str()),
+        ("fusion", "succeeded")
+    );
+    assert_eq!(line.amount, charged);
+    assert_eq!(line.datasets, ["hk-breast-clinic", "gz-breast-clinic"]);
+    assert_eq!(invoice.total, charged);
 
     // the log shows placement and every round; the audit log has the run and the release
     let logs: Vec<FusionEvent> = zone
@@ -314,7 +331,7 @@ async fn a_federated_run_trains_in_each_partys_jurisdiction_and_saves_each_copy_
 }
 
 #[tokio::test]
-async fn bad_runs_are_refused_with_the_field_and_a_cancelled_run_is_not_charged() {
+async fn bad_runs_are_refused_by_field_and_cancelled_or_orphaned_runs_are_not_charged() {
     let dir = tempfile::tempdir().unwrap();
     let zone = zone(dir.path(), hospitals(), &["cyberport-h800", "nansha-a800"]).await;
     // no contract yet
@@ -398,7 +415,32 @@ async fn bad_runs_are_refused_with_the_field_and_a_cancelled_run_is_not_charged(
         .await
         .unwrap();
     assert_eq!(wallet["debits_pending"], "0.00 CNY", "{wallet}");
+
+    // a run left running when the server stops fails at the next start: its workers'
+    // messages were in memory; the hold is voided
+    let orphan: FusionView = zone.lab.post("/api/v1/fusion", &spec).await.unwrap();
+    assert_eq!(orphan.state, FusionState::Running);
     zone.server.stop().await;
+    let config = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().join("server"),
+        sites_file: "sample".into(),
+        ..ServerConfig::default()
+    };
+    let server = baygrid_server::start(config).await.unwrap();
+    let operator = Client::new(&server.url(), Some(server.operator_token.clone()));
+    let after: FusionView = operator
+        .get(&format!("/api/v1/fusion/{}", orphan.id))
+        .await
+        .unwrap();
+    assert_eq!(after.state, FusionState::Failed);
+    assert!(after.error.unwrap().contains("server restarted"));
+    let wallet: Value = operator
+        .get("/api/v1/ledger/accounts/wallet:gba-oncology-lab")
+        .await
+        .unwrap();
+    assert_eq!(wallet["debits_pending"], "0.00 CNY", "{wallet}");
+    server.stop().await;
 }
 
 #[tokio::test]

@@ -203,6 +203,22 @@ async fn a_query_runs_at_the_vault_and_only_its_noisy_aggregate_is_released() {
         .unwrap();
     assert_eq!(revenue["kind"], "data_holder_revenue");
     assert_ne!(revenue["balance"], json!("0.00 HKD"), "{revenue}");
+    // the month's invoice has the query as a data use, charged in CNY
+    let month = &view.finished_at.as_ref().unwrap()[..7];
+    let invoice: baygrid_api::InvoiceView = lab
+        .get(&format!(
+            "/api/v1/ledger/invoices/gba-risk-lab?month={month}"
+        ))
+        .await
+        .unwrap();
+    let line = invoice.data_uses.iter().find(|u| u.id == view.id).unwrap();
+    assert_eq!(
+        (line.kind.as_str(), line.state.as_str()),
+        ("query", "released")
+    );
+    assert_eq!(line.datasets, ["hk-credit-history"]);
+    assert!(line.amount.minor > 0);
+    assert_eq!(invoice.total, line.amount);
 
     // the budget went down by the query's ε, and a second dry run says so
     let cost: QueryDryRun = lab.post("/api/v1/queries", &dry).await.unwrap();

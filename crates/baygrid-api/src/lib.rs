@@ -481,8 +481,28 @@ pub struct InvoiceView {
     pub tenant: String,
     /// YYYY-MM, UTC.
     pub month: String,
+    /// Jobs that ended in the month.
     pub lines: Vec<InvoiceLine>,
+    /// Queries at the data and fusion runs that ended in the month.
+    #[serde(default)]
+    pub data_uses: Vec<DataUseLine>,
+    /// Jobs and data uses together.
     pub total: Money,
+}
+
+/// A query or a fusion run on an invoice.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct DataUseLine {
+    /// `query` or `fusion`
+    pub kind: String,
+    pub id: String,
+    /// How it ended: released, withheld, failed (a query); succeeded, failed, cancelled
+    /// (a fusion run). Only released queries and succeeded runs are charged.
+    pub state: String,
+    pub datasets: Vec<String>,
+    /// What the tenant's wallet was charged (posted), in its currency.
+    pub amount: Money,
+    pub finished_at: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

@@ -74,6 +74,16 @@ impl FusionRecord {
     }
 }
 
+/// The datasets a stored run trained on, for its invoice line.
+pub(crate) fn datasets_of(row: &FusionRow) -> ApiResult<Vec<String>> {
+    Ok(FusionRecord::from_row(row)?
+        .view
+        .workers
+        .into_iter()
+        .filter_map(|w| w.dataset)
+        .collect())
+}
+
 fn sees(who: &Principal, row: &FusionRow) -> bool {
     match who.role {
         Role::Operator | Role::Regulator => true,
@@ -869,13 +879,15 @@ pub async fn relay_send(
         .expect("relay lock")
         .entry((id, to))
         .or_default()
-        .push((params.index, bytes));
+        .messages
+        .push_back((params.index, bytes));
     state.queries.fusion_relayed.notify_waiters();
     Ok(StatusCode::NO_CONTENT)
 }
 
 /// The messages addressed to a worker from `from` on, waiting up to `wait_ms` for one:
-/// each framed as the sender's number (4 bytes, little-endian) and the message.
+/// each framed as the sender's number (4 bytes, little-endian) and the message. Asking
+/// from `from` acknowledges the ones before it, which are dropped.
 #[utoipa::path(get, path = "/api/v1/agent/fusion/{id}/relay", params(("id" = String, Path), WorkerParams), responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 409, body = baygrid_api::ErrorBody)), security(("bearer" = [])))]
 pub async fn relay_receive(
     State(state): State<AppState>,
@@ -888,12 +900,17 @@ pub async fn relay_receive(
     let wait = Duration::from_millis(params.wait_ms.min(30_000));
     let (state, key, from) = (&state, &(id, params.index), params.from);
     let body = long_poll(state, &state.queries.fusion_relayed, wait, || async move {
-        let relay = state.queries.fusion_relay.lock().expect("relay lock");
-        let waiting: Vec<Vec<u8>> = relay
-            .get(key)
-            .map(|m| &m[from.min(m.len())..])
-            .unwrap_or(&[])
+        let mut relay = state.queries.fusion_relay.lock().expect("relay lock");
+        let Some(mailbox) = relay.get_mut(key) else {
+            return Ok((Vec::new(), false));
+        };
+        while mailbox.first < from && mailbox.messages.pop_front().is_some() {
+            mailbox.first += 1;
+        }
+        let waiting: Vec<Vec<u8>> = mailbox
+            .messages
             .iter()
+            .skip(from.saturating_sub(mailbox.first))
             .map(|(sender, bytes)| {
                 let mut message = (*sender as u32).to_le_bytes().to_vec();
                 message.extend_from_slice(bytes);

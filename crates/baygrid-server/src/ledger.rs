@@ -15,8 +15,8 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use baygrid_api::{
-    AccountView, DepositRequest, InvoiceLine, InvoiceView, StatementLineView, StatementView,
-    TransferView,
+    AccountView, DataUseLine, DepositRequest, InvoiceLine, InvoiceView, StatementLineView,
+    StatementView, TransferView,
 };
 use baygrid_core::{millis_to_rfc3339, Currency, JobSpec, Money, Principal, Role};
 use baygrid_ledger::{names, Account, Transfer, TransferKind};
@@ -581,10 +581,38 @@ pub async fn invoice(
             finished_at: job.finished_ms.map(millis_to_rfc3339),
         });
     }
+    let mut data_uses = Vec::new();
+    for (kind, row) in state
+        .store
+        .data_uses_finished_between(&tenant, from, to)
+        .await?
+    {
+        let charged: i64 = state
+            .store
+            .ledger_transfer(&format!("post:{}", row.id))
+            .await?
+            .filter(|t| t.debit == wallet.id)
+            .map(|t| t.amount)
+            .unwrap_or(0);
+        total += charged;
+        let datasets = match kind {
+            "query" => crate::queries::datasets_of(&row)?,
+            _ => crate::fusion::datasets_of(&row)?,
+        };
+        data_uses.push(DataUseLine {
+            kind: kind.to_string(),
+            id: row.id.clone(),
+            state: row.state.clone(),
+            datasets,
+            amount: Money::new(charged, Currency::CNY),
+            finished_at: row.finished_ms.map(millis_to_rfc3339),
+        });
+    }
     Ok(Json(InvoiceView {
         tenant,
         month: query.month,
         lines,
+        data_uses,
         total: Money::new(total, Currency::CNY),
     }))
 }

@@ -535,6 +535,15 @@ pub async fn submit(
     Ok((status, Json(json(&view)?)))
 }
 
+/// The datasets a stored query read, for its invoice line.
+pub(crate) fn datasets_of(row: &QueryRow) -> ApiResult<Vec<String>> {
+    Ok(QueryRecord::from_row(row)?
+        .sides
+        .into_iter()
+        .map(|s| s.dataset)
+        .collect())
+}
+
 pub(crate) fn json<T: Serialize>(value: &T) -> ApiResult<serde_json::Value> {
     serde_json::to_value(value).map_err(|e| ApiError::Unavailable(e.to_string()))
 }
@@ -1039,7 +1048,16 @@ async fn release(
 }
 
 /// (run, worker a message is for) → (sender, message), in the order sent.
-pub(crate) type FusionMailboxes = HashMap<(String, usize), Vec<(usize, Bytes)>>;
+pub(crate) type FusionMailboxes = HashMap<(String, usize), Mailbox>;
+
+/// A worker's messages not yet acknowledged: asking for message `n` on acknowledges every
+/// one before it, and those are dropped, so a long run's relay holds only what is in flight.
+#[derive(Default)]
+pub(crate) struct Mailbox {
+    /// The number of the first message kept.
+    pub(crate) first: usize,
+    pub(crate) messages: std::collections::VecDeque<(usize, Bytes)>,
+}
 
 /// What the server holds in memory for queries: the signals that wake waiting agents and
 /// consumers, and the relay's mailboxes.

@@ -357,6 +357,35 @@ impl Store {
     }
 }
 
+impl Store {
+    /// One tenant's queries and fusion runs that ended in `[from, to)`, oldest first, each
+    /// with its kind (`query` or `fusion`).
+    pub async fn data_uses_finished_between(
+        &self,
+        tenant: &str,
+        from: Millis,
+        to: Millis,
+    ) -> Result<Vec<(&'static str, RecordRow)>> {
+        let mut uses = Vec::new();
+        for (kind, records) in [("query", Records::Queries), ("fusion", Records::Fusion)] {
+            let rows = sqlx::query(&format!(
+                "SELECT * FROM {} WHERE tenant = $1 AND finished_ms >= $2 AND finished_ms < $3",
+                records.table()
+            ))
+            .bind(tenant)
+            .bind(from)
+            .bind(to)
+            .fetch_all(self.pool())
+            .await?;
+            for row in &rows {
+                uses.push((kind, row_of(row)?));
+            }
+        }
+        uses.sort_by(|a, b| (a.1.finished_ms, &a.1.id).cmp(&(b.1.finished_ms, &b.1.id)));
+        Ok(uses)
+    }
+}
+
 /// How a running record ends: its new state and body, the ledger's transfers (a charge,
 /// or a hold voided), and the audit entry.
 #[derive(Debug, Clone)]

@@ -959,6 +959,23 @@ async fn fusion_suite(store: Store) {
     );
     // queries and fusion runs are kept apart
     assert!(store.query_row("f1").await.unwrap().is_none());
+    // an ended run is a data use of its tenant in its month; a running one is not yet
+    let uses = store
+        .data_uses_finished_between("alice", 0, 10)
+        .await
+        .unwrap();
+    assert_eq!(uses.len(), 1);
+    assert_eq!((uses[0].0, uses[0].1.id.as_str()), ("fusion", "f1"));
+    assert!(store
+        .data_uses_finished_between("alice", 10, 20)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(store
+        .data_uses_finished_between("bob", 0, 10)
+        .await
+        .unwrap()
+        .is_empty());
 }
 
 #[tokio::test]

@@ -464,6 +464,23 @@ pub async fn ledger(args: &Args, cmd: &LedgerCommand) -> anyhow::Result<std::pro
                     ],
                     &rows,
                 );
+                if !inv.data_uses.is_empty() {
+                    println!();
+                    let uses = inv
+                        .data_uses
+                        .iter()
+                        .map(|u| {
+                            vec![
+                                u.kind.clone(),
+                                u.id.clone(),
+                                u.state.clone(),
+                                u.datasets.join(", "),
+                                u.amount.to_string(),
+                            ]
+                        })
+                        .collect::<Vec<_>>();
+                    table(&["USE", "ID", "STATE", "DATASETS", "AMOUNT"], &uses);
+                }
                 println!("total {}", inv.total);
             });
         }

@@ -918,6 +918,23 @@ fn fusion_eval_reproduces_fate_and_names_bad_input() {
     let out = baygrid(&["fusion", "eval", bad.to_str().unwrap()], &[]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("task"), "{}", stderr(&out));
+    // a run file for the exchange is checked before anything is sent
+    std::fs::write(
+        &bad,
+        "task: homo-lr\nparties:\n  - name: a\n    dataset: hk-breast-clinic\n    file: x.csv\n",
+    )
+    .unwrap();
+    let nowhere = [("BAYGRID_SERVER", "http://127.0.0.1:9")];
+    let out = baygrid(&["fusion", "run", bad.to_str().unwrap()], &nowhere);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("parties[0]"), "{}", stderr(&out));
+    let out = baygrid(&["fusion", "run", "no-such-run.yaml"], &nowhere);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("no-such-run.yaml"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
