@@ -162,8 +162,11 @@ async fn run(
         &ctx,
         table,
         &shape.side(&table.name),
-        task.epsilon,
-        task.delta,
+        baygrid_query::Privacy {
+            epsilon: task.epsilon,
+            delta: task.delta,
+            mechanism: task.mechanism,
+        },
         members.as_deref(),
         &mut rng,
     )

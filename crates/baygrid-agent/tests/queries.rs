@@ -359,3 +359,38 @@ async fn a_question_across_two_vaults_aligns_card_holders_by_psi_and_moves_no_ro
     assert!(number(&row[1]).abs() < 3.0 && number(&row[2]).abs() < 3.0);
     assert_eq!(view.charged.len(), 2);
 }
+
+#[tokio::test]
+async fn a_gaussian_query_spends_delta_and_says_which_noise_it_carries() {
+    let dir = tempfile::tempdir().unwrap();
+    let zone = zone(dir.path()).await;
+    let lab = &zone.lab;
+    contract(lab, "hk-credit-history-query").await;
+    let sql = "SELECT COUNT(*) AS n, AVG(x1) AS mean_x1 FROM hk_credit_history";
+    let mut body = ask("hk-credit-history", sql, 1.0);
+    body["mechanism"] = json!("gaussian");
+    body["delta"] = json!(1e-7);
+    body["dry_run"] = json!(true);
+    let cost: QueryDryRun = lab.post("/api/v1/queries", &body).await.unwrap();
+    // ungrouped, yet δ is spent: the Gaussian mechanism is (ε, δ)-DP
+    assert_eq!(cost.cost[0].delta, 1e-7);
+    body["dry_run"] = json!(false);
+    let view: QueryView = lab.post("/api/v1/queries", &body).await.unwrap();
+    assert_eq!(view.state, QueryState::Released, "{view:?}");
+    let result = view.result.unwrap();
+    assert!(result.noise.iter().all(|n| n.mechanism == "gaussian"));
+    let n = number(&result.rows[0][0]);
+    assert!(
+        (n - zone.kept.0 as f64).abs() < 200.0,
+        "{n} vs {}",
+        zone.kept.0
+    );
+    // a mechanism that is not one is refused by name
+    body["mechanism"] = json!("exponential");
+    let err = lab
+        .post::<_, Value>("/api/v1/queries", &body)
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), Some(400), "{err}");
+    assert!(err.to_string().contains("mechanism"), "{err}");
+}

@@ -25,8 +25,8 @@ pub use offer::{
     QueryTerms, AGGREGATES,
 };
 pub use query::{
-    BudgetView, GroupAnswer, NoiseNote, QueryAnswerBody, QueryCostView, QueryDryRun, QueryRequest,
-    QueryResult, QueryState, QueryTable, QueryTask, QueryView, SideAnswer,
+    BudgetView, GroupAnswer, Mechanism, NoiseNote, QueryAnswerBody, QueryCostView, QueryDryRun,
+    QueryRequest, QueryResult, QueryState, QueryTable, QueryTask, QueryView, SideAnswer,
 };
 
 use baygrid_core::{AcceleratorModel, Allocation, Cluster, JobSpec, JobState, Money, Role, Tenant};

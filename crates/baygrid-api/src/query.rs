@@ -7,6 +7,27 @@ use utoipa::ToSchema;
 
 use crate::{DatasetSpec, QueryTerms, VersionFile};
 
+/// The noise added to every released number.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Mechanism {
+    /// Laplace noise of scale sensitivity / ε.
+    #[default]
+    Laplace,
+    /// Gaussian noise with the smallest σ the analytic Gaussian mechanism (Balle and Wang,
+    /// 2018) allows for the aggregate's (ε, δ).
+    Gaussian,
+}
+
+impl Mechanism {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mechanism::Laplace => "laplace",
+            Mechanism::Gaussian => "gaussian",
+        }
+    }
+}
+
 /// A consumer's query. The SQL names datasets as tables, writing each `-` of a dataset's
 /// name as `_`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -22,9 +43,14 @@ pub struct QueryRequest {
     /// The query's ε, split over its aggregations (default 1.0).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epsilon: Option<f64>,
-    /// The query's δ when it groups (default: a hundredth of the offer's δ).
+    /// The query's δ when it groups or uses the Gaussian mechanism (default: a hundredth
+    /// of the offer's δ).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delta: Option<f64>,
+    /// The noise on released numbers: `laplace` (ε-DP, the default) or `gaussian`
+    /// ((ε, δ)-DP, the analytic Gaussian mechanism; spends δ even ungrouped).
+    #[serde(default)]
+    pub mechanism: Mechanism,
     /// Show the cost and the budgets left; spend nothing and run nothing.
     #[serde(default)]
     pub dry_run: bool,
@@ -85,7 +111,8 @@ pub struct QueryDryRun {
 pub struct NoiseNote {
     pub output: String,
     pub mechanism: String,
-    /// The Laplace scale b (standard deviation b·√2).
+    /// The Laplace scale b (standard deviation b·√2), or the Gaussian's standard
+    /// deviation σ.
     pub scale: f64,
 }
 
@@ -179,6 +206,8 @@ pub struct QueryTask {
     pub tables: Vec<QueryTable>,
     pub epsilon: f64,
     pub delta: f64,
+    #[serde(default)]
+    pub mechanism: Mechanism,
     /// For a query across two vaults: this side's role in the private set intersection
     /// (`sender` or `receiver`); absent for one vault.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -203,7 +232,10 @@ pub struct SideAnswer {
     pub table: String,
     pub groups: Vec<GroupAnswer>,
     pub threshold: f64,
+    /// Per aggregate: the Laplace scale, or the Gaussian's σ.
     pub scales: Vec<f64>,
+    #[serde(default)]
+    pub mechanism: Mechanism,
 }
 
 /// The agent's word on its side.

@@ -24,9 +24,9 @@ use datafusion::prelude::{CsvReadOptions, ParquetReadOptions, SessionContext};
 use futures::StreamExt;
 use rand::Rng;
 
-use crate::noise::{laplace, threshold};
+use crate::noise::{gaussian, gaussian_sigma, laplace, threshold};
 use crate::shape::{Aggregate, Shape, Side};
-use crate::{Group, NoiseNote, QueryError, Refusal, Released, SideAnswer, Table};
+use crate::{Group, Mechanism, NoiseNote, QueryError, Refusal, Released, SideAnswer, Table};
 
 /// Registers a dataset's files (all CSV with a header, or all Parquet) in `dir` as `table`.
 pub async fn register_files(
@@ -105,11 +105,15 @@ pub async fn answer<R: Rng + ?Sized>(
     ctx: &SessionContext,
     table: &Table,
     side: &Side,
-    epsilon: f64,
-    delta: f64,
+    privacy: Privacy,
     members: Option<&[String]>,
     rng: &mut R,
 ) -> Result<SideAnswer, QueryError> {
+    let Privacy {
+        epsilon,
+        delta,
+        mechanism,
+    } = privacy;
     let grouped = !side.dimensions.is_empty();
     if grouped && delta <= 0.0 {
         return Err(Refusal::new(
@@ -117,6 +121,15 @@ pub async fn answer<R: Rng + ?Sized>(
         )
         .into());
     }
+    if mechanism == Mechanism::Gaussian && delta <= 0.0 {
+        return Err(Refusal::new("the Gaussian mechanism needs a δ above 0").into());
+    }
+    // with Gaussian noise a grouped query's δ is split between the threshold and the noise
+    let (threshold_delta, noise_delta) = match (mechanism, grouped) {
+        (Mechanism::Laplace, _) => (delta, 0.0),
+        (Mechanism::Gaussian, true) => (delta / 2.0, delta / 2.0),
+        (Mechanism::Gaussian, false) => (delta, delta),
+    };
     let m = table.terms.max_rows_per_subject.max(1);
     let mut df = ctx.table(table.name.as_str()).await?;
     if let Some(filter) = &side.filter {
@@ -182,22 +195,34 @@ pub async fn answer<R: Rng + ?Sized>(
         grouped,
         table.terms.max_rows_per_subject.max(1),
         subjects_scale,
-        delta,
+        threshold_delta,
     );
+    // each share's noise for a number of the given sensitivity, and a draw of it
+    let delta_each = noise_delta / shares;
+    let scale_for = |sensitivity: f64| match mechanism {
+        Mechanism::Laplace => sensitivity / each,
+        Mechanism::Gaussian => gaussian_sigma(each, delta_each, sensitivity),
+    };
+    let draw = |rng: &mut R, scale: f64| match mechanism {
+        Mechanism::Laplace => laplace(rng, scale),
+        Mechanism::Gaussian => gaussian(rng, scale),
+    };
+    let count_scale = scale_for(m);
     let scales: Vec<f64> = side
         .aggregates
         .iter()
         .map(|a| match a {
-            Aggregate::Count => m / each,
+            Aggregate::Count => count_scale,
+            // the distinct-individual count is the threshold's own Laplace-noised count
             Aggregate::Subjects => subjects_scale,
             Aggregate::Sum(c) => {
                 let (low, high) = table.range(c);
-                m * low.abs().max(high.abs()) / each
+                scale_for(m * low.abs().max(high.abs()))
             }
             // half the aggregate's two shares on the centred sum, half on the count
             Aggregate::Avg(c) => {
                 let (low, high) = table.range(c);
-                m * (high - low) / 2.0 / each
+                scale_for(m * (high - low) / 2.0)
             }
         })
         .collect();
@@ -221,19 +246,19 @@ pub async fn answer<R: Rng + ?Sized>(
         for (a, scale) in side.aggregates.iter().zip(&scales) {
             let v = match a {
                 Aggregate::Count => {
-                    serde_json::json!((t.rows + laplace(rng, *scale)).round().max(0.0))
+                    serde_json::json!((t.rows + draw(rng, *scale)).round().max(0.0))
                 }
                 Aggregate::Subjects => serde_json::json!(noisy_subjects.round()),
                 Aggregate::Sum(c) => {
                     let i = columns.iter().position(|x| x == c).expect("column listed");
-                    serde_json::json!(t.sums[i] + laplace(rng, *scale))
+                    serde_json::json!(t.sums[i] + draw(rng, *scale))
                 }
                 Aggregate::Avg(c) => {
                     let i = columns.iter().position(|x| x == c).expect("column listed");
                     let (low, high) = table.range(c);
                     let mid = (low + high) / 2.0;
-                    let centred = t.sums[i] - mid * t.present[i] + laplace(rng, *scale);
-                    let n = t.present[i] + laplace(rng, m / each);
+                    let centred = t.sums[i] - mid * t.present[i] + draw(rng, *scale);
+                    let n = t.present[i] + draw(rng, count_scale);
                     if n < 1.0 {
                         serde_json::Value::Null
                     } else {
@@ -254,7 +279,16 @@ pub async fn answer<R: Rng + ?Sized>(
         groups,
         threshold: cut,
         scales,
+        mechanism,
     })
+}
+
+/// What a side may spend: its ε and δ, and the noise mechanism.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Privacy {
+    pub epsilon: f64,
+    pub delta: f64,
+    pub mechanism: Mechanism,
 }
 
 /// Per group: weighted rows, weighted clamped sums and non-null counts per value column,
@@ -497,9 +531,13 @@ pub fn assemble(shape: &Shape, answers: &[SideAnswer]) -> Result<Released, Query
             seen.0 += 1;
         } else {
             let answer = side_of(&output.table)?;
+            let mechanism = match output.aggregate {
+                Some(Aggregate::Subjects) => Mechanism::Laplace,
+                _ => answer.mechanism,
+            };
             noise.push(NoiseNote {
                 output: output.name.clone(),
-                mechanism: "laplace".into(),
+                mechanism: mechanism.as_str().into(),
                 scale: answer.scales.get(seen.1).copied().unwrap_or_default(),
             });
             where_is.push((output.table.as_str(), false, seen.1));

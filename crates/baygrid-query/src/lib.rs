@@ -22,8 +22,8 @@ use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit}
 use datafusion::datasource::MemTable;
 use datafusion::prelude::SessionContext;
 
-pub use baygrid_api::{GroupAnswer as Group, NoiseNote, SideAnswer};
-pub use engine::{answer, assemble, register_files};
+pub use baygrid_api::{GroupAnswer as Group, Mechanism, NoiseNote, SideAnswer};
+pub use engine::{answer, assemble, register_files, Privacy};
 
 /// A dataset's name as a table in SQL: each `-` written `_`.
 pub fn sql_name(dataset: &str) -> String {
@@ -228,21 +228,23 @@ fn first_line(text: &str) -> &str {
 pub struct SideCost {
     pub table: String,
     pub epsilon: f64,
-    /// Spent only when the query groups (choosing which groups exist).
+    /// Spent when the query groups (choosing which groups exist) or uses Gaussian noise.
     pub delta: f64,
     /// Equal shares of ε: the individuals' threshold count and each aggregate's own.
     pub shares: u32,
 }
 
-/// The privacy cost of a query at `epsilon` (and `delta` when it groups), per table read.
-pub fn cost(shape: &Shape, epsilon: f64, delta: f64) -> Vec<SideCost> {
+/// The privacy cost of a query at `epsilon` (and `delta` when it groups or its noise is
+/// Gaussian), per table read.
+pub fn cost(shape: &Shape, epsilon: f64, delta: f64, mechanism: Mechanism) -> Vec<SideCost> {
+    let spends_delta = shape.grouped() || mechanism == Mechanism::Gaussian;
     shape
         .tables
         .iter()
         .map(|t| SideCost {
             table: t.clone(),
             epsilon,
-            delta: if shape.grouped() { delta } else { 0.0 },
+            delta: if spends_delta { delta } else { 0.0 },
             shares: shape.side(t).shares(),
         })
         .collect()

@@ -155,7 +155,7 @@ async fn accepted_shapes_say_what_each_side_answers() {
         filter.contains("x0 > 0") && filter.contains("BETWEEN"),
         "{filter}"
     );
-    let cost = cost(&shape, 1.0, 1e-7);
+    let cost = cost(&shape, 1.0, 1e-7, Mechanism::Laplace);
     assert_eq!(cost[0].delta, 1e-7);
 
     let joined = plan(
@@ -172,7 +172,15 @@ async fn accepted_shapes_say_what_each_side_answers() {
     assert_eq!(joined.side("host").filter.as_deref(), Some("((x2 > 0))"));
     assert_eq!(joined.side("guest").filter, None);
     // ungrouped: no δ spent
-    assert_eq!(super::cost(&joined, 1.0, 1e-7)[1].delta, 0.0);
+    assert_eq!(
+        super::cost(&joined, 1.0, 1e-7, Mechanism::Laplace)[1].delta,
+        0.0
+    );
+    // Gaussian noise spends δ even without grouping
+    assert_eq!(
+        super::cost(&joined, 1.0, 1e-7, Mechanism::Gaussian)[1].delta,
+        1e-7
+    );
 }
 
 async fn context(table: &Table, dir: &Path) -> SessionContext {
@@ -208,12 +216,20 @@ fn small(k: u32, m: u32) -> Table {
     }
 }
 
+fn laplace(epsilon: f64) -> Privacy {
+    Privacy {
+        epsilon,
+        delta: 1e-6,
+        mechanism: Mechanism::Laplace,
+    }
+}
+
 async fn run(table: &Table, dir: &Path, sql: &str, epsilon: f64, seed: u64) -> Released {
     let shape = plan(sql, std::slice::from_ref(table)).await.unwrap();
     let ctx = context(table, dir).await;
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
     let side = shape.side(&table.name);
-    let a = answer(&ctx, table, &side, epsilon, 1e-6, None, &mut rng)
+    let a = answer(&ctx, table, &side, laplace(epsilon), None, &mut rng)
         .await
         .unwrap();
     assemble(&shape, &[a]).unwrap()
@@ -335,9 +351,16 @@ async fn an_individual_in_many_groups_counts_in_at_most_m_of_them() {
     .await
     .unwrap();
     let mut rng = ChaCha20Rng::seed_from_u64(3);
-    let a = answer(&ctx, &table, &shape.side("t"), 100.0, 1e-6, None, &mut rng)
-        .await
-        .unwrap();
+    let a = answer(
+        &ctx,
+        &table,
+        &shape.side("t"),
+        laplace(100.0),
+        None,
+        &mut rng,
+    )
+    .await
+    .unwrap();
     assert_eq!(a.groups.len(), 50);
     let with_roamer = a.groups.iter().filter(|g| g.subjects > 12.5).count();
     assert_eq!(with_roamer, 2);
@@ -461,8 +484,7 @@ async fn a_side_restricted_to_shared_individuals_counts_only_them() {
         &ctx,
         &table,
         &shape.side("t"),
-        100.0,
-        1e-6,
+        laplace(100.0),
         Some(&members),
         &mut rng,
     )
@@ -470,4 +492,100 @@ async fn a_side_restricted_to_shared_individuals_counts_only_them() {
     .unwrap();
     let n = a.groups[0].values[0].as_f64().unwrap();
     assert!((n - 50.0).abs() <= 1.0, "{n}");
+}
+
+#[test]
+fn the_analytic_gaussian_sigma_is_the_smallest_that_meets_delta() {
+    for (epsilon, delta, sensitivity) in [(0.1, 1e-5, 1.0), (1.0, 1e-5, 1.0), (4.0, 1e-7, 3.0)] {
+        let sigma = noise::gaussian_sigma(epsilon, delta, sensitivity);
+        assert!(noise::gaussian_delta(sigma, epsilon, sensitivity) <= delta);
+        assert!(noise::gaussian_delta(sigma * 0.999, epsilon, sensitivity) > delta);
+        // it scales with the sensitivity
+        let unit = noise::gaussian_sigma(epsilon, delta, 1.0);
+        assert!((sigma / unit - sensitivity).abs() < 1e-6 * sensitivity);
+        if epsilon < 1.0 {
+            // below the classic calibration, which holds only for ε < 1
+            let classic = sensitivity * (2.0 * (1.25 / delta).ln()).sqrt() / epsilon;
+            assert!(sigma < classic, "{sigma} vs classic {classic}");
+        }
+    }
+    // the normal CDF the profile rests on, at reference points
+    for (x, p) in [
+        (0.0, 0.5),
+        (1.0, 0.841_344_746),
+        (-3.0, 0.001_349_898),
+        (-5.0, 2.866_516e-7),
+    ] {
+        assert!(
+            (noise::phi(x) - p).abs() <= 1e-7 * p.max(1e-3) + 1e-12,
+            "Φ({x})"
+        );
+    }
+}
+
+#[test]
+fn gaussian_draws_match_their_sigma() {
+    let mut rng = ChaCha20Rng::seed_from_u64(7);
+    let sigma = 3.0;
+    let n = 200_000;
+    let draws: Vec<f64> = (0..n).map(|_| noise::gaussian(&mut rng, sigma)).collect();
+    let mean = draws.iter().sum::<f64>() / n as f64;
+    let var = draws.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n as f64;
+    assert!(mean.abs() < 0.03, "mean {mean}");
+    assert!((var.sqrt() / sigma - 1.0).abs() < 0.01, "sd {}", var.sqrt());
+    let within = draws.iter().filter(|x| x.abs() <= sigma).count() as f64 / n as f64;
+    assert!((within - 0.682_689).abs() < 0.005, "{within}");
+}
+
+#[tokio::test]
+async fn a_gaussian_answer_says_so_and_needs_a_delta() {
+    let dir = tempfile::tempdir().unwrap();
+    write_csv(
+        dir.path(),
+        "id,g,v",
+        (0..400).map(|i| format!("s{i},a,{}", i % 10)),
+    );
+    let table = small(10, 1);
+    let shape = plan(
+        "SELECT COUNT(*), AVG(v) FROM t",
+        std::slice::from_ref(&table),
+    )
+    .await
+    .unwrap();
+    let ctx = context(&table, dir.path()).await;
+    let mut rng = ChaCha20Rng::seed_from_u64(3);
+    let gaussian = Privacy {
+        epsilon: 2.0,
+        delta: 1e-6,
+        mechanism: Mechanism::Gaussian,
+    };
+    let a = answer(&ctx, &table, &shape.side("t"), gaussian, None, &mut rng)
+        .await
+        .unwrap();
+    assert_eq!(a.mechanism, Mechanism::Gaussian);
+    // ε and δ split in equal shares (the threshold's count, the count, AVG's two): the
+    // count's σ for sensitivity 1
+    let shares = shape.side("t").shares() as f64;
+    assert_eq!(shares, 4.0);
+    let expected = noise::gaussian_sigma(2.0 / shares, 1e-6 / shares, 1.0);
+    assert!((a.scales[0] - expected).abs() < 1e-9, "{:?}", a.scales);
+    let n = a.groups[0].values[0].as_f64().unwrap();
+    assert!((n - 400.0).abs() < 8.0 * expected, "{n}");
+    let released = assemble(&shape, &[a]).unwrap();
+    assert!(released.noise.iter().all(|n| n.mechanism == "gaussian"));
+    let refused = answer(
+        &ctx,
+        &table,
+        &shape.side("t"),
+        Privacy {
+            delta: 0.0,
+            ..gaussian
+        },
+        None,
+        &mut rng,
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(refused.contains("needs a δ above 0"), "{refused}");
 }

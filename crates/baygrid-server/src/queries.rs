@@ -76,6 +76,8 @@ struct QueryRecord {
     sides: Vec<SideRecord>,
     epsilon: f64,
     delta: f64,
+    #[serde(default)]
+    mechanism: baygrid_api::Mechanism,
     /// The hold on the consumer's wallet, in CNY (0: nothing held).
     held_cny: i64,
 }
@@ -361,7 +363,13 @@ pub async fn submit(
             "grouping needs a δ above 0 (the chance a group of one individual shows); the offer gives none",
         )));
     }
-    let costs = baygrid_query::cost(&shape, epsilon, delta);
+    if ask.mechanism == baygrid_api::Mechanism::Gaussian && delta <= 0.0 {
+        return Err(ApiError::bad(
+            "delta",
+            "the Gaussian mechanism needs a δ above 0; the offer gives none",
+        ));
+    }
+    let costs = baygrid_query::cost(&shape, epsilon, delta, ask.mechanism);
     // the rules decide the result's flow before anything is spent; the release decides
     // again, on record, once the answer exists
     let recipient = catalog
@@ -495,6 +503,7 @@ pub async fn submit(
         sides,
         epsilon,
         delta,
+        mechanism: ask.mechanism,
         held_cny,
     };
     let payload = serde_json::json!({
@@ -506,6 +515,7 @@ pub async fn submit(
         "contracts": record.sides.iter().map(|s| &s.contract).collect::<Vec<_>>(),
         "epsilon": epsilon,
         "delta": costs.first().map(|c| c.delta).unwrap_or(0.0),
+        "mechanism": ask.mechanism.as_str(),
     });
     state
         .store
@@ -754,6 +764,7 @@ fn task_for(
         tables,
         epsilon: record.epsilon,
         delta: record.delta,
+        mechanism: record.mechanism,
         psi_role,
     })
 }

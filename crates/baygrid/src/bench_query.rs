@@ -131,7 +131,19 @@ pub async fn run(rows: usize, repeats: usize, api_queries: usize) -> anyhow::Res
         plain.push(t.elapsed().as_secs_f64());
         anyhow::ensure!(batches.iter().map(|b| b.num_rows()).sum::<usize>() == REGIONS.len());
         let t = Instant::now();
-        let answer = baygrid_query::answer(&ctx, &table, &side, 1.0, 1e-6, None, &mut rng).await?;
+        let answer = baygrid_query::answer(
+            &ctx,
+            &table,
+            &side,
+            baygrid_query::Privacy {
+                epsilon: 1.0,
+                delta: 1e-6,
+                mechanism: baygrid_query::Mechanism::Laplace,
+            },
+            None,
+            &mut rng,
+        )
+        .await?;
         private.push(t.elapsed().as_secs_f64());
         released = answer.groups.len();
     }

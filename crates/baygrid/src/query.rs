@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use baygrid_api::{QueryDryRun, QueryRequest, QueryState, QueryView};
+use baygrid_api::{Mechanism, QueryDryRun, QueryRequest, QueryState, QueryView};
 use clap::{Args as ClapArgs, Subcommand};
 
 use crate::output::{emit, table};
@@ -33,15 +33,24 @@ pub struct Ask {
     /// The query's ε, split over its aggregations.
     #[arg(long)]
     epsilon: Option<f64>,
-    /// The query's δ when it groups.
+    /// The query's δ when it groups or its noise is Gaussian.
     #[arg(long)]
     delta: Option<f64>,
+    /// The noise on released numbers: laplace (ε-DP) or gaussian ((ε, δ)-DP, the analytic
+    /// Gaussian mechanism).
+    #[arg(long, value_parser = mechanism, default_value = "laplace")]
+    mechanism: Mechanism,
     /// Show the privacy cost and the budgets left; spend and run nothing.
     #[arg(long)]
     dry_run: bool,
     /// For operators: the tenant to act for.
     #[arg(long)]
     tenant: Option<String>,
+}
+
+fn mechanism(text: &str) -> Result<Mechanism, String> {
+    serde_json::from_value(serde_json::Value::String(text.to_string()))
+        .map_err(|_| format!("`{text}` is not a mechanism: laplace or gaussian"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -176,6 +185,7 @@ pub async fn run(args: &Args, query: &QueryArgs) -> anyhow::Result<ExitCode> {
                 purpose: ask.purpose.clone(),
                 epsilon: ask.epsilon,
                 delta: ask.delta,
+                mechanism: ask.mechanism,
                 dry_run: ask.dry_run,
                 wait_ms: Some(60_000),
             };
