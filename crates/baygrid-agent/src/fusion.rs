@@ -210,7 +210,11 @@ async fn run(client: &Client, work_dir: &Path, work: &FusionWork) -> Result<Fusi
         "rounds": outcome.rounds,
         "dp_epsilon": outcome.epsilon,
     });
-    let scores = serde_json::to_value(scores).map_err(|e| e.to_string())?;
+    let mut scores = serde_json::to_value(scores).map_err(|e| e.to_string())?;
+    if let (Some(epsilon), Some(all)) = (outcome.epsilon, scores.as_object_mut()) {
+        // DP-SGD's spend at this party, at the settings' δ
+        all.insert("dp_epsilon".into(), epsilon.into());
+    }
     save_model(work_dir, work, &model, scores).await
 }
 

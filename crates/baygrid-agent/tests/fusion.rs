@@ -102,12 +102,29 @@ fn issuers() -> Vec<Holding> {
 }
 
 async fn zone(dir: &Path, holdings: Vec<Holding>, clusters: &[&str]) -> Zone {
+    zone_with(
+        dir,
+        holdings,
+        clusters,
+        ServerConfig::default().vault_answer_timeout,
+    )
+    .await
+}
+
+async fn zone_with(
+    dir: &Path,
+    holdings: Vec<Holding>,
+    clusters: &[&str],
+    vault_answer_timeout: Duration,
+) -> Zone {
     let config = ServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.join("server"),
         sites_file: "sample".into(),
         schedule_interval: Duration::from_millis(50),
         heartbeat_interval: Duration::from_millis(200),
+        checkpoint_interval: Duration::from_millis(200),
+        vault_answer_timeout,
         ..ServerConfig::default()
     };
     let server = baygrid_server::start(config).await.unwrap();
@@ -326,6 +343,23 @@ async fn a_federated_run_trains_in_each_partys_jurisdiction_and_saves_each_copy_
         .is_err());
     let theirs: Vec<FusionView> = other.get("/api/v1/fusion").await.unwrap();
     assert!(theirs.is_empty());
+
+    // an MLP with DP-SGD inside each party: each reports the ε it spent
+    let mut dp = run_file();
+    dp["task"] = json!("homo-mlp");
+    dp["settings"] = json!({
+        "hidden": 8, "rounds": 3, "learning_rate": 0.5, "seed": 3,
+        "dp": {"clip": 1.0, "noise_multiplier": 1.0, "batch_size": 64, "delta": 1e-5},
+    });
+    let started: FusionView = zone.lab.post("/api/v1/fusion", &dp).await.unwrap();
+    let view = wait_ended(&zone.lab, &started.id).await;
+    assert_eq!(view.state, FusionState::Succeeded, "{view:#?}");
+    for party in &view.workers[1..] {
+        let epsilon = party.scores.as_ref().unwrap()["dp_epsilon"]
+            .as_f64()
+            .unwrap();
+        assert!(epsilon > 0.0 && epsilon.is_finite(), "{epsilon}");
+    }
     drop(zone.agents);
     zone.server.stop().await;
 }
@@ -581,5 +615,27 @@ async fn a_vertical_run_aligns_patients_by_psi_and_reproduces_fates_auc_across_t
     // each party's own weights are in its own vault, and they differ
     assert!(guest.model.is_some() && host.model.is_some());
     assert_ne!(guest.model_sha256, host.model_sha256);
+    zone.server.stop().await;
+}
+
+#[tokio::test]
+async fn a_run_no_agent_takes_fails_after_the_timeout_and_is_not_charged() {
+    let dir = tempfile::tempdir().unwrap();
+    // no agent at either hospital's site
+    let zone = zone_with(dir.path(), hospitals(), &[], Duration::from_secs(1)).await;
+    contracts(&zone.lab, &HOSPITAL_OFFERS).await;
+    let started: FusionView = zone.lab.post("/api/v1/fusion", &run_file()).await.unwrap();
+    let view = wait_ended(&zone.lab, &started.id).await;
+    assert_eq!(view.state, FusionState::Failed);
+    let error = view.error.unwrap();
+    assert!(error.contains("no agent claimed"), "{error}");
+    assert!(error.contains("hk-hospital at hk-cyberport"), "{error}");
+    assert!(view.charged.is_none());
+    let wallet: Value = zone
+        .lab
+        .get("/api/v1/ledger/accounts/wallet:gba-oncology-lab")
+        .await
+        .unwrap();
+    assert_eq!(wallet["debits_pending"], "0.00 CNY", "{wallet}");
     zone.server.stop().await;
 }

@@ -37,12 +37,19 @@ struct Zone {
 /// each) and their query offers published, agents beside both vaults, and the lab with a
 /// wallet. `shared_epsilon` overrides the guest offer's shared budget.
 async fn zone(dir: &Path) -> Zone {
+    zone_with(dir, true, ServerConfig::default().vault_answer_timeout).await
+}
+
+/// The zone, with or without the vaults' agents, and the time a query waits for them.
+async fn zone_with(dir: &Path, with_agents: bool, vault_answer_timeout: Duration) -> Zone {
     let config = ServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.join("server"),
         sites_file: "sample".into(),
         schedule_interval: Duration::from_millis(50),
         heartbeat_interval: Duration::from_millis(200),
+        checkpoint_interval: Duration::from_millis(200),
+        vault_answer_timeout,
         ..ServerConfig::default()
     };
     let server = baygrid_server::start(config).await.unwrap();
@@ -95,10 +102,11 @@ async fn zone(dir: &Path) -> Zone {
         )
         .await
         .unwrap();
-    let agents = vec![
-        start_agent(&url, &operator, "cyberport-h800", &dir.join("hk")).await,
-        start_agent(&url, &operator, "qianhai-h800", &dir.join("sz")).await,
-    ];
+    let mut agents = Vec::new();
+    if with_agents {
+        agents.push(start_agent(&url, &operator, "cyberport-h800", &dir.join("hk")).await);
+        agents.push(start_agent(&url, &operator, "qianhai-h800", &dir.join("sz")).await);
+    }
     Zone {
         _server: server,
         operator,
@@ -393,4 +401,25 @@ async fn a_gaussian_query_spends_delta_and_says_which_noise_it_carries() {
         .unwrap_err();
     assert_eq!(err.status(), Some(400), "{err}");
     assert!(err.to_string().contains("mechanism"), "{err}");
+}
+
+#[tokio::test]
+async fn a_query_no_vault_answers_fails_after_the_timeout_and_is_not_charged() {
+    let dir = tempfile::tempdir().unwrap();
+    let zone = zone_with(dir.path(), false, Duration::from_secs(1)).await;
+    contract(&zone.lab, "hk-credit-history-query").await;
+    let view = query(
+        &zone.lab,
+        "hk-credit-history",
+        "SELECT COUNT(*) AS n FROM hk_credit_history",
+        1.0,
+    )
+    .await;
+    assert_eq!(view.state, QueryState::Failed);
+    let error = view.error.unwrap();
+    assert!(
+        error.contains("no answer from `hk-credit-history` at hk-cyberport"),
+        "{error}"
+    );
+    assert!(view.charged.is_empty());
 }

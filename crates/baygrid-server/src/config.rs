@@ -72,6 +72,10 @@ pub struct ServerConfig {
     /// Each site's vault, by site name: an absolute directory, `file:///…` or
     /// `s3://bucket/prefix`. A site not listed keeps its vault in `<data_dir>/vaults/<site>`.
     pub vaults: std::collections::BTreeMap<String, String>,
+    /// How long a query may wait for its vaults' answers, and a fusion run for its workers
+    /// to be claimed or to report, before it fails with the sites it waited on.
+    #[serde(with = "humantime_serde")]
+    pub vault_answer_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -96,6 +100,7 @@ impl Default for ServerConfig {
             failover_backoff: Duration::from_secs(60),
             tenant_weights: std::collections::BTreeMap::new(),
             vaults: std::collections::BTreeMap::new(),
+            vault_answer_timeout: Duration::from_secs(600),
         }
     }
 }
@@ -124,6 +129,9 @@ impl ServerConfig {
         }
         if self.schedule_batch < 1 {
             return Err("schedule_batch must be at least 1".into());
+        }
+        if self.vault_answer_timeout < Duration::from_secs(1) {
+            return Err("vault_answer_timeout must be at least 1s".into());
         }
         if self.fee_bps > 10_000 {
             return Err("fee_bps must be at most 10000 (100%)".into());

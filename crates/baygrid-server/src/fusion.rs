@@ -50,6 +50,9 @@ struct FusionRecord {
     /// Per party: its model's files in its vault, once it has reported them.
     models: Vec<Option<PartyDone>>,
     events: Vec<FusionEvent>,
+    /// When the run last moved (placed, a worker claimed, a round, a report).
+    #[serde(default)]
+    last_ms: i64,
 }
 
 impl FusionRecord {
@@ -63,6 +66,7 @@ impl FusionRecord {
     }
 
     fn log(&mut self, now: i64, line: String) {
+        self.last_ms = self.last_ms.max(now);
         self.events.push(FusionEvent {
             at: millis_to_rfc3339(now),
             line,
@@ -504,6 +508,7 @@ pub async fn submit(
         started_ms: vec![None; ask.parties.len() + 1],
         models: vec![None; ask.parties.len()],
         events: vec![],
+        last_ms: now,
     };
     for w in &record.view.workers.clone() {
         record.log(
@@ -702,6 +707,45 @@ fn drop_relay(state: &AppState, id: &str) {
         .expect("relay lock")
         .retain(|(run, _), _| run != id);
     state.queries.fusion_relayed.notify_waiters();
+}
+
+/// Fails the running runs that have not moved for `vault_answer_timeout`: a worker no
+/// agent at its site claimed, or workers that went silent together.
+pub(crate) async fn expire(state: &AppState) -> ApiResult<()> {
+    let limit = state.config.vault_answer_timeout;
+    let now = state.now();
+    let running = state
+        .store
+        .fusion_rows(None, Some(FusionState::Running.as_str()), 1000)
+        .await?;
+    for row in running {
+        let record = FusionRecord::from_row(&row)?;
+        if now - record.last_ms.max(row.created_ms) <= limit.as_millis() as i64 {
+            continue;
+        }
+        let _serial = state.queries.fusion_writes.lock().await;
+        let (row, record) = record_of(state, &row.id).await?;
+        if row.state != FusionState::Running.as_str()
+            || now - record.last_ms.max(row.created_ms) <= limit.as_millis() as i64
+        {
+            continue;
+        }
+        let pending: Vec<String> = record
+            .view
+            .workers
+            .iter()
+            .filter(|w| w.state == WorkerState::Pending)
+            .map(|w| format!("the {} at {}", w.role, w.site))
+            .collect();
+        let within = humantime::format_duration(limit);
+        let error = if pending.is_empty() {
+            format!("no word from the workers for {within}")
+        } else {
+            format!("no agent claimed {} within {within}", pending.join(" or "))
+        };
+        end_unfinished(state, record, FusionState::Failed, error, "server".into()).await?;
+    }
+    Ok(())
 }
 
 /// Fails the runs a previous server left running: their workers' messages were in memory.

@@ -917,6 +917,45 @@ async fn fail(
     end_unreleased(state, record, QueryState::Failed, error, audit, actor, now).await
 }
 
+/// Fails the running queries older than `vault_answer_timeout`, naming the vaults that
+/// did not answer; their holds are voided (the budget stays spent).
+pub(crate) async fn expire(state: &AppState) -> ApiResult<()> {
+    let limit = state.config.vault_answer_timeout;
+    let now = state.now();
+    let running = state
+        .store
+        .query_rows(None, Some(QueryState::Running.as_str()), 1000)
+        .await?;
+    for row in running {
+        if now - row.created_ms <= limit.as_millis() as i64 {
+            continue;
+        }
+        let _serial = state.queries.writes.lock().await;
+        // an answer may have ended it meanwhile
+        let Some(row) = state.store.query_row(&row.id).await? else {
+            continue;
+        };
+        if row.state != QueryState::Running.as_str() {
+            continue;
+        }
+        let record = QueryRecord::from_row(&row)?;
+        let waiting: Vec<String> = record
+            .sides
+            .iter()
+            .filter(|s| s.answer.is_none())
+            .map(|s| format!("`{}` at {}", s.dataset, s.site))
+            .collect();
+        let error = format!(
+            "no answer from {} within {}",
+            waiting.join(" and "),
+            humantime::format_duration(limit)
+        );
+        fail(state, record, error, "server".into(), now).await?;
+        state.queries.done.notify_waiters();
+    }
+    Ok(())
+}
+
 /// Puts the sides' answers together, has the rules decide each dataset's `query_result`
 /// flow on record, and releases the result with its hash and the charge in one
 /// transaction, or withholds it (nothing charged) when a decision denies it.

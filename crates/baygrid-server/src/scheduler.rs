@@ -24,6 +24,12 @@ pub async fn run(state: AppState, mut shutdown: watch::Receiver<bool>) {
                 if let Err(e) = crate::audit::sync(&state).await {
                     tracing::warn!(error = %e, "audit log sync failed");
                 }
+                if let Err(e) = crate::queries::expire(&state).await {
+                    tracing::warn!(error = %e, "expiring queries failed");
+                }
+                if let Err(e) = crate::fusion::expire(&state).await {
+                    tracing::warn!(error = %e, "expiring fusion runs failed");
+                }
                 continue;
             }
             _ = shutdown.changed() => break,
