@@ -28,7 +28,7 @@ use crate::body::{JsonBody, QueryParams};
 use crate::catalog::CatalogSnapshot;
 use crate::error::{ApiError, ApiResult};
 use crate::jobs::{acting_tenant, TenantQuery};
-use crate::queries::{json, long_poll, ClaimBody};
+use crate::queries::{claim_work, json, long_poll, ClaimBody};
 use crate::zone::{dataset_flow, today, FlowEnds};
 use crate::AppState;
 
@@ -775,21 +775,12 @@ pub async fn claim(
     who: Principal,
     JsonBody(body): JsonBody<ClaimBody>,
 ) -> ApiResult<Json<Vec<FusionWork>>> {
-    let cluster = agent_cluster(&who)?;
-    let wait = Duration::from_millis(body.wait_ms.min(30_000));
-    let (state, cluster) = (&state, cluster.as_str());
-    let work = long_poll(state, &state.queries.fusion_work, wait, || async move {
-        let work = claim_now(state, cluster).await?;
-        let any = !work.is_empty();
-        Ok((work, any))
-    })
-    .await?;
-    Ok(Json(work))
+    claim_work(&state, &who, &body, &state.queries.fusion_work, claim_now).await
 }
 
-async fn claim_now(state: &AppState, cluster: &str) -> ApiResult<Vec<FusionWork>> {
+async fn claim_now(state: &AppState, cluster: String) -> ApiResult<Vec<FusionWork>> {
     let catalog = state.catalog();
-    let Some(site) = catalog.clusters.get(cluster).map(|c| c.site.clone()) else {
+    let Some(site) = catalog.clusters.get(&cluster).map(|c| c.site.clone()) else {
         return Ok(vec![]);
     };
     let _serial = state.queries.fusion_writes.lock().await;

@@ -667,21 +667,39 @@ pub async fn claim(
     who: Principal,
     JsonBody(body): JsonBody<ClaimBody>,
 ) -> ApiResult<Json<Vec<QueryTask>>> {
-    let cluster = agent_cluster(&who)?;
-    let wait = Duration::from_millis(body.wait_ms.min(30_000));
-    let (state, cluster) = (&state, cluster.as_str());
-    let tasks = long_poll(state, &state.queries.work, wait, || async move {
-        let tasks = claim_now(state, cluster).await?;
-        let any = !tasks.is_empty();
-        Ok((tasks, any))
-    })
-    .await?;
-    Ok(Json(tasks))
+    claim_work(&state, &who, &body, &state.queries.work, claim_now).await
 }
 
-async fn claim_now(state: &AppState, cluster: &str) -> ApiResult<Vec<QueryTask>> {
+/// An agent's long poll for work at its site: `claim_now` hands out what is there for the
+/// agent's cluster, again each time `signal` fires, until there is some or `wait_ms` passed.
+pub(crate) async fn claim_work<'s, T, F, Fut>(
+    state: &'s AppState,
+    who: &Principal,
+    body: &ClaimBody,
+    signal: &tokio::sync::Notify,
+    claim_now: F,
+) -> ApiResult<Json<Vec<T>>>
+where
+    F: Fn(&'s AppState, String) -> Fut,
+    Fut: std::future::Future<Output = ApiResult<Vec<T>>>,
+{
+    let cluster = agent_cluster(who)?;
+    let wait = Duration::from_millis(body.wait_ms.min(30_000));
+    let work = long_poll(state, signal, wait, || {
+        let claimed = claim_now(state, cluster.clone());
+        async move {
+            let work = claimed.await?;
+            let any = !work.is_empty();
+            Ok((work, any))
+        }
+    })
+    .await?;
+    Ok(Json(work))
+}
+
+async fn claim_now(state: &AppState, cluster: String) -> ApiResult<Vec<QueryTask>> {
     let catalog = state.catalog();
-    let Some(site) = catalog.clusters.get(cluster).map(|c| c.site.clone()) else {
+    let Some(site) = catalog.clusters.get(&cluster).map(|c| c.site.clone()) else {
         return Ok(vec![]);
     };
     let _serial = state.queries.writes.lock().await;
