@@ -14,6 +14,7 @@ use baygrid_fusion::data::Table;
 use baygrid_fusion::fed::{self, FedError, Msg, Transport};
 use baygrid_fusion::hetero::{apart, HeteroConfig};
 use baygrid_fusion::homo::{self, Aggregation, HomoConfig};
+use baygrid_fusion::psi::PsiSettings;
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 
@@ -115,6 +116,40 @@ async fn run(client: &Client, work_dir: &Path, work: &FusionWork) -> Result<Fusi
         waiting: VecDeque::new(),
         bytes: 0,
     };
+    if work.task == FusionTask::Psi {
+        let settings: PsiSettings =
+            serde_json::from_value(work.settings.clone()).map_err(|e| format!("settings: {e}"))?;
+        let rows = party_rows(work_dir, work).await?;
+        let index = work.index;
+        let ids = rows.ids.clone();
+        let outcome = on_relay(relay, move |r| {
+            fed::run_psi(index, &ids, settings.reveal, r, wait)
+        })
+        .await?;
+        let mut scores = serde_json::json!({
+            "own_ids": outcome.own_size,
+            "peer_ids": outcome.peer_size,
+            "bytes": outcome.bytes_sent + outcome.bytes_received,
+        });
+        let Some(intersection) = outcome.intersection else {
+            // the designated party alone learns it; this one keeps nothing
+            return Ok(FusionReport {
+                party: Some(PartyDone {
+                    files: vec![],
+                    scores,
+                }),
+                done: true,
+                ..FusionReport::default()
+            });
+        };
+        scores["intersection"] = intersection.len().into();
+        let mut csv = String::from("id\n");
+        for id in &intersection {
+            csv.push_str(id);
+            csv.push('\n');
+        }
+        return save_output(work_dir, work, "intersection.csv", csv.as_bytes(), scores).await;
+    }
     let vertical = work.task == FusionTask::HeteroLr;
     if vertical {
         let cfg: HeteroConfig =
@@ -165,7 +200,7 @@ async fn run(client: &Client, work_dir: &Path, work: &FusionWork) -> Result<Fusi
             Some(s) => serde_json::to_value(s).map_err(|e| e.to_string())?,
             None => serde_json::json!({ "aligned_rows": outcome.aligned }),
         };
-        return save_model(work_dir, work, &model, scores).await;
+        return save_output(work_dir, work, "model.json", &pretty(&model)?, scores).await;
     }
     let cfg: HomoConfig =
         serde_json::from_value(work.settings.clone()).map_err(|e| format!("settings: {e}"))?;
@@ -215,7 +250,7 @@ async fn run(client: &Client, work_dir: &Path, work: &FusionWork) -> Result<Fusi
         // DP-SGD's spend at this party, at the settings' δ
         all.insert("dp_epsilon".into(), epsilon.into());
     }
-    save_model(work_dir, work, &model, scores).await
+    save_output(work_dir, work, "model.json", &pretty(&model)?, scores).await
 }
 
 /// A party's rows: its dataset's version staged from its vault (digests checked).
@@ -243,44 +278,55 @@ async fn party_rows(work_dir: &Path, work: &FusionWork) -> Result<Table, String>
     Ok(rows.ok_or("the dataset's version has no files")?)
 }
 
-/// Writes the party's copy of the model into its vault, and the report that says so.
-async fn save_model(
+fn pretty(model: &serde_json::Value) -> Result<Vec<u8>, String> {
+    serde_json::to_vec_pretty(model).map_err(|e| e.to_string())
+}
+
+/// Writes the party's output (its copy of the model, or its intersection) into its vault,
+/// and the report that says so.
+async fn save_output(
     work_dir: &Path,
     work: &FusionWork,
-    model: &serde_json::Value,
+    name: &str,
+    bytes: &[u8],
     scores: serde_json::Value,
 ) -> Result<FusionReport, String> {
     let target = work
         .model
         .as_ref()
-        .ok_or("a party's work says where its model goes")?;
+        .ok_or("a party's work says where its output goes")?;
     let scratch = work_dir
         .join("fusion")
         .join(format!("{}-{}", work.run, work.index));
     std::fs::create_dir_all(&scratch).map_err(|e| format!("{}: {e}", scratch.display()))?;
-    let path = scratch.join("model.json");
-    std::fs::write(
-        &path,
-        serde_json::to_vec_pretty(model).map_err(|e| e.to_string())?,
-    )
-    .map_err(|e| format!("{}: {e}", path.display()))?;
+    let path = scratch.join(name);
+    std::fs::write(&path, bytes).map_err(|e| format!("{}: {e}", path.display()))?;
     let vault = baygrid_vault::Vault::open(&target.vault_url).map_err(|e| e.to_string())?;
     let stored = vault
         .put_file(
-            &baygrid_vault::object_key(&target.dataset, &work.run, "model.json"),
+            &baygrid_vault::object_key(&target.dataset, &work.run, name),
             &path,
         )
         .await
         .map_err(|e| e.to_string())?;
     let _ = std::fs::remove_dir_all(&scratch);
+    let csv = name.ends_with(".csv");
     Ok(FusionReport {
         party: Some(PartyDone {
             files: vec![VersionFile {
-                name: "model.json".into(),
+                name: name.into(),
                 bytes: stored.bytes,
                 sha256: stored.sha256,
-                rows: 0,
-                format: "file".into(),
+                rows: if csv {
+                    bytes
+                        .iter()
+                        .filter(|&&b| b == b'\n')
+                        .count()
+                        .saturating_sub(1) as u64
+                } else {
+                    0
+                },
+                format: if csv { "csv" } else { "file" }.into(),
             }],
             scores,
         }),

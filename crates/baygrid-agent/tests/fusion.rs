@@ -39,6 +39,8 @@ struct Holding {
     dataset: DatasetSpec,
     offer: Value,
     file: &'static str,
+    /// Drop a seeded quarter of the file's individuals before uploading, with this seed.
+    drop_seed: Option<u64>,
 }
 
 /// Holders of examples/datasets with their examples/data-offers: (party, jurisdiction,
@@ -50,6 +52,7 @@ fn holdings(of: &[(&str, &str, &str, &str, &'static str)]) -> Vec<Holding> {
             dataset: yaml(&format!("examples/datasets/{dataset}.yaml")),
             offer: yaml(&format!("examples/data-offers/{dataset}.yaml")),
             file,
+            drop_seed: None,
         })
         .collect()
 }
@@ -137,13 +140,15 @@ async fn zone_with(
             .await
             .unwrap();
         let _: DatasetView = holder.post("/api/v1/datasets", &h.dataset).await.unwrap();
-        baygrid_vault::upload(
-            &holder,
-            &h.dataset.name,
-            &[repo(&format!("../shared/data/fate/{}", h.file))],
-        )
-        .await
-        .unwrap();
+        let mut file = repo(&format!("../shared/data/fate/{}", h.file));
+        if let Some(seed) = h.drop_seed {
+            let part = dir.join(format!("{}.csv", h.dataset.name));
+            baygrid_query::drop_subjects(&file, &part, "id", 0.25, seed).unwrap();
+            file = part;
+        }
+        baygrid_vault::upload(&holder, &h.dataset.name, &[file])
+            .await
+            .unwrap();
         let _: Value = holder.post("/api/v1/data-offers", &h.offer).await.unwrap();
     }
     let lab = operator
@@ -382,7 +387,8 @@ async fn bad_runs_are_refused_by_field_and_cancelled_or_orphaned_runs_are_not_ch
             json!({"task": "homo-lr", "parties": [{"name": "a", "dataset": "hk-breast-clinic"}]}),
             "parties",
         ),
-        (json!({"task": "psi", "parties": []}), "task"),
+        (json!({"task": "psi", "parties": []}), "parties"),
+        (json!({"task": "boosting", "parties": []}), "task"),
         (
             json!({"task": "homo-lr", "parties": [{"name": "a", "dataset": "hk-breast-clinic"}, {"name": "a", "dataset": "gz-breast-clinic"}]}),
             "parties[1].name",
@@ -637,5 +643,154 @@ async fn a_run_no_agent_takes_fails_after_the_timeout_and_is_not_charged() {
         .await
         .unwrap();
     assert_eq!(wallet["debits_pending"], "0.00 CNY", "{wallet}");
+    zone.server.stop().await;
+}
+
+/// The ids of a CSV's first column.
+fn ids(path: &Path) -> std::collections::BTreeSet<String> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').next().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn psi_through_the_exchange_leaves_each_intersection_in_its_own_vault_where_the_rules_allow()
+{
+    let dir = tempfile::tempdir().unwrap();
+    // FATE's default_credit hetero tables, a seeded quarter of each dropped: a Shenzhen
+    // lender and card issuer, and a Hong Kong card issuer
+    let card_holders = |party: &str, jurisdiction: &str, city: &str, dataset: &str, file, seed| {
+        let offer: Value = yaml(&format!("examples/data-offers/{dataset}.yaml"));
+        Holding {
+            party: json!({"name": party, "jurisdiction": jurisdiction, "city": city}),
+            dataset: yaml(&format!("examples/datasets/{dataset}.yaml")),
+            offer: json!({
+                "name": format!("{dataset}-federated"), "dataset": dataset,
+                "modes": ["federated"], "purposes": ["credit_risk"], "destinations": ["CN", "HK"],
+                "price": offer["price"], "expires": "2027-12-31", "auto_approve": true,
+            }),
+            file,
+            drop_seed: Some(seed),
+        }
+    };
+    let holdings = vec![
+        card_holders(
+            "sz-lender",
+            "CN",
+            "shenzhen",
+            "sz-credit-labels",
+            "default_credit_hetero_guest.csv",
+            1,
+        ),
+        card_holders(
+            "sz-card-issuer",
+            "CN",
+            "shenzhen",
+            "sz-card-spend",
+            "default_credit_hetero_host.csv",
+            2,
+        ),
+        card_holders(
+            "hk-card-issuer",
+            "HK",
+            "hong-kong",
+            "hk-card-features",
+            "default_credit_hetero_host.csv",
+            3,
+        ),
+    ];
+    let zone = zone(dir.path(), holdings, &["qianhai-h800", "cyberport-h800"]).await;
+    for offer in [
+        "sz-credit-labels-federated",
+        "sz-card-spend-federated",
+        "hk-card-features-federated",
+    ] {
+        let c: Value = zone
+            .lab
+            .post(
+                "/api/v1/contracts",
+                &json!({"offer": offer, "mode": "federated", "purpose": "credit_risk", "site": "hk-cyberport"}),
+            )
+            .await
+            .unwrap();
+        assert_eq!(c["state"], "active", "{c}");
+    }
+    let run = |guest: &str, host: &str, reveal: &str| {
+        json!({
+            "task": "psi", "purpose": "credit_risk",
+            "parties": [{"name": "guest", "dataset": guest}, {"name": "host", "dataset": host}],
+            "settings": {"reveal": reveal},
+        })
+    };
+
+    // within Shenzhen both learn the intersection; each keeps it in its own vault
+    let started: FusionView = zone
+        .lab
+        .post(
+            "/api/v1/fusion",
+            &run("sz-credit-labels", "sz-card-spend", "both"),
+        )
+        .await
+        .unwrap();
+    assert!(started.workers.iter().all(|w| w.role != "aggregator"));
+    let view = wait_ended(&zone.lab, &started.id).await;
+    assert_eq!(view.state, FusionState::Succeeded, "{view:#?}");
+    let plain: usize = ids(&dir.path().join("sz-credit-labels.csv"))
+        .intersection(&ids(&dir.path().join("sz-card-spend.csv")))
+        .count();
+    assert!(plain > 10_000 && plain < 22_500, "{plain}");
+    assert!(
+        view.rules.iter().any(|r| r == "DOMESTIC"),
+        "{:?}",
+        view.rules
+    );
+    for party in &view.workers {
+        assert_eq!(party.scores.as_ref().unwrap()["intersection"], plain);
+        let name = party.model.as_ref().unwrap();
+        let dataset: DatasetView = zone
+            .operator
+            .get(&format!("/api/v1/datasets/{name}"))
+            .await
+            .unwrap();
+        assert_eq!(dataset.spec.vault, "shenzhen-qianhai");
+        // a list of individuals stays personal data
+        assert_eq!(dataset.spec.personal, baygrid_rules::Personal::Personal);
+        assert_eq!(dataset.versions[0].rows, plain as u64);
+    }
+
+    // across the border, the Hong Kong side may not learn which Shenzhen lender's
+    // customers it holds without their separate consent: refused before anything runs
+    let err = zone
+        .lab
+        .post::<_, FusionView>(
+            "/api/v1/fusion",
+            &run("sz-credit-labels", "hk-card-features", "both"),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("reach hk-cyberport"), "{err}");
+    assert!(err.contains("separate_consent"), "{err}");
+    // designated to the Shenzhen lender alone, the membership flows into the mainland
+    let started: FusionView = zone
+        .lab
+        .post(
+            "/api/v1/fusion",
+            &run("sz-credit-labels", "hk-card-features", "designated"),
+        )
+        .await
+        .unwrap();
+    let view = wait_ended(&zone.lab, &started.id).await;
+    assert_eq!(view.state, FusionState::Succeeded, "{view:#?}");
+    let (guest, host) = (&view.workers[0], &view.workers[1]);
+    assert!(guest.model.is_some());
+    assert!(
+        host.model.is_none(),
+        "the host learned nothing, so keeps nothing"
+    );
+    assert!(host.scores.as_ref().unwrap().get("intersection").is_none());
     zone.server.stop().await;
 }

@@ -17,6 +17,28 @@ use crate::homo::{self, Aggregation, HomoConfig, LocalParty, RoundStats, TrainEr
 use crate::psi;
 use crate::secagg::{self, Advert, Envelope, Params, UnmaskReply};
 
+/// A psi run's party (1 the guest, 2 the host): ECDH PSI with the other through the
+/// transport. Returns what this party learned (the intersection, in its own ids' order,
+/// when `reveal` tells it) and the set sizes.
+pub fn run_psi<T: Transport>(
+    index: usize,
+    ids: &[String],
+    reveal: psi::Reveal,
+    transport: &mut T,
+    wait: Duration,
+) -> Result<psi::PsiOutcome, FedError> {
+    let (role, peer) = match index {
+        1 => (psi::Role::Guest, 2),
+        2 => (psi::Role::Host, 1),
+        other => {
+            return Err(FedError::Protocol(format!(
+                "a psi run has parties 1 and 2, not {other}"
+            )))
+        }
+    };
+    Link::new(transport).psi(peer, role, ids, reveal, wait)
+}
+
 /// The aggregator's address; parties are 1..=n.
 pub const AGGREGATOR: usize = 0;
 
@@ -171,6 +193,7 @@ impl<T: Transport> Link<'_, T> {
         peer: usize,
         role: psi::Role,
         ids: &[String],
+        reveal: psi::Reveal,
         wait: Duration,
     ) -> Result<psi::PsiOutcome, FedError> {
         let (out_tx, out_rx) = std::sync::mpsc::channel::<Vec<u8>>();
@@ -191,7 +214,7 @@ impl<T: Transport> Link<'_, T> {
                 psi::run_party(
                     role,
                     ids,
-                    psi::Reveal::Both,
+                    reveal,
                     psi::DEFAULT_BATCH,
                     ChannelReader {
                         from: in_rx,

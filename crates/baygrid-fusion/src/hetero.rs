@@ -671,7 +671,7 @@ pub mod apart {
         role: psi::Role,
         wait: Duration,
     ) -> Result<Table, FedError> {
-        let outcome = link.psi(peer, role, &table.ids, wait)?;
+        let outcome = link.psi(peer, role, &table.ids, psi::Reveal::Both, wait)?;
         let mut ids = outcome.intersection.ok_or_else(|| {
             FedError::Protocol("PSI did not tell this party the intersection".into())
         })?;

@@ -62,6 +62,21 @@ pub enum Role {
     Host,
 }
 
+/// A psi run's settings through the exchange: who learns the intersection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PsiSettings {
+    pub reveal: Reveal,
+}
+
+impl Default for PsiSettings {
+    fn default() -> Self {
+        PsiSettings {
+            reveal: Reveal::Both,
+        }
+    }
+}
+
 /// Who learns the intersection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]

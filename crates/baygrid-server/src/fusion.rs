@@ -73,8 +73,27 @@ impl FusionRecord {
         });
     }
 
+    /// The parties' workers (a psi run has no aggregator or dealer).
     fn parties(&self) -> usize {
-        self.view.workers.len() - 1
+        self.view
+            .workers
+            .iter()
+            .filter(|w| w.dataset.is_some())
+            .count()
+    }
+
+    /// Where worker `index` is in the list.
+    fn position(&self, index: usize) -> ApiResult<usize> {
+        self.view
+            .workers
+            .iter()
+            .position(|w| w.index == index)
+            .ok_or_else(|| {
+                ApiError::bad(
+                    "index",
+                    format!("run `{}` has no worker {index}", self.view.id),
+                )
+            })
     }
 }
 
@@ -124,12 +143,61 @@ fn cluster_price_cny(catalog: &CatalogSnapshot, cluster: &str) -> i64 {
         .unwrap_or(0)
 }
 
-/// The dataset a party's copy of the model is saved as.
-fn model_name(run: &str, party: &str) -> String {
+/// The dataset a party's output is saved as: its copy of the model, or its intersection.
+fn output_name(task: FusionTask, run: &str, party: &str) -> String {
     let suffix = &run[run.len().saturating_sub(8)..];
+    let kind = if task == FusionTask::Psi {
+        "psi"
+    } else {
+        "model"
+    };
     let mut name = party.to_string();
     name.truncate(63 - 7 - 9);
-    format!("{name}-model-{suffix}")
+    format!("{name}-{kind}-{suffix}")
+}
+
+/// The flows that bring party `k`'s output to its vault: a model (or a hetero party's
+/// weights) is a `model_update` from every dataset of the run; an intersection is a copy,
+/// from the other party's dataset, of which of its individuals this party holds.
+fn output_flows<'d>(
+    record: &FusionRecord,
+    k: usize,
+    datasets: &'d [baygrid_api::DatasetSpec],
+) -> Vec<(
+    &'d baygrid_api::DatasetSpec,
+    baygrid_rules::Mode,
+    Option<u64>,
+)> {
+    if record.view.task != FusionTask::Psi {
+        return datasets
+            .iter()
+            .map(|d| (d, baygrid_rules::Mode::ModelUpdate, None))
+            .collect();
+    }
+    let told = record
+        .models
+        .get(k)
+        .and_then(|m| m.as_ref())
+        .filter(|m| !m.files.is_empty());
+    let Some(told) = told else {
+        return vec![];
+    };
+    let size = told.scores["intersection"].as_u64();
+    datasets
+        .iter()
+        .enumerate()
+        .filter(|(j, _)| *j != k)
+        .map(|(_, d)| (d, baygrid_rules::Mode::Copy, size))
+        .collect()
+}
+
+/// The file a party's output is.
+fn output_file(task: FusionTask) -> &'static str {
+    if task == FusionTask::Psi {
+        "intersection.csv"
+    } else {
+        "model.json"
+    }
 }
 
 /// Why `settings` is refused, with the field at fault.
@@ -153,21 +221,14 @@ pub async fn submit(
     JsonBody(ask): JsonBody<FusionRequest>,
 ) -> ApiResult<(StatusCode, Json<FusionView>)> {
     let tenant = acting_tenant(&who, params.tenant.as_deref())?;
-    let vertical = match ask.task {
-        FusionTask::HomoLr | FusionTask::HomoMlp => false,
-        FusionTask::HeteroLr => true,
-        FusionTask::Psi => {
-            return Err(ApiError::bad(
-                "task",
-                "`psi` alone runs with `baygrid fusion eval`; through the exchange PSI aligns the rows of a hetero-lr run and its result never leaves the workers",
-            ))
-        }
-    };
-    if vertical && ask.parties.len() != 2 {
+    let vertical = ask.task == FusionTask::HeteroLr;
+    let psi = ask.task == FusionTask::Psi;
+    if (vertical || psi) && ask.parties.len() != 2 {
         return Err(ApiError::bad(
             "parties",
             format!(
-                "hetero-lr takes two parties, the guest (labels) then the host, not {}",
+                "{} takes two parties, the guest then the host, not {}",
+                ask.task.as_str(),
                 ask.parties.len()
             ),
         ));
@@ -196,7 +257,14 @@ pub async fn submit(
             ));
         }
     }
-    let settings = if vertical {
+    let settings = if psi {
+        let cfg: baygrid_fusion::psi::PsiSettings = baygrid_fusion::settings_over(
+            Some(&baygrid_fusion::psi::PsiSettings::default()),
+            ask.settings.clone(),
+        )
+        .map_err(settings_error)?;
+        json(&cfg)?
+    } else if vertical {
         let base = baygrid_fusion::hetero::HeteroConfig::fate();
         let cfg =
             baygrid_fusion::hetero::HeteroConfig::from_settings(ask.settings.clone(), Some(&base))
@@ -324,34 +392,67 @@ pub async fn submit(
         contracts.push(contract.id.clone());
         datasets.push(dataset);
     }
-    // the rules decide every model_update flow before anything is placed: each party's
-    // updates to the aggregator's site, and the final model to every party's vault
-    let decide =
-        |dataset: &baygrid_api::DatasetSpec, site: &str| -> ApiResult<baygrid_rules::Decision> {
-            let holder = catalog.holder(dataset)?;
-            let site = catalog
-                .sites
-                .get(site)
-                .ok_or_else(|| ApiError::Conflict(format!("site `{site}` is gone")))?;
-            let request = dataset_flow(
-                &catalog,
-                dataset,
-                FlowEnds {
-                    holder,
-                    recipient,
-                    site,
-                },
-                baygrid_rules::Mode::ModelUpdate,
-                &purpose,
-                today,
-            );
-            state
-                .rules
-                .decide(&request)
-                .map_err(|e| ApiError::Unavailable(e.to_string()))
-        };
+    // the rules decide every flow before anything is placed: for a model, each party's
+    // updates to the aggregator's site and the final model to every party's vault; for an
+    // intersection, the other party's membership to each party that learns it
+    let decide_as = |dataset: &baygrid_api::DatasetSpec,
+                     site: &str,
+                     mode: baygrid_rules::Mode,
+                     subjects: Option<u64>|
+     -> ApiResult<baygrid_rules::Decision> {
+        let holder = catalog.holder(dataset)?;
+        let site = catalog
+            .sites
+            .get(site)
+            .ok_or_else(|| ApiError::Conflict(format!("site `{site}` is gone")))?;
+        let mut request = dataset_flow(
+            &catalog,
+            dataset,
+            FlowEnds {
+                holder,
+                recipient,
+                site,
+            },
+            mode,
+            &purpose,
+            today,
+        );
+        if let Some(n) = subjects {
+            request.data.subjects = n;
+        }
+        state
+            .rules
+            .decide(&request)
+            .map_err(|e| ApiError::Unavailable(e.to_string()))
+    };
+    let decide = |dataset: &baygrid_api::DatasetSpec, site: &str| {
+        decide_as(dataset, site, baygrid_rules::Mode::ModelUpdate, None)
+    };
     let mut rules = Vec::new();
-    for d in &datasets {
+    if psi {
+        let reveal: baygrid_fusion::psi::PsiSettings = serde_json::from_value(settings.clone())
+            .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        for (k, party) in datasets.iter().enumerate() {
+            if k == 1 && reveal.reveal == baygrid_fusion::psi::Reveal::Designated {
+                continue; // only the guest learns it
+            }
+            let peer = datasets[1 - k];
+            // at most the smaller set's individuals are in the intersection
+            let bound = peer.subjects.min(party.subjects);
+            let decision = decide_as(peer, &party.vault, baygrid_rules::Mode::Copy, Some(bound))?;
+            if !decision.allowed {
+                return Err(ApiError::Forbidden(format!(
+                    "the rules would not let which of `{}`'s individuals are in `{}` reach {}: {}",
+                    party.name,
+                    peer.name,
+                    party.vault,
+                    decision.why_denied()
+                )));
+            }
+            rules.extend(decision.rules.iter().map(|r| r.to_string()));
+        }
+    }
+    for d in datasets.iter().filter(|_| !psi) {
         for party_site in datasets.iter().map(|d| d.vault.as_str()) {
             let decision = decide(d, party_site)?;
             if !decision.allowed {
@@ -373,6 +474,13 @@ pub async fn submit(
     candidates.sort_by_key(|site| site_prices(&catalog, site).map(|p| p.0).unwrap_or(i64::MAX));
     let mut placement = Vec::new();
     let mut chosen = None;
+    if psi {
+        placement.push(
+            "no aggregator: the two parties' workers exchange blinded points through the relay"
+                .to_string(),
+        );
+        candidates.clear();
+    }
     if vertical {
         // the dealer receives two shapes and nothing derived from a row; it goes to the
         // cheapest party site
@@ -416,12 +524,12 @@ pub async fn submit(
             ));
         }
     }
-    let Some(aggregator_site) = chosen else {
+    if chosen.is_none() && !psi {
         return Err(ApiError::Forbidden(format!(
             "no party's site may receive every party's model updates: {}",
             placement.join(" | ")
         )));
-    };
+    }
     rules.sort();
     rules.dedup();
     // the hold: every offer's per-use price and max_minutes of every worker at the
@@ -434,7 +542,9 @@ pub async fn submit(
             .map_err(|e| ApiError::Conflict(format!("cannot price the run: {e}")))?
             .minor;
     }
-    let worker_sites: Vec<&str> = std::iter::once(aggregator_site.as_str())
+    let worker_sites: Vec<&str> = chosen
+        .iter()
+        .map(String::as_str)
         .chain(datasets.iter().map(|d| d.vault.as_str()))
         .collect();
     for site in &worker_sites {
@@ -474,15 +584,17 @@ pub async fn submit(
         scores: None,
         error: None,
     };
-    let mut workers = vec![worker(
-        0,
-        if vertical { "dealer" } else { "aggregator" },
-        None,
-        &aggregator_site,
-    )];
+    let mut workers: Vec<FusionWorker> = chosen
+        .iter()
+        .map(|site| {
+            let role = if vertical { "dealer" } else { "aggregator" };
+            worker(0, role, None, site)
+        })
+        .collect();
     for (i, (p, d)) in ask.parties.iter().zip(&datasets).enumerate() {
         workers.push(worker(i + 1, &p.name, Some(d.name.clone()), &d.vault));
     }
+    let workers_len = workers.len();
     let mut record = FusionRecord {
         view: FusionView {
             id: id.clone(),
@@ -505,7 +617,7 @@ pub async fn submit(
         contracts: contracts.clone(),
         prices,
         held_cny,
-        started_ms: vec![None; ask.parties.len() + 1],
+        started_ms: vec![None; workers_len],
         models: vec![None; ask.parties.len()],
         events: vec![],
         last_ms: now,
@@ -816,7 +928,7 @@ async fn claim_now(state: &AppState, cluster: String) -> ApiResult<Vec<FusionWor
                         }),
                         Some(OutputsTarget {
                             vault_url,
-                            dataset: model_name(&record.view.id, &w.role),
+                            dataset: output_name(record.view.task, &record.view.id, &w.role),
                         }),
                     )
                 }
@@ -824,7 +936,7 @@ async fn claim_now(state: &AppState, cluster: String) -> ApiResult<Vec<FusionWor
             work.push(FusionWork {
                 run: record.view.id.clone(),
                 task: record.view.task,
-                index: i,
+                index: w.index,
                 parties: record.parties(),
                 settings: record.settings.clone(),
                 table,
@@ -879,11 +991,7 @@ async fn claimed_worker(
             record.view.state.as_str()
         )));
     }
-    let worker = record
-        .view
-        .workers
-        .get(index)
-        .ok_or_else(|| ApiError::bad("index", format!("run `{id}` has no worker {index}")))?;
+    let worker = &record.view.workers[record.position(index)?];
     if worker.cluster.as_deref() != Some(cluster) {
         return Err(ApiError::Forbidden(format!(
             "worker {index} of run `{id}` is not this cluster's"
@@ -905,7 +1013,7 @@ pub async fn relay_send(
     let record = claimed_worker(&state, &id, params.index, &cluster).await?;
     let to = params
         .to
-        .filter(|t| *t < record.view.workers.len() && *t != params.index)
+        .filter(|t| *t != params.index && record.view.workers.iter().any(|w| w.index == *t))
         .ok_or_else(|| ApiError::bad("to", "another worker of the run"))?;
     state
         .queries
@@ -974,7 +1082,7 @@ pub async fn report(
     let cluster = agent_cluster(&who)?;
     let _serial = state.queries.fusion_writes.lock().await;
     let mut record = claimed_worker(&state, &id, params.index, &cluster).await?;
-    let i = params.index;
+    let i = record.position(params.index)?;
     let now = state.now();
     let actor = crate::auth::actor(&who);
     if let Some(error) = report.error {
@@ -997,7 +1105,7 @@ pub async fn report(
         } else {
             0
         };
-        if i != reporter {
+        if params.index != reporter || record.view.task == FusionTask::Psi {
             return Err(ApiError::bad(
                 "round",
                 "rounds come from the aggregator, or a vertical run's guest",
@@ -1023,28 +1131,34 @@ pub async fn report(
         record.view.aggregation = Some(aggregation);
     }
     if let Some(done) = report.party {
-        if i == 0 {
+        if params.index == 0 {
             return Err(ApiError::bad(
                 "party",
                 "the aggregator or dealer keeps no model",
             ));
         }
-        let model = done
-            .files
-            .iter()
-            .find(|f| f.name == "model.json")
-            .ok_or_else(|| ApiError::bad("party.files", "no `model.json` among them"))?;
+        let expected = output_file(record.view.task);
+        let output = done.files.iter().find(|f| f.name == expected);
+        if output.is_none() && !(record.view.task == FusionTask::Psi && done.files.is_empty()) {
+            return Err(ApiError::bad(
+                "party.files",
+                format!("no `{expected}` among them"),
+            ));
+        }
         let w = &mut record.view.workers[i];
-        w.model_sha256 = Some(model.sha256.clone());
+        w.model_sha256 = output.map(|f| f.sha256.clone());
         w.scores = Some(done.scores.clone());
-        let line = format!("{} saved its model ({})", w.role, model.sha256);
-        record.models[i - 1] = Some(done);
+        let line = match output {
+            Some(f) => format!("{} saved its {expected} ({})", w.role, f.sha256),
+            None => format!("{} was not told the intersection", w.role),
+        };
+        record.models[params.index - 1] = Some(done);
         record.log(now, line);
     }
     if report.done {
         let started = record.started_ms[i].unwrap_or(now);
         let w = &mut record.view.workers[i];
-        if i > 0 && record.models[i - 1].is_none() {
+        if params.index > 0 && record.models[params.index - 1].is_none() {
             return Err(ApiError::bad("done", "a party reports its model first"));
         }
         w.state = WorkerState::Done;
@@ -1081,9 +1195,13 @@ async fn release(
         .tenant_party(&record.view.tenant)
         .ok_or_else(|| ApiError::Conflict(format!("tenant `{}` is gone", record.view.tenant)))?
         .clone();
-    let datasets: Vec<baygrid_api::DatasetSpec> = record.view.workers[1..]
+    // the parties' workers, in party order, and their datasets
+    let parties: Vec<usize> = (0..record.view.workers.len())
+        .filter(|&p| record.view.workers[p].dataset.is_some())
+        .collect();
+    let datasets: Vec<baygrid_api::DatasetSpec> = parties
         .iter()
-        .filter_map(|w| w.dataset.as_ref())
+        .filter_map(|&p| record.view.workers[p].dataset.as_ref())
         .map(|d| {
             catalog
                 .datasets
@@ -1094,14 +1212,15 @@ async fn release(
         .collect::<ApiResult<_>>()?;
     let mut rules = record.view.rules.clone();
     let mut denied = Vec::new();
-    for w in &record.view.workers[1..] {
+    for (k, &p) in parties.iter().enumerate() {
+        let w = &record.view.workers[p];
         let site = catalog
             .sites
             .get(&w.site)
             .ok_or_else(|| ApiError::Conflict(format!("site `{}` is gone", w.site)))?;
-        for d in &datasets {
+        for (d, mode, subjects) in output_flows(&record, k, &datasets) {
             let holder = catalog.holder(d)?;
-            let request = dataset_flow(
+            let mut request = dataset_flow(
                 &catalog,
                 d,
                 FlowEnds {
@@ -1109,15 +1228,18 @@ async fn release(
                     recipient: &recipient,
                     site,
                 },
-                baygrid_rules::Mode::ModelUpdate,
+                mode,
                 &record.view.purpose,
                 today,
             );
+            if let Some(n) = subjects {
+                request.data.subjects = n;
+            }
             let answer = crate::zone::decide_recorded(
                 state,
                 request,
                 holder.name.clone(),
-                serde_json::json!({ "fusion": id, "party": w.role, "model_sha256": w.model_sha256 }),
+                serde_json::json!({ "fusion": id, "party": w.role, "output_sha256": w.model_sha256 }),
                 actor.clone(),
             )
             .await?;
@@ -1139,35 +1261,45 @@ async fn release(
     rules.dedup();
     record.view.rules = rules;
     if !denied.is_empty() {
+        let what = if record.view.task == FusionTask::Psi {
+            "the intersection"
+        } else {
+            "the model"
+        };
         return end_unfinished(
             state,
             record,
             FusionState::Failed,
-            format!("the rules withheld the model: {}", denied.join(" | ")),
+            format!("the rules withheld {what}: {}", denied.join(" | ")),
             actor,
         )
         .await;
     }
     let inputs: Vec<String> = datasets.iter().map(|d| d.name.clone()).collect();
-    for i in 1..record.view.workers.len() {
-        let files = record.models[i - 1]
+    for (k, &p) in parties.iter().enumerate() {
+        let w = &record.view.workers[p];
+        let files = record.models[w.index - 1]
             .as_ref()
             .map(|m| m.files.clone())
             .unwrap_or_default();
-        let w = &record.view.workers[i];
-        let holder = datasets[i - 1].holder.clone();
+        if files.is_empty() {
+            // a psi party that was not told the intersection keeps nothing
+            continue;
+        }
         let derived = crate::zone::Derived {
-            name: model_name(&id, &w.role),
-            holder,
+            name: output_name(record.view.task, &id, &w.role),
+            holder: datasets[k].holder.clone(),
             site: w.site.clone(),
             inputs: inputs.clone(),
             purpose: record.view.purpose.clone(),
-            // decided as not personal under DERIVED-MODEL
-            personal: Some(baygrid_rules::Personal::None),
+            // a model is decided not personal under DERIVED-MODEL; an intersection lists
+            // individuals, so it keeps its inputs' profile
+            personal: (record.view.task != FusionTask::Psi)
+                .then_some(baygrid_rules::Personal::None),
             upload: id.clone(),
         };
         let name = crate::zone::register_derived(state, derived, &files, who).await?;
-        record.view.workers[i].model = Some(name);
+        record.view.workers[p].model = Some(name);
     }
     // the charge: the offers' per-use prices to their holders, every worker's metered
     // time at its cluster's price to its provider; at most the hold
@@ -1258,8 +1390,11 @@ async fn release(
             Money::new(charged, Currency::CNY)
         ),
     );
-    let models: Vec<serde_json::Value> = record.view.workers[1..]
+    let models: Vec<serde_json::Value> = record
+        .view
+        .workers
         .iter()
+        .filter(|w| w.dataset.is_some())
         .map(|w| serde_json::json!({ "party": w.role, "dataset": w.model, "sha256": w.model_sha256, "site": w.site }))
         .collect();
     state
@@ -1295,9 +1430,15 @@ mod tests {
     #[test]
     fn model_names_are_valid_dataset_names() {
         let run = "fu-01jabcdefghijklmnopqrstuvw";
-        let name = model_name(run, &"a".repeat(40));
+        let name = output_name(FusionTask::HomoLr, run, &"a".repeat(40));
         assert!(baygrid_core::ids::is_valid_name(&name), "{name}");
-        assert!(name.ends_with("-model-qrstuvw") || name.contains("-model-"));
-        assert_eq!(model_name(run, "hk-hospital"), "hk-hospital-model-pqrstuvw");
+        assert_eq!(
+            output_name(FusionTask::HomoLr, run, "hk-hospital"),
+            "hk-hospital-model-pqrstuvw"
+        );
+        assert_eq!(
+            output_name(FusionTask::Psi, run, "hk-hospital"),
+            "hk-hospital-psi-pqrstuvw"
+        );
     }
 }

@@ -104,16 +104,15 @@ fn print_events(events: &[FusionEvent]) {
 /// Submits a run and follows its log until it ends.
 pub(crate) async fn run_file(
     client: &baygrid_api::Client,
-    file: &Path,
+    request: &FusionRequest,
     tenant: Option<&str>,
     follow: bool,
 ) -> anyhow::Result<FusionView> {
-    let request = read_request(file)?;
     let path = match tenant {
         Some(t) => format!("/api/v1/fusion?tenant={t}"),
         None => "/api/v1/fusion".into(),
     };
-    let started: FusionView = client.post(&path, &request).await?;
+    let started: FusionView = client.post(&path, request).await?;
     if !follow {
         return Ok(started);
     }
@@ -168,14 +167,18 @@ pub enum RunCommand {
 }
 
 pub async fn run(args: &Args, cmd: &RunCommand) -> anyhow::Result<ExitCode> {
+    // a run file is checked before anything else
+    let request = match cmd {
+        RunCommand::Run { file, .. } => Some(read_request(file)?),
+        _ => None,
+    };
     let client = crate::cli::client(args)?;
     match cmd {
         RunCommand::Run {
-            file,
-            no_wait,
-            tenant,
+            no_wait, tenant, ..
         } => {
-            let view = run_file(&client, file, tenant.as_deref(), !no_wait).await?;
+            let request = request.expect("read above");
+            let view = run_file(&client, &request, tenant.as_deref(), !no_wait).await?;
             emit(args.output, &view, show);
             Ok(outcome(&view))
         }
