@@ -173,11 +173,16 @@ async fn zone_with(
 }
 
 async fn contracts(lab: &Client, offers: &[&str]) {
+    contracts_for(lab, offers, "medical_research").await
+}
+
+/// The lab's federated contracts on `offers` for `purpose`, active at once.
+async fn contracts_for(lab: &Client, offers: &[&str], purpose: &str) {
     for offer in offers {
         let c: Value = lab
             .post(
                 "/api/v1/contracts",
-                &json!({"offer": offer, "mode": "federated", "purpose": "medical_research", "site": "hk-cyberport"}),
+                &json!({"offer": offer, "mode": "federated", "purpose": purpose, "site": "hk-cyberport"}),
             )
             .await
             .unwrap();
@@ -493,21 +498,16 @@ async fn three_card_issuers_in_three_jurisdictions_train_with_secure_aggregation
         &["cyberport-h800", "qianhai-h800", "macao-a100"],
     )
     .await;
-    for offer in [
-        "hk-issuer-cards-federated",
-        "sz-issuer-cards-federated",
-        "mo-issuer-cards-federated",
-    ] {
-        let c: Value = zone
-            .lab
-            .post(
-                "/api/v1/contracts",
-                &json!({"offer": offer, "mode": "federated", "purpose": "credit_risk", "site": "hk-cyberport"}),
-            )
-            .await
-            .unwrap();
-        assert_eq!(c["state"], "active", "{c}");
-    }
+    contracts_for(
+        &zone.lab,
+        &[
+            "hk-issuer-cards-federated",
+            "sz-issuer-cards-federated",
+            "mo-issuer-cards-federated",
+        ],
+        "credit_risk",
+    )
+    .await;
     let mut run: Value = yaml("examples/fusion/default-credit-homo-lr-exchange.yaml");
     run["settings"]["rounds"] = json!(5);
     let started: FusionView = zone.lab.post("/api/v1/fusion", &run).await.unwrap();
@@ -703,21 +703,16 @@ async fn psi_through_the_exchange_leaves_each_intersection_in_its_own_vault_wher
         ),
     ];
     let zone = zone(dir.path(), holdings, &["qianhai-h800", "cyberport-h800"]).await;
-    for offer in [
-        "sz-credit-labels-federated",
-        "sz-card-spend-federated",
-        "hk-card-features-federated",
-    ] {
-        let c: Value = zone
-            .lab
-            .post(
-                "/api/v1/contracts",
-                &json!({"offer": offer, "mode": "federated", "purpose": "credit_risk", "site": "hk-cyberport"}),
-            )
-            .await
-            .unwrap();
-        assert_eq!(c["state"], "active", "{c}");
-    }
+    contracts_for(
+        &zone.lab,
+        &[
+            "sz-credit-labels-federated",
+            "sz-card-spend-federated",
+            "hk-card-features-federated",
+        ],
+        "credit_risk",
+    )
+    .await;
     let run = |guest: &str, host: &str, reveal: &str| {
         json!({
             "task": "psi", "purpose": "credit_risk",
