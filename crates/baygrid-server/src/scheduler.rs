@@ -115,6 +115,13 @@ async fn live_market_and_usage(
     Ok((market, usage))
 }
 
+/// Where and from when the first blocked job in the cycle's order is expected to start.
+struct Reservation {
+    cluster: String,
+    start_ms: i64,
+    job: String,
+}
+
 /// What a job's inputs are judged on: the tenant, the datasets and the purpose.
 type InputsKey = (String, Vec<String>, Option<String>);
 
@@ -155,6 +162,10 @@ pub async fn cycle(state: &AppState) -> Result<usize, ApiError> {
     let mut placed = 0;
     let mut blocks = state.store.cluster_blocks(now).await?;
     let mut inputs_judged: BTreeMap<InputsKey, BTreeMap<String, String>> = BTreeMap::new();
+    // EASY backfill: the first job in order that fits nowhere now reserves the cluster where
+    // it is expected to start first; a later job takes that cluster only if it is expected
+    // to end before then, so it never delays the reservation
+    let mut reservation: Option<Reservation> = None;
     for job in queued {
         let Some(mut requester) = catalog.requester(&job.tenant) else {
             let reason = format!("tenant `{}` no longer exists", job.tenant);
@@ -204,7 +215,22 @@ pub async fn cycle(state: &AppState) -> Result<usize, ApiError> {
             }
             Err(other) => return Err(other),
         }
-        let quote = state.placer.quote(&job.spec, &requester, &market, now);
+        let mut quote = state.placer.quote(&job.spec, &requester, &market, now);
+        if let (Some(r), Some(allocation)) = (&reservation, quote.allocation(&job.spec)) {
+            let ends = allocation.estimated_seconds.map(|s| now + s as i64 * 1000);
+            if allocation.cluster == r.cluster && ends.is_none_or(|e| e > r.start_ms) {
+                requester.blocked.push(baygrid_sched::BlockedCluster {
+                    cluster: r.cluster.clone(),
+                    until_ms: r.start_ms,
+                    reason: format!(
+                        "reserved from {} for job {}, which is ahead in the queue",
+                        baygrid_core::millis_to_rfc3339(r.start_ms),
+                        r.job
+                    ),
+                });
+                quote = state.placer.quote(&job.spec, &requester, &market, now);
+            }
+        }
         if let Some(allocation) = quote.allocation(&job.spec) {
             let chosen = quote.chosen().expect("an allocation has a chosen cluster");
             if !job.spec.inputs.is_empty() {
@@ -244,6 +270,18 @@ pub async fn cycle(state: &AppState) -> Result<usize, ApiError> {
                 quote.rejection_summary(),
                 now,
             )));
+        } else if reservation.is_none() {
+            reservation = quote
+                .candidates
+                .iter()
+                .filter(|c| c.verdict == baygrid_sched::Verdict::Waits)
+                .filter_map(|c| c.estimated_start_ms.map(|at| (at, c)))
+                .min_by_key(|(at, _)| *at)
+                .map(|(at, c)| Reservation {
+                    cluster: c.cluster.clone(),
+                    start_ms: at,
+                    job: job.id.to_string(),
+                });
         }
     }
     for result in futures::future::join_all(writes).await {

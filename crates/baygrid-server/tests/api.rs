@@ -1099,3 +1099,84 @@ async fn concurrent_checkpoint_reads_while_writing_never_fail() {
     }
     server.stop().await;
 }
+
+/// A region of one cluster of two 8-accelerator nodes, so the queue must wait for it.
+const ONE_CLUSTER: &str = r#"
+version: 1
+exchange_rates: { HKD: "0.92", MOP: "0.89" }
+transfer_price_per_gb: { within_jurisdiction: "0.30 CNY", across_border: "1.00 CNY" }
+accelerators:
+  - { model: A800, vendor: nvidia, memory_gb: 80, bf16_tflops: 312 }
+parties:
+  - { name: nansha-ai-center, jurisdiction: CN, city: guangzhou, ciio: false }
+providers:
+  - { name: nansha-ai-center, party: nansha-ai-center }
+sites:
+  - { name: guangzhou-nansha, jurisdiction: CN, city: guangzhou, green_share_pct: 30, power_price_per_kwh: "0.70 CNY" }
+clusters:
+  - { name: nansha-a800, site: guangzhou-nansha, provider: nansha-ai-center, engine: local, nodes: 2, accelerator: A800, accelerators_per_node: 8, cpus_per_node: 128, memory_gb_per_node: 1024 }
+offers:
+  - { cluster: nansha-a800, price_per_accelerator_hour: "16.00 CNY" }
+round_trip_ms: []
+"#;
+
+#[tokio::test]
+async fn backfill_starts_only_jobs_that_end_before_the_first_blocked_jobs_reservation() {
+    let dir = tempfile::tempdir().unwrap();
+    let sites = dir.path().join("sites.yaml");
+    std::fs::write(&sites, ONE_CLUSTER).unwrap();
+    let config = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().join("server"),
+        sites_file: sites.display().to_string(),
+        schedule_interval: Duration::from_millis(50),
+        heartbeat_interval: Duration::from_millis(200),
+        lease_ttl: Duration::from_secs(60),
+        ..ServerConfig::default()
+    };
+    let server = baygrid_server::start(config).await.unwrap();
+    let operator = Client::new(&server.url(), Some(server.operator_token.clone()));
+    let lab = add_tenant(
+        &operator,
+        "gz-ai-lab",
+        Jurisdiction::CN,
+        "guangzhou",
+        "100000.00 CNY",
+    )
+    .await;
+    let agent = issue(&operator, Role::Agent, Some("nansha-a800")).await;
+    let capacity = json!({"engine": "local", "nodes": 2, "accelerators_per_node": 8, "cpus_per_node": 128, "memory_gb_per_node": 1024, "running_jobs": 0});
+    let _: Value = agent
+        .post("/api/v1/agent/register", &json!({"capacity": capacity}))
+        .await
+        .unwrap();
+    let job = |name: &str, nodes: u32, duration: &str| {
+        spec(&format!(
+            "name: {name}\nresources: {{accelerators: {{A800: 8}}, nodes: {nodes}}}\ncommand: 'sleep 1'\nestimated_duration: {duration}\n"
+        ))
+    };
+    let submit = |s: JobSpec| {
+        let lab = &lab;
+        async move { lab.post::<_, JobView>("/api/v1/jobs", &s).await.unwrap() }
+    };
+    // one node busy for an hour
+    let first = submit(job("first", 1, "1h")).await;
+    wait_state(&lab, &first.id, JobState::Placed).await;
+    // a two-node gang waits for it: it reserves the cluster from about an hour from now
+    let gang = submit(job("gang", 2, "2h")).await;
+    // a two-hour job would take the free node past the gang's start: it waits behind it
+    let long = submit(job("long", 1, "2h")).await;
+    // a ten-minute job ends before the gang could start: it is backfilled onto the free node
+    let short = submit(job("short", 1, "10m")).await;
+    let placed = wait_state(&lab, &short.id, JobState::Placed).await;
+    assert_eq!(placed.cluster.as_deref(), Some("nansha-a800"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for waiting in [&gang, &long] {
+        let view: JobView = lab
+            .get(&format!("/api/v1/jobs/{}", waiting.id))
+            .await
+            .unwrap();
+        assert_eq!(view.state, JobState::Queued, "{view:#?}");
+    }
+    server.stop().await;
+}
