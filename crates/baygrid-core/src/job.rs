@@ -58,6 +58,10 @@ pub struct JobSpec {
     /// Higher runs first; -1000 to 1000.
     #[serde(default)]
     pub priority: i32,
+    /// A priority class named in the server's config (`priority_classes`), which sets
+    /// `priority`; give one or the other.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class: Option<String>,
     /// Runs only at sites within 5 ms round trip of the tenant's city.
     #[serde(default)]
     pub latency_sensitive: bool,
@@ -331,6 +335,7 @@ impl JobSpec {
         if !(-1000..=1000).contains(&self.priority) {
             return Err(SpecError::new("priority", "must be between -1000 and 1000"));
         }
+
         for key in self.env.keys() {
             let valid = !key.is_empty()
                 && !key.starts_with(|c: char| c.is_ascii_digit())

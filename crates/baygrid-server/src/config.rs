@@ -72,6 +72,9 @@ pub struct ServerConfig {
     /// Each site's vault, by site name: an absolute directory, `file:///…` or
     /// `s3://bucket/prefix`. A site not listed keeps its vault in `<data_dir>/vaults/<site>`.
     pub vaults: std::collections::BTreeMap<String, String>,
+    /// Named priority classes a job spec may give as `priority_class` instead of a number
+    /// (-1000 to 1000; higher runs first).
+    pub priority_classes: std::collections::BTreeMap<String, i32>,
     /// How long a query may wait for its vaults' answers, and a fusion run for its workers
     /// to be claimed or to report, before it fails with the sites it waited on.
     #[serde(with = "humantime_serde")]
@@ -101,6 +104,15 @@ impl Default for ServerConfig {
             tenant_weights: std::collections::BTreeMap::new(),
             vaults: std::collections::BTreeMap::new(),
             vault_answer_timeout: Duration::from_secs(600),
+            priority_classes: [
+                ("urgent", 500),
+                ("high", 100),
+                ("normal", 0),
+                ("batch", -100),
+            ]
+            .into_iter()
+            .map(|(name, value)| (name.to_string(), value))
+            .collect(),
         }
     }
 }
@@ -129,6 +141,13 @@ impl ServerConfig {
         }
         if self.schedule_batch < 1 {
             return Err("schedule_batch must be at least 1".into());
+        }
+        for (name, value) in &self.priority_classes {
+            if !(-1000..=1000).contains(value) {
+                return Err(format!(
+                    "priority_classes.{name}: must be between -1000 and 1000, got {value}"
+                ));
+            }
         }
         if self.vault_answer_timeout < Duration::from_secs(1) {
             return Err("vault_answer_timeout must be at least 1s".into());
@@ -226,5 +245,11 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("lease_ttl"));
+        std::fs::write(&path, "[priority_classes]\nurgent = 5000\n").unwrap();
+        let err = ServerConfig::load(&path).unwrap_err().to_string();
+        assert!(err.contains("priority_classes.urgent"), "{err}");
+        std::fs::write(&path, "vault_answer_timeout = \"10ms\"").unwrap();
+        let err = ServerConfig::load(&path).unwrap_err().to_string();
+        assert!(err.contains("vault_answer_timeout"), "{err}");
     }
 }

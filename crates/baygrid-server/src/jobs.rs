@@ -45,14 +45,34 @@ pub struct TenantQuery {
     pub tenant: Option<String>,
 }
 
-fn parse_spec(bytes: &[u8]) -> ApiResult<JobSpec> {
+/// The spec in a request body, its priority class (from the server's config) resolved.
+fn parse_spec(state: &AppState, bytes: &[u8]) -> ApiResult<JobSpec> {
     if bytes.is_empty() {
         return Err(ApiError::BadRequest {
             field: None,
             message: "body is empty: send a job spec as JSON".into(),
         });
     }
-    Ok(JobSpec::from_json(bytes)?)
+    let mut spec = JobSpec::from_json(bytes)?;
+    if let Some(class) = &spec.priority_class {
+        if spec.priority != 0 {
+            return Err(ApiError::bad(
+                "priority_class",
+                "give a priority class or a priority number, not both",
+            ));
+        }
+        let classes = &state.config.priority_classes;
+        spec.priority = *classes.get(class).ok_or_else(|| {
+            ApiError::bad(
+                "priority_class",
+                format!(
+                    "unknown class `{class}`; this exchange has {}",
+                    classes.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            )
+        })?;
+    }
+    Ok(spec)
 }
 
 /// The spec field responsible when every cluster rejects a job: the one field every
@@ -142,7 +162,7 @@ pub async fn submit(
         }
         None => None,
     };
-    let spec = parse_spec(&body)?;
+    let spec = parse_spec(&state, &body)?;
     let catalog = state.catalog();
     let mut requester = catalog.requester(&tenant).ok_or_else(|| {
         ApiError::bad(
@@ -214,7 +234,7 @@ pub async fn quote(
     body: Bytes,
 ) -> ApiResult<Json<QuoteView>> {
     let tenant = acting_tenant(&who, query.tenant.as_deref())?;
-    let spec = parse_spec(&body)?;
+    let spec = parse_spec(&state, &body)?;
     let catalog = state.catalog();
     let mut requester = catalog.requester(&tenant).ok_or_else(|| {
         ApiError::bad(

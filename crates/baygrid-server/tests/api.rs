@@ -1159,6 +1159,22 @@ async fn backfill_starts_only_jobs_that_end_before_the_first_blocked_jobs_reserv
         let lab = &lab;
         async move { lab.post::<_, JobView>("/api/v1/jobs", &s).await.unwrap() }
     };
+    // priority classes come from the server's config
+    let mut classed = job("classed", 1, "1m");
+    classed.priority_class = Some("batch".into());
+    let view = submit(classed.clone()).await;
+    assert_eq!(view.priority, -100);
+    let _: Value = lab
+        .post(&format!("/api/v1/jobs/{}/cancel", view.id), &json!({}))
+        .await
+        .unwrap();
+    classed.priority_class = Some("vip".into());
+    let err = lab.post::<_, JobView>("/api/v1/jobs", &classed).await;
+    expect_error(err, 400, Some("priority_class"));
+    classed.priority_class = Some("high".into());
+    classed.priority = 5;
+    let err = lab.post::<_, JobView>("/api/v1/jobs", &classed).await;
+    expect_error(err, 400, Some("priority_class"));
     // one node busy for an hour
     let first = submit(job("first", 1, "1h")).await;
     wait_state(&lab, &first.id, JobState::Placed).await;
