@@ -3,7 +3,6 @@
 //! again, align the individuals with the other vault by PSI when the query spans two, run
 //! the side with its privacy bounds and noise, and answer with the released groups only.
 
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -245,12 +244,8 @@ async fn intersect(
             &ids,
             baygrid_fusion::psi::Reveal::Both,
             baygrid_fusion::psi::DEFAULT_BATCH,
-            RelayReader {
-                from: from_peer,
-                buffer: Vec::new(),
-                at: 0,
-            },
-            RelayWriter { to: to_peer },
+            baygrid_fusion::psi::ChunkReader::new(from_peer, baygrid_fusion::psi::IO_TIMEOUT),
+            baygrid_fusion::psi::ChunkWriter(move |chunk| to_peer.send(chunk).is_ok()),
             &mut rng,
         )
     })
@@ -272,53 +267,4 @@ async fn intersect(
     outcome
         .intersection
         .ok_or_else(|| "PSI: this side was not told the intersection".to_string())
-}
-
-/// The peer's messages as a byte stream.
-struct RelayReader {
-    from: std::sync::mpsc::Receiver<Vec<u8>>,
-    buffer: Vec<u8>,
-    at: usize,
-}
-
-impl Read for RelayReader {
-    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
-        while self.at >= self.buffer.len() {
-            match self.from.recv_timeout(baygrid_fusion::psi::IO_TIMEOUT) {
-                Ok(chunk) => {
-                    self.buffer = chunk;
-                    self.at = 0;
-                }
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "the other vault went silent",
-                    ))
-                }
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Ok(0),
-            }
-        }
-        let n = out.len().min(self.buffer.len() - self.at);
-        out[..n].copy_from_slice(&self.buffer[self.at..self.at + n]);
-        self.at += n;
-        Ok(n)
-    }
-}
-
-/// Bytes to the peer: each write is one relayed message.
-struct RelayWriter {
-    to: tokio::sync::mpsc::UnboundedSender<Vec<u8>>,
-}
-
-impl Write for RelayWriter {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.to
-            .send(bytes.to_vec())
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "relay closed"))?;
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }

@@ -216,13 +216,8 @@ impl<T: Transport> Link<'_, T> {
                     ids,
                     reveal,
                     psi::DEFAULT_BATCH,
-                    ChannelReader {
-                        from: in_rx,
-                        chunk: Vec::new(),
-                        at: 0,
-                        wait,
-                    },
-                    ChannelWriter(out_tx),
+                    psi::ChunkReader::new(in_rx, wait),
+                    psi::ChunkWriter(move |chunk| out_tx.send(chunk).is_ok()),
                     &mut rand::rngs::OsRng,
                 )
             });
@@ -248,54 +243,6 @@ impl<T: Transport> Link<'_, T> {
                 .map_err(|_| FedError::Protocol("the PSI thread panicked".into()))?
                 .map_err(|e| FedError::Protocol(format!("PSI: {e}")))
         })
-    }
-}
-
-/// The peer's PSI stream as bytes: stretches received, read in order.
-struct ChannelReader {
-    from: std::sync::mpsc::Receiver<Vec<u8>>,
-    chunk: Vec<u8>,
-    at: usize,
-    wait: Duration,
-}
-
-impl std::io::Read for ChannelReader {
-    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
-        while self.at >= self.chunk.len() {
-            match self.from.recv_timeout(self.wait) {
-                Ok(chunk) => {
-                    self.chunk = chunk;
-                    self.at = 0;
-                }
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "the other party went silent",
-                    ))
-                }
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return Ok(0),
-            }
-        }
-        let n = out.len().min(self.chunk.len() - self.at);
-        out[..n].copy_from_slice(&self.chunk[self.at..self.at + n]);
-        self.at += n;
-        Ok(n)
-    }
-}
-
-/// Bytes for the peer: each write is one stretch.
-struct ChannelWriter(std::sync::mpsc::Sender<Vec<u8>>);
-
-impl std::io::Write for ChannelWriter {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .send(bytes.to_vec())
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "link closed"))?;
-        Ok(bytes.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
     }
 }
 

@@ -525,3 +525,67 @@ pub fn step_costs(n: usize) -> Vec<(&'static str, f64)> {
         ("decompress", decompress),
     ]
 }
+
+/// The peer's byte stream when it arrives in stretches (messages through a relay): the
+/// stretches read in order; silence for `wait` is a timeout, a closed channel the end.
+pub struct ChunkReader {
+    from: mpsc::Receiver<Vec<u8>>,
+    chunk: Vec<u8>,
+    at: usize,
+    wait: std::time::Duration,
+}
+
+impl ChunkReader {
+    pub fn new(from: mpsc::Receiver<Vec<u8>>, wait: std::time::Duration) -> Self {
+        ChunkReader {
+            from,
+            chunk: Vec::new(),
+            at: 0,
+            wait,
+        }
+    }
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.at >= self.chunk.len() {
+            match self.from.recv_timeout(self.wait) {
+                Ok(chunk) => {
+                    self.chunk = chunk;
+                    self.at = 0;
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the other party went silent",
+                    ))
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.chunk.len() - self.at);
+        out[..n].copy_from_slice(&self.chunk[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+/// Bytes for the peer, each write handed on as one stretch; the function says whether
+/// the stretch was taken (false: the link is closed).
+pub struct ChunkWriter<F>(pub F);
+
+impl<F: FnMut(Vec<u8>) -> bool> Write for ChunkWriter<F> {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        if !(self.0)(bytes.to_vec()) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "link closed",
+            ));
+        }
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}

@@ -4,7 +4,7 @@
 mod common;
 
 use baygrid_fusion::data::Table;
-use baygrid_fusion::hetero::{self, HeteroConfig, Optimizer};
+use baygrid_fusion::hetero::{self, HeteroConfig};
 use baygrid_fusion::homo::{self, Aggregation, Arch, HomoConfig};
 use baygrid_fusion::psi::{align, run_loopback, Reveal};
 
@@ -14,13 +14,8 @@ fn fate_homo_lr() -> HomoConfig {
 
 fn fate_hetero_lr() -> HeteroConfig {
     HeteroConfig {
-        iterations: 5,
-        learning_rate: 0.15,
-        optimizer: Optimizer::Rmsprop,
-        alpha: 0.01,
-        decay: 1.0,
-        decay_sqrt: true,
         seed: 7,
+        ..HeteroConfig::fate()
     }
 }
 

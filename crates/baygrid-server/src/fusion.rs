@@ -16,7 +16,7 @@ use axum::http::StatusCode;
 use axum::Json;
 use baygrid_api::{
     ContractState, FusionEvent, FusionReport, FusionRequest, FusionState, FusionTask, FusionView,
-    FusionWork, FusionWorker, OfferMode, OutputsTarget, PartyDone, PartyTable, WorkerState,
+    FusionWork, FusionWorker, OfferMode, OutputsTarget, PartyTable, WorkerState,
 };
 use baygrid_core::{millis_to_rfc3339, Currency, Money, Principal, Role};
 use baygrid_ledger::{names, Transfer, TransferKind};
@@ -28,7 +28,7 @@ use crate::body::{JsonBody, QueryParams};
 use crate::catalog::CatalogSnapshot;
 use crate::error::{ApiError, ApiResult};
 use crate::jobs::{acting_tenant, TenantQuery};
-use crate::queries::{claim_work, json, long_poll, ClaimBody};
+use crate::queries::{claim_work, json, ClaimBody};
 use crate::zone::{dataset_flow, today, FlowEnds};
 use crate::AppState;
 
@@ -41,18 +41,19 @@ struct FusionRecord {
     view: FusionView,
     /// The trainer's settings, complete.
     settings: serde_json::Value,
-    /// Per party: its contract and the per-use price of its offer.
-    contracts: Vec<String>,
+    /// Per party: the per-use price of its offer.
     prices: Vec<Money>,
-    held_cny: i64,
-    /// Per worker: when it was claimed.
-    started_ms: Vec<Option<i64>>,
-    /// Per party: its model's files in its vault, once it has reported them.
-    models: Vec<Option<PartyDone>>,
+    /// Per party: its output's files in its vault (none for a psi party not told the
+    /// intersection), once it has reported them.
+    outputs: Vec<Option<Vec<baygrid_api::VersionFile>>>,
     events: Vec<FusionEvent>,
-    /// When the run last moved (placed, a worker claimed, a round, a report).
-    #[serde(default)]
-    last_ms: i64,
+}
+
+/// An instant the view shows (RFC 3339) in milliseconds.
+fn millis(at: &str) -> Option<i64> {
+    chrono::DateTime::parse_from_rfc3339(at)
+        .ok()
+        .map(|t| t.timestamp_millis())
 }
 
 impl FusionRecord {
@@ -65,8 +66,15 @@ impl FusionRecord {
         json(self)
     }
 
+    /// When the run last moved: placed, a worker claimed, a round, a report.
+    fn last_moved_ms(&self) -> i64 {
+        self.events
+            .last()
+            .and_then(|e| millis(&e.at))
+            .unwrap_or_default()
+    }
+
     fn log(&mut self, now: i64, line: String) {
-        self.last_ms = self.last_ms.max(now);
         self.events.push(FusionEvent {
             at: millis_to_rfc3339(now),
             line,
@@ -156,6 +164,42 @@ fn output_name(task: FusionTask, run: &str, party: &str) -> String {
     format!("{name}-{kind}-{suffix}")
 }
 
+/// One output flow as the rules see it: `dataset`'s holder to the consumer (`recipient`)
+/// at `site`, in `mode`, for `subjects` individuals when fewer than the dataset's.
+#[allow(clippy::too_many_arguments)]
+fn output_request<'c>(
+    catalog: &'c CatalogSnapshot,
+    dataset: &baygrid_api::DatasetSpec,
+    recipient: &baygrid_core::Party,
+    site: &str,
+    mode: baygrid_rules::Mode,
+    subjects: Option<u64>,
+    purpose: &str,
+    today: chrono::NaiveDate,
+) -> ApiResult<(baygrid_rules::FlowRequest, &'c baygrid_core::Party)> {
+    let holder = catalog.holder(dataset)?;
+    let site = catalog
+        .sites
+        .get(site)
+        .ok_or_else(|| ApiError::Conflict(format!("site `{site}` is gone")))?;
+    let mut request = dataset_flow(
+        catalog,
+        dataset,
+        FlowEnds {
+            holder,
+            recipient,
+            site,
+        },
+        mode,
+        purpose,
+        today,
+    );
+    if let Some(n) = subjects {
+        request.data.subjects = n;
+    }
+    Ok((request, holder))
+}
+
 /// The flows that bring party `k`'s output to its vault: a model (or a hetero party's
 /// weights) is a `model_update` from every dataset of the run; an intersection is a copy,
 /// from the other party's dataset, of which of its individuals this party holds.
@@ -175,14 +219,17 @@ fn output_flows<'d>(
             .collect();
     }
     let told = record
-        .models
+        .outputs
         .get(k)
-        .and_then(|m| m.as_ref())
-        .filter(|m| !m.files.is_empty());
-    let Some(told) = told else {
+        .and_then(|o| o.as_ref())
+        .is_some_and(|f| !f.is_empty());
+    if !told {
         return vec![];
-    };
-    let size = told.scores["intersection"].as_u64();
+    }
+    let party = record.view.workers.iter().find(|w| w.index == k + 1);
+    let size = party
+        .and_then(|w| w.scores.as_ref())
+        .and_then(|s| s["intersection"].as_u64());
     datasets
         .iter()
         .enumerate()
@@ -400,26 +447,9 @@ pub async fn submit(
                      mode: baygrid_rules::Mode,
                      subjects: Option<u64>|
      -> ApiResult<baygrid_rules::Decision> {
-        let holder = catalog.holder(dataset)?;
-        let site = catalog
-            .sites
-            .get(site)
-            .ok_or_else(|| ApiError::Conflict(format!("site `{site}` is gone")))?;
-        let mut request = dataset_flow(
-            &catalog,
-            dataset,
-            FlowEnds {
-                holder,
-                recipient,
-                site,
-            },
-            mode,
-            &purpose,
-            today,
-        );
-        if let Some(n) = subjects {
-            request.data.subjects = n;
-        }
+        let (request, _) = output_request(
+            &catalog, dataset, recipient, site, mode, subjects, &purpose, today,
+        )?;
         state
             .rules
             .decide(&request)
@@ -594,7 +624,6 @@ pub async fn submit(
     for (i, (p, d)) in ask.parties.iter().zip(&datasets).enumerate() {
         workers.push(worker(i + 1, &p.name, Some(d.name.clone()), &d.vault));
     }
-    let workers_len = workers.len();
     let mut record = FusionRecord {
         view: FusionView {
             id: id.clone(),
@@ -614,13 +643,9 @@ pub async fn submit(
             finished_at: None,
         },
         settings,
-        contracts: contracts.clone(),
         prices,
-        held_cny,
-        started_ms: vec![None; workers_len],
-        models: vec![None; ask.parties.len()],
+        outputs: vec![None; ask.parties.len()],
         events: vec![],
-        last_ms: now,
     };
     for w in &record.view.workers.clone() {
         record.log(
@@ -785,7 +810,7 @@ async fn end_unfinished(
     let transfers = crate::ledger::void_hold(
         &id,
         &record.view.tenant,
-        record.held_cny,
+        record.view.held.minor,
         format!("fusion:{id}"),
     );
     let kind = match outcome {
@@ -812,13 +837,7 @@ async fn end_unfinished(
 }
 
 fn drop_relay(state: &AppState, id: &str) {
-    state
-        .queries
-        .fusion_relay
-        .lock()
-        .expect("relay lock")
-        .retain(|(run, _), _| run != id);
-    state.queries.fusion_relayed.notify_waiters();
+    state.queries.fusion_relay.forget(|(run, _)| run != id);
 }
 
 /// Fails the running runs that have not moved for `vault_answer_timeout`: a worker no
@@ -830,16 +849,19 @@ pub(crate) async fn expire(state: &AppState) -> ApiResult<()> {
         .store
         .fusion_rows(None, Some(FusionState::Running.as_str()), 1000)
         .await?;
+    let idle = |record: &FusionRecord, created_ms: i64| {
+        now - record.last_moved_ms().max(created_ms) > limit.as_millis() as i64
+    };
     for row in running {
-        let record = FusionRecord::from_row(&row)?;
-        if now - record.last_ms.max(row.created_ms) <= limit.as_millis() as i64 {
+        // a run younger than the limit cannot have been idle that long: its record is not read
+        if now - row.created_ms <= limit.as_millis() as i64
+            || !idle(&FusionRecord::from_row(&row)?, row.created_ms)
+        {
             continue;
         }
         let _serial = state.queries.fusion_writes.lock().await;
         let (row, record) = record_of(state, &row.id).await?;
-        if row.state != FusionState::Running.as_str()
-            || now - record.last_ms.max(row.created_ms) <= limit.as_millis() as i64
-        {
+        if row.state != FusionState::Running.as_str() || !idle(&record, row.created_ms) {
             continue;
         }
         let pending: Vec<String> = record
@@ -948,7 +970,6 @@ async fn claim_now(state: &AppState, cluster: String) -> ApiResult<Vec<FusionWor
             w.cluster = Some(cluster.to_string());
             w.started_at = Some(millis_to_rfc3339(now));
             let line = format!("{} started on {cluster} at {site}", w.role);
-            record.started_ms[i] = Some(now);
             record.log(now, line);
             changed = true;
         }
@@ -1015,16 +1036,9 @@ pub async fn relay_send(
         .to
         .filter(|t| *t != params.index && record.view.workers.iter().any(|w| w.index == *t))
         .ok_or_else(|| ApiError::bad("to", "another worker of the run"))?;
-    state
-        .queries
-        .fusion_relay
-        .lock()
-        .expect("relay lock")
-        .entry((id, to))
-        .or_default()
-        .messages
-        .push_back((params.index, bytes));
-    state.queries.fusion_relayed.notify_waiters();
+    let mut message = (params.index as u32).to_le_bytes().to_vec();
+    message.extend_from_slice(&bytes);
+    state.queries.fusion_relay.post((id, to), message.into());
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -1041,30 +1055,14 @@ pub async fn relay_receive(
     let cluster = agent_cluster(&who)?;
     claimed_worker(&state, &id, params.index, &cluster).await?;
     let wait = Duration::from_millis(params.wait_ms.min(30_000));
-    let (state, key, from) = (&state, &(id, params.index), params.from);
-    let body = long_poll(state, &state.queries.fusion_relayed, wait, || async move {
-        let mut relay = state.queries.fusion_relay.lock().expect("relay lock");
-        let Some(mailbox) = relay.get_mut(key) else {
-            return Ok((Vec::new(), false));
-        };
-        while mailbox.first < from && mailbox.messages.pop_front().is_some() {
-            mailbox.first += 1;
-        }
-        let waiting: Vec<Vec<u8>> = mailbox
-            .messages
-            .iter()
-            .skip(from.saturating_sub(mailbox.first))
-            .map(|(sender, bytes)| {
-                let mut message = (*sender as u32).to_le_bytes().to_vec();
-                message.extend_from_slice(bytes);
-                message
-            })
-            .collect();
-        Ok((baygrid_api::relay::frame(&waiting), !waiting.is_empty()))
-    })
-    .await?;
+    let key = (id, params.index);
+    let body = state
+        .queries
+        .fusion_relay
+        .receive(&state, &key, params.from, wait)
+        .await?;
     // a run that ended while this worker waited is answered as ended
-    claimed_worker(state, &key.0, params.index, &cluster).await?;
+    claimed_worker(&state, &key.0, params.index, &cluster).await?;
     Ok(body)
 }
 
@@ -1152,13 +1150,13 @@ pub async fn report(
             Some(f) => format!("{} saved its {expected} ({})", w.role, f.sha256),
             None => format!("{} was not told the intersection", w.role),
         };
-        record.models[params.index - 1] = Some(done);
+        record.outputs[params.index - 1] = Some(done.files);
         record.log(now, line);
     }
     if report.done {
-        let started = record.started_ms[i].unwrap_or(now);
         let w = &mut record.view.workers[i];
-        if params.index > 0 && record.models[params.index - 1].is_none() {
+        let started = w.started_at.as_deref().and_then(millis).unwrap_or(now);
+        if params.index > 0 && record.outputs[params.index - 1].is_none() {
             return Err(ApiError::bad("done", "a party reports its model first"));
         }
         w.state = WorkerState::Done;
@@ -1214,27 +1212,17 @@ async fn release(
     let mut denied = Vec::new();
     for (k, &p) in parties.iter().enumerate() {
         let w = &record.view.workers[p];
-        let site = catalog
-            .sites
-            .get(&w.site)
-            .ok_or_else(|| ApiError::Conflict(format!("site `{}` is gone", w.site)))?;
         for (d, mode, subjects) in output_flows(&record, k, &datasets) {
-            let holder = catalog.holder(d)?;
-            let mut request = dataset_flow(
+            let (request, holder) = output_request(
                 &catalog,
                 d,
-                FlowEnds {
-                    holder,
-                    recipient: &recipient,
-                    site,
-                },
+                &recipient,
+                &w.site,
                 mode,
+                subjects,
                 &record.view.purpose,
                 today,
-            );
-            if let Some(n) = subjects {
-                request.data.subjects = n;
-            }
+            )?;
             let answer = crate::zone::decide_recorded(
                 state,
                 request,
@@ -1278,10 +1266,7 @@ async fn release(
     let inputs: Vec<String> = datasets.iter().map(|d| d.name.clone()).collect();
     for (k, &p) in parties.iter().enumerate() {
         let w = &record.view.workers[p];
-        let files = record.models[w.index - 1]
-            .as_ref()
-            .map(|m| m.files.clone())
-            .unwrap_or_default();
+        let files = record.outputs[w.index - 1].clone().unwrap_or_default();
         if files.is_empty() {
             // a psi party that was not told the intersection keeps nothing
             continue;
@@ -1339,7 +1324,7 @@ async fn release(
             names::provider(&provider, currency),
         ));
     }
-    let mut left = record.held_cny;
+    let mut left = record.view.held.minor;
     let mut charged = 0;
     let mut transfers = Vec::new();
     let mut accounts = Vec::new();
@@ -1373,8 +1358,12 @@ async fn release(
         );
         transfers.last_mut().expect("a post at least").linked = false;
     } else {
-        transfers =
-            crate::ledger::void_hold(&id, &record.view.tenant, record.held_cny, reference.clone());
+        transfers = crate::ledger::void_hold(
+            &id,
+            &record.view.tenant,
+            record.view.held.minor,
+            reference.clone(),
+        );
     }
     if !accounts.is_empty() {
         state.store.open_accounts(accounts, now).await?;

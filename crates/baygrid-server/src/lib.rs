@@ -16,6 +16,7 @@ pub mod ledger;
 mod metrics;
 mod openapi;
 mod queries;
+mod relay;
 mod scheduler;
 mod zone;
 

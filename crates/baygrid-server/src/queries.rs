@@ -11,7 +11,6 @@
 //! align their individuals by private set intersection through the server's relay (which
 //! sees only blinded points) and each answers with its own columns.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -34,6 +33,7 @@ use crate::body::{JsonBody, QueryParams};
 use crate::catalog::CatalogSnapshot;
 use crate::error::{ApiError, ApiResult};
 use crate::jobs::{acting_tenant, TenantQuery};
+use crate::relay::Relay;
 use crate::zone::{dataset_flow, today, FlowEnds};
 use crate::AppState;
 
@@ -864,12 +864,9 @@ pub async fn answer(
             ))
         }
     };
-    state
-        .queries
-        .relay
-        .lock()
-        .expect("relay lock")
-        .retain(|(q, _), _| q != &id || view.state == QueryState::Running);
+    if view.state != QueryState::Running {
+        state.queries.relay.forget(|(q, _)| q != &id);
+    }
     state.queries.done.notify_waiters();
     Ok(Json(view))
 }
@@ -1115,34 +1112,20 @@ async fn release(
     Ok(record.view)
 }
 
-/// (run, worker a message is for) → (sender, message), in the order sent.
-pub(crate) type FusionMailboxes = HashMap<(String, usize), Mailbox>;
-
-/// A worker's messages not yet acknowledged: asking for message `n` on acknowledges every
-/// one before it, and those are dropped, so a long run's relay holds only what is in flight.
-#[derive(Default)]
-pub(crate) struct Mailbox {
-    /// The number of the first message kept.
-    pub(crate) first: usize,
-    pub(crate) messages: std::collections::VecDeque<(usize, Bytes)>,
-}
-
-/// What the server holds in memory for queries: the signals that wake waiting agents and
-/// consumers, and the relay's mailboxes.
+/// What the server holds in memory for work at the vaults (queries and fusion runs): the
+/// signals that wake waiting agents and consumers, and the relays' mailboxes.
 #[derive(Default)]
 pub struct Queries {
     pub(crate) work: tokio::sync::Notify,
     pub(crate) done: tokio::sync::Notify,
     pub(crate) writes: tokio::sync::Mutex<()>,
-    /// (query, dataset it is addressed to) → the messages sent so far, in order.
-    pub(crate) relay: std::sync::Mutex<HashMap<(String, String), Vec<Bytes>>>,
-    pub(crate) relayed: tokio::sync::Notify,
-    /// Fusion runs: workers to hand out, the relay between a run's workers ((run, worker
-    /// it is addressed to) → (sender, message) in order), and its signal.
+    /// Between a query's two sides, by (query, dataset addressed).
+    pub(crate) relay: Relay<(String, String)>,
+    /// Fusion runs: workers to hand out, and the relay between a run's workers, by (run,
+    /// worker addressed); each message starts with its sender's number.
     pub(crate) fusion_work: tokio::sync::Notify,
     pub(crate) fusion_writes: tokio::sync::Mutex<()>,
-    pub(crate) fusion_relay: std::sync::Mutex<FusionMailboxes>,
-    pub(crate) fusion_relayed: tokio::sync::Notify,
+    pub(crate) fusion_relay: Relay<(String, usize)>,
     /// Set when the server stops: long polls answer at once, so shutdown does not wait.
     closing: std::sync::atomic::AtomicBool,
 }
@@ -1154,9 +1137,9 @@ impl Queries {
             .store(true, std::sync::atomic::Ordering::SeqCst);
         self.work.notify_waiters();
         self.done.notify_waiters();
-        self.relayed.notify_waiters();
+        self.relay.signal.notify_waiters();
         self.fusion_work.notify_waiters();
-        self.fusion_relayed.notify_waiters();
+        self.fusion_relay.signal.notify_waiters();
     }
 
     fn closing(&self) -> bool {
@@ -1200,7 +1183,7 @@ async fn relay_ends(state: &AppState, id: &str, dataset: &str, cluster: &str) ->
 }
 
 /// A message from one side's agent to the other's (the PSI's blinded points). The server
-/// keeps it in memory until the query ends; it cannot read the ids behind the points.
+/// keeps it in memory until it is acknowledged or the query ends; it cannot read the ids behind the points.
 #[utoipa::path(post, path = "/api/v1/agent/queries/{id}/relay", params(("id" = String, Path), RelayParams), request_body(content = Vec<u8>, content_type = "application/octet-stream"), responses((status = 204), (status = 409, body = baygrid_api::ErrorBody)), security(("bearer" = [])))]
 pub async fn relay_send(
     State(state): State<AppState>,
@@ -1211,20 +1194,13 @@ pub async fn relay_send(
 ) -> ApiResult<StatusCode> {
     let cluster = agent_cluster(&who)?;
     let peer = relay_ends(&state, &id, &params.dataset, &cluster).await?;
-    state
-        .queries
-        .relay
-        .lock()
-        .expect("relay lock")
-        .entry((id, peer))
-        .or_default()
-        .push(bytes);
-    state.queries.relayed.notify_waiters();
+    state.queries.relay.post((id, peer), bytes);
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// The messages addressed to a side from `from` on, waiting up to `wait_ms` for one; the
-/// body is the messages concatenated, each as a 4-byte little-endian length and its bytes.
+/// The messages addressed to a side from `from` on (those before are acknowledged and
+/// dropped), waiting up to `wait_ms` for one; the body is the messages concatenated, each
+/// as a 4-byte little-endian length and its bytes.
 #[utoipa::path(get, path = "/api/v1/agent/queries/{id}/relay", params(("id" = String, Path), RelayParams), responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 409, body = baygrid_api::ErrorBody)), security(("bearer" = [])))]
 pub async fn relay_receive(
     State(state): State<AppState>,
@@ -1235,14 +1211,9 @@ pub async fn relay_receive(
     let cluster = agent_cluster(&who)?;
     relay_ends(&state, &id, &params.dataset, &cluster).await?;
     let wait = Duration::from_millis(params.wait_ms.min(30_000));
-    let (state, key, from) = (&state, &(id, params.dataset), params.from);
-    long_poll(state, &state.queries.relayed, wait, || async move {
-        let relay = state.queries.relay.lock().expect("relay lock");
-        let waiting = relay
-            .get(key)
-            .map(|m| &m[from.min(m.len())..])
-            .unwrap_or(&[]);
-        Ok((baygrid_api::relay::frame(waiting), !waiting.is_empty()))
-    })
-    .await
+    state
+        .queries
+        .relay
+        .receive(&state, &(id, params.dataset), params.from, wait)
+        .await
 }
