@@ -162,11 +162,22 @@ impl<'t, T: Transport> Link<'t, T> {
 
     /// The next message from `from`; an abort from anyone ends the wait.
     pub(crate) fn from(&mut self, from: usize, wait: Duration) -> Result<Msg, FedError> {
+        self.until(from, Instant::now() + wait, wait)
+    }
+
+    /// The next message from `from` by `deadline`, the end of a phase of `wait` that
+    /// began earlier: every member of a phase has the same deadline, so waiting for them
+    /// in turn never stretches a phase past `wait`.
+    pub(crate) fn until(
+        &mut self,
+        from: usize,
+        deadline: Instant,
+        wait: Duration,
+    ) -> Result<Msg, FedError> {
         if let Some(at) = self.early.iter().position(|(who, _)| *who == from) {
             let (_, msg) = self.early.remove(at).expect("found");
             return Ok(msg);
         }
-        let deadline = Instant::now() + wait;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.transport.recv(left)? {
@@ -304,6 +315,9 @@ pub fn run_party<T: Transport>(
 ) -> Result<PartyOutcome, FedError> {
     let mut link = Link::new(transport);
     let link = &mut link;
+    // the aggregator may spend a whole `wait` on a silent party before it answers the
+    // others, so a party gives it twice that
+    let wait = patience(wait);
     let columns = table.columns.clone();
     let mut local = LocalParty::new(cfg.clone(), table, index, device);
     link.send(
@@ -354,6 +368,12 @@ pub fn run_party<T: Transport>(
     }
 }
 
+/// How long a party waits for the aggregator, which itself waits up to `wait` for the
+/// slowest party of a phase before it answers.
+fn patience(wait: Duration) -> Duration {
+    wait.saturating_mul(2)
+}
+
 fn secure_round<T: Transport>(
     params: Params,
     index: usize,
@@ -397,9 +417,10 @@ pub struct AggregatorOutcome {
 
 /// The aggregator's loop over `parties` parties: the global model each round, the sum
 /// of their weighted updates (through secure aggregation with three or more), the
-/// final model to all. A party silent for `wait` fails the run, except after sharing
-/// its keys in a secure round: then it is dropped from that round as long as the
-/// threshold still holds.
+/// final model to all. Each phase (hellos, updates, adverts, shares, masked inputs,
+/// unmasking replies) waits up to `wait` from its start; a party silent that long fails
+/// the run, except after sharing its keys in a secure round: then it is dropped from
+/// that round as long as the threshold still holds.
 pub fn run_aggregator<T: Transport>(
     cfg: &HomoConfig,
     parties: usize,
@@ -436,8 +457,9 @@ fn aggregate<T: Transport>(
     // rows per party, indexed from 1
     let mut rows_of = vec![0usize];
     let mut columns: Option<Vec<String>> = None;
+    let deadline = Instant::now() + wait;
     for p in 1..=parties {
-        match link.from(p, wait)? {
+        match link.until(p, deadline, wait)? {
             Msg::Hello { rows, columns: c } => {
                 if rows == 0 {
                     return Err(FedError::Protocol(format!("party {p} has no rows")));
@@ -495,8 +517,9 @@ fn aggregate<T: Transport>(
                 let mut sum = vec![0.0f32; dim];
                 let mut loss = 0.0;
                 let mut updates = Vec::new();
+                let deadline = Instant::now() + wait;
                 for p in 1..=parties {
-                    match link.from(p, wait)? {
+                    match link.until(p, deadline, wait)? {
                         Msg::Update { params, loss } => updates.push((params, loss)),
                         other => return Err(unexpected("an update", &other)),
                     }
@@ -572,8 +595,9 @@ fn secure_sum<T: Transport>(
     let n = members.len();
     let mut agg = secagg::Aggregator::new(params);
     agg.members(members.iter().copied())?;
+    let deadline = Instant::now() + wait;
     for &p in members {
-        match link.from(p, wait)? {
+        match link.until(p, deadline, wait)? {
             Msg::Advert(a) if a.party == p => agg.advert(a),
             other => return Err(unexpected("the party's own advert", &other)),
         }
@@ -583,8 +607,9 @@ fn secure_sum<T: Transport>(
         link.send(p, &Msg::Adverts(adverts.clone()))?;
     }
     let mut sealed: Vec<Envelope> = Vec::new();
+    let deadline = Instant::now() + wait;
     for &p in members {
-        match link.from(p, wait)? {
+        match link.until(p, deadline, wait)? {
             Msg::Envelopes(e) if e.iter().all(|e| e.from == p) => sealed.extend(e),
             other => return Err(unexpected("the party's sealed shares", &other)),
         }
@@ -624,8 +649,9 @@ fn secure_sum<T: Transport>(
         )?;
     }
     let mut replies = Vec::new();
+    let deadline = Instant::now() + wait;
     for &p in &survivors {
-        match link.from(p, wait)? {
+        match link.until(p, deadline, wait)? {
             Msg::Unmask(r) if r.from == p => replies.push(r),
             other => return Err(unexpected("an unmasking reply", &other)),
         }
