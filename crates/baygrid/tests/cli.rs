@@ -156,18 +156,7 @@ fn up_serves_the_cli() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let data_arg = data.to_str().unwrap();
-    let port = free_port();
-    let server = format!("http://127.0.0.1:{port}");
-    let mut up = spawn(
-        &[
-            "up",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--data-dir",
-            data_arg,
-        ],
-        &dir.path().join("up.log"),
-    );
+    let (mut up, server) = spawn_up(data_arg, &dir.path().join("up.log"));
     wait_healthy(&server, Duration::from_secs(30));
     let operator_env = [
         ("BAYGRID_SERVER", server.as_str()),
@@ -539,22 +528,16 @@ fn witness_refuses_a_fork(dir: &std::path::Path, operator_env: &[(&str, &str)]) 
     let fork_data = dir.join("fork-data");
     std::fs::create_dir_all(&fork_data).unwrap();
     std::fs::copy(data.join("audit.key"), fork_data.join("audit.key")).unwrap();
-    let port = free_port();
     let config = dir.join("fork.toml");
     std::fs::write(
         &config,
         format!(
-            "listen = \"127.0.0.1:{port}\"\ndata_dir = \"{}\"\nsites_file = \"sample\"\n",
+            "listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\nsites_file = \"sample\"\n",
             fork_data.display()
         ),
     )
     .unwrap();
-    let mut fork = spawn(
-        &["server", "--config", config.to_str().unwrap()],
-        &dir.join("fork.log"),
-    );
-    let fork_url = format!("http://127.0.0.1:{port}");
-    wait_healthy(&fork_url, Duration::from_secs(30));
+    let (mut fork, fork_url) = spawn_server(&config, &dir.join("fork.log"));
     std::thread::sleep(Duration::from_millis(1500));
     let fork_env = [
         ("BAYGRID_SERVER", fork_url.as_str()),
@@ -942,18 +925,7 @@ fn datasets_are_registered_uploaded_and_read_through_the_cli() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let data_arg = data.to_str().unwrap();
-    let port = free_port();
-    let server = format!("http://127.0.0.1:{port}");
-    let mut up = spawn(
-        &[
-            "up",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--data-dir",
-            data_arg,
-        ],
-        &dir.path().join("up.log"),
-    );
+    let (mut up, server) = spawn_up(data_arg, &dir.path().join("up.log"));
     wait_healthy(&server, Duration::from_secs(30));
     let operator_env = [
         ("BAYGRID_SERVER", server.as_str()),

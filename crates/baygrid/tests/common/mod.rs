@@ -45,6 +45,72 @@ pub fn spawn(args: &[&str], log: &Path) -> Child {
         .unwrap()
 }
 
+/// Starts `baygrid up` on a port the system picks, its output in `log`; the child and
+/// the server's URL, read from what it prints once it is up. A port chosen ahead by the
+/// test could be taken by another test's server in the meantime.
+pub fn spawn_up(data_dir: &str, log: &Path) -> (Child, String) {
+    let child = spawn(
+        &["up", "--listen", "127.0.0.1:0", "--data-dir", data_dir],
+        log,
+    );
+    let url = url_from_log(log, Duration::from_secs(60));
+    (child, url)
+}
+
+/// Starts `baygrid server --config CONFIG` (its `listen` on port 0), its output in `log`;
+/// the child and the URL it listens on.
+pub fn spawn_server(config: &Path, log: &Path) -> (Child, String) {
+    let child = spawn(&["server", "--config", config.to_str().unwrap()], log);
+    let url = url_from_log(log, Duration::from_secs(60));
+    wait_healthy(&url, Duration::from_secs(30));
+    (child, url)
+}
+
+/// The URL a starting `baygrid up` or `baygrid server` announces in `log`.
+fn url_from_log(log: &Path, timeout: Duration) -> String {
+    let started = Instant::now();
+    while started.elapsed() < timeout {
+        let text = strip_ansi(&std::fs::read_to_string(log).unwrap_or_default());
+        for line in text.lines() {
+            if let Some(url) = line.strip_prefix("baygrid is up on ") {
+                return url.trim().to_string();
+            }
+            if line.contains("baygrid server listening") {
+                if let Some(addr) = line
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("addr="))
+                {
+                    return format!("http://{addr}");
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!(
+        "no listening address in {} after {timeout:?}:\n{}",
+        log.display(),
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+}
+
+/// `text` without terminal colour sequences (ESC [ … letter).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Waits until `url/healthz` answers.
 pub fn wait_healthy(url: &str, timeout: Duration) {
     let started = Instant::now();
