@@ -140,7 +140,18 @@ pub struct CandidateView {
     /// reference A800).
     #[serde(default)]
     pub estimated_seconds: Option<u64>,
+    /// Compute for the estimated duration, in CNY.
     pub estimated_cost_cny: Option<Money>,
+    /// Staging the job's inputs here from their vaults, in CNY (none from the same city).
+    #[serde(default)]
+    pub transfer_cost_cny: Option<Money>,
+    /// The green term (the server's `green_weight` × the site's non-green power share ×
+    /// compute), in CNY: it steers the choice and is never billed.
+    #[serde(default)]
+    pub green_cost_cny: Option<Money>,
+    /// What the choice minimises: compute + transfer + green, in CNY.
+    #[serde(default)]
+    pub total_cost_cny: Option<Money>,
     pub round_trip_ms: Option<u32>,
     /// When the job could start here, ms since the epoch: now if it fits now; for a busy
     /// cluster, when running work is expected to end; absent when unknown.
@@ -171,6 +182,9 @@ impl From<&Quote> for QuoteBody {
                 price_per_accelerator_hour: c.price_per_accelerator_hour,
                 estimated_seconds: c.estimated_seconds,
                 estimated_cost_cny: c.estimated_cost_cny,
+                transfer_cost_cny: c.transfer_cost_cny,
+                green_cost_cny: c.green_cost_cny,
+                total_cost_cny: c.total_cost_cny,
                 round_trip_ms: c.round_trip_ms,
                 estimated_start_ms: c.estimated_start_ms,
                 verdict: serde_json::to_value(&c.verdict)

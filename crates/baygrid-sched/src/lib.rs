@@ -7,7 +7,7 @@ pub mod fairshare;
 pub mod pack;
 pub mod replay;
 
-use baygrid_core::catalog::RoundTrips;
+use baygrid_core::catalog::{RoundTrips, TransferPrices};
 use baygrid_core::{
     AcceleratorModel, Allocation, Cluster, EngineKind, ExchangeRates, JobSpec, Jurisdiction,
     Millis, Money, Offer, Site,
@@ -171,6 +171,13 @@ pub struct Market {
     /// BF16 TFLOPS of [`REFERENCE_MODEL`], when the catalog lists it; without it durations
     /// are not scaled.
     pub reference_tflops: Option<u32>,
+    /// The region's price per GB for staging inputs away from their vault's city; without
+    /// it inputs cost nothing to stage.
+    pub transfer_price_per_gb: Option<TransferPrices>,
+    /// The green term's weight: CNY added per CNY of compute for each unit of a site's
+    /// non-green power share (0 ignores it; 0.05 makes a site on 30% green power 3.5%
+    /// dearer in the choice). It steers the choice and is never billed.
+    pub green_weight: f64,
 }
 
 /// A duration estimated for the reference model, on `model`: × the reference's BF16 TFLOPS
@@ -213,6 +220,19 @@ pub struct Requester {
     /// Sites the job's inputs may not go to under the cross-border rules, with why (the
     /// input and the rules that deny it). Decided outside placement, which stays pure.
     pub inputs_denied: std::collections::BTreeMap<String, String>,
+    /// Where the job's inputs are kept: staging one at a cluster in another city costs
+    /// the region's transfer price.
+    pub inputs: Vec<InputSite>,
+}
+
+/// One of a job's inputs: its vault's place and the size of the version a job stages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InputSite {
+    pub dataset: String,
+    pub site: String,
+    pub city: String,
+    pub jurisdiction: Jurisdiction,
+    pub bytes: u64,
 }
 
 /// A cluster blocked for one job until a time, and why.
@@ -253,6 +273,14 @@ pub struct Candidate {
     pub estimated_seconds: Option<u64>,
     /// Compute cost for the estimated duration on this cluster, in CNY.
     pub estimated_cost_cny: Option<Money>,
+    /// Staging the job's inputs here from their vaults, in CNY: each input's GB × the
+    /// region's price within a jurisdiction or across a border; none from the same city.
+    pub transfer_cost_cny: Option<Money>,
+    /// The green term, in CNY: the market's weight × the site's non-green power share ×
+    /// compute. It steers the choice and is never billed.
+    pub green_cost_cny: Option<Money>,
+    /// What the choice minimises: compute + transfer + green, in CNY.
+    pub total_cost_cny: Option<Money>,
     pub round_trip_ms: Option<u32>,
     /// When the job could start here (ms since the epoch): now when it fits now; for a busy
     /// cluster, when running work is expected to free enough; none when unknown (offline,
@@ -340,9 +368,9 @@ impl Placer for CheapestFeasible {
             .enumerate()
             .filter(|(_, c)| c.verdict == Verdict::Fits)
             .min_by(|(_, a), (_, b)| {
-                a.estimated_cost_cny
+                a.total_cost_cny
                     .map(|m| m.minor)
-                    .cmp(&b.estimated_cost_cny.map(|m| m.minor))
+                    .cmp(&b.total_cost_cny.map(|m| m.minor))
                     .then(a.round_trip_ms.cmp(&b.round_trip_ms))
                     .then(a.cluster.cmp(&b.cluster))
             })
@@ -361,7 +389,7 @@ impl Placer for CheapestFeasible {
             };
             (
                 rank,
-                c.estimated_cost_cny.map(|m| m.minor).unwrap_or(i64::MAX),
+                c.total_cost_cny.map(|m| m.minor).unwrap_or(i64::MAX),
                 c.cluster.clone(),
             )
         });
@@ -371,19 +399,17 @@ impl Placer for CheapestFeasible {
 
 /// Why the chosen cluster won: the runner-up it beat, and what ruled the others out.
 fn chosen_reason(candidates: &[Candidate], chosen: usize) -> String {
-    let cost = |c: &Candidate| {
-        c.estimated_cost_cny
-            .map(|m| m.to_string())
-            .unwrap_or_else(|| "-".into())
-    };
-    let mut reason = format!("cheapest that fits now at {}", cost(&candidates[chosen]));
+    let mut reason = format!(
+        "cheapest that fits now at {}",
+        cost_text(&candidates[chosen])
+    );
     let runner_up = candidates
         .iter()
         .enumerate()
         .filter(|(i, c)| *i != chosen && c.verdict != Verdict::Rejected)
-        .min_by_key(|(_, c)| c.estimated_cost_cny.map(|m| m.minor).unwrap_or(i64::MAX));
+        .min_by_key(|(_, c)| c.total_cost_cny.map(|m| m.minor).unwrap_or(i64::MAX));
     if let Some((_, next)) = runner_up {
-        reason.push_str(&format!("; next {} at {}", next.cluster, cost(next)));
+        reason.push_str(&format!("; next {} at {}", next.cluster, cost_text(next)));
     }
     let mut ruled_out: Vec<&str> = candidates
         .iter()
@@ -399,6 +425,59 @@ fn chosen_reason(candidates: &[Candidate], chosen: usize) -> String {
         reason.push_str(&format!("; {count} ruled out by {}", ruled_out.join(", ")));
     }
     reason
+}
+
+/// A candidate's total, with its parts when there is more than compute.
+fn cost_text(c: &Candidate) -> String {
+    let Some(total) = c.total_cost_cny else {
+        return "-".into();
+    };
+    let mut parts = Vec::new();
+    for (name, part) in [
+        ("transfer", c.transfer_cost_cny),
+        ("green", c.green_cost_cny),
+    ] {
+        if let Some(p) = part.filter(|p| p.minor != 0) {
+            parts.push(format!("{name} {p}"));
+        }
+    }
+    match (parts.is_empty(), c.estimated_cost_cny) {
+        (false, Some(compute)) => format!("{total} (compute {compute}, {})", parts.join(", ")),
+        _ => total.to_string(),
+    }
+}
+
+/// Staging `inputs` at `site`: each input's GB × the price within a jurisdiction or
+/// across a border, in CNY; nothing for an input in the same city.
+fn transfer_cost(inputs: &[InputSite], market: &Market, site: &Site) -> Result<Money, String> {
+    let mut total = Money::zero(baygrid_core::Currency::CNY);
+    let Some(prices) = &market.transfer_price_per_gb else {
+        return Ok(total);
+    };
+    for input in inputs.iter().filter(|i| i.city != site.city) {
+        let price = if input.jurisdiction == site.jurisdiction {
+            prices.within_jurisdiction
+        } else {
+            prices.across_border
+        };
+        let cost = market
+            .rates
+            .to_cny(price)
+            .and_then(|p| p.mul_ratio(i128::from(input.bytes), 1_000_000_000))
+            .and_then(|c| total.checked_add(c))
+            .map_err(|e| format!("transfer price for `{}`: {e}", input.dataset))?;
+        total = cost;
+    }
+    Ok(total)
+}
+
+/// The green term on `compute` at a site with `green_share_pct` of green power.
+fn green_cost(compute: Money, weight: f64, green_share_pct: u8) -> Option<Money> {
+    let weight_per_10k = (weight * 10_000.0).round() as i128;
+    let brown_pct = 100 - i128::from(green_share_pct.min(100));
+    compute
+        .mul_ratio(weight_per_10k * brown_pct, 1_000_000)
+        .ok()
 }
 
 /// One cluster's verdict for one job, before choosing among them.
@@ -425,6 +504,9 @@ fn assess(
         price_per_accelerator_hour: state.offer.as_ref().map(|o| o.price_per_accelerator_hour),
         estimated_seconds: None,
         estimated_cost_cny: None,
+        transfer_cost_cny: None,
+        green_cost_cny: None,
+        total_cost_cny: None,
         round_trip_ms,
         estimated_start_ms: None,
         verdict: Verdict::Rejected,
@@ -609,6 +691,18 @@ fn assess(
     let seconds = i128::from(seconds);
     let billable = candidate.accelerators as i128;
     candidate.estimated_cost_cny = price_cny.mul_ratio(billable * seconds, 3600).ok();
+    let transfer = match transfer_cost(&requester.inputs, market, &state.site) {
+        Ok(t) => t,
+        Err(e) => return reject(candidate, "inputs", e),
+    };
+    candidate.transfer_cost_cny = Some(transfer);
+    candidate.green_cost_cny = candidate
+        .estimated_cost_cny
+        .and_then(|c| green_cost(c, market.green_weight, state.site.green_share_pct));
+    candidate.total_cost_cny = match (candidate.estimated_cost_cny, candidate.green_cost_cny) {
+        (Some(c), Some(g)) => c.checked_add(transfer).and_then(|t| t.checked_add(g)).ok(),
+        _ => None,
+    };
     if let Some(deadline) = spec.deadline {
         let earliest_finish = now + (seconds as i64) * 1000;
         if earliest_finish > deadline.timestamp_millis() {
@@ -717,6 +811,8 @@ pub fn market_from_catalog(catalog: &baygrid_core::Catalog) -> Market {
         rates: catalog.exchange_rates.clone(),
         round_trips: catalog.round_trips(),
         reference_tflops: Market::reference_tflops(&catalog.accelerators),
+        transfer_price_per_gb: Some(catalog.transfer_price_per_gb.clone()),
+        green_weight: 0.0,
     }
 }
 

@@ -18,6 +18,7 @@ fn guangzhou() -> Requester {
         jurisdiction: Jurisdiction::CN,
         blocked: vec![],
         inputs_denied: Default::default(),
+        inputs: vec![],
     }
 }
 
@@ -64,6 +65,88 @@ fn cheapest_wins_and_costs_are_in_cny() {
     assert_eq!(macao.estimated_cost_cny.unwrap().to_string(), "199.36 CNY");
 }
 
+fn input_at(site: &str, city: &str, jurisdiction: Jurisdiction, gb: u64) -> InputSite {
+    InputSite {
+        dataset: format!("data-at-{site}"),
+        site: site.into(),
+        city: city.into(),
+        jurisdiction,
+        bytes: gb * 1_000_000_000,
+    }
+}
+
+fn cost_of<'q>(quote: &'q Quote, cluster: &str) -> &'q Candidate {
+    quote
+        .candidates
+        .iter()
+        .find(|c| c.cluster == cluster)
+        .unwrap()
+}
+
+#[test]
+fn staging_inputs_counts_in_the_choice_so_work_goes_to_the_data() {
+    let any = job("[{H800: 8}, {Ascend910B: 8}]", 1, "");
+    // 20 GB in Hong Kong: across the border to Shenzhen at 1.00 CNY/GB, so the dearer
+    // Hong Kong cluster is cheaper in total
+    let mut tenant = guangzhou();
+    tenant.inputs = vec![input_at("hk-cyberport", "hong-kong", Jurisdiction::HK, 20)];
+    let quote = CheapestFeasible.quote(&any, &tenant, &market(), 0);
+    let qianhai = cost_of(&quote, "qianhai-h800");
+    assert_eq!(qianhai.estimated_cost_cny.unwrap().to_string(), "55.49 CNY");
+    assert_eq!(qianhai.transfer_cost_cny.unwrap().to_string(), "20.00 CNY");
+    assert_eq!(qianhai.total_cost_cny.unwrap().to_string(), "75.49 CNY");
+    let chosen = quote.chosen().unwrap();
+    assert_eq!(chosen.cluster, "cyberport-h800");
+    assert_eq!(chosen.transfer_cost_cny.unwrap().to_string(), "0.00 CNY");
+    assert!(
+        chosen
+            .reason
+            .contains("next qianhai-h800 at 75.49 CNY (compute 55.49 CNY, transfer 20.00 CNY)"),
+        "{}",
+        chosen.reason
+    );
+    // 100 GB at Shaoguan, within the mainland at 0.30 CNY/GB: the work goes west to it
+    tenant.inputs = vec![input_at("shaoguan", "shaoguan", Jurisdiction::CN, 100)];
+    let quote = CheapestFeasible.quote(&any, &tenant, &market(), 0);
+    assert_eq!(
+        cost_of(&quote, "qianhai-h800")
+            .total_cost_cny
+            .unwrap()
+            .to_string(),
+        "85.49 CNY"
+    );
+    assert_eq!(quote.chosen().unwrap().cluster, "shaoguan-910b");
+    // without inputs the cheapest compute wins
+    let quote = CheapestFeasible.quote(&any, &guangzhou(), &market(), 0);
+    assert_eq!(quote.chosen().unwrap().cluster, "qianhai-h800");
+}
+
+#[test]
+fn the_green_term_weighs_non_green_power_and_can_turn_the_choice() {
+    let any = job("[{H800: 8}, {Ascend910B: 8}]", 1, "");
+    let mut region = market();
+    region.green_weight = 0.5;
+    let quote = CheapestFeasible.quote(&any, &guangzhou(), &region, 0);
+    // 55.49 × 0.5 × 70% non-green at Qianhai
+    let qianhai = cost_of(&quote, "qianhai-h800");
+    assert_eq!(qianhai.green_cost_cny.unwrap().to_string(), "19.42 CNY");
+    assert_eq!(quote.chosen().unwrap().cluster, "qianhai-h800");
+    // weight 2: Shaoguan's 60% green power outweighs its dearer compute
+    region.green_weight = 2.0;
+    let quote = CheapestFeasible.quote(&any, &guangzhou(), &region, 0);
+    let shaoguan = quote.chosen().unwrap();
+    assert_eq!(shaoguan.cluster, "shaoguan-910b");
+    assert_eq!(shaoguan.green_cost_cny.unwrap().to_string(), "56.16 CNY");
+    assert_eq!(shaoguan.total_cost_cny.unwrap().to_string(), "126.36 CNY");
+    assert_eq!(
+        cost_of(&quote, "qianhai-h800")
+            .total_cost_cny
+            .unwrap()
+            .to_string(),
+        "133.18 CNY"
+    );
+}
+
 #[test]
 fn latency_sensitive_jobs_stay_near_the_tenant() {
     let quote = CheapestFeasible.quote(
@@ -79,6 +162,7 @@ fn latency_sensitive_jobs_stay_near_the_tenant() {
         jurisdiction: Jurisdiction::HK,
         blocked: vec![],
         inputs_denied: Default::default(),
+        inputs: vec![],
     };
     let quote = CheapestFeasible.quote(
         &job("{Ascend910B: 1}", 1, "latency_sensitive: true"),

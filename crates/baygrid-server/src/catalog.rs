@@ -54,6 +54,8 @@ pub struct CatalogSnapshot {
     pub versions: BTreeMap<String, Vec<baygrid_api::DatasetVersion>>,
     pub rates: ExchangeRates,
     pub round_trips: RoundTrips,
+    /// The region's price per GB for staging inputs; none before a sites file is published.
+    pub transfer_price_per_gb: Option<TransferPrices>,
     /// Every cluster empty and online: what "could ever hold" is judged on.
     pub empty: Market,
 }
@@ -75,6 +77,9 @@ async fn load_kind<T: DeserializeOwned>(
 impl CatalogSnapshot {
     pub async fn load(store: &Store) -> Result<CatalogSnapshot, ApiError> {
         let regions: BTreeMap<String, Region> = load_kind(store, "region").await?;
+        let transfer_price_per_gb = regions
+            .get("default")
+            .map(|r| r.transfer_price_per_gb.clone());
         let (rates, round_trips) = match regions.get("default") {
             Some(region) => {
                 let catalog_like = Catalog {
@@ -124,6 +129,7 @@ impl CatalogSnapshot {
             },
             rates,
             round_trips,
+            transfer_price_per_gb,
             empty: Market::default(),
         };
         snapshot.empty = snapshot.empty_market();
@@ -142,6 +148,9 @@ impl CatalogSnapshot {
             rates: self.rates.clone(),
             round_trips: self.round_trips.clone(),
             reference_tflops: Market::reference_tflops(self.accelerators.values()),
+            transfer_price_per_gb: self.transfer_price_per_gb.clone(),
+            // "could ever hold" does not depend on cost; the live market carries the weight
+            green_weight: 0.0,
         }
     }
 
@@ -171,15 +180,41 @@ impl CatalogSnapshot {
         })
     }
 
-    /// The tenant's location, which latency limits are measured from.
-    pub fn requester(&self, tenant: &str) -> Option<baygrid_sched::Requester> {
+    /// The tenant's location, which latency limits are measured from, and where the job's
+    /// inputs are kept (what staging them elsewhere costs).
+    pub fn requester(
+        &self,
+        tenant: &str,
+        spec: &baygrid_core::JobSpec,
+    ) -> Option<baygrid_sched::Requester> {
         let party = self.tenant_party(tenant)?;
         Some(baygrid_sched::Requester {
             city: party.city.clone(),
             jurisdiction: party.jurisdiction,
             blocked: Vec::new(),
             inputs_denied: Default::default(),
+            inputs: self.input_sites(spec),
         })
+    }
+
+    /// Each known input's vault site and the size of its latest version (what a job
+    /// stages). Unknown inputs are left out: `inputs_denied` names them as errors.
+    pub fn input_sites(&self, spec: &baygrid_core::JobSpec) -> Vec<baygrid_sched::InputSite> {
+        spec.inputs
+            .iter()
+            .filter_map(|input| {
+                let dataset = self.datasets.get(input)?;
+                let site = self.sites.get(&dataset.vault)?;
+                let bytes = self.versions.get(input)?.last()?.bytes;
+                Some(baygrid_sched::InputSite {
+                    dataset: input.clone(),
+                    site: site.name.clone(),
+                    city: site.city.clone(),
+                    jurisdiction: site.jurisdiction,
+                    bytes,
+                })
+            })
+            .collect()
     }
 }
 

@@ -79,6 +79,10 @@ pub struct ServerConfig {
     /// to be claimed or to report, before it fails with the sites it waited on.
     #[serde(with = "humantime_serde")]
     pub vault_answer_timeout: Duration,
+    /// The green term's weight in placement: CNY added per CNY of compute for each unit of
+    /// a site's non-green power share (0 ignores green power; 0.05 makes a site on 30% green
+    /// power 3.5% dearer in the choice). It steers the choice and is never billed.
+    pub green_weight: f64,
 }
 
 impl Default for ServerConfig {
@@ -104,6 +108,7 @@ impl Default for ServerConfig {
             tenant_weights: std::collections::BTreeMap::new(),
             vaults: std::collections::BTreeMap::new(),
             vault_answer_timeout: Duration::from_secs(600),
+            green_weight: 0.0,
             priority_classes: [
                 ("urgent", 500),
                 ("high", 100),
@@ -151,6 +156,12 @@ impl ServerConfig {
         }
         if self.vault_answer_timeout < Duration::from_secs(1) {
             return Err("vault_answer_timeout must be at least 1s".into());
+        }
+        if !(self.green_weight.is_finite() && (0.0..=10.0).contains(&self.green_weight)) {
+            return Err(format!(
+                "green_weight: must be between 0 and 10, got {}",
+                self.green_weight
+            ));
         }
         if self.fee_bps > 10_000 {
             return Err("fee_bps must be at most 10000 (100%)".into());
@@ -251,5 +262,10 @@ mod tests {
         std::fs::write(&path, "vault_answer_timeout = \"10ms\"").unwrap();
         let err = ServerConfig::load(&path).unwrap_err().to_string();
         assert!(err.contains("vault_answer_timeout"), "{err}");
+        std::fs::write(&path, "green_weight = -0.5").unwrap();
+        let err = ServerConfig::load(&path).unwrap_err().to_string();
+        assert!(err.contains("green_weight"), "{err}");
+        std::fs::write(&path, "green_weight = 0.05").unwrap();
+        assert_eq!(ServerConfig::load(&path).unwrap().green_weight, 0.05);
     }
 }

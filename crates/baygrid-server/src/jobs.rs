@@ -164,7 +164,7 @@ pub async fn submit(
     };
     let spec = parse_spec(&state, &body)?;
     let catalog = state.catalog();
-    let mut requester = catalog.requester(&tenant).ok_or_else(|| {
+    let mut requester = catalog.requester(&tenant, &spec).ok_or_else(|| {
         ApiError::bad(
             "tenant",
             format!("unknown tenant `{tenant}` (or its party)"),
@@ -236,7 +236,7 @@ pub async fn quote(
     let tenant = acting_tenant(&who, query.tenant.as_deref())?;
     let spec = parse_spec(&state, &body)?;
     let catalog = state.catalog();
-    let mut requester = catalog.requester(&tenant).ok_or_else(|| {
+    let mut requester = catalog.requester(&tenant, &spec).ok_or_else(|| {
         ApiError::bad(
             "tenant",
             format!("unknown tenant `{tenant}` (or its party)"),

@@ -111,6 +111,8 @@ async fn live_market_and_usage(
         rates: catalog.rates.clone(),
         round_trips: catalog.round_trips.clone(),
         reference_tflops,
+        transfer_price_per_gb: catalog.transfer_price_per_gb.clone(),
+        green_weight: state.config.green_weight,
     };
     Ok((market, usage))
 }
@@ -167,7 +169,7 @@ pub async fn cycle(state: &AppState) -> Result<usize, ApiError> {
     // to end before then, so it never delays the reservation
     let mut reservation: Option<Reservation> = None;
     for job in queued {
-        let Some(mut requester) = catalog.requester(&job.tenant) else {
+        let Some(mut requester) = catalog.requester(&job.tenant, &job.spec) else {
             let reason = format!("tenant `{}` no longer exists", job.tenant);
             writes.push(futures::future::Either::Left(
                 state.store.fail_queued(job.id, reason, now),

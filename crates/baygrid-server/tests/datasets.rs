@@ -431,6 +431,22 @@ async fn datasets(store: Option<String>) {
         assert_ne!(verdict, "rejected", "{site}: {reason}");
         assert_ne!(field.as_deref(), Some("inputs"), "{site}: {reason}");
     }
+    // each candidate's total is its compute, the staging of both tables from their vaults
+    // (megabytes, so under a fen at the sample prices) and the green term (weight 0)
+    for c in quote
+        .quote
+        .candidates
+        .iter()
+        .filter(|c| c.verdict != "rejected")
+    {
+        let part = |m: Option<baygrid_core::Money>| m.unwrap_or_else(|| panic!("{c:?}")).minor;
+        assert_eq!(
+            part(c.total_cost_cny),
+            part(c.estimated_cost_cny) + part(c.transfer_cost_cny) + part(c.green_cost_cny),
+            "{c:?}"
+        );
+        assert_eq!(part(c.green_cost_cny), 0);
+    }
 
     // kept to Hong Kong, the job cannot run anywhere: rejected at submit with the reasons
     let hk_only = job("purpose: credit_risk\nallowed_jurisdictions: [HK]\n");

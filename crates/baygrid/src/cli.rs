@@ -622,6 +622,9 @@ pub async fn job(args: &Args, cmd: &JobCommand) -> anyhow::Result<std::process::
                             format!("{} × {}", c.accelerators, or_dash(c.accelerator.clone())),
                             or_dash(c.price_per_accelerator_hour),
                             or_dash(c.estimated_cost_cny),
+                            or_dash(c.transfer_cost_cny),
+                            or_dash(c.green_cost_cny),
+                            or_dash(c.total_cost_cny),
                             start(c.estimated_start_ms),
                             c.round_trip_ms
                                 .map(|ms| format!("{ms} ms"))
@@ -638,7 +641,10 @@ pub async fn job(args: &Args, cmd: &JobCommand) -> anyhow::Result<std::process::
                         "JUR",
                         "ACCELERATORS",
                         "PRICE/H",
-                        "EST. COST",
+                        "COMPUTE",
+                        "TRANSFER",
+                        "GREEN",
+                        "TOTAL",
                         "START",
                         "RTT",
                         "VERDICT",

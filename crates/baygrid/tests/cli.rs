@@ -267,6 +267,9 @@ fn up_serves_the_cli() {
         stdout(&out)
     );
     assert!(stdout(&out).contains("nansha-a800"), "{}", stdout(&out));
+    for column in ["COMPUTE", "TRANSFER", "GREEN", "TOTAL"] {
+        assert!(stdout(&out).contains(column), "{}", stdout(&out));
+    }
     let out = baygrid(
         &["job", "submit", spec_arg, "--wait", "--output", "json"],
         &tenant_env,
