@@ -50,6 +50,15 @@ impl Usage {
     }
 
     /// The tenant's dominant share, 0 to 1 (models without capacity count as full).
+    /// Accelerators of `model` the tenant holds.
+    pub fn held(&self, tenant: &str, model: &str) -> u64 {
+        self.held
+            .get(tenant)
+            .and_then(|m| m.get(model))
+            .copied()
+            .unwrap_or(0)
+    }
+
     pub fn share(&self, tenant: &str) -> f64 {
         self.held.get(tenant).map_or(0.0, |models| {
             models

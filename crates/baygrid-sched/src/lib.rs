@@ -5,6 +5,7 @@
 
 pub mod fairshare;
 pub mod pack;
+pub mod quota;
 pub mod replay;
 
 use baygrid_core::catalog::{RoundTrips, TransferPrices};
@@ -223,6 +224,8 @@ pub struct Requester {
     /// Where the job's inputs are kept: staging one at a cluster in another city costs
     /// the region's transfer price.
     pub inputs: Vec<InputSite>,
+    /// Accelerator models the tenant's quota keeps the job from, now or ever, with why.
+    pub over_quota: std::collections::BTreeMap<String, quota::QuotaBlock>,
 }
 
 /// One of a job's inputs: its vault's place and the size of the version a job stages.
@@ -712,6 +715,17 @@ fn assess(
                 format!("cannot finish by the deadline {}", deadline.to_rfc3339()),
             );
         }
+    }
+    match requester.over_quota.get(&cluster.accelerator) {
+        Some(quota::QuotaBlock::Never(why)) => {
+            return reject(candidate, "resources.accelerators", why.clone())
+        }
+        Some(quota::QuotaBlock::NotNow(why)) => {
+            candidate.verdict = Verdict::Waits;
+            candidate.reason = why.clone();
+            return candidate;
+        }
+        None => {}
     }
     if let Some(block) = requester
         .blocked

@@ -19,6 +19,7 @@ fn guangzhou() -> Requester {
         blocked: vec![],
         inputs_denied: Default::default(),
         inputs: vec![],
+        over_quota: Default::default(),
     }
 }
 
@@ -163,6 +164,7 @@ fn latency_sensitive_jobs_stay_near_the_tenant() {
         blocked: vec![],
         inputs_denied: Default::default(),
         inputs: vec![],
+        over_quota: Default::default(),
     };
     let quote = CheapestFeasible.quote(
         &job("{Ascend910B: 1}", 1, "latency_sensitive: true"),

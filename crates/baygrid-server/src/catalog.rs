@@ -194,6 +194,7 @@ impl CatalogSnapshot {
             blocked: Vec::new(),
             inputs_denied: Default::default(),
             inputs: self.input_sites(spec),
+            over_quota: Default::default(),
         })
     }
 

@@ -83,6 +83,14 @@ pub struct ServerConfig {
     /// a site's non-green power share (0 ignores green power; 0.05 makes a site on 30% green
     /// power 3.5% dearer in the choice). It steers the choice and is never billed.
     pub green_weight: f64,
+    /// Nominal quotas: tenant → accelerator model → accelerators. A tenant listed here
+    /// holds no more than its quota of each model (none of a model it does not list),
+    /// unless `quota_borrowing` lets it use the cohort's idle quota. Tenants not listed are
+    /// not limited.
+    pub tenant_quotas: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>,
+    /// Tenants with quotas form one cohort and may borrow its unused quota; the cohort
+    /// never holds more than its quotas' sum.
+    pub quota_borrowing: bool,
 }
 
 impl Default for ServerConfig {
@@ -109,6 +117,8 @@ impl Default for ServerConfig {
             vaults: std::collections::BTreeMap::new(),
             vault_answer_timeout: Duration::from_secs(600),
             green_weight: 0.0,
+            tenant_quotas: Default::default(),
+            quota_borrowing: true,
             priority_classes: [
                 ("urgent", 500),
                 ("high", 100),
@@ -123,6 +133,14 @@ impl Default for ServerConfig {
 }
 
 impl ServerConfig {
+    /// The quotas the scheduling cycle and quotes apply.
+    pub fn quotas(&self) -> baygrid_sched::quota::Quotas {
+        baygrid_sched::quota::Quotas {
+            nominal: self.tenant_quotas.clone(),
+            borrowing: self.quota_borrowing,
+        }
+    }
+
     /// Reads a TOML config; unknown fields are errors.
     pub fn load(path: &Path) -> Result<ServerConfig, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -267,5 +285,19 @@ mod tests {
         assert!(err.contains("green_weight"), "{err}");
         std::fs::write(&path, "green_weight = 0.05").unwrap();
         assert_eq!(ServerConfig::load(&path).unwrap().green_weight, 0.05);
+        std::fs::write(
+            &path,
+            "quota_borrowing = false\n[tenant_quotas.gz-ai-lab]\nH800 = 16\n",
+        )
+        .unwrap();
+        let quotas = ServerConfig::load(&path).unwrap().quotas();
+        assert!(!quotas.borrowing);
+        assert_eq!(quotas.nominal["gz-ai-lab"]["H800"], 16);
+        std::fs::write(&path, "[tenant_quotas.gz-ai-lab]\nH800 = -1\n").unwrap();
+        let err = ServerConfig::load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("tenant_quotas") || err.contains("H800"),
+            "{err}"
+        );
     }
 }

@@ -171,6 +171,12 @@ pub async fn submit(
         )
     })?;
     requester.inputs_denied = crate::zone::inputs_denied(&state, &catalog, &tenant, &spec).await?;
+    // a job larger than its tenant's quota (or, borrowing, its cohort's) fails fast
+    requester.over_quota =
+        state
+            .config
+            .quotas()
+            .blocks(&baygrid_sched::fairshare::Usage::default(), &tenant, &spec);
     let now = state.now();
     if let Some(deadline) = spec.deadline {
         if deadline.timestamp_millis() <= now {
@@ -243,7 +249,9 @@ pub async fn quote(
         )
     })?;
     requester.inputs_denied = crate::zone::inputs_denied(&state, &catalog, &tenant, &spec).await?;
-    let market = crate::scheduler::live_market(&state, &catalog, state.now()).await?;
+    let (market, usage) =
+        crate::scheduler::live_market_and_usage(&state, &catalog, state.now()).await?;
+    requester.over_quota = state.config.quotas().blocks(&usage, &tenant, &spec);
     let quote = state.placer.quote(&spec, &requester, &market, state.now());
     let summary = match quote.chosen() {
         Some(chosen) => format!(

@@ -49,16 +49,8 @@ pub async fn run(state: AppState, mut shutdown: watch::Receiver<bool>) {
 }
 
 /// The market as it stands: agents' liveness and every active allocation taken off.
-pub async fn live_market(
-    state: &AppState,
-    catalog: &CatalogSnapshot,
-    now: i64,
-) -> Result<Market, ApiError> {
-    Ok(live_market_and_usage(state, catalog, now).await?.0)
-}
-
-/// The live market, and what each tenant holds now (for the fair-share order).
-async fn live_market_and_usage(
+/// The live market, and what each tenant holds now (for the fair-share order and quotas).
+pub async fn live_market_and_usage(
     state: &AppState,
     catalog: &CatalogSnapshot,
     now: i64,
@@ -144,7 +136,8 @@ pub async fn cycle(state: &AppState) -> Result<usize, ApiError> {
         return Ok(0);
     }
     let catalog = state.catalog();
-    let (mut market, usage) = live_market_and_usage(state, &catalog, now).await?;
+    let (mut market, mut usage) = live_market_and_usage(state, &catalog, now).await?;
+    let quotas = state.config.quotas();
     // higher priority first; within it, the least-served tenant (dominant share), then age
     let order = fairshare::order(
         &queued
@@ -217,6 +210,7 @@ pub async fn cycle(state: &AppState) -> Result<usize, ApiError> {
             }
             Err(other) => return Err(other),
         }
+        requester.over_quota = quotas.blocks(&usage, &job.tenant, &job.spec);
         let mut quote = state.placer.quote(&job.spec, &requester, &market, now);
         if let (Some(r), Some(allocation)) = (&reservation, quote.allocation(&job.spec)) {
             let ends = allocation.estimated_seconds.map(|s| now + s as i64 * 1000);
@@ -261,6 +255,14 @@ pub async fn cycle(state: &AppState) -> Result<usize, ApiError> {
                 .find(|c| c.cluster.name == allocation.cluster)
             {
                 cluster.take(&allocation);
+            }
+            // later jobs in this cycle see it held, for the quotas
+            if let Some(model) = &allocation.accelerator {
+                usage.add(
+                    &job.tenant,
+                    model,
+                    u64::from(allocation.total_accelerators()),
+                );
             }
             placed += 1;
             writes.push(futures::future::Either::Right(

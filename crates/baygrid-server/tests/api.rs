@@ -1196,3 +1196,115 @@ async fn backfill_starts_only_jobs_that_end_before_the_first_blocked_jobs_reserv
     }
     server.stop().await;
 }
+
+#[tokio::test]
+async fn quotas_hold_a_tenant_to_its_share_and_borrowing_lends_the_cohorts_idle_quota() {
+    let dir = tempfile::tempdir().unwrap();
+    let sites = dir.path().join("sites.yaml");
+    // four nodes of eight, so room is never what holds a job back
+    std::fs::write(&sites, ONE_CLUSTER.replace("nodes: 2,", "nodes: 4,")).unwrap();
+    let quota = |a800: u64| std::collections::BTreeMap::from([("A800".to_string(), a800)]);
+    let start = |borrowing: bool, data: &str| {
+        let config = ServerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            data_dir: dir.path().join(data),
+            sites_file: sites.display().to_string(),
+            schedule_interval: Duration::from_millis(50),
+            heartbeat_interval: Duration::from_millis(200),
+            lease_ttl: Duration::from_secs(60),
+            tenant_quotas: [("gz-ai-lab", quota(8)), ("sz-fintech", quota(8))]
+                .into_iter()
+                .map(|(t, q)| (t.to_string(), q))
+                .collect(),
+            quota_borrowing: borrowing,
+            ..ServerConfig::default()
+        };
+        baygrid_server::start(config)
+    };
+    let job = |name: &str, nodes: u32| {
+        spec(&format!(
+            "name: {name}\nresources: {{accelerators: {{A800: 8}}, nodes: {nodes}}}\ncommand: 'sleep 1'\nestimated_duration: 1h\n"
+        ))
+    };
+    for borrowing in [false, true] {
+        let server = start(borrowing, if borrowing { "lend" } else { "own" })
+            .await
+            .unwrap();
+        let operator = Client::new(&server.url(), Some(server.operator_token.clone()));
+        let mut tenants = Vec::new();
+        for (name, city) in [
+            ("gz-ai-lab", "guangzhou"),
+            ("sz-fintech", "shenzhen"),
+            ("zh-startup", "zhuhai"),
+        ] {
+            tenants
+                .push(add_tenant(&operator, name, Jurisdiction::CN, city, "100000.00 CNY").await);
+        }
+        let (lab, fintech, startup) = (&tenants[0], &tenants[1], &tenants[2]);
+        let agent = issue(&operator, Role::Agent, Some("nansha-a800")).await;
+        let capacity = json!({"engine": "local", "nodes": 4, "accelerators_per_node": 8, "cpus_per_node": 128, "memory_gb_per_node": 1024, "running_jobs": 0});
+        let _: Value = agent
+            .post("/api/v1/agent/register", &json!({"capacity": capacity}))
+            .await
+            .unwrap();
+        // larger than the quota (alone) or the cohort's (borrowing): refused at once
+        let too_big = if borrowing { 3 } else { 2 };
+        let message = expect_error(
+            lab.post::<_, JobView>("/api/v1/jobs", &job("too-big", too_big))
+                .await,
+            422,
+            None,
+        );
+        assert!(message.contains("quota"), "{message}");
+        let first: JobView = lab.post("/api/v1/jobs", &job("first", 1)).await.unwrap();
+        wait_state(lab, &first.id, JobState::Placed).await;
+        let second: JobView = lab.post("/api/v1/jobs", &job("second", 1)).await.unwrap();
+        if borrowing {
+            // the fintech's idle quota is lent: the second runs beside the first
+            wait_state(lab, &second.id, JobState::Placed).await;
+            // the cohort now holds all 16 of its quota: the fintech, within its own, waits
+            // for the borrowed nodes to come back
+            let own: JobView = fintech.post("/api/v1/jobs", &job("own", 1)).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let view: JobView = fintech
+                .get(&format!("/api/v1/jobs/{}", own.id))
+                .await
+                .unwrap();
+            assert_eq!(view.state, JobState::Queued, "{view:#?}");
+            let quote: QuoteView = fintech
+                .post("/api/v1/jobs/quote", &job("own", 1))
+                .await
+                .unwrap();
+            let line = &quote.quote.candidates[0];
+            assert_eq!(line.verdict, "waits", "{line:?}");
+            assert!(
+                line.reason.contains("the cohort holds 16 of its 16"),
+                "{}",
+                line.reason
+            );
+        } else {
+            // a free node, but the lab holds its 8: the second waits, and says why
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let view: JobView = lab
+                .get(&format!("/api/v1/jobs/{}", second.id))
+                .await
+                .unwrap();
+            assert_eq!(view.state, JobState::Queued, "{view:#?}");
+            let quote: QuoteView = lab
+                .post("/api/v1/jobs/quote", &job("second", 1))
+                .await
+                .unwrap();
+            let line = &quote.quote.candidates[0];
+            assert_eq!(line.verdict, "waits", "{line:?}");
+            assert!(
+                line.reason.contains("gz-ai-lab holds 8 of its 8"),
+                "{}",
+                line.reason
+            );
+        }
+        // a tenant with no quota is not limited by the others'
+        let free: JobView = startup.post("/api/v1/jobs", &job("free", 1)).await.unwrap();
+        wait_state(startup, &free.id, JobState::Placed).await;
+        server.stop().await;
+    }
+}
