@@ -364,7 +364,10 @@ impl Placer for CheapestFeasible {
         let mut candidates: Vec<Candidate> = market
             .clusters
             .iter()
-            .map(|state| assess(spec, requester, market, state, now))
+            .map(|state| {
+                let candidate = assess(spec, requester, market, state, now);
+                against_deadline(candidate, spec)
+            })
             .collect();
         let best = candidates
             .iter()
@@ -481,6 +484,52 @@ fn green_cost(compute: Money, weight: f64, green_share_pct: u8) -> Option<Money>
     compute
         .mul_ratio(weight_per_10k * brown_pct, 1_000_000)
         .ok()
+}
+
+/// A waiting candidate whose expected start leaves too little time says so: it is expected
+/// to end after the job's deadline. It still waits (starts are estimates); the cycle fails
+/// the job once no cluster could finish in time even starting now.
+fn against_deadline(mut candidate: Candidate, spec: &JobSpec) -> Candidate {
+    if let (Verdict::Waits, Some(deadline), Some(start), Some(seconds)) = (
+        &candidate.verdict,
+        spec.deadline,
+        candidate.estimated_start_ms,
+        candidate.estimated_seconds,
+    ) {
+        let end = start + seconds as i64 * 1000;
+        if end > deadline.timestamp_millis() {
+            candidate.reason.push_str(&format!(
+                "; expected to end at {}, after the deadline {}",
+                baygrid_core::millis_to_rfc3339(end),
+                baygrid_core::millis_to_rfc3339(deadline.timestamp_millis())
+            ));
+        }
+    }
+    candidate
+}
+
+impl Quote {
+    /// With a deadline: no cluster fits now, and every one that might later is expected
+    /// to end after it (or has no estimate).
+    pub fn misses_deadline(&self, spec: &JobSpec) -> bool {
+        let Some(deadline) = spec.deadline else {
+            return false;
+        };
+        let deadline = deadline.timestamp_millis();
+        let mut waiting = self
+            .candidates
+            .iter()
+            .filter(|c| c.verdict != Verdict::Rejected)
+            .peekable();
+        waiting.peek().is_some()
+            && waiting.all(|c| {
+                c.verdict == Verdict::Waits
+                    && match (c.estimated_start_ms, c.estimated_seconds) {
+                        (Some(start), Some(s)) => start + s as i64 * 1000 > deadline,
+                        _ => false,
+                    }
+            })
+    }
 }
 
 /// One cluster's verdict for one job, before choosing among them.

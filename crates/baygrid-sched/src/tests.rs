@@ -362,4 +362,23 @@ fn a_busy_cluster_quotes_when_running_work_is_expected_to_end() {
     // what fits now starts now
     let quote = CheapestFeasible.quote(&job("{H800: 1}", 1, ""), &guangzhou(), &market, 1_000);
     assert_eq!(quote.chosen().unwrap().estimated_start_ms, Some(1_000));
+    // an hour's job due 10 s after an hour from the epoch could make it starting now, but
+    // it is expected to start at 20 s: the quote says it would end too late
+    let due = |at: &str| job("{A100: 8}", 1, &format!("deadline: {at}"));
+    let late = due("1970-01-01T01:00:10Z");
+    let quote = CheapestFeasible.quote(&late, &guangzhou(), &market, 1_000);
+    let line = &quote.candidates[0];
+    assert_eq!(line.verdict, Verdict::Waits);
+    assert!(
+        line.reason
+            .contains("expected to end at 1970-01-01T01:00:20.000Z, after the deadline 1970-01-01T01:00:10.000Z"),
+        "{}",
+        line.reason
+    );
+    assert!(quote.misses_deadline(&late));
+    // due 30 s later, it is expected to make it
+    let fine = due("1970-01-01T01:00:30Z");
+    let quote = CheapestFeasible.quote(&fine, &guangzhou(), &market, 1_000);
+    assert!(!quote.candidates[0].reason.contains("deadline"));
+    assert!(!quote.misses_deadline(&fine));
 }

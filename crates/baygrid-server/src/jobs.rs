@@ -258,6 +258,9 @@ pub async fn quote(
             "would run on {} at {} ({})",
             chosen.cluster, chosen.site, chosen.reason
         ),
+        None if quote.misses_deadline(&spec) => {
+            "would wait, and every cluster that could hold it is expected to end it after its deadline".to_string()
+        }
         None if quote.ever_feasible() => {
             "would wait: no cluster that can hold it has room now".to_string()
         }
