@@ -65,6 +65,11 @@ pub struct JobSpec {
     /// Runs only at sites within 5 ms round trip of the tenant's city.
     #[serde(default)]
     pub latency_sensitive: bool,
+    /// The dispatcher may stop it (after it has run the server's `preemption_grace`) for a
+    /// higher-priority job, or to give another tenant its fair share, and queue it again;
+    /// the stopped run is not charged.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub preemptible: bool,
     /// Jurisdictions the job may run in; all when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allowed_jurisdictions: Option<Vec<Jurisdiction>>,

@@ -50,6 +50,17 @@ impl Usage {
     }
 
     /// The tenant's dominant share, 0 to 1 (models without capacity count as full).
+    /// Takes `accelerators` of `model` off what the tenant holds (a job stopped).
+    pub fn remove(&mut self, tenant: &str, model: &str, accelerators: u64) {
+        if let Some(held) = self
+            .held
+            .get_mut(tenant)
+            .and_then(|models| models.get_mut(model))
+        {
+            *held = held.saturating_sub(accelerators);
+        }
+    }
+
     /// Accelerators of `model` the tenant holds.
     pub fn held(&self, tenant: &str, model: &str) -> u64 {
         self.held

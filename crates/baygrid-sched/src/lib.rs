@@ -5,6 +5,7 @@
 
 pub mod fairshare;
 pub mod pack;
+pub mod preempt;
 pub mod quota;
 pub mod replay;
 
@@ -120,6 +121,21 @@ impl ClusterState {
         }
         times.sort_unstable();
         times.get(nodes.max(1) as usize - 1).copied()
+    }
+
+    /// Gives an allocation's resources back to its nodes (a job stopped), at most each
+    /// node's size.
+    pub fn give_back(&mut self, allocation: &Allocation) {
+        let cluster = &self.cluster;
+        for &index in &allocation.nodes {
+            if let Some(node) = self.free.get_mut(index as usize) {
+                node.accelerators = (node.accelerators + allocation.accelerators_per_node)
+                    .min(cluster.accelerators_per_node);
+                node.cpus = (node.cpus + allocation.cpus_per_node).min(cluster.cpus_per_node);
+                node.memory_gb = (node.memory_gb + allocation.memory_gb_per_node)
+                    .min(cluster.memory_gb_per_node);
+            }
+        }
     }
 
     /// Takes an allocation's resources off its nodes. Nodes out of range are ignored

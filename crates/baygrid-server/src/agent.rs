@@ -164,6 +164,20 @@ pub async fn report(
                 reason.unwrap_or_else(|| "the agent no longer has it".into())
             ),
         }),
+        Some(AgentStatus::Failed | AgentStatus::Cancelled)
+            if state.store.get_job(&id).await?.preempt_requested =>
+        {
+            // stopped for another job: queued again, its stopped run not charged
+            let job = state.store.get_job(&id).await?;
+            let why = job
+                .reason
+                .strip_prefix("being preempted: ")
+                .unwrap_or(&job.reason)
+                .to_string();
+            Some(Report::Lost {
+                reason: format!("preempted on {cluster}: {why}"),
+            })
+        }
         Some(status @ (AgentStatus::Succeeded | AgentStatus::Failed | AgentStatus::Cancelled)) => {
             let job = state.store.get_job(&id).await?;
             let final_state = match status {

@@ -91,6 +91,9 @@ pub struct ServerConfig {
     /// Tenants with quotas form one cohort and may borrow its unused quota; the cohort
     /// never holds more than its quotas' sum.
     pub quota_borrowing: bool,
+    /// A preemptible job runs at least this long before it may be stopped for another.
+    #[serde(with = "humantime_serde")]
+    pub preemption_grace: Duration,
 }
 
 impl Default for ServerConfig {
@@ -119,6 +122,7 @@ impl Default for ServerConfig {
             green_weight: 0.0,
             tenant_quotas: Default::default(),
             quota_borrowing: true,
+            preemption_grace: Duration::from_secs(60),
             priority_classes: [
                 ("urgent", 500),
                 ("high", 100),

@@ -249,7 +249,7 @@ pub async fn quote(
         )
     })?;
     requester.inputs_denied = crate::zone::inputs_denied(&state, &catalog, &tenant, &spec).await?;
-    let (market, usage) =
+    let (market, usage, _) =
         crate::scheduler::live_market_and_usage(&state, &catalog, state.now()).await?;
     requester.over_quota = state.config.quotas().blocks(&usage, &tenant, &spec);
     let quote = state.placer.quote(&spec, &requester, &market, state.now());

@@ -17,6 +17,7 @@ pub struct Metrics {
     pub jobs_submitted: IntCounter,
     pub placements: IntCounter,
     pub leases_expired: IntCounter,
+    pub jobs_preempted: IntCounter,
     pub cycle_seconds: Histogram,
     http_requests: IntCounterVec,
     jobs_by_state: IntGaugeVec,
@@ -33,6 +34,11 @@ impl Metrics {
         let leases_expired = IntCounter::new(
             "baygrid_leases_expired_total",
             "jobs requeued after their lease expired",
+        )
+        .expect("metric");
+        let jobs_preempted = IntCounter::new(
+            "baygrid_jobs_preempted_total",
+            "running jobs asked to stop for another job",
         )
         .expect("metric");
         let cycle_seconds = Histogram::with_opts(HistogramOpts::new(
@@ -55,6 +61,7 @@ impl Metrics {
             Box::new(jobs_submitted.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(placements.clone()),
             Box::new(leases_expired.clone()),
+            Box::new(jobs_preempted.clone()),
             Box::new(cycle_seconds.clone()),
             Box::new(http_requests.clone()),
             Box::new(jobs_by_state.clone()),
@@ -68,6 +75,7 @@ impl Metrics {
             jobs_submitted,
             placements,
             leases_expired,
+            jobs_preempted,
             cycle_seconds,
             http_requests,
             jobs_by_state,

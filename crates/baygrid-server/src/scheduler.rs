@@ -49,12 +49,13 @@ pub async fn run(state: AppState, mut shutdown: watch::Receiver<bool>) {
 }
 
 /// The market as it stands: agents' liveness and every active allocation taken off.
-/// The live market, and what each tenant holds now (for the fair-share order and quotas).
+/// The live market, what each tenant holds now (for the fair-share order and quotas), and
+/// the jobs holding nodes (for preemption).
 pub async fn live_market_and_usage(
     state: &AppState,
     catalog: &CatalogSnapshot,
     now: i64,
-) -> Result<(Market, Usage), ApiError> {
+) -> Result<(Market, Usage, Vec<baygrid_sched::preempt::Running>), ApiError> {
     let ttl = state.config.lease_ttl.as_millis() as i64;
     let seen: BTreeMap<String, i64> = state
         .store
@@ -78,6 +79,7 @@ pub async fn live_market_and_usage(
             u64::from(c.cluster.nodes * c.cluster.accelerators_per_node);
     }
     let mut usage = Usage::new(capacity).with_weights(state.config.tenant_weights.clone());
+    let mut running = Vec::new();
     for active in state.store.active_allocations().await? {
         let allocation = &active.allocation;
         if let Some(model) = &allocation.accelerator {
@@ -97,6 +99,15 @@ pub async fn live_market_and_usage(
                 .map(|s| active.started_ms.unwrap_or(now) + s as i64 * 1000);
             cluster.take_until(allocation, ends_at);
         }
+        running.push(baygrid_sched::preempt::Running {
+            job_id: active.job_id,
+            tenant: active.tenant,
+            priority: active.priority,
+            preemptible: active.preemptible,
+            stopping: active.preempt_requested,
+            started_ms: active.started_ms,
+            allocation: active.allocation,
+        });
     }
     let market = Market {
         clusters,
@@ -106,7 +117,7 @@ pub async fn live_market_and_usage(
         transfer_price_per_gb: catalog.transfer_price_per_gb.clone(),
         green_weight: state.config.green_weight,
     };
-    Ok((market, usage))
+    Ok((market, usage, running))
 }
 
 /// Where and from when the first blocked job in the cycle's order is expected to start.
@@ -136,7 +147,7 @@ pub async fn cycle(state: &AppState) -> Result<usize, ApiError> {
         return Ok(0);
     }
     let catalog = state.catalog();
-    let (mut market, mut usage) = live_market_and_usage(state, &catalog, now).await?;
+    let (mut market, mut usage, running) = live_market_and_usage(state, &catalog, now).await?;
     let quotas = state.config.quotas();
     // higher priority first; within it, the least-served tenant (dominant share), then age
     let order = fairshare::order(
@@ -275,6 +286,42 @@ pub async fn cycle(state: &AppState) -> Result<usize, ApiError> {
                 now,
             )));
         } else if reservation.is_none() {
+            // the first job in order that cannot start: stop preemptible jobs for it when
+            // its priority or its tenant's fair share entitles it (it starts in a later
+            // cycle, once they have stopped)
+            let claimant = baygrid_sched::preempt::Claimant {
+                job_id: &job.id,
+                tenant: &job.tenant,
+                priority: job.priority,
+                spec: &job.spec,
+                requester: &requester,
+                quote: &quote,
+            };
+            if let Some(eviction) = baygrid_sched::preempt::eviction(
+                claimant,
+                &market,
+                &running,
+                &usage,
+                now,
+                state.config.preemption_grace.as_millis() as i64,
+            ) {
+                for victim in &eviction.victims {
+                    if state
+                        .store
+                        .request_preemption(victim.clone(), eviction.reason.clone(), now)
+                        .await?
+                    {
+                        state.metrics.jobs_preempted.inc();
+                        tracing::info!(job = %victim, reason = %eviction.reason, "preempting");
+                    }
+                }
+                reservation = Some(Reservation {
+                    cluster: eviction.cluster.clone(),
+                    start_ms: now,
+                    job: job.id.to_string(),
+                });
+                continue;
+            }
             reservation = quote
                 .candidates
                 .iter()

@@ -1308,3 +1308,158 @@ async fn quotas_hold_a_tenant_to_its_share_and_borrowing_lends_the_cohorts_idle_
         server.stop().await;
     }
 }
+
+#[tokio::test]
+async fn an_urgent_job_preempts_a_preemptible_one_which_is_queued_again_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let sites = dir.path().join("sites.yaml");
+    std::fs::write(&sites, ONE_CLUSTER).unwrap();
+    let config = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().join("server"),
+        sites_file: sites.display().to_string(),
+        schedule_interval: Duration::from_millis(50),
+        heartbeat_interval: Duration::from_millis(200),
+        lease_ttl: Duration::from_secs(60),
+        preemption_grace: Duration::from_millis(100),
+        ..ServerConfig::default()
+    };
+    let server = baygrid_server::start(config).await.unwrap();
+    let operator = Client::new(&server.url(), Some(server.operator_token.clone()));
+    let lab = add_tenant(
+        &operator,
+        "gz-ai-lab",
+        Jurisdiction::CN,
+        "guangzhou",
+        "100000.00 CNY",
+    )
+    .await;
+    let fintech = add_tenant(
+        &operator,
+        "sz-fintech",
+        Jurisdiction::CN,
+        "shenzhen",
+        "100000.00 CNY",
+    )
+    .await;
+    let agent = issue(&operator, Role::Agent, Some("nansha-a800")).await;
+    let capacity = json!({"engine": "local", "nodes": 2, "accelerators_per_node": 8, "cpus_per_node": 128, "memory_gb_per_node": 1024, "running_jobs": 0});
+    let _: Value = agent
+        .post("/api/v1/agent/register", &json!({"capacity": capacity}))
+        .await
+        .unwrap();
+    let job = |name: &str, nodes: u32, extra: &str| {
+        spec(&format!(
+            "name: {name}\nresources: {{accelerators: {{A800: 8}}, nodes: {nodes}}}\ncommand: 'sleep 600'\nestimated_duration: 1h\n{extra}"
+        ))
+    };
+    // the lab's preemptible gang takes the whole cluster and starts
+    let gang: JobView = lab
+        .post("/api/v1/jobs", &job("gang", 2, "preemptible: true\n"))
+        .await
+        .unwrap();
+    wait_state(&lab, &gang.id, JobState::Placed).await;
+    let lease = |id: String| {
+        let agent = &agent;
+        async move {
+            for _ in 0..100 {
+                let answer: Value = agent
+                    .post("/api/v1/agent/lease", &json!({"max": 10}))
+                    .await
+                    .unwrap();
+                if let Some(l) = answer["leases"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|l| l["job_id"] == id.as_str())
+                {
+                    return l["epoch"].as_i64().unwrap();
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("no lease for {id}");
+        }
+    };
+    let epoch = lease(gang.id.clone()).await;
+    let report = format!("/api/v1/agent/jobs/{}/report", gang.id);
+    let _: Value = agent
+        .post(&report, &json!({"epoch": epoch, "status": "running"}))
+        .await
+        .unwrap();
+    // a job of the same priority from another tenant does not stop it: taking back the
+    // two-node gang would leave the lab below the fintech, so the shares would flip
+    let same: JobView = fintech
+        .post("/api/v1/jobs", &job("same", 1, ""))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let beat: Value = agent
+        .post(
+            "/api/v1/agent/heartbeat",
+            &json!({"capacity": capacity, "held": [{"job_id": gang.id, "epoch": epoch}]}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(beat["cancel"], json!([]), "{beat}");
+    let _: Value = fintech
+        .post(&format!("/api/v1/jobs/{}/cancel", same.id), &json!({}))
+        .await
+        .unwrap();
+    // an urgent job stops it
+    let urgent: JobView = fintech
+        .post(
+            "/api/v1/jobs",
+            &job("urgent", 1, "priority_class: urgent\n"),
+        )
+        .await
+        .unwrap();
+    let mut told = false;
+    for _ in 0..100 {
+        let beat: Value = agent
+            .post(
+                "/api/v1/agent/heartbeat",
+                &json!({"capacity": capacity, "held": [{"job_id": gang.id, "epoch": epoch}]}),
+            )
+            .await
+            .unwrap();
+        if beat["cancel"] == json!([gang.id]) {
+            told = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(told, "the agent was never told to stop the preemptible job");
+    let view: JobView = lab.get(&format!("/api/v1/jobs/{}", gang.id)).await.unwrap();
+    assert_eq!(view.state, JobState::Running);
+    assert!(view.reason.contains("being preempted"), "{}", view.reason);
+    // the agent stops it: it is queued again, not ended, and its stopped run is not charged
+    let requeued: JobView = agent
+        .post(&report, &json!({"epoch": epoch, "status": "cancelled"}))
+        .await
+        .unwrap();
+    assert_eq!(requeued.state, JobState::Queued, "{requeued:#?}");
+    assert!(
+        requeued.reason.contains("preempted on nansha-a800"),
+        "{}",
+        requeued.reason
+    );
+    assert!(requeued.reason.contains(&urgent.id), "{}", requeued.reason);
+    assert!(requeued.cost.is_none());
+    let placed = wait_state(&fintech, &urgent.id, JobState::Placed).await;
+    assert_eq!(placed.cluster.as_deref(), Some("nansha-a800"));
+    // queued once for that eviction; it waits for the urgent job (the gang needs both nodes)
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let view: JobView = lab.get(&format!("/api/v1/jobs/{}", gang.id)).await.unwrap();
+    assert_eq!(view.state, JobState::Queued);
+    let queued = view
+        .events
+        .iter()
+        .filter(|e| e.to == JobState::Queued)
+        .count();
+    assert_eq!(
+        queued, 2,
+        "submitted, then queued again once: {:#?}",
+        view.events
+    );
+    server.stop().await;
+}

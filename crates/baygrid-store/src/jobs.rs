@@ -160,6 +160,11 @@ pub fn failover_backoff(first_ms: Millis, attempts: i64) -> Millis {
 /// it is, and when it started.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ActiveAllocation {
+    pub job_id: String,
+    pub priority: i64,
+    pub preemptible: bool,
+    /// Already asked to stop for another job.
+    pub preempt_requested: bool,
     pub tenant: String,
     pub allocation: Allocation,
     /// `None` while placed and not yet started.
@@ -202,7 +207,8 @@ async fn requeue(
     }
     sqlx::query(
         "UPDATE jobs SET state = 'queued', reason = $1, updated_ms = $2, cluster = NULL, allocation = NULL, \
-         lease_holder = NULL, lease_expires_ms = NULL, started_ms = NULL, attempts = attempts + 1 WHERE id = $3",
+         lease_holder = NULL, lease_expires_ms = NULL, started_ms = NULL, attempts = attempts + 1, \
+         preempt_requested = 0 WHERE id = $3",
     )
     .bind(reason)
     .bind(now)
@@ -284,6 +290,7 @@ fn queued_record(job: &NewJob) -> JobRecord {
         lease_holder: None,
         lease_expires_ms: None,
         cancel_requested: false,
+        preempt_requested: false,
         attempts: 0,
         started_ms: None,
         finished_ms: None,
@@ -545,14 +552,22 @@ impl Store {
     /// Every placed or running job's allocation, whose it is and when it started.
     pub async fn active_allocations(&self) -> Result<Vec<ActiveAllocation>> {
         let rows = sqlx::query(
-            "SELECT tenant, allocation, started_ms FROM jobs WHERE state IN ('placed', 'running') AND allocation IS NOT NULL",
+            "SELECT id, priority, spec, preempt_requested, tenant, allocation, started_ms FROM jobs \
+             WHERE state IN ('placed', 'running') AND allocation IS NOT NULL",
         )
         .fetch_all(self.pool())
         .await?;
         rows.iter()
             .map(|row| {
                 let text: String = row.try_get("allocation")?;
+                let spec: String = row.try_get("spec")?;
+                let spec: JobSpec = serde_json::from_str(&spec)
+                    .map_err(|e| StoreError::Corrupt(format!("job spec: {e}")))?;
                 Ok(ActiveAllocation {
+                    job_id: row.try_get("id")?,
+                    priority: row.try_get("priority")?,
+                    preemptible: spec.preemptible,
+                    preempt_requested: row.try_get::<i64, _>("preempt_requested")? != 0,
                     tenant: row.try_get("tenant")?,
                     allocation: serde_json::from_str(&text)
                         .map_err(|e| StoreError::Corrupt(format!("allocation: {e}")))?,
@@ -616,6 +631,35 @@ impl Store {
                     return Ok(false);
                 }
                 void_hold(conn, &ledger, &job_id, "scheduler", now).await?;
+                Ok(true)
+            })
+        })
+        .await
+    }
+
+    /// Asks the agent holding a running job to stop it so that it can be queued again (the
+    /// agent is told with its next heartbeat, as for a cancel). False when the job is not
+    /// running, or is already being stopped.
+    pub async fn request_preemption(
+        &self,
+        job_id: String,
+        reason: String,
+        now: Millis,
+    ) -> Result<bool> {
+        self.write(move |conn| {
+            Box::pin(async move {
+                let job = load_job(conn, &job_id).await?;
+                if job.state != JobState::Running || job.cancel_requested || job.preempt_requested {
+                    return Ok(false);
+                }
+                sqlx::query("UPDATE jobs SET preempt_requested = 1, reason = $1, updated_ms = $2 WHERE id = $3")
+                    .bind(format!("being preempted: {reason}"))
+                    .bind(now)
+                    .bind(&job_id)
+                    .execute(&mut *conn)
+                    .await?;
+                let payload = serde_json::json!({"job": job_id, "reason": reason});
+                outbox(conn, now, "job.preempt_requested", "scheduler", &payload).await?;
                 Ok(true)
             })
         })
@@ -749,7 +793,7 @@ impl Store {
                         .bind(&job_id)
                         .execute(&mut *conn)
                         .await?;
-                    if job.cancel_requested {
+                    if job.cancel_requested || job.preempt_requested {
                         outcome.cancel.push(job_id.clone());
                     }
                     outcome.renewed.push(job_id);

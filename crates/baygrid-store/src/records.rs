@@ -24,6 +24,8 @@ pub struct JobRecord {
     pub lease_holder: Option<String>,
     pub lease_expires_ms: Option<Millis>,
     pub cancel_requested: bool,
+    /// The scheduler asked for it to be stopped and queued again.
+    pub preempt_requested: bool,
     pub attempts: i64,
     pub started_ms: Option<Millis>,
     pub finished_ms: Option<Millis>,
@@ -33,7 +35,7 @@ pub struct JobRecord {
 
 pub(crate) const JOB_COLUMNS: &str =
     "id, tenant, name, spec, state, reason, priority, submitted_ms, updated_ms, \
-     allocation, lease_epoch, lease_holder, lease_expires_ms, cancel_requested, attempts, \
+     allocation, lease_epoch, lease_holder, lease_expires_ms, cancel_requested, preempt_requested, attempts, \
      started_ms, finished_ms, exit_code, cost_cny_minor";
 
 impl JobRecord {
@@ -63,6 +65,7 @@ impl JobRecord {
             lease_holder: row.try_get("lease_holder")?,
             lease_expires_ms: row.try_get("lease_expires_ms")?,
             cancel_requested: row.try_get::<i64, _>("cancel_requested")? != 0,
+            preempt_requested: row.try_get::<i64, _>("preempt_requested")? != 0,
             attempts: row.try_get("attempts")?,
             started_ms: row.try_get("started_ms")?,
             finished_ms: row.try_get("finished_ms")?,
