@@ -331,4 +331,66 @@ mod tests {
         usage.add("b", "A100", 24);
         assert!(evict("b", &job, &(market, running, usage), 1_000_000).is_none());
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+        #[test]
+        fn victims_are_eligible_sufficient_and_none_spare(
+            jobs in proptest::collection::vec(
+                (proptest::bool::ANY, -1i64..=1, 0i64..600_000, 0usize..2), 4),
+            claimant_tenant in 0usize..3,
+            claimant_priority in -1i64..=2,
+            nodes in 1u32..=2,
+        ) {
+            let tenants = ["a", "b", "c"];
+            let (market, mut running, _) = full([true; 4]);
+            let mut usage = Usage::new(BTreeMap::from([("A100".to_string(), 32)]));
+            for (r, (preemptible, priority, started, tenant)) in running.iter_mut().zip(&jobs) {
+                r.preemptible = *preemptible;
+                r.priority = priority * 100;
+                r.started_ms = Some(*started);
+                r.tenant = tenants[*tenant].into();
+                usage.add(&r.tenant, "A100", 8);
+            }
+            let job = JobSpec::from_yaml(&format!(
+                "name: j\nresources: {{accelerators: {{A100: 8}}, nodes: {nodes}}}\ncommand: x\nestimated_duration: 1h\npriority: {}\n",
+                claimant_priority * 100
+            ))
+            .unwrap();
+            let now = 600_000;
+            let Some(e) = evict(tenants[claimant_tenant], &job, &(market.clone(), running.clone(), usage), now) else {
+                return Ok(());
+            };
+            let victims: Vec<&Running> = e
+                .victims
+                .iter()
+                .map(|id| running.iter().find(|r| &r.job_id == id).unwrap())
+                .collect();
+            let mut ids = e.victims.clone();
+            ids.dedup();
+            proptest::prop_assert_eq!(ids.len(), victims.len());
+            for v in &victims {
+                proptest::prop_assert!(v.preemptible);
+                proptest::prop_assert!(now - v.started_ms.unwrap() >= 60_000);
+                proptest::prop_assert!(v.priority <= claimant_priority * 100);
+                if v.priority == claimant_priority * 100 {
+                    proptest::prop_assert_ne!(v.tenant.as_str(), tenants[claimant_tenant]);
+                }
+            }
+            let macao = market.clusters.iter().find(|c| c.cluster.name == "macao-a100").unwrap();
+            let fits_without = |skip: Option<usize>| {
+                let mut state = macao.clone();
+                for (i, v) in victims.iter().enumerate() {
+                    if Some(i) != skip {
+                        state.give_back(&v.allocation);
+                    }
+                }
+                state.fit(8, job.resources.cpus, job.resources.memory_gb, nodes).is_some()
+            };
+            proptest::prop_assert!(fits_without(None), "the claimant fits once they stop");
+            for i in 0..victims.len() {
+                proptest::prop_assert!(!fits_without(Some(i)), "victim {} was not needed", i);
+            }
+        }
+    }
 }

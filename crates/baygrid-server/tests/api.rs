@@ -1120,22 +1120,50 @@ offers:
 round_trip_ms: []
 "#;
 
-#[tokio::test]
-async fn backfill_starts_only_jobs_that_end_before_the_first_blocked_jobs_reservation() {
-    let dir = tempfile::tempdir().unwrap();
-    let sites = dir.path().join("sites.yaml");
-    std::fs::write(&sites, ONE_CLUSTER).unwrap();
-    let config = ServerConfig {
+/// A server over [`ONE_CLUSTER`] with `nodes` nodes, scheduling every 50 ms, with `tweak`
+/// applied to its config; and its operator.
+async fn one_cluster(
+    dir: &std::path::Path,
+    nodes: u32,
+    tweak: impl FnOnce(&mut ServerConfig),
+) -> (baygrid_server::RunningServer, Client) {
+    let sites = dir.join("sites.yaml");
+    std::fs::write(
+        &sites,
+        ONE_CLUSTER.replace("nodes: 2,", &format!("nodes: {nodes},")),
+    )
+    .unwrap();
+    let mut config = ServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.path().join("server"),
+        data_dir: dir.join("server"),
         sites_file: sites.display().to_string(),
         schedule_interval: Duration::from_millis(50),
         heartbeat_interval: Duration::from_millis(200),
         lease_ttl: Duration::from_secs(60),
         ..ServerConfig::default()
     };
+    tweak(&mut config);
     let server = baygrid_server::start(config).await.unwrap();
     let operator = Client::new(&server.url(), Some(server.operator_token.clone()));
+    (server, operator)
+}
+
+/// Registers the Nansha cluster's agent with `nodes` nodes of 8 A800s; its client and
+/// the capacity it declared.
+async fn nansha_agent(operator: &Client, nodes: u32) -> (Client, Value) {
+    let agent = issue(operator, Role::Agent, Some("nansha-a800")).await;
+    let capacity = json!({"engine": "local", "nodes": nodes, "accelerators_per_node": 8, "cpus_per_node": 128, "memory_gb_per_node": 1024, "running_jobs": 0});
+    let _: Value = agent
+        .post("/api/v1/agent/register", &json!({"capacity": capacity}))
+        .await
+        .unwrap();
+    (agent, capacity)
+}
+
+#[tokio::test]
+async fn backfill_starts_only_jobs_that_end_before_the_first_blocked_jobs_reservation() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, operator) = one_cluster(dir.path(), 2, |_| {}).await;
     let lab = add_tenant(
         &operator,
         "gz-ai-lab",
@@ -1144,12 +1172,7 @@ async fn backfill_starts_only_jobs_that_end_before_the_first_blocked_jobs_reserv
         "100000.00 CNY",
     )
     .await;
-    let agent = issue(&operator, Role::Agent, Some("nansha-a800")).await;
-    let capacity = json!({"engine": "local", "nodes": 2, "accelerators_per_node": 8, "cpus_per_node": 128, "memory_gb_per_node": 1024, "running_jobs": 0});
-    let _: Value = agent
-        .post("/api/v1/agent/register", &json!({"capacity": capacity}))
-        .await
-        .unwrap();
+    let _agent = nansha_agent(&operator, 2).await;
     let job = |name: &str, nodes: u32, duration: &str| {
         spec(&format!(
             "name: {name}\nresources: {{accelerators: {{A800: 8}}, nodes: {nodes}}}\ncommand: 'sleep 1'\nestimated_duration: {duration}\n"
@@ -1199,38 +1222,23 @@ async fn backfill_starts_only_jobs_that_end_before_the_first_blocked_jobs_reserv
 
 #[tokio::test]
 async fn quotas_hold_a_tenant_to_its_share_and_borrowing_lends_the_cohorts_idle_quota() {
-    let dir = tempfile::tempdir().unwrap();
-    let sites = dir.path().join("sites.yaml");
-    // four nodes of eight, so room is never what holds a job back
-    std::fs::write(&sites, ONE_CLUSTER.replace("nodes: 2,", "nodes: 4,")).unwrap();
     let quota = |a800: u64| std::collections::BTreeMap::from([("A800".to_string(), a800)]);
-    let start = |borrowing: bool, data: &str| {
-        let config = ServerConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            data_dir: dir.path().join(data),
-            sites_file: sites.display().to_string(),
-            schedule_interval: Duration::from_millis(50),
-            heartbeat_interval: Duration::from_millis(200),
-            lease_ttl: Duration::from_secs(60),
-            tenant_quotas: [("gz-ai-lab", quota(8)), ("sz-fintech", quota(8))]
-                .into_iter()
-                .map(|(t, q)| (t.to_string(), q))
-                .collect(),
-            quota_borrowing: borrowing,
-            ..ServerConfig::default()
-        };
-        baygrid_server::start(config)
-    };
     let job = |name: &str, nodes: u32| {
         spec(&format!(
             "name: {name}\nresources: {{accelerators: {{A800: 8}}, nodes: {nodes}}}\ncommand: 'sleep 1'\nestimated_duration: 1h\n"
         ))
     };
     for borrowing in [false, true] {
-        let server = start(borrowing, if borrowing { "lend" } else { "own" })
-            .await
-            .unwrap();
-        let operator = Client::new(&server.url(), Some(server.operator_token.clone()));
+        // four nodes of eight, so room is never what holds a job back
+        let dir = tempfile::tempdir().unwrap();
+        let (server, operator) = one_cluster(dir.path(), 4, |c| {
+            c.tenant_quotas = [("gz-ai-lab", quota(8)), ("sz-fintech", quota(8))]
+                .into_iter()
+                .map(|(t, q)| (t.to_string(), q))
+                .collect();
+            c.quota_borrowing = borrowing;
+        })
+        .await;
         let mut tenants = Vec::new();
         for (name, city) in [
             ("gz-ai-lab", "guangzhou"),
@@ -1241,12 +1249,7 @@ async fn quotas_hold_a_tenant_to_its_share_and_borrowing_lends_the_cohorts_idle_
                 .push(add_tenant(&operator, name, Jurisdiction::CN, city, "100000.00 CNY").await);
         }
         let (lab, fintech, startup) = (&tenants[0], &tenants[1], &tenants[2]);
-        let agent = issue(&operator, Role::Agent, Some("nansha-a800")).await;
-        let capacity = json!({"engine": "local", "nodes": 4, "accelerators_per_node": 8, "cpus_per_node": 128, "memory_gb_per_node": 1024, "running_jobs": 0});
-        let _: Value = agent
-            .post("/api/v1/agent/register", &json!({"capacity": capacity}))
-            .await
-            .unwrap();
+        let _agent = nansha_agent(&operator, 4).await;
         // larger than the quota (alone) or the cohort's (borrowing): refused at once
         let too_big = if borrowing { 3 } else { 2 };
         let message = expect_error(
@@ -1312,20 +1315,10 @@ async fn quotas_hold_a_tenant_to_its_share_and_borrowing_lends_the_cohorts_idle_
 #[tokio::test]
 async fn an_urgent_job_preempts_a_preemptible_one_which_is_queued_again_once() {
     let dir = tempfile::tempdir().unwrap();
-    let sites = dir.path().join("sites.yaml");
-    std::fs::write(&sites, ONE_CLUSTER).unwrap();
-    let config = ServerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.path().join("server"),
-        sites_file: sites.display().to_string(),
-        schedule_interval: Duration::from_millis(50),
-        heartbeat_interval: Duration::from_millis(200),
-        lease_ttl: Duration::from_secs(60),
-        preemption_grace: Duration::from_millis(100),
-        ..ServerConfig::default()
-    };
-    let server = baygrid_server::start(config).await.unwrap();
-    let operator = Client::new(&server.url(), Some(server.operator_token.clone()));
+    let (server, operator) = one_cluster(dir.path(), 2, |c| {
+        c.preemption_grace = Duration::from_millis(100);
+    })
+    .await;
     let lab = add_tenant(
         &operator,
         "gz-ai-lab",
@@ -1342,12 +1335,7 @@ async fn an_urgent_job_preempts_a_preemptible_one_which_is_queued_again_once() {
         "100000.00 CNY",
     )
     .await;
-    let agent = issue(&operator, Role::Agent, Some("nansha-a800")).await;
-    let capacity = json!({"engine": "local", "nodes": 2, "accelerators_per_node": 8, "cpus_per_node": 128, "memory_gb_per_node": 1024, "running_jobs": 0});
-    let _: Value = agent
-        .post("/api/v1/agent/register", &json!({"capacity": capacity}))
-        .await
-        .unwrap();
+    let (agent, capacity) = nansha_agent(&operator, 2).await;
     let job = |name: &str, nodes: u32, extra: &str| {
         spec(&format!(
             "name: {name}\nresources: {{accelerators: {{A800: 8}}, nodes: {nodes}}}\ncommand: 'sleep 600'\nestimated_duration: 1h\n{extra}"
