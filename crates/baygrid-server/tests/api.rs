@@ -1262,49 +1262,31 @@ async fn quotas_hold_a_tenant_to_its_share_and_borrowing_lends_the_cohorts_idle_
         let first: JobView = lab.post("/api/v1/jobs", &job("first", 1)).await.unwrap();
         wait_state(lab, &first.id, JobState::Placed).await;
         let second: JobView = lab.post("/api/v1/jobs", &job("second", 1)).await.unwrap();
-        if borrowing {
+        let (client, waiting, expect) = if borrowing {
             // the fintech's idle quota is lent: the second runs beside the first
             wait_state(lab, &second.id, JobState::Placed).await;
             // the cohort now holds all 16 of its quota: the fintech, within its own, waits
             // for the borrowed nodes to come back
             let own: JobView = fintech.post("/api/v1/jobs", &job("own", 1)).await.unwrap();
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            let view: JobView = fintech
-                .get(&format!("/api/v1/jobs/{}", own.id))
-                .await
-                .unwrap();
-            assert_eq!(view.state, JobState::Queued, "{view:#?}");
-            let quote: QuoteView = fintech
-                .post("/api/v1/jobs/quote", &job("own", 1))
-                .await
-                .unwrap();
-            let line = &quote.quote.candidates[0];
-            assert_eq!(line.verdict, "waits", "{line:?}");
-            assert!(
-                line.reason.contains("the cohort holds 16 of its 16"),
-                "{}",
-                line.reason
-            );
+            (fintech, own, "the cohort holds 16 of its 16")
         } else {
-            // a free node, but the lab holds its 8: the second waits, and says why
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            let view: JobView = lab
-                .get(&format!("/api/v1/jobs/{}", second.id))
-                .await
-                .unwrap();
-            assert_eq!(view.state, JobState::Queued, "{view:#?}");
-            let quote: QuoteView = lab
-                .post("/api/v1/jobs/quote", &job("second", 1))
-                .await
-                .unwrap();
-            let line = &quote.quote.candidates[0];
-            assert_eq!(line.verdict, "waits", "{line:?}");
-            assert!(
-                line.reason.contains("gz-ai-lab holds 8 of its 8"),
-                "{}",
-                line.reason
-            );
-        }
+            // a free node, but the lab holds its 8: the second waits
+            (lab, second, "gz-ai-lab holds 8 of its 8")
+        };
+        // held back by the quota, and the quote says why
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let view: JobView = client
+            .get(&format!("/api/v1/jobs/{}", waiting.id))
+            .await
+            .unwrap();
+        assert_eq!(view.state, JobState::Queued, "{view:#?}");
+        let quote: QuoteView = client
+            .post("/api/v1/jobs/quote", &waiting.spec)
+            .await
+            .unwrap();
+        let line = &quote.quote.candidates[0];
+        assert_eq!(line.verdict, "waits", "{line:?}");
+        assert!(line.reason.contains(expect), "{}", line.reason);
         // a tenant with no quota is not limited by the others'
         let free: JobView = startup.post("/api/v1/jobs", &job("free", 1)).await.unwrap();
         wait_state(startup, &free.id, JobState::Placed).await;
