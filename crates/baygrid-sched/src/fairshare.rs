@@ -49,7 +49,6 @@ impl Usage {
             .or_default() += accelerators;
     }
 
-    /// The tenant's dominant share, 0 to 1 (models without capacity count as full).
     /// Takes `accelerators` of `model` off what the tenant holds (a job stopped).
     pub fn remove(&mut self, tenant: &str, model: &str, accelerators: u64) {
         if let Some(held) = self
@@ -70,6 +69,7 @@ impl Usage {
             .unwrap_or(0)
     }
 
+    /// The tenant's dominant share, 0 to 1 (models without capacity count as full).
     pub fn share(&self, tenant: &str) -> f64 {
         self.held.get(tenant).map_or(0.0, |models| {
             models

@@ -506,13 +506,11 @@ fn green_cost(compute: Money, weight: f64, green_share_pct: u8) -> Option<Money>
 /// to end after the job's deadline. It still waits (starts are estimates); the cycle fails
 /// the job once no cluster could finish in time even starting now.
 fn against_deadline(mut candidate: Candidate, spec: &JobSpec) -> Candidate {
-    if let (Verdict::Waits, Some(deadline), Some(start), Some(seconds)) = (
+    if let (Verdict::Waits, Some(deadline), Some(end)) = (
         &candidate.verdict,
         spec.deadline,
-        candidate.estimated_start_ms,
-        candidate.estimated_seconds,
+        candidate.expected_end_ms(),
     ) {
-        let end = start + seconds as i64 * 1000;
         if end > deadline.timestamp_millis() {
             candidate.reason.push_str(&format!(
                 "; expected to end at {}, after the deadline {}",
@@ -522,6 +520,14 @@ fn against_deadline(mut candidate: Candidate, spec: &JobSpec) -> Candidate {
         }
     }
     candidate
+}
+
+impl Candidate {
+    /// When the job is expected to end here: its estimated start plus its estimated
+    /// duration on this cluster's model; unknown without both.
+    pub fn expected_end_ms(&self) -> Option<Millis> {
+        Some(self.estimated_start_ms? + self.estimated_seconds? as i64 * 1000)
+    }
 }
 
 impl Quote {
@@ -539,11 +545,7 @@ impl Quote {
             .peekable();
         waiting.peek().is_some()
             && waiting.all(|c| {
-                c.verdict == Verdict::Waits
-                    && match (c.estimated_start_ms, c.estimated_seconds) {
-                        (Some(start), Some(s)) => start + s as i64 * 1000 > deadline,
-                        _ => false,
-                    }
+                c.verdict == Verdict::Waits && c.expected_end_ms().is_some_and(|end| end > deadline)
             })
     }
 }

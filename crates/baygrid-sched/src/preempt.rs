@@ -99,7 +99,6 @@ pub fn eviction(
             .into_iter()
             .filter(|r| {
                 r.preemptible
-                    && r.job_id != claimant.job_id
                     && r.started_ms.is_some_and(|s| now - s >= grace_ms)
                     && r.priority <= claimant.priority
             })

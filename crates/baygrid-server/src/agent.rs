@@ -155,6 +155,13 @@ pub async fn report(
     }
     let now = state.now();
     let reason = request.reason.clone();
+    // the job as it stands, read once, for a final status
+    let job = match request.status {
+        Some(AgentStatus::Succeeded | AgentStatus::Failed | AgentStatus::Cancelled) => {
+            Some(state.store.get_job(&id).await?)
+        }
+        _ => None,
+    };
     let report = match request.status {
         None => None,
         Some(AgentStatus::Running) => Some(Report::Running),
@@ -165,21 +172,20 @@ pub async fn report(
             ),
         }),
         Some(AgentStatus::Failed | AgentStatus::Cancelled)
-            if state.store.get_job(&id).await?.preempt_requested =>
+            if job.as_ref().is_some_and(|j| j.preempt_requested) =>
         {
             // stopped for another job: queued again, its stopped run not charged
-            let job = state.store.get_job(&id).await?;
+            let job = job.expect("checked by the guard");
             let why = job
                 .reason
-                .strip_prefix("being preempted: ")
-                .unwrap_or(&job.reason)
-                .to_string();
+                .strip_prefix(baygrid_store::PREEMPTING)
+                .unwrap_or(&job.reason);
             Some(Report::Lost {
                 reason: format!("preempted on {cluster}: {why}"),
             })
         }
         Some(status @ (AgentStatus::Succeeded | AgentStatus::Failed | AgentStatus::Cancelled)) => {
-            let job = state.store.get_job(&id).await?;
+            let job = job.expect("loaded for every final status");
             let final_state = match status {
                 AgentStatus::Succeeded => JobState::Succeeded,
                 AgentStatus::Failed => JobState::Failed,

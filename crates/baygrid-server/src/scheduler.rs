@@ -48,9 +48,9 @@ pub async fn run(state: AppState, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
-/// The market as it stands: agents' liveness and every active allocation taken off.
-/// The live market, what each tenant holds now (for the fair-share order and quotas), and
-/// the jobs holding nodes (for preemption).
+/// The market as it stands (agents' liveness and every active allocation taken off), what
+/// each tenant holds now (for the fair-share order and quotas), and the jobs holding nodes
+/// (for preemption).
 pub async fn live_market_and_usage(
     state: &AppState,
     catalog: &CatalogSnapshot,

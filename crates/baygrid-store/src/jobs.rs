@@ -144,6 +144,9 @@ fn check_lease(job: &JobRecord, cluster: &str, epoch: i64) -> Result<()> {
     }
 }
 
+/// What a job's reason starts with while its agent is being asked to stop it for another.
+pub const PREEMPTING: &str = "being preempted: ";
+
 /// How long a cluster that lost a job stays blocked for it by default: one minute after the
 /// first loss ([`Store::set_failover_backoff`] changes it), doubling with each attempt, at
 /// most an hour.
@@ -342,8 +345,8 @@ pub(crate) async fn submit_one(
     let spec = serde_json::to_string(&job.spec)
         .map_err(|e| StoreError::Corrupt(format!("job spec: {e}")))?;
     sqlx::query(
-        "INSERT INTO jobs (id, tenant, idempotency_key, name, spec, state, reason, priority, submitted_ms, updated_ms) \
-         VALUES ($1, $2, $3, $4, $5, 'queued', 'submitted', $6, $7, $7)",
+        "INSERT INTO jobs (id, tenant, idempotency_key, name, spec, state, reason, priority, submitted_ms, updated_ms, preemptible) \
+         VALUES ($1, $2, $3, $4, $5, 'queued', 'submitted', $6, $7, $7, $8)",
     )
     .bind(&job.id)
     .bind(&job.tenant)
@@ -352,6 +355,7 @@ pub(crate) async fn submit_one(
     .bind(spec)
     .bind(job.spec.priority as i64)
     .bind(job.now)
+    .bind(i64::from(job.spec.preemptible))
     .execute(&mut *conn)
     .await?;
     record_transition(
@@ -419,9 +423,9 @@ pub(crate) async fn submit_batch(
     let fresh = funded;
     for chunk in fresh.chunks(BATCH_ROWS) {
         let sql = multi_row_insert(
-            "INSERT INTO jobs (id, tenant, idempotency_key, name, spec, state, reason, priority, submitted_ms, updated_ms) VALUES ",
-            "({1}, {2}, {3}, {4}, {5}, 'queued', 'submitted', {6}, {7}, {7})",
-            7,
+            "INSERT INTO jobs (id, tenant, idempotency_key, name, spec, state, reason, priority, submitted_ms, updated_ms, preemptible) VALUES ",
+            "({1}, {2}, {3}, {4}, {5}, 'queued', 'submitted', {6}, {7}, {7}, {8})",
+            8,
             chunk.len(),
         );
         let mut query = sqlx::query(&sql);
@@ -436,7 +440,8 @@ pub(crate) async fn submit_batch(
                 .bind(job.spec.name.clone())
                 .bind(spec)
                 .bind(job.spec.priority as i64)
-                .bind(job.now);
+                .bind(job.now)
+                .bind(i64::from(job.spec.preemptible));
         }
         query.execute(&mut *conn).await?;
 
@@ -552,7 +557,7 @@ impl Store {
     /// Every placed or running job's allocation, whose it is and when it started.
     pub async fn active_allocations(&self) -> Result<Vec<ActiveAllocation>> {
         let rows = sqlx::query(
-            "SELECT id, priority, spec, preempt_requested, tenant, allocation, started_ms FROM jobs \
+            "SELECT id, priority, preemptible, preempt_requested, tenant, allocation, started_ms FROM jobs \
              WHERE state IN ('placed', 'running') AND allocation IS NOT NULL",
         )
         .fetch_all(self.pool())
@@ -560,13 +565,10 @@ impl Store {
         rows.iter()
             .map(|row| {
                 let text: String = row.try_get("allocation")?;
-                let spec: String = row.try_get("spec")?;
-                let spec: JobSpec = serde_json::from_str(&spec)
-                    .map_err(|e| StoreError::Corrupt(format!("job spec: {e}")))?;
                 Ok(ActiveAllocation {
                     job_id: row.try_get("id")?,
                     priority: row.try_get("priority")?,
-                    preemptible: spec.preemptible,
+                    preemptible: row.try_get::<i64, _>("preemptible")? != 0,
                     preempt_requested: row.try_get::<i64, _>("preempt_requested")? != 0,
                     tenant: row.try_get("tenant")?,
                     allocation: serde_json::from_str(&text)
@@ -653,7 +655,7 @@ impl Store {
                     return Ok(false);
                 }
                 sqlx::query("UPDATE jobs SET preempt_requested = 1, reason = $1, updated_ms = $2 WHERE id = $3")
-                    .bind(format!("being preempted: {reason}"))
+                    .bind(format!("{PREEMPTING}{reason}"))
                     .bind(now)
                     .bind(&job_id)
                     .execute(&mut *conn)

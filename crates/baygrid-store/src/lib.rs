@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use jobs::{
     failover_backoff, ActiveAllocation, ClusterBlock, HeartbeatOutcome, JobFilter, LeaseReport,
-    NewJob, Outcome, Report, FAILOVER_BACKOFF_MAX_MS, FAILOVER_BACKOFF_MS,
+    NewJob, Outcome, Report, FAILOVER_BACKOFF_MAX_MS, FAILOVER_BACKOFF_MS, PREEMPTING,
 };
 pub use ledger::{StatementLine, TransferRecord};
 pub use queries::{Ending, FusionRow, QueryRow, RecordRow, Spend, Spent, DELTA_UNIT, EPSILON_UNIT};
