@@ -177,6 +177,39 @@ pub struct TransferPrices {
     pub across_border: Money,
 }
 
+/// Which of the region's transfer prices moving data from one place to another pays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransferTier {
+    /// Within a city: free.
+    SameCity,
+    WithinJurisdiction,
+    AcrossBorder,
+}
+
+impl TransferTier {
+    /// The tier between two places, each a city and its jurisdiction.
+    pub fn between(from: (&str, Jurisdiction), to: (&str, Jurisdiction)) -> Self {
+        if from.0 == to.0 {
+            TransferTier::SameCity
+        } else if from.1 == to.1 {
+            TransferTier::WithinJurisdiction
+        } else {
+            TransferTier::AcrossBorder
+        }
+    }
+}
+
+impl TransferPrices {
+    /// The price per GB of a tier; none within a city.
+    pub fn per_gb(&self, tier: TransferTier) -> Option<Money> {
+        match tier {
+            TransferTier::SameCity => None,
+            TransferTier::WithinJurisdiction => Some(self.within_jurisdiction),
+            TransferTier::AcrossBorder => Some(self.across_border),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CatalogError {
     #[error("sites file: {0}")]

@@ -9,7 +9,7 @@ pub mod preempt;
 pub mod quota;
 pub mod replay;
 
-use baygrid_core::catalog::{RoundTrips, TransferPrices};
+use baygrid_core::catalog::{RoundTrips, TransferPrices, TransferTier};
 use baygrid_core::{
     AcceleratorModel, Allocation, Cluster, EngineKind, ExchangeRates, JobSpec, Jurisdiction,
     Millis, Money, Offer, Site,
@@ -476,11 +476,13 @@ fn transfer_cost(inputs: &[InputSite], market: &Market, site: &Site) -> Result<M
     let Some(prices) = &market.transfer_price_per_gb else {
         return Ok(total);
     };
-    for input in inputs.iter().filter(|i| i.city != site.city) {
-        let price = if input.jurisdiction == site.jurisdiction {
-            prices.within_jurisdiction
-        } else {
-            prices.across_border
+    for input in inputs {
+        let tier = TransferTier::between(
+            (&input.city, input.jurisdiction),
+            (&site.city, site.jurisdiction),
+        );
+        let Some(price) = prices.per_gb(tier) else {
+            continue;
         };
         let cost = market
             .rates

@@ -32,7 +32,7 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::fmt;
 use std::str::FromStr;
 
-use baygrid_core::catalog::RoundTrips;
+use baygrid_core::catalog::{RoundTrips, TransferTier};
 use baygrid_core::{Catalog, Jurisdiction};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -611,12 +611,13 @@ pub fn cost_on(
 ) -> CostBreakdown {
     let runtime_s = job.duration_s / pool.speed;
     let compute_cny = pool.price_cny_per_hour * f64::from(job.accelerators()) * runtime_s / 3600.0;
-    let transfer_cny = if pool.city == tenant.city {
-        0.0
-    } else if pool.jurisdiction == tenant.jurisdiction {
-        job.data_gb * region.transfer_within_cny_per_gb
-    } else {
-        job.data_gb * region.transfer_across_cny_per_gb
+    let transfer_cny = match TransferTier::between(
+        (&tenant.city, tenant.jurisdiction),
+        (&pool.city, pool.jurisdiction),
+    ) {
+        TransferTier::SameCity => 0.0,
+        TransferTier::WithinJurisdiction => job.data_gb * region.transfer_within_cny_per_gb,
+        TransferTier::AcrossBorder => job.data_gb * region.transfer_across_cny_per_gb,
     };
     let brown = 1.0 - f64::from(pool.green_share_pct) / 100.0;
     CostBreakdown {
