@@ -5,6 +5,7 @@
 
 pub mod fairshare;
 pub mod pack;
+pub mod patience;
 pub mod preempt;
 pub mod quota;
 pub mod replay;

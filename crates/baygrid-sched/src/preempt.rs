@@ -6,6 +6,11 @@
 //!   dominant share ÷ weight, and stays below once the victim has stopped and the job has
 //!   started (so the shares never flip back: the eviction restores fair share).
 //!
+//! With quotas and borrowing, a job that the cohort's quota holds back while its own tenant
+//! stays within its own nominal quota may also stop borrowers' preemptible jobs (tenants
+//! holding more than their own quota of the model), at its priority or below, until the
+//! cohort has room for it: borrowed quota is reclaimed (Kueue's reclaim within a cohort).
+//!
 //! Among the clusters where stopping eligible jobs would let the job fit now, the one
 //! that throws the least work away is chosen (accelerators × seconds run, then fewest
 //! jobs); within a cluster the victims are the lowest priority first, then those that
@@ -14,6 +19,7 @@
 use baygrid_core::{Allocation, JobSpec, Millis};
 
 use crate::fairshare::Usage;
+use crate::quota::{QuotaBlock, Quotas};
 use crate::{Market, Quote, Requester, Verdict};
 
 /// A job holding nodes now.
@@ -52,13 +58,14 @@ pub struct Claimant<'a> {
 }
 
 /// The eviction that lets `claimant` start now, if any. Clusters blocked for the job,
-/// offline, or over its quota are not considered, nor is any cluster while a job there is
-/// already being stopped.
+/// offline, or over its quota (unless it may reclaim borrowed quota there) are not
+/// considered, nor is any cluster while a job there is already being stopped.
 pub fn eviction(
     claimant: Claimant<'_>,
     market: &Market,
     running: &[Running],
     usage: &Usage,
+    quotas: &Quotas,
     now: Millis,
     grace_ms: Millis,
 ) -> Option<Eviction> {
@@ -83,9 +90,39 @@ pub fn eviction(
             .blocked
             .iter()
             .any(|b| b.cluster == candidate.cluster && b.until_ms > now);
-        if !state.online || blocked || requester.over_quota.contains_key(model) {
+        if !state.online || blocked {
             continue;
         }
+        let per_node = candidate.accelerators / candidate.nodes.max(1);
+        let asked = u64::from(candidate.accelerators);
+        // over the cohort's quota but within its own: it may reclaim what others borrow
+        let own = |tenant: &str| {
+            quotas
+                .nominal
+                .get(tenant)
+                .map(|q| q.get(model.as_str()).copied().unwrap_or(0))
+        };
+        let cohort: u64 = quotas
+            .nominal
+            .values()
+            .map(|q| q.get(model.as_str()).copied().unwrap_or(0))
+            .sum();
+        let cohort_used =
+            |shares: &Usage| -> u64 { quotas.nominal.keys().map(|t| shares.held(t, model)).sum() };
+        let reclaiming = match requester.over_quota.get(model.as_str()) {
+            None => false,
+            Some(QuotaBlock::NotNow(_))
+                if quotas.borrowing
+                    && own(claimant.tenant)
+                        .is_some_and(|own| usage.held(claimant.tenant, model) + asked <= own) =>
+            {
+                true
+            }
+            Some(_) => continue,
+        };
+        let borrows = |shares: &Usage, tenant: &str| {
+            own(tenant).is_some_and(|own| shares.held(tenant, model) > own)
+        };
         let here: Vec<&Running> = running
             .iter()
             .filter(|r| r.allocation.cluster == candidate.cluster)
@@ -93,8 +130,6 @@ pub fn eviction(
         if here.iter().any(|r| r.stopping) {
             continue;
         }
-        let per_node = candidate.accelerators / candidate.nodes.max(1);
-        let asked = u64::from(candidate.accelerators);
         let mut eligible: Vec<&Running> = here
             .into_iter()
             .filter(|r| {
@@ -107,9 +142,11 @@ pub fn eviction(
         eligible.sort_by_key(|r| (r.priority, std::cmp::Reverse(r.started_ms)));
         let mut trial = state.clone();
         let mut shares = usage.clone();
+        // what the cohort holds without the claimant, as victims are chosen
+        let mut quota_trial = usage.clone();
         shares.add(claimant.tenant, model, asked);
         let mut chosen: Vec<&Running> = Vec::new();
-        let fits = |s: &crate::ClusterState| {
+        let room = |s: &crate::ClusterState, held: &Usage| {
             s.fit(
                 per_node,
                 resources.cpus,
@@ -117,14 +154,22 @@ pub fn eviction(
                 resources.nodes,
             )
             .is_some()
+                && (!reclaiming || cohort_used(held) + asked <= cohort)
         };
         for victim in eligible {
-            if fits(&trial) {
+            if room(&trial, &quota_trial) {
                 break;
             }
             let victim_model = victim.allocation.accelerator.as_deref().unwrap_or(model);
             let victim_accelerators = u64::from(victim.allocation.total_accelerators());
-            if victim.priority == claimant.priority {
+            let reclaim = reclaiming
+                && victim.tenant != claimant.tenant
+                && borrows(&quota_trial, &victim.tenant);
+            if reclaiming && !reclaim {
+                // the claimant needs quota back: only a borrower's job returns it
+                continue;
+            }
+            if victim.priority == claimant.priority && !reclaim {
                 // fair share: the victim's tenant must stay above the claimant's
                 if victim.tenant == claimant.tenant {
                     continue;
@@ -136,10 +181,11 @@ pub fn eviction(
                 }
             }
             shares.remove(&victim.tenant, victim_model, victim_accelerators);
+            quota_trial.remove(&victim.tenant, victim_model, victim_accelerators);
             trial.give_back(&victim.allocation);
             chosen.push(victim);
         }
-        if !fits(&trial) {
+        if !room(&trial, &quota_trial) {
             continue;
         }
         // spare any victim not needed, last chosen first
@@ -147,12 +193,18 @@ pub fn eviction(
         while i > 0 {
             i -= 1;
             let mut without = state.clone();
+            let mut held = usage.clone();
             for (j, v) in chosen.iter().enumerate() {
                 if j != i {
                     without.give_back(&v.allocation);
+                    held.remove(
+                        &v.tenant,
+                        v.allocation.accelerator.as_deref().unwrap_or(model),
+                        u64::from(v.allocation.total_accelerators()),
+                    );
                 }
             }
-            if fits(&without) {
+            if room(&without, &held) {
                 chosen.remove(i);
             }
         }
@@ -166,7 +218,12 @@ pub fn eviction(
         let why = chosen
             .iter()
             .map(|v| {
-                if v.priority < claimant.priority {
+                if reclaiming {
+                    format!(
+                        "{} ({} borrows {}'s quota of {model})",
+                        v.job_id, v.tenant, claimant.tenant
+                    )
+                } else if v.priority < claimant.priority {
                     format!(
                         "{} (priority {} < {})",
                         v.job_id, v.priority, claimant.priority
@@ -280,6 +337,7 @@ mod tests {
             market,
             running,
             usage,
+            &Quotas::default(),
             now,
             60_000,
         )
@@ -329,6 +387,77 @@ mod tests {
         let (market, running, mut usage) = full([true; 4]);
         usage.add("b", "A100", 24);
         assert!(evict("b", &job, &(market, running, usage), 1_000_000).is_none());
+    }
+
+    #[test]
+    fn a_tenant_within_its_quota_reclaims_what_a_borrower_holds() {
+        // a's quota is 8 A100s, b's 24; a holds all four nodes (24 of them borrowed), all
+        // preemptible. b, within its own quota, may stop a's jobs until the cohort has room
+        // for its 8; a job of a's own may not (a already holds more than its quota).
+        let state = full([true; 4]);
+        let (market, running, usage) = &state;
+        let quotas = Quotas {
+            nominal: BTreeMap::from([
+                ("a".to_string(), BTreeMap::from([("A100".to_string(), 8)])),
+                ("b".to_string(), BTreeMap::from([("A100".to_string(), 24)])),
+            ]),
+            borrowing: true,
+        };
+        let job = spec("");
+        let claim = |tenant: &str| {
+            let mut asking = requester();
+            asking.over_quota = quotas.blocks(usage, tenant, &job);
+            let quote = CheapestFeasible.quote(&job, &asking, market, 1_000_000);
+            eviction(
+                Claimant {
+                    job_id: "claimant",
+                    tenant,
+                    priority: 0,
+                    spec: &job,
+                    requester: &asking,
+                    quote: &quote,
+                },
+                market,
+                running,
+                usage,
+                &quotas,
+                1_000_000,
+                60_000,
+            )
+        };
+        let e = claim("b").unwrap();
+        assert_eq!(e.victims, ["job-3"], "the one that has run least");
+        assert!(
+            e.reason.contains("a borrows b's quota of A100"),
+            "{}",
+            e.reason
+        );
+        // a tenant past its own quota reclaims nothing (and fair share stops nothing for a
+        // job its quota holds back)
+        let mut c_quotas = quotas.clone();
+        c_quotas
+            .nominal
+            .insert("c".to_string(), BTreeMap::from([("A100".to_string(), 0)]));
+        let mut asking = requester();
+        asking.over_quota = c_quotas.blocks(usage, "c", &job);
+        let quote = CheapestFeasible.quote(&job, &asking, market, 1_000_000);
+        let none = eviction(
+            Claimant {
+                job_id: "claimant",
+                tenant: "c",
+                priority: 0,
+                spec: &job,
+                requester: &asking,
+                quote: &quote,
+            },
+            market,
+            running,
+            usage,
+            &c_quotas,
+            1_000_000,
+            60_000,
+        );
+        assert!(none.is_none(), "{none:?}");
     }
 
     proptest::proptest! {

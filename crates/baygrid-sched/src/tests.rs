@@ -382,3 +382,63 @@ fn a_busy_cluster_quotes_when_running_work_is_expected_to_end() {
     assert!(!quote.candidates[0].reason.contains("deadline"));
     assert!(!quote.misses_deadline(&fine));
 }
+
+#[test]
+fn a_latency_insensitive_job_may_wait_for_a_cheaper_cluster_about_to_free() {
+    let mut market = market();
+    let qianhai = cluster_mut(&mut market, "qianhai-h800");
+    let fill = |qianhai: &mut ClusterState, end| {
+        for node in 0..qianhai.cluster.nodes {
+            let alloc = state_allocation(qianhai, node, 8);
+            qianhai.take_until(&alloc, Some(end));
+        }
+    };
+    fill(qianhai, 100_000);
+    let spec = job("[{H800: 8}, {Ascend910B: 8}, {A100: 8}]", 1, "");
+    let patience = crate::patience::Patience::default();
+    // Qianhai (55.49 CNY) is full until 100 s; Cyberport fits now at 69.61 CNY, 1,135 s,
+    // so the job may wait a fifth of that (227 s) from its submission
+    let quote = CheapestFeasible.quote(&spec, &guangzhou(), &market, 0);
+    assert_eq!(quote.chosen().unwrap().cluster, "cyberport-h800");
+    let wait = patience.wait_in(&quote, &spec, 0, |_| false).unwrap();
+    assert_eq!(wait.cluster, "qianhai-h800");
+    assert_eq!(wait.estimated_start_ms, Some(100_000));
+    // not an interactive one, nor one whose deadline waiting would miss (Qianhai would end
+    // it at 100 s + 1,135 s)
+    let interactive = job(
+        "[{H800: 8}, {Ascend910B: 8}, {A100: 8}]",
+        1,
+        "latency_sensitive: true",
+    );
+    let quote_near = CheapestFeasible.quote(&interactive, &guangzhou(), &market, 0);
+    assert!(patience
+        .wait_in(&quote_near, &interactive, 0, |_| false)
+        .is_none());
+    let due = |at: &str| {
+        job(
+            "[{H800: 8}, {Ascend910B: 8}, {A100: 8}]",
+            1,
+            &format!("deadline: {at}"),
+        )
+    };
+    let tight = due("1970-01-01T00:20:00Z");
+    assert!(patience.wait_in(&quote, &tight, 0, |_| false).is_none());
+    let loose = due("1970-01-01T00:21:00Z");
+    assert!(patience.wait_in(&quote, &loose, 0, |_| false).is_some());
+    // nor for a cluster another job has reserved
+    assert!(patience
+        .wait_in(&quote, &spec, 0, |c| c == "qianhai-h800")
+        .is_none());
+    // submitted 200 s before, it has waited long enough
+    assert!(patience
+        .wait_in(&quote, &spec, -200_000, |_| false)
+        .is_none());
+    // full for 300 s: too long to wait
+    let mut market = crate::tests::market();
+    fill(cluster_mut(&mut market, "qianhai-h800"), 300_000);
+    let quote = CheapestFeasible.quote(&spec, &guangzhou(), &market, 0);
+    assert!(patience.wait_in(&quote, &spec, 0, |_| false).is_none());
+    // nothing to wait for when the cheapest fits now
+    let quote = CheapestFeasible.quote(&spec, &guangzhou(), &crate::tests::market(), 0);
+    assert!(patience.wait_in(&quote, &spec, 0, |_| false).is_none());
+}

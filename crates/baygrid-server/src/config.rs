@@ -94,6 +94,15 @@ pub struct ServerConfig {
     /// A preemptible job runs at least this long before it may be stopped for another.
     #[serde(with = "humantime_serde")]
     pub preemption_grace: Duration,
+    /// A latency-insensitive job that fits now only on a dearer cluster may wait for a
+    /// cheaper one expected to free up, for up to this share of its estimated run time from
+    /// its submission (0: never waits).
+    pub patience_share: f64,
+    /// The longest such wait.
+    #[serde(with = "humantime_serde")]
+    pub patience_cap: Duration,
+    /// The least saving, as a share of the cost now, worth that wait.
+    pub patience_saving: f64,
 }
 
 impl Default for ServerConfig {
@@ -123,6 +132,11 @@ impl Default for ServerConfig {
             tenant_quotas: Default::default(),
             quota_borrowing: true,
             preemption_grace: Duration::from_secs(60),
+            patience_share: baygrid_sched::patience::Patience::default().share,
+            patience_cap: Duration::from_secs_f64(
+                baygrid_sched::patience::Patience::default().cap_s,
+            ),
+            patience_saving: baygrid_sched::patience::Patience::default().saving,
             priority_classes: [
                 ("urgent", 500),
                 ("high", 100),
@@ -142,6 +156,15 @@ impl ServerConfig {
         baygrid_sched::quota::Quotas {
             nominal: self.tenant_quotas.clone(),
             borrowing: self.quota_borrowing,
+        }
+    }
+
+    /// How long a latency-insensitive job may wait for a cheaper cluster.
+    pub fn patience(&self) -> baygrid_sched::patience::Patience {
+        baygrid_sched::patience::Patience {
+            share: self.patience_share,
+            cap_s: self.patience_cap.as_secs_f64(),
+            saving: self.patience_saving,
         }
     }
 
@@ -184,6 +207,10 @@ impl ServerConfig {
                 "green_weight: must be between 0 and 10, got {}",
                 self.green_weight
             ));
+        }
+        if let Err((field, problem)) = self.patience().validate() {
+            let field = if field == "cap_s" { "cap" } else { field };
+            return Err(format!("patience_{field}: {problem}"));
         }
         if self.fee_bps > 10_000 {
             return Err("fee_bps must be at most 10000 (100%)".into());
@@ -289,6 +316,12 @@ mod tests {
         assert!(err.contains("green_weight"), "{err}");
         std::fs::write(&path, "green_weight = 0.05").unwrap();
         assert_eq!(ServerConfig::load(&path).unwrap().green_weight, 0.05);
+        std::fs::write(&path, "patience_saving = 1.5").unwrap();
+        let err = ServerConfig::load(&path).unwrap_err().to_string();
+        assert!(err.contains("patience_saving"), "{err}");
+        std::fs::write(&path, "patience_share = 0\npatience_cap = \"2h\"").unwrap();
+        let patience = ServerConfig::load(&path).unwrap().patience();
+        assert_eq!((patience.share, patience.cap_s), (0.0, 7200.0));
         std::fs::write(
             &path,
             "quota_borrowing = false\n[tenant_quotas.gz-ai-lab]\nH800 = 16\n",

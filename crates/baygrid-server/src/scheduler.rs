@@ -149,6 +149,7 @@ pub async fn cycle(state: &AppState) -> Result<usize, ApiError> {
     let catalog = state.catalog();
     let (mut market, mut usage, running) = live_market_and_usage(state, &catalog, now).await?;
     let quotas = state.config.quotas();
+    let patience = state.config.patience();
     // higher priority first; within it, the least-served tenant (dominant share), then age
     let order = fairshare::order(
         &queued
@@ -168,10 +169,10 @@ pub async fn cycle(state: &AppState) -> Result<usize, ApiError> {
     let mut placed = 0;
     let mut blocks = state.store.cluster_blocks(now).await?;
     let mut inputs_judged: BTreeMap<InputsKey, BTreeMap<String, String>> = BTreeMap::new();
-    // EASY backfill: the first job in order that fits nowhere now reserves the cluster where
-    // it is expected to start first; a later job takes that cluster only if it is expected
-    // to end before then, so it never delays the reservation
-    let mut reservation: Option<Reservation> = None;
+    // backfill: each cluster's reservation goes to the first job in order that fits nowhere
+    // now and is expected to start there first; a later job takes a reserved cluster only if
+    // it is expected to end before then, so it never delays the reservation
+    let mut reservations: BTreeMap<String, Reservation> = BTreeMap::new();
     for job in queued {
         let Some(mut requester) = catalog.requester(&job.tenant, &job.spec) else {
             let reason = format!("tenant `{}` no longer exists", job.tenant);
@@ -223,20 +224,50 @@ pub async fn cycle(state: &AppState) -> Result<usize, ApiError> {
         }
         requester.over_quota = quotas.blocks(&usage, &job.tenant, &job.spec);
         let mut quote = state.placer.quote(&job.spec, &requester, &market, now);
-        if let (Some(r), Some(allocation)) = (&reservation, quote.allocation(&job.spec)) {
+        // each reserved cluster it would hold past the reservation's start is blocked for it
+        while let Some(allocation) = quote.allocation(&job.spec) {
             let ends = allocation.estimated_seconds.map(|s| now + s as i64 * 1000);
-            if allocation.cluster == r.cluster && ends.is_none_or(|e| e > r.start_ms) {
-                requester.blocked.push(baygrid_sched::BlockedCluster {
-                    cluster: r.cluster.clone(),
-                    until_ms: r.start_ms,
-                    reason: format!(
-                        "reserved from {} for job {}, which is ahead in the queue",
-                        baygrid_core::millis_to_rfc3339(r.start_ms),
-                        r.job
-                    ),
-                });
-                quote = state.placer.quote(&job.spec, &requester, &market, now);
-            }
+            let Some(r) = reservations
+                .get(&allocation.cluster)
+                .filter(|r| ends.is_none_or(|e| e > r.start_ms))
+            else {
+                break;
+            };
+            requester.blocked.push(baygrid_sched::BlockedCluster {
+                cluster: r.cluster.clone(),
+                until_ms: r.start_ms,
+                reason: format!(
+                    "reserved from {} for job {}, which is ahead in the queue",
+                    baygrid_core::millis_to_rfc3339(r.start_ms),
+                    r.job
+                ),
+            });
+            quote = state.placer.quote(&job.spec, &requester, &market, now);
+        }
+        // a latency-insensitive job may wait a little for a cheaper cluster about to free,
+        // holding its nodes as the reservation meanwhile
+        let cheaper = patience.wait_in(&quote, &job.spec, job.submitted_ms, |cluster| {
+            reservations.contains_key(cluster)
+        });
+        if let Some(later) = cheaper {
+            let start_ms = later
+                .estimated_start_ms
+                .expect("waited-for clusters have a start");
+            tracing::debug!(
+                job = %job.id,
+                cluster = %later.cluster,
+                start = %baygrid_core::millis_to_rfc3339(start_ms),
+                "waiting for a cheaper cluster"
+            );
+            reservations.insert(
+                later.cluster.clone(),
+                Reservation {
+                    cluster: later.cluster.clone(),
+                    start_ms,
+                    job: job.id.to_string(),
+                },
+            );
+            continue;
         }
         if let Some(allocation) = quote.allocation(&job.spec) {
             let chosen = quote.chosen().expect("an allocation has a chosen cluster");
@@ -285,10 +316,10 @@ pub async fn cycle(state: &AppState) -> Result<usize, ApiError> {
                 quote.rejection_summary(),
                 now,
             )));
-        } else if reservation.is_none() {
-            // the first job in order that cannot start: stop preemptible jobs for it when
-            // its priority or its tenant's fair share entitles it (it starts in a later
-            // cycle, once they have stopped)
+        } else {
+            // the first job in order that cannot start (while nothing is reserved): stop
+            // preemptible jobs for it when its priority or its tenant's fair share entitles
+            // it (it starts in a later cycle, once they have stopped)
             let claimant = baygrid_sched::preempt::Claimant {
                 job_id: &job.id,
                 tenant: &job.tenant,
@@ -297,14 +328,21 @@ pub async fn cycle(state: &AppState) -> Result<usize, ApiError> {
                 requester: &requester,
                 quote: &quote,
             };
-            if let Some(eviction) = baygrid_sched::preempt::eviction(
-                claimant,
-                &market,
-                &running,
-                &usage,
-                now,
-                state.config.preemption_grace.as_millis() as i64,
-            ) {
+            let eviction = reservations
+                .is_empty()
+                .then(|| {
+                    baygrid_sched::preempt::eviction(
+                        claimant,
+                        &market,
+                        &running,
+                        &usage,
+                        &quotas,
+                        now,
+                        state.config.preemption_grace.as_millis() as i64,
+                    )
+                })
+                .flatten();
+            if let Some(eviction) = eviction {
                 for victim in &eviction.victims {
                     if state
                         .store
@@ -315,24 +353,34 @@ pub async fn cycle(state: &AppState) -> Result<usize, ApiError> {
                         tracing::info!(job = %victim, reason = %eviction.reason, "preempting");
                     }
                 }
-                reservation = Some(Reservation {
-                    cluster: eviction.cluster.clone(),
-                    start_ms: now,
-                    job: job.id.to_string(),
-                });
+                reservations.insert(
+                    eviction.cluster.clone(),
+                    Reservation {
+                        cluster: eviction.cluster.clone(),
+                        start_ms: now,
+                        job: job.id.to_string(),
+                    },
+                );
                 continue;
             }
-            reservation = quote
+            // it reserves the cluster, not yet reserved, where it is expected to start first
+            if let Some((start_ms, c)) = quote
                 .candidates
                 .iter()
                 .filter(|c| c.verdict == baygrid_sched::Verdict::Waits)
+                .filter(|c| !reservations.contains_key(&c.cluster))
                 .filter_map(|c| c.estimated_start_ms.map(|at| (at, c)))
                 .min_by_key(|(at, _)| *at)
-                .map(|(at, c)| Reservation {
-                    cluster: c.cluster.clone(),
-                    start_ms: at,
-                    job: job.id.to_string(),
-                });
+            {
+                reservations.insert(
+                    c.cluster.clone(),
+                    Reservation {
+                        cluster: c.cluster.clone(),
+                        start_ms,
+                        job: job.id.to_string(),
+                    },
+                );
+            }
         }
     }
     for result in futures::future::join_all(writes).await {

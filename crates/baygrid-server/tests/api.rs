@@ -1433,3 +1433,79 @@ async fn an_urgent_job_preempts_a_preemptible_one_which_is_queued_again_once() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_batch_job_waits_for_a_cheaper_cluster_about_to_free_and_a_short_one_does_not() {
+    // Nansha's one node (16 CNY) is busy for an hour; a dearer cluster beside it (24 CNY)
+    // is free. A ten-hour batch job may wait two hours: it waits for Nansha. A ten-minute job
+    // may wait two minutes: it takes the dear cluster now.
+    let dir = tempfile::tempdir().unwrap();
+    let sites = dir.path().join("sites.yaml");
+    let two = ONE_CLUSTER
+        .replace("nodes: 2,", "nodes: 1,")
+        .replace(
+            "offers:\n",
+            "  - { name: tianhe-a800, site: guangzhou-nansha, provider: nansha-ai-center, engine: local, nodes: 1, accelerator: A800, accelerators_per_node: 8, cpus_per_node: 128, memory_gb_per_node: 1024 }\noffers:\n  - { cluster: tianhe-a800, price_per_accelerator_hour: \"24.00 CNY\" }\n",
+        );
+    std::fs::write(&sites, two).unwrap();
+    let config = ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.path().join("server"),
+        sites_file: sites.display().to_string(),
+        schedule_interval: Duration::from_millis(50),
+        heartbeat_interval: Duration::from_millis(200),
+        lease_ttl: Duration::from_secs(60),
+        ..ServerConfig::default()
+    };
+    let server = baygrid_server::start(config).await.unwrap();
+    let operator = Client::new(&server.url(), Some(server.operator_token.clone()));
+    let lab = add_tenant(
+        &operator,
+        "gz-ai-lab",
+        Jurisdiction::CN,
+        "guangzhou",
+        "100000.00 CNY",
+    )
+    .await;
+    let _nansha = nansha_agent(&operator, 1).await;
+    let tianhe = issue(&operator, Role::Agent, Some("tianhe-a800")).await;
+    let capacity = json!({"engine": "local", "nodes": 1, "accelerators_per_node": 8, "cpus_per_node": 128, "memory_gb_per_node": 1024, "running_jobs": 0});
+    let _: Value = tianhe
+        .post("/api/v1/agent/register", &json!({"capacity": capacity}))
+        .await
+        .unwrap();
+    let job = |name: &str, duration: &str, extra: &str| {
+        spec(&format!(
+            "name: {name}\nresources: {{accelerators: {{A800: 8}}, nodes: 1}}\ncommand: 'sleep 1'\nestimated_duration: {duration}\n{extra}"
+        ))
+    };
+    let submit = |s: JobSpec| {
+        let lab = &lab;
+        async move { lab.post::<_, JobView>("/api/v1/jobs", &s).await.unwrap() }
+    };
+    let first = submit(job("first", "1h", "")).await;
+    let placed = wait_state(&lab, &first.id, JobState::Placed).await;
+    assert_eq!(placed.cluster.as_deref(), Some("nansha-a800"));
+    // an interactive job never waits: it takes the dear cluster at once
+    let hurried = submit(job("hurried", "10h", "latency_sensitive: true")).await;
+    let placed = wait_state(&lab, &hurried.id, JobState::Placed).await;
+    assert_eq!(placed.cluster.as_deref(), Some("tianhe-a800"));
+    let _: Value = lab
+        .post(&format!("/api/v1/jobs/{}/cancel", hurried.id), &json!({}))
+        .await
+        .unwrap();
+    wait_state(&lab, &hurried.id, JobState::Cancelled).await;
+    // the batch job waits for Nansha though Tianhe is free again
+    let patient = submit(job("patient", "10h", "")).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let view: JobView = lab
+        .get(&format!("/api/v1/jobs/{}", patient.id))
+        .await
+        .unwrap();
+    assert_eq!(view.state, JobState::Queued, "{view:#?}");
+    // a short one may not wait an hour: it takes Tianhe
+    let short = submit(job("short", "10m", "")).await;
+    let placed = wait_state(&lab, &short.id, JobState::Placed).await;
+    assert_eq!(placed.cluster.as_deref(), Some("tianhe-a800"));
+    server.stop().await;
+}

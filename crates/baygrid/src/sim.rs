@@ -8,6 +8,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use baygrid_core::Catalog;
 use baygrid_sched::pack::{self, PackHarness, PackPolicy, PackRun};
+use baygrid_sched::patience::Patience;
 use baygrid_sched::replay::{self, DispatchConfig, ReplayPolicy, ReplayResult};
 use clap::ValueEnum;
 use serde::Serialize;
@@ -89,6 +90,16 @@ pub struct SimArgs {
     /// Replay, with --quota: tenants may not borrow the cohort's unused quota.
     #[arg(long, requires = "quota")]
     pub no_borrowing: bool,
+    /// Replay: a latency-insensitive job may wait up to this share of its run time for a
+    /// cheaper pool expected to free up (0: never waits).
+    #[arg(long, default_value_t = Patience::default().share)]
+    pub patience_share: f64,
+    /// Replay: the longest such wait, in seconds.
+    #[arg(long, default_value_t = Patience::default().cap_s)]
+    pub patience_cap_s: f64,
+    /// Replay: the least saving (a share of the cost now) worth that wait.
+    #[arg(long, default_value_t = Patience::default().saving)]
+    pub patience_saving: f64,
 }
 
 pub fn run(args: &Args, sim: &SimArgs) -> anyhow::Result<ExitCode> {
@@ -340,7 +351,15 @@ fn run_replay(args: &Args, sim: &SimArgs) -> anyhow::Result<ExitCode> {
         preemption_wait_s: sim.preemption_wait_s,
         grace_s: sim.grace_s,
         borrowing: !sim.no_borrowing,
+        patience: Patience {
+            share: sim.patience_share,
+            cap_s: sim.patience_cap_s,
+            saving: sim.patience_saving,
+        },
     };
+    config.patience.validate().map_err(|(field, problem)| {
+        anyhow::anyhow!("--patience-{}: {problem}", field.replace('_', "-"))
+    })?;
     if let Some(scale) = sim.quota {
         replay::set_quotas(&mut tenants, scale)?;
     }

@@ -814,6 +814,31 @@ fn sim_replay_runs_three_policies_with_the_bound_and_names_bad_input() {
     );
     assert!(!bad.status.success());
     assert!(stderr(&bad).contains("`load`"), "{}", stderr(&bad));
+    let bad = baygrid(
+        &[
+            "sim",
+            "--mode",
+            "replay",
+            "--synthetic",
+            "--load",
+            "0.5",
+            "--jobs",
+            "10",
+            "--seed",
+            "1",
+            "--runtimes",
+            runtimes,
+            "--patience-saving",
+            "1",
+        ],
+        &[],
+    );
+    assert!(!bad.status.success());
+    assert!(
+        stderr(&bad).contains("--patience-saving: 1 must be from 0 up to"),
+        "{}",
+        stderr(&bad)
+    );
     // preemptible batch jobs on an oversubscribed region: evictions, each requeued once
     let preempting = |share: &str| {
         baygrid(

@@ -13,10 +13,18 @@
 //!   price in CNY × accelerators × the duration scaled by the reference model's BF16 TFLOPS
 //!   over the pool's), plus data transfer, plus a green term (weight × the site's non-green
 //!   share × compute); ties go to the shorter round trip;
-//! - **backfill** (EASY): the first job in order that fits nowhere gets a reservation on the
-//!   pool where it can start earliest, computed from running jobs' estimated ends, when that
-//!   start is within the reservation horizon (a day by default); later jobs may use the
-//!   reserved nodes only if they end before the reservation starts;
+//! - **patience**: a latency-insensitive job that fits now only on a dearer pool may wait
+//!   for a cheaper one expected to free up by a share of its run time after it arrived
+//!   ([`crate::patience`]); it waits only when it can hold the backfill reservation on the
+//!   cheaper pool's nodes meanwhile (so backfill cannot take them and leave it waiting for
+//!   nothing);
+//! - **backfill** (EASY, one reservation per pool): a job in order that fits nowhere gets
+//!   the reservation of the pool where it can start earliest, computed from running jobs'
+//!   estimated ends, among the pools no job ahead of it has reserved, when that start is
+//!   within the reservation horizon (a day by default); it keeps it until it starts (or a
+//!   job of a higher class takes it over). Later jobs may use the reserved nodes only if
+//!   they end before the reservation starts. With one reservation in the whole region, a
+//!   gang blocked on one pool left every other pool's gangs unprotected;
 //! - **fail fast**: a job no pool could ever hold (models, jurisdictions, latency, gang
 //!   size) is rejected at arrival with the reason, under every policy.
 //!
@@ -34,6 +42,8 @@ use std::str::FromStr;
 
 use baygrid_core::catalog::{RoundTrips, TransferTier};
 use baygrid_core::{Catalog, Jurisdiction};
+
+use crate::patience::{Later, Patience};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -474,8 +484,8 @@ pub struct DispatchConfig {
     pub green_weight: f64,
     /// A blocked job reserves nodes only when it could start on them within this many
     /// seconds; a reservation further out would keep its nodes from long jobs for longer than
-    /// it can save (on the sample region at load 0.85, one day: mean wait 215 s; no limit:
-    /// 320 s, with a longer longest wait).
+    /// it can save (on the sample region at load 0.85, one day: mean wait 217 s; no limit:
+    /// 322 s).
     pub reservation_horizon_s: f64,
     /// A blocked job that could not start within this many seconds by running jobs' ends
     /// may evict preemptible jobs instead: of a lower priority class, or of a tenant that
@@ -489,6 +499,9 @@ pub struct DispatchConfig {
     /// is in one cohort); borrowed capacity is reclaimed by preempting the borrower's
     /// preemptible jobs when a tenant within its own quota needs it.
     pub borrowing: bool,
+    /// How long a latency-insensitive job may wait for a cheaper pool expected to free up
+    /// (the dispatcher only; share 0: never).
+    pub patience: Patience,
 }
 
 impl Default for DispatchConfig {
@@ -499,6 +512,7 @@ impl Default for DispatchConfig {
             preemption_wait_s: 3_600.0,
             grace_s: 30.0,
             borrowing: true,
+            patience: Patience::default(),
         }
     }
 }
@@ -728,7 +742,18 @@ impl PoolState {
     }
 }
 
-/// A reservation for the first blocked job: pool, start, nodes.
+/// Gives `r.job` the reservation of `r.pool`, in place of any it held elsewhere.
+fn reserve(reservations: &mut [Option<Reservation>], r: Reservation) {
+    for slot in reservations.iter_mut() {
+        if slot.as_ref().is_some_and(|s| s.job == r.job) {
+            *slot = None;
+        }
+    }
+    let pool = r.pool;
+    reservations[pool] = Some(r);
+}
+
+/// A pool's reservation for a blocked job: pool, start, nodes.
 #[derive(Debug, Clone)]
 struct Reservation {
     job: usize,
@@ -938,7 +963,8 @@ pub fn simulate_until(
     let mut fairness_area = 0.0;
     let mut fairness_time = 0.0;
     let mut placements = 0;
-    let mut reservation: Option<Reservation> = None;
+    // at most one reservation per pool, and one per job
+    let mut reservations: Vec<Option<Reservation>> = vec![None; pools.len()];
     let mut reservations_delayed = 0;
     let mut preemptions = 0;
     let mut lost_accelerator_s = 0.0;
@@ -1045,22 +1071,28 @@ pub fn simulate_until(
                     .then(a.cmp(&b))
             });
         }
-        if reservation
-            .as_ref()
-            .is_some_and(|r| schedule[r.job].is_some())
-        {
-            reservation = None;
+        for slot in &mut reservations {
+            if slot.as_ref().is_some_and(|r| schedule[r.job].is_some()) {
+                *slot = None;
+            }
         }
         let mut started_now = Vec::new();
-        // jobs ahead of the reservation's holder in this cycle's order may preempt for it;
-        // one preemption per cycle, and none while nothing preemptible runs
-        let mut before_holder = reservation.is_some();
+        // jobs ahead of a reservation's holder in this cycle's order may preempt to take its
+        // pool over; one preemption per cycle, and none while nothing preemptible runs
+        let mut holders_ahead = reservations.iter().flatten().count();
         let mut preempted_this_cycle = false;
         for &job in &pending {
             let j = &jobs[job];
-            if reservation.as_ref().is_some_and(|r| r.job == job) {
-                before_holder = false;
+            if reservations.iter().flatten().any(|r| r.job == job) {
+                holders_ahead -= 1;
             }
+            let before_holder = holders_ahead > 0;
+            // a pool's reservation this job may take: free, its own, or a lower class's
+            let may_reserve = |reservations: &[Option<Reservation>], p: usize| {
+                reservations[p]
+                    .as_ref()
+                    .is_none_or(|r| r.job == job || jobs[r.job].priority < j.priority)
+            };
             let mask = *masks[job].as_ref().expect("pending jobs are eligible");
             let mut best: Option<(f64, u32, usize, Vec<u32>)> = None;
             for p in 0..pools.len() {
@@ -1071,10 +1103,8 @@ pub fn simulate_until(
                     continue;
                 }
                 let cost = costs[job][p].expect("eligible pools are costed");
-                let excluded: &[u32] = match &reservation {
-                    Some(r) if r.pool == p && r.job != job && now + cost.runtime_s > r.start => {
-                        &r.nodes
-                    }
+                let excluded: &[u32] = match &reservations[p] {
+                    Some(r) if r.job != job && now + cost.runtime_s > r.start => &r.nodes,
                     _ => &[],
                 };
                 let pack = policy == ReplayPolicy::Baygrid;
@@ -1097,16 +1127,58 @@ pub fn simulate_until(
                     break;
                 }
             }
+            // a latency-insensitive job may wait a little for a cheaper pool it can reserve
+            let patient = best
+                .as_ref()
+                .filter(|_| policy == ReplayPolicy::Baygrid && !j.latency_sensitive)
+                .and_then(|(_, _, now_pool, _)| {
+                    let now_cost = costs[job][*now_pool].expect("costed");
+                    let patience = &config.patience;
+                    if patience.until(j.arrival_s, now_cost.runtime_s) <= now {
+                        return None;
+                    }
+                    let worth = now_cost.total() * (1.0 - patience.saving);
+                    let later = (0..pools.len())
+                        .filter(|&p| {
+                            mask & (1 << p) != 0
+                                && pools[p].nodes >= j.nodes
+                                // it waits only where it can hold the nodes meanwhile
+                                && may_reserve(&reservations, p)
+                                && costs[job][p].is_some_and(|c| c.total() < worth)
+                                && quota_admits(&held, j, p)
+                        })
+                        .map(|p| {
+                            let (at, _) =
+                                state[p].earliest(j.nodes, j.per_node, pools[p].per_node, now);
+                            let cost = costs[job][p].expect("costed").total();
+                            (p, Later { start_s: at, cost })
+                        });
+                    patience.wait_for(j.arrival_s, now_cost.runtime_s, now_cost.total(), later)
+                });
+            if let Some((p, later)) = patient {
+                // it keeps the cheaper pool's nodes as a blocked job would
+                {
+                    let (start, nodes) =
+                        state[p].earliest(j.nodes, j.per_node, pools[p].per_node, now);
+                    debug_assert!(start <= later.start_s);
+                    reserve(
+                        &mut reservations,
+                        Reservation {
+                            job,
+                            pool: p,
+                            start,
+                            nodes,
+                        },
+                    );
+                }
+                continue;
+            }
             if let Some((_, _, p, nodes)) = best {
                 let cost = costs[job][p].expect("costed");
                 // times are kept to the millisecond, so an end and the start it frees agree
                 let end = key(now + cost.runtime_s) as f64 / 1000.0;
-                if let Some(r) = &reservation {
-                    if r.pool == p
-                        && r.job != job
-                        && end > r.start
-                        && nodes.iter().any(|n| r.nodes.contains(n))
-                    {
+                if let Some(r) = &reservations[p] {
+                    if r.job != job && end > r.start && nodes.iter().any(|n| r.nodes.contains(n)) {
                         reservations_delayed += 1;
                     }
                 }
@@ -1125,22 +1197,21 @@ pub fn simulate_until(
                 }
                 started_now.push(job);
                 placements += 1;
-                if reservation.as_ref().is_some_and(|r| r.job == job) {
-                    reservation = None;
+                for slot in &mut reservations {
+                    if slot.as_ref().is_some_and(|r| r.job == job) {
+                        *slot = None;
+                    }
                 }
-            } else if policy == ReplayPolicy::Baygrid
-                && (reservation
-                    .as_ref()
-                    .is_none_or(|r| jobs[r.job].priority < j.priority)
-                    || (before_holder && preemptible_running > 0 && !preempted_this_cycle))
-            {
-                // EASY backfill: the first blocked job in order reserves where it starts
-                // first (a job of a higher priority class takes the reservation over); a job
-                // ahead of the holder takes it only by preempting
-                let may_reserve = reservation
-                    .as_ref()
-                    .is_none_or(|r| jobs[r.job].priority < j.priority);
+            } else if policy == ReplayPolicy::Baygrid && {
+                let reservable =
+                    (0..pools.len()).any(|p| mask & (1 << p) != 0 && may_reserve(&reservations, p));
+                reservable || (before_holder && preemptible_running > 0 && !preempted_this_cycle)
+            } {
+                // backfill: each pool's reservation goes to the first blocked job in order
+                // that starts there first (a job of a higher priority class takes one over);
+                // a job ahead of a holder takes its pool only by preempting
                 let mut choice: Option<(f64, f64, usize, Vec<u32>)> = None;
+                let mut soonest: Option<f64> = None;
                 for p in 0..pools.len() {
                     if mask & (1 << p) == 0 || !quota_admits(&held, j, p) {
                         // a job held back by its quota reserves nothing there
@@ -1148,6 +1219,10 @@ pub fn simulate_until(
                     }
                     let (at, nodes) =
                         state[p].earliest(j.nodes, j.per_node, pools[p].per_node, now);
+                    soonest = Some(soonest.map_or(at, |s: f64| s.min(at)));
+                    if !may_reserve(&reservations, p) {
+                        continue;
+                    }
                     let cost = costs[job][p].expect("costed").total();
                     if choice
                         .as_ref()
@@ -1158,9 +1233,7 @@ pub fn simulate_until(
                 }
                 let within =
                     |c: &(f64, f64, usize, Vec<u32>)| c.0 - now <= config.reservation_horizon_s;
-                let waits_long = choice
-                    .as_ref()
-                    .is_none_or(|c| c.0 - now > config.preemption_wait_s);
+                let waits_long = soonest.is_none_or(|at| at - now > config.preemption_wait_s);
                 let view = PreemptView {
                     jobs,
                     tenants,
@@ -1175,8 +1248,7 @@ pub fn simulate_until(
                 };
                 let plan = (waits_long && preemptible_running > 0 && !preempted_this_cycle)
                     .then(|| {
-                        let others = reservation.as_ref().filter(|r| r.job != job);
-                        plan_preemption(&view, job, mask, others, &costs[job], now, config)
+                        plan_preemption(&view, job, mask, &reservations, &costs[job], now, config)
                     })
                     .flatten();
                 if let Some(plan) = plan {
@@ -1196,23 +1268,26 @@ pub fn simulate_until(
                         preemptions += 1;
                         lost_accelerator_s += f64::from(jobs[v].accelerators()) * (stop - start);
                     }
-                    reservation = Some(Reservation {
-                        job,
-                        pool: plan.pool,
-                        start: stop,
-                        nodes: plan.nodes,
-                    });
+                    reserve(
+                        &mut reservations,
+                        Reservation {
+                            job,
+                            pool: plan.pool,
+                            start: stop,
+                            nodes: plan.nodes,
+                        },
+                    );
                     preempted_this_cycle = true;
-                    before_holder = false;
-                } else if let Some((start, _, pool, nodes)) =
-                    choice.filter(within).filter(|_| may_reserve)
-                {
-                    reservation = Some(Reservation {
-                        job,
-                        pool,
-                        start,
-                        nodes,
-                    });
+                } else if let Some((start, _, pool, nodes)) = choice.filter(within) {
+                    reserve(
+                        &mut reservations,
+                        Reservation {
+                            job,
+                            pool,
+                            start,
+                            nodes,
+                        },
+                    );
                 }
             }
         }
@@ -1338,12 +1413,12 @@ struct Preemption {
 /// stopping, and due to run past the grace period; and either of a lower priority class, or
 /// of the same class and of another tenant whose weighted dominant share, without all its
 /// victims here, stays above the job's tenant's with the job (so the two never trade places
-/// back and forth). `reserved` is another job's reservation, whose nodes are not taken.
+/// back and forth). Nodes other jobs hold reserved are not taken.
 fn plan_preemption(
     view: &PreemptView<'_>,
     job: usize,
     mask: u64,
-    reserved: Option<&Reservation>,
+    reservations: &[Option<Reservation>],
     costs: &[Option<CostBreakdown>],
     now: f64,
     config: &DispatchConfig,
@@ -1393,8 +1468,8 @@ fn plan_preemption(
                         && weighted(victim.tenant, model, -f64::from(victim.accelerators()))
                             > mine_after))
         };
-        let excluded: &[u32] = match reserved {
-            Some(r) if r.pool == p => &r.nodes,
+        let excluded: &[u32] = match &reservations[p] {
+            Some(r) if r.job != job => &r.nodes,
             _ => &[],
         };
         // per node: the work lost to make room there, and the victims

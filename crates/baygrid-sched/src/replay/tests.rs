@@ -730,3 +730,125 @@ proptest! {
         prop_assert_eq!(r.schedule.iter().flatten().count() + r.rejected, jobs.len());
     }
 }
+
+#[test]
+fn a_latency_insensitive_job_waits_a_little_for_a_cheaper_pool() {
+    // Qianhai's 32 H800 nodes are taken for about 1,000 s; a ten-hour job that accepts any
+    // model would be cheapest there. It waits for Qianhai rather than start now on a dearer
+    // pool; a short job, or one with no patience, starts now elsewhere.
+    let region = region();
+    let tenants = synthetic_tenants(&region);
+    let qianhai = region
+        .pools
+        .iter()
+        .position(|p| p.name == "qianhai-h800")
+        .unwrap();
+    let h800 = || Acceptance::Models(vec!["H800".into()]);
+    let filler: Vec<SimJob> = (0..32)
+        .map(|_| job(0.0, 1, 8, h800(), 1000.0 * region.pools[qianhai].speed))
+        .collect();
+    let with = |late: SimJob, config: &DispatchConfig| {
+        let mut jobs = filler.clone();
+        jobs.push(late);
+        let r = simulate(&region, &tenants, &jobs, ReplayPolicy::Baygrid, config).unwrap();
+        check_schedule(&region, &jobs, &r);
+        assert_eq!(r.reservations_delayed, 0);
+        r.schedule[32].unwrap()
+    };
+    let long = job(10.0, 1, 8, Acceptance::Any, 36_000.0);
+    let freed = with(long.clone(), &DispatchConfig::default());
+    assert_eq!(freed.0, qianhai);
+    assert!(
+        (freed.1 - 1000.0).abs() < 1e-6,
+        "it starts when Qianhai frees"
+    );
+    // worth it: the pool it would have had now costs at least the saving more
+    let now_pool = with(
+        long.clone(),
+        &DispatchConfig {
+            patience: Patience {
+                share: 0.0,
+                ..Patience::default()
+            },
+            ..DispatchConfig::default()
+        },
+    );
+    assert_ne!(now_pool.0, qianhai);
+    assert_eq!(now_pool.1, 10.0);
+    let cost = |p: usize| {
+        cost_on(
+            &region,
+            &tenants[0],
+            &long,
+            &region.pools[p],
+            &DispatchConfig::default(),
+        )
+        .total()
+    };
+    assert!(cost(qianhai) < cost(now_pool.0) * (1.0 - Patience::default().saving));
+    // a short job may wait a fifth of its run time: not enough for Qianhai
+    let short = with(
+        job(10.0, 1, 8, Acceptance::Any, 600.0),
+        &DispatchConfig::default(),
+    );
+    assert_eq!(short.1, 10.0);
+    assert_ne!(short.0, qianhai);
+    // an interactive one never waits
+    let mut interactive = long.clone();
+    interactive.latency_sensitive = true;
+    interactive.tenant = 1; // tenant-2 is in Shenzhen, beside Qianhai
+    let r = with(interactive, &DispatchConfig::default());
+    assert_eq!(r.1, 10.0);
+    // nor does the baseline: greedy-cheapest takes what is free now
+    let mut jobs = filler.clone();
+    jobs.push(long);
+    let greedy = simulate(
+        &region,
+        &tenants,
+        &jobs,
+        ReplayPolicy::GreedyCheapest,
+        &DispatchConfig::default(),
+    )
+    .unwrap();
+    assert_eq!(greedy.schedule[32].unwrap().1, 10.0);
+}
+
+#[test]
+fn blocked_gangs_on_different_pools_each_keep_a_reservation() {
+    // Macao's gang waits for one long A100 job, Qianhai's 32-node gang for one long H800
+    // job. Both reserve, so a long A100 job waits behind the first and a long H800 job goes
+    // to Cyberport instead of taking a Qianhai node from the second.
+    let region = region();
+    let tenants = synthetic_tenants(&region);
+    let h800 = || Acceptance::Models(vec!["H800".into()]);
+    let pool = |name: &str| region.pools.iter().position(|p| p.name == name).unwrap();
+    let jobs = vec![
+        job(0.0, 1, 8, a100(), 10_000.0),
+        job(0.0, 1, 8, h800(), 20_000.0),
+        job(1.0, 4, 8, a100(), 1_000.0),
+        job(2.0, 32, 8, h800(), 1_000.0),
+        job(3.0, 1, 8, a100(), 50_000.0),
+        job(4.0, 1, 8, h800(), 50_000.0),
+    ];
+    let r = dispatch(&tenants, &jobs);
+    check_schedule(&region, &jobs, &r);
+    assert_eq!(r.reservations_delayed, 0);
+    let run = |i: usize| r.schedule[i].unwrap();
+    assert_eq!(run(1).0, pool("qianhai-h800"));
+    assert_eq!(
+        run(2).1,
+        run(0).2,
+        "Macao's gang starts when the A100 job ends"
+    );
+    assert_eq!(
+        run(3).1,
+        run(1).2,
+        "Qianhai's gang starts when the H800 job ends"
+    );
+    assert!(
+        run(4).1 >= run(2).2,
+        "the long A100 job waits behind Macao's gang"
+    );
+    assert_eq!(run(5).0, pool("cyberport-h800"));
+    assert_eq!(run(5).1, 4.0);
+}
