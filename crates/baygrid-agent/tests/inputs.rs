@@ -10,7 +10,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use baygrid_api::{Client, DatasetSpec, DatasetView, JobView, LogsView};
+use baygrid_api::{Client, DatasetSpec, DatasetView, JobView, LogsView, QuoteView};
 use baygrid_core::{JobSpec, JobState, Jurisdiction, Role};
 use baygrid_server::ServerConfig;
 use common::{repo, start_agent};
@@ -32,11 +32,28 @@ struct Zone {
     lab: Client,
 }
 
+/// The sample region with moving data a thousand times dearer than the sample's (300 and
+/// 1,000 CNY per GB), so staging the FATE tables (megabytes) costs whole yuan.
 async fn zone(dir: &Path) -> Zone {
+    let sites = dir.join("sites.yaml");
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(
+        &sites,
+        baygrid_core::catalog::SAMPLE_SITES_YAML
+            .replace(
+                "within_jurisdiction: \"0.30 CNY\"",
+                "within_jurisdiction: \"300.00 CNY\"",
+            )
+            .replace(
+                "across_border: \"1.00 CNY\"",
+                "across_border: \"1000.00 CNY\"",
+            ),
+    )
+    .unwrap();
     let config = ServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.join("server"),
-        sites_file: "sample".into(),
+        sites_file: sites.display().to_string(),
         schedule_interval: Duration::from_millis(50),
         heartbeat_interval: Duration::from_millis(200),
         lease_ttl: Duration::from_secs(30),
@@ -180,10 +197,31 @@ async fn a_job_reads_a_hong_kong_and_a_shenzhen_dataset_where_both_may_go() {
     let nansha_dir = dir.path().join("nansha");
     let _nansha = start_agent(&url, &operator, "nansha-a800", &nansha_dir).await;
     let _cyberport = start_agent(&url, &operator, "cyberport-h800", &dir.path().join("hk")).await;
+    // staging both tables to Nansha is quoted (Shenzhen's within the mainland, Hong Kong's
+    // across the border) and billed with the job, to the platform that runs the links
+    let quote: QuoteView = lab.post("/api/v1/jobs/quote", &job()).await.unwrap();
+    let staging = quote
+        .quote
+        .candidates
+        .iter()
+        .find(|c| c.cluster == "nansha-a800")
+        .and_then(|c| c.transfer_cost_cny)
+        .unwrap();
+    assert!(staging.minor > 100, "{staging}");
     let submitted: JobView = lab.post("/api/v1/jobs", &job()).await.unwrap();
     let done = wait_ended(&lab, &submitted.id).await;
     assert_eq!(done.state, JobState::Succeeded, "{}", done.reason);
     assert_eq!(done.site.as_deref(), Some("guangzhou-nansha"));
+    let billed = server
+        .state
+        .store
+        .ledger_transfer(&format!("staging:{}", submitted.id))
+        .await
+        .unwrap()
+        .expect("staging is billed");
+    assert_eq!(billed.amount, staging.minor);
+    assert_eq!(billed.credit, "fees:CNY");
+    assert!(done.cost.unwrap().minor >= staging.minor, "{done:?}");
     // its output and logs stayed at the site: none reached the exchange; they are the
     // lab's dataset in the Guangzhou vault, classified as its inputs
     let logs: LogsView = lab

@@ -480,6 +480,10 @@ pub struct Allocation {
     /// start estimates for later jobs count on); absent in allocations from before it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub estimated_seconds: Option<u64>,
+    /// Staging the job's inputs to this cluster from their vaults, in CNY, as quoted when
+    /// placed (billed with the job); absent when nothing moves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staging_cny: Option<Money>,
 }
 
 impl Allocation {

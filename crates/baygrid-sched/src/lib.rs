@@ -360,6 +360,7 @@ impl Quote {
             nodes: chosen.nodes_now.clone()?,
             price_per_accelerator_hour: chosen.price_per_accelerator_hour?,
             estimated_seconds: chosen.estimated_seconds,
+            staging_cny: chosen.transfer_cost_cny.filter(|m| m.minor > 0),
         })
     }
 }

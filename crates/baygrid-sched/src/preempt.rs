@@ -299,6 +299,7 @@ mod tests {
                 nodes: vec![node],
                 price_per_accelerator_hour: Money::new(2800, Currency::MOP),
                 estimated_seconds: Some(3600),
+                staging_cny: None,
             };
             macao.take(&allocation);
             usage.add("a", "A100", 8);

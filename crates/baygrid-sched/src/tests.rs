@@ -297,6 +297,7 @@ fn state_allocation(state: &ClusterState, node: u32, accelerators: u32) -> Alloc
         nodes: vec![node],
         price_per_accelerator_hour: state.offer.as_ref().unwrap().price_per_accelerator_hour,
         estimated_seconds: None,
+        staging_cny: None,
     }
 }
 

@@ -252,19 +252,37 @@ pub async fn quote(
     let (market, usage, _) =
         crate::scheduler::live_market_and_usage(&state, &catalog, state.now()).await?;
     requester.over_quota = state.config.quotas().blocks(&usage, &tenant, &spec);
-    let quote = state.placer.quote(&spec, &requester, &market, state.now());
-    let summary = match quote.chosen() {
-        Some(chosen) => format!(
+    let now = state.now();
+    let quote = state.placer.quote(&spec, &requester, &market, now);
+    let patient = state
+        .config
+        .patience()
+        .wait_in(&quote, &spec, now, |_| false);
+    let summary = match (quote.chosen(), patient) {
+        (Some(chosen), Some(later)) => format!(
+            "would wait for {} at {}, expected to have room at {} for {} in all against {} on {} now (a batch job waits for a cheaper cluster up to {:.0}% of its run time)",
+            later.cluster,
+            later.site,
+            later
+                .estimated_start_ms
+                .map(baygrid_core::millis_to_rfc3339)
+                .unwrap_or_default(),
+            later.total_cost_cny.map(|m| m.to_string()).unwrap_or_default(),
+            chosen.total_cost_cny.map(|m| m.to_string()).unwrap_or_default(),
+            chosen.cluster,
+            state.config.patience_share * 100.0
+        ),
+        (Some(chosen), None) => format!(
             "would run on {} at {} ({})",
             chosen.cluster, chosen.site, chosen.reason
         ),
-        None if quote.misses_deadline(&spec) => {
+        (None, _) if quote.misses_deadline(&spec) => {
             "would wait, and every cluster that could hold it is expected to end it after its deadline".to_string()
         }
-        None if quote.ever_feasible() => {
+        (None, _) if quote.ever_feasible() => {
             "would wait: no cluster that can hold it has room now".to_string()
         }
-        None => quote.rejection_summary(),
+        (None, _) => quote.rejection_summary(),
     };
     Ok(Json(QuoteView {
         chosen: quote.chosen().map(|c| c.cluster.clone()),

@@ -64,8 +64,8 @@ pub async fn open_tenant(
 }
 
 /// The hold a submission places: the price ceiling (or, without one, the dearest cluster
-/// that could take the job) × accelerators × estimated duration × the margin, in CNY.
-/// None when the job would cost nothing.
+/// that could take the job) × accelerators × estimated duration, plus the dearest staging of
+/// its inputs, × the margin, in CNY. None when the job would cost nothing.
 pub fn hold_for(
     state: &AppState,
     spec: &JobSpec,
@@ -79,21 +79,22 @@ pub fn hold_for(
         .candidates
         .iter()
         .filter(|c| c.verdict != Verdict::Rejected);
+    let staging = |c: &baygrid_sched::Candidate| c.transfer_cost_cny.map_or(0, |m| m.minor);
     let estimate = match spec.max_price_per_hour {
         Some(cap) => {
             let cap = catalog
                 .rates
                 .to_cny(cap)
                 .map_err(|e| ApiError::bad("max_price_per_hour", e.to_string()))?;
-            let accelerators = feasible.map(|c| c.accelerators).max().unwrap_or(0) as i128;
+            let accelerators = feasible.clone().map(|c| c.accelerators).max().unwrap_or(0) as i128;
             let seconds = spec.estimated_duration.0.as_secs().max(1) as i128;
             cap.mul_ratio(accelerators * seconds, 3600)
                 .map_err(|e| ApiError::bad("max_price_per_hour", e.to_string()))?
                 .minor
+                + feasible.map(staging).max().unwrap_or(0)
         }
         None => feasible
-            .filter_map(|c| c.estimated_cost_cny)
-            .map(|m| m.minor)
+            .filter_map(|c| c.estimated_cost_cny.map(|m| m.minor + staging(c)))
             .max()
             .unwrap_or(0),
     };
@@ -118,7 +119,8 @@ pub fn hold_for(
     }))
 }
 
-/// How many seconds of the job's accelerators its open hold pays for at the placed price.
+/// How many seconds of the job's accelerators its open hold pays for at the placed price,
+/// after staging its inputs.
 pub fn held_seconds(state: &AppState, job: &JobRecord) -> Option<u64> {
     let allocation = job.allocation.as_ref()?;
     let hold = state.store.ledger_open_hold(&names::hold(&job.id))?;
@@ -131,11 +133,16 @@ pub fn held_seconds(state: &AppState, job: &JobRecord) -> Option<u64> {
     if per_hour <= 0 {
         return None;
     }
-    Some((hold.amount as i128 * 3600 / per_hour) as u64)
+    let staging = allocation.staging_cny.map_or(0, |m| m.minor.max(0));
+    let for_compute = (hold.amount - staging).max(0) as i128;
+    Some((for_compute * 3600 / per_hour) as u64)
 }
 
-/// The metered cost of a job that ended (CNY minor units, capped at its hold) and the
-/// linked chain that settles it. An empty chain means nothing is owed: the hold is voided.
+/// The metered cost of a job that ended (CNY minor units: the accelerators for the time
+/// they ran, plus staging its inputs as quoted when placed) and the linked chain that
+/// settles it, capped at its hold: compute goes to the cluster's provider (less the
+/// platform's fee), staging to the platform, which runs the links between sites. An empty
+/// chain means nothing is owed: the hold is voided.
 pub fn settlement(state: &AppState, job: &JobRecord, now: i64) -> ApiResult<(i64, Vec<Transfer>)> {
     let Some(allocation) = &job.allocation else {
         return Ok((0, Vec::new()));
@@ -145,16 +152,21 @@ pub fn settlement(state: &AppState, job: &JobRecord, now: i64) -> ApiResult<(i64
     let elapsed_ms = (now - started).max(0) as i128;
     let accelerators = allocation.total_accelerators() as i128;
     let price = allocation.price_per_accelerator_hour;
-    let cost_cny = catalog
+    let compute_cny = catalog
         .rates
         .to_cny(price)
         .and_then(|p| p.mul_ratio(accelerators * elapsed_ms, 3_600_000))
         .map_err(|e| ApiError::Conflict(format!("cannot price job {}: {e}", job.id)))?
         .minor;
+    let staging_cny = allocation.staging_cny.map_or(0, |m| m.minor.max(0));
+    let cost_cny = compute_cny + staging_cny;
     let Some(hold) = state.store.ledger_open_hold(&names::hold(&job.id)) else {
         return Ok((cost_cny, Vec::new()));
     };
     let charged = cost_cny.min(hold.amount);
+    // within the hold, compute first; staging takes what is left of it
+    let compute_charged = compute_cny.min(charged);
+    let staging_charged = charged - compute_charged;
     if charged <= 0 {
         return Ok((cost_cny, Vec::new()));
     }
@@ -185,10 +197,22 @@ pub fn settlement(state: &AppState, job: &JobRecord, now: i64) -> ApiResult<(i64
         state,
         &mut chain,
         &job.id,
-        charged,
+        compute_charged,
         &names::provider(&provider, price.currency),
         &reference,
     )?;
+    if staging_charged > 0 {
+        chain.push(Transfer {
+            id: format!("staging:{}", job.id),
+            debit_account: names::clearing(Currency::CNY).id,
+            credit_account: names::fees(Currency::CNY).id,
+            amount: staging_charged,
+            currency: Currency::CNY,
+            kind: TransferKind::Single,
+            linked: true,
+            reference: reference.clone(),
+        });
+    }
     chain.last_mut().expect("a post at least").linked = false;
     Ok((cost_cny, chain))
 }

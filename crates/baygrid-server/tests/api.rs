@@ -1495,7 +1495,20 @@ async fn a_batch_job_waits_for_a_cheaper_cluster_about_to_free_and_a_short_one_d
         .await
         .unwrap();
     wait_state(&lab, &hurried.id, JobState::Cancelled).await;
-    // the batch job waits for Nansha though Tianhe is free again
+    // the batch job waits for Nansha though Tianhe is free again; its quote says so
+    let quote: QuoteView = lab
+        .post("/api/v1/jobs/quote", &job("patient", "10h", ""))
+        .await
+        .unwrap();
+    assert_eq!(quote.chosen.as_deref(), Some("tianhe-a800"));
+    assert!(
+        quote.summary.starts_with("would wait for nansha-a800")
+            && quote
+                .summary
+                .contains("1280.00 CNY in all against 1920.00 CNY on tianhe-a800"),
+        "{}",
+        quote.summary
+    );
     let patient = submit(job("patient", "10h", "")).await;
     tokio::time::sleep(Duration::from_millis(600)).await;
     let view: JobView = lab

@@ -33,6 +33,7 @@ fn allocation(cluster: &str) -> Allocation {
         nodes: vec![0],
         price_per_accelerator_hour: Money::new(2200, Currency::CNY),
         estimated_seconds: Some(60),
+        staging_cny: None,
     }
 }
 
