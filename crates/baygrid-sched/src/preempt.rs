@@ -397,15 +397,13 @@ mod tests {
         // for its 8; a job of a's own may not (a already holds more than its quota).
         let state = full([true; 4]);
         let (market, running, usage) = &state;
-        let quotas = Quotas {
-            nominal: BTreeMap::from([
-                ("a".to_string(), BTreeMap::from([("A100".to_string(), 8)])),
-                ("b".to_string(), BTreeMap::from([("A100".to_string(), 24)])),
-            ]),
+        let a100 = |n: u64| BTreeMap::from([("A100".to_string(), n)]);
+        let mut quotas = Quotas {
+            nominal: BTreeMap::from([("a".to_string(), a100(8)), ("b".to_string(), a100(24))]),
             borrowing: true,
         };
         let job = spec("");
-        let claim = |tenant: &str| {
+        let claim = |tenant: &str, quotas: &Quotas| {
             let mut asking = requester();
             asking.over_quota = quotas.blocks(usage, tenant, &job);
             let quote = CheapestFeasible.quote(&job, &asking, market, 1_000_000);
@@ -421,12 +419,12 @@ mod tests {
                 market,
                 running,
                 usage,
-                &quotas,
+                quotas,
                 1_000_000,
                 60_000,
             )
         };
-        let e = claim("b").unwrap();
+        let e = claim("b", &quotas).unwrap();
         assert_eq!(e.victims, ["job-3"], "the one that has run least");
         assert!(
             e.reason.contains("a borrows b's quota of A100"),
@@ -435,29 +433,8 @@ mod tests {
         );
         // a tenant past its own quota reclaims nothing (and fair share stops nothing for a
         // job its quota holds back)
-        let mut c_quotas = quotas.clone();
-        c_quotas
-            .nominal
-            .insert("c".to_string(), BTreeMap::from([("A100".to_string(), 0)]));
-        let mut asking = requester();
-        asking.over_quota = c_quotas.blocks(usage, "c", &job);
-        let quote = CheapestFeasible.quote(&job, &asking, market, 1_000_000);
-        let none = eviction(
-            Claimant {
-                job_id: "claimant",
-                tenant: "c",
-                priority: 0,
-                spec: &job,
-                requester: &asking,
-                quote: &quote,
-            },
-            market,
-            running,
-            usage,
-            &c_quotas,
-            1_000_000,
-            60_000,
-        );
+        quotas.nominal.insert("c".to_string(), a100(0));
+        let none = claim("c", &quotas);
         assert!(none.is_none(), "{none:?}");
     }
 

@@ -1127,12 +1127,23 @@ async fn one_cluster(
     nodes: u32,
     tweak: impl FnOnce(&mut ServerConfig),
 ) -> (baygrid_server::RunningServer, Client) {
-    let sites = dir.join("sites.yaml");
-    std::fs::write(
-        &sites,
-        ONE_CLUSTER.replace("nodes: 2,", &format!("nodes: {nodes},")),
+    serve_sites(
+        dir,
+        &ONE_CLUSTER.replace("nodes: 2,", &format!("nodes: {nodes},")),
+        tweak,
     )
-    .unwrap();
+    .await
+}
+
+/// A server over the sites file `sites`, scheduling every 50 ms, with `tweak` applied to
+/// its config; and its operator.
+async fn serve_sites(
+    dir: &std::path::Path,
+    sites_yaml: &str,
+    tweak: impl FnOnce(&mut ServerConfig),
+) -> (baygrid_server::RunningServer, Client) {
+    let sites = dir.join("sites.yaml");
+    std::fs::write(&sites, sites_yaml).unwrap();
     let mut config = ServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.join("server"),
@@ -1148,10 +1159,28 @@ async fn one_cluster(
     (server, operator)
 }
 
+/// The Guangzhou AI lab, a mainland tenant with 100,000 CNY; its client.
+async fn gz_lab(operator: &Client) -> Client {
+    add_tenant(
+        operator,
+        "gz-ai-lab",
+        Jurisdiction::CN,
+        "guangzhou",
+        "100000.00 CNY",
+    )
+    .await
+}
+
 /// Registers the Nansha cluster's agent with `nodes` nodes of 8 A800s; its client and
 /// the capacity it declared.
 async fn nansha_agent(operator: &Client, nodes: u32) -> (Client, Value) {
-    let agent = issue(operator, Role::Agent, Some("nansha-a800")).await;
+    register_agent(operator, "nansha-a800", nodes).await
+}
+
+/// Registers `cluster`'s agent with `nodes` nodes of 8 accelerators; its client and the
+/// capacity it declared.
+async fn register_agent(operator: &Client, cluster: &str, nodes: u32) -> (Client, Value) {
+    let agent = issue(operator, Role::Agent, Some(cluster)).await;
     let capacity = json!({"engine": "local", "nodes": nodes, "accelerators_per_node": 8, "cpus_per_node": 128, "memory_gb_per_node": 1024, "running_jobs": 0});
     let _: Value = agent
         .post("/api/v1/agent/register", &json!({"capacity": capacity}))
@@ -1164,14 +1193,7 @@ async fn nansha_agent(operator: &Client, nodes: u32) -> (Client, Value) {
 async fn backfill_starts_only_jobs_that_end_before_the_first_blocked_jobs_reservation() {
     let dir = tempfile::tempdir().unwrap();
     let (server, operator) = one_cluster(dir.path(), 2, |_| {}).await;
-    let lab = add_tenant(
-        &operator,
-        "gz-ai-lab",
-        Jurisdiction::CN,
-        "guangzhou",
-        "100000.00 CNY",
-    )
-    .await;
+    let lab = gz_lab(&operator).await;
     let _agent = nansha_agent(&operator, 2).await;
     let job = |name: &str, nodes: u32, duration: &str| {
         spec(&format!(
@@ -1301,14 +1323,7 @@ async fn an_urgent_job_preempts_a_preemptible_one_which_is_queued_again_once() {
         c.preemption_grace = Duration::from_millis(100);
     })
     .await;
-    let lab = add_tenant(
-        &operator,
-        "gz-ai-lab",
-        Jurisdiction::CN,
-        "guangzhou",
-        "100000.00 CNY",
-    )
-    .await;
+    let lab = gz_lab(&operator).await;
     let fintech = add_tenant(
         &operator,
         "sz-fintech",
@@ -1440,40 +1455,16 @@ async fn a_batch_job_waits_for_a_cheaper_cluster_about_to_free_and_a_short_one_d
     // is free. A ten-hour batch job may wait two hours: it waits for Nansha. A ten-minute job
     // may wait two minutes: it takes the dear cluster now.
     let dir = tempfile::tempdir().unwrap();
-    let sites = dir.path().join("sites.yaml");
     let two = ONE_CLUSTER
         .replace("nodes: 2,", "nodes: 1,")
         .replace(
             "offers:\n",
             "  - { name: tianhe-a800, site: guangzhou-nansha, provider: nansha-ai-center, engine: local, nodes: 1, accelerator: A800, accelerators_per_node: 8, cpus_per_node: 128, memory_gb_per_node: 1024 }\noffers:\n  - { cluster: tianhe-a800, price_per_accelerator_hour: \"24.00 CNY\" }\n",
         );
-    std::fs::write(&sites, two).unwrap();
-    let config = ServerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.path().join("server"),
-        sites_file: sites.display().to_string(),
-        schedule_interval: Duration::from_millis(50),
-        heartbeat_interval: Duration::from_millis(200),
-        lease_ttl: Duration::from_secs(60),
-        ..ServerConfig::default()
-    };
-    let server = baygrid_server::start(config).await.unwrap();
-    let operator = Client::new(&server.url(), Some(server.operator_token.clone()));
-    let lab = add_tenant(
-        &operator,
-        "gz-ai-lab",
-        Jurisdiction::CN,
-        "guangzhou",
-        "100000.00 CNY",
-    )
-    .await;
+    let (server, operator) = serve_sites(dir.path(), &two, |_| {}).await;
+    let lab = gz_lab(&operator).await;
     let _nansha = nansha_agent(&operator, 1).await;
-    let tianhe = issue(&operator, Role::Agent, Some("tianhe-a800")).await;
-    let capacity = json!({"engine": "local", "nodes": 1, "accelerators_per_node": 8, "cpus_per_node": 128, "memory_gb_per_node": 1024, "running_jobs": 0});
-    let _: Value = tianhe
-        .post("/api/v1/agent/register", &json!({"capacity": capacity}))
-        .await
-        .unwrap();
+    let _tianhe = register_agent(&operator, "tianhe-a800", 1).await;
     let job = |name: &str, duration: &str, extra: &str| {
         spec(&format!(
             "name: {name}\nresources: {{accelerators: {{A800: 8}}, nodes: 1}}\ncommand: 'sleep 1'\nestimated_duration: {duration}\n{extra}"

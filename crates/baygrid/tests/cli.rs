@@ -796,48 +796,29 @@ fn sim_replay_runs_three_policies_with_the_bound_and_names_bad_input() {
         "{}",
         stderr(&bad)
     );
-    let bad = baygrid(
-        &[
+    // ten synthetic jobs with `extra` flags: refused, saying `message`
+    let refused = |extra: &[&str], message: &str| {
+        let mut args = vec![
             "sim",
             "--mode",
             "replay",
             "--synthetic",
-            "--load=-1",
             "--jobs",
             "10",
             "--seed",
             "1",
             "--runtimes",
             runtimes,
-        ],
-        &[],
-    );
-    assert!(!bad.status.success());
-    assert!(stderr(&bad).contains("`load`"), "{}", stderr(&bad));
-    let bad = baygrid(
-        &[
-            "sim",
-            "--mode",
-            "replay",
-            "--synthetic",
-            "--load",
-            "0.5",
-            "--jobs",
-            "10",
-            "--seed",
-            "1",
-            "--runtimes",
-            runtimes,
-            "--patience-saving",
-            "1",
-        ],
-        &[],
-    );
-    assert!(!bad.status.success());
-    assert!(
-        stderr(&bad).contains("--patience-saving: 1 must be from 0 up to"),
-        "{}",
-        stderr(&bad)
+        ];
+        args.extend_from_slice(extra);
+        let bad = baygrid(&args, &[]);
+        assert!(!bad.status.success());
+        assert!(stderr(&bad).contains(message), "{}", stderr(&bad));
+    };
+    refused(&["--load=-1"], "`load`");
+    refused(
+        &["--load", "0.5", "--patience-saving", "1"],
+        "--patience-saving: 1 must be from 0 up to",
     );
     // preemptible batch jobs on an oversubscribed region: evictions, each requeued once
     let preempting = |share: &str| {
