@@ -1,7 +1,9 @@
 //! One table's side of a query, run over its files: filter, restrict to the agreed
 //! individuals, bound each individual's contribution, aggregate, threshold and add noise.
 //!
-//! Bounding: DataFusion first sums per (individual, group). An individual keeps at most
+//! Bounding: first sum per (individual, group) — in one pass in the files' order when they
+//! come individual by individual ([`crate::ordered`]), else by DataFusion's hash aggregate.
+//! An individual keeps at most
 //! `m = max_rows_per_subject` groups (those whose key hashes lowest, so the choice depends
 //! on that individual's rows alone), and its kept rows are weighted by min(1, m / rows), so
 //! over all groups it adds at most m rows, m · max(|low|, |high|) to a sum and 1 to each of
@@ -20,7 +22,7 @@ use datafusion::common::{JoinType, ScalarValue};
 use datafusion::datasource::MemTable;
 use datafusion::functions_aggregate::expr_fn::{count, sum};
 use datafusion::logical_expr::{cast, ident, lit, when, Expr};
-use datafusion::prelude::{CsvReadOptions, ParquetReadOptions, SessionContext};
+use datafusion::prelude::{CsvReadOptions, DataFrame, ParquetReadOptions, SessionContext};
 use futures::StreamExt;
 use rand::Rng;
 
@@ -166,25 +168,31 @@ pub async fn answer<R: Rng + ?Sized>(
             }
         }
     }
-    for (i, c) in columns.iter().enumerate() {
-        projection.push(clamped(c, table.range(c)).alias(value(i)));
-    }
-    df = df.select(projection)?;
-    let mut keys = vec![ident(SUBJECT)];
-    keys.extend((0..side.dimensions.len()).map(|i| ident(format!("__d{i}"))));
-    let mut sums = vec![count(lit(1)).alias(ROWS)];
-    for i in 0..columns.len() {
-        sums.push(sum(ident(value(i))).alias(value(i)));
-        sums.push(count(ident(value(i))).alias(present(i)));
-    }
-    let per_subject = df.aggregate(keys, sums)?;
     let dims = side.dimensions.len();
-    let mut pass = Bounding::default();
-    let mut stream = per_subject.execute_stream().await?;
-    while let Some(batch) = stream.next().await {
-        pass.add(&batch?, dims, columns.len())?;
-    }
-    let totals = pass.totals(m);
+    let ranges: Vec<(f64, f64)> = columns.iter().map(|c| table.range(c)).collect();
+    // the rows of a semi-join come in no particular order: those are hashed; the ordered
+    // pass clamps the values itself
+    let ordered = match members {
+        None => {
+            let mut raw = projection.clone();
+            for (i, c) in columns.iter().enumerate() {
+                raw.push(cast(ident(c), DataType::Float64).alias(value(i)));
+            }
+            crate::ordered::totals(df.clone().select(raw)?, dims, &ranges, m).await?
+        }
+        Some(_) => None,
+    };
+    let totals = match ordered {
+        Some(totals) => totals,
+        None => {
+            for (i, (c, range)) in columns.iter().zip(&ranges).enumerate() {
+                projection.push(clamped(c, *range).alias(value(i)));
+            }
+            hashed_cells(df.select(projection)?, dims, columns.len())
+                .await?
+                .totals(m)
+        }
+    };
 
     let shares = side.shares() as f64;
     let each = epsilon / shares;
@@ -283,6 +291,29 @@ pub async fn answer<R: Rng + ?Sized>(
     })
 }
 
+/// The (individual, group) cells of `rows` (columns `__subject`, `__d0…`, `__v0…`) by
+/// DataFusion's hash aggregate.
+pub(crate) async fn hashed_cells(
+    rows: DataFrame,
+    dims: usize,
+    values: usize,
+) -> Result<Bounding, QueryError> {
+    let mut keys = vec![ident(SUBJECT)];
+    keys.extend((0..dims).map(|i| ident(format!("__d{i}"))));
+    let mut sums = vec![count(lit(1)).alias(ROWS)];
+    for i in 0..values {
+        sums.push(sum(ident(value(i))).alias(value(i)));
+        sums.push(count(ident(value(i))).alias(present(i)));
+    }
+    let per_subject = rows.aggregate(keys, sums)?;
+    let mut pass = Bounding::with_values(values);
+    let mut stream = per_subject.execute_stream().await?;
+    while let Some(batch) = stream.next().await {
+        pass.add(&batch?, dims, values)?;
+    }
+    Ok(pass)
+}
+
 /// What a side may spend: its ε and δ, and the noise mechanism.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Privacy {
@@ -294,15 +325,15 @@ pub struct Privacy {
 /// Per group: weighted rows, weighted clamped sums and non-null counts per value column,
 /// and individuals.
 #[derive(Debug, Clone)]
-struct Totals {
-    rows: f64,
-    sums: Vec<f64>,
-    present: Vec<f64>,
-    subjects: f64,
+pub(crate) struct Totals {
+    pub(crate) rows: f64,
+    pub(crate) sums: Vec<f64>,
+    pub(crate) present: Vec<f64>,
+    pub(crate) subjects: f64,
 }
 
 impl Totals {
-    fn new(values: usize) -> Totals {
+    pub(crate) fn new(values: usize) -> Totals {
         Totals {
             rows: 0.0,
             sums: vec![0.0; values],
@@ -314,7 +345,7 @@ impl Totals {
 
 /// A key already spread by a 128-bit hash: its low bits serve the map as they are.
 #[derive(Default)]
-struct Prehashed(u64);
+pub(crate) struct Prehashed(u64);
 
 impl Hasher for Prehashed {
     fn finish(&self) -> u64 {
@@ -333,12 +364,12 @@ impl Hasher for Prehashed {
     }
 }
 
-type KeyMap = HashMap<u128, u32, std::hash::BuildHasherDefault<Prehashed>>;
+pub(crate) type KeyMap = HashMap<u128, u32, std::hash::BuildHasherDefault<Prehashed>>;
 
 /// An individual's or a group's key: two differently seeded 64-bit XXH64 hashes of its
 /// row-encoded columns. Two different keys share one with a chance near 2⁻¹²⁸ per pair
 /// (below 10⁻²⁵ for ten million individuals), so no key bytes are kept.
-fn key_of(bytes: &[u8]) -> u128 {
+pub(crate) fn key_of(bytes: &[u8]) -> u128 {
     let low = twox_hash::XxHash64::oneshot(0x9e37_79b9_7f4a_7c15, bytes);
     let high = twox_hash::XxHash64::oneshot(0xc2b2_ae3d_27d4_eb4f, bytes);
     (u128::from(high) << 64) | u128::from(low)
@@ -348,7 +379,7 @@ fn key_of(bytes: &[u8]) -> u128 {
 /// individual and group, the rows, and per value column its clamped sum and non-null count
 /// (`values` of each, side by side).
 #[derive(Default)]
-struct Bounding {
+pub(crate) struct Bounding {
     subjects: KeyMap,
     groups: KeyMap,
     /// Per group: its key's values and the hash that orders an individual's groups.
@@ -363,6 +394,13 @@ struct Bounding {
 }
 
 impl Bounding {
+    pub(crate) fn with_values(values: usize) -> Bounding {
+        Bounding {
+            values,
+            ..Bounding::default()
+        }
+    }
+
     fn add(&mut self, batch: &RecordBatch, dims: usize, values: usize) -> Result<(), QueryError> {
         let engine = |e: datafusion::arrow::error::ArrowError| QueryError::Engine(e.to_string());
         let columns = batch.columns();
@@ -437,8 +475,8 @@ impl Bounding {
 
     /// Keeps at most `m` groups per individual, weights its rows down to `m` in all, and
     /// sums per group.
-    fn totals(self, m: u32) -> Vec<(Vec<serde_json::Value>, Totals)> {
-        let subjects = self.subjects.len();
+    pub(crate) fn totals(self, m: u32) -> Vec<(Vec<serde_json::Value>, Totals)> {
+        let subjects = self.subject.iter().max().map_or(0, |s| *s as usize + 1);
         let cells = self.subject.len();
         let mut groups_of = vec![0u32; subjects];
         for &s in &self.subject {
@@ -485,7 +523,7 @@ impl Bounding {
     }
 }
 
-fn json(column: &ArrayRef, row: usize) -> Result<serde_json::Value, QueryError> {
+pub(crate) fn json(column: &ArrayRef, row: usize) -> Result<serde_json::Value, QueryError> {
     let scalar = ScalarValue::try_from_array(column, row)?;
     Ok(match scalar {
         s if s.is_null() => serde_json::Value::Null,

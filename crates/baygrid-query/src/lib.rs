@@ -13,6 +13,7 @@ pub use datafusion;
 
 mod engine;
 pub mod noise;
+mod ordered;
 mod shape;
 
 use std::sync::Arc;

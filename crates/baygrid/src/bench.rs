@@ -107,6 +107,10 @@ pub enum BenchCommand {
         /// Small queries timed through the API (0: skip).
         #[arg(long, default_value_t = 50)]
         api_queries: usize,
+        /// Write the table's rows in a seeded random order instead of card holder by card
+        /// holder (the bounding pass then hashes every holder).
+        #[arg(long)]
+        shuffled: bool,
     },
     /// Secure aggregation's cost per round against plain FedAvg, on default_credit_homo's
     /// three parties (logistic regression and an MLP), in the same run.
@@ -169,9 +173,10 @@ pub async fn run(_args: &Args, cmd: &BenchCommand) -> anyhow::Result<ExitCode> {
         rows,
         repeats,
         api_queries,
+        shuffled,
     } = cmd
     {
-        crate::bench_query::run(*rows, *repeats, *api_queries).await?;
+        crate::bench_query::run(*rows, *repeats, *api_queries, *shuffled).await?;
         return Ok(ExitCode::SUCCESS);
     }
     if let BenchCommand::Fusion {

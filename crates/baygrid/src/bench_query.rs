@@ -19,8 +19,14 @@ use rand::{Rng, SeedableRng};
 const REGIONS: [&str; 5] = ["guangzhou", "shenzhen", "hong-kong", "macao", "zhuhai"];
 
 /// Writes `rows` rows of card payments: 3 to 5 rows per card holder, a region, an amount
-/// and an age, from `seed`. Returns the card holders written.
-fn generate(path: &std::path::Path, rows: usize, seed: u64) -> anyhow::Result<usize> {
+/// and an age, from `seed`, card holder by card holder or (`shuffled`) in a seeded random
+/// order. Returns the card holders written.
+fn generate(
+    path: &std::path::Path,
+    rows: usize,
+    seed: u64,
+    shuffled: bool,
+) -> anyhow::Result<usize> {
     let schema = Arc::new(Schema::new(vec![
         Field::new("holder", DataType::Int64, false),
         Field::new("region", DataType::Utf8, false),
@@ -35,8 +41,10 @@ fn generate(path: &std::path::Path, rows: usize, seed: u64) -> anyhow::Result<us
     let mut region = 0usize;
     let mut age = 0i64;
     let mut written = 0;
+    // shuffled: every row is drawn first, then written in a permuted order
+    let chunk = if shuffled { rows.max(1) } else { 1 << 20 };
     while written < rows {
-        let n = (rows - written).min(1 << 20);
+        let n = (rows - written).min(chunk);
         let mut holders = Vec::with_capacity(n);
         let mut regions = Vec::with_capacity(n);
         let mut amounts = Vec::with_capacity(n);
@@ -56,16 +64,29 @@ fn generate(path: &std::path::Path, rows: usize, seed: u64) -> anyhow::Result<us
             amounts.push((-u.ln() * 300.0).min(20_000.0));
             ages.push(age);
         }
-        let batch = RecordBatch::try_new(
-            schema.clone(),
-            vec![
-                Arc::new(Int64Array::from(holders)) as ArrayRef,
-                Arc::new(StringArray::from(regions)),
-                Arc::new(Float64Array::from(amounts)),
-                Arc::new(Int64Array::from(ages)),
-            ],
-        )?;
-        writer.write(&batch)?;
+        let mut order: Vec<usize> = (0..n).collect();
+        if shuffled {
+            use rand::seq::SliceRandom;
+            order.shuffle(&mut rng);
+        }
+        for part in order.chunks(1 << 20) {
+            let batch = RecordBatch::try_new(
+                schema.clone(),
+                vec![
+                    Arc::new(Int64Array::from_iter_values(
+                        part.iter().map(|&i| holders[i]),
+                    )) as ArrayRef,
+                    Arc::new(StringArray::from_iter_values(
+                        part.iter().map(|&i| regions[i]),
+                    )),
+                    Arc::new(Float64Array::from_iter_values(
+                        part.iter().map(|&i| amounts[i]),
+                    )),
+                    Arc::new(Int64Array::from_iter_values(part.iter().map(|&i| ages[i]))),
+                ],
+            )?;
+            writer.write(&batch)?;
+        }
         written += n;
     }
     writer.close()?;
@@ -103,15 +124,25 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-pub async fn run(rows: usize, repeats: usize, api_queries: usize) -> anyhow::Result<()> {
+pub async fn run(
+    rows: usize,
+    repeats: usize,
+    api_queries: usize,
+    shuffled: bool,
+) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("payments");
     std::fs::create_dir_all(&data)?;
     let started = Instant::now();
-    let holders = generate(&data.join("part-0.parquet"), rows, 2026)?;
+    let holders = generate(&data.join("part-0.parquet"), rows, 2026, shuffled)?;
     println!(
-        "generated {rows} rows for {holders} card holders ({:.1} rows each) in {:.1} s",
+        "generated {rows} rows for {holders} card holders ({:.1} rows each{}) in {:.1} s",
         rows as f64 / holders as f64,
+        if shuffled {
+            ", shuffled"
+        } else {
+            ", holder by holder"
+        },
         started.elapsed().as_secs_f64()
     );
     let table = table();
