@@ -96,11 +96,8 @@ struct Run {
     subjects: u32,
     /// At most this many groups per individual, and rows weighted down to it.
     m: u32,
-    /// The current individual's cells: group, rows, and per value its sum and non-nulls.
-    open_groups: Vec<u32>,
-    open_rows: Vec<f64>,
-    open_sums: Vec<f64>,
-    open_present: Vec<f64>,
+    /// The current individual's cells.
+    open: Cells,
     /// Groups met here: the 128-bit key, the key's values and the hash that orders them.
     group_of: KeyMap,
     groups: Vec<(u128, Vec<serde_json::Value>, u64)>,
@@ -126,19 +123,32 @@ struct Cells {
 }
 
 impl Cells {
+    /// The index of `group`'s cell, opened empty if there is none.
+    fn cell(&mut self, group: u32, values: usize) -> usize {
+        match self.groups.iter().position(|&x| x == group) {
+            Some(i) => i,
+            None => {
+                self.groups.push(group);
+                self.rows.push(0.0);
+                self.sums.extend(std::iter::repeat_n(0.0, values));
+                self.present.extend(std::iter::repeat_n(0.0, values));
+                self.groups.len() - 1
+            }
+        }
+    }
+
+    /// Empties the cells, keeping their room.
+    fn clear(&mut self) {
+        self.groups.clear();
+        self.rows.clear();
+        self.sums.clear();
+        self.present.clear();
+    }
+
     /// Adds `other`'s cells (groups already in this numbering), merging equal groups.
     fn absorb(&mut self, other: &Cells, values: usize) {
         for (c, &g) in other.groups.iter().enumerate() {
-            let i = match self.groups.iter().position(|&x| x == g) {
-                Some(i) => i,
-                None => {
-                    self.groups.push(g);
-                    self.rows.push(0.0);
-                    self.sums.extend(std::iter::repeat_n(0.0, values));
-                    self.present.extend(std::iter::repeat_n(0.0, values));
-                    self.groups.len() - 1
-                }
-            };
+            let i = self.cell(g, values);
             self.rows[i] += other.rows[c];
             for v in 0..values {
                 self.sums[i * values + v] += other.sums[c * values + v];
@@ -188,10 +198,7 @@ impl Run {
             last: Vec::new(),
             subjects: 0,
             m,
-            open_groups: Vec::new(),
-            open_rows: Vec::new(),
-            open_sums: Vec::new(),
-            open_present: Vec::new(),
+            open: Cells::default(),
             group_of: KeyMap::default(),
             groups: Vec::new(),
             raw_group_of: KeyMap::default(),
@@ -292,17 +299,8 @@ impl Run {
                     }
                 }
             };
-            let cell = match self.open_groups.iter().position(|&x| x == group) {
-                Some(c) => c,
-                None => {
-                    self.open_groups.push(group);
-                    self.open_rows.push(0.0);
-                    self.open_sums.extend(std::iter::repeat_n(0.0, values));
-                    self.open_present.extend(std::iter::repeat_n(0.0, values));
-                    self.open_groups.len() - 1
-                }
-            };
-            self.open_rows[cell] += 1.0;
+            let cell = self.open.cell(group, values);
+            self.open.rows[cell] += 1.0;
             for (v, (column, &(low, high))) in value_columns.iter().zip(&self.ranges).enumerate() {
                 if !column.is_null(r) {
                     let x = column.value(r);
@@ -314,8 +312,8 @@ impl Run {
                     } else {
                         x
                     };
-                    self.open_sums[cell * values + v] += x;
-                    self.open_present[cell * values + v] += 1.0;
+                    self.open.sums[cell * values + v] += x;
+                    self.open.present[cell * values + v] += 1.0;
                 }
             }
         }
@@ -352,46 +350,20 @@ impl Run {
         Ok(g)
     }
 
-    /// The current individual's cells, taken.
-    fn take_open(&mut self) -> Cells {
-        Cells {
-            groups: std::mem::take(&mut self.open_groups),
-            rows: std::mem::take(&mut self.open_rows),
-            sums: std::mem::take(&mut self.open_sums),
-            present: std::mem::take(&mut self.open_present),
-        }
-    }
-
     /// Finishes the current individual: the run's first is kept aside (it may have begun in
     /// the run before), any other is bounded into the run's totals.
     fn close(&mut self) {
         if self.subjects == 0 {
-            self.first_cells = Some(self.take_open());
+            self.first_cells = Some(std::mem::take(&mut self.open));
         } else {
-            let (m, values) = (self.m, self.values);
             let groups = &self.groups;
-            let cells = Cells {
-                groups: std::mem::take(&mut self.open_groups),
-                rows: std::mem::take(&mut self.open_rows),
-                sums: std::mem::take(&mut self.open_sums),
-                present: std::mem::take(&mut self.open_present),
-            };
-            cells.bound_into(m, |g| groups[g as usize].2, &mut self.totals, values);
-            // the buffers are reused for the next individual
-            let Cells {
-                mut groups,
-                mut rows,
-                mut sums,
-                mut present,
-            } = cells;
-            groups.clear();
-            rows.clear();
-            sums.clear();
-            present.clear();
-            self.open_groups = groups;
-            self.open_rows = rows;
-            self.open_sums = sums;
-            self.open_present = present;
+            self.open.bound_into(
+                self.m,
+                |g| groups[g as usize].2,
+                &mut self.totals,
+                self.values,
+            );
+            self.open.clear();
         }
         self.subjects += 1;
     }
@@ -399,7 +371,7 @@ impl Run {
     /// The last individual is kept aside too (it may go on in the run after).
     fn finish(mut self) -> Run {
         if self.first.is_some() {
-            self.last_cells = Some(self.take_open());
+            self.last_cells = Some(std::mem::take(&mut self.open));
         }
         self
     }
