@@ -70,6 +70,11 @@ impl Patience {
         submitted_s + (self.share * runtime_s.max(0.0)).min(self.cap_s)
     }
 
+    /// What a later cluster must cost less than to be worth waiting for, against `now_cost`.
+    pub fn worth(&self, now_cost: f64) -> f64 {
+        now_cost * (1.0 - self.saving)
+    }
+
     /// Of the clusters it could start on later, the one a latency-insensitive job should wait
     /// for instead of starting now at `now_cost`: the cheapest among those that start by
     /// [`Patience::until`] and save at least `saving`. `None`: start now.
@@ -81,7 +86,7 @@ impl Patience {
         later: impl IntoIterator<Item = (usize, Later)>,
     ) -> Option<(usize, Later)> {
         let until = self.until(submitted_s, runtime_s);
-        let worth = now_cost * (1.0 - self.saving);
+        let worth = self.worth(now_cost);
         later
             .into_iter()
             .filter(|(_, l)| l.start_s <= until && l.cost < worth)

@@ -96,32 +96,18 @@ pub fn eviction(
         let per_node = candidate.accelerators / candidate.nodes.max(1);
         let asked = u64::from(candidate.accelerators);
         // over the cohort's quota but within its own: it may reclaim what others borrow
-        let own = |tenant: &str| {
-            quotas
-                .nominal
-                .get(tenant)
-                .map(|q| q.get(model.as_str()).copied().unwrap_or(0))
-        };
-        let cohort: u64 = quotas
-            .nominal
-            .values()
-            .map(|q| q.get(model.as_str()).copied().unwrap_or(0))
-            .sum();
-        let cohort_used =
-            |shares: &Usage| -> u64 { quotas.nominal.keys().map(|t| shares.held(t, model)).sum() };
+        let cohort = quotas.cohort(model);
         let reclaiming = match requester.over_quota.get(model.as_str()) {
             None => false,
             Some(QuotaBlock::NotNow(_))
                 if quotas.borrowing
-                    && own(claimant.tenant)
+                    && quotas
+                        .own(claimant.tenant, model)
                         .is_some_and(|own| usage.held(claimant.tenant, model) + asked <= own) =>
             {
                 true
             }
             Some(_) => continue,
-        };
-        let borrows = |shares: &Usage, tenant: &str| {
-            own(tenant).is_some_and(|own| shares.held(tenant, model) > own)
         };
         let here: Vec<&Running> = running
             .iter()
@@ -154,7 +140,7 @@ pub fn eviction(
                 resources.nodes,
             )
             .is_some()
-                && (!reclaiming || cohort_used(held) + asked <= cohort)
+                && (!reclaiming || quotas.cohort_used(held, model) + asked <= cohort)
         };
         for victim in eligible {
             if room(&trial, &quota_trial) {
@@ -164,7 +150,7 @@ pub fn eviction(
             let victim_accelerators = u64::from(victim.allocation.total_accelerators());
             let reclaim = reclaiming
                 && victim.tenant != claimant.tenant
-                && borrows(&quota_trial, &victim.tenant);
+                && quotas.borrows(&quota_trial, &victim.tenant, model);
             if reclaiming && !reclaim {
                 // the claimant needs quota back: only a borrower's job returns it
                 continue;

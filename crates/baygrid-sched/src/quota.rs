@@ -28,6 +28,33 @@ pub enum QuotaBlock {
 }
 
 impl Quotas {
+    /// A tenant's nominal quota of a model (0 for a model it does not list); `None` for a
+    /// tenant without quotas.
+    pub fn own(&self, tenant: &str, model: &str) -> Option<u64> {
+        self.nominal
+            .get(tenant)
+            .map(|q| q.get(model).copied().unwrap_or(0))
+    }
+
+    /// The cohort's quota of a model: every tenant's nominal quota summed.
+    pub fn cohort(&self, model: &str) -> u64 {
+        self.nominal
+            .values()
+            .map(|q| q.get(model).copied().unwrap_or(0))
+            .sum()
+    }
+
+    /// What the cohort's tenants hold of a model.
+    pub fn cohort_used(&self, usage: &Usage, model: &str) -> u64 {
+        self.nominal.keys().map(|t| usage.held(t, model)).sum()
+    }
+
+    /// Whether a tenant holds more of a model than its own quota (it borrows).
+    pub fn borrows(&self, usage: &Usage, tenant: &str, model: &str) -> bool {
+        self.own(tenant, model)
+            .is_some_and(|own| usage.held(tenant, model) > own)
+    }
+
     /// For each model the job accepts, why the tenant may not take it now or ever, given
     /// what every tenant holds (`usage`); models it may take are absent.
     pub fn blocks(
@@ -37,17 +64,13 @@ impl Quotas {
         spec: &JobSpec,
     ) -> BTreeMap<String, QuotaBlock> {
         let mut out = BTreeMap::new();
-        let Some(mine) = self.nominal.get(tenant) else {
+        if !self.nominal.contains_key(tenant) {
             return out;
-        };
+        }
         for (model, per_node) in &spec.resources.accelerators.alternatives {
             let asked = u64::from(*per_node) * u64::from(spec.resources.nodes);
-            let own = mine.get(model).copied().unwrap_or(0);
-            let cohort: u64 = self
-                .nominal
-                .values()
-                .map(|q| q.get(model).copied().unwrap_or(0))
-                .sum();
+            let own = self.own(tenant, model).unwrap_or(0);
+            let cohort = self.cohort(model);
             let ceiling = if self.borrowing { cohort } else { own };
             if asked > ceiling {
                 let whose = if self.borrowing {
@@ -62,7 +85,7 @@ impl Quotas {
                 continue;
             }
             let block = if self.borrowing {
-                let used: u64 = self.nominal.keys().map(|t| usage.held(t, model)).sum();
+                let used = self.cohort_used(usage, model);
                 (used + asked > cohort).then(|| {
                     format!(
                         "quota: the cohort holds {used} of its {cohort} × {model}; {asked} more would pass it (own quota {own}, holding {})",

@@ -254,10 +254,8 @@ pub async fn quote(
     requester.over_quota = state.config.quotas().blocks(&usage, &tenant, &spec);
     let now = state.now();
     let quote = state.placer.quote(&spec, &requester, &market, now);
-    let patient = state
-        .config
-        .patience()
-        .wait_in(&quote, &spec, now, |_| false);
+    let patience = state.config.patience();
+    let patient = patience.wait_in(&quote, &spec, now, |_| false);
     let summary = match (quote.chosen(), patient) {
         (Some(chosen), Some(later)) => format!(
             "would wait for {} at {}, expected to have room at {} for {} in all against {} on {} now (a batch job waits for a cheaper cluster up to {:.0}% of its run time)",
@@ -270,7 +268,7 @@ pub async fn quote(
             later.total_cost_cny.map(|m| m.to_string()).unwrap_or_default(),
             chosen.total_cost_cny.map(|m| m.to_string()).unwrap_or_default(),
             chosen.cluster,
-            state.config.patience_share * 100.0
+            patience.share * 100.0
         ),
         (Some(chosen), None) => format!(
             "would run on {} at {} ({})",

@@ -120,9 +120,8 @@ pub async fn live_market_and_usage(
     Ok((market, usage, running))
 }
 
-/// Where and from when the first blocked job in the cycle's order is expected to start.
+/// From when a cluster is reserved, and for which job (kept by cluster name).
 struct Reservation {
-    cluster: String,
     start_ms: i64,
     job: String,
 }
@@ -224,24 +223,33 @@ pub async fn cycle(state: &AppState) -> Result<usize, ApiError> {
         }
         requester.over_quota = quotas.blocks(&usage, &job.tenant, &job.spec);
         let mut quote = state.placer.quote(&job.spec, &requester, &market, now);
-        // each reserved cluster it would hold past the reservation's start is blocked for it
-        while let Some(allocation) = quote.allocation(&job.spec) {
-            let ends = allocation.estimated_seconds.map(|s| now + s as i64 * 1000);
-            let Some(r) = reservations
-                .get(&allocation.cluster)
+        // each reserved cluster it fits now but would hold past the reservation's start is
+        // blocked for it (its run time there is in the quote already), then quoted once more
+        let before = requester.blocked.len();
+        let fits = |c: &&baygrid_sched::Candidate| {
+            matches!(
+                c.verdict,
+                baygrid_sched::Verdict::Chosen | baygrid_sched::Verdict::Fits
+            )
+        };
+        for c in quote.candidates.iter().filter(fits) {
+            let ends = c.estimated_seconds.map(|s| now + s as i64 * 1000);
+            if let Some(r) = reservations
+                .get(&c.cluster)
                 .filter(|r| ends.is_none_or(|e| e > r.start_ms))
-            else {
-                break;
-            };
-            requester.blocked.push(baygrid_sched::BlockedCluster {
-                cluster: r.cluster.clone(),
-                until_ms: r.start_ms,
-                reason: format!(
-                    "reserved from {} for job {}, which is ahead in the queue",
-                    baygrid_core::millis_to_rfc3339(r.start_ms),
-                    r.job
-                ),
-            });
+            {
+                requester.blocked.push(baygrid_sched::BlockedCluster {
+                    cluster: c.cluster.clone(),
+                    until_ms: r.start_ms,
+                    reason: format!(
+                        "reserved from {} for job {}, which is ahead in the queue",
+                        baygrid_core::millis_to_rfc3339(r.start_ms),
+                        r.job
+                    ),
+                });
+            }
+        }
+        if requester.blocked.len() > before {
             quote = state.placer.quote(&job.spec, &requester, &market, now);
         }
         // a latency-insensitive job may wait a little for a cheaper cluster about to free,
@@ -262,7 +270,6 @@ pub async fn cycle(state: &AppState) -> Result<usize, ApiError> {
             reservations.insert(
                 later.cluster.clone(),
                 Reservation {
-                    cluster: later.cluster.clone(),
                     start_ms,
                     job: job.id.to_string(),
                 },
@@ -354,9 +361,8 @@ pub async fn cycle(state: &AppState) -> Result<usize, ApiError> {
                     }
                 }
                 reservations.insert(
-                    eviction.cluster.clone(),
+                    eviction.cluster,
                     Reservation {
-                        cluster: eviction.cluster.clone(),
                         start_ms: now,
                         job: job.id.to_string(),
                     },
@@ -375,7 +381,6 @@ pub async fn cycle(state: &AppState) -> Result<usize, ApiError> {
                 reservations.insert(
                     c.cluster.clone(),
                     Reservation {
-                        cluster: c.cluster.clone(),
                         start_ms,
                         job: job.id.to_string(),
                     },

@@ -1137,8 +1137,9 @@ pub fn simulate_until(
                     if patience.until(j.arrival_s, now_cost.runtime_s) <= now {
                         return None;
                     }
-                    let worth = now_cost.total() * (1.0 - patience.saving);
-                    let later = (0..pools.len())
+                    // only pools cheap enough are asked when they free up (it is costly)
+                    let worth = patience.worth(now_cost.total());
+                    let mut later: Vec<(usize, Later, Vec<u32>)> = (0..pools.len())
                         .filter(|&p| {
                             mask & (1 << p) != 0
                                 && pools[p].nodes >= j.nodes
@@ -1148,29 +1149,31 @@ pub fn simulate_until(
                                 && quota_admits(&held, j, p)
                         })
                         .map(|p| {
-                            let (at, _) =
+                            let (at, nodes) =
                                 state[p].earliest(j.nodes, j.per_node, pools[p].per_node, now);
                             let cost = costs[job][p].expect("costed").total();
-                            (p, Later { start_s: at, cost })
-                        });
-                    patience.wait_for(j.arrival_s, now_cost.runtime_s, now_cost.total(), later)
+                            (p, Later { start_s: at, cost }, nodes)
+                        })
+                        .collect();
+                    let (i, _) = patience.wait_for(
+                        j.arrival_s,
+                        now_cost.runtime_s,
+                        now_cost.total(),
+                        later.iter().enumerate().map(|(i, l)| (i, l.1)),
+                    )?;
+                    Some(later.swap_remove(i))
                 });
-            if let Some((p, later)) = patient {
+            if let Some((pool, later, nodes)) = patient {
                 // it keeps the cheaper pool's nodes as a blocked job would
-                {
-                    let (start, nodes) =
-                        state[p].earliest(j.nodes, j.per_node, pools[p].per_node, now);
-                    debug_assert!(start <= later.start_s);
-                    reserve(
-                        &mut reservations,
-                        Reservation {
-                            job,
-                            pool: p,
-                            start,
-                            nodes,
-                        },
-                    );
-                }
+                reserve(
+                    &mut reservations,
+                    Reservation {
+                        job,
+                        pool,
+                        start: later.start_s,
+                        nodes,
+                    },
+                );
                 continue;
             }
             if let Some((_, _, p, nodes)) = best {
