@@ -1,54 +1,212 @@
-//! Fusion workers at this agent's site: a party trains beside its vault on the dataset
-//! staged from it (digests checked) and saves its copy of the final model back into the
-//! vault; the aggregator combines the parties' updates. They reach each other only through
-//! the server's relay; the protocol is `baygrid_fusion::fed`.
+//! Fusion workers at this agent's site, each the job the dispatcher placed here: a party
+//! trains beside its vault on the dataset staged from it (digests checked) and saves its
+//! copy of the final model back into the vault; the aggregator combines the parties'
+//! updates. They reach each other only through the server's relay; the protocol is
+//! `baygrid_fusion::fed`.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use baygrid_api::{
     Client, FusionReport, FusionRound, FusionTask, FusionWork, PartyDone, VersionFile,
 };
+use baygrid_exec::{Engine, ExecError, JobHandle, JobStatus, LaunchSpec, LogCursor, OutputLine};
 use baygrid_fusion::data::Table;
 use baygrid_fusion::fed::{self, FedError, Msg, Transport};
 use baygrid_fusion::hetero::{apart, HeteroConfig};
 use baygrid_fusion::homo::{self, Aggregation, HomoConfig};
 use baygrid_fusion::psi::PsiSettings;
 use tokio::runtime::Handle;
-use tokio::sync::watch;
 
-use crate::query::{serve_claims, staged};
+use crate::query::staged;
 
-/// Serves fusion workers until shutdown.
-pub(crate) async fn serve(client: Client, work_dir: PathBuf, shutdown: watch::Receiver<bool>) {
-    let worker = client.clone();
-    serve_claims(
-        client,
-        "/api/v1/agent/fusion/claim",
-        shutdown,
-        move |work: FusionWork| {
-            let client = worker.clone();
-            let dir = work_dir.clone();
-            async move {
-                let outcome = run(&client, &dir, &work).await;
-                let report = match outcome {
-                    Ok(report) => report,
-                    Err(error) => {
-                        tracing::warn!(run = %work.run, index = work.index, %error, "fusion worker failed");
-                        FusionReport {
-                            error: Some(error),
-                            ..FusionReport::default()
-                        }
-                    }
-                };
-                if let Err(e) = send_report(&client, &work, &report).await {
-                    tracing::warn!(run = %work.run, error = %e, "fusion report not delivered");
+/// The engine name on the handles of the workers an agent runs itself.
+pub(crate) const ENGINE: &str = "fusion";
+
+/// The fusion workers this agent runs itself, each a task beside the agent's loop under
+/// its job's lease: an engine of their own for the agent's bookkeeping (status, output,
+/// cancel, the hold's time limit). A worker does not outlive its agent: one a restarted
+/// agent finds gone is reported lost, and its run fails, since a worker cannot rejoin a
+/// protocol midway.
+pub(crate) struct Workers {
+    client: Client,
+    work_dir: PathBuf,
+    tasks: Mutex<BTreeMap<(String, i64), Task>>,
+}
+
+struct Task {
+    run: tokio::task::AbortHandle,
+    shared: Arc<Mutex<Shared>>,
+}
+
+/// What a worker's task leaves for the agent: its output so far and how it ended.
+#[derive(Default)]
+struct Shared {
+    output: Vec<u8>,
+    ended: Option<JobStatus>,
+}
+
+impl Shared {
+    fn note(&mut self, line: &str) {
+        self.output.extend_from_slice(line.as_bytes());
+        self.output.push(b'\n');
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Workers {
+    pub(crate) fn new(client: Client, work_dir: PathBuf) -> Self {
+        Workers {
+            client,
+            work_dir,
+            tasks: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Starts the worker of job `job_id`'s lease `epoch`.
+    pub(crate) fn start(&self, job_id: &str, epoch: i64, work: FusionWork) -> JobHandle {
+        let shared = Arc::new(Mutex::new(Shared::default()));
+        let handle = JobHandle {
+            job_id: job_id.to_string(),
+            epoch,
+            engine: ENGINE.into(),
+            dir: self.work_dir.join("fusion"),
+            detail: serde_json::json!({ "run": work.run, "index": work.index }),
+        };
+        let client = self.client.clone();
+        let dir = self.work_dir.clone();
+        let mine = shared.clone();
+        let task = tokio::spawn(async move {
+            lock(&mine).note(&format!(
+                "worker {} of fusion run {} ({}) started",
+                work.index,
+                work.run,
+                work.task.as_str()
+            ));
+            let (report, status) = match run(&client, &dir, &work).await {
+                Ok(report) => (report, JobStatus::Succeeded),
+                Err(error) => {
+                    tracing::warn!(run = %work.run, index = work.index, %error, "fusion worker failed");
+                    lock(&mine).note(&format!("failed: {error}"));
+                    let status = JobStatus::Failed {
+                        exit_code: Some(1),
+                        reason: error.clone(),
+                    };
+                    let report = FusionReport {
+                        error: Some(error),
+                        ..FusionReport::default()
+                    };
+                    (report, status)
                 }
+            };
+            let status = match send_report(&client, &work, &report).await {
+                Ok(()) => status,
+                Err(e) => {
+                    tracing::warn!(run = %work.run, error = %e, "fusion report not delivered");
+                    JobStatus::Failed {
+                        exit_code: Some(1),
+                        reason: format!("the worker's report was not delivered: {e}"),
+                    }
+                }
+            };
+            let mut shared = lock(&mine);
+            shared.note(&format!("ended: {status:?}"));
+            shared.ended = Some(status);
+        });
+        lock(&self.tasks).insert(
+            (job_id.to_string(), epoch),
+            Task {
+                run: task.abort_handle(),
+                shared,
+            },
+        );
+        handle
+    }
+
+    /// Drops what is kept of a job's workers, once the agent has reported it.
+    pub(crate) fn forget(&self, job_id: &str) {
+        lock(&self.tasks).retain(|(job, _), task| {
+            let keep = job != job_id;
+            if !keep {
+                task.run.abort();
             }
-        },
-    )
-    .await
+            keep
+        });
+    }
+
+    fn shared(&self, handle: &JobHandle) -> Result<Option<Arc<Mutex<Shared>>>, ExecError> {
+        if handle.engine != ENGINE {
+            return Err(ExecError::ForeignHandle(handle.engine.clone()));
+        }
+        Ok(lock(&self.tasks)
+            .get(&(handle.job_id.clone(), handle.epoch))
+            .map(|t| t.shared.clone()))
+    }
+}
+
+#[async_trait::async_trait]
+impl Engine for Workers {
+    fn kind(&self) -> &'static str {
+        ENGINE
+    }
+
+    async fn launch(&self, spec: &LaunchSpec) -> Result<JobHandle, ExecError> {
+        Err(ExecError::Refused(format!(
+            "job {}: a fusion worker starts from its lease's work, not from a command",
+            spec.job_id
+        )))
+    }
+
+    async fn status(&self, handle: &JobHandle) -> Result<JobStatus, ExecError> {
+        Ok(match self.shared(handle)? {
+            None => JobStatus::Failed {
+                exit_code: None,
+                reason: "the worker ran inside this agent before it restarted".into(),
+            },
+            Some(shared) => lock(&shared).ended.clone().unwrap_or(JobStatus::Running),
+        })
+    }
+
+    async fn read_output(
+        &self,
+        handle: &JobHandle,
+        cursor: &mut LogCursor,
+    ) -> Result<Vec<OutputLine>, ExecError> {
+        let Some(shared) = self.shared(handle)? else {
+            return Ok(vec![]);
+        };
+        let shared = lock(&shared);
+        Ok(cursor
+            .take_new_lines("stdout", &shared.output, shared.ended.is_some())
+            .into_iter()
+            .map(|line| OutputLine {
+                stream: "stdout".into(),
+                line,
+            })
+            .collect())
+    }
+
+    async fn cancel(&self, handle: &JobHandle) -> Result<(), ExecError> {
+        let Some(shared) = self.shared(handle)? else {
+            return Ok(());
+        };
+        if let Some(task) = lock(&self.tasks).get(&(handle.job_id.clone(), handle.epoch)) {
+            task.run.abort();
+        }
+        let mut shared = lock(&shared);
+        if shared.ended.is_none() {
+            shared.note("cancelled");
+            shared.ended = Some(JobStatus::Cancelled {
+                reason: "cancelled".into(),
+            });
+        }
+        Ok(())
+    }
 }
 
 async fn send_report(

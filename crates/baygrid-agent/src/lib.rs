@@ -232,6 +232,10 @@ pub async fn run(
         _ => Arc::new(LocalEngine::new(config.work_dir.join("jobs"))),
     };
     let mut agent = Agent {
+        workers: Arc::new(fusion::Workers::new(
+            client.clone(),
+            config.work_dir.clone(),
+        )),
         client,
         engine,
         state_dir,
@@ -269,11 +273,6 @@ pub async fn run(
         agent.config.work_dir.clone(),
         shutdown.clone(),
     ));
-    tokio::spawn(fusion::serve(
-        agent.client.clone(),
-        agent.config.work_dir.clone(),
-        shutdown.clone(),
-    ));
     loop {
         match agent.step().await {
             Ok(()) => {
@@ -296,6 +295,8 @@ pub async fn run(
 struct Agent {
     client: Client,
     engine: Arc<dyn Engine>,
+    /// The fusion workers placed here, which the agent runs itself.
+    workers: Arc<fusion::Workers>,
     state_dir: PathBuf,
     config: AgentConfig,
     tracked: BTreeMap<String, Tracked>,
@@ -309,6 +310,15 @@ struct Agent {
 }
 
 impl Agent {
+    /// The engine a job runs on: the cluster's, or the agent's own for fusion workers.
+    fn engine_of(&self, handle: &JobHandle) -> Arc<dyn Engine> {
+        if handle.engine == fusion::ENGINE {
+            self.workers.clone()
+        } else {
+            self.engine.clone()
+        }
+    }
+
     /// Past the lease TTL without a renewal, the server has requeued this agent's jobs
     /// elsewhere: stop every copy here, so a job never runs twice across a partition.
     async fn fence_if_expired(&mut self) {
@@ -322,7 +332,10 @@ impl Agent {
                     job_id,
                     "leases not renewed within the TTL: stopping this copy"
                 );
-                let _ = self.engine.cancel(&tracked.handle).await;
+                let _ = self
+                    .engine_of(&tracked.handle)
+                    .cancel(&tracked.handle)
+                    .await;
             }
         }
     }
@@ -365,6 +378,7 @@ impl Agent {
     }
 
     fn forget(&mut self, job_id: &str) {
+        self.workers.forget(job_id);
         if let Some(tracked) = self.tracked.remove(job_id) {
             // staged inputs leave with the job; only its results stay
             let staged = self
@@ -400,7 +414,11 @@ impl Agent {
             };
             let job_id = tracked.handle.job_id.clone();
             let mut tracked = tracked;
-            match self.engine.status(&tracked.handle).await {
+            match self
+                .engine_of(&tracked.handle)
+                .status(&tracked.handle)
+                .await
+            {
                 Ok(JobStatus::Running) => tracing::info!(job_id, "re-attached to a running job"),
                 // gone without an exit code while the agent was away: lost, not failed
                 Ok(JobStatus::Failed {
@@ -480,7 +498,10 @@ impl Agent {
         for job_id in beat.stale {
             if let Some(tracked) = self.tracked.get(&job_id) {
                 tracing::warn!(job_id, "lease no longer valid: stopping this copy");
-                let _ = self.engine.cancel(&tracked.handle).await;
+                let _ = self
+                    .engine_of(&tracked.handle)
+                    .cancel(&tracked.handle)
+                    .await;
             }
             self.forget(&job_id);
         }
@@ -488,7 +509,10 @@ impl Agent {
             if let Some(tracked) = self.tracked.get(&job_id) {
                 if tracked.final_status.is_none() {
                     tracing::info!(job_id, "cancelling on request");
-                    let _ = self.engine.cancel(&tracked.handle).await;
+                    let _ = self
+                        .engine_of(&tracked.handle)
+                        .cancel(&tracked.handle)
+                        .await;
                 }
             }
         }
@@ -586,7 +610,20 @@ impl Agent {
             held: grant.held_seconds.map(std::time::Duration::from_secs),
             no_network: grant.no_network,
         };
-        match self.engine.launch(&spec).await {
+        // a fusion worker's job runs the worker its lease carries, inside this agent
+        let engine: Arc<dyn Engine> = match &grant.spec.fusion {
+            Some(_) => self.workers.clone(),
+            None => self.engine.clone(),
+        };
+        let launched = match (&grant.spec.fusion, grant.fusion.clone()) {
+            (None, _) => self.engine.launch(&spec).await,
+            (Some(_), Some(work)) => Ok(self.workers.start(&grant.job_id, grant.epoch, work)),
+            (Some(part), None) => Err(baygrid_exec::ExecError::Refused(format!(
+                "fusion run {} has ended, or its worker {} started before and cannot rejoin it",
+                part.run, part.index
+            ))),
+        };
+        match launched {
             Ok(handle) => {
                 let tracked = Tracked {
                     handle,
@@ -596,7 +633,7 @@ impl Agent {
                     // an engine without limits of its own is stopped by the agent
                     stop_at_ms: grant
                         .held_seconds
-                        .filter(|_| !self.engine.enforces_time_limit())
+                        .filter(|_| !engine.enforces_time_limit())
                         .map(|s| unix_ms() + (s as i64).saturating_mul(1000)),
                     outputs,
                 };
@@ -618,7 +655,7 @@ impl Agent {
                     epoch: grant.epoch,
                     status: Some(AgentStatus::Failed),
                     exit_code: None,
-                    reason: Some(format!("{} engine: {e}", self.engine.kind())),
+                    reason: Some(format!("{} engine: {e}", engine.kind())),
                     logs: vec![],
                     outputs: vec![],
                 };
@@ -639,7 +676,10 @@ impl Agent {
             Err(e) if matches!(e.status(), Some(409 | 404)) => {
                 tracing::warn!(job_id, error = %e, "server refused the report: stopping this copy");
                 if let Some(tracked) = self.tracked.get(job_id) {
-                    let _ = self.engine.cancel(&tracked.handle).await;
+                    let _ = self
+                        .engine_of(&tracked.handle)
+                        .cancel(&tracked.handle)
+                        .await;
                 }
                 self.forget(job_id);
                 false
@@ -657,11 +697,19 @@ impl Agent {
             return;
         };
         if tracked.final_status.is_none() {
-            match self.engine.status(&tracked.handle).await {
+            match self
+                .engine_of(&tracked.handle)
+                .status(&tracked.handle)
+                .await
+            {
                 Ok(JobStatus::Running) => {
                     if tracked.stop_at_ms.is_some_and(|at| unix_ms() >= at) {
                         tracing::info!(job_id, "the job's hold ran out; stopping it");
-                        if let Err(e) = self.engine.cancel(&tracked.handle).await {
+                        if let Err(e) = self
+                            .engine_of(&tracked.handle)
+                            .cancel(&tracked.handle)
+                            .await
+                        {
                             tracing::warn!(job_id, error = %e, "cannot stop the job");
                             return;
                         }
@@ -681,7 +729,11 @@ impl Agent {
             }
         }
         let mut cursor = tracked.cursor.clone();
-        let lines = match self.engine.read_output(&tracked.handle, &mut cursor).await {
+        let lines = match self
+            .engine_of(&tracked.handle)
+            .read_output(&tracked.handle, &mut cursor)
+            .await
+        {
             Ok(lines) => lines,
             Err(e) => {
                 tracing::warn!(job_id, error = %e, "cannot read job output");

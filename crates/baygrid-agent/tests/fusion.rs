@@ -197,6 +197,17 @@ fn run_file() -> Value {
     spec
 }
 
+async fn wait_job_ended(client: &Client, id: &str) -> baygrid_api::JobView {
+    for _ in 0..600 {
+        let job: baygrid_api::JobView = client.get(&format!("/api/v1/jobs/{id}")).await.unwrap();
+        if job.state.is_terminal() {
+            return job;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("job {id} did not end");
+}
+
 async fn wait_ended(client: &Client, id: &str) -> FusionView {
     for _ in 0..1200 {
         let view: FusionView = client.get(&format!("/api/v1/fusion/{id}")).await.unwrap();
@@ -281,7 +292,24 @@ async fn a_federated_run_trains_in_each_partys_jurisdiction_and_saves_each_copy_
         assert_eq!(Some(&file.sha256), party.model_sha256.as_ref());
     }
 
-    // charged: both offers' per-use prices and the workers' metered time
+    // each worker was a job in the dispatcher's queue, held to its site and jurisdiction,
+    // placed on the cluster that ran it, and settled as a job
+    let mut compute = 0;
+    for w in &view.workers {
+        let id = w.job.as_ref().expect("every worker has a job");
+        let job = wait_job_ended(&zone.lab, id).await;
+        assert_eq!(job.state, baygrid_core::JobState::Succeeded, "{job:#?}");
+        assert_eq!(job.cluster, w.cluster, "{job:#?}");
+        assert_eq!(job.spec.sites, Some(vec![w.site.clone()]));
+        assert_eq!(job.spec.allowed_jurisdictions, Some(vec![w.jurisdiction]));
+        assert_eq!(
+            job.spec.fusion.as_ref().map(|f| (f.run.as_str(), f.index)),
+            Some((view.id.as_str(), w.index))
+        );
+        // metered from the lease's start: a worker of a second costs under a fen
+        compute += job.cost.expect("a finished job has its cost").minor;
+    }
+    // the run itself is charged both offers' per-use prices
     let charged = view.charged.unwrap();
     assert!(
         charged.minor > 0 && charged.minor <= view.held.minor,
@@ -315,7 +343,15 @@ async fn a_federated_run_trains_in_each_partys_jurisdiction_and_saves_each_copy_
     );
     assert_eq!(line.amount, charged);
     assert_eq!(line.datasets, ["hk-breast-clinic", "gz-breast-clinic"]);
-    assert_eq!(invoice.total, charged);
+    // and the workers' jobs as compute lines
+    let workers: Vec<_> = view.workers.iter().filter_map(|w| w.job.clone()).collect();
+    let lines: Vec<_> = invoice
+        .lines
+        .iter()
+        .filter(|l| workers.contains(&l.job))
+        .collect();
+    assert_eq!(lines.len(), 3, "{invoice:#?}");
+    assert_eq!(invoice.total.minor, charged.minor + compute, "{invoice:#?}");
 
     // the log shows placement and every round; the audit log has the run and the release
     let logs: Vec<FusionEvent> = zone
@@ -634,9 +670,20 @@ async fn a_run_no_agent_takes_fails_after_the_timeout_and_is_not_charged() {
     let view = wait_ended(&zone.lab, &started.id).await;
     assert_eq!(view.state, FusionState::Failed);
     let error = view.error.unwrap();
-    assert!(error.contains("no agent claimed"), "{error}");
-    assert!(error.contains("hk-hospital at hk-cyberport"), "{error}");
+    assert!(error.contains("no cluster started"), "{error}");
+    assert!(error.contains("hk-hospital's job"), "{error}");
+    assert!(error.contains("at hk-cyberport"), "{error}");
     assert!(view.charged.is_none());
+    // the workers' jobs waited in the queue and were cancelled with the run
+    for w in &view.workers {
+        let job: baygrid_api::JobView = zone
+            .lab
+            .get(&format!("/api/v1/jobs/{}", w.job.as_ref().unwrap()))
+            .await
+            .unwrap();
+        assert_eq!(job.state, baygrid_core::JobState::Cancelled, "{job:#?}");
+        assert!(job.cost.is_none_or(|c| c.minor == 0), "{job:#?}");
+    }
     let wallet: Value = zone
         .lab
         .get("/api/v1/ledger/accounts/wallet:gba-oncology-lab")

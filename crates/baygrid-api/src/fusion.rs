@@ -99,12 +99,16 @@ pub struct FusionWorker {
     pub site: String,
     pub jurisdiction: Jurisdiction,
     pub state: WorkerState,
+    /// The worker's job in the dispatcher's queue, which places it at its site.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
     /// The cluster whose agent runs it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<String>,
-    /// Metered seconds, from the claim to the worker's last report.
+    /// Seconds from the worker's start to its last report (its job is metered and
+    /// charged as a job).
     #[serde(default)]
     pub seconds: f64,
     /// The derived dataset the party's copy of the model was saved as, in its vault.

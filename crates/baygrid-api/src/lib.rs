@@ -337,6 +337,10 @@ pub struct LeaseGrant {
     /// dataset in its vault, and leave only as flows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outputs: Option<OutputsTarget>,
+    /// For a fusion run's worker job: the worker, which the agent runs itself. None for
+    /// such a job whose run has ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fusion: Option<FusionWork>,
 }
 
 /// The site's vault and the derived dataset a protected job's outputs become.

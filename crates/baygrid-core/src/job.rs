@@ -80,6 +80,22 @@ pub struct JobSpec {
     /// What the job uses its inputs for (the flow's purpose); required with `inputs`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub purpose: Option<String>,
+    /// Sites the job may run at (like a region); all when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sites: Option<Vec<String>>,
+    /// Set by the exchange on the jobs of a fusion run's workers, never in a submitted
+    /// spec: the site's agent runs the worker itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fusion: Option<FusionPart>,
+}
+
+/// Which fusion run, and which of its workers, a job is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FusionPart {
+    pub run: String,
+    /// 0 for the aggregator or dealer, the party's number otherwise.
+    pub index: usize,
 }
 
 /// What each node of the gang needs.
@@ -364,6 +380,28 @@ impl JobSpec {
                     "allowed_jurisdictions",
                     "must name at least one jurisdiction when present",
                 ));
+            }
+        }
+        if let Some(sites) = &self.sites {
+            if sites.is_empty() || sites.len() > 64 {
+                return Err(SpecError::new(
+                    "sites",
+                    format!("must name 1 to 64 sites when present, got {}", sites.len()),
+                ));
+            }
+            for (i, site) in sites.iter().enumerate() {
+                if !is_valid_name(site) {
+                    return Err(SpecError::new(
+                        format!("sites[{i}]"),
+                        format!("`{site}` is not a site name"),
+                    ));
+                }
+                if sites[..i].contains(site) {
+                    return Err(SpecError::new(
+                        format!("sites[{i}]"),
+                        format!("`{site}` is listed twice"),
+                    ));
+                }
             }
         }
         Ok(())

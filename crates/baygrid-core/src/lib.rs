@@ -16,7 +16,9 @@ pub use catalog::{
     Provider, Site, Tenant,
 };
 pub use ids::new_id;
-pub use job::{AcceleratorRequest, Allocation, JobSpec, JobState, Resources, SpecError, MAX_NODES};
+pub use job::{
+    AcceleratorRequest, Allocation, FusionPart, JobSpec, JobState, Resources, SpecError, MAX_NODES,
+};
 pub use money::{Currency, ExchangeRates, Money, MoneyError, Rate};
 
 /// Milliseconds since the Unix epoch, UTC. The one representation of an instant that is

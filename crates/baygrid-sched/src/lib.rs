@@ -677,6 +677,21 @@ fn assess(
             );
         }
     }
+    if let Some(sites) = spec
+        .sites
+        .as_ref()
+        .filter(|s| !s.contains(&state.site.name))
+    {
+        return reject(
+            candidate,
+            "sites",
+            format!(
+                "site {} is not among the job's sites ({})",
+                state.site.name,
+                sites.join(", ")
+            ),
+        );
+    }
     if let Some(why) = requester.inputs_denied.get(&state.site.name) {
         return reject(candidate, "inputs", why.clone());
     }

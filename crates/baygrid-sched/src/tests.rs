@@ -443,3 +443,36 @@ fn a_latency_insensitive_job_may_wait_for_a_cheaper_cluster_about_to_free() {
     let quote = CheapestFeasible.quote(&spec, &guangzhou(), &crate::tests::market(), 0);
     assert!(patience.wait_in(&quote, &spec, 0, |_| false).is_none());
 }
+
+#[test]
+fn a_job_held_to_sites_goes_nowhere_else_and_says_why() {
+    let spec = job(
+        "[{H800: 1}, {A800: 1}, {Ascend910B: 1}, {A100: 1}]",
+        1,
+        "sites: [guangzhou-nansha]",
+    );
+    let quote = CheapestFeasible.quote(&spec, &guangzhou(), &market(), 0);
+    assert_eq!(quote.chosen().unwrap().cluster, "nansha-a800");
+    let others: Vec<_> = quote
+        .candidates
+        .iter()
+        .filter(|c| c.cluster != "nansha-a800")
+        .collect();
+    assert_eq!(others.len(), 5);
+    for c in others {
+        assert_eq!(c.verdict, Verdict::Rejected, "{c:?}");
+        assert_eq!(c.field.as_deref(), Some("sites"));
+        assert!(c.reason.contains("guangzhou-nansha"), "{}", c.reason);
+    }
+    // a site with no cluster for the job: never feasible, the field named
+    let nowhere = job("{H800: 1}", 1, "sites: [guangzhou-nansha]");
+    let quote = CheapestFeasible.quote(&nowhere, &guangzhou(), &market(), 0);
+    assert!(!quote.ever_feasible());
+    for bad in ["sites: []", "sites: [Nowhere]", "sites: [macao, macao]"] {
+        let text = format!(
+            "name: j\nresources:\n  accelerators: {{H800: 1}}\ncommand: 'true'\nestimated_duration: 1h\n{bad}"
+        );
+        let error = JobSpec::from_yaml(&text).unwrap_err();
+        assert!(error.field.starts_with("sites"), "{error}");
+    }
+}

@@ -100,30 +100,42 @@ pub async fn lease(
     }
     let granted = state
         .store
-        .grant_leases(cluster, request.max as i64, ttl_ms(&state), state.now())
+        .grant_leases(
+            cluster.clone(),
+            request.max as i64,
+            ttl_ms(&state),
+            state.now(),
+        )
         .await?;
     let catalog = state.catalog();
-    let leases = granted
-        .into_iter()
-        .filter_map(|job| {
-            let (inputs, no_network) = crate::zone::staged_inputs(&state, &catalog, &job.spec);
-            let outputs = no_network
-                .then(|| crate::zone::outputs_target(&state, &catalog, &job))
-                .flatten();
-            Some(LeaseGrant {
-                held_seconds: crate::ledger::held_seconds(&state, &job),
-                allocation: job.allocation?,
-                job_id: job.id,
-                tenant: job.tenant,
-                epoch: job.lease_epoch,
-                ttl_ms: ttl_ms(&state),
-                spec: job.spec,
-                inputs,
-                no_network,
-                outputs,
-            })
-        })
-        .collect();
+    let mut leases = Vec::with_capacity(granted.len());
+    for job in granted {
+        let (inputs, no_network) = crate::zone::staged_inputs(&state, &catalog, &job.spec);
+        let outputs = no_network
+            .then(|| crate::zone::outputs_target(&state, &catalog, &job))
+            .flatten();
+        // a fusion worker's job: the worker starts with its lease
+        let fusion = match &job.spec.fusion {
+            Some(part) => crate::fusion::start_worker(&state, part, &job.id, &cluster).await?,
+            None => None,
+        };
+        let Some(allocation) = job.allocation.clone() else {
+            continue;
+        };
+        leases.push(LeaseGrant {
+            held_seconds: crate::ledger::held_seconds(&state, &job),
+            allocation,
+            job_id: job.id,
+            tenant: job.tenant,
+            epoch: job.lease_epoch,
+            ttl_ms: ttl_ms(&state),
+            spec: job.spec,
+            inputs,
+            no_network,
+            outputs,
+            fusion,
+        });
+    }
     Ok(Json(LeaseResponse { leases }))
 }
 

@@ -1,12 +1,14 @@
 //! Fusion training runs (样本数据融合训练) through the exchange: a run's parties train where
-//! their data is. Each party's worker is placed at its dataset's vault site, so in its own
-//! jurisdiction; the aggregator goes to the first party site, cheapest first, to which the
-//! rules allow a `model_update` flow from every party's dataset. The vaults' agents claim
-//! the workers, and the workers talk only through this server's relay (the aggregator sees
-//! masked vectors when three or more parties train). Each party's copy of the final model
-//! is released by the rules (decided on record, with the model's digest), saved as a
-//! derived dataset in its own vault, and the run is charged: the data offers' per-use
-//! prices and every worker's metered time at its cluster's price.
+//! their data is. Each worker is a job in the dispatcher's queue, held to one site: a
+//! party's to its dataset's vault site, so to its own jurisdiction; the aggregator's to the
+//! first party site, cheapest first, to which the rules allow a `model_update` flow from
+//! every party's dataset. The dispatcher places the jobs like any other (priority, fair
+//! share, quotas, capacity); the agent granted a worker's lease runs it, and the workers
+//! talk only through this server's relay (the aggregator sees masked vectors when three or
+//! more parties train). Each party's copy of the final model is released by the rules
+//! (decided on record, with the model's digest), saved as a derived dataset in its own
+//! vault, and the run is charged the data offers' per-use prices; each worker's job
+//! settles its own metered compute.
 
 use std::time::Duration;
 
@@ -18,7 +20,7 @@ use baygrid_api::{
     ContractState, FusionEvent, FusionReport, FusionRequest, FusionState, FusionTask, FusionView,
     FusionWork, FusionWorker, OfferMode, OutputsTarget, PartyTable, WorkerState,
 };
-use baygrid_core::{millis_to_rfc3339, Currency, Money, Principal, Role};
+use baygrid_core::{millis_to_rfc3339, Currency, FusionPart, JobSpec, Money, Principal, Role};
 use baygrid_ledger::{names, Transfer, TransferKind};
 use baygrid_store::{Ending, FusionRow};
 use serde::{Deserialize, Serialize};
@@ -28,7 +30,7 @@ use crate::body::{JsonBody, QueryParams};
 use crate::catalog::CatalogSnapshot;
 use crate::error::{ApiError, ApiResult};
 use crate::jobs::{acting_tenant, TenantQuery};
-use crate::queries::{claim_work, json, ClaimBody};
+use crate::queries::json;
 use crate::zone::{dataset_flow, today, FlowEnds};
 use crate::AppState;
 
@@ -123,10 +125,10 @@ fn sees(who: &Principal, row: &FusionRow) -> bool {
     }
 }
 
-/// The cheapest and dearest price per accelerator-hour (CNY minor units) of the clusters
-/// at a site, or none when no cluster there is offered.
-fn site_prices(catalog: &CatalogSnapshot, site: &str) -> Option<(i64, i64)> {
-    let prices: Vec<i64> = catalog
+/// The cheapest price per accelerator-hour (CNY minor units) of the clusters at a site,
+/// or none when no cluster there is offered.
+fn cheapest_price(catalog: &CatalogSnapshot, site: &str) -> Option<i64> {
+    catalog
         .offers
         .values()
         .filter(|o| {
@@ -137,18 +139,7 @@ fn site_prices(catalog: &CatalogSnapshot, site: &str) -> Option<(i64, i64)> {
         })
         .filter_map(|o| catalog.rates.to_cny(o.price_per_accelerator_hour).ok())
         .map(|m| m.minor)
-        .collect();
-    Some((*prices.iter().min()?, *prices.iter().max()?))
-}
-
-fn cluster_price_cny(catalog: &CatalogSnapshot, cluster: &str) -> i64 {
-    catalog
-        .offers
-        .values()
-        .find(|o| o.cluster == cluster)
-        .and_then(|o| catalog.rates.to_cny(o.price_per_accelerator_hour).ok())
-        .map(|m| m.minor)
-        .unwrap_or(0)
+        .min()
 }
 
 /// The dataset a party's output is saved as: its copy of the model, or its intersection.
@@ -429,7 +420,7 @@ pub async fn submit(
                 _ => {}
             }
         }
-        if site_prices(&catalog, &dataset.vault).is_none() {
+        if cheapest_price(&catalog, &dataset.vault).is_none() {
             return Err(ApiError::Conflict(format!(
                 "site `{}`, where `{}` is kept, offers no cluster to run its worker",
                 dataset.vault, p.dataset
@@ -501,7 +492,7 @@ pub async fn submit(
             candidates.push(&d.vault);
         }
     }
-    candidates.sort_by_key(|site| site_prices(&catalog, site).map(|p| p.0).unwrap_or(i64::MAX));
+    candidates.sort_by_key(|site| cheapest_price(&catalog, site).unwrap_or(i64::MAX));
     let mut placement = Vec::new();
     let mut chosen = None;
     if psi {
@@ -562,8 +553,7 @@ pub async fn submit(
     }
     rules.sort();
     rules.dedup();
-    // the hold: every offer's per-use price and max_minutes of every worker at the
-    // dearest cluster of its site
+    // the run's hold: every offer's per-use price (each worker's job holds its compute)
     let mut held_cny = 0i64;
     for price in &prices {
         held_cny += catalog
@@ -571,15 +561,6 @@ pub async fn submit(
             .to_cny(*price)
             .map_err(|e| ApiError::Conflict(format!("cannot price the run: {e}")))?
             .minor;
-    }
-    let worker_sites: Vec<&str> = chosen
-        .iter()
-        .map(String::as_str)
-        .chain(datasets.iter().map(|d| d.vault.as_str()))
-        .collect();
-    for site in &worker_sites {
-        let dearest = site_prices(&catalog, site).map(|p| p.1).unwrap_or(0);
-        held_cny += dearest * max_minutes as i64 / 60;
     }
     let now = state.now();
     let id = baygrid_core::new_id("fu").replace('_', "-");
@@ -606,6 +587,7 @@ pub async fn submit(
             .map(|s| s.jurisdiction)
             .unwrap_or(baygrid_core::Jurisdiction::CN),
         state: WorkerState::Pending,
+        job: None,
         cluster: None,
         started_at: None,
         seconds: 0.0,
@@ -623,6 +605,14 @@ pub async fn submit(
         .collect();
     for (i, (p, d)) in ask.parties.iter().zip(&datasets).enumerate() {
         workers.push(worker(i + 1, &p.name, Some(d.name.clone()), &d.vault));
+    }
+    // each worker is a job in the dispatcher's queue, held to its site
+    let actor = crate::auth::actor(&who);
+    let mut jobs = Vec::new();
+    for w in &mut workers {
+        let job = worker_job(&state, &catalog, &id, w, &tenant, max_minutes, &actor, now)?;
+        w.job = Some(job.id.clone());
+        jobs.push(job);
     }
     let mut record = FusionRecord {
         view: FusionView {
@@ -663,24 +653,133 @@ pub async fn submit(
         "sites": record.view.workers.iter().map(|w| &w.site).collect::<Vec<_>>(),
         "rules": record.view.rules,
     });
+    let holds: i128 = hold
+        .iter()
+        .chain(jobs.iter().filter_map(|j| j.hold.as_ref()))
+        .map(|h| h.amount as i128)
+        .sum();
     state
         .store
         .accept_fusion(
             FusionRow {
                 id: id.clone(),
-                tenant,
+                tenant: tenant.clone(),
                 state: FusionState::Running.as_str().into(),
                 created_ms: now,
                 finished_ms: None,
                 body: record.body()?,
             },
             hold,
-            crate::auth::actor(&who),
+            jobs,
+            actor,
             payload,
         )
-        .await?;
-    state.queries.fusion_work.notify_waiters();
+        .await
+        .map_err(|e| match e {
+            baygrid_store::StoreError::Ledger {
+                error: baygrid_ledger::TransferError::ExceedsCredits { available, .. },
+                ..
+            } => ApiError::Unprocessable {
+                code: "insufficient_funds",
+                field: Some("max_minutes".into()),
+                message: format!(
+                    "tenant `{tenant}` has {} available in wallet:{tenant}; the run holds {} \
+                     (the offers' per-use prices, and each worker's compute for max_minutes \
+                     × margin): deposit funds, or lower max_minutes",
+                    Money::new(available.clamp(0, i64::MAX as i128) as i64, Currency::CNY),
+                    Money::new(holds.min(i64::MAX as i128) as i64, Currency::CNY),
+                ),
+            },
+            other => other.into(),
+        })?;
     Ok((StatusCode::CREATED, Json(record.view)))
+}
+
+/// A worker's job: one accelerator of any model its site offers, for `max_minutes`,
+/// held to the site (so to its jurisdiction: the data never moves), with its own hold.
+#[allow(clippy::too_many_arguments)]
+fn worker_job(
+    state: &AppState,
+    catalog: &CatalogSnapshot,
+    run: &str,
+    worker: &FusionWorker,
+    tenant: &str,
+    max_minutes: u64,
+    actor: &str,
+    now: i64,
+) -> ApiResult<baygrid_store::NewJob> {
+    let mut models: Vec<String> = catalog
+        .clusters
+        .values()
+        .filter(|c| c.site == worker.site)
+        .map(|c| c.accelerator.clone())
+        .collect();
+    models.sort();
+    models.dedup();
+    let spec = JobSpec {
+        name: format!(
+            "fusion-{}-{}",
+            &run[run.len().saturating_sub(8)..],
+            worker.index
+        ),
+        resources: baygrid_core::Resources {
+            accelerators: baygrid_core::AcceleratorRequest {
+                alternatives: models.into_iter().map(|m| (m, 1)).collect(),
+            },
+            nodes: 1,
+            cpus: 2,
+            memory_gb: 4,
+        },
+        command: format!(
+            ": the {} of fusion run {run}, run by the site's agent",
+            worker.role
+        ),
+        env: Default::default(),
+        image: None,
+        estimated_duration: baygrid_core::job::HumanDuration(Duration::from_secs(max_minutes * 60)),
+        max_price_per_hour: None,
+        deadline: None,
+        priority: 0,
+        priority_class: None,
+        latency_sensitive: false,
+        preemptible: false,
+        allowed_jurisdictions: Some(vec![worker.jurisdiction]),
+        inputs: vec![],
+        purpose: None,
+        sites: Some(vec![worker.site.clone()]),
+        fusion: Some(FusionPart {
+            run: run.to_string(),
+            index: worker.index,
+        }),
+    };
+    spec.validate()
+        .map_err(|e| ApiError::Unavailable(format!("a worker's job: {e}")))?;
+    let requester = catalog.requester(tenant, &spec).ok_or_else(|| {
+        ApiError::bad(
+            "tenant",
+            format!("unknown tenant `{tenant}` (or its party)"),
+        )
+    })?;
+    let quote = state.placer.quote(&spec, &requester, &catalog.empty, now);
+    if !quote.ever_feasible() {
+        return Err(ApiError::Conflict(format!(
+            "no cluster at {} can hold the {}: {}",
+            worker.site,
+            worker.role,
+            quote.rejection_summary()
+        )));
+    }
+    let id = baygrid_core::new_id("job");
+    let hold = crate::ledger::hold_for(state, &spec, &quote, tenant, &id, now)?;
+    Ok(baygrid_store::NewJob {
+        id,
+        tenant: tenant.to_string(),
+        idempotency_key: None,
+        spec,
+        actor: actor.to_string(),
+        now,
+        hold,
+    })
 }
 
 async fn record_of(state: &AppState, id: &str) -> ApiResult<(FusionRow, FusionRecord)> {
@@ -793,7 +892,8 @@ pub async fn cancel(
 }
 
 /// Ends a running run without a model (failed, withheld or cancelled): the hold is voided,
-/// the relay's messages dropped, the audit entry says why.
+/// the workers' unfinished jobs cancelled, the relay's messages dropped, the audit entry
+/// says why.
 async fn end_unfinished(
     state: &AppState,
     mut record: FusionRecord,
@@ -817,6 +917,14 @@ async fn end_unfinished(
         FusionState::Cancelled => "fusion.cancelled",
         _ => "fusion.failed",
     };
+    // the workers' jobs still queued or running are cancelled with the run
+    let unfinished: Vec<String> = record
+        .view
+        .workers
+        .iter()
+        .filter(|w| w.state != WorkerState::Done)
+        .filter_map(|w| w.job.clone())
+        .collect();
     state
         .store
         .finish_fusion(
@@ -830,6 +938,7 @@ async fn end_unfinished(
                 kind,
                 payload: serde_json::json!({ "run": id, "tenant": record.view.tenant, "reason": error }),
             },
+            unfinished,
         )
         .await?;
     drop_relay(state, &id);
@@ -840,8 +949,8 @@ fn drop_relay(state: &AppState, id: &str) {
     state.queries.fusion_relay.forget(|(run, _)| run != id);
 }
 
-/// Fails the running runs that have not moved for `vault_answer_timeout`: a worker no
-/// agent at its site claimed, or workers that went silent together.
+/// Fails the running runs that have not moved for `vault_answer_timeout`: a worker whose
+/// job no cluster at its site started, or workers that went silent together.
 pub(crate) async fn expire(state: &AppState) -> ApiResult<()> {
     let limit = state.config.vault_answer_timeout;
     let now = state.now();
@@ -869,13 +978,23 @@ pub(crate) async fn expire(state: &AppState) -> ApiResult<()> {
             .workers
             .iter()
             .filter(|w| w.state == WorkerState::Pending)
-            .map(|w| format!("the {} at {}", w.role, w.site))
+            .map(|w| {
+                format!(
+                    "the {}'s job {} at {}",
+                    w.role,
+                    w.job.as_deref().unwrap_or("-"),
+                    w.site
+                )
+            })
             .collect();
         let within = humantime::format_duration(limit);
         let error = if pending.is_empty() {
             format!("no word from the workers for {within}")
         } else {
-            format!("no agent claimed {} within {within}", pending.join(" or "))
+            format!(
+                "no cluster started {} within {within}",
+                pending.join(" or ")
+            )
         };
         end_unfinished(state, record, FusionState::Failed, error, "server".into()).await?;
     }
@@ -902,85 +1021,85 @@ pub async fn fail_orphans(state: &AppState) -> ApiResult<()> {
     Ok(())
 }
 
-/// Hands the agent the workers of running runs placed at its site. Waits up to `wait_ms`.
-#[utoipa::path(post, path = "/api/v1/agent/fusion/claim", request_body = ClaimBody, responses((status = 200, body = [FusionWork]), (status = 403, body = baygrid_api::ErrorBody)), security(("bearer" = [])))]
-pub async fn claim(
-    State(state): State<AppState>,
-    who: Principal,
-    JsonBody(body): JsonBody<ClaimBody>,
-) -> ApiResult<Json<Vec<FusionWork>>> {
-    claim_work(&state, &who, &body, &state.queries.fusion_work, claim_now).await
-}
-
-async fn claim_now(state: &AppState, cluster: String) -> ApiResult<Vec<FusionWork>> {
+/// Starts the worker that job `job_id` is, on `cluster`, as the job's lease is granted:
+/// the work its agent runs. None when there is nothing to run: the run has ended, or the
+/// worker had started already (a copy lost mid-run cannot rejoin its protocol, so the run
+/// fails).
+pub(crate) async fn start_worker(
+    state: &AppState,
+    part: &FusionPart,
+    job_id: &str,
+    cluster: &str,
+) -> ApiResult<Option<FusionWork>> {
     let catalog = state.catalog();
-    let Some(site) = catalog.clusters.get(&cluster).map(|c| c.site.clone()) else {
-        return Ok(vec![]);
-    };
     let _serial = state.queries.fusion_writes.lock().await;
-    let now = state.now();
-    let running = state
-        .store
-        .fusion_rows(None, Some(FusionState::Running.as_str()), 1000)
-        .await?;
-    let mut work = Vec::new();
-    for row in running {
-        let mut record = FusionRecord::from_row(&row)?;
-        let mut changed = false;
-        for i in 0..record.view.workers.len() {
-            let w = &record.view.workers[i];
-            if w.site != site || w.state != WorkerState::Pending {
-                continue;
-            }
-            let (table, model) = match &w.dataset {
-                None => (None, None),
-                Some(name) => {
-                    let version = catalog
-                        .versions
-                        .get(name)
-                        .and_then(|v| v.last())
-                        .ok_or_else(|| ApiError::Conflict(format!("`{name}` has no version")))?;
-                    let vault_url = state.config.vault_url(&site);
-                    (
-                        Some(PartyTable {
-                            dataset: name.clone(),
-                            upload: version.upload.clone(),
-                            files: version.files.clone(),
-                            vault_url: vault_url.clone(),
-                        }),
-                        Some(OutputsTarget {
-                            vault_url,
-                            dataset: output_name(record.view.task, &record.view.id, &w.role),
-                        }),
-                    )
-                }
-            };
-            work.push(FusionWork {
-                run: record.view.id.clone(),
-                task: record.view.task,
-                index: w.index,
-                parties: record.parties(),
-                settings: record.settings.clone(),
-                table,
-                model,
-                wait_ms: WORKER_WAIT_MS,
-            });
-            let w = &mut record.view.workers[i];
-            w.state = WorkerState::Running;
-            w.cluster = Some(cluster.to_string());
-            w.started_at = Some(millis_to_rfc3339(now));
-            let line = format!("{} started on {cluster} at {site}", w.role);
-            record.log(now, line);
-            changed = true;
-        }
-        if changed {
-            state
-                .store
-                .update_fusion(row.id.clone(), record.body()?)
-                .await?;
-        }
+    let Some(row) = state.store.fusion_row(&part.run).await? else {
+        return Ok(None);
+    };
+    let mut record = FusionRecord::from_row(&row)?;
+    if record.view.state != FusionState::Running {
+        return Ok(None);
     }
-    Ok(work)
+    let i = record.position(part.index)?;
+    let w = &record.view.workers[i];
+    if w.job.as_deref() != Some(job_id) {
+        return Ok(None);
+    }
+    if w.state != WorkerState::Pending {
+        let error = format!(
+            "the {}'s job {job_id} was lost on {} and placed again; a worker cannot rejoin a run mid-protocol",
+            w.role,
+            w.cluster.as_deref().unwrap_or("its cluster")
+        );
+        end_unfinished(state, record, FusionState::Failed, error, "server".into()).await?;
+        return Ok(None);
+    }
+    let site = w.site.clone();
+    let (table, model) = match &w.dataset {
+        None => (None, None),
+        Some(name) => {
+            let version = catalog
+                .versions
+                .get(name)
+                .and_then(|v| v.last())
+                .ok_or_else(|| ApiError::Conflict(format!("`{name}` has no version")))?;
+            let vault_url = state.config.vault_url(&site);
+            (
+                Some(PartyTable {
+                    dataset: name.clone(),
+                    upload: version.upload.clone(),
+                    files: version.files.clone(),
+                    vault_url: vault_url.clone(),
+                }),
+                Some(OutputsTarget {
+                    vault_url,
+                    dataset: output_name(record.view.task, &record.view.id, &w.role),
+                }),
+            )
+        }
+    };
+    let work = FusionWork {
+        run: record.view.id.clone(),
+        task: record.view.task,
+        index: w.index,
+        parties: record.parties(),
+        settings: record.settings.clone(),
+        table,
+        model,
+        wait_ms: WORKER_WAIT_MS,
+    };
+    let now = state.now();
+    let w = &mut record.view.workers[i];
+    w.state = WorkerState::Running;
+    w.cluster = Some(cluster.to_string());
+    w.started_at = Some(millis_to_rfc3339(now));
+    let line = format!("{} started on {cluster} at {site} (job {job_id})", w.role);
+    record.log(now, line);
+    state
+        .store
+        .update_fusion(row.id.clone(), record.body()?)
+        .await?;
+    Ok(Some(work))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -1286,8 +1405,8 @@ async fn release(
         let name = crate::zone::register_derived(state, derived, &files, who).await?;
         record.view.workers[p].model = Some(name);
     }
-    // the charge: the offers' per-use prices to their holders, every worker's metered
-    // time at its cluster's price to its provider; at most the hold
+    // the charge: the offers' per-use prices to their holders, at most the hold (each
+    // worker's job settles its own metered compute)
     let now = state.now();
     let reference = format!("fusion:{id}");
     let mut payees: Vec<(String, i64, baygrid_ledger::Account)> = Vec::new();
@@ -1301,27 +1420,6 @@ async fn release(
             format!("{id}:{}", d.name),
             cny,
             names::holder(&d.holder, price.currency),
-        ));
-    }
-    for w in &record.view.workers {
-        let Some(cluster) = &w.cluster else { continue };
-        let per_hour = cluster_price_cny(&catalog, cluster);
-        let cny = (per_hour as f64 * w.seconds / 3600.0).ceil() as i64;
-        let provider = catalog
-            .clusters
-            .get(cluster)
-            .map(|c| c.provider.clone())
-            .ok_or_else(|| ApiError::Conflict(format!("cluster `{cluster}` is gone")))?;
-        let currency = catalog
-            .offers
-            .values()
-            .find(|o| &o.cluster == cluster)
-            .map(|o| o.price_per_accelerator_hour.currency)
-            .unwrap_or(Currency::CNY);
-        payees.push((
-            format!("{id}:{}", w.index),
-            cny,
-            names::provider(&provider, currency),
         ));
     }
     let mut left = record.view.held.minor;
@@ -1406,6 +1504,7 @@ async fn release(
                     "charged": record.view.charged,
                 }),
             },
+            vec![],
         )
         .await?;
     drop_relay(state, &id);

@@ -54,6 +54,12 @@ fn parse_spec(state: &AppState, bytes: &[u8]) -> ApiResult<JobSpec> {
         });
     }
     let mut spec = JobSpec::from_json(bytes)?;
+    if spec.fusion.is_some() {
+        return Err(ApiError::bad(
+            "fusion",
+            "is set by the exchange on fusion runs' workers: start a run with POST /api/v1/fusion",
+        ));
+    }
     if let Some(class) = &spec.priority_class {
         if spec.priority != 0 {
             return Err(ApiError::bad(

@@ -337,7 +337,6 @@ pub fn router(state: AppState) -> Router {
         .route("/fusion/{id}", get(fusion::get))
         .route("/fusion/{id}/logs", get(fusion::logs))
         .route("/fusion/{id}/cancel", post(fusion::cancel))
-        .route("/agent/fusion/claim", post(fusion::claim))
         .route(
             "/agent/fusion/{id}/relay",
             get(fusion::relay_receive).post(fusion::relay_send),

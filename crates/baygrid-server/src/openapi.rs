@@ -39,7 +39,7 @@ impl Modify for BearerAuth {
         contracts::list_offers, contracts::publish_offer, contracts::list_contracts, contracts::request_contract, contracts::approve, contracts::revoke,
         flows::request, flows::list, flows::get, flows::report, zone::obligations,
         queries::submit, queries::list, queries::get, queries::claim, queries::answer, queries::relay_send, queries::relay_receive,
-        fusion::submit, fusion::list, fusion::get, fusion::logs, fusion::cancel, fusion::claim, fusion::relay_send, fusion::relay_receive, fusion::report,
+        fusion::submit, fusion::list, fusion::get, fusion::logs, fusion::cancel, fusion::relay_send, fusion::relay_receive, fusion::report,
         ledger::list_accounts, ledger::get_account, ledger::statement, ledger::deposit, ledger::invoice,
         audit::checkpoint, audit::key, audit::list_entries, audit::get_entry, audit::inclusion, audit::consistency,
     ),

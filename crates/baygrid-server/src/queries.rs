@@ -672,7 +672,7 @@ pub async fn claim(
 
 /// An agent's long poll for work at its site: `claim_now` hands out what is there for the
 /// agent's cluster, again each time `signal` fires, until there is some or `wait_ms` passed.
-pub(crate) async fn claim_work<'s, T, F, Fut>(
+async fn claim_work<'s, T, F, Fut>(
     state: &'s AppState,
     who: &Principal,
     body: &ClaimBody,
@@ -1121,9 +1121,8 @@ pub struct Queries {
     pub(crate) writes: tokio::sync::Mutex<()>,
     /// Between a query's two sides, by (query, dataset addressed).
     pub(crate) relay: Relay<(String, String)>,
-    /// Fusion runs: workers to hand out, and the relay between a run's workers, by (run,
-    /// worker addressed); each message starts with its sender's number.
-    pub(crate) fusion_work: tokio::sync::Notify,
+    /// Fusion runs: their records' writes in turn, and the relay between a run's workers,
+    /// by (run, worker addressed); each message starts with its sender's number.
     pub(crate) fusion_writes: tokio::sync::Mutex<()>,
     pub(crate) fusion_relay: Relay<(String, usize)>,
     /// Set when the server stops: long polls answer at once, so shutdown does not wait.
@@ -1138,7 +1137,6 @@ impl Queries {
         self.work.notify_waiters();
         self.done.notify_waiters();
         self.relay.signal.notify_waiters();
-        self.fusion_work.notify_waiters();
         self.fusion_relay.signal.notify_waiters();
     }
 

@@ -431,6 +431,14 @@ async fn api_flow(store: Option<String>) {
             r#"{"name": "a", "resources": {}, "command": "x", "estimated_duration": "1m", "priority": 5000}"#,
             "priority",
         ),
+        (
+            r#"{"name": "a", "resources": {}, "command": "x", "estimated_duration": "1m", "sites": ["Nansha"]}"#,
+            "sites[0]",
+        ),
+        (
+            r#"{"name": "a", "resources": {}, "command": "x", "estimated_duration": "1m", "fusion": {"run": "fu-x", "index": 1}}"#,
+            "fusion",
+        ),
     ];
     for (body, field) in cases {
         let (status, answer) = raw_post(&format!("{base}/api/v1/jobs"), &gz_token, body).await;

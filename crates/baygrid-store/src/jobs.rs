@@ -677,37 +677,7 @@ impl Store {
     ) -> Result<(Outcome, JobRecord)> {
         let ledger = self.ledger.clone();
         self.write(move |conn| {
-            Box::pin(async move {
-                let job = load_job(conn, &job_id).await?;
-                let outcome = match job.state {
-                    s if s.is_terminal() => Outcome::AlreadyEnded,
-                    JobState::Queued | JobState::Placed if job.lease_holder.is_none() => {
-                        let reason = format!("cancelled by {actor}");
-                        sqlx::query(
-                            "UPDATE jobs SET state = 'cancelled', reason = $1, updated_ms = $2, finished_ms = $2, \
-                             lease_expires_ms = NULL WHERE id = $3",
-                        )
-                        .bind(&reason)
-                        .bind(now)
-                        .bind(&job_id)
-                        .execute(&mut *conn)
-                        .await?;
-                        record_transition(conn, &job_id, Some(job.state), JobState::Cancelled, &reason, now, &actor).await?;
-                        void_hold(conn, &ledger, &job_id, &actor, now).await?;
-                        Outcome::Cancelled
-                    }
-                    _ => {
-                        sqlx::query("UPDATE jobs SET cancel_requested = 1, updated_ms = $1 WHERE id = $2")
-                            .bind(now)
-                            .bind(&job_id)
-                            .execute(&mut *conn)
-                            .await?;
-                        outbox(conn, now, "job.cancel_requested", &actor, &serde_json::json!({"job": job_id})).await?;
-                        Outcome::Requested
-                    }
-                };
-                Ok((outcome, load_job(conn, &job_id).await?))
-            })
+            Box::pin(async move { cancel_in(conn, &ledger, &job_id, &actor, now).await })
         })
         .await
     }
@@ -1045,4 +1015,59 @@ impl Store {
             })
             .collect()
     }
+}
+
+/// [`Store::cancel`] inside a transaction.
+pub(crate) async fn cancel_in(
+    conn: &mut AnyConnection,
+    ledger: &LedgerCell,
+    job_id: &str,
+    actor: &str,
+    now: Millis,
+) -> Result<(Outcome, JobRecord)> {
+    let job = load_job(conn, job_id).await?;
+    let outcome = match job.state {
+        s if s.is_terminal() => Outcome::AlreadyEnded,
+        JobState::Queued | JobState::Placed if job.lease_holder.is_none() => {
+            let reason = format!("cancelled by {actor}");
+            sqlx::query(
+                "UPDATE jobs SET state = 'cancelled', reason = $1, updated_ms = $2, finished_ms = $2, \
+                 lease_expires_ms = NULL WHERE id = $3",
+            )
+            .bind(&reason)
+            .bind(now)
+            .bind(job_id)
+            .execute(&mut *conn)
+            .await?;
+            record_transition(
+                conn,
+                job_id,
+                Some(job.state),
+                JobState::Cancelled,
+                &reason,
+                now,
+                actor,
+            )
+            .await?;
+            void_hold(conn, ledger, job_id, actor, now).await?;
+            Outcome::Cancelled
+        }
+        _ => {
+            sqlx::query("UPDATE jobs SET cancel_requested = 1, updated_ms = $1 WHERE id = $2")
+                .bind(now)
+                .bind(job_id)
+                .execute(&mut *conn)
+                .await?;
+            outbox(
+                conn,
+                now,
+                "job.cancel_requested",
+                actor,
+                &serde_json::json!({"job": job_id}),
+            )
+            .await?;
+            Outcome::Requested
+        }
+    };
+    Ok((outcome, load_job(conn, job_id).await?))
 }

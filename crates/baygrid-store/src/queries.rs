@@ -8,7 +8,7 @@ use baygrid_ledger::Transfer;
 use sqlx::{AnyConnection, Row};
 
 use crate::ledger::apply_in_tx;
-use crate::{outbox, Result, Store, StoreError};
+use crate::{outbox, NewJob, Result, Store, StoreError};
 
 /// ε is kept in millionths and δ in 10⁻¹⁵, so that budget sums are exact.
 pub const EPSILON_UNIT: f64 = 1e6;
@@ -200,12 +200,13 @@ impl Store {
         .await
     }
 
-    /// Accepts a fusion run: its record, the hold on the consumer's wallet and the audit
-    /// entry together.
+    /// Accepts a fusion run: its record, the hold on the consumer's wallet, its workers'
+    /// jobs (queued, each with its own hold) and the audit entry together.
     pub async fn accept_fusion(
         &self,
         row: FusionRow,
         hold: Option<Transfer>,
+        workers: Vec<NewJob>,
         actor: String,
         payload: serde_json::Value,
     ) -> Result<()> {
@@ -215,6 +216,9 @@ impl Store {
                 insert(conn, Records::Fusion, &row).await?;
                 if let Some(hold) = hold {
                     apply_in_tx(conn, &cell, &[hold], &actor, row.created_ms).await?;
+                }
+                for job in workers {
+                    crate::jobs::submit_one(conn, &cell, job).await?;
                 }
                 outbox(conn, row.created_ms, "fusion.accepted", &actor, &payload).await
             })
@@ -263,15 +267,22 @@ impl Store {
     /// Ends a running query: its record, the ledger's transfers (the charge, or the hold
     /// voided) and its audit entry in one transaction.
     pub async fn finish_query(&self, id: String, end: Ending) -> Result<()> {
-        self.finish_record(Records::Queries, id, end).await
+        self.finish_record(Records::Queries, id, end, vec![]).await
     }
 
-    /// Ends a running fusion run, as [`Store::finish_query`] ends a query.
-    pub async fn finish_fusion(&self, id: String, end: Ending) -> Result<()> {
-        self.finish_record(Records::Fusion, id, end).await
+    /// Ends a running fusion run, as [`Store::finish_query`] ends a query, and cancels
+    /// the jobs of its workers that have not ended.
+    pub async fn finish_fusion(&self, id: String, end: Ending, workers: Vec<String>) -> Result<()> {
+        self.finish_record(Records::Fusion, id, end, workers).await
     }
 
-    async fn finish_record(&self, records: Records, id: String, end: Ending) -> Result<()> {
+    async fn finish_record(
+        &self,
+        records: Records,
+        id: String,
+        end: Ending,
+        cancel: Vec<String>,
+    ) -> Result<()> {
         let cell = self.ledger.clone();
         self.write(move |conn| {
             Box::pin(async move {
@@ -292,6 +303,9 @@ impl Store {
                     )));
                 }
                 apply_in_tx(conn, &cell, &end.transfers, &end.actor, end.now).await?;
+                for job in &cancel {
+                    crate::jobs::cancel_in(conn, &cell, job, &end.actor, end.now).await?;
+                }
                 outbox(conn, end.now, end.kind, &end.actor, &end.payload).await
             })
         })

@@ -895,27 +895,41 @@ async fn fusion_suite(store: Store) {
         finished_ms: None,
         body: serde_json::json!({ "workers": [] }),
     };
+    // f1's two workers are jobs in the queue, written with the run
+    let workers = |run: &str| {
+        vec![
+            new_job(&format!("{run}-w0"), None),
+            new_job(&format!("{run}-w1"), None),
+        ]
+    };
     for (id, tenant, at) in [("f1", "alice", 1), ("f2", "bob", 2)] {
         store
             .accept_fusion(
                 run(id, tenant, at),
                 None,
+                if id == "f1" { workers(id) } else { vec![] },
                 "test".into(),
                 serde_json::json!({ "run": id }),
             )
             .await
             .unwrap();
     }
+    assert_eq!(
+        store.get_job("f1-w1").await.unwrap().state,
+        JobState::Queued
+    );
     // the same id twice is refused, and nothing of the second is written
     assert!(store
         .accept_fusion(
             run("f1", "bob", 3),
             None,
+            vec![new_job("f1-again", None)],
             "test".into(),
             serde_json::json!({})
         )
         .await
         .is_err());
+    assert!(store.get_job("f1-again").await.is_err());
     store
         .update_fusion("f1".into(), serde_json::json!({ "round": 1 }))
         .await
@@ -929,19 +943,32 @@ async fn fusion_suite(store: Store) {
         kind: "fusion.finished",
         payload: serde_json::json!({ "run": "f1" }),
     };
+    // ending the run cancels the workers' jobs it names, in the same change
     store
-        .finish_fusion("f1".into(), end("succeeded"))
+        .finish_fusion("f1".into(), end("succeeded"), vec!["f1-w1".into()])
         .await
         .unwrap();
+    assert_eq!(
+        store.get_job("f1-w0").await.unwrap().state,
+        JobState::Queued
+    );
+    assert_eq!(
+        store.get_job("f1-w1").await.unwrap().state,
+        JobState::Cancelled
+    );
     // an ended run neither changes nor ends again
     assert!(store
         .update_fusion("f1".into(), serde_json::json!({}))
         .await
         .is_err());
     assert!(store
-        .finish_fusion("f1".into(), end("cancelled"))
+        .finish_fusion("f1".into(), end("cancelled"), vec!["f1-w0".into()])
         .await
         .is_err());
+    assert_eq!(
+        store.get_job("f1-w0").await.unwrap().state,
+        JobState::Queued
+    );
     let f1 = store.fusion_row("f1").await.unwrap().unwrap();
     assert_eq!((f1.state.as_str(), f1.finished_ms), ("succeeded", Some(9)));
     assert_eq!(f1.body, serde_json::json!({ "done": true }));

@@ -51,6 +51,7 @@ pub(crate) fn show(view: &FusionView) {
                 w.role.clone(),
                 w.site.clone(),
                 w.jurisdiction.to_string(),
+                or_dash(w.job.clone()),
                 or_dash(w.cluster.clone()),
                 format!("{:?}", w.state).to_lowercase(),
                 format!("{:.1}", w.seconds),
@@ -61,7 +62,7 @@ pub(crate) fn show(view: &FusionView) {
         .collect();
     table(
         &[
-            "WORKER", "SITE", "JUR", "CLUSTER", "STATE", "SECONDS", "AUC", "MODEL",
+            "WORKER", "SITE", "JUR", "JOB", "CLUSTER", "STATE", "SECONDS", "AUC", "MODEL",
         ],
         &rows,
     );
@@ -87,7 +88,10 @@ pub(crate) fn show(view: &FusionView) {
         println!("  model_update flows under {}", view.rules.join(", "));
     }
     match &view.charged {
-        Some(c) => println!("  held {}, charged {c}", view.held),
+        Some(c) => println!(
+            "  held {}, charged {c} for the data (each worker's job settles its compute)",
+            view.held
+        ),
         None => println!("  held {}", view.held),
     }
     if let Some(e) = &view.error {

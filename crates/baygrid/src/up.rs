@@ -692,11 +692,40 @@ async fn demo_fusion(exchange: &Exchange, show: bool) -> anyhow::Result<bool> {
     ))?;
     let started: baygrid_api::FusionView = lab.post("/api/v1/fusion", &request).await?;
     let view = fusion_ended(lab, &started.id, Duration::from_secs(300)).await?;
+    // each worker was a job the dispatcher placed at its site; each settles its compute
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut jobs = Vec::new();
+    for id in view.workers.iter().filter_map(|w| w.job.as_ref()) {
+        let job = loop {
+            let job: JobView = lab.get(&format!("/api/v1/jobs/{id}")).await?;
+            if job.state.is_terminal() || std::time::Instant::now() > deadline {
+                break job;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        jobs.push(job);
+    }
     if show {
         println!();
         crate::fusion_run::show(&view);
+        let compute: i64 = jobs.iter().filter_map(|j| j.cost).map(|c| c.minor).sum();
+        println!(
+            "  the workers' jobs: {}; their compute {}",
+            jobs.iter()
+                .map(|j| format!(
+                    "{} {} on {}",
+                    j.name,
+                    j.state,
+                    j.cluster.as_deref().unwrap_or("-")
+                ))
+                .collect::<Vec<_>>()
+                .join(", "),
+            Money::new(compute, baygrid_core::Currency::CNY)
+        );
     }
-    Ok(view.state == baygrid_api::FusionState::Succeeded)
+    Ok(view.state == baygrid_api::FusionState::Succeeded
+        && jobs.len() == view.workers.len()
+        && jobs.iter().all(|j| j.state == JobState::Succeeded))
 }
 
 pub async fn demo(args: &Args, keep: bool) -> anyhow::Result<ExitCode> {
