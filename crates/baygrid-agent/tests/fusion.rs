@@ -836,3 +836,82 @@ async fn psi_through_the_exchange_leaves_each_intersection_in_its_own_vault_wher
     assert!(host.scores.as_ref().unwrap().get("intersection").is_none());
     zone.server.stop().await;
 }
+
+#[tokio::test]
+async fn a_worker_waits_in_the_dispatchers_queue_while_its_site_is_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let zone = zone(dir.path(), hospitals(), &["cyberport-h800", "nansha-a800"]).await;
+    contracts(&zone.lab, &HOSPITAL_OFFERS).await;
+    // another job holds every accelerator at the Hong Kong hospital's site
+    let filler: baygrid_core::JobSpec = serde_yaml::from_str(
+        "name: filler\nresources: {accelerators: {H800: 8}, nodes: 16}\ncommand: sleep 600\nestimated_duration: 10m\nsites: [hk-cyberport]\n",
+    )
+    .unwrap();
+    let filler: baygrid_api::JobView = zone.lab.post("/api/v1/jobs", &filler).await.unwrap();
+    let mut running = false;
+    for _ in 0..200 {
+        let job: baygrid_api::JobView = zone
+            .lab
+            .get(&format!("/api/v1/jobs/{}", filler.id))
+            .await
+            .unwrap();
+        if job.state == baygrid_core::JobState::Running {
+            running = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(running, "the filler never ran");
+
+    // the Hong Kong worker's job waits in the queue; the Guangzhou side starts
+    let started: FusionView = zone.lab.post("/api/v1/fusion", &run_file()).await.unwrap();
+    let hk_job = started.workers[1].job.clone().unwrap();
+    assert_eq!(started.workers[1].site, "hk-cyberport");
+    let mut gz_started = false;
+    for _ in 0..100 {
+        let view: FusionView = zone
+            .lab
+            .get(&format!("/api/v1/fusion/{}", started.id))
+            .await
+            .unwrap();
+        if view.workers[2].state == WorkerState::Running {
+            gz_started = true;
+            assert_eq!(view.workers[1].state, WorkerState::Pending, "{view:#?}");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gz_started, "the Guangzhou worker never started");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let waiting: baygrid_api::JobView = zone
+        .lab
+        .get(&format!("/api/v1/jobs/{hk_job}"))
+        .await
+        .unwrap();
+    assert_eq!(
+        waiting.state,
+        baygrid_core::JobState::Queued,
+        "{waiting:#?}"
+    );
+
+    // once the site frees, the dispatcher places it there and the run completes
+    let _: Value = zone
+        .lab
+        .post(&format!("/api/v1/jobs/{}/cancel", filler.id), &json!({}))
+        .await
+        .unwrap();
+    let view = wait_ended(&zone.lab, &started.id).await;
+    assert_eq!(view.state, FusionState::Succeeded, "{view:#?}");
+    assert_eq!(view.workers[1].cluster.as_deref(), Some("cyberport-h800"));
+    let placed = wait_job_ended(&zone.lab, &hk_job).await;
+    assert_eq!(placed.cluster.as_deref(), Some("cyberport-h800"));
+    assert!(
+        placed
+            .events
+            .iter()
+            .any(|e| e.reason.contains("placed on cyberport-h800")),
+        "{placed:#?}"
+    );
+    drop(zone.agents);
+    zone.server.stop().await;
+}
