@@ -450,6 +450,10 @@ async fn bad_runs_are_refused_by_field_and_cancelled_or_orphaned_runs_are_not_ch
             json!({"task": "homo-lr", "parties": [{"name": "a", "dataset": "hk-breast-clinic"}, {"name": "b", "dataset": "gz-breast-clinic"}], "settings": {"hidden": 8}}),
             "settings.hidden",
         ),
+        (
+            json!({"task": "homo-lr", "parties": [{"name": "a", "dataset": "hk-breast-clinic"}, {"name": "b", "dataset": "gz-breast-clinic"}], "priority_class": "vip"}),
+            "priority_class",
+        ),
     ];
     for (body, field) in cases {
         let err = zone
@@ -863,8 +867,11 @@ async fn a_worker_waits_in_the_dispatchers_queue_while_its_site_is_full() {
     }
     assert!(running, "the filler never ran");
 
-    // the Hong Kong worker's job waits in the queue; the Guangzhou side starts
-    let started: FusionView = zone.lab.post("/api/v1/fusion", &run_file()).await.unwrap();
+    // the Hong Kong worker's job waits in the queue, at the run's priority class; the
+    // Guangzhou side starts
+    let mut high = run_file();
+    high["priority_class"] = json!("high");
+    let started: FusionView = zone.lab.post("/api/v1/fusion", &high).await.unwrap();
     let hk_job = started.workers[1].job.clone().unwrap();
     assert_eq!(started.workers[1].site, "hk-cyberport");
     let mut gz_started = false;

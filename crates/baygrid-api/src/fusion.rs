@@ -53,6 +53,10 @@ pub struct FusionRequest {
     /// The compute the hold covers: this many minutes of every worker (default 30).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_minutes: Option<u64>,
+    /// A priority class named in the server's config (`priority_classes`) for the
+    /// workers' jobs in the dispatcher's queue; the default priority when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

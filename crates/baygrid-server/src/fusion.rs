@@ -319,6 +319,10 @@ pub async fn submit(
     if !(1..=1440).contains(&max_minutes) {
         return Err(ApiError::bad("max_minutes", "must be from 1 to 1440"));
     }
+    let priority = match &ask.priority_class {
+        None => 0,
+        Some(class) => crate::jobs::priority_of(&state, class)?,
+    };
     let catalog = state.catalog();
     let today = today(&state)?;
     let recipient = catalog
@@ -610,7 +614,16 @@ pub async fn submit(
     let actor = crate::auth::actor(&who);
     let mut jobs = Vec::new();
     for w in &mut workers {
-        let job = worker_job(&state, &catalog, &id, w, &tenant, max_minutes, &actor, now)?;
+        let job = worker_job(
+            &state,
+            &catalog,
+            &id,
+            w,
+            &tenant,
+            (max_minutes, priority),
+            &actor,
+            now,
+        )?;
         w.job = Some(job.id.clone());
         jobs.push(job);
     }
@@ -695,8 +708,9 @@ pub async fn submit(
     Ok((StatusCode::CREATED, Json(record.view)))
 }
 
-/// A worker's job: one accelerator of any model its site offers, for `max_minutes`,
-/// held to the site (so to its jurisdiction: the data never moves), with its own hold.
+/// A worker's job: one accelerator of any model its site offers, for `max_minutes` at
+/// `priority`, held to the site (so to its jurisdiction: the data never moves), with its
+/// own hold.
 #[allow(clippy::too_many_arguments)]
 fn worker_job(
     state: &AppState,
@@ -704,7 +718,7 @@ fn worker_job(
     run: &str,
     worker: &FusionWorker,
     tenant: &str,
-    max_minutes: u64,
+    (max_minutes, priority): (u64, i32),
     actor: &str,
     now: i64,
 ) -> ApiResult<baygrid_store::NewJob> {
@@ -739,7 +753,7 @@ fn worker_job(
         estimated_duration: baygrid_core::job::HumanDuration(Duration::from_secs(max_minutes * 60)),
         max_price_per_hour: None,
         deadline: None,
-        priority: 0,
+        priority,
         priority_class: None,
         latency_sensitive: false,
         preemptible: false,

@@ -45,6 +45,20 @@ pub struct TenantQuery {
     pub tenant: Option<String>,
 }
 
+/// The priority of a class named in the server's config.
+pub(crate) fn priority_of(state: &AppState, class: &str) -> ApiResult<i32> {
+    let classes = &state.config.priority_classes;
+    classes.get(class).copied().ok_or_else(|| {
+        ApiError::bad(
+            "priority_class",
+            format!(
+                "unknown class `{class}`; this exchange has {}",
+                classes.keys().cloned().collect::<Vec<_>>().join(", ")
+            ),
+        )
+    })
+}
+
 /// The spec in a request body, its priority class (from the server's config) resolved.
 fn parse_spec(state: &AppState, bytes: &[u8]) -> ApiResult<JobSpec> {
     if bytes.is_empty() {
@@ -67,16 +81,7 @@ fn parse_spec(state: &AppState, bytes: &[u8]) -> ApiResult<JobSpec> {
                 "give a priority class or a priority number, not both",
             ));
         }
-        let classes = &state.config.priority_classes;
-        spec.priority = *classes.get(class).ok_or_else(|| {
-            ApiError::bad(
-                "priority_class",
-                format!(
-                    "unknown class `{class}`; this exchange has {}",
-                    classes.keys().cloned().collect::<Vec<_>>().join(", ")
-                ),
-            )
-        })?;
+        spec.priority = priority_of(state, class)?;
     }
     Ok(spec)
 }

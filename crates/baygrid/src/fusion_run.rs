@@ -12,7 +12,7 @@ use crate::output::{emit, or_dash, table};
 use crate::Args;
 
 /// A run file as the API takes it: `task`, `parties` (name and dataset), `purpose`,
-/// `settings`, `max_minutes`. An error names the file and the field.
+/// `settings`, `max_minutes`, `priority_class`. An error names the file and the field.
 pub(crate) fn read_request(path: &Path) -> anyhow::Result<FusionRequest> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
