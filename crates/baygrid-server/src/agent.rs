@@ -114,9 +114,15 @@ pub async fn lease(
         let outputs = no_network
             .then(|| crate::zone::outputs_target(&state, &catalog, &job))
             .flatten();
-        // a fusion worker's job: the worker starts with its lease
+        // a fusion worker's job: the worker starts with its lease (one that cannot start is
+        // granted without its work, and the agent fails the job; the other grants stand)
         let fusion = match &job.spec.fusion {
-            Some(part) => crate::fusion::start_worker(&state, part, &job.id, &cluster).await?,
+            Some(part) => crate::fusion::start_worker(&state, part, &job.id, &cluster)
+                .await
+                .unwrap_or_else(|e| {
+                    tracing::warn!(job = %job.id, run = %part.run, error = %e, "fusion worker not started");
+                    None
+                }),
             None => None,
         };
         let Some(allocation) = job.allocation.clone() else {
