@@ -474,6 +474,52 @@ async fn bad_runs_are_refused_by_field_and_cancelled_or_orphaned_runs_are_not_ch
             other => panic!("{other}"),
         }
     }
+    // a wallet that cannot cover the run's hold and its workers' jobs' holds is refused by
+    // field, and nothing of the run is written
+    let small = zone
+        .operator
+        .add_tenant(
+            "small-lab",
+            Jurisdiction::HK,
+            "hong-kong",
+            "500.00 CNY".parse().unwrap(),
+        )
+        .await
+        .unwrap();
+    contracts(&small, &HOSPITAL_OFFERS).await;
+    let mut long = run_file();
+    long["max_minutes"] = json!(1440);
+    match small.post::<_, FusionView>("/api/v1/fusion", &long).await {
+        Err(baygrid_api::ClientError::Api {
+            status,
+            field,
+            message,
+            ..
+        }) => {
+            assert_eq!(
+                (status, field.as_deref()),
+                (422, Some("max_minutes")),
+                "{message}"
+            );
+            assert!(message.contains("500.00 CNY available"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let runs: Vec<FusionView> = small.get("/api/v1/fusion").await.unwrap();
+    let jobs: Vec<baygrid_api::JobView> = small.get("/api/v1/jobs").await.unwrap();
+    assert!(runs.is_empty() && jobs.is_empty(), "{runs:?} {jobs:?}");
+    let wallet: Value = small
+        .get("/api/v1/ledger/accounts/wallet:small-lab")
+        .await
+        .unwrap();
+    assert_eq!(wallet["debits_pending"], "0.00 CNY", "{wallet}");
+    // the default half hour fits the same wallet
+    let fits: FusionView = small.post("/api/v1/fusion", &run_file()).await.unwrap();
+    let _: FusionView = small
+        .post(&format!("/api/v1/fusion/{}/cancel", fits.id), &json!({}))
+        .await
+        .unwrap();
+
     // a run whose parties never get an agent can be cancelled; its hold is voided
     drop(zone.agents);
     tokio::time::sleep(Duration::from_millis(300)).await;

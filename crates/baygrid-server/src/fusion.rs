@@ -671,6 +671,22 @@ pub async fn submit(
         .chain(jobs.iter().filter_map(|j| j.hold.as_ref()))
         .map(|h| h.amount as i128)
         .sum();
+    let wallet = names::wallet(&tenant).id;
+    let short = |available: i128| ApiError::Unprocessable {
+        code: "insufficient_funds",
+        field: Some("max_minutes".into()),
+        message: format!(
+            "tenant `{tenant}` has {} available in {wallet}; the run holds {} (the offers' \
+             per-use prices, and each worker's compute for max_minutes × margin): deposit \
+             funds, or lower max_minutes",
+            Money::new(available.clamp(0, i64::MAX as i128) as i64, Currency::CNY),
+            Money::new(holds.min(i64::MAX as i128) as i64, Currency::CNY),
+        ),
+    };
+    let available = state.store.ledger_available(&wallet).unwrap_or(0);
+    if holds > available {
+        return Err(short(available));
+    }
     state
         .store
         .accept_fusion(
@@ -689,20 +705,11 @@ pub async fn submit(
         )
         .await
         .map_err(|e| match e {
+            // spent meanwhile: nothing of the run was written
             baygrid_store::StoreError::Ledger {
-                error: baygrid_ledger::TransferError::ExceedsCredits { available, .. },
+                error: baygrid_ledger::TransferError::ExceedsCredits { .. },
                 ..
-            } => ApiError::Unprocessable {
-                code: "insufficient_funds",
-                field: Some("max_minutes".into()),
-                message: format!(
-                    "tenant `{tenant}` has {} available in wallet:{tenant}; the run holds {} \
-                     (the offers' per-use prices, and each worker's compute for max_minutes \
-                     × margin): deposit funds, or lower max_minutes",
-                    Money::new(available.clamp(0, i64::MAX as i128) as i64, Currency::CNY),
-                    Money::new(holds.min(i64::MAX as i128) as i64, Currency::CNY),
-                ),
-            },
+            } => short(state.store.ledger_available(&wallet).unwrap_or(0)),
             other => other.into(),
         })?;
     Ok((StatusCode::CREATED, Json(record.view)))
