@@ -16,7 +16,7 @@ use baygrid_api::{
 };
 use baygrid_core::{Jurisdiction, Role};
 use baygrid_server::ServerConfig;
-use common::{repo, start_agent};
+use common::{repo, start_agent, wait_job_ended};
 use serde_json::{json, Value};
 
 fn yaml<T: serde::de::DeserializeOwned>(path: &str) -> T {
@@ -195,17 +195,6 @@ const HOSPITAL_OFFERS: [&str; 2] = ["hk-breast-clinic-federated", "gz-breast-cli
 fn run_file() -> Value {
     let spec: Value = yaml("examples/fusion/breast-homo-lr-exchange.yaml");
     spec
-}
-
-async fn wait_job_ended(client: &Client, id: &str) -> baygrid_api::JobView {
-    for _ in 0..600 {
-        let job: baygrid_api::JobView = client.get(&format!("/api/v1/jobs/{id}")).await.unwrap();
-        if job.state.is_terminal() {
-            return job;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("job {id} did not end");
 }
 
 async fn wait_ended(client: &Client, id: &str) -> FusionView {

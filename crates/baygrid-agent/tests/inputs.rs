@@ -13,7 +13,7 @@ use std::time::Duration;
 use baygrid_api::{Client, DatasetSpec, DatasetView, JobView, LogsView, QuoteView};
 use baygrid_core::{JobSpec, JobState, Jurisdiction, Role};
 use baygrid_server::ServerConfig;
-use common::{repo, start_agent};
+use common::{repo, start_agent, wait_job_ended};
 use serde_json::{json, Value};
 
 fn example(name: &str) -> DatasetSpec {
@@ -103,17 +103,6 @@ async fn zone(dir: &Path) -> Zone {
         issuer,
         lab,
     }
-}
-
-async fn wait_ended(client: &Client, id: &str) -> JobView {
-    for _ in 0..600 {
-        let view: JobView = client.get(&format!("/api/v1/jobs/{id}")).await.unwrap();
-        if view.state.is_terminal() {
-            return view;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("job {id} never ended");
 }
 
 const COMMAND: &str = "{ echo table,lines; \
@@ -209,7 +198,7 @@ async fn a_job_reads_a_hong_kong_and_a_shenzhen_dataset_where_both_may_go() {
         .unwrap();
     assert!(staging.minor > 100, "{staging}");
     let submitted: JobView = lab.post("/api/v1/jobs", &job()).await.unwrap();
-    let done = wait_ended(&lab, &submitted.id).await;
+    let done = wait_job_ended(&lab, &submitted.id).await;
     assert_eq!(done.state, JobState::Succeeded, "{}", done.reason);
     assert_eq!(done.site.as_deref(), Some("guangzhou-nansha"));
     let billed = server
@@ -309,7 +298,7 @@ async fn a_job_reads_a_hong_kong_and_a_shenzhen_dataset_where_both_may_go() {
     bytes[200] ^= 1;
     std::fs::write(&object, bytes).unwrap();
     let again: JobView = lab.post("/api/v1/jobs", &job()).await.unwrap();
-    let done = wait_ended(&lab, &again.id).await;
+    let done = wait_job_ended(&lab, &again.id).await;
     assert_eq!(done.state, JobState::Failed);
     assert!(done.reason.contains("staging inputs"), "{}", done.reason);
     assert!(done.reason.contains("hash"), "{}", done.reason);

@@ -424,12 +424,6 @@ pub async fn submit(
                 _ => {}
             }
         }
-        if cheapest_price(&catalog, &dataset.vault).is_none() {
-            return Err(ApiError::Conflict(format!(
-                "site `{}`, where `{}` is kept, offers no cluster to run its worker",
-                dataset.vault, p.dataset
-            )));
-        }
         prices.push(offer.price.per_use.unwrap_or(Money::new(0, Currency::CNY)));
         contracts.push(contract.id.clone());
         datasets.push(dataset);
@@ -623,7 +617,8 @@ pub async fn submit(
             (max_minutes, priority),
             &actor,
             now,
-        )?;
+        )
+        .await?;
         w.job = Some(job.id.clone());
         jobs.push(job);
     }
@@ -719,7 +714,7 @@ pub async fn submit(
 /// `priority`, held to the site (so to its jurisdiction: the data never moves), with its
 /// own hold.
 #[allow(clippy::too_many_arguments)]
-fn worker_job(
+async fn worker_job(
     state: &AppState,
     catalog: &CatalogSnapshot,
     run: &str,
@@ -775,23 +770,15 @@ fn worker_job(
     };
     spec.validate()
         .map_err(|e| ApiError::Unavailable(format!("a worker's job: {e}")))?;
-    let requester = catalog.requester(tenant, &spec).ok_or_else(|| {
-        ApiError::bad(
-            "tenant",
-            format!("unknown tenant `{tenant}` (or its party)"),
-        )
-    })?;
-    let quote = state.placer.quote(&spec, &requester, &catalog.empty, now);
-    if !quote.ever_feasible() {
-        return Err(ApiError::Conflict(format!(
-            "no cluster at {} can hold the {}: {}",
-            worker.site,
-            worker.role,
-            quote.rejection_summary()
-        )));
-    }
     let id = baygrid_core::new_id("job");
-    let hold = crate::ledger::hold_for(state, &spec, &quote, tenant, &id, now)?;
+    let hold = crate::jobs::admission(state, catalog, tenant, &spec, &id, now)
+        .await
+        .map_err(|e| {
+            ApiError::Conflict(format!(
+                "the {}'s job at {} cannot be queued: {e}",
+                worker.role, worker.site
+            ))
+        })?;
     Ok(baygrid_store::NewJob {
         id,
         tenant: tenant.to_string(),

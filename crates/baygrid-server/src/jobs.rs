@@ -144,6 +144,37 @@ fn insufficient(spec: &JobSpec, tenant: &str, needed: i128, available: i128) -> 
     }
 }
 
+/// A job's admission, before it is queued: refused (with the field at fault) when no
+/// cluster could ever hold it, its rules on inputs and its tenant's quota included; else the
+/// hold that pays for it, if it costs anything.
+pub(crate) async fn admission(
+    state: &AppState,
+    catalog: &crate::catalog::CatalogSnapshot,
+    tenant: &str,
+    spec: &JobSpec,
+    job_id: &str,
+    now: i64,
+) -> ApiResult<Option<baygrid_ledger::Transfer>> {
+    let mut requester = catalog.requester(tenant, spec).ok_or_else(|| {
+        ApiError::bad(
+            "tenant",
+            format!("unknown tenant `{tenant}` (or its party)"),
+        )
+    })?;
+    requester.inputs_denied = crate::zone::inputs_denied(state, catalog, tenant, spec).await?;
+    // a job larger than its tenant's quota (or, borrowing, its cohort's) fails fast
+    requester.over_quota =
+        state
+            .config
+            .quotas()
+            .blocks(&baygrid_sched::fairshare::Usage::default(), tenant, spec);
+    let quote = state.placer.quote(spec, &requester, &catalog.empty, now);
+    if !quote.ever_feasible() {
+        return Err(infeasible(&quote));
+    }
+    crate::ledger::hold_for(state, spec, &quote, tenant, job_id, now)
+}
+
 /// Submits a job. It is rejected at once when no cluster could ever hold it, and when
 /// the tenant's wallet cannot cover its hold.
 #[utoipa::path(post, path = "/api/v1/jobs", params(TenantQuery, ("Idempotency-Key" = Option<String>, Header, description = "a retry with the same key returns the first job")),
@@ -174,32 +205,14 @@ pub async fn submit(
         None => None,
     };
     let spec = parse_spec(&state, &body)?;
-    let catalog = state.catalog();
-    let mut requester = catalog.requester(&tenant, &spec).ok_or_else(|| {
-        ApiError::bad(
-            "tenant",
-            format!("unknown tenant `{tenant}` (or its party)"),
-        )
-    })?;
-    requester.inputs_denied = crate::zone::inputs_denied(&state, &catalog, &tenant, &spec).await?;
-    // a job larger than its tenant's quota (or, borrowing, its cohort's) fails fast
-    requester.over_quota =
-        state
-            .config
-            .quotas()
-            .blocks(&baygrid_sched::fairshare::Usage::default(), &tenant, &spec);
     let now = state.now();
     if let Some(deadline) = spec.deadline {
         if deadline.timestamp_millis() <= now {
             return Err(ApiError::bad("deadline", "is in the past"));
         }
     }
-    let quote = state.placer.quote(&spec, &requester, &catalog.empty, now);
-    if !quote.ever_feasible() {
-        return Err(infeasible(&quote));
-    }
     let job_id = baygrid_core::new_id("job");
-    let hold = crate::ledger::hold_for(&state, &spec, &quote, &tenant, &job_id, now)?;
+    let hold = admission(&state, &state.catalog(), &tenant, &spec, &job_id, now).await?;
     if let Some(hold) = &hold {
         let available = state
             .store

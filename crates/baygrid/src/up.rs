@@ -693,18 +693,10 @@ async fn demo_fusion(exchange: &Exchange, show: bool) -> anyhow::Result<bool> {
     let started: baygrid_api::FusionView = lab.post("/api/v1/fusion", &request).await?;
     let view = fusion_ended(lab, &started.id, Duration::from_secs(300)).await?;
     // each worker was a job the dispatcher placed at its site; each settles its compute
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let mut jobs = Vec::new();
-    for id in view.workers.iter().filter_map(|w| w.job.as_ref()) {
-        let job = loop {
-            let job: JobView = lab.get(&format!("/api/v1/jobs/{id}")).await?;
-            if job.state.is_terminal() || std::time::Instant::now() > deadline {
-                break job;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
-        jobs.push(job);
-    }
+    let ids: Vec<String> = view.workers.iter().filter_map(|w| w.job.clone()).collect();
+    let jobs = tokio::time::timeout(Duration::from_secs(60), wait_for(lab, &ids, false))
+        .await
+        .map_err(|_| anyhow::anyhow!("the fusion run's worker jobs did not end within 60 s"))??;
     if show {
         println!();
         crate::fusion_run::show(&view);

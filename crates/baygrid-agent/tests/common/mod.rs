@@ -40,3 +40,15 @@ pub async fn start_agent(
     let task = tokio::spawn(async move { baygrid_agent::run(config, stopped).await.unwrap() });
     (stop, task)
 }
+
+/// The job once it has ended (polled for up to a minute).
+pub async fn wait_job_ended(client: &Client, id: &str) -> baygrid_api::JobView {
+    for _ in 0..1200 {
+        let job: baygrid_api::JobView = client.get(&format!("/api/v1/jobs/{id}")).await.unwrap();
+        if job.state.is_terminal() {
+            return job;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("job {id} never ended");
+}
