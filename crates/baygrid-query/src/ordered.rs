@@ -35,6 +35,14 @@ fn slice(columns: &[Arc<dyn Array>], r: usize) -> Vec<Arc<dyn Array>> {
     columns.iter().map(|c| c.slice(r, 1)).collect()
 }
 
+/// The sign bit flipped, big-endian: bytes that sort as the numbers do.
+fn int_bytes(value: i64) -> [u8; 8] {
+    ((value as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+/// Short-text groups told apart by their views, at most.
+const SHORT_GROUPS: usize = 64;
+
 /// A batch's key columns as bytes per row that compare as the values sort: a single
 /// non-null 64-bit integer or text column as itself, anything else in Arrow's row format.
 enum Keys<'a> {
@@ -67,11 +75,28 @@ impl<'a> Keys<'a> {
         }
     }
 
+    /// Row `r`'s value itself as a number, when it is a text of at most 12 bytes held
+    /// inline in its view (length and bytes, the rest masked off): equal numbers are equal
+    /// texts.
+    fn short_text(&self, r: usize) -> Option<u128> {
+        match self {
+            Keys::TextView(column) => {
+                let view = column.views()[r];
+                let len = view as u32;
+                match len {
+                    0..=11 => Some(view & ((1u128 << (32 + 8 * len)) - 1)),
+                    12 => Some(view),
+                    _ => None,
+                }
+            }
+            _ => None,
+        }
+    }
+
     fn get(&mut self, r: usize) -> &[u8] {
         match self {
-            // the sign bit flipped, big-endian: bytes that sort as the numbers do
             Keys::Int(column, buf) => {
-                *buf = ((column.value(r) as u64) ^ (1 << 63)).to_be_bytes();
+                *buf = int_bytes(column.value(r));
                 &buf[..]
             }
             Keys::Text(column) => column.value(r).as_bytes(),
@@ -92,6 +117,9 @@ struct Run {
     /// The first and the current individual's key bytes.
     first: Option<Vec<u8>>,
     last: Vec<u8>,
+    /// The current individual's key as a number, when the key column is one of 64-bit
+    /// integers (`last` holds its bytes too).
+    last_int: Option<i64>,
     /// Individuals finished (the current one is number `subjects`).
     subjects: u32,
     /// At most this many groups per individual, and rows weighted down to it.
@@ -105,6 +133,10 @@ struct Run {
     raw_group_of: KeyMap,
     last_group: Option<u32>,
     last_group_bytes: Vec<u8>,
+    /// Groups told by a short text held in its view (see [`Keys::short_text`]), the few
+    /// met first, and the last row's.
+    short_groups: Vec<(u128, u32)>,
+    last_short: Option<(u128, u32)>,
     /// Per group: the bounded totals of the individuals met wholly inside this run.
     totals: Vec<Totals>,
     /// The first and the last individual's cells, unbounded: either may go on in the
@@ -196,6 +228,7 @@ impl Run {
             converters: None,
             first: None,
             last: Vec::new(),
+            last_int: None,
             subjects: 0,
             m,
             open: Cells::default(),
@@ -204,6 +237,8 @@ impl Run {
             raw_group_of: KeyMap::default(),
             last_group: None,
             last_group_bytes: Vec::new(),
+            short_groups: Vec::new(),
+            last_short: None,
             totals: Vec::new(),
             first_cells: None,
             last_cells: None,
@@ -253,51 +288,21 @@ impl Run {
         let value_columns: Vec<_> = (0..values)
             .map(|i| columns[dims + 1 + i].as_primitive::<Float64Type>())
             .collect();
+        let int_subjects = match &subjects {
+            Keys::Int(column, _) => Some(*column),
+            _ => None,
+        };
         for r in 0..batch.num_rows() {
-            let key = subjects.get(r);
-            match &self.first {
-                None => {
-                    self.first = Some(key.to_vec());
-                    self.last.extend_from_slice(key);
-                }
-                Some(_) if key == self.last.as_slice() => {}
-                Some(_) => {
-                    if key < self.last.as_slice() {
-                        return Ok(false);
-                    }
-                    self.close();
-                    self.last.clear();
-                    self.last.extend_from_slice(key);
-                }
+            let in_order = match int_subjects {
+                Some(column) => self.next_int(column.value(r)),
+                None => self.next_key(subjects.get(r)),
+            };
+            if !in_order {
+                return Ok(false);
             }
             let group = match &mut groups {
                 None => self.group_for(&[], columns, r, None)?,
-                Some((keys, raw)) => {
-                    let bytes = keys.get(r);
-                    match self.last_group {
-                        Some(g) if self.last_group_bytes.as_slice() == bytes => g,
-                        _ => {
-                            let raw_key = key_of(bytes);
-                            let g = match self.raw_group_of.get(&raw_key) {
-                                Some(g) => *g,
-                                // a group not seen before: its key from the row format
-                                None if *raw => {
-                                    let conv = dims_conv.as_mut().expect("dims have a converter");
-                                    let rows = conv
-                                        .convert_columns(&slice(dim_columns, r))
-                                        .map_err(engine)?;
-                                    let row_bytes = rows.row(0).data().to_vec();
-                                    self.group_for(&row_bytes, columns, r, Some(raw_key))?
-                                }
-                                None => self.group_for(bytes, columns, r, Some(raw_key))?,
-                            };
-                            self.last_group = Some(g);
-                            self.last_group_bytes.clear();
-                            self.last_group_bytes.extend_from_slice(bytes);
-                            g
-                        }
-                    }
-                }
+                Some((keys, raw)) => self.row_group(keys, *raw, dims_conv, columns, r)?,
             };
             let cell = self.open.cell(group, values);
             self.open.rows[cell] += 1.0;
@@ -318,6 +323,102 @@ impl Run {
             }
         }
         Ok(true)
+    }
+
+    /// The number of row `r`'s group, told by its columns' own bytes (`keys`; `raw` when
+    /// they are not in the row format).
+    fn row_group(
+        &mut self,
+        keys: &mut Keys<'_>,
+        raw: bool,
+        dims_conv: &mut Option<RowConverter>,
+        columns: &[Arc<dyn Array>],
+        r: usize,
+    ) -> Result<u32, QueryError> {
+        // a short text is compared as one number, not as bytes
+        let short = keys.short_text(r);
+        if let Some(v) = short {
+            if let Some((_, g)) = self.last_short.filter(|(w, _)| *w == v) {
+                return Ok(g);
+            }
+            if let Some(&(_, g)) = self.short_groups.iter().find(|(w, _)| *w == v) {
+                self.last_short = Some((v, g));
+                return Ok(g);
+            }
+        }
+        let bytes = keys.get(r);
+        let group = match self.last_group {
+            Some(g) if self.last_group_bytes.as_slice() == bytes => g,
+            _ => {
+                let raw_key = key_of(bytes);
+                let g = match self.raw_group_of.get(&raw_key) {
+                    Some(g) => *g,
+                    // a group not seen before: its key from the row format
+                    None if raw => {
+                        let conv = dims_conv.as_mut().expect("dims have a converter");
+                        let rows = conv
+                            .convert_columns(&slice(&columns[1..=self.dims], r))
+                            .map_err(engine)?;
+                        let row_bytes = rows.row(0).data().to_vec();
+                        self.group_for(&row_bytes, columns, r, Some(raw_key))?
+                    }
+                    None => self.group_for(bytes, columns, r, Some(raw_key))?,
+                };
+                self.last_group = Some(g);
+                self.last_group_bytes.clear();
+                self.last_group_bytes.extend_from_slice(bytes);
+                g
+            }
+        };
+        if let Some(v) = short {
+            self.last_short = Some((v, group));
+            if self.short_groups.len() < SHORT_GROUPS {
+                self.short_groups.push((v, group));
+            }
+        }
+        Ok(group)
+    }
+
+    /// Steps to the row whose individual's key is the integer `key`: false when it goes
+    /// down.
+    fn next_int(&mut self, key: i64) -> bool {
+        match self.last_int {
+            Some(last) if last == key => true,
+            Some(last) if key < last => false,
+            Some(_) => {
+                self.close();
+                self.last.clear();
+                self.last.extend_from_slice(&int_bytes(key));
+                self.last_int = Some(key);
+                true
+            }
+            None => {
+                let in_order = self.next_key(&int_bytes(key));
+                self.last_int = in_order.then_some(key);
+                in_order
+            }
+        }
+    }
+
+    /// Steps to the row whose individual's key bytes are `key`: false when they go down.
+    fn next_key(&mut self, key: &[u8]) -> bool {
+        self.last_int = None;
+        match &self.first {
+            None => {
+                self.first = Some(key.to_vec());
+                self.last.extend_from_slice(key);
+            }
+            Some(_) if key == self.last.as_slice() => {}
+            Some(_) => {
+                if key < self.last.as_slice() {
+                    return false;
+                }
+                self.close();
+                self.last.clear();
+                self.last.extend_from_slice(key);
+            }
+        }
+        true
     }
 
     /// The number of the group whose row-format bytes are `bytes` (row `r` of `columns`
@@ -512,8 +613,8 @@ mod tests {
 
     /// Rows of (individual, region, amount or null), cut into partitions at `cuts`; the
     /// individual as a 64-bit integer (`kind` 0), zero-padded text (1), a 32-bit integer
-    /// (2, compared in Arrow's row format) or text in views (3); the region as text in views
-    /// (as Parquet is read) when `kind` is 3, else as plain text.
+    /// (2, compared in Arrow's row format) or text in views (3), the integers from -15; the
+    /// region as text in views (as Parquet is read) when `kind` is 3, else as plain text.
     async fn frame(rows: &[(i64, u8, Option<f64>)], cuts: &[usize], kind: u8) -> DataFrame {
         let subject_type = [
             DataType::Int64,
@@ -533,18 +634,23 @@ mod tests {
             Field::new("__v0", DataType::Float64, true),
         ]));
         let batch = |part: &[(i64, u8, Option<f64>)]| {
-            let regions = part.iter().map(|r| format!("region-{}", r.1));
+            // region 3's name is too long to be held in its view
+            let regions = part.iter().map(|r| match r.1 {
+                3 => "region-3-of-the-delta".to_string(),
+                g => format!("region-{g}"),
+            });
             RecordBatch::try_new(
                 schema.clone(),
                 vec![
                     match kind {
-                        0 => Arc::new(Int64Array::from_iter_values(part.iter().map(|r| r.0)))
+                        // negative keys too: the integers' order is not their bytes'
+                        0 => Arc::new(Int64Array::from_iter_values(part.iter().map(|r| r.0 - 15)))
                             as ArrayRef,
                         1 => Arc::new(StringArray::from_iter_values(
                             part.iter().map(|r| format!("s{:04}", r.0)),
                         )),
                         2 => Arc::new(Int32Array::from_iter_values(
-                            part.iter().map(|r| r.0 as i32),
+                            part.iter().map(|r| r.0 as i32 - 15),
                         )),
                         _ => Arc::new(StringViewArray::from_iter_values(
                             part.iter().map(|r| format!("s{:04}", r.0)),
