@@ -619,7 +619,7 @@ impl Agent {
             (None, _) => self.engine.launch(&spec).await,
             (Some(_), Some(work)) => Ok(self.workers.start(&grant.job_id, grant.epoch, work)),
             (Some(part), None) => Err(baygrid_exec::ExecError::Refused(format!(
-                "fusion run {} has ended, or its worker {} started before and cannot rejoin it",
+                "no work came with fusion run {}'s worker {}: the run has ended, the worker started before and cannot rejoin it, or the server could not start it (its log says why)",
                 part.run, part.index
             ))),
         };

@@ -437,6 +437,9 @@ fn run_replay(args: &Args, sim: &SimArgs) -> anyhow::Result<ExitCode> {
         rows.push(figure("fairness (Jain)", &|r| {
             format!("{:.3}", r.result.jain_fairness)
         }));
+        rows.push(figure("fairness while jobs arrive", &|r| {
+            format!("{:.3}", r.result.jain_fairness_arriving)
+        }));
         rows.push(figure("preemptions", &|r| {
             format!(
                 "{} ({:.0} acc·h lost)",

@@ -738,6 +738,7 @@ fn sim_replay_runs_three_policies_with_the_bound_and_names_bad_input() {
             "lower_bound_cny",
             "cost_to_lower_bound",
             "jain_fairness",
+            "jain_fairness_arriving",
             "decisions_per_s",
         ] {
             assert!(report.get(key).is_some(), "{key} missing in {report}");

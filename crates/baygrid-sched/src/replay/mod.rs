@@ -779,6 +779,9 @@ pub struct ReplayResult {
     /// Time-weighted Jain's index over the tenants' dominant shares ÷ weights, while jobs
     /// wait.
     pub jain_fairness: f64,
+    /// The same index over the time before the last job arrives only (the queue's steady
+    /// state, without the drain, when the last few long jobs wait alone).
+    pub jain_fairness_arriving: f64,
     pub placements: usize,
     /// Placements per second of wall time of the whole replay.
     pub decisions_per_s: f64,
@@ -962,6 +965,8 @@ pub fn simulate_until(
     let mut last_event = jobs.first().map(|j| j.arrival_s).unwrap_or(0.0);
     let mut fairness_area = 0.0;
     let mut fairness_time = 0.0;
+    let (mut arriving_area, mut arriving_time) = (0.0, 0.0);
+    let last_arrival = jobs.last().map_or(0.0, |j| j.arrival_s);
     let mut placements = 0;
     // at most one reservation per pool, and one per job
     let mut reservations: Vec<Option<Reservation>> = vec![None; pools.len()];
@@ -990,6 +995,11 @@ pub fn simulate_until(
             if let Some(jain) = jain_index(&held, tenants, &model_capacity, &pending_per_tenant) {
                 fairness_area += jain * (now - last_event);
                 fairness_time += now - last_event;
+                let arriving = now.min(last_arrival) - last_event;
+                if arriving > 0.0 {
+                    arriving_area += jain * arriving;
+                    arriving_time += arriving;
+                }
             }
         }
         last_event = now;
@@ -1372,6 +1382,11 @@ pub fn simulate_until(
         total_cost_cny: total_cost,
         jain_fairness: if fairness_time > 0.0 {
             fairness_area / fairness_time
+        } else {
+            1.0
+        },
+        jain_fairness_arriving: if arriving_time > 0.0 {
+            arriving_area / arriving_time
         } else {
             1.0
         },

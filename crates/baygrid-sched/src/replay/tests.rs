@@ -852,3 +852,49 @@ fn blocked_gangs_on_different_pools_each_keep_a_reservation() {
     assert_eq!(run(5).0, pool("cyberport-h800"));
     assert_eq!(run(5).1, 4.0);
 }
+
+#[test]
+fn fairness_is_jains_index_while_tenants_wait_and_apart_while_jobs_arrive() {
+    // two tenants of equal weight each hold half of Macao's A100s and each wait for all four
+    // nodes; the second's half frees at 500 s, the first's at 1,000 s. The last job (the
+    // first tenant's single accelerator, placed at once elsewhere) arrives at 400 s
+    let region = region();
+    let tenants: Vec<SimTenant> = ["even-a", "even-b"]
+        .iter()
+        .map(|name| SimTenant {
+            name: (*name).into(),
+            city: "macao".into(),
+            jurisdiction: Jurisdiction::MO,
+            weight: 0.5,
+            quota: None,
+        })
+        .collect();
+    let jobs = vec![
+        job(0.0, 2, 8, a100(), 1_000.0),
+        SimJob {
+            tenant: 1,
+            ..job(0.0, 2, 8, a100(), 500.0)
+        },
+        job(1.0, 4, 8, a100(), 100.0),
+        SimJob {
+            tenant: 1,
+            ..job(2.0, 4, 8, a100(), 100.0)
+        },
+        job(400.0, 1, 1, Acceptance::Any, 100.0),
+    ];
+    let r = dispatch(&tenants, &jobs);
+    check_schedule(&region, &jobs, &r);
+    assert!(
+        r.schedule[4].unwrap().1 == 400.0,
+        "the last job waits for nothing"
+    );
+    // 2–500 s: both wait holding half each (index 1); 500–1,000 s: both wait, one holding
+    // nothing (index 1/2); then one tenant waits alone, which has no index
+    let whole = (498.0 * 1.0 + 500.0 * 0.5) / 998.0;
+    assert!(
+        (r.jain_fairness - whole).abs() < 1e-9,
+        "{}",
+        r.jain_fairness
+    );
+    assert!((r.jain_fairness_arriving - 1.0).abs() < 1e-9);
+}
