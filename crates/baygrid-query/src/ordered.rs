@@ -246,7 +246,7 @@ impl Run {
     }
 
     /// Takes a batch of `[individual, dims…, clamped values…]` rows; false when an
-    /// individual's key goes down (the rows are not in order).
+    /// individual's key goes down (the rows are not in order) or is null.
     fn add(&mut self, batch: &RecordBatch) -> Result<bool, QueryError> {
         let dims = self.dims;
         let columns = batch.columns();
@@ -272,9 +272,16 @@ impl Run {
     ) -> Result<bool, QueryError> {
         let (dims, values) = (self.dims, self.values);
         let columns = batch.columns();
+        // an individual's key is compared in one encoding across batches, chosen by its type
+        // (a batch with a null key would be in the row format): a null key is hashed
+        if columns[0].null_count() > 0 {
+            return Ok(false);
+        }
         let mut subjects = Keys::new(subject_conv, &columns[..1])?;
         // a group is told by its columns' own bytes; its key (the hash path's) is made from
-        // the row format only for a group not seen before
+        // the row format only for a group not seen before. A batch with nulls in them is in
+        // the row format, so the last row's group is not carried from another batch
+        self.last_group = None;
         let dim_columns = &columns[1..=dims];
         let mut groups = match Keys::raw(dim_columns) {
             _ if dims == 0 => None,
@@ -350,19 +357,24 @@ impl Run {
         let group = match self.last_group {
             Some(g) if self.last_group_bytes.as_slice() == bytes => g,
             _ => {
-                let raw_key = key_of(bytes);
-                let g = match self.raw_group_of.get(&raw_key) {
-                    Some(g) => *g,
-                    // a group not seen before: its key from the row format
-                    None if raw => {
-                        let conv = dims_conv.as_mut().expect("dims have a converter");
-                        let rows = conv
-                            .convert_columns(&slice(&columns[1..=self.dims], r))
-                            .map_err(engine)?;
-                        let row_bytes = rows.row(0).data().to_vec();
-                        self.group_for(&row_bytes, columns, r, Some(raw_key))?
+                // bytes in the row format are the group's key itself; the columns' own
+                // bytes are filed apart, so the two encodings never meet
+                let g = if raw {
+                    let raw_key = key_of(bytes);
+                    match self.raw_group_of.get(&raw_key) {
+                        Some(g) => *g,
+                        // a group not seen before: its key from the row format
+                        None => {
+                            let conv = dims_conv.as_mut().expect("dims have a converter");
+                            let rows = conv
+                                .convert_columns(&slice(&columns[1..=self.dims], r))
+                                .map_err(engine)?;
+                            let row_bytes = rows.row(0).data().to_vec();
+                            self.group_for(&row_bytes, columns, r, Some(raw_key))?
+                        }
                     }
-                    None => self.group_for(bytes, columns, r, Some(raw_key))?,
+                } else {
+                    self.group_for(bytes, columns, r, None)?
                 };
                 self.last_group = Some(g);
                 self.last_group_bytes.clear();
@@ -748,6 +760,49 @@ mod tests {
                     None => assert!(!in_order, "sorted rows were hashed"),
                 }
             });
+        }
+    }
+
+    #[tokio::test]
+    async fn a_null_individual_is_hashed_whatever_batch_it_is_in() {
+        // one partition of two batches: [null, 3, 5] then [3]; compared in the row format
+        // (first batch) against bare integers (second), 3 would seem to follow 5
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("__subject", DataType::Int64, true),
+            Field::new("__d0", DataType::Utf8, false),
+            Field::new("__v0", DataType::Float64, true),
+        ]));
+        let batch = |keys: Vec<Option<i64>>| {
+            let n = keys.len();
+            RecordBatch::try_new(
+                schema.clone(),
+                vec![
+                    Arc::new(Int64Array::from(keys)) as ArrayRef,
+                    Arc::new(StringArray::from_iter_values(std::iter::repeat_n(
+                        "north", n,
+                    ))),
+                    Arc::new(Float64Array::from_iter_values(std::iter::repeat_n(1.0, n))),
+                ],
+            )
+            .unwrap()
+        };
+        let partitions = vec![vec![
+            batch(vec![None, Some(3), Some(5)]),
+            batch(vec![Some(3)]),
+        ]];
+        let frame = || {
+            SessionContext::new()
+                .read_table(Arc::new(
+                    MemTable::try_new(schema.clone(), partitions.clone()).unwrap(),
+                ))
+                .unwrap()
+        };
+        let hashed = summary(hashed_cells(frame(), 1, 1).await.unwrap().totals(4));
+        // three individuals (the null one, 3 and 5), individual 3 with two rows
+        assert_eq!(hashed["[\"north\"]"].3, 3.0);
+        match totals(frame(), 1, &[(0.0, 10.0)], 4).await.unwrap() {
+            None => {}
+            Some(t) => close(&summary(t), &hashed),
         }
     }
 
