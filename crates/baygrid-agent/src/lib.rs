@@ -611,17 +611,19 @@ impl Agent {
             no_network: grant.no_network,
         };
         // a fusion worker's job runs the worker its lease carries, inside this agent
-        let engine: Arc<dyn Engine> = match &grant.spec.fusion {
-            Some(_) => self.workers.clone(),
-            None => self.engine.clone(),
-        };
-        let launched = match (&grant.spec.fusion, grant.fusion.clone()) {
-            (None, _) => self.engine.launch(&spec).await,
-            (Some(_), Some(work)) => Ok(self.workers.start(&grant.job_id, grant.epoch, work)),
-            (Some(part), None) => Err(baygrid_exec::ExecError::Refused(format!(
-                "no work came with fusion run {}'s worker {}: the run has ended, the worker started before and cannot rejoin it, or the server could not start it (its log says why)",
-                part.run, part.index
-            ))),
+        let (engine, launched): (Arc<dyn Engine>, _) = match (&grant.spec.fusion, grant.fusion.clone()) {
+            (None, _) => (self.engine.clone(), self.engine.launch(&spec).await),
+            (Some(_), Some(work)) => (
+                self.workers.clone(),
+                Ok(self.workers.start(&grant.job_id, grant.epoch, work)),
+            ),
+            (Some(part), None) => (
+                self.workers.clone(),
+                Err(baygrid_exec::ExecError::Refused(format!(
+                    "no work came with fusion run {}'s worker {}: the run has ended, the worker started before and cannot rejoin it, or the server could not start it (its log says why)",
+                    part.run, part.index
+                ))),
+            ),
         };
         match launched {
             Ok(handle) => {

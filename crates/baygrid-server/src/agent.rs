@@ -110,6 +110,9 @@ pub async fn lease(
     let catalog = state.catalog();
     let mut leases = Vec::with_capacity(granted.len());
     for job in granted {
+        let Some(allocation) = job.allocation.clone() else {
+            continue;
+        };
         let (inputs, no_network) = crate::zone::staged_inputs(&state, &catalog, &job.spec);
         let outputs = no_network
             .then(|| crate::zone::outputs_target(&state, &catalog, &job))
@@ -124,9 +127,6 @@ pub async fn lease(
                     None
                 }),
             None => None,
-        };
-        let Some(allocation) = job.allocation.clone() else {
-            continue;
         };
         leases.push(LeaseGrant {
             held_seconds: crate::ledger::held_seconds(&state, &job),
