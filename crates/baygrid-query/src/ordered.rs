@@ -6,11 +6,12 @@
 //! the next individual's first row arrives: one pass in the files' own order sums them,
 //! without a hash table over every individual, on every core at once.
 //!
-//! Nothing is assumed: each partition checks that its individuals' keys (in Arrow's row
-//! format, which compares as the values sort) only ever go up, and the partitions' ranges
-//! must not overlap except for one individual at a boundary, whose cells are merged. At the
-//! first row out of order the pass gives up and the caller aggregates by hashing instead,
-//! with the same result.
+//! Nothing is assumed: each partition checks that its individuals' keys (as bytes that
+//! compare as the values sort: a 64-bit integer or a text as itself, any other type in
+//! Arrow's row format, one encoding for the whole table) only ever go up, and the
+//! partitions' ranges must not overlap except for one individual at a boundary, whose cells
+//! are merged. At the first row out of order, or a null individual, the pass gives up and
+//! the caller aggregates by hashing instead, with the same result.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
