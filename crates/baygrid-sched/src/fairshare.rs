@@ -89,11 +89,13 @@ pub struct Queued<'a> {
     pub priority: i64,
     pub tenant: &'a str,
     pub submitted_ms: i64,
+    /// When the job must have ended, if it must.
+    pub deadline_ms: Option<i64>,
 }
 
 /// The indices of `jobs` in the order to consider them: higher priority first; then the
-/// tenant with the smaller dominant share over its weight; then the older job; then the
-/// original order.
+/// tenant with the smaller dominant share over its weight; then the earlier deadline (a job
+/// with none after every job with one); then the older job; then the original order.
 pub fn order(jobs: &[Queued<'_>], usage: &Usage) -> Vec<usize> {
     let shares: Vec<f64> = jobs
         .iter()
@@ -105,6 +107,12 @@ pub fn order(jobs: &[Queued<'_>], usage: &Usage) -> Vec<usize> {
             .priority
             .cmp(&jobs[a].priority)
             .then(shares[a].total_cmp(&shares[b]))
+            .then(
+                jobs[a]
+                    .deadline_ms
+                    .unwrap_or(i64::MAX)
+                    .cmp(&jobs[b].deadline_ms.unwrap_or(i64::MAX)),
+            )
             .then(jobs[a].submitted_ms.cmp(&jobs[b].submitted_ms))
             .then(a.cmp(&b))
     });
@@ -133,11 +141,13 @@ mod tests {
                 priority: 0,
                 tenant: "light",
                 submitted_ms: 1,
+                deadline_ms: None,
             },
             Queued {
                 priority: 0,
                 tenant: "heavy",
                 submitted_ms: 2,
+                deadline_ms: None,
             },
         ];
         // the heavier-weighted tenant is further below its entitlement: it goes first
@@ -163,6 +173,7 @@ mod tests {
             priority,
             tenant,
             submitted_ms,
+            deadline_ms: None,
         };
         let jobs = [
             q(0, "big", 1),
@@ -173,5 +184,33 @@ mod tests {
         ];
         // priority 10 first; then new (0), small (0.2) oldest first, big (0.4)
         assert_eq!(order(&jobs, &usage), vec![3, 2, 4, 1, 0]);
+    }
+
+    #[test]
+    fn within_a_tenant_the_earliest_deadline_goes_first_then_the_oldest() {
+        let usage = Usage::new(BTreeMap::from([("H800".to_string(), 100)]));
+        let q = |tenant, submitted_ms, deadline_ms| Queued {
+            priority: 0,
+            tenant,
+            submitted_ms,
+            deadline_ms,
+        };
+        let jobs = [
+            q("a", 1, None),
+            q("a", 2, Some(9_000)),
+            q("a", 3, Some(5_000)),
+            q("a", 4, None),
+            q("a", 5, Some(5_000)),
+        ];
+        // deadlines 5,000 (oldest first), then 9,000, then the jobs with none by age
+        assert_eq!(order(&jobs, &usage), vec![2, 4, 1, 0, 3]);
+        // a deadline does not jump a less-served tenant, nor a higher priority
+        let mut usage = usage;
+        usage.add("a", "H800", 10);
+        let mut urgent = q("a", 1, Some(1));
+        let calm = q("b", 2, None);
+        assert_eq!(order(&[urgent, calm], &usage), vec![1, 0]);
+        urgent.priority = 1;
+        assert_eq!(order(&[urgent, calm], &usage), vec![0, 1]);
     }
 }

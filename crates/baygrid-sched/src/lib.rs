@@ -3,6 +3,7 @@
 //! Pure: no I/O, no clock of its own ("now" is passed in), no randomness. The server's
 //! scheduling loop and the quote endpoint call the same [`Placer`].
 
+pub mod cost;
 pub mod fairshare;
 pub mod pack;
 pub mod patience;
@@ -198,21 +199,7 @@ pub struct Market {
     pub green_weight: f64,
 }
 
-/// A duration estimated for the reference model, on `model`: × the reference's BF16 TFLOPS
-/// ÷ the model's, rounded up; unscaled when either is unknown.
-pub fn scale_by_tflops(
-    reference: u64,
-    reference_tflops: Option<u32>,
-    model: Option<&AcceleratorModel>,
-) -> u64 {
-    match (reference_tflops, model) {
-        (Some(r), Some(m)) if m.bf16_tflops > 0 => {
-            (reference * u64::from(r)).div_ceil(u64::from(m.bf16_tflops))
-        }
-        _ => reference,
-    }
-    .max(1)
-}
+pub use cost::scale_by_tflops;
 
 impl Market {
     /// The reference model's TFLOPS among `models`.
@@ -471,39 +458,37 @@ fn cost_text(c: &Candidate) -> String {
     }
 }
 
-/// Staging `inputs` at `site`: each input's GB × the price within a jurisdiction or
-/// across a border, in CNY; nothing for an input in the same city.
+/// Staging `inputs` at `site`: each input's bytes at the region's price (in CNY) for the
+/// tier between where it is and the site ([`cost::transfer`]).
 fn transfer_cost(inputs: &[InputSite], market: &Market, site: &Site) -> Result<Money, String> {
     let mut total = Money::zero(baygrid_core::Currency::CNY);
-    let Some(prices) = &market.transfer_price_per_gb else {
+    let Some(prices) = market
+        .transfer_price_per_gb
+        .as_ref()
+        .filter(|_| !inputs.is_empty())
+    else {
         return Ok(total);
+    };
+    let prices = TransferPrices {
+        within_jurisdiction: market
+            .rates
+            .to_cny(prices.within_jurisdiction)
+            .map_err(|e| format!("transfer price within a jurisdiction: {e}"))?,
+        across_border: market
+            .rates
+            .to_cny(prices.across_border)
+            .map_err(|e| format!("transfer price across a border: {e}"))?,
     };
     for input in inputs {
         let tier = TransferTier::between(
             (&input.city, input.jurisdiction),
             (&site.city, site.jurisdiction),
         );
-        let Some(price) = prices.per_gb(tier) else {
-            continue;
-        };
-        let cost = market
-            .rates
-            .to_cny(price)
-            .and_then(|p| p.mul_ratio(i128::from(input.bytes), 1_000_000_000))
+        total = cost::transfer(input.bytes, tier, &prices)
             .and_then(|c| total.checked_add(c))
             .map_err(|e| format!("transfer price for `{}`: {e}", input.dataset))?;
-        total = cost;
     }
     Ok(total)
-}
-
-/// The green term on `compute` at a site with `green_share_pct` of green power.
-fn green_cost(compute: Money, weight: f64, green_share_pct: u8) -> Option<Money> {
-    let weight_per_10k = (weight * 10_000.0).round() as i128;
-    let brown_pct = 100 - i128::from(green_share_pct.min(100));
-    compute
-        .mul_ratio(weight_per_10k * brown_pct, 1_000_000)
-        .ok()
 }
 
 /// A waiting candidate whose expected start leaves too little time says so: it is expected
@@ -777,21 +762,23 @@ fn assess(
         reference_seconds
     };
     candidate.estimated_seconds = Some(seconds);
-    let seconds = i128::from(seconds);
-    let billable = candidate.accelerators as i128;
-    candidate.estimated_cost_cny = price_cny.mul_ratio(billable * seconds, 3600).ok();
     let transfer = match transfer_cost(&requester.inputs, market, &state.site) {
         Ok(t) => t,
         Err(e) => return reject(candidate, "inputs", e),
     };
     candidate.transfer_cost_cny = Some(transfer);
-    candidate.green_cost_cny = candidate
-        .estimated_cost_cny
-        .and_then(|c| green_cost(c, market.green_weight, state.site.green_share_pct));
-    candidate.total_cost_cny = match (candidate.estimated_cost_cny, candidate.green_cost_cny) {
-        (Some(c), Some(g)) => c.checked_add(transfer).and_then(|t| t.checked_add(g)).ok(),
-        _ => None,
-    };
+    if let Ok(run) = cost::RunCost::new(
+        price_cny,
+        u64::from(candidate.accelerators),
+        seconds * 1000,
+        transfer,
+        market.green_weight,
+        state.site.green_share_pct,
+    ) {
+        candidate.estimated_cost_cny = Some(run.compute);
+        candidate.green_cost_cny = Some(run.green);
+        candidate.total_cost_cny = run.total().ok();
+    }
     if let Some(deadline) = spec.deadline {
         let earliest_finish = now + (seconds as i64) * 1000;
         if earliest_finish > deadline.timestamp_millis() {

@@ -149,7 +149,8 @@ pub async fn cycle(state: &AppState) -> Result<usize, ApiError> {
     let (mut market, mut usage, running) = live_market_and_usage(state, &catalog, now).await?;
     let quotas = state.config.quotas();
     let patience = state.config.patience();
-    // higher priority first; within it, the least-served tenant (dominant share), then age
+    // higher priority first; within it, the least-served tenant (dominant share), then the
+    // earliest deadline, then age
     let order = fairshare::order(
         &queued
             .iter()
@@ -157,6 +158,7 @@ pub async fn cycle(state: &AppState) -> Result<usize, ApiError> {
                 priority: j.priority,
                 tenant: &j.tenant,
                 submitted_ms: j.submitted_ms,
+                deadline_ms: j.spec.deadline.map(|d| d.timestamp_millis()),
             })
             .collect::<Vec<_>>(),
         &usage,

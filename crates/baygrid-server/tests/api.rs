@@ -1251,6 +1251,40 @@ async fn backfill_starts_only_jobs_that_end_before_the_first_blocked_jobs_reserv
 }
 
 #[tokio::test]
+async fn within_a_tenant_the_job_due_first_is_placed_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, operator) = one_cluster(dir.path(), 1, |_| {}).await;
+    let lab = gz_lab(&operator).await;
+    let job = |name: &str, deadline: Option<String>| {
+        let mut text = format!(
+            "name: {name}\nresources: {{accelerators: {{A800: 8}}}}\ncommand: 'sleep 1'\nestimated_duration: 30m\n"
+        );
+        if let Some(d) = deadline {
+            text.push_str(&format!("deadline: {d}\n"));
+        }
+        spec(&text)
+    };
+    // both wait for the cluster's agent; the later one is due in three hours, the older
+    // has no deadline, and there is room for one
+    let older: JobView = lab.post("/api/v1/jobs", &job("older", None)).await.unwrap();
+    let due_at = (chrono::Utc::now() + chrono::Duration::hours(3)).to_rfc3339();
+    let due: JobView = lab
+        .post("/api/v1/jobs", &job("due", Some(due_at)))
+        .await
+        .unwrap();
+    let _agent = nansha_agent(&operator, 1).await;
+    let placed = wait_state(&lab, &due.id, JobState::Placed).await;
+    assert_eq!(placed.cluster.as_deref(), Some("nansha-a800"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let view: JobView = lab
+        .get(&format!("/api/v1/jobs/{}", older.id))
+        .await
+        .unwrap();
+    assert_eq!(view.state, JobState::Queued, "{view:#?}");
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn quotas_hold_a_tenant_to_its_share_and_borrowing_lends_the_cohorts_idle_quota() {
     let quota = |a800: u64| std::collections::BTreeMap::from([("A800".to_string(), a800)]);
     let job = |name: &str, nodes: u32| {

@@ -40,8 +40,8 @@ use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
 use std::fmt;
 use std::str::FromStr;
 
-use baygrid_core::catalog::{RoundTrips, TransferTier};
-use baygrid_core::{Catalog, Jurisdiction};
+use baygrid_core::catalog::{RoundTrips, TransferPrices, TransferTier};
+use baygrid_core::{AcceleratorModel, Catalog, Jurisdiction, Money};
 
 use crate::patience::{Later, Patience};
 use rand::rngs::StdRng;
@@ -52,6 +52,10 @@ use serde::{Deserialize, Serialize};
 pub const REFERENCE_MODEL: &str = "A800";
 /// Latency-sensitive jobs run only within this round trip of their tenant's city.
 pub const LATENCY_SENSITIVE_MAX_RTT_MS: u32 = crate::LATENCY_SENSITIVE_MAX_RTT_MS;
+/// The longest run a job may ask for, in seconds on the reference model (ten years).
+pub const MAX_DURATION_S: f64 = 10.0 * 365.0 * 86_400.0;
+/// The most input data a job may name, in GB (an exabyte).
+pub const MAX_DATA_GB: f64 = 1e9;
 /// Slots in the lower bound's time grid.
 pub const BOUND_SLOTS: usize = 120;
 
@@ -88,7 +92,12 @@ pub struct Pool {
     pub vendor: String,
     pub nodes: u32,
     pub per_node: u32,
+    /// Per accelerator-hour, converted to CNY at the catalog's rates.
+    pub price_cny: Money,
+    /// The same, as a number (for the lower bound).
     pub price_cny_per_hour: f64,
+    /// The accelerator model, for run times ([`crate::cost::scale_by_tflops`]).
+    pub accelerator: AcceleratorModel,
     /// BF16 TFLOPS over the reference model's.
     pub speed: f64,
     pub green_share_pct: u8,
@@ -99,8 +108,10 @@ pub struct Pool {
 pub struct Region {
     pub pools: Vec<Pool>,
     pub round_trips: RoundTrips,
-    pub transfer_within_cny_per_gb: f64,
-    pub transfer_across_cny_per_gb: f64,
+    /// Per GB, converted to CNY at the catalog's rates.
+    pub transfer_prices: TransferPrices,
+    /// BF16 TFLOPS of the reference model, which durations are given for.
+    pub reference_tflops: u32,
     /// Cities with a site, in catalog order, and their jurisdiction.
     pub cities: Vec<(String, Jurisdiction)>,
 }
@@ -111,7 +122,6 @@ impl Region {
             catalog
                 .exchange_rates
                 .to_cny(m)
-                .map(|c| c.minor as f64 / 100.0)
                 .map_err(|e| ReplayError::Region(e.to_string()))
         };
         let reference = catalog
@@ -152,7 +162,9 @@ impl Region {
                 vendor: model.vendor.clone(),
                 nodes: cluster.nodes,
                 per_node: cluster.accelerators_per_node,
-                price_cny_per_hour: cny(offer.price_per_accelerator_hour)?,
+                price_cny: cny(offer.price_per_accelerator_hour)?,
+                price_cny_per_hour: as_cny(cny(offer.price_per_accelerator_hour)?),
+                accelerator: model.clone(),
                 speed: f64::from(model.bf16_tflops) / f64::from(reference.bf16_tflops),
                 green_share_pct: site.green_share_pct,
             });
@@ -172,8 +184,11 @@ impl Region {
         Ok(Region {
             pools,
             round_trips: catalog.round_trips(),
-            transfer_within_cny_per_gb: cny(catalog.transfer_price_per_gb.within_jurisdiction)?,
-            transfer_across_cny_per_gb: cny(catalog.transfer_price_per_gb.across_border)?,
+            transfer_prices: TransferPrices {
+                within_jurisdiction: cny(catalog.transfer_price_per_gb.within_jurisdiction)?,
+                across_border: cny(catalog.transfer_price_per_gb.across_border)?,
+            },
+            reference_tflops: reference.bf16_tflops,
             cities,
         })
     }
@@ -622,24 +637,40 @@ pub fn cost_on(
     job: &SimJob,
     pool: &Pool,
     config: &DispatchConfig,
-) -> CostBreakdown {
-    let runtime_s = job.duration_s / pool.speed;
-    let compute_cny = pool.price_cny_per_hour * f64::from(job.accelerators()) * runtime_s / 3600.0;
-    let transfer_cny = match TransferTier::between(
+) -> Result<CostBreakdown, ReplayError> {
+    let reference_ms = (job.duration_s * 1000.0).round().max(1.0) as u64;
+    let millis = crate::cost::scale_by_tflops(
+        reference_ms,
+        Some(region.reference_tflops),
+        Some(&pool.accelerator),
+    );
+    let tier = TransferTier::between(
         (&tenant.city, tenant.jurisdiction),
         (&pool.city, pool.jurisdiction),
-    ) {
-        TransferTier::SameCity => 0.0,
-        TransferTier::WithinJurisdiction => job.data_gb * region.transfer_within_cny_per_gb,
-        TransferTier::AcrossBorder => job.data_gb * region.transfer_across_cny_per_gb,
-    };
-    let brown = 1.0 - f64::from(pool.green_share_pct) / 100.0;
-    CostBreakdown {
-        compute_cny,
-        transfer_cny,
-        green_cny: config.green_weight * brown * compute_cny,
-        runtime_s,
-    }
+    );
+    let bytes = (job.data_gb * 1e9).round() as u64;
+    let run = crate::cost::transfer(bytes, tier, &region.transfer_prices)
+        .and_then(|transfer| {
+            crate::cost::RunCost::new(
+                pool.price_cny,
+                u64::from(job.accelerators()),
+                millis,
+                transfer,
+                config.green_weight,
+                pool.green_share_pct,
+            )
+        })
+        .map_err(|e| argument("job", format!("its cost on {}: {e}", pool.name)))?;
+    Ok(CostBreakdown {
+        compute_cny: as_cny(run.compute),
+        transfer_cny: as_cny(run.transfer),
+        green_cny: as_cny(run.green),
+        runtime_s: millis as f64 / 1000.0,
+    })
+}
+
+fn as_cny(amount: Money) -> f64 {
+    amount.minor as f64 / 100.0
 }
 
 /// One pool's live state.
@@ -849,6 +880,24 @@ pub fn simulate_until(
                 format!("job {i} asks no accelerators or no time"),
             ));
         }
+        if job.duration_s > MAX_DURATION_S {
+            return Err(argument(
+                "duration_s",
+                format!(
+                    "job {i} runs {} s, above {MAX_DURATION_S} s (ten years)",
+                    job.duration_s
+                ),
+            ));
+        }
+        if !(0.0..=MAX_DATA_GB).contains(&job.data_gb) {
+            return Err(argument(
+                "data_gb",
+                format!(
+                    "job {i} names {} GB of input; from 0 to {MAX_DATA_GB}",
+                    job.data_gb
+                ),
+            ));
+        }
     }
     let pools = &region.pools;
     let mut state: Vec<PoolState> = pools.iter().map(PoolState::new).collect();
@@ -874,13 +923,13 @@ pub fn simulate_until(
                 .enumerate()
                 .map(|(p, pool)| match mask {
                     Ok(m) if m & (1 << p) != 0 => {
-                        Some(cost_on(region, &tenants[j.tenant], j, pool, config))
+                        cost_on(region, &tenants[j.tenant], j, pool, config).map(Some)
                     }
-                    _ => None,
+                    _ => Ok(None),
                 })
                 .collect()
         })
-        .collect();
+        .collect::<Result<_, _>>()?;
     // model capacities for dominant shares
     let mut models: Vec<String> = pools.iter().map(|p| p.model.clone()).collect();
     models.sort();
@@ -1735,7 +1784,11 @@ pub fn parse_trace(
                     _ => {
                         let number: f64 = cell
                             .parse()
-                            .map_err(|_| bad(i + 1, column, format!("`{cell}` is not a number")))?;
+                            .ok()
+                            .filter(|n: &f64| n.is_finite())
+                            .ok_or_else(|| {
+                                bad(i + 1, column, format!("`{cell}` is not a finite number"))
+                            })?;
                         serde_json::json!(number)
                     }
                 };
@@ -1756,6 +1809,20 @@ pub fn parse_trace(
         }
         if row.duration_s.is_nan() || row.duration_s <= 0.0 {
             return Err(bad(record, "duration_s", "must be above 0".into()));
+        }
+        if row.duration_s > MAX_DURATION_S {
+            return Err(bad(
+                record,
+                "duration_s",
+                format!("{} is above {MAX_DURATION_S} (ten years)", row.duration_s),
+            ));
+        }
+        if !(0.0..=MAX_DATA_GB).contains(&row.data_gb) {
+            return Err(bad(
+                record,
+                "data_gb",
+                format!("{} must be from 0 to {MAX_DATA_GB}", row.data_gb),
+            ));
         }
         if row.nodes == 0 || row.accelerators == 0 || row.accelerators % row.nodes != 0 {
             return Err(bad(
