@@ -447,6 +447,9 @@ fn run_replay(args: &Args, sim: &SimArgs) -> anyhow::Result<ExitCode> {
                 r.result.lost_accelerator_s / 3600.0
             )
         }));
+        rows.push(figure("deadlines missed", &|r| {
+            r.result.deadlines_missed.to_string()
+        }));
         rows.push(figure("decisions/s", &|r| {
             format!("{:.0}", r.result.decisions_per_s)
         }));

@@ -739,6 +739,7 @@ fn sim_replay_runs_three_policies_with_the_bound_and_names_bad_input() {
             "cost_to_lower_bound",
             "jain_fairness",
             "jain_fairness_arriving",
+            "deadlines_missed",
             "decisions_per_s",
         ] {
             assert!(report.get(key).is_some(), "{key} missing in {report}");
@@ -755,8 +756,9 @@ fn sim_replay_runs_three_policies_with_the_bound_and_names_bad_input() {
     let trace = dir.path().join("jobs.csv");
     std::fs::write(
         &trace,
-        "arrival_s,accelerators,nodes,accepts,duration_s,tenant,latency_sensitive,jurisdictions\n\
-         0,16,2,nvidia,3600,alpha,false,\n5,1,1,ascend,60,beta,false,HK\n",
+        "arrival_s,accelerators,nodes,accepts,duration_s,tenant,latency_sensitive,jurisdictions,deadline_s\n\
+         0,16,2,nvidia,3600,alpha,false,,\n5,1,1,ascend,60,beta,false,HK,\n\
+         9,8,1,any,7200,alpha,false,,100\n",
     )
     .unwrap();
     let out = baygrid(
@@ -772,8 +774,19 @@ fn sim_replay_runs_three_policies_with_the_bound_and_names_bad_input() {
         &[],
     );
     assert!(out.status.success(), "{}", stderr(&out));
+    // the Ascend job that must stay in Hong Kong, and the one due before it could end
     assert!(
-        stdout(&out).contains("1 rejected as never feasible"),
+        stdout(&out).contains("2 rejected as never feasible"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        stdout(&out).contains("can end it by its deadline (100 s"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        stdout(&out).contains("deadlines missed"),
         "{}",
         stdout(&out)
     );

@@ -314,6 +314,11 @@ pub struct SimJob {
     /// Whether the dispatcher may evict it (after the grace period) and requeue it.
     #[serde(default)]
     pub preemptible: bool,
+    /// When it must have ended, in seconds from the start of the replay: no pool where it
+    /// would end later even starting on arrival is used, and the dispatcher puts a job due
+    /// sooner first among its tenant's.
+    #[serde(default)]
+    pub deadline_s: Option<f64>,
 }
 
 impl SimJob {
@@ -423,6 +428,7 @@ pub fn synthetic_jobs(
             data_gb: 0.0,
             priority: 0,
             preemptible: false,
+            deadline_s: None,
         });
     }
     Ok(jobs)
@@ -832,6 +838,8 @@ pub struct ReplayResult {
     pub preempted_runs: Vec<(usize, usize, f64, f64)>,
     /// The first rejection reasons, for the report.
     pub rejections: Vec<String>,
+    /// Accepted jobs with a deadline that ended after it.
+    pub deadlines_missed: usize,
     /// Each accepted job's start and end, by index (`None` for rejected).
     #[serde(skip)]
     pub schedule: Vec<Option<(usize, f64, f64)>>,
@@ -897,6 +905,17 @@ pub fn simulate_until(
                     job.data_gb
                 ),
             ));
+        }
+        if let Some(deadline) = job.deadline_s {
+            if !(deadline.is_finite() && deadline > job.arrival_s) {
+                return Err(argument(
+                    "deadline_s",
+                    format!(
+                        "job {i}'s deadline {deadline} must be a number after its arrival {}",
+                        job.arrival_s
+                    ),
+                ));
+            }
         }
     }
     let pools = &region.pools;
@@ -998,6 +1017,38 @@ pub fn simulate_until(
         })
         .collect();
 
+    // fail fast: a job that could end by its deadline on no pool it may use, even starting
+    // the moment it arrives; the others keep only the pools where it could
+    let masks: Vec<Result<u64, String>> = masks
+        .into_iter()
+        .zip(jobs)
+        .zip(&costs)
+        .map(|((mask, j), cost)| {
+            let mask = mask?;
+            let Some(deadline) = j.deadline_s else {
+                return Ok(mask);
+            };
+            let mut in_time = 0u64;
+            let mut soonest = f64::INFINITY;
+            for (p, c) in cost.iter().enumerate() {
+                if let Some(c) = c.filter(|_| mask & (1 << p) != 0) {
+                    let end = j.arrival_s + c.runtime_s;
+                    soonest = soonest.min(end);
+                    if end <= deadline {
+                        in_time |= 1 << p;
+                    }
+                }
+            }
+            if in_time == 0 {
+                Err(format!(
+                    "no cluster it may use can end it by its deadline ({deadline:.0} s; started on arrival, the soonest ends at {soonest:.0} s)"
+                ))
+            } else {
+                Ok(in_time)
+            }
+        })
+        .collect();
+
     let mut schedule: Vec<Option<(usize, f64, f64)>> = vec![None; jobs.len()];
     let mut pending: Vec<usize> = Vec::new();
     // (end, job, run): an eviction pushes an earlier end; the run's old entry is then stale
@@ -1025,6 +1076,11 @@ pub fn simulate_until(
     let mut preemptible_running = 0usize;
     let key = |t: f64| (t * 1000.0).round() as u64;
     let mut pending_per_tenant = vec![0usize; tenants.len()];
+    // a job without a deadline is due last
+    let due = |j: usize| jobs[j].deadline_s.unwrap_or(f64::INFINITY);
+    // the cycle in which each job was last looked at
+    let mut cycle = 0u64;
+    let mut seen = vec![0u64; jobs.len()];
     loop {
         let next_arrival = jobs.get(next).map(|j| j.arrival_s);
         let next_end = completions
@@ -1127,6 +1183,7 @@ pub fn simulate_until(
                     .priority
                     .cmp(&jobs[a].priority)
                     .then(shares[jobs[a].tenant].total_cmp(&shares[jobs[b].tenant]))
+                    .then(due(a).total_cmp(&due(b)))
                     .then(a.cmp(&b))
             });
         }
@@ -1138,19 +1195,23 @@ pub fn simulate_until(
         let mut started_now = Vec::new();
         // jobs ahead of a reservation's holder in this cycle's order may preempt to take its
         // pool over; one preemption per cycle, and none while nothing preemptible runs
-        let mut holders_ahead = reservations.iter().flatten().count();
+        cycle += 1;
         let mut preempted_this_cycle = false;
         for &job in &pending {
             let j = &jobs[job];
-            if reservations.iter().flatten().any(|r| r.job == job) {
-                holders_ahead -= 1;
-            }
-            let before_holder = holders_ahead > 0;
-            // a pool's reservation this job may take: free, its own, or a lower class's
+            seen[job] = cycle;
+            let before_holder = reservations.iter().flatten().any(|r| seen[r.job] != cycle);
+            // a pool's reservation this job may take: free, its own, a lower class's, or
+            // one of its tenant's jobs of its class that is due later
             let may_reserve = |reservations: &[Option<Reservation>], p: usize| {
-                reservations[p]
-                    .as_ref()
-                    .is_none_or(|r| r.job == job || jobs[r.job].priority < j.priority)
+                reservations[p].as_ref().is_none_or(|r| {
+                    let holder = &jobs[r.job];
+                    r.job == job
+                        || holder.priority < j.priority
+                        || (holder.priority == j.priority
+                            && holder.tenant == j.tenant
+                            && due(job) < due(r.job))
+                })
             };
             let mask = *masks[job].as_ref().expect("pending jobs are eligible");
             let mut best: Option<(f64, u32, usize, Vec<u32>)> = None;
@@ -1162,8 +1223,15 @@ pub fn simulate_until(
                     continue;
                 }
                 let cost = costs[job][p].expect("eligible pools are costed");
+                // the nodes another job reserved, unless it may take the reservation over
                 let excluded: &[u32] = match &reservations[p] {
-                    Some(r) if r.job != job && now + cost.runtime_s > r.start => &r.nodes,
+                    Some(r)
+                        if r.job != job
+                            && now + cost.runtime_s > r.start
+                            && !may_reserve(&reservations, p) =>
+                    {
+                        &r.nodes
+                    }
                     _ => &[],
                 };
                 let pack = policy == ReplayPolicy::Baygrid;
@@ -1210,9 +1278,18 @@ pub fn simulate_until(
                         .map(|p| {
                             let (at, nodes) =
                                 state[p].earliest(j.nodes, j.per_node, pools[p].per_node, now);
-                            let cost = costs[job][p].expect("costed").total();
-                            (p, Later { start_s: at, cost }, nodes)
+                            let cost = costs[job][p].expect("costed");
+                            let later = Later {
+                                start_s: at,
+                                cost: cost.total(),
+                            };
+                            (p, later, nodes, cost.runtime_s)
                         })
+                        // never waiting past its deadline
+                        .filter(|(_, later, _, runtime_s)| {
+                            j.deadline_s.is_none_or(|d| later.start_s + runtime_s <= d)
+                        })
+                        .map(|(p, later, nodes, _)| (p, later, nodes))
                         .collect();
                     let (i, _) = patience.wait_for(
                         j.arrival_s,
@@ -1239,8 +1316,14 @@ pub fn simulate_until(
                 let cost = costs[job][p].expect("costed");
                 // times are kept to the millisecond, so an end and the start it frees agree
                 let end = key(now + cost.runtime_s) as f64 / 1000.0;
-                if let Some(r) = &reservations[p] {
-                    if r.job != job && end > r.start && nodes.iter().any(|n| r.nodes.contains(n)) {
+                let overlaps = reservations[p].as_ref().is_some_and(|r| {
+                    r.job != job && end > r.start && nodes.iter().any(|n| r.nodes.contains(n))
+                });
+                if overlaps {
+                    if may_reserve(&reservations, p) {
+                        // taken over: its holder reserves afresh when its turn comes
+                        reservations[p] = None;
+                    } else {
                         reservations_delayed += 1;
                     }
                 }
@@ -1369,6 +1452,13 @@ pub fn simulate_until(
     let makespan = accepted.iter().map(|s| s.2).fold(first_arrival, f64::max) - first_arrival;
     let mut waits: Vec<f64> = Vec::new();
     let mut completion_sum = 0.0;
+    let deadlines_missed = schedule
+        .iter()
+        .zip(jobs)
+        .filter(|(entry, j)| {
+            entry.is_some_and(|(_, _, end)| j.deadline_s.is_some_and(|d| end > d + 1e-3))
+        })
+        .count();
     let mut total_cost = 0.0;
     for (job, entry) in schedule.iter().enumerate() {
         if let Some((p, start, end)) = entry {
@@ -1448,6 +1538,7 @@ pub fn simulate_until(
         lost_accelerator_s,
         preempted_runs,
         rejections,
+        deadlines_missed,
         schedule,
     })
 }
@@ -1722,6 +1813,8 @@ pub fn parse_trace(
         priority: i32,
         #[serde(default)]
         preemptible: bool,
+        #[serde(default)]
+        deadline_s: Option<f64>,
     }
     fn one() -> u32 {
         1
@@ -1755,6 +1848,7 @@ pub fn parse_trace(
             let mut object = serde_json::Map::new();
             for (column, cell) in header.iter().zip(&cells) {
                 let value = match *column {
+                    "deadline_s" if cell.is_empty() => serde_json::Value::Null,
                     "accepts" | "tenant" | "jurisdictions" => {
                         serde_json::Value::String(cell.to_string())
                     }
@@ -1824,6 +1918,15 @@ pub fn parse_trace(
                 format!("{} must be from 0 to {MAX_DATA_GB}", row.data_gb),
             ));
         }
+        if let Some(deadline) = row.deadline_s {
+            if !(deadline.is_finite() && deadline > row.arrival_s) {
+                return Err(bad(
+                    record,
+                    "deadline_s",
+                    format!("{deadline} must be after the arrival {}", row.arrival_s),
+                ));
+            }
+        }
         if row.nodes == 0 || row.accelerators == 0 || row.accelerators % row.nodes != 0 {
             return Err(bad(
                 record,
@@ -1882,6 +1985,7 @@ pub fn parse_trace(
             data_gb: row.data_gb,
             priority: row.priority,
             preemptible: row.preemptible,
+            deadline_s: row.deadline_s,
         });
     }
     if jobs.is_empty() {

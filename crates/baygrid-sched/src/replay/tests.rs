@@ -18,6 +18,7 @@ fn job(arrival_s: f64, nodes: u32, per_node: u32, accepts: Acceptance, duration_
         data_gb: 0.0,
         priority: 0,
         preemptible: false,
+        deadline_s: None,
     }
 }
 
@@ -918,4 +919,70 @@ fn fairness_is_jains_index_while_tenants_wait_and_apart_while_jobs_arrive() {
         r.jain_fairness
     );
     assert!((r.jain_fairness_arriving - 1.0).abs() < 1e-9);
+}
+
+#[test]
+fn a_job_due_sooner_goes_first_and_one_that_cannot_end_in_time_is_refused() {
+    // Macao's four A100 nodes are taken until 1,000 s. Then two of one tenant's 4-node jobs
+    // wait for them: the older has no deadline, the later is due at 2,100 s. A third, due at
+    // 500 s, could not end in time anywhere even starting on arrival.
+    let region = region();
+    let tenants = synthetic_tenants(&region);
+    let a100 = || Acceptance::Models(vec!["A100".into()]);
+    let due = |at: f64, deadline: f64| SimJob {
+        deadline_s: Some(deadline),
+        ..job(at, 4, 8, a100(), 1000.0)
+    };
+    let jobs = vec![
+        job(0.0, 4, 8, a100(), 1000.0),
+        job(10.0, 4, 8, a100(), 1000.0),
+        due(20.0, 2100.0),
+        due(30.0, 500.0),
+    ];
+    let config = DispatchConfig::default();
+    let dispatcher = simulate(&region, &tenants, &jobs, ReplayPolicy::Baygrid, &config).unwrap();
+    check_schedule(&region, &jobs, &dispatcher);
+    assert_eq!(dispatcher.rejected, 1);
+    assert!(dispatcher.rejections[0].contains(
+        "no cluster it may use can end it by its deadline (500 s; started on arrival, the soonest ends at 1030 s)"
+    ));
+    assert!(dispatcher.schedule[3].is_none());
+    // the job due sooner takes the older one's reservation and ends in time
+    let (_, start, end) = dispatcher.schedule[2].unwrap();
+    assert!((start - 1000.0).abs() < 1e-6 && end <= 2100.0);
+    assert!(dispatcher.schedule[1].unwrap().1 >= end - 1e-6);
+    assert_eq!(dispatcher.deadlines_missed, 0);
+    assert_eq!(dispatcher.reservations_delayed, 0);
+    // in arrival order the older job goes first and the deadline is missed
+    let fifo = simulate(
+        &region,
+        &tenants,
+        &jobs,
+        ReplayPolicy::FifoFirstFit,
+        &config,
+    )
+    .unwrap();
+    check_schedule(&region, &jobs, &fifo);
+    assert_eq!((fifo.rejected, fifo.deadlines_missed), (1, 1));
+    // a deadline before the arrival is refused with the field named
+    let mut bad = jobs.clone();
+    bad[2].deadline_s = Some(5.0);
+    let error = simulate(&region, &tenants, &bad, ReplayPolicy::Baygrid, &config).unwrap_err();
+    assert!(error.to_string().contains("deadline_s"), "{error}");
+}
+
+#[test]
+fn a_trace_may_give_deadlines() {
+    let region = region();
+    let text = "arrival_s,accelerators,duration_s,tenant,deadline_s\n0,8,60,a,\n5,8,60,a,3600\n";
+    let (_, jobs) = parse_trace("t.csv", text, &region).unwrap();
+    assert_eq!(jobs[0].deadline_s, None);
+    assert_eq!(jobs[1].deadline_s, Some(3600.0));
+    let early = "arrival_s,accelerators,duration_s,tenant,deadline_s\n50,8,60,a,40\n";
+    assert_eq!(
+        parse_trace("t.csv", early, &region)
+            .unwrap_err()
+            .to_string(),
+        "t.csv record 1: `deadline_s`: 40 must be after the arrival 50"
+    );
 }
