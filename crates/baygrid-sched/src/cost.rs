@@ -1,7 +1,8 @@
 //! The cost model: what running a job on a cluster costs, in CNY.
 //!
-//! One model for the server's placer ([`crate::CheapestFeasible`], and so every quote) and
-//! the replay's dispatcher and baselines: the run time on the cluster's accelerator model,
+//! One model for the server's placer ([`crate::CheapestFeasible`], and so every quote), the
+//! server's holds and metering (compute for the time a job ran), and the replay's
+//! dispatcher and baselines: the run time on the cluster's accelerator model,
 //! compute at the cluster's price, staging the inputs at the region's transfer price for
 //! the tier between where they are and the cluster, and the green term. Amounts are
 //! [`Money`] in fen, rounded half away from zero at each step; the replay sums them as

@@ -86,9 +86,9 @@ pub fn hold_for(
                 .rates
                 .to_cny(cap)
                 .map_err(|e| ApiError::bad("max_price_per_hour", e.to_string()))?;
-            let accelerators = feasible.clone().map(|c| c.accelerators).max().unwrap_or(0) as i128;
-            let seconds = spec.estimated_duration.0.as_secs().max(1) as i128;
-            cap.mul_ratio(accelerators * seconds, 3600)
+            let accelerators = feasible.clone().map(|c| c.accelerators).max().unwrap_or(0);
+            let seconds = spec.estimated_duration.0.as_secs().max(1);
+            baygrid_sched::cost::compute(cap, u64::from(accelerators), seconds * 1000)
                 .map_err(|e| ApiError::bad("max_price_per_hour", e.to_string()))?
                 .minor
                 + feasible.map(staging).max().unwrap_or(0)
@@ -149,13 +149,14 @@ pub fn settlement(state: &AppState, job: &JobRecord, now: i64) -> ApiResult<(i64
     };
     let catalog = state.catalog();
     let started = job.started_ms.unwrap_or(now);
-    let elapsed_ms = (now - started).max(0) as i128;
-    let accelerators = allocation.total_accelerators() as i128;
+    let elapsed_ms = (now - started).max(0) as u64;
+    let accelerators = u64::from(allocation.total_accelerators());
     let price = allocation.price_per_accelerator_hour;
+    // the placer's cost model, on the time the job ran
     let compute_cny = catalog
         .rates
         .to_cny(price)
-        .and_then(|p| p.mul_ratio(accelerators * elapsed_ms, 3_600_000))
+        .and_then(|p| baygrid_sched::cost::compute(p, accelerators, elapsed_ms))
         .map_err(|e| ApiError::Conflict(format!("cannot price job {}: {e}", job.id)))?
         .minor;
     let staging_cny = allocation.staging_cny.map_or(0, |m| m.minor.max(0));
