@@ -679,6 +679,22 @@ fn as_cny(amount: Money) -> f64 {
     amount.minor as f64 / 100.0
 }
 
+/// Each job's cost on each pool it may use (`None` elsewhere), a row of `pools` per job.
+struct CostTable {
+    pools: usize,
+    cells: Vec<Option<CostBreakdown>>,
+}
+
+impl CostTable {
+    fn row(&self, job: usize) -> &[Option<CostBreakdown>] {
+        &self.cells[job * self.pools..(job + 1) * self.pools]
+    }
+
+    fn rows(&self, jobs: usize) -> impl Iterator<Item = &[Option<CostBreakdown>]> {
+        (0..jobs).map(|job| self.row(job))
+    }
+}
+
 /// One pool's live state.
 #[derive(Debug, Clone)]
 struct PoolState {
@@ -933,22 +949,22 @@ pub fn simulate_until(
         .iter()
         .map(|j| eligible_with(region, &tenants[j.tenant], j, &rtts[j.tenant]))
         .collect();
-    let costs: Vec<Vec<Option<CostBreakdown>>> = jobs
-        .iter()
-        .zip(&masks)
-        .map(|(j, mask)| {
-            pools
-                .iter()
-                .enumerate()
-                .map(|(p, pool)| match mask {
-                    Ok(m) if m & (1 << p) != 0 => {
-                        cost_on(region, &tenants[j.tenant], j, pool, config).map(Some)
-                    }
-                    _ => Ok(None),
-                })
-                .collect()
-        })
-        .collect::<Result<_, _>>()?;
+    // every job's price on every pool it may use, in one table: a row per job
+    let mut cells = Vec::with_capacity(jobs.len() * pools.len());
+    for (j, mask) in jobs.iter().zip(&masks) {
+        for (p, pool) in pools.iter().enumerate() {
+            cells.push(match mask {
+                Ok(m) if m & (1 << p) != 0 => {
+                    Some(cost_on(region, &tenants[j.tenant], j, pool, config)?)
+                }
+                _ => None,
+            });
+        }
+    }
+    let costs = CostTable {
+        pools: pools.len(),
+        cells,
+    };
     // model capacities for dominant shares
     let mut models: Vec<String> = pools.iter().map(|p| p.model.clone()).collect();
     models.sort();
@@ -1022,7 +1038,7 @@ pub fn simulate_until(
     let masks: Vec<Result<u64, String>> = masks
         .into_iter()
         .zip(jobs)
-        .zip(&costs)
+        .zip(costs.rows(jobs.len()))
         .map(|((mask, j), cost)| {
             let mask = mask?;
             let Some(deadline) = j.deadline_s else {
@@ -1222,7 +1238,7 @@ pub fn simulate_until(
                 if !quota_admits(&held, j, p) {
                     continue;
                 }
-                let cost = costs[job][p].expect("eligible pools are costed");
+                let cost = costs.row(job)[p].expect("eligible pools are costed");
                 // the nodes another job reserved, unless it may take the reservation over
                 let excluded: &[u32] = match &reservations[p] {
                     Some(r)
@@ -1259,7 +1275,7 @@ pub fn simulate_until(
                 .as_ref()
                 .filter(|_| policy == ReplayPolicy::Baygrid && !j.latency_sensitive)
                 .and_then(|(_, _, now_pool, _)| {
-                    let now_cost = costs[job][*now_pool].expect("costed");
+                    let now_cost = costs.row(job)[*now_pool].expect("costed");
                     let patience = &config.patience;
                     if patience.until(j.arrival_s, now_cost.runtime_s) <= now {
                         return None;
@@ -1272,13 +1288,13 @@ pub fn simulate_until(
                                 && pools[p].nodes >= j.nodes
                                 // it waits only where it can hold the nodes meanwhile
                                 && may_reserve(&reservations, p)
-                                && costs[job][p].is_some_and(|c| c.total() < worth)
+                                && costs.row(job)[p].is_some_and(|c| c.total() < worth)
                                 && quota_admits(&held, j, p)
                         })
                         .map(|p| {
                             let (at, nodes) =
                                 state[p].earliest(j.nodes, j.per_node, pools[p].per_node, now);
-                            let cost = costs[job][p].expect("costed");
+                            let cost = costs.row(job)[p].expect("costed");
                             let later = Later {
                                 start_s: at,
                                 cost: cost.total(),
@@ -1313,7 +1329,7 @@ pub fn simulate_until(
                 continue;
             }
             if let Some((_, _, p, nodes)) = best {
-                let cost = costs[job][p].expect("costed");
+                let cost = costs.row(job)[p].expect("costed");
                 // times are kept to the millisecond, so an end and the start it frees agree
                 let end = key(now + cost.runtime_s) as f64 / 1000.0;
                 let overlaps = reservations[p].as_ref().is_some_and(|r| {
@@ -1368,7 +1384,7 @@ pub fn simulate_until(
                     if !may_reserve(&reservations, p) {
                         continue;
                     }
-                    let cost = costs[job][p].expect("costed").total();
+                    let cost = costs.row(job)[p].expect("costed").total();
                     if choice
                         .as_ref()
                         .is_none_or(|(t, c, _, _)| at < *t || (at == *t && cost < *c))
@@ -1393,7 +1409,15 @@ pub fn simulate_until(
                 };
                 let plan = (waits_long && preemptible_running > 0 && !preempted_this_cycle)
                     .then(|| {
-                        plan_preemption(&view, job, mask, &reservations, &costs[job], now, config)
+                        plan_preemption(
+                            &view,
+                            job,
+                            mask,
+                            &reservations,
+                            costs.row(job),
+                            now,
+                            config,
+                        )
                     })
                     .flatten();
                 if let Some(plan) = plan {
@@ -1464,13 +1488,13 @@ pub fn simulate_until(
         if let Some((p, start, end)) = entry {
             waits.push(start - jobs[job].arrival_s);
             completion_sum += end - jobs[job].arrival_s;
-            let c = costs[job][*p].expect("costed");
+            let c = costs.row(job)[*p].expect("costed");
             total_cost += c.compute_cny + c.transfer_cny;
         }
     }
     for &(job, p, start, end) in &preempted_runs {
         // the work an eviction threw away is paid for too
-        let c = costs[job][p].expect("costed");
+        let c = costs.row(job)[p].expect("costed");
         total_cost += c.compute_cny * (end - start) / c.runtime_s;
     }
     waits.sort_by(f64::total_cmp);
