@@ -138,7 +138,7 @@ mod tests {
             transfer(1_500_000_000, TransferTier::SameCity, &prices).unwrap(),
             cny(0)
         );
-        // a price of 0 weight adds nothing
+        // a green weight of 0 adds nothing
         assert_eq!(green(cny(19_200), 0.0, 0).unwrap(), cny(0));
     }
 }

@@ -94,13 +94,18 @@ pub struct Pool {
     pub per_node: u32,
     /// Per accelerator-hour, converted to CNY at the catalog's rates.
     pub price_cny: Money,
-    /// The same, as a number (for the lower bound).
-    pub price_cny_per_hour: f64,
     /// The accelerator model, for run times ([`crate::cost::scale_by_tflops`]).
     pub accelerator: AcceleratorModel,
     /// BF16 TFLOPS over the reference model's.
     pub speed: f64,
     pub green_share_pct: u8,
+}
+
+impl Pool {
+    /// The price per accelerator-hour as a number of CNY (for the lower bound).
+    pub fn price_cny_per_hour(&self) -> f64 {
+        as_cny(self.price_cny)
+    }
 }
 
 /// The region: pools in catalog order, round trips and transfer prices.
@@ -163,7 +168,6 @@ impl Region {
                 nodes: cluster.nodes,
                 per_node: cluster.accelerators_per_node,
                 price_cny: cny(offer.price_per_accelerator_hour)?,
-                price_cny_per_hour: as_cny(cny(offer.price_per_accelerator_hour)?),
                 accelerator: model.clone(),
                 speed: f64::from(model.bf16_tflops) / f64::from(reference.bf16_tflops),
                 green_share_pct: site.green_share_pct,
@@ -324,6 +328,31 @@ pub struct SimJob {
 impl SimJob {
     pub fn accelerators(&self) -> u32 {
         self.nodes * self.per_node
+    }
+
+    /// The limits on a job's figures, whoever made it: a run of at most ten years, input
+    /// from 0 to an exabyte, a deadline after its arrival. `Err` names the field and the
+    /// problem.
+    pub fn check_limits(&self) -> Result<(), (&'static str, String)> {
+        if self.duration_s > MAX_DURATION_S {
+            return Err((
+                "duration_s",
+                format!("{} is above {MAX_DURATION_S} (ten years)", self.duration_s),
+            ));
+        }
+        if !(0.0..=MAX_DATA_GB).contains(&self.data_gb) {
+            return Err((
+                "data_gb",
+                format!("{} must be from 0 to {MAX_DATA_GB}", self.data_gb),
+            ));
+        }
+        match self.deadline_s {
+            Some(deadline) if !(deadline.is_finite() && deadline > self.arrival_s) => Err((
+                "deadline_s",
+                format!("{deadline} must be after the arrival {}", self.arrival_s),
+            )),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -904,35 +933,8 @@ pub fn simulate_until(
                 format!("job {i} asks no accelerators or no time"),
             ));
         }
-        if job.duration_s > MAX_DURATION_S {
-            return Err(argument(
-                "duration_s",
-                format!(
-                    "job {i} runs {} s, above {MAX_DURATION_S} s (ten years)",
-                    job.duration_s
-                ),
-            ));
-        }
-        if !(0.0..=MAX_DATA_GB).contains(&job.data_gb) {
-            return Err(argument(
-                "data_gb",
-                format!(
-                    "job {i} names {} GB of input; from 0 to {MAX_DATA_GB}",
-                    job.data_gb
-                ),
-            ));
-        }
-        if let Some(deadline) = job.deadline_s {
-            if !(deadline.is_finite() && deadline > job.arrival_s) {
-                return Err(argument(
-                    "deadline_s",
-                    format!(
-                        "job {i}'s deadline {deadline} must be a number after its arrival {}",
-                        job.arrival_s
-                    ),
-                ));
-            }
-        }
+        job.check_limits()
+            .map_err(|(field, problem)| argument(field, format!("job {i}: {problem}")))?;
     }
     let pools = &region.pools;
     let mut state: Vec<PoolState> = pools.iter().map(PoolState::new).collect();
@@ -1798,7 +1800,7 @@ pub fn lower_bound(region: &Region, result: &ReplayResult) -> bound::Bound {
         .iter()
         .map(|p| bound::Supply {
             per_slot: (f64::from(p.nodes * p.per_node) * slot * p.speed).ceil() as u64,
-            cost: (p.price_cny_per_hour / 3600.0 / p.speed * 1e6).floor() as i64,
+            cost: (p.price_cny_per_hour() / 3600.0 / p.speed * 1e6).floor() as i64,
         })
         .collect();
     bound::lower_bound(&demands, &supplies, slots)
@@ -1928,29 +1930,6 @@ pub fn parse_trace(
         if row.duration_s.is_nan() || row.duration_s <= 0.0 {
             return Err(bad(record, "duration_s", "must be above 0".into()));
         }
-        if row.duration_s > MAX_DURATION_S {
-            return Err(bad(
-                record,
-                "duration_s",
-                format!("{} is above {MAX_DURATION_S} (ten years)", row.duration_s),
-            ));
-        }
-        if !(0.0..=MAX_DATA_GB).contains(&row.data_gb) {
-            return Err(bad(
-                record,
-                "data_gb",
-                format!("{} must be from 0 to {MAX_DATA_GB}", row.data_gb),
-            ));
-        }
-        if let Some(deadline) = row.deadline_s {
-            if !(deadline.is_finite() && deadline > row.arrival_s) {
-                return Err(bad(
-                    record,
-                    "deadline_s",
-                    format!("{deadline} must be after the arrival {}", row.arrival_s),
-                ));
-            }
-        }
         if row.nodes == 0 || row.accelerators == 0 || row.accelerators % row.nodes != 0 {
             return Err(bad(
                 record,
@@ -1997,7 +1976,7 @@ pub fn parse_trace(
                 tenants.len() - 1
             }
         };
-        jobs.push(SimJob {
+        let job = SimJob {
             arrival_s: row.arrival_s,
             nodes: row.nodes,
             per_node: row.accelerators / row.nodes,
@@ -2010,7 +1989,10 @@ pub fn parse_trace(
             priority: row.priority,
             preemptible: row.preemptible,
             deadline_s: row.deadline_s,
-        });
+        };
+        job.check_limits()
+            .map_err(|(field, problem)| bad(record, field, problem))?;
+        jobs.push(job);
     }
     if jobs.is_empty() {
         return Err(bad(0, "jobs", "the trace has no jobs".into()));

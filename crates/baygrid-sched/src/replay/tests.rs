@@ -90,7 +90,7 @@ fn the_sample_region_costs_in_cny_and_scales_by_tflops() {
         .iter()
         .find(|p| p.name == "cyberport-h800")
         .unwrap();
-    assert!((cyberport.price_cny_per_hour - 27.6).abs() < 1e-9);
+    assert!((cyberport.price_cny_per_hour() - 27.6).abs() < 1e-9);
     let tenants = synthetic_tenants(&region);
     // an hour of 8 A800-equivalents: on an H800 it takes 312/990 of the time
     let j = job(0.0, 1, 8, Acceptance::Any, 3600.0);
