@@ -31,6 +31,18 @@ impl SpecError {
             problem: problem.into(),
         }
     }
+
+    /// From a parser's error at `path`; `whole` names the document when the path is empty.
+    pub fn at(path: &serde_path_to_error::Path, message: &str, whole: &str) -> Self {
+        let field = path.to_string();
+        let problem = strip_location(message, &field);
+        let field = if field == "." || field == "?" {
+            whole.to_string()
+        } else {
+            field
+        };
+        SpecError::new(field, problem)
+    }
 }
 
 /// What a tenant submits, in the style of SkyPilot and Kubernetes.
@@ -225,18 +237,8 @@ impl JobSpec {
     /// Parses a YAML (or JSON, which is YAML) spec, naming the field at fault.
     pub fn from_yaml(text: &str) -> Result<JobSpec, SpecError> {
         let deserializer = serde_yaml::Deserializer::from_str(text);
-        let spec: JobSpec = serde_path_to_error::deserialize(deserializer).map_err(|e| {
-            let field = e.path().to_string();
-            let problem = strip_location(&e.inner().to_string());
-            SpecError::new(
-                if field == "." || field == "?" {
-                    "spec".into()
-                } else {
-                    field
-                },
-                problem,
-            )
-        })?;
+        let spec: JobSpec = serde_path_to_error::deserialize(deserializer)
+            .map_err(|e| SpecError::at(e.path(), &e.inner().to_string(), "spec"))?;
         spec.validate()?;
         Ok(spec)
     }
@@ -244,18 +246,8 @@ impl JobSpec {
     /// Parses a JSON spec, naming the field at fault.
     pub fn from_json(bytes: &[u8]) -> Result<JobSpec, SpecError> {
         let mut deserializer = serde_json::Deserializer::from_slice(bytes);
-        let spec: JobSpec = serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
-            let field = e.path().to_string();
-            let problem = strip_location(&e.inner().to_string());
-            SpecError::new(
-                if field == "." || field == "?" {
-                    "body".into()
-                } else {
-                    field
-                },
-                problem,
-            )
-        })?;
+        let spec: JobSpec = serde_path_to_error::deserialize(&mut deserializer)
+            .map_err(|e| SpecError::at(e.path(), &e.inner().to_string(), "body"))?;
         spec.validate()?;
         Ok(spec)
     }
@@ -418,11 +410,18 @@ impl JobSpec {
     }
 }
 
-fn strip_location(message: &str) -> String {
-    match message.find(" at line ") {
-        Some(i) => message[..i].to_string(),
-        None => message.to_string(),
-    }
+/// The parser's message without its position ("at line 3 column 5") and without the path
+/// it sometimes repeats in front ("resources.nodes: …"), since the field is named apart.
+fn strip_location(message: &str, field: &str) -> String {
+    let message = match message.find(" at line ") {
+        Some(i) => &message[..i],
+        None => message,
+    };
+    message
+        .strip_prefix(field)
+        .and_then(|rest| rest.strip_prefix(": "))
+        .unwrap_or(message)
+        .to_string()
 }
 
 /// A job's place in its lifecycle.
@@ -598,11 +597,17 @@ latency_sensitive: true
                 format!("{GOOD}\ninputs: [hk-spend]\npurpose: credit risk\n"),
                 "purpose",
             ),
+            (
+                format!("{GOOD}\nallowed_jurisdictions: [XX]\n"),
+                "allowed_jurisdictions[0]",
+            ),
         ];
         for (text, field) in cases {
             let err = JobSpec::from_yaml(&text).unwrap_err();
             assert_eq!(err.field, field, "{err}");
             assert!(!err.problem.is_empty());
+            // the field is named once, not again inside the problem
+            assert!(!err.problem.starts_with(&err.field), "{err}");
         }
     }
 

@@ -33,20 +33,10 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     }
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
     serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
-        let path = e.path().to_string();
-        let field = if path == "." {
-            "body".to_string()
-        } else {
-            path
-        };
-        let inner = e.inner().to_string();
-        let problem = match inner.find(" at line ") {
-            Some(i) => inner[..i].to_string(),
-            None => inner,
-        };
+        let e = baygrid_core::SpecError::at(e.path(), &e.inner().to_string(), "body");
         ApiError::BadRequest {
-            message: format!("{field}: {problem}"),
-            field: Some(field),
+            message: e.to_string(),
+            field: Some(e.field),
         }
     })
 }

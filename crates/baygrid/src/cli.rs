@@ -600,15 +600,20 @@ pub async fn job(args: &Args, cmd: &JobCommand) -> anyhow::Result<std::process::
                 .await?;
             emit(args.output, &quote, |q| {
                 let asked_at = chrono::Utc::now().timestamp_millis();
-                let start = |at: Option<i64>| match at {
+                // the estimated wait from now, to the minute, and the start it gives
+                let wait = |at: Option<i64>| match at {
                     None => "-".to_string(),
                     Some(at) if at <= asked_at + 1000 => "now".to_string(),
-                    Some(at) => format!(
-                        "in {}",
-                        humantime::format_duration(std::time::Duration::from_secs(
-                            ((at - asked_at) / 1000) as u64
-                        ))
-                    ),
+                    Some(at) => humantime::format_duration(std::time::Duration::from_secs(
+                        ((at - asked_at) / 60_000).max(1) as u64 * 60,
+                    ))
+                    .to_string(),
+                };
+                let start = |at: Option<i64>| match at {
+                    None => "-".to_string(),
+                    Some(at) => chrono::DateTime::from_timestamp_millis(at.max(asked_at))
+                        .map(|t| t.format("%Y-%m-%d %H:%M").to_string())
+                        .unwrap_or_else(|| "-".into()),
                 };
                 let rows = q
                     .quote
@@ -625,6 +630,7 @@ pub async fn job(args: &Args, cmd: &JobCommand) -> anyhow::Result<std::process::
                             or_dash(c.transfer_cost_cny),
                             or_dash(c.green_cost_cny),
                             or_dash(c.total_cost_cny),
+                            wait(c.estimated_start_ms),
                             start(c.estimated_start_ms),
                             c.round_trip_ms
                                 .map(|ms| format!("{ms} ms"))
@@ -645,7 +651,8 @@ pub async fn job(args: &Args, cmd: &JobCommand) -> anyhow::Result<std::process::
                         "TRANSFER",
                         "GREEN",
                         "TOTAL",
-                        "START",
+                        "WAIT",
+                        "START (UTC)",
                         "RTT",
                         "VERDICT",
                         "REASON",

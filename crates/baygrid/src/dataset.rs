@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use baygrid_api::{DatasetSpec, DatasetView};
+use baygrid_core::SpecError;
 use clap::Subcommand;
 
 use crate::output::{emit, table};
@@ -34,9 +35,8 @@ pub fn read_dataset(file: &Path) -> anyhow::Result<DatasetSpec> {
         std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
     let deserializer = serde_yaml::Deserializer::from_str(&text);
     let spec: DatasetSpec = serde_path_to_error::deserialize(deserializer).map_err(|e| {
-        let field = e.path().to_string();
-        let field = if field == "." { "spec".into() } else { field };
-        anyhow::anyhow!("{}: {field}: {}", file.display(), e.inner())
+        let e = SpecError::at(e.path(), &e.inner().to_string(), "spec");
+        anyhow::anyhow!("{}: {e}", file.display())
     })?;
     spec.validate()
         .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;

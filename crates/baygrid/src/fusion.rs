@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
+use baygrid_core::SpecError;
 use baygrid_fusion::data::Table;
 use baygrid_fusion::hetero::{self, HeteroConfig};
 use baygrid_fusion::homo;
@@ -134,8 +135,10 @@ fn read_spec(path: &Path) -> anyhow::Result<FusionSpec> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let de = serde_yaml::Deserializer::from_str(&text);
-    let spec: FusionSpec = serde_path_to_error::deserialize(de)
-        .map_err(|e| anyhow::anyhow!("{}: {}: {}", path.display(), e.path(), e.inner()))?;
+    let spec: FusionSpec = serde_path_to_error::deserialize(de).map_err(|e| {
+        let e = SpecError::at(e.path(), &e.inner().to_string(), "spec");
+        anyhow::anyhow!("{}: {e}", path.display())
+    })?;
     if !(0.0..1.0).contains(&spec.psi.drop) {
         bail!(
             "{}: psi.drop: must be in [0, 1), got {}",
@@ -155,8 +158,13 @@ fn settings<T: serde::de::DeserializeOwned>(
     path: &Path,
     map: serde_yaml::Mapping,
 ) -> anyhow::Result<T> {
-    serde_path_to_error::deserialize(serde_yaml::Value::Mapping(map))
-        .map_err(|e| anyhow::anyhow!("{}: settings.{}: {}", path.display(), e.path(), e.inner()))
+    serde_path_to_error::deserialize(serde_yaml::Value::Mapping(map)).map_err(|e| {
+        let e = SpecError::at(e.path(), &e.inner().to_string(), "");
+        match e.field.as_str() {
+            "" => anyhow::anyhow!("{}: settings: {}", path.display(), e.problem),
+            field => anyhow::anyhow!("{}: settings.{field}: {}", path.display(), e.problem),
+        }
+    })
 }
 
 pub async fn run(args: &Args, cmd: &FusionCommand) -> anyhow::Result<ExitCode> {

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use baygrid_api::{FusionEvent, FusionRequest, FusionState, FusionView};
+use baygrid_core::SpecError;
 
 use crate::output::{emit, or_dash, table};
 use crate::Args;
@@ -17,8 +18,10 @@ pub(crate) fn read_request(path: &Path) -> anyhow::Result<FusionRequest> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let de = serde_yaml::Deserializer::from_str(&text);
-    serde_path_to_error::deserialize(de)
-        .map_err(|e| anyhow::anyhow!("{}: {}: {}", path.display(), e.path(), e.inner()))
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let e = SpecError::at(e.path(), &e.inner().to_string(), "spec");
+        anyhow::anyhow!("{}: {e}", path.display())
+    })
 }
 
 fn outcome(view: &FusionView) -> ExitCode {

@@ -267,7 +267,14 @@ fn up_serves_the_cli() {
         stdout(&out)
     );
     assert!(stdout(&out).contains("nansha-a800"), "{}", stdout(&out));
-    for column in ["COMPUTE", "TRANSFER", "GREEN", "TOTAL"] {
+    for column in [
+        "COMPUTE",
+        "TRANSFER",
+        "GREEN",
+        "TOTAL",
+        "WAIT",
+        "START (UTC)",
+    ] {
         assert!(stdout(&out).contains(column), "{}", stdout(&out));
     }
     let out = baygrid(
