@@ -19,7 +19,9 @@ use baygrid_api::{
     HeldLease, LeaseGrant, LeaseRequest, LeaseResponse, LogLineIn, RegisterRequest,
     RegisterResponse, ReportRequest,
 };
-use baygrid_exec::{Engine, JobHandle, JobStatus, LaunchSpec, LocalEngine, LogCursor, SlurmEngine};
+use baygrid_exec::{
+    Engine, Folder, JobHandle, JobStatus, LaunchSpec, LocalEngine, LogCursor, SlurmEngine,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -127,10 +129,16 @@ impl AgentConfig {
             path: path.to_path_buf(),
             source,
         })?;
-        let config: AgentConfig = toml::from_str(&text).map_err(|e| AgentError::Config {
+        let mut config: AgentConfig = toml::from_str(&text).map_err(|e| AgentError::Config {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
+        // the folders a job is handed are named by absolute paths, whatever its directory
+        config.work_dir =
+            std::path::absolute(&config.work_dir).map_err(|e| AgentError::Config {
+                path: path.to_path_buf(),
+                message: format!("work_dir {}: {e}", config.work_dir.display()),
+            })?;
         config.token().map_err(|message| AgentError::Config {
             path: path.to_path_buf(),
             message,
@@ -561,6 +569,7 @@ impl Agent {
             }
             env.insert("BAYGRID_OUTPUTS".into(), dir.display().to_string());
         }
+        let mut staged = None;
         if !grant.inputs.is_empty() {
             let dir = self
                 .config
@@ -576,6 +585,7 @@ impl Agent {
                             dir.join(&input.dataset).display().to_string(),
                         );
                     }
+                    staged = Some(dir);
                 }
                 Err(e) => {
                     tracing::warn!(job_id = %grant.job_id, error = %e, "staging inputs failed");
@@ -609,6 +619,17 @@ impl Agent {
             time_limit: Some(grant.spec.estimated_duration.0),
             held: grant.held_seconds.map(std::time::Duration::from_secs),
             no_network: grant.no_network,
+            folders: staged
+                .into_iter()
+                .map(|path| Folder {
+                    path,
+                    writable: false,
+                })
+                .chain(outputs.iter().map(|(_, dir)| Folder {
+                    path: dir.clone(),
+                    writable: true,
+                }))
+                .collect(),
         };
         // a fusion worker's job runs the worker its lease carries, inside this agent
         let (engine, launched): (Arc<dyn Engine>, _) = match (&grant.spec.fusion, grant.fusion.clone()) {

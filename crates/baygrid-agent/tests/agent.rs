@@ -476,10 +476,18 @@ fn the_shipped_agent_configs_load() {
         if name == "agent-kubernetes.toml" {
             assert_eq!(config.engine, "kubernetes");
             assert_eq!(
-                config.kubernetes.resources.get("910B").map(String::as_str),
+                config
+                    .kubernetes
+                    .resources
+                    .get("Ascend910B")
+                    .map(String::as_str),
                 Some("huawei.com/Ascend910")
             );
             assert_eq!(config.kubernetes.scheduler_name, "volcano");
+            assert!(matches!(
+                config.kubernetes.work_volume,
+                Some(baygrid_exec::WorkVolume::Nfs { .. })
+            ));
         }
     }
 }

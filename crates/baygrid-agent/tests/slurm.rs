@@ -397,6 +397,7 @@ async fn a_slurm_job_without_network_sees_only_a_loopback() {
             time_limit: Some(Duration::from_secs(60)),
             held: None,
             no_network,
+            folders: vec![],
         };
         let handle = engine.launch(&spec).await.unwrap();
         let started = Instant::now();

@@ -11,6 +11,9 @@
 //!   when the store has not seen the Job (a restarted agent re-attaching).
 //! - Each pod's log is followed as a stream into a file in the job's folder, read past the
 //!   agent's cursor like the other engines' output files.
+//! - A job's staged inputs (read-only) and outputs folder are mounted at the agent's own
+//!   paths through the configured `work_volume` (hostPath or NFS); with none configured, a
+//!   job that has them is refused rather than run without them.
 //! - Cancel deletes the Job with background propagation (its pods and Service go with it).
 //! - Capacity comes from the nodes' allocatable resources.
 
@@ -22,8 +25,9 @@ use std::sync::Arc;
 use futures::StreamExt;
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Container, EnvVar, EnvVarSource, Event, Namespace, Node, ObjectFieldSelector, Pod, PodSpec,
-    PodTemplateSpec, ResourceRequirements, Service, ServicePort, ServiceSpec,
+    Container, EnvVar, EnvVarSource, Event, HostPathVolumeSource, NFSVolumeSource, Namespace, Node,
+    ObjectFieldSelector, Pod, PodSpec, PodTemplateSpec, ResourceRequirements, Service, ServicePort,
+    ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
@@ -33,7 +37,7 @@ use kube::{Client, ResourceExt};
 
 use crate::{
     Engine, EngineCapacity, ExecError, JobHandle, JobStatus, KubernetesConfig, LaunchSpec,
-    LogCursor, OutputLine,
+    LogCursor, OutputLine, WorkVolume,
 };
 
 /// The label every object baygrid makes carries; the reflector watches it.
@@ -188,8 +192,89 @@ impl KubernetesEngine {
             .unwrap_or_else(|| self.config.default_resource.clone())
     }
 
-    /// The Job for a launch, as it is sent to the API server.
-    pub fn job_object(&self, spec: &LaunchSpec) -> Job {
+    /// The volumes and mounts that show a job the agent's folders at the agent's paths.
+    fn folders(&self, spec: &LaunchSpec) -> Result<(Vec<Volume>, Vec<VolumeMount>), ExecError> {
+        if spec.folders.is_empty() {
+            return Ok((vec![], vec![]));
+        }
+        let Some(volume) = &self.config.work_volume else {
+            return Err(ExecError::Refused(format!(
+                "the job reads or writes folders on the agent ({}), which its pods cannot see: \
+                 set `kubernetes.work_volume` (host_path or nfs) in the agent's config",
+                spec.folders
+                    .iter()
+                    .map(|f| f.path.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        };
+        let mut volumes = Vec::new();
+        let mut mounts = Vec::new();
+        for (i, folder) in spec.folders.iter().enumerate() {
+            if !folder.path.is_absolute() {
+                return Err(ExecError::Refused(format!(
+                    "folder {} is not an absolute path",
+                    folder.path.display()
+                )));
+            }
+            let path = folder.path.display().to_string();
+            match volume {
+                WorkVolume::HostPath => {
+                    let name = format!("baygrid-folder-{i}");
+                    volumes.push(Volume {
+                        name: name.clone(),
+                        host_path: Some(HostPathVolumeSource {
+                            path: path.clone(),
+                            type_: Some("Directory".into()),
+                        }),
+                        ..Default::default()
+                    });
+                    mounts.push(VolumeMount {
+                        name,
+                        mount_path: path,
+                        read_only: Some(!folder.writable),
+                        ..Default::default()
+                    });
+                }
+                WorkVolume::Nfs {
+                    server,
+                    path: export,
+                    mounted_at,
+                } => {
+                    let Ok(within) = folder.path.strip_prefix(mounted_at) else {
+                        return Err(ExecError::Refused(format!(
+                            "folder {path} is outside the NFS mount at {}, which the pods see",
+                            mounted_at.display()
+                        )));
+                    };
+                    if volumes.is_empty() {
+                        volumes.push(Volume {
+                            name: "baygrid-work".into(),
+                            nfs: Some(NFSVolumeSource {
+                                server: server.clone(),
+                                path: export.clone(),
+                                read_only: None,
+                            }),
+                            ..Default::default()
+                        });
+                    }
+                    mounts.push(VolumeMount {
+                        name: "baygrid-work".into(),
+                        mount_path: path,
+                        sub_path: Some(within.display().to_string()),
+                        read_only: Some(!folder.writable),
+                        ..Default::default()
+                    });
+                }
+            }
+        }
+        Ok((volumes, mounts))
+    }
+
+    /// The Job for a launch, as it is sent to the API server; refused when the job needs
+    /// folders its pods could not see.
+    pub fn job_object(&self, spec: &LaunchSpec) -> Result<Job, ExecError> {
+        let (volumes, mounts) = self.folders(spec)?;
         let name = Self::job_name(spec);
         let namespace = self.namespace(&spec.tenant);
         let nodes = spec.nodes.max(1) as i32;
@@ -263,7 +348,7 @@ impl KubernetesEngine {
             .min()
             .map(|s| s.max(1));
 
-        Job {
+        Ok(Job {
             metadata: ObjectMeta {
                 name: Some(name.clone()),
                 namespace: Some(namespace),
@@ -303,15 +388,17 @@ impl KubernetesEngine {
                                 limits: Some(quantities),
                                 ..Default::default()
                             }),
+                            volume_mounts: (!mounts.is_empty()).then_some(mounts),
                             ..Default::default()
                         }],
+                        volumes: (!volumes.is_empty()).then_some(volumes),
                         ..Default::default()
                     }),
                 },
                 ..Default::default()
             }),
             status: None,
-        }
+        })
     }
 
     async fn ensure_namespace(&self, namespace: &str) -> Result<(), ExecError> {
@@ -753,7 +840,7 @@ impl Engine for KubernetesEngine {
     }
 
     async fn launch(&self, spec: &LaunchSpec) -> Result<JobHandle, ExecError> {
-        let job = self.job_object(spec);
+        let job = self.job_object(spec)?;
         let name = job.name_any();
         let dir = self.work_dir.join(&name);
         std::fs::create_dir_all(&dir)?;

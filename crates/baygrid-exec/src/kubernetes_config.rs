@@ -34,6 +34,26 @@ pub struct KubernetesConfig {
     pub ttl_after_finished: i32,
     /// The pods' scheduler, e.g. `volcano`; the cluster default when empty.
     pub scheduler_name: String,
+    /// How pods see the agent's folders (a job's staged inputs and its outputs) at the
+    /// agent's own paths. Without it, a job with inputs or outputs is refused.
+    pub work_volume: Option<WorkVolume>,
+}
+
+/// How the agent's work folder reaches the pods, mounted at the same path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum WorkVolume {
+    /// The nodes see the agent's folders at the same paths: the agent on the cluster's
+    /// only node, or a shared filesystem mounted at the same place on the agent and on
+    /// every node. Each folder is a `hostPath` volume.
+    HostPath,
+    /// An NFS export that the agent has mounted at `mounted_at`: pods mount the export and
+    /// see each folder at its path under `mounted_at`.
+    Nfs {
+        server: String,
+        path: String,
+        mounted_at: PathBuf,
+    },
 }
 
 impl Default for KubernetesConfig {
@@ -44,6 +64,8 @@ impl Default for KubernetesConfig {
             create_namespaces: true,
             default_image: "busybox:1.36".into(),
             resources: BTreeMap::from([
+                ("Ascend910B".to_string(), "huawei.com/Ascend910".to_string()),
+                ("Ascend910C".to_string(), "huawei.com/Ascend910".to_string()),
                 ("910B".to_string(), "huawei.com/Ascend910".to_string()),
                 ("910C".to_string(), "huawei.com/Ascend910".to_string()),
             ]),
@@ -56,6 +78,7 @@ impl Default for KubernetesConfig {
             time_margin: 1.5,
             ttl_after_finished: 3600,
             scheduler_name: String::new(),
+            work_volume: None,
         }
     }
 }

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 #[cfg(feature = "k8s")]
 pub use kubernetes::KubernetesEngine;
-pub use kubernetes_config::KubernetesConfig;
+pub use kubernetes_config::{KubernetesConfig, WorkVolume};
 pub use local::LocalEngine;
 pub use slurm::{map_state as map_slurm_state, SlurmConfig, SlurmEngine};
 
@@ -59,6 +59,18 @@ pub struct LaunchSpec {
     /// The job reads personal, important or core data: it must run with no network
     /// access. An engine that cannot isolate it refuses the job.
     pub no_network: bool,
+    /// Folders on the agent's machine the job reads or writes at the paths its environment
+    /// names (its staged inputs, its outputs). An engine that cannot show them to the job
+    /// at those paths refuses it.
+    pub folders: Vec<Folder>,
+}
+
+/// A folder of the agent's that a job sees at the same path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Folder {
+    pub path: PathBuf,
+    /// The job writes into it (its outputs); otherwise it only reads (staged inputs).
+    pub writable: bool,
 }
 
 /// What an engine reports about its cluster's capacity.

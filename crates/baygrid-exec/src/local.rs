@@ -340,6 +340,7 @@ mod tests {
             time_limit: None,
             held: None,
             no_network: false,
+            folders: vec![],
         }
     }
 

@@ -572,6 +572,7 @@ mod tests {
             time_limit: Some(Duration::from_secs(3600)),
             held: None,
             no_network: false,
+            folders: vec![],
         };
         let script = engine.batch_script(&spec, Path::new("/shared/baygrid/job_x.2"));
         for expected in [

@@ -9,7 +9,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use baygrid_exec::kubernetes::{capacity_from_nodes, dns_label, quantity_bytes, MANAGED_BY};
-use baygrid_exec::{Engine, JobStatus, KubernetesConfig, KubernetesEngine, LaunchSpec, LogCursor};
+use baygrid_exec::{
+    Engine, ExecError, Folder, JobStatus, KubernetesConfig, KubernetesEngine, LaunchSpec,
+    LogCursor, WorkVolume,
+};
 use http::{Request, Response, StatusCode};
 use kube::client::Body;
 use kube::Client;
@@ -239,6 +242,7 @@ fn spec(nodes: u32, model: &str) -> LaunchSpec {
         time_limit: Some(Duration::from_secs(3600)),
         held: Some(Duration::from_secs(4000)),
         no_network: false,
+        folders: vec![],
     }
 }
 
@@ -371,11 +375,115 @@ async fn launch_creates_an_indexed_gang_job_in_the_tenant_namespace() {
 async fn ascend_models_ask_for_their_own_extended_resource() {
     let state = Shared::default();
     let (engine, _dir) = engine(&state, KubernetesConfig::default());
-    let job = engine.job_object(&spec(1, "910B"));
-    let json = serde_json::to_value(&job).unwrap();
-    let limits = &json["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"];
-    assert_eq!(limits["huawei.com/Ascend910"], "8");
-    assert!(limits.get("nvidia.com/gpu").is_none());
+    // the sample region's model name, and the bare chip name
+    for model in ["Ascend910B", "910B"] {
+        let job = engine.job_object(&spec(1, model)).unwrap();
+        let json = serde_json::to_value(&job).unwrap();
+        let limits = &json["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"];
+        assert_eq!(limits["huawei.com/Ascend910"], "8", "{model}");
+        assert!(limits.get("nvidia.com/gpu").is_none(), "{model}");
+    }
+}
+
+fn with_folders() -> LaunchSpec {
+    LaunchSpec {
+        folders: vec![
+            Folder {
+                path: "/var/lib/baygrid/hk/inputs/job_01jdz3k4.2".into(),
+                writable: false,
+            },
+            Folder {
+                path: "/var/lib/baygrid/hk/outputs/job_01jdz3k4.2".into(),
+                writable: true,
+            },
+        ],
+        ..spec(1, "H800")
+    }
+}
+
+#[tokio::test]
+async fn a_job_with_folders_is_refused_without_a_work_volume_and_creates_nothing() {
+    let state = Shared::default();
+    let (engine, _dir) = engine(&state, KubernetesConfig::default());
+    let err = engine.launch(&with_folders()).await.unwrap_err();
+    assert!(matches!(err, ExecError::Refused(_)), "{err}");
+    assert!(err.to_string().contains("work_volume"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("/var/lib/baygrid/hk/outputs/job_01jdz3k4.2"),
+        "{err}"
+    );
+    assert!(requests(&state, "POST", "/jobs").is_empty());
+}
+
+#[tokio::test]
+async fn folders_are_mounted_at_the_agents_paths_inputs_read_only() {
+    let state = Shared::default();
+    let config = KubernetesConfig {
+        work_volume: Some(WorkVolume::HostPath),
+        ..Default::default()
+    };
+    let (engine, _dir) = engine(&state, config);
+    engine.launch(&with_folders()).await.unwrap();
+    let job: Value = serde_json::from_str(&requests(&state, "POST", "/jobs")[0]).unwrap();
+    let pod = &job["spec"]["template"]["spec"];
+    assert_eq!(
+        pod["volumes"],
+        json!([
+            {"name": "baygrid-folder-0", "hostPath":
+                {"path": "/var/lib/baygrid/hk/inputs/job_01jdz3k4.2", "type": "Directory"}},
+            {"name": "baygrid-folder-1", "hostPath":
+                {"path": "/var/lib/baygrid/hk/outputs/job_01jdz3k4.2", "type": "Directory"}},
+        ])
+    );
+    assert_eq!(
+        pod["containers"][0]["volumeMounts"],
+        json!([
+            {"name": "baygrid-folder-0", "mountPath": "/var/lib/baygrid/hk/inputs/job_01jdz3k4.2",
+                "readOnly": true},
+            {"name": "baygrid-folder-1", "mountPath": "/var/lib/baygrid/hk/outputs/job_01jdz3k4.2",
+                "readOnly": false},
+        ])
+    );
+
+    // over NFS: one volume, each folder its path under the agent's mount point
+    let nfs = KubernetesConfig {
+        work_volume: Some(WorkVolume::Nfs {
+            server: "nfs.hk.example".into(),
+            path: "/exports/baygrid".into(),
+            mounted_at: "/var/lib/baygrid".into(),
+        }),
+        ..Default::default()
+    };
+    let (engine, _dir) = self::engine(&Shared::default(), nfs.clone());
+    let job = serde_json::to_value(engine.job_object(&with_folders()).unwrap()).unwrap();
+    let pod = &job["spec"]["template"]["spec"];
+    assert_eq!(
+        pod["volumes"],
+        json!([{"name": "baygrid-work", "nfs":
+            {"server": "nfs.hk.example", "path": "/exports/baygrid"}}])
+    );
+    let mounts = &pod["containers"][0]["volumeMounts"];
+    assert_eq!(mounts[0]["subPath"], "hk/inputs/job_01jdz3k4.2");
+    assert_eq!(mounts[0]["readOnly"], true);
+    assert_eq!(mounts[1]["subPath"], "hk/outputs/job_01jdz3k4.2");
+    assert_eq!(
+        mounts[1]["mountPath"],
+        "/var/lib/baygrid/hk/outputs/job_01jdz3k4.2"
+    );
+    // a folder outside the mount cannot be shown to the pods
+    let elsewhere = LaunchSpec {
+        folders: vec![Folder {
+            path: "/tmp/outputs".into(),
+            writable: true,
+        }],
+        ..spec(1, "H800")
+    };
+    let err = engine.job_object(&elsewhere).unwrap_err();
+    assert!(err.to_string().contains("outside the NFS mount"), "{err}");
+    // a job without folders needs no volume
+    let plain = serde_json::to_value(engine.job_object(&spec(1, "H800")).unwrap()).unwrap();
+    assert!(plain["spec"]["template"]["spec"].get("volumes").is_none());
 }
 
 fn job_with(state: &Shared, name: &str, status: Value) -> Value {
