@@ -212,8 +212,6 @@ impl TransferPrices {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CatalogError {
-    #[error("sites file: {0}")]
-    Parse(String),
     #[error("sites file: {field}: {problem}")]
     Invalid { field: String, problem: String },
 }
@@ -253,8 +251,10 @@ impl Catalog {
 
     pub fn from_yaml(text: &str) -> Result<Catalog, CatalogError> {
         let deserializer = serde_yaml::Deserializer::from_str(text);
-        let catalog: Catalog = serde_path_to_error::deserialize(deserializer)
-            .map_err(|e| CatalogError::Parse(format!("{}: {}", e.path(), e.inner())))?;
+        let catalog: Catalog = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+            let e = crate::SpecError::at(e.path(), &e.inner().to_string(), "file");
+            invalid(e.field, e.problem)
+        })?;
         catalog.validate()?;
         Ok(catalog)
     }

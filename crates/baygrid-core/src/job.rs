@@ -417,11 +417,16 @@ fn strip_location(message: &str, field: &str) -> String {
         Some(i) => &message[..i],
         None => message,
     };
-    message
+    let message = message
         .strip_prefix(field)
         .and_then(|rest| rest.strip_prefix(": "))
-        .unwrap_or(message)
-        .to_string()
+        .unwrap_or(message);
+    // a value the parser quotes back (a whole file read as one string) is cut short
+    const LONGEST: usize = 300;
+    match message.char_indices().nth(LONGEST) {
+        Some((end, _)) => format!("{}…", &message[..end]),
+        None => message.to_string(),
+    }
 }
 
 /// A job's place in its lifecycle.
@@ -601,13 +606,16 @@ latency_sensitive: true
                 format!("{GOOD}\nallowed_jurisdictions: [XX]\n"),
                 "allowed_jurisdictions[0]",
             ),
+            ("x".repeat(5000), "spec"),
         ];
         for (text, field) in cases {
             let err = JobSpec::from_yaml(&text).unwrap_err();
             assert_eq!(err.field, field, "{err}");
             assert!(!err.problem.is_empty());
-            // the field is named once, not again inside the problem
+            // the field is named once, not again inside the problem, and a value quoted
+            // back is cut short
             assert!(!err.problem.starts_with(&err.field), "{err}");
+            assert!(err.problem.chars().count() <= 301, "{err}");
         }
     }
 

@@ -524,12 +524,11 @@ pub async fn put_cluster(
     JsonBody(cluster): JsonBody<Cluster>,
 ) -> ApiResult<(StatusCode, Json<Cluster>)> {
     may_manage_provider(&who, &cluster.provider)?;
-    check_cluster(&cluster, "cluster").map_err(|e| match e {
-        baygrid_core::CatalogError::Invalid { field, problem } => {
+    check_cluster(&cluster, "cluster").map_err(
+        |baygrid_core::CatalogError::Invalid { field, problem }| {
             ApiError::bad(field.trim_start_matches("cluster."), problem)
-        }
-        other => ApiError::bad("cluster", other.to_string()),
-    })?;
+        },
+    )?;
     let catalog = state.catalog();
     if !catalog.sites.contains_key(&cluster.site) {
         return Err(ApiError::bad(
