@@ -189,6 +189,10 @@ struct Tracked {
     /// Its logs go there too instead of to the server.
     #[serde(default)]
     outputs: Option<(baygrid_api::OutputsTarget, PathBuf)>,
+    /// Those outputs as written to the vault, once they are (so a report sent again, or
+    /// an agent restarted, does not write them twice).
+    #[serde(default)]
+    kept: Option<Vec<baygrid_api::VersionFile>>,
 }
 
 fn unix_ms() -> i64 {
@@ -245,6 +249,8 @@ pub async fn run(
             config.work_dir.clone(),
         )),
         client,
+        staging: BTreeMap::new(),
+        keeping: BTreeMap::new(),
         engine,
         state_dir,
         config,
@@ -300,8 +306,23 @@ pub async fn run(
     Ok(())
 }
 
+type KeptOutputs = Result<Vec<baygrid_api::VersionFile>, baygrid_vault::VaultError>;
+
+/// A granted job whose inputs are being copied from their vaults into `dir`.
+struct Staging {
+    grant: LeaseGrant,
+    env: BTreeMap<String, String>,
+    outputs: Option<(baygrid_api::OutputsTarget, PathBuf)>,
+    dir: PathBuf,
+    task: tokio::task::JoinHandle<Result<(), baygrid_vault::VaultError>>,
+}
+
 struct Agent {
     client: Client,
+    /// Jobs granted here whose inputs are still being staged; their leases are held.
+    staging: BTreeMap<String, Staging>,
+    /// Ended protected jobs whose outputs are being written to the site's vault.
+    keeping: BTreeMap<String, tokio::task::JoinHandle<KeptOutputs>>,
     engine: Arc<dyn Engine>,
     /// The fusion workers placed here, which the agent runs itself.
     workers: Arc<fusion::Workers>,
@@ -334,6 +355,12 @@ impl Agent {
             return;
         }
         self.fenced = true;
+        // the server has given these jobs to others: nothing staged for them will run here
+        let staging: Vec<String> = self.staging.keys().cloned().collect();
+        for job_id in staging {
+            tracing::warn!(job_id, "leases not renewed within the TTL: stopped staging");
+            self.drop_staging(&job_id);
+        }
         for (job_id, tracked) in &self.tracked {
             if tracked.final_status.is_none() {
                 tracing::warn!(
@@ -387,6 +414,9 @@ impl Agent {
 
     fn forget(&mut self, job_id: &str) {
         self.workers.forget(job_id);
+        if let Some(task) = self.keeping.remove(job_id) {
+            task.abort();
+        }
         if let Some(tracked) = self.tracked.remove(job_id) {
             // staged inputs leave with the job; only its results stay
             let staged = self
@@ -450,7 +480,7 @@ impl Agent {
     }
 
     async fn step(&mut self) -> Result<(), ClientError> {
-        self.capacity.running_jobs = self.tracked.len() as u32;
+        self.capacity.running_jobs = (self.tracked.len() + self.staging.len()) as u32;
         match self.engine.capacity().await {
             Ok(Some(seen)) => {
                 self.capacity.nodes = seen.nodes;
@@ -468,6 +498,10 @@ impl Agent {
                 job_id: t.handle.job_id.clone(),
                 epoch: t.handle.epoch,
             })
+            .chain(self.staging.values().map(|s| HeldLease {
+                job_id: s.grant.job_id.clone(),
+                epoch: s.grant.epoch,
+            }))
             .collect();
         let beat: HeartbeatResponse = self
             .client
@@ -504,6 +538,10 @@ impl Agent {
             });
         }
         for job_id in beat.stale {
+            if self.drop_staging(&job_id).is_some() {
+                tracing::warn!(job_id, "lease no longer valid: stopped staging its inputs");
+                continue;
+            }
             if let Some(tracked) = self.tracked.get(&job_id) {
                 tracing::warn!(job_id, "lease no longer valid: stopping this copy");
                 let _ = self
@@ -514,6 +552,22 @@ impl Agent {
             self.forget(&job_id);
         }
         for job_id in beat.cancel {
+            if let Some(staging) = self.drop_staging(&job_id) {
+                tracing::info!(
+                    job_id,
+                    "cancelling on request, before its inputs were staged"
+                );
+                let report = ReportRequest {
+                    epoch: staging.grant.epoch,
+                    status: Some(AgentStatus::Cancelled),
+                    exit_code: None,
+                    reason: Some("cancelled while its inputs were being staged".into()),
+                    logs: vec![],
+                    outputs: vec![],
+                };
+                self.send_report(&job_id, &report).await;
+                continue;
+            }
             if let Some(tracked) = self.tracked.get(&job_id) {
                 if tracked.final_status.is_none() {
                     tracing::info!(job_id, "cancelling on request");
@@ -527,7 +581,7 @@ impl Agent {
         let free = self
             .config
             .max_running
-            .saturating_sub(self.tracked.len() as u32);
+            .saturating_sub((self.tracked.len() + self.staging.len()) as u32);
         if free > 0 {
             let leases: LeaseResponse = self
                 .client
@@ -537,6 +591,7 @@ impl Agent {
                 self.launch(grant).await;
             }
         }
+        self.start_staged().await;
         let ids: Vec<String> = self.tracked.keys().cloned().collect();
         for job_id in ids {
             self.sync(&job_id).await;
@@ -569,14 +624,58 @@ impl Agent {
             }
             env.insert("BAYGRID_OUTPUTS".into(), dir.display().to_string());
         }
-        let mut staged = None;
-        if !grant.inputs.is_empty() {
-            let dir = self
-                .config
-                .work_dir
-                .join("inputs")
-                .join(format!("{}.{}", grant.job_id, grant.epoch));
-            match stage_inputs(&dir, &grant.inputs).await {
+        if grant.inputs.is_empty() {
+            self.start(grant, env, outputs, None).await;
+            return;
+        }
+        // inputs are copied beside the loop, so heartbeats go on however big they are; the
+        // job starts on a later step, once they are all here
+        let dir = self
+            .config
+            .work_dir
+            .join("inputs")
+            .join(format!("{}.{}", grant.job_id, grant.epoch));
+        let task = tokio::spawn({
+            let dir = dir.clone();
+            let inputs = grant.inputs.clone();
+            async move { stage_inputs(&dir, &inputs).await }
+        });
+        self.staging.insert(
+            grant.job_id.clone(),
+            Staging {
+                grant,
+                env,
+                outputs,
+                dir,
+                task,
+            },
+        );
+    }
+
+    /// Starts the jobs whose inputs have all been staged; fails those whose staging failed.
+    async fn start_staged(&mut self) {
+        let done: Vec<String> = self
+            .staging
+            .iter()
+            .filter(|(_, s)| s.task.is_finished())
+            .map(|(id, _)| id.clone())
+            .collect();
+        for job_id in done {
+            let Some(staging) = self.staging.remove(&job_id) else {
+                continue;
+            };
+            let Staging {
+                grant,
+                mut env,
+                outputs,
+                dir,
+                task,
+            } = staging;
+            let staged = match task.await {
+                Ok(staged) => staged.map_err(|e| e.to_string()),
+                Err(e) => Err(format!("the copy stopped: {e}")),
+            };
+            match staged {
                 Ok(()) => {
                     env.insert("BAYGRID_INPUTS".into(), dir.display().to_string());
                     for input in &grant.inputs {
@@ -585,11 +684,11 @@ impl Agent {
                             dir.join(&input.dataset).display().to_string(),
                         );
                     }
-                    staged = Some(dir);
+                    self.start(grant, env, outputs, Some(dir)).await;
                 }
                 Err(e) => {
-                    tracing::warn!(job_id = %grant.job_id, error = %e, "staging inputs failed");
-                    let _ = std::fs::remove_dir_all(&dir);
+                    tracing::warn!(job_id, error = %e, "staging inputs failed");
+                    remove_folders(Some(&dir), outputs.as_ref().map(|(_, d)| d));
                     let report = ReportRequest {
                         epoch: grant.epoch,
                         status: Some(AgentStatus::Failed),
@@ -598,11 +697,28 @@ impl Agent {
                         logs: vec![],
                         outputs: vec![],
                     };
-                    self.send_report(&grant.job_id, &report).await;
-                    return;
+                    self.send_report(&job_id, &report).await;
                 }
             }
         }
+    }
+
+    /// Stops staging a job's inputs and removes what it had copied (the job never started).
+    fn drop_staging(&mut self, job_id: &str) -> Option<Staging> {
+        let staging = self.staging.remove(job_id)?;
+        staging.task.abort();
+        remove_folders(Some(&staging.dir), staging.outputs.as_ref().map(|(_, d)| d));
+        Some(staging)
+    }
+
+    /// Launches a granted job whose inputs, if any, are staged in `staged`.
+    async fn start(
+        &mut self,
+        grant: LeaseGrant,
+        env: BTreeMap<String, String>,
+        outputs: Option<(baygrid_api::OutputsTarget, PathBuf)>,
+        staged: Option<PathBuf>,
+    ) {
         let spec = LaunchSpec {
             job_id: grant.job_id.clone(),
             tenant: grant.tenant.clone(),
@@ -620,9 +736,9 @@ impl Agent {
             held: grant.held_seconds.map(std::time::Duration::from_secs),
             no_network: grant.no_network,
             folders: staged
-                .into_iter()
+                .iter()
                 .map(|path| Folder {
-                    path,
+                    path: path.clone(),
                     writable: false,
                 })
                 .chain(outputs.iter().map(|(_, dir)| Folder {
@@ -659,6 +775,7 @@ impl Agent {
                         .filter(|_| !engine.enforces_time_limit())
                         .map(|s| unix_ms() + (s as i64).saturating_mul(1000)),
                     outputs,
+                    kept: None,
                 };
                 self.persist(&grant.job_id, &tracked);
                 self.tracked.insert(grant.job_id.clone(), tracked);
@@ -674,6 +791,7 @@ impl Agent {
             }
             Err(e) => {
                 tracing::warn!(job_id = %grant.job_id, error = %e, "launch failed");
+                remove_folders(staged.as_ref(), outputs.as_ref().map(|(_, d)| d));
                 let report = ReportRequest {
                     epoch: grant.epoch,
                     status: Some(AgentStatus::Failed),
@@ -719,6 +837,32 @@ impl Agent {
         let Some(mut tracked) = self.tracked.get(job_id).cloned() else {
             return;
         };
+        // a protected job's outputs are written to the vault beside the loop (heartbeats go
+        // on however big they are); once they are, its final report can go
+        if let Some(task) = self.keeping.get(job_id) {
+            if !task.is_finished() {
+                return;
+            }
+            let task = self.keeping.remove(job_id).expect("seen just now");
+            let kept = match task.await {
+                Ok(kept) => kept.map_err(|e| e.to_string()),
+                Err(e) => Err(format!("the upload stopped: {e}")),
+            };
+            match kept {
+                Ok(files) => tracked.kept = Some(files),
+                Err(e) => {
+                    tracing::warn!(job_id, error = %e, "cannot keep the job's outputs");
+                    tracked.final_status = Some(FinalStatus {
+                        status: AgentStatus::Failed,
+                        exit_code: None,
+                        reason: format!("keeping outputs in the site's vault: {e}"),
+                    });
+                    tracked.kept = Some(Vec::new());
+                }
+            }
+            self.persist(job_id, &tracked);
+            self.tracked.insert(job_id.to_string(), tracked.clone());
+        }
         if tracked.final_status.is_none() {
             match self
                 .engine_of(&tracked.handle)
@@ -752,15 +896,20 @@ impl Agent {
             }
         }
         let mut cursor = tracked.cursor.clone();
-        let lines = match self
-            .engine_of(&tracked.handle)
-            .read_output(&tracked.handle, &mut cursor)
-            .await
-        {
-            Ok(lines) => lines,
-            Err(e) => {
-                tracing::warn!(job_id, error = %e, "cannot read job output");
-                Vec::new()
+        let lines = if tracked.kept.is_some() {
+            // the outputs, its log among them, are in the vault as they were
+            Vec::new()
+        } else {
+            match self
+                .engine_of(&tracked.handle)
+                .read_output(&tracked.handle, &mut cursor)
+                .await
+            {
+                Ok(lines) => lines,
+                Err(e) => {
+                    tracing::warn!(job_id, error = %e, "cannot read job output");
+                    Vec::new()
+                }
             }
         };
         // a protected job's output stays at the site: appended to its log file among its
@@ -779,15 +928,18 @@ impl Agent {
         };
         let mut kept = Vec::new();
         if let (Some((target, dir)), Some(_)) = (&tracked.outputs, &tracked.final_status) {
-            match keep_outputs(target, dir, job_id).await {
-                Ok(files) => kept = files,
-                Err(e) => {
-                    tracing::warn!(job_id, error = %e, "cannot keep the job's outputs");
-                    tracked.final_status = Some(FinalStatus {
-                        status: AgentStatus::Failed,
-                        exit_code: None,
-                        reason: format!("keeping outputs in the site's vault: {e}"),
+            match &tracked.kept {
+                Some(files) => kept = files.clone(),
+                None => {
+                    let task = tokio::spawn({
+                        let (target, dir, job_id) =
+                            (target.clone(), dir.clone(), job_id.to_string());
+                        async move { keep_outputs(&target, &dir, &job_id).await }
                     });
+                    self.keeping.insert(job_id.to_string(), task);
+                    self.persist(job_id, &tracked);
+                    self.tracked.insert(job_id.to_string(), tracked);
+                    return;
                 }
             }
         }
@@ -883,6 +1035,13 @@ fn input_variable(dataset: &str) -> String {
 
 /// Copies each input's files from its vault into `dir/<dataset>/`, checking every file
 /// against the digest recorded at upload.
+/// Removes a job's staged inputs and outputs folders, when it will not run here.
+fn remove_folders(staged: Option<&PathBuf>, outputs: Option<&PathBuf>) {
+    for dir in staged.into_iter().chain(outputs) {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
 async fn stage_inputs(
     dir: &std::path::Path,
     inputs: &[baygrid_api::StagedInput],

@@ -32,6 +32,10 @@ struct Zone {
     lab: Client,
 }
 
+/// How long a lease lasts without a heartbeat: short, so that an agent that stopped
+/// heartbeating would be seen to within seconds.
+const LEASE_TTL: Duration = Duration::from_secs(4);
+
 /// The sample region with moving data a thousand times dearer than the sample's (300 and
 /// 1,000 CNY per GB), so staging the FATE tables (megabytes) costs whole yuan.
 async fn zone(dir: &Path) -> Zone {
@@ -56,7 +60,7 @@ async fn zone(dir: &Path) -> Zone {
         sites_file: sites.display().to_string(),
         schedule_interval: Duration::from_millis(50),
         heartbeat_interval: Duration::from_millis(200),
-        lease_ttl: Duration::from_secs(30),
+        lease_ttl: LEASE_TTL,
         ..ServerConfig::default()
     };
     let server = baygrid_server::start(config).await.unwrap();
@@ -302,7 +306,69 @@ async fn a_job_reads_a_hong_kong_and_a_shenzhen_dataset_where_both_may_go() {
     assert_eq!(done.state, JobState::Failed);
     assert!(done.reason.contains("staging inputs"), "{}", done.reason);
     assert!(done.reason.contains("hash"), "{}", done.reason);
+
+    // a vault that does not answer (the object is now a pipe nobody writes to): the agent
+    // heartbeats on while it waits for the copy, so the job keeps its lease, is not handed
+    // to anyone else, and can still be cancelled
+    std::fs::remove_file(&object).unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(&object)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let _release = Release(object.clone());
+    let stuck: JobView = lab.post("/api/v1/jobs", &job()).await.unwrap();
+    let path = format!("/api/v1/jobs/{}", stuck.id);
+    for _ in 0..200 {
+        let now: JobView = lab.get(&path).await.unwrap();
+        if now.state != JobState::Queued {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(LEASE_TTL * 2).await;
+    let waiting: JobView = lab.get(&path).await.unwrap();
+    assert_eq!(waiting.state, JobState::Placed, "{}", waiting.reason);
+    assert_eq!(waiting.attempts, 0, "{:?}", waiting.events);
+    // the agent still heartbeats: its cluster is online
+    let status = server.state.store.cluster_status().await.unwrap();
+    let seen = status
+        .iter()
+        .find(|(name, _, _)| name == "nansha-a800")
+        .map(|(_, at, _)| *at)
+        .unwrap();
+    assert!(
+        server.state.now() - seen < LEASE_TTL.as_millis() as i64,
+        "last heartbeat {seen}"
+    );
+    let _: Value = lab
+        .post(&format!("{path}/cancel"), &json!({}))
+        .await
+        .unwrap();
+    let done = wait_job_ended(&lab, &stuck.id).await;
+    assert_eq!(done.state, JobState::Cancelled, "{}", done.reason);
+    assert!(done.reason.contains("staged"), "{}", done.reason);
     server.stop().await;
+}
+
+/// Lets go of whoever is blocked opening the pipe at this path (a runtime waits for its
+/// blocking threads when it drops), pass or fail: each open for writing releases a reader.
+struct Release(std::path::PathBuf);
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.0.clone();
+        std::thread::spawn(move || {
+            for _ in 0..300 {
+                let _ = std::fs::OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(&path);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+    }
 }
 
 async fn wait_flow(client: &Client, id: &str) -> Value {
