@@ -785,7 +785,13 @@ fn assess(
             return reject(
                 candidate,
                 "deadline",
-                format!("cannot finish by the deadline {}", deadline.to_rfc3339()),
+                format!(
+                    "cannot finish by the deadline {}: it runs {} here, so even started now it \
+                     ends at {}",
+                    baygrid_core::millis_to_rfc3339(deadline.timestamp_millis()),
+                    humantime::format_duration(std::time::Duration::from_secs(seconds)),
+                    baygrid_core::millis_to_rfc3339(earliest_finish)
+                ),
             );
         }
     }

@@ -198,6 +198,24 @@ fn impossible_jobs_are_never_feasible_with_reasons() {
         assert!(quote.candidates.iter().all(|c| !c.reason.is_empty()));
         assert!(quote.rejection_summary().contains("qianhai-h800"));
     }
+    // a missed deadline says by how much: the run there and when it would end
+    let late = job("{H800: 1}", 1, "deadline: 1970-01-01T00:10:00Z");
+    let quote = CheapestFeasible.quote(&late, &guangzhou(), &market(), 0);
+    let qianhai = quote
+        .candidates
+        .iter()
+        .find(|c| c.cluster == "qianhai-h800")
+        .unwrap();
+    let runs = qianhai.estimated_seconds.unwrap();
+    assert!(
+        qianhai.reason.contains("deadline 1970-01-01T00:10:00.000Z")
+            && qianhai.reason.contains(&format!(
+                "ends at {}",
+                baygrid_core::millis_to_rfc3339(runs as i64 * 1000)
+            )),
+        "{}",
+        qianhai.reason
+    );
 }
 
 #[test]
