@@ -110,30 +110,12 @@ pub async fn run(args: &Args, cmd: &AuditCommand) -> anyhow::Result<ExitCode> {
 }
 
 async fn text(args: &Args, path: &str) -> anyhow::Result<String> {
-    text_from(args, &client(args)?, path).await
+    text_from(&client(args)?, path).await
 }
 
-async fn text_from(
-    args: &Args,
-    client: &baygrid_api::Client,
-    path: &str,
-) -> anyhow::Result<String> {
-    let token = args
-        .token
-        .clone()
-        .or_else(|| std::fs::read_to_string(args.data_dir().join("operator.token")).ok());
-    let mut request = reqwest::Client::new().get(format!("{}{path}", client.base()));
-    if let Some(token) = token {
-        request = request.bearer_auth(token.trim());
-    }
-    let response = request
-        .send()
-        .await
-        .with_context(|| format!("cannot reach {}", client.base()))?;
-    let status = response.status();
-    let body = response.text().await?;
-    anyhow::ensure!(status.is_success(), "{path}: HTTP {status}: {body}");
-    Ok(body)
+async fn text_from(client: &baygrid_api::Client, path: &str) -> anyhow::Result<String> {
+    let bytes = client.get_bytes(path).await?;
+    String::from_utf8(bytes.to_vec()).with_context(|| format!("{path}: the answer is not text"))
 }
 
 async fn prove(args: &Args, index: u64) -> anyhow::Result<ExitCode> {
@@ -419,7 +401,7 @@ async fn witness(args: &Args, log: &str, key_path: &Path, name: &str) -> anyhow:
     let state_dir = key_path.with_extension("state");
     std::fs::create_dir_all(&state_dir)?;
     let log_client = baygrid_api::Client::new(log, Some(crate::cli::bearer_token(args)?));
-    let vkey_text = text_from(args, &log_client, "/api/v1/audit/key").await?;
+    let vkey_text = text_from(&log_client, "/api/v1/audit/key").await?;
     let pinned_path = state_dir.join("log.pub");
     let pinned = match std::fs::read_to_string(&pinned_path) {
         Ok(pinned) => pinned,
@@ -437,7 +419,7 @@ async fn witness(args: &Args, log: &str, key_path: &Path, name: &str) -> anyhow:
         return Ok(ExitCode::FAILURE);
     }
     let (log_name, log_key) = parse_verifier_key(&pinned)?;
-    let note = text_from(args, &log_client, "/api/v1/audit/checkpoint").await?;
+    let note = text_from(&log_client, "/api/v1/audit/checkpoint").await?;
     let new = match verify_checkpoint(&note, &log_name, &log_key) {
         Ok(c) => c,
         Err(e) => {
