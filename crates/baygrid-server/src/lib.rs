@@ -67,6 +67,9 @@ pub struct AppState {
     pub config: Arc<ServerConfig>,
     pub placer: Arc<dyn Placer>,
     pub catalog: Arc<RwLock<Arc<CatalogSnapshot>>>,
+    /// Serialises reloads of the cached catalog, so that a reload that read the store
+    /// before a change never replaces one that read it after.
+    catalog_reload: Arc<tokio::sync::Mutex<()>>,
     pub metrics: metrics::Metrics,
     pub clock: Arc<dyn Clock>,
     pub tokens: Arc<auth::TokenCache>,
@@ -90,8 +93,11 @@ impl AppState {
         self.catalog.read().expect("catalog lock").clone()
     }
 
-    /// Reloads the cached catalog from the store after a change.
+    /// Reloads the cached catalog from the store after a change. Reloads run one at a
+    /// time: each reads the store after every change written before it began, so the last
+    /// one to finish has them all.
     pub async fn reload_catalog(&self) -> Result<(), ApiError> {
+        let _one_at_a_time = self.catalog_reload.lock().await;
         let snapshot = CatalogSnapshot::load(&self.store).await?;
         *self.catalog.write().expect("catalog lock") = Arc::new(snapshot);
         Ok(())
@@ -134,6 +140,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         config: Arc::new(config.clone()),
         placer: Arc::new(CheapestFeasible),
         catalog: Arc::new(RwLock::new(Arc::new(CatalogSnapshot::load(&store).await?))),
+        catalog_reload: Arc::new(tokio::sync::Mutex::new(())),
         metrics: metrics::Metrics::new(),
         clock,
         tokens: Arc::new(auth::TokenCache::default()),

@@ -1036,6 +1036,45 @@ async fn api_on_postgres() {
     api_flow(Some(url)).await;
 }
 
+/// Catalog changes made at the same time all reach the cached catalog: a reload that read
+/// the store before another change was written never replaces the one that read it after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_catalog_changes_all_reach_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(None, dir.path()).await;
+    let operator = Client::new(&server.url(), Some(server.operator_token.clone()));
+    for round in 0..6 {
+        let names: Vec<String> = (0..64).map(|i| format!("lender-{round}-{i}")).collect();
+        let adds = names.iter().map(|name| {
+            let operator = operator.clone();
+            let party = Party {
+                name: name.clone(),
+                jurisdiction: Jurisdiction::CN,
+                city: "shenzhen".into(),
+                ciio: false,
+            };
+            async move {
+                let _: Party = operator.post("/api/v1/parties", &party).await.unwrap();
+            }
+        });
+        futures::future::join_all(adds).await;
+        // each party is known at once: a data holder's token for it is issued
+        let catalog = server.state.catalog();
+        let missing: Vec<&String> = names
+            .iter()
+            .filter(|n| !catalog.parties.contains_key(n.as_str()))
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "round {round}: not in the cache: {missing:?}"
+        );
+        for name in &names {
+            issue(&operator, Role::DataHolder, Some(name)).await;
+        }
+    }
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn the_operator_token_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
