@@ -14,30 +14,52 @@ use crate::AppState;
 /// Valid tokens seen recently, so a request costs no store read. The server revokes
 /// through [`TokenCache::clear`] at once; entries also age out after [`TokenCache::TTL`], which
 /// bounds how long another server sharing the store may honour a token it revoked.
+///
+/// A lookup that read the store before a revocation must not put the revoked token back
+/// after the clear: each clear moves the cache to a new generation, and a lookup's entry is
+/// kept only if no clear happened since it began.
 #[derive(Default)]
 pub struct TokenCache {
-    entries: std::sync::RwLock<std::collections::HashMap<String, (Principal, std::time::Instant)>>,
+    entries: std::sync::RwLock<Entries>,
+}
+
+#[derive(Default)]
+struct Entries {
+    generation: u64,
+    tokens: std::collections::HashMap<String, (Principal, std::time::Instant)>,
 }
 
 impl TokenCache {
     pub const TTL: std::time::Duration = std::time::Duration::from_secs(5);
 
-    fn get(&self, hash: &str) -> Option<Principal> {
+    /// A cached principal, or the generation to hand [`TokenCache::put`] after the store
+    /// has been read.
+    fn get(&self, hash: &str) -> Result<Principal, u64> {
         let entries = self.entries.read().expect("token cache lock");
-        let (principal, at) = entries.get(hash)?;
-        (at.elapsed() < Self::TTL).then(|| principal.clone())
+        match entries.tokens.get(hash) {
+            Some((principal, at)) if at.elapsed() < Self::TTL => Ok(principal.clone()),
+            _ => Err(entries.generation),
+        }
     }
 
-    fn put(&self, hash: String, principal: Principal) {
+    /// Caches what the store said, unless the cache was cleared since `generation`.
+    fn put(&self, generation: u64, hash: String, principal: Principal) {
         let mut entries = self.entries.write().expect("token cache lock");
-        if entries.len() > 100_000 {
-            entries.clear();
+        if entries.generation != generation {
+            return;
         }
-        entries.insert(hash, (principal, std::time::Instant::now()));
+        if entries.tokens.len() > 100_000 {
+            entries.tokens.clear();
+        }
+        entries
+            .tokens
+            .insert(hash, (principal, std::time::Instant::now()));
     }
 
     pub fn clear(&self) {
-        self.entries.write().expect("token cache lock").clear();
+        let mut entries = self.entries.write().expect("token cache lock");
+        entries.generation += 1;
+        entries.tokens.clear();
     }
 }
 
@@ -96,9 +118,10 @@ impl FromRequestParts<AppState> for Principal {
             .strip_prefix("Bearer ")
             .ok_or_else(|| ApiError::Unauthorized("Authorization must be `Bearer TOKEN`".into()))?;
         let hash = hash_secret(secret.trim());
-        if let Some(principal) = state.tokens.get(&hash) {
-            return Ok(principal);
-        }
+        let generation = match state.tokens.get(&hash) {
+            Ok(principal) => return Ok(principal),
+            Err(generation) => generation,
+        };
         let record = state
             .store
             .find_token(&hash)
@@ -109,7 +132,7 @@ impl FromRequestParts<AppState> for Principal {
             role: record.role,
             subject: record.subject,
         };
-        state.tokens.put(hash, principal.clone());
+        state.tokens.put(generation, hash, principal.clone());
         Ok(principal)
     }
 }
@@ -132,5 +155,34 @@ pub fn actor(principal: &Principal) -> String {
     match &principal.subject {
         Some(subject) => format!("{}:{subject}", principal.role),
         None => principal.role.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn principal() -> Principal {
+        Principal {
+            token_id: "tok_1".into(),
+            role: Role::Tenant,
+            subject: Some("gz-ai-lab".into()),
+        }
+    }
+
+    #[test]
+    fn a_lookup_that_began_before_a_revocation_does_not_cache_the_token_after_it() {
+        let cache = TokenCache::default();
+        // a request misses the cache and reads the store (the token is still valid there)
+        let began = cache.get("h").unwrap_err();
+        // meanwhile the token is revoked: the store first, then the cache
+        cache.clear();
+        // the request's answer from the store comes back late and is not kept
+        cache.put(began, "h".into(), principal());
+        assert!(cache.get("h").is_err());
+        // a lookup that began after the clear is kept
+        let now = cache.get("h").unwrap_err();
+        cache.put(now, "h".into(), principal());
+        assert_eq!(cache.get("h").unwrap(), principal());
     }
 }
