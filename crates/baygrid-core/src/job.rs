@@ -35,7 +35,7 @@ impl SpecError {
     /// From a parser's error at `path`; `whole` names the document when the path is empty.
     pub fn at(path: &serde_path_to_error::Path, message: &str, whole: &str) -> Self {
         let field = path.to_string();
-        let problem = strip_location(message, &field);
+        let problem = parser_problem(message, &field);
         let field = if field == "." || field == "?" {
             whole.to_string()
         } else {
@@ -410,9 +410,10 @@ impl JobSpec {
     }
 }
 
-/// The parser's message without its position ("at line 3 column 5") and without the path
-/// it sometimes repeats in front ("resources.nodes: …"), since the field is named apart.
-fn strip_location(message: &str, field: &str) -> String {
+/// The parser's message as the problem: without its position ("at line 3 column 5"),
+/// without the path it sometimes repeats in front ("resources.nodes: …", since the field is
+/// named apart), and cut short when it quotes back a long value.
+fn parser_problem(message: &str, field: &str) -> String {
     let message = match message.find(" at line ") {
         Some(i) => &message[..i],
         None => message,
