@@ -43,6 +43,47 @@ pub enum AgentError {
     },
     #[error("server refused the agent: {0}")]
     Refused(ClientError),
+    #[error(
+        "agent work directory {path} is in use by another agent{}; stop it, or give this agent a work_dir of its own",
+        holder.map(|pid| format!(" (pid {pid})")).unwrap_or_default()
+    )]
+    WorkDirInUse { path: PathBuf, holder: Option<u32> },
+}
+
+/// Takes the work directory for this process: an exclusive lock on `agent.lock` in it,
+/// held as long as the returned file is open. Two agents on one work directory would
+/// re-attach the same jobs, report them twice and overwrite each other's state files.
+fn lock_work_dir(work_dir: &Path) -> Result<std::fs::File, AgentError> {
+    use std::io::{Read, Seek, Write};
+    let path = work_dir.join("agent.lock");
+    let in_dir = |source| AgentError::WorkDir {
+        path: path.clone(),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(in_dir)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut text = String::new();
+            let _ = file.read_to_string(&mut text);
+            return Err(AgentError::WorkDirInUse {
+                path: work_dir.to_path_buf(),
+                holder: text.trim().parse().ok(),
+            });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(in_dir(e)),
+    }
+    file.set_len(0)
+        .and_then(|_| file.rewind())
+        .and_then(|_| writeln!(file, "{}", std::process::id()))
+        .map_err(in_dir)?;
+    Ok(file)
 }
 
 /// `baygrid agent --config FILE` (TOML).
@@ -224,6 +265,7 @@ pub async fn run(
         path: state_dir.clone(),
         source,
     })?;
+    let work_dir_lock = lock_work_dir(&config.work_dir)?;
     let engine: Arc<dyn Engine> = match config.engine.as_str() {
         "slurm" => Arc::new(SlurmEngine::new(
             config.work_dir.join("jobs"),
@@ -259,6 +301,7 @@ pub async fn run(
         lease_ttl: Duration::from_secs(15),
         last_renewed: std::time::Instant::now(),
         fenced: false,
+        _work_dir_lock: work_dir_lock,
     };
     let registered = loop {
         match agent.register().await {
@@ -318,6 +361,8 @@ struct Staging {
 }
 
 struct Agent {
+    /// This process's hold on its work directory.
+    _work_dir_lock: std::fs::File,
     client: Client,
     /// Jobs granted here whose inputs are still being staged; their leases are held.
     staging: BTreeMap<String, Staging>,

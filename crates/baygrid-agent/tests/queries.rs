@@ -174,6 +174,13 @@ async fn a_query_runs_at_the_vault_and_only_its_noisy_aggregate_is_released() {
 
     let view = query(lab, "hk-credit-history", sql, 1.0).await;
     assert_eq!(view.state, QueryState::Released, "{view:?}");
+    // the record shows the budgets as this query left them
+    assert!(
+        (view.cost[0].budget.epsilon_left - 2.0).abs() < 1e-9,
+        "{view:?}"
+    );
+    assert!((view.cost[0].budget.shared_epsilon_left - 5.0).abs() < 1e-9);
+    assert!(view.cost[0].budget.delta_left < view.cost[0].budget.delta);
     assert!(
         view.rules.iter().any(|r| r == "DERIVED-ANON"),
         "{:?}",

@@ -28,11 +28,22 @@ pub enum ClientError {
     Decode(String),
 }
 
-/// `field: `, unless the message already starts with the field.
+/// `field: `, unless the message already starts with the field as a word of its own
+/// or a path into it (`budget: …`, `budget must …`, `resources.nodes: …` for `resources`;
+/// but `budgets are …` still gets the prefix).
 fn field_prefix(field: &Option<String>, message: &str) -> String {
-    match field {
-        Some(field) if !message.starts_with(field.as_str()) => format!("{field}: "),
-        _ => String::new(),
+    let Some(field) = field else {
+        return String::new();
+    };
+    let named = message.strip_prefix(field.as_str()).is_some_and(|rest| {
+        rest.chars()
+            .next()
+            .is_none_or(|c| !(c.is_alphanumeric() || matches!(c, '_' | '-')))
+    });
+    if named {
+        String::new()
+    } else {
+        format!("{field}: ")
     }
 }
 
@@ -235,6 +246,37 @@ impl Client {
                 message: String::from_utf8_lossy(&bytes).chars().take(500).collect(),
                 field: None,
             }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::field_prefix;
+
+    #[test]
+    fn the_field_leads_unless_the_message_already_names_it() {
+        let budget = Some("budget".to_string());
+        for (field, message, prefix) in [
+            (&budget, "budgets are kept in CNY", "budget: "),
+            (&budget, "budget: must not be negative", ""),
+            (&budget, "budget must not be negative", ""),
+            (&budget, "budget", ""),
+            (
+                &Some("resources".into()),
+                "resources.nodes: must be at least 1",
+                "",
+            ),
+            (
+                &Some("resources.nodes".into()),
+                "resources.nodes: must be at least 1",
+                "",
+            ),
+            (&Some("inputs".into()), "inputs[0]: unknown dataset", ""),
+            (&Some("input".into()), "inputs[0]: unknown", "input: "),
+            (&None, "anything", ""),
+        ] {
+            assert_eq!(field_prefix(field, message), prefix, "{field:?} {message}");
         }
     }
 }

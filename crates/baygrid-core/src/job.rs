@@ -504,7 +504,10 @@ impl FromStr for JobState {
         JobState::ALL
             .into_iter()
             .find(|state| state.as_str() == s)
-            .ok_or_else(|| format!("unknown job state `{s}`"))
+            .ok_or_else(|| {
+                let states: Vec<&str> = JobState::ALL.iter().map(|s| s.as_str()).collect();
+                format!("unknown job state `{s}`: one of {}", states.join(", "))
+            })
     }
 }
 

@@ -20,12 +20,12 @@ use axum::Json;
 use baygrid_api::{
     BudgetView, ContractState, DataOfferSpec, DatasetSpec, OfferMode, QueryAnswerBody,
     QueryCostView, QueryDryRun, QueryRequest, QueryResult, QueryState, QueryTable, QueryTask,
-    QueryView, SideAnswer,
+    QueryTerms, QueryView, SideAnswer,
 };
 use baygrid_core::{millis_to_rfc3339, Currency, Money, Principal, Role};
 use baygrid_ledger::{names, Transfer, TransferKind};
 use baygrid_query::{sql_name, Refusal, Shape, Table};
-use baygrid_store::{Ending, QueryRow, Spend, DELTA_UNIT, EPSILON_UNIT};
+use baygrid_store::{Ending, QueryRow, Spend, Spent, DELTA_UNIT, EPSILON_UNIT};
 use serde::{Deserialize, Serialize};
 
 use crate::agent::agent_cluster;
@@ -198,17 +198,26 @@ async fn budget_view(
     tenant: &str,
     now: i64,
 ) -> ApiResult<BudgetView> {
-    let period = read.table.terms.period_ms();
-    let start = period_start(now, period);
+    let start = period_start(now, read.table.terms.period_ms());
     let spent = state
         .store
         .privacy_spent(&read.dataset.name, tenant, start)
         .await?;
-    let terms = &read.table.terms;
+    Ok(budget_left(
+        &read.dataset.name,
+        &read.table.terms,
+        start,
+        spent,
+    ))
+}
+
+/// What is left of a dataset's budgets under `terms` in the period starting at `start`,
+/// `spent` spent.
+fn budget_left(dataset: &str, terms: &QueryTerms, start: i64, spent: Spent) -> BudgetView {
     let (shared_epsilon, shared_delta) = terms.shared();
     let left = |limit: f64, used: i64, unit: f64| (limit - used as f64 / unit).max(0.0);
-    Ok(BudgetView {
-        dataset: read.dataset.name.clone(),
+    BudgetView {
+        dataset: dataset.to_string(),
         epsilon: terms.epsilon,
         epsilon_left: left(terms.epsilon, spent.consumer.0, EPSILON_UNIT),
         delta: terms.delta,
@@ -217,8 +226,8 @@ async fn budget_view(
         shared_epsilon_left: left(shared_epsilon, spent.shared.0, EPSILON_UNIT),
         shared_delta,
         shared_delta_left: left(shared_delta, spent.shared.1, DELTA_UNIT),
-        resets_at: millis_to_rfc3339(start + period),
-    })
+        resets_at: millis_to_rfc3339(start + terms.period_ms()),
+    }
 }
 
 /// Asks a question of one dataset, or of two joined on their subjects. A dry run answers
@@ -517,6 +526,24 @@ pub async fn submit(
         "delta": costs.first().map(|c| c.delta).unwrap_or(0.0),
         "mechanism": ask.mechanism.as_str(),
     });
+    // The record shows each budget as it stands once this query's spend is in.
+    let budgets: Vec<(String, QueryTerms, i64)> = reads
+        .iter()
+        .map(|read| {
+            let terms = read.table.terms.clone();
+            let start = period_start(now, terms.period_ms());
+            (read.dataset.name.clone(), terms, start)
+        })
+        .collect();
+    let body = move |after: &[Spent]| {
+        let mut record = record;
+        for (cost, ((dataset, terms, start), spent)) in
+            record.view.cost.iter_mut().zip(budgets.iter().zip(after))
+        {
+            cost.budget = budget_left(dataset, terms, *start, *spent);
+        }
+        serde_json::to_value(&record)
+    };
     state
         .store
         .accept_query(
@@ -526,12 +553,13 @@ pub async fn submit(
                 state: QueryState::Running.as_str().into(),
                 created_ms: now,
                 finished_ms: None,
-                body: record.body()?,
+                body: serde_json::Value::Null,
             },
             spends,
             hold,
             crate::auth::actor(&who),
             payload,
+            body,
         )
         .await?;
     state.queries.work.notify_waiters();

@@ -142,18 +142,25 @@ impl Store {
     /// Accepts a query: every spend must fit both of its budgets as they stand inside this
     /// transaction, or nothing is written and the error says which budget and by how much.
     /// Then the spends, the record, the hold on the consumer's wallet and the audit entry
-    /// are written together.
-    pub async fn accept_query(
+    /// are written together. The record's body (in place of `row`'s) is `body` called with
+    /// what each dataset's budgets have spent once this query's spends are in, in the order
+    /// of `spends`.
+    pub async fn accept_query<B>(
         &self,
-        row: QueryRow,
+        mut row: QueryRow,
         spends: Vec<Spend>,
         hold: Option<Transfer>,
         actor: String,
         payload: serde_json::Value,
-    ) -> Result<()> {
+        body: B,
+    ) -> Result<()>
+    where
+        B: FnOnce(&[Spent]) -> serde_json::Result<serde_json::Value> + Send + 'static,
+    {
         let cell = self.ledger.clone();
         self.write(move |conn| {
             Box::pin(async move {
+                let mut after = Vec::with_capacity(spends.len());
                 for s in &spends {
                     let before = spent(conn, &s.dataset, &s.tenant, s.period_start).await?;
                     for (whose, used, limit) in [
@@ -174,7 +181,14 @@ impl Store {
                             }
                         }
                     }
+                    let add = |a: (i64, i64)| (a.0 + s.amount.0, a.1 + s.amount.1);
+                    after.push(Spent {
+                        consumer: add(before.consumer),
+                        shared: add(before.shared),
+                    });
                 }
+                row.body = body(&after)
+                    .map_err(|e| StoreError::Corrupt(format!("query record: {e}")))?;
                 for s in &spends {
                     sqlx::query(
                         "INSERT INTO privacy_spends (query, dataset, tenant, period_start_ms, epsilon_micros, delta_femtos, at_ms) \

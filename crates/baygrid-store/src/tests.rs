@@ -800,9 +800,15 @@ async fn query_budget_suite(store: Store) {
             None,
             "test".into(),
             serde_json::json!({ "query": id }),
+            |after: &[Spent]| Ok(serde_json::json!({ "spent": after[0].consumer.0 })),
         )
     };
     accept("q1", "alice", 2.0).await.unwrap();
+    assert_eq!(
+        store.query_row("q1").await.unwrap().unwrap().body,
+        serde_json::json!({ "spent": (2.0 * EPSILON_UNIT) as i64 }),
+        "the record is written with what its own spend brings the budget to"
+    );
     let over = accept("q2", "alice", 1.5).await.unwrap_err().to_string();
     assert!(
         over.contains(
@@ -837,6 +843,7 @@ async fn query_budget_suite(store: Store) {
             None,
             "test".into(),
             serde_json::json!({}),
+            |_: &[Spent]| Ok(serde_json::json!({})),
         )
         .await
         .unwrap_err()

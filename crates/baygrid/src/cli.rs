@@ -86,6 +86,8 @@ pub enum LedgerCommand {
 pub enum TokenCommand {
     /// Issue a token (operator). The secret is printed once.
     Issue {
+        /// What the token may do: operator, provider (its subject a provider), tenant (a
+        /// tenant), data_holder (a party), regulator, or agent (a cluster).
         #[arg(long)]
         role: Role,
         /// The tenant, provider, party or cluster it acts for.

@@ -114,20 +114,33 @@ pub(crate) fn show(view: &QueryView) {
 /// What a query costs one dataset's budgets, and what is left of them.
 fn cost_line(c: &baygrid_api::QueryCostView) -> String {
     format!(
-        "{}: ε {} in {} shares of {:.4}, δ {:e}; left ε {:.4} of {} (shared {:.4} of {}), δ {:e} (shared {:e}); refills {}",
+        "{}: ε {} in {} shares of {:.4}, δ {}; left ε {:.4} of {} (shared {:.4} of {}), δ {} (shared {}); refills {}",
         c.dataset,
         c.epsilon,
         c.shares,
         c.epsilon_each,
-        c.delta,
+        small(c.delta),
         c.budget.epsilon_left,
         c.budget.epsilon,
         c.budget.shared_epsilon_left,
         c.budget.shared_epsilon,
-        c.budget.delta_left,
-        c.budget.shared_delta_left,
+        small(c.budget.delta_left),
+        small(c.budget.shared_delta_left),
         c.budget.resets_at
     )
+}
+
+/// A δ to six significant digits in scientific notation, without trailing zeros: the
+/// sums and shares of δ carry binary rounding (`1.0000000000000001e-7`) nobody chose.
+fn small(x: f64) -> String {
+    let text = format!("{x:.5e}");
+    match text.split_once('e') {
+        Some((mantissa, exponent)) if mantissa.contains('.') => {
+            let mantissa = mantissa.trim_end_matches('0').trim_end_matches('.');
+            format!("{mantissa}e{exponent}")
+        }
+        _ => text,
+    }
 }
 
 fn cell(v: &serde_json::Value) -> String {
@@ -227,5 +240,22 @@ pub async fn run(args: &Args, query: &QueryArgs) -> anyhow::Result<ExitCode> {
             Ok(outcome(&view))
         }
         (None, None) => anyhow::bail!("give --dataset and --sql, or `ls` or `get ID`"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn small_numbers_print_without_binary_rounding() {
+        for (x, text) in [
+            (1e-5 / 100.0, "1e-7"),
+            (2e-5 - 1e-7, "1.99e-5"),
+            (1.0000000000000001e-7, "1e-7"),
+            (1.5e-6, "1.5e-6"),
+            (0.0, "0e0"),
+            (1.234567e-9, "1.23457e-9"),
+        ] {
+            assert_eq!(super::small(x), text, "{x:e}");
+        }
     }
 }

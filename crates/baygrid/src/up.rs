@@ -115,6 +115,28 @@ async fn token_file(
     Ok(issued.token)
 }
 
+/// Has the child sent SIGTERM when this process ends, however it ends. Dropping the
+/// `Child` kills it on an orderly stop; this also covers `kill -9`, a panic that aborts,
+/// or the OOM killer, which would otherwise leave the agents running with nobody to stop
+/// them, holding their work directories against the next `baygrid up`. The agent stops
+/// as on Ctrl-C: its jobs keep running and the next agent on its work directory
+/// re-attaches them.
+fn stops_with_this_process(command: &mut tokio::process::Command) {
+    let parent = std::process::id();
+    // SAFETY: the closure runs in the forked child before exec and only makes two
+    // async-signal-safe system calls (prctl, getppid).
+    unsafe {
+        command.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)?;
+            // this process may have ended between the fork and the prctl
+            if nix::unistd::getppid().as_raw() as u32 != parent {
+                return Err(std::io::Error::other("baygrid up ended while starting"));
+            }
+            Ok(())
+        });
+    }
+}
+
 /// Starts the server on `listen` with the sample region, the sample tenants and one local
 /// agent process per cluster, all under `data_dir`.
 pub async fn start_exchange(
@@ -195,7 +217,8 @@ pub async fn start_exchange(
         let config_path = agents_dir.join(format!("{name}.toml"));
         std::fs::write(&config_path, toml::to_string(&config)?)?;
         let log = std::fs::File::create(agents_dir.join(format!("{name}.log")))?;
-        let child = tokio::process::Command::new(&exe)
+        let mut command = tokio::process::Command::new(&exe);
+        command
             .arg("agent")
             .arg("--config")
             .arg(&config_path)
@@ -203,10 +226,12 @@ pub async fn start_exchange(
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
-            .kill_on_drop(true)
+            .kill_on_drop(true);
+        stops_with_this_process(&mut command);
+        let child = command
             .spawn()
             .with_context(|| format!("starting the agent for {name}"))?;
-        agents.push(child);
+        agents.push((name.clone(), child));
     }
     // wait until every agent has registered
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -214,6 +239,22 @@ pub async fn start_exchange(
         let clusters: Vec<baygrid_api::ClusterView> = operator.get("/api/v1/clusters").await?;
         if clusters.iter().all(|c| c.online) {
             break;
+        }
+        for (name, child) in &mut agents {
+            if let Some(status) = child.try_wait()? {
+                let log = data_dir.join("agents").join(format!("{name}.log"));
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let last = text
+                    .lines()
+                    .rev()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or("");
+                anyhow::bail!(
+                    "the agent for {name} exited ({status}) before registering: {} (log: {})",
+                    last.trim(),
+                    log.display()
+                );
+            }
         }
         anyhow::ensure!(
             tokio::time::Instant::now() < deadline,
@@ -226,7 +267,7 @@ pub async fn start_exchange(
         server,
         operator,
         tenants,
-        agents,
+        agents: agents.into_iter().map(|(_, child)| child).collect(),
     })
 }
 

@@ -246,3 +246,117 @@ async fn kill_dash_nine_loses_no_acknowledged_job_and_runs_none_twice() {
     let _ = agent.wait();
     let _ = server.wait();
 }
+
+/// Waits until the `baygrid up` writing `log` says it is up: tenants, tokens and agents.
+fn wait_up(log: &std::path::Path) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .contains("Ctrl-C stops everything")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "`up` did not come up: see {log:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Whether process `pid` is still running (a zombie has ended).
+fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_dash_nine_of_up_stops_its_agents_and_up_starts_again_on_the_same_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data_arg = data.to_str().unwrap();
+    let (mut up, url) = spawn_up(data_arg, &dir.path().join("up-1.log"));
+    wait_up(&dir.path().join("up-1.log"));
+    let token = |name: &str| {
+        std::fs::read_to_string(data.join("tokens").join(format!("{name}.token")))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let lab = Client::new(&url, Some(token("gz-ai-lab")));
+    let runs = dir.path().join("runs.txt");
+    let spec = JobSpec::from_yaml(&format!(
+        "name: outlives-up\nresources: {{accelerators: {{A800: 1}}}}\nsites: [guangzhou-nansha]\ncommand: echo $BAYGRID_JOB_ID >> {}; for i in $(seq 1 12); do echo tick $i; sleep 1; done\nestimated_duration: 5m\n",
+        runs.display()
+    ))
+    .unwrap();
+    let job: JobView = lab.post("/api/v1/jobs", &spec).await.unwrap();
+    let state = |client: &Client| {
+        let client = client.clone();
+        let path = format!("/api/v1/jobs/{}", job.id);
+        async move { client.get::<JobView>(&path).await.unwrap() }
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while state(&lab).await.state != JobState::Running {
+        assert!(Instant::now() < deadline, "the job never started");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // each agent holds its work directory: a second agent on one is refused at once
+    let agents = data.join("agents");
+    let pids: Vec<u32> = std::fs::read_dir(&agents)
+        .unwrap()
+        .filter_map(|entry| {
+            let lock = entry.unwrap().path().join("agent.lock");
+            std::fs::read_to_string(lock).ok()
+        })
+        .map(|text| text.trim().parse().unwrap())
+        .collect();
+    assert_eq!(pids.len(), 6, "one lock per agent: {pids:?}");
+    assert!(pids.iter().all(|pid| alive(*pid)));
+    let config = agents.join("nansha-a800.toml");
+    let out = baygrid(&["agent", "--config", config.to_str().unwrap()], &[]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("is in use by another agent (pid"),
+        "{}",
+        stderr(&out)
+    );
+
+    // kill -9 of `up`: its agents stop too, and the job keeps running
+    up.kill().unwrap();
+    up.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while pids.iter().any(|pid| alive(*pid)) {
+        assert!(
+            Instant::now() < deadline,
+            "agents outlived `up`: {:?}",
+            pids.iter().filter(|pid| alive(**pid)).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // a new `up` on the same directory takes the job back, and it ends once
+    let (mut up, url) = spawn_up(data_arg, &dir.path().join("up-2.log"));
+    wait_up(&dir.path().join("up-2.log"));
+    let lab = Client::new(&url, Some(token("gz-ai-lab")));
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let ended = loop {
+        let view = state(&lab).await;
+        if view.state.is_terminal() {
+            break view;
+        }
+        assert!(Instant::now() < deadline, "the job never ended: {view:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(ended.state, JobState::Succeeded, "{ended:?}");
+    assert_eq!(ended.attempts, 0, "{ended:?}");
+    let ran = std::fs::read_to_string(&runs).unwrap();
+    assert_eq!(ran.lines().collect::<Vec<_>>(), [job.id.as_str()]);
+    let log = std::fs::read_to_string(agents.join("nansha-a800.log")).unwrap();
+    assert!(!log.contains("cannot persist"), "{log}");
+    let _ = up.kill();
+    let _ = up.wait();
+}
