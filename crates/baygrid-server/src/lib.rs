@@ -133,6 +133,8 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
         source,
     })?;
     let store = Store::open(&config.store_url()).await?;
+    // before anything is taken over from the last server: one server per store
+    let claim = store.claim(&config.store_url()).await?;
     store.set_failover_backoff(config.failover_backoff.as_millis() as i64);
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let state = AppState {
@@ -209,6 +211,8 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
             tracing::error!(error = %e, "server stopped");
         }
         let _ = scheduler.await;
+        // held as long as this server serves
+        drop(claim);
     });
     tracing::info!(%addr, store = state.store.backend().durability(), "baygrid server listening");
     Ok(RunningServer {

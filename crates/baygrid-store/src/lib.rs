@@ -8,6 +8,7 @@
 //! only after its commit. Within a group every change runs under its own savepoint, so one
 //! failing change never takes the others down.
 
+mod claim;
 mod jobs;
 mod ledger;
 mod queries;
@@ -23,6 +24,7 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyConnection, AnyPool, Connection, Executor, Row};
 use tokio::sync::{mpsc, oneshot};
 
+pub use claim::ServerClaim;
 pub use jobs::{
     failover_backoff, ActiveAllocation, ClusterBlock, HeartbeatOutcome, JobFilter, LeaseReport,
     NewJob, Outcome, Report, FAILOVER_BACKOFF_MAX_MS, FAILOVER_BACKOFF_MS, PREEMPTING,
@@ -52,6 +54,8 @@ pub enum StoreError {
     UnsupportedUrl(String),
     #[error("the store's writer has stopped")]
     WriterGone,
+    #[error("the store is taken: {0}")]
+    Claimed(String),
     #[error("ledger refused transfer {transfer}: {error}")]
     Ledger {
         transfer: String,

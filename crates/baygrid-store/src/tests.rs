@@ -1040,3 +1040,44 @@ async fn postgres_query_budget_suite() {
     };
     query_budget_suite(Store::open(&url).await.unwrap()).await;
 }
+
+/// One server per store: a second claim is refused while the first is held, and succeeds
+/// once it is dropped.
+async fn claim_suite(url: &str) {
+    let first = Store::open(url).await.unwrap();
+    let second = Store::open(url).await.unwrap();
+    let held = first.claim(url).await.unwrap();
+    let refused = second.claim(url).await.unwrap_err();
+    assert!(
+        matches!(&refused, StoreError::Claimed(m) if m.contains("another baygrid server")),
+        "{refused}"
+    );
+    drop(held);
+    // PostgreSQL lets an advisory lock go when it sees the session close
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let claim = loop {
+        match second.claim(url).await {
+            Ok(claim) => break claim,
+            Err(e) => {
+                assert!(std::time::Instant::now() < deadline, "{e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    assert!(first.claim(url).await.is_err());
+    drop(claim);
+}
+
+#[tokio::test]
+async fn sqlite_store_has_one_server() {
+    let dir = tempfile::tempdir().unwrap();
+    claim_suite(&sqlite_url(dir.path())).await;
+}
+
+#[tokio::test]
+async fn postgres_store_has_one_server() {
+    let Some(url) = fresh_postgres_url().await else {
+        return;
+    };
+    claim_suite(&url).await;
+}

@@ -191,6 +191,9 @@ pub async fn start_exchange(
 
     let clusters: Vec<baygrid_api::ClusterView> = operator.get("/api/v1/clusters").await?;
     let exe = std::env::current_exe().context("finding the baygrid binary")?;
+    // a cluster counts as up once one of these agents has been seen: an agent of an `up`
+    // that ended moments ago is still "online" for its lease's length
+    let spawned_at = chrono::Utc::now() - chrono::Duration::milliseconds(1);
     let mut agents = Vec::new();
     for cluster in clusters
         .iter()
@@ -237,7 +240,13 @@ pub async fn start_exchange(
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let clusters: Vec<baygrid_api::ClusterView> = operator.get("/api/v1/clusters").await?;
-        if clusters.iter().all(|c| c.online) {
+        let seen_since_spawned = |c: &baygrid_api::ClusterView| {
+            c.agent_seen_at
+                .as_deref()
+                .and_then(|at| chrono::DateTime::parse_from_rfc3339(at).ok())
+                .is_some_and(|at| at >= spawned_at)
+        };
+        if clusters.iter().all(|c| c.online && seen_since_spawned(c)) {
             break;
         }
         for (name, child) in &mut agents {

@@ -262,6 +262,31 @@ fn wait_up(log: &std::path::Path) {
     }
 }
 
+/// Runs `baygrid up` on `data_dir`, which must fail within 40 s; what it printed.
+fn up_refused(data_dir: &str, log: &std::path::Path) -> String {
+    let mut up = spawn(
+        &["up", "--listen", "127.0.0.1:0", "--data-dir", data_dir],
+        log,
+    );
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let status = loop {
+        if let Some(status) = up.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = up.kill();
+            let _ = up.wait();
+            panic!(
+                "`up` started where it should have been refused: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success());
+    std::fs::read_to_string(log).unwrap()
+}
+
 /// Whether process `pid` is still running (a zombie has ended).
 fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -325,6 +350,16 @@ async fn kill_dash_nine_of_up_stops_its_agents_and_up_starts_again_on_the_same_d
         stderr(&out)
     );
 
+    // nor does a second server start on the store the first one serves
+    let out = up_refused(data_arg, &dir.path().join("up-refused-1.log"));
+    assert!(
+        out.contains(&format!(
+            "another baygrid server (pid {}) is running on",
+            up.id()
+        )),
+        "{out}"
+    );
+
     // kill -9 of `up`: its agents stop too, and the job keeps running
     up.kill().unwrap();
     up.wait().unwrap();
@@ -337,6 +372,37 @@ async fn kill_dash_nine_of_up_stops_its_agents_and_up_starts_again_on_the_same_d
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+
+    // an agent left holding a work directory stops the next `up` at once, named
+    let mut holder = spawn(
+        &["agent", "--config", config.to_str().unwrap()],
+        &dir.path().join("holder.log"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !std::fs::read_to_string(agents.join("nansha-a800").join("agent.lock"))
+        .unwrap_or_default()
+        .contains(&holder.id().to_string())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the agent never took its work directory"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let started = Instant::now();
+    let out = up_refused(data_arg, &dir.path().join("up-refused-2.log"));
+    assert!(
+        out.contains("the agent for nansha-a800 exited")
+            && out.contains(&format!("in use by another agent (pid {})", holder.id())),
+        "{out}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "{:?}",
+        started.elapsed()
+    );
+    holder.kill().unwrap();
+    holder.wait().unwrap();
 
     // a new `up` on the same directory takes the job back, and it ends once
     let (mut up, url) = spawn_up(data_arg, &dir.path().join("up-2.log"));
