@@ -120,7 +120,9 @@ async fn token_file(
 /// or the OOM killer, which would otherwise leave the agents running with nobody to stop
 /// them, holding their work directories against the next `baygrid up`. The agent stops
 /// as on Ctrl-C: its jobs keep running and the next agent on its work directory
-/// re-attaches them.
+/// re-attaches them. The kernel sends the signal when the forking *thread* ends: here the
+/// main thread (`up` and `demo` run in `block_on`) or a runtime worker, both of which last
+/// as long as the process.
 fn stops_with_this_process(command: &mut tokio::process::Command) {
     let parent = std::process::id();
     // SAFETY: the closure runs in the forked child before exec and only makes two
