@@ -133,6 +133,9 @@ fn cost_line(c: &baygrid_api::QueryCostView) -> String {
 /// A δ to six significant digits in scientific notation, without trailing zeros: the
 /// sums and shares of δ carry binary rounding (`1.0000000000000001e-7`) nobody chose.
 fn small(x: f64) -> String {
+    if x == 0.0 {
+        return "0".into();
+    }
     let text = format!("{x:.5e}");
     match text.split_once('e') {
         Some((mantissa, exponent)) if mantissa.contains('.') => {
@@ -252,7 +255,7 @@ mod tests {
             (2e-5 - 1e-7, "1.99e-5"),
             (1.0000000000000001e-7, "1e-7"),
             (1.5e-6, "1.5e-6"),
-            (0.0, "0e0"),
+            (0.0, "0"),
             (1.234567e-9, "1.23457e-9"),
         ] {
             assert_eq!(super::small(x), text, "{x:e}");
