@@ -172,10 +172,28 @@ fn main() -> ExitCode {
     match runtime.block_on(run(args)) {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", describe(&error));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line, each cause once: many errors already quote their
+/// source in their own message (`work directory X: No such file or directory`), which
+/// `{:#}` would print again after it.
+fn describe(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let part = cause.to_string();
+        if part.is_empty() || text.contains(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
 }
 
 async fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -204,5 +222,43 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         Command::Fusion(cmd) => fusion::run(&args, cmd).await,
         Command::Sim(sim) => sim::run(&args, sim),
         Command::Bench(cmd) => bench::run(&args, cmd).await,
+    }
+}
+
+#[cfg(test)]
+mod describe_tests {
+    use anyhow::Context;
+
+    /// An error that quotes its source in its own message, as many do.
+    #[derive(Debug)]
+    struct Quoting {
+        source: std::io::Error,
+    }
+
+    impl std::fmt::Display for Quoting {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "work directory /x: {}", self.source)
+        }
+    }
+
+    impl std::error::Error for Quoting {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.source)
+        }
+    }
+
+    #[test]
+    fn each_cause_is_said_once() {
+        let io = || std::io::Error::from(std::io::ErrorKind::NotFound);
+        let quoting = anyhow::Error::new(Quoting { source: io() });
+        assert_eq!(
+            super::describe(&quoting),
+            "work directory /x: entity not found"
+        );
+        let wrapped: anyhow::Result<()> = Err(io()).context("reading the sites file");
+        assert_eq!(
+            super::describe(&wrapped.unwrap_err()),
+            "reading the sites file: entity not found"
+        );
     }
 }
