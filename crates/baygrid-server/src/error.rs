@@ -66,7 +66,12 @@ impl From<StoreError> for ApiError {
             StoreError::Conflict(message) => ApiError::Conflict(message),
             StoreError::Ledger { transfer, error } => {
                 use baygrid_ledger::TransferError as E;
-                let message = format!("transfer {transfer}: {error}");
+                let said = error.to_string();
+                let message = if said.contains(&format!("transfer {transfer} ")) {
+                    said
+                } else {
+                    format!("transfer {transfer}: {said}")
+                };
                 match error {
                     E::ExistsWithDifferentBody(_) | E::AlreadyResolved(_) => {
                         ApiError::Conflict(message)

@@ -556,16 +556,19 @@ async fn api_flow(store: Option<String>) {
         .await
         .unwrap();
     assert_eq!(again["available"], "45.01 CNY");
-    expect_error(
-        operator
-            .post::<_, Value>(
-                "/api/v1/ledger/deposits",
-                &json!({"account": "wallet:poor-lab", "amount": "46.00 CNY", "id": "top-up-1"}),
-            )
-            .await,
-        409,
-        None,
+    let conflict = operator
+        .post::<_, Value>(
+            "/api/v1/ledger/deposits",
+            &json!({"account": "wallet:poor-lab", "amount": "46.00 CNY", "id": "top-up-1"}),
+        )
+        .await;
+    assert!(
+        conflict.as_ref().is_err_and(|e| e
+            .to_string()
+            .starts_with("transfer deposit:top-up-1 exists with a different body (")),
+        "{conflict:?}"
     );
+    expect_error(conflict, 409, None);
     let held: JobView = poor.post("/api/v1/jobs", &capped).await.unwrap();
     let wallet: Value = poor
         .get("/api/v1/ledger/accounts/wallet:poor-lab")
