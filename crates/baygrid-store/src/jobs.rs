@@ -302,6 +302,19 @@ fn queued_record(job: &NewJob) -> JobRecord {
     }
 }
 
+/// A submission repeated under its idempotency key must repeat the spec too: a key used
+/// for another spec is a mistake the client should hear of, not an old job's answer.
+fn same_spec(key: &str, existing_id: &str, existing: &JobSpec, new: &JobSpec) -> Result<()> {
+    let as_stored = |spec: &JobSpec| serde_json::to_value(spec).ok();
+    if existing == new || as_stored(existing) == as_stored(new) {
+        Ok(())
+    } else {
+        Err(StoreError::Conflict(format!(
+            "Idempotency-Key `{key}` was used for another spec (job {existing_id}); a new submission needs a new key"
+        )))
+    }
+}
+
 async fn existing_for_key(
     conn: &mut AnyConnection,
     tenant: &str,
@@ -329,6 +342,7 @@ pub(crate) async fn submit_one(
 ) -> Result<(JobRecord, bool)> {
     if let Some(key) = &job.idempotency_key {
         if let Some(existing) = existing_for_key(conn, &job.tenant, key).await? {
+            same_spec(key, &existing.id, &existing.spec, &job.spec)?;
             return Ok((existing, false));
         }
     }
@@ -390,11 +404,17 @@ pub(crate) async fn submit_batch(
     for (i, job) in jobs.iter().enumerate() {
         if let Some(key) = &job.idempotency_key {
             if let Some(&first) = first_with_key.get(&(job.tenant.as_str(), key.as_str())) {
-                results[i] = Some(Ok((queued_record(&jobs[first]), false)));
+                results[i] = Some(
+                    same_spec(key, &jobs[first].id, &jobs[first].spec, &job.spec)
+                        .map(|()| (queued_record(&jobs[first]), false)),
+                );
                 continue;
             }
             if let Some(existing) = existing_for_key(conn, &job.tenant, key).await? {
-                results[i] = Some(Ok((existing, false)));
+                results[i] = Some(
+                    same_spec(key, &existing.id, &existing.spec, &job.spec)
+                        .map(|()| (existing, false)),
+                );
                 continue;
             }
             first_with_key.insert((job.tenant.as_str(), key.as_str()), i);

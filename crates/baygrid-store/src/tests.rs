@@ -45,6 +45,47 @@ async fn suite(store: Store) {
     let (again, created) = store.submit(new_job("job_b", Some("k1"))).await.unwrap();
     assert!(!created);
     assert_eq!(again.id, "job_a");
+    // the same key for another spec is refused, alone and among concurrent submissions
+    let other = |id: &str| NewJob {
+        spec: spec("another"),
+        ..new_job(id, Some("k1"))
+    };
+    let refused = store.submit(other("job_x")).await.unwrap_err();
+    assert!(
+        matches!(&refused, StoreError::Conflict(m) if m.contains("Idempotency-Key `k1` was used for another spec (job job_a)")),
+        "{refused}"
+    );
+    let burst: Vec<_> = (0..8)
+        .map(|i| {
+            let store = store.clone();
+            let job = if i % 2 == 0 {
+                new_job(&format!("job_k{i}"), Some("k2"))
+            } else {
+                NewJob {
+                    spec: spec("another"),
+                    ..new_job(&format!("job_k{i}"), Some("k2"))
+                }
+            };
+            tokio::spawn(async move { store.submit(job).await })
+        })
+        .collect();
+    let mut kept = std::collections::BTreeSet::new();
+    let mut conflicts = 0;
+    for h in burst {
+        match h.await.unwrap() {
+            Ok((job, _)) => {
+                kept.insert(job.id);
+            }
+            Err(StoreError::Conflict(_)) => conflicts += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(kept.len(), 1, "one job for the key: {kept:?}");
+    assert_eq!(conflicts, 4, "the other spec's four are refused");
+    assert!(matches!(
+        store.get_job("job_x").await,
+        Err(StoreError::NotFound { .. })
+    ));
     assert!(matches!(
         store.submit(new_job("job_a", None)).await,
         Err(StoreError::Database(_))
@@ -61,8 +102,8 @@ async fn suite(store: Store) {
     for h in handles {
         h.await.unwrap().unwrap();
     }
-    assert_eq!(store.count("jobs").await.unwrap(), 201);
-    assert_eq!(store.queued_jobs(1000).await.unwrap().len(), 201);
+    assert_eq!(store.count("jobs").await.unwrap(), 202);
+    assert_eq!(store.queued_jobs(1000).await.unwrap().len(), 202);
 
     // placement, lease grant with fencing epoch, running, finished
     assert!(store
