@@ -12,8 +12,9 @@ use crate::error::ApiError;
 use crate::AppState;
 
 /// Valid tokens seen recently, so a request costs no store read. The server revokes
-/// through [`TokenCache::clear`] at once; entries also age out after [`TokenCache::TTL`], which
-/// bounds how long another server sharing the store may honour a token it revoked.
+/// through [`TokenCache::clear`] at once; entries also age out after [`TokenCache::TTL`], so
+/// a token changed in the store by other means (a restore, a hand edit) is read again soon.
+/// There is no other server to tell: a store has one server (`Store::claim`).
 ///
 /// A lookup that read the store before a revocation must not put the revoked token back
 /// after the clear: each clear moves the cache to a new generation, and a lookup's entry is
