@@ -11,6 +11,8 @@ mod query;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+
+use baygrid_pidlock::{PidLock, PidLockError};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,40 +52,17 @@ pub enum AgentError {
     WorkDirInUse { path: PathBuf, holder: Option<u32> },
 }
 
-/// Takes the work directory for this process: an exclusive lock on `agent.lock` in it,
-/// held as long as the returned file is open. Two agents on one work directory would
-/// re-attach the same jobs, report them twice and overwrite each other's state files.
-fn lock_work_dir(work_dir: &Path) -> Result<std::fs::File, AgentError> {
-    use std::io::{Read, Seek, Write};
-    let path = work_dir.join("agent.lock");
-    let in_dir = |source| AgentError::WorkDir {
-        path: path.clone(),
-        source,
-    };
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(in_dir)?;
-    match file.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => {
-            let mut text = String::new();
-            let _ = file.read_to_string(&mut text);
-            return Err(AgentError::WorkDirInUse {
-                path: work_dir.to_path_buf(),
-                holder: text.trim().parse().ok(),
-            });
-        }
-        Err(std::fs::TryLockError::Error(e)) => return Err(in_dir(e)),
-    }
-    file.set_len(0)
-        .and_then(|_| file.rewind())
-        .and_then(|_| writeln!(file, "{}", std::process::id()))
-        .map_err(in_dir)?;
-    Ok(file)
+/// Takes the work directory for this process: a [`PidLock`] on `agent.lock` in it, held as
+/// long as it lives. Two agents on one work directory would re-attach the same jobs,
+/// report them twice and overwrite each other's state files.
+fn lock_work_dir(work_dir: &Path) -> Result<PidLock, AgentError> {
+    PidLock::take(&work_dir.join("agent.lock")).map_err(|e| match e {
+        PidLockError::Held { holder, .. } => AgentError::WorkDirInUse {
+            path: work_dir.to_path_buf(),
+            holder,
+        },
+        PidLockError::Io { path, source } => AgentError::WorkDir { path, source },
+    })
 }
 
 /// `baygrid agent --config FILE` (TOML).
@@ -362,7 +341,7 @@ struct Staging {
 
 struct Agent {
     /// This process's hold on its work directory.
-    _work_dir_lock: std::fs::File,
+    _work_dir_lock: PidLock,
     client: Client,
     /// Jobs granted here whose inputs are still being staged; their leases are held.
     staging: BTreeMap<String, Staging>,

@@ -127,7 +127,8 @@ pub struct Transfer {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize)]
 pub enum TransferError {
-    #[error("transfer {0} exists with a different body")]
+    /// The transfer's id (already used): whoever reports the error names the transfer.
+    #[error("exists with a different body")]
     ExistsWithDifferentBody(String),
     #[error("amount must be positive")]
     AmountNotPositive,

@@ -66,12 +66,7 @@ impl From<StoreError> for ApiError {
             StoreError::Conflict(message) => ApiError::Conflict(message),
             StoreError::Ledger { transfer, error } => {
                 use baygrid_ledger::TransferError as E;
-                let said = error.to_string();
-                let message = if said.contains(&format!("transfer {transfer} ")) {
-                    said
-                } else {
-                    format!("transfer {transfer}: {said}")
-                };
+                let message = format!("transfer {transfer}: {error}");
                 match error {
                     E::ExistsWithDifferentBody(_) | E::AlreadyResolved(_) => {
                         ApiError::Conflict(message)

@@ -134,7 +134,7 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     })?;
     let store = Store::open(&config.store_url()).await?;
     // before anything is taken over from the last server: one server per store
-    let claim = store.claim(&config.store_url()).await?;
+    let claim = store.claim().await?;
     store.set_failover_backoff(config.failover_backoff.as_millis() as i64);
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let state = AppState {

@@ -565,7 +565,7 @@ async fn api_flow(store: Option<String>) {
     assert!(
         conflict.as_ref().is_err_and(|e| e
             .to_string()
-            .starts_with("transfer deposit:top-up-1 exists with a different body (")),
+            .starts_with("transfer deposit:top-up-1: exists with a different body (")),
         "{conflict:?}"
     );
     expect_error(conflict, 409, None);

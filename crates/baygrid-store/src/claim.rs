@@ -5,9 +5,9 @@
 //! [`Store::claim`] refuses it: a lock file beside a SQLite database, a session-level
 //! advisory lock on PostgreSQL, each held for as long as the claim lives.
 
-use std::io::{Read, Seek, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
+use baygrid_pidlock::{PidLock, PidLockError};
 use sqlx::{AnyConnection, Row};
 
 use crate::{Backend, Result, Store, StoreError};
@@ -17,31 +17,21 @@ use crate::{Backend, Result, Store, StoreError};
 const ADVISORY_KEY: i64 = 0x0062_6179_6772_6964;
 
 /// This process's claim to be the one server on a store; dropping it lets another start.
+#[derive(Debug)]
 pub struct ServerClaim {
     _hold: Hold,
 }
 
-// the fields are held for their locks, never read
-#[allow(dead_code)]
+/// What holds the claim (never read: it is held for its lock).
+#[derive(Debug)]
 enum Hold {
-    File(std::fs::File),
-    Session(AnyConnection),
+    File(#[allow(dead_code)] PidLock),
+    Session(#[allow(dead_code)] AnyConnection),
     Nothing,
 }
 
-impl std::fmt::Debug for ServerClaim {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let kind = match self._hold {
-            Hold::File(_) => "lock file",
-            Hold::Session(_) => "advisory lock",
-            Hold::Nothing => "in memory",
-        };
-        f.debug_struct("ServerClaim").field("hold", &kind).finish()
-    }
-}
-
 /// The database file a SQLite URL names; `None` for an in-memory database.
-fn sqlite_file(url: &str) -> Option<PathBuf> {
+pub(crate) fn sqlite_file(url: &str) -> Option<PathBuf> {
     let rest = url
         .strip_prefix("sqlite://")
         .or_else(|| url.strip_prefix("sqlite:"))?;
@@ -49,50 +39,23 @@ fn sqlite_file(url: &str) -> Option<PathBuf> {
     (!path.is_empty() && path != ":memory:").then(|| PathBuf::from(path))
 }
 
-fn lock_file(database: &Path) -> Result<std::fs::File> {
-    let mut name = database.as_os_str().to_owned();
-    name.push(".lock");
-    let path = PathBuf::from(name);
-    let io = |e: std::io::Error| StoreError::Claimed(format!("{}: {e}", path.display()));
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(io)?;
-    match file.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => {
-            let mut pid = String::new();
-            let _ = file.read_to_string(&mut pid);
-            let pid = pid.trim();
-            return Err(StoreError::Claimed(format!(
-                "another baygrid server{} is running on {}; stop it first",
-                if pid.is_empty() {
-                    String::new()
-                } else {
-                    format!(" (pid {pid})")
-                },
-                database.display()
-            )));
-        }
-        Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
-    }
-    file.set_len(0)
-        .and_then(|_| file.rewind())
-        .and_then(|_| writeln!(file, "{}", std::process::id()))
-        .map_err(io)?;
-    Ok(file)
-}
-
 impl Store {
-    /// Claims the store opened from `url` for this process's server, or says which server
-    /// holds it. Held until the claim is dropped (or the process ends).
-    pub async fn claim(&self, url: &str) -> Result<ServerClaim> {
+    /// Claims the store for this process's server, or says which server holds it. Held until the claim is dropped (or the process ends).
+    pub async fn claim(&self) -> Result<ServerClaim> {
         let hold = match self.backend {
-            Backend::Sqlite => match sqlite_file(url) {
-                Some(database) => Hold::File(lock_file(&database)?),
+            Backend::Sqlite => match &self.sqlite_file {
+                Some(database) => {
+                    let mut lock = database.as_os_str().to_owned();
+                    lock.push(".lock");
+                    Hold::File(PidLock::take(lock.as_ref()).map_err(|e| match e {
+                        PidLockError::Held { holder, .. } => StoreError::Claimed(format!(
+                            "another baygrid server{} is running on {}; stop it first",
+                            holder.map(|pid| format!(" (pid {pid})")).unwrap_or_default(),
+                            database.display()
+                        )),
+                        io => StoreError::Claimed(io.to_string()),
+                    })?)
+                }
                 None => Hold::Nothing,
             },
             Backend::Postgres => {

@@ -305,8 +305,12 @@ fn queued_record(job: &NewJob) -> JobRecord {
 /// A submission repeated under its idempotency key must repeat the spec too: a key used
 /// for another spec is a mistake the client should hear of, not an old job's answer.
 fn same_spec(key: &str, existing_id: &str, existing: &JobSpec, new: &JobSpec) -> Result<()> {
-    let as_stored = |spec: &JobSpec| serde_json::to_value(spec).ok();
-    if existing == new || as_stored(existing) == as_stored(new) {
+    // as stored, too: the stored spec has been through JSON and back
+    let stored_alike = matches!(
+        (serde_json::to_value(existing), serde_json::to_value(new)),
+        (Ok(a), Ok(b)) if a == b
+    );
+    if existing == new || stored_alike {
         Ok(())
     } else {
         Err(StoreError::Conflict(format!(

@@ -112,6 +112,8 @@ pub struct Store {
     pool: AnyPool,
     writer: mpsc::Sender<WriteRequest>,
     backend: Backend,
+    /// The SQLite database's file (none on PostgreSQL or in memory), for [`Store::claim`].
+    sqlite_file: Option<std::path::PathBuf>,
     ledger: std::sync::Arc<ledger::LedgerCell>,
     /// The first failover back-off, in ms (see [`failover_backoff`]).
     failover_backoff_ms: std::sync::Arc<std::sync::atomic::AtomicI64>,
@@ -189,6 +191,7 @@ impl Store {
             pool,
             writer,
             backend,
+            sqlite_file: claim::sqlite_file(&url),
             ledger,
             failover_backoff_ms: std::sync::Arc::new(std::sync::atomic::AtomicI64::new(
                 jobs::FAILOVER_BACKOFF_MS,

@@ -1087,8 +1087,8 @@ async fn postgres_query_budget_suite() {
 async fn claim_suite(url: &str) {
     let first = Store::open(url).await.unwrap();
     let second = Store::open(url).await.unwrap();
-    let held = first.claim(url).await.unwrap();
-    let refused = second.claim(url).await.unwrap_err();
+    let held = first.claim().await.unwrap();
+    let refused = second.claim().await.unwrap_err();
     assert!(
         matches!(&refused, StoreError::Claimed(m) if m.contains("another baygrid server")),
         "{refused}"
@@ -1097,7 +1097,7 @@ async fn claim_suite(url: &str) {
     // PostgreSQL lets an advisory lock go when it sees the session close
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let claim = loop {
-        match second.claim(url).await {
+        match second.claim().await {
             Ok(claim) => break claim,
             Err(e) => {
                 assert!(std::time::Instant::now() < deadline, "{e}");
@@ -1105,7 +1105,7 @@ async fn claim_suite(url: &str) {
             }
         }
     };
-    assert!(first.claim(url).await.is_err());
+    assert!(first.claim().await.is_err());
     drop(claim);
 }
 
