@@ -353,20 +353,20 @@ async fn a_job_reads_a_hong_kong_and_a_shenzhen_dataset_where_both_may_go() {
 
 /// Lets go of whoever is blocked opening the pipe at this path (a runtime waits for its
 /// blocking threads when it drops), pass or fail: each open for writing releases a reader.
+/// It keeps at it until the test process ends: a reader may open the pipe again late on a
+/// loaded machine, and one left blocked would keep the runtime from shutting down.
 struct Release(std::path::PathBuf);
 
 impl Drop for Release {
     fn drop(&mut self) {
         use std::os::unix::fs::OpenOptionsExt;
         let path = self.0.clone();
-        std::thread::spawn(move || {
-            for _ in 0..300 {
-                let _ = std::fs::OpenOptions::new()
-                    .write(true)
-                    .custom_flags(libc::O_NONBLOCK)
-                    .open(&path);
-                std::thread::sleep(Duration::from_millis(100));
-            }
+        std::thread::spawn(move || loop {
+            let _ = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&path);
+            std::thread::sleep(Duration::from_millis(100));
         });
     }
 }
