@@ -8,7 +8,7 @@ use baygrid_api::{
     AccountView, CancelView, Client, ClusterView, DepositRequest, InvoiceView, IssueTokenRequest,
     IssuedToken, JobView, LogsView, QuoteView, StatementView, TenantView, TokenView,
 };
-use baygrid_core::{JobSpec, Jurisdiction, Money, Offer, Party, Role, Site, Tenant};
+use baygrid_core::{JobSpec, JobState, Jurisdiction, Money, Offer, Party, Role, Site, Tenant};
 use clap::Subcommand;
 
 use crate::output::{emit, or_dash, table};
@@ -586,7 +586,7 @@ pub async fn job(args: &Args, cmd: &JobCommand) -> anyhow::Result<std::process::
             .await?;
             let job = &done[0];
             emit(args.output, job, print_job);
-            return Ok(if job.state == baygrid_core::JobState::Succeeded {
+            return Ok(if job.state == JobState::Succeeded {
                 std::process::ExitCode::SUCCESS
             } else {
                 std::process::ExitCode::FAILURE
@@ -742,9 +742,27 @@ pub async fn job(args: &Args, cmd: &JobCommand) -> anyhow::Result<std::process::
                     r.job.state
                 )
             });
+            if let Some(why) = cancel_refusal(&result) {
+                eprintln!("{why}");
+                return Ok(std::process::ExitCode::FAILURE);
+            }
         }
     }
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// Why a cancel did nothing, when it did nothing: the job had already ended some other way
+/// (as `scancel` on a completed job does, the command then exits non-zero). A job already
+/// cancelled is not an error, so that a cancel repeated after a lost answer succeeds.
+fn cancel_refusal(result: &CancelView) -> Option<String> {
+    let job = &result.job;
+    (result.outcome == "already_ended" && job.state != JobState::Cancelled).then(|| {
+        let at = job.finished_at.as_deref().unwrap_or(&job.updated_at);
+        format!(
+            "job {}: nothing to cancel; it had already {} at {at}",
+            job.id, job.state
+        )
+    })
 }
 
 fn print_job(job: &JobView) {

@@ -296,6 +296,14 @@ fn up_serves_the_cli() {
     );
     let out = baygrid(&["job", "ls"], &tenant_env);
     assert!(stdout(&out).contains(id));
+    // cancelling a job that has succeeded cancels nothing, and says so
+    let out = baygrid(&["job", "cancel", id], &tenant_env);
+    assert!(!out.status.success(), "{}", stdout(&out));
+    assert!(
+        stderr(&out).contains("nothing to cancel; it had already succeeded"),
+        "{}",
+        stderr(&out)
+    );
 
     // bad input: a non-zero exit and a message naming the field
     let bad = dir.path().join("bad.yaml");
@@ -366,6 +374,14 @@ fn up_serves_the_cli() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(state, "cancelled");
+    // a repeated cancel (its first answer lost, say) succeeds
+    let out = baygrid(&["job", "cancel", &id], &tenant_env);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("already ended (now cancelled)"),
+        "{}",
+        stdout(&out)
+    );
 
     audit_export_and_verify(dir.path(), &operator_env, &tenant_env);
 
