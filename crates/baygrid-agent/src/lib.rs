@@ -94,6 +94,10 @@ pub struct AgentConfig {
     /// Time between polls of the engine and the server.
     #[serde(default = "default_poll", with = "duration_text")]
     pub poll_interval: Duration,
+    /// How much of each attempt's output is shipped to the server (`[output]`: `head_bytes`,
+    /// `head_lines`, `tail_bytes`); all of it stays in the job's folder on the cluster.
+    #[serde(default)]
+    pub output: baygrid_exec::OutputLimits,
 }
 
 /// The engines this build has.
@@ -141,6 +145,7 @@ impl AgentConfig {
             kubernetes: Default::default(),
             max_running: default_max_running(),
             poll_interval: default_poll(),
+            output: Default::default(),
         }
     }
 
@@ -790,7 +795,7 @@ impl Agent {
             Ok(handle) => {
                 let tracked = Tracked {
                     handle,
-                    cursor: LogCursor::default(),
+                    cursor: LogCursor::new(self.config.output),
                     next_seq: 1,
                     final_status: None,
                     // an engine without limits of its own is stopped by the agent
@@ -936,6 +941,9 @@ impl Agent {
                 }
             }
         };
+        // an ended job whose output is not all read yet reports it over the next steps, each
+        // a bounded piece, and its last report waits for the rest
+        let draining = cursor.is_behind();
         // a protected job's output stays at the site: appended to its log file among its
         // outputs (the cursor kept at once, so no line is written twice)
         let lines = match &tracked.outputs {
@@ -951,7 +959,9 @@ impl Agent {
             None => lines,
         };
         let mut kept = Vec::new();
-        if let (Some((target, dir)), Some(_)) = (&tracked.outputs, &tracked.final_status) {
+        if let (Some((target, dir)), Some(_), false) =
+            (&tracked.outputs, &tracked.final_status, draining)
+        {
             match &tracked.kept {
                 Some(files) => kept = files.clone(),
                 None => {
@@ -978,14 +988,10 @@ impl Agent {
             seq += 1;
         }
         // ship output in pages, then the status with the last page
-        let pages: Vec<Vec<LogLineIn>> = if logs.is_empty() {
-            vec![vec![]]
-        } else {
-            logs.chunks(500).map(|c| c.to_vec()).collect()
-        };
+        let pages = pages(logs);
         let page_count = pages.len();
         for (i, page) in pages.into_iter().enumerate() {
-            let last = i + 1 == page_count;
+            let last = i + 1 == page_count && !draining;
             let status = if last {
                 tracked.final_status.as_ref()
             } else {
@@ -1014,13 +1020,35 @@ impl Agent {
         }
         tracked.cursor = cursor;
         tracked.next_seq = seq;
-        if tracked.final_status.is_some() {
+        if tracked.final_status.is_some() && !draining {
             self.forget(job_id);
         } else {
             self.persist(job_id, &tracked);
             self.tracked.insert(job_id.to_string(), tracked);
         }
     }
+}
+
+/// The most lines in one report.
+const PAGE_LINES: usize = 2_000;
+/// The most bytes of lines in one report: well inside the server's limit on a request body,
+/// however long the lines (each is at most [`baygrid_exec::LINE_BYTES`] and a note).
+const PAGE_BYTES: usize = 1 << 20;
+
+/// Output lines in reports' pages; one empty page when there are none, to carry a status.
+fn pages(logs: Vec<LogLineIn>) -> Vec<Vec<LogLineIn>> {
+    let mut pages = vec![Vec::new()];
+    let mut bytes = 0;
+    for line in logs {
+        let last = pages.last_mut().expect("one page at least");
+        if !last.is_empty() && (last.len() >= PAGE_LINES || bytes + line.line.len() > PAGE_BYTES) {
+            pages.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += line.line.len();
+        pages.last_mut().expect("just pushed").push(line);
+    }
+    pages
 }
 
 fn final_of(status: JobStatus) -> FinalStatus {

@@ -152,6 +152,106 @@ async fn runs_a_real_process_and_streams_its_output() {
     setup.server.stop().await;
 }
 
+/// Every line of a job's output as shipped, page by page.
+async fn all_lines(client: &Client, id: &str) -> Vec<(String, String)> {
+    let mut lines = Vec::new();
+    let mut after = "0:0".to_string();
+    loop {
+        let page: LogsView = client
+            .get(&format!("/api/v1/jobs/{id}/logs?after={after}&limit=10000"))
+            .await
+            .unwrap();
+        if page.lines.is_empty() {
+            return lines;
+        }
+        lines.extend(page.lines.into_iter().map(|l| (l.stream, l.line)));
+        after = page.next;
+    }
+}
+
+#[tokio::test]
+async fn a_flood_of_output_or_of_long_lines_is_shipped_within_bounds_and_the_job_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = setup(dir.path()).await;
+    let limits = baygrid_exec::OutputLimits {
+        head_bytes: 8 << 20,
+        head_lines: 20_000,
+        tail_bytes: 4 << 10,
+    };
+    let (_stop, _agent) = common::start_agent_with(
+        &setup.server.url(),
+        &setup.operator,
+        "nansha-a800",
+        &dir.path().join("agent"),
+        |c| AgentConfig {
+            output: limits,
+            ..c
+        },
+    )
+    .await;
+
+    // 4 MB of 10 kB lines (a report of them all would pass the server's 2 MB body limit),
+    // then lines of 100 kB, cut
+    let wide = job(
+        "wide",
+        "python3 -c \"[print('x' * 10000) for _ in range(400)]; [print('y' * 100000) for _ in range(3)]; print('wide done')\"",
+    );
+    let wide: JobView = setup.tenant.post("/api/v1/jobs", &wide).await.unwrap();
+    let done = common::wait_job_ended(&setup.tenant, &wide.id).await;
+    assert_eq!(done.state, JobState::Succeeded, "{}", done.reason);
+    let lines = all_lines(&setup.tenant, &wide.id).await;
+    assert_eq!(lines.len(), 404, "{:?}", &lines[..3]);
+    assert!(lines[..400].iter().all(|(_, l)| l == &"x".repeat(10_000)));
+    for (_, line) in &lines[400..403] {
+        assert_eq!(
+            line.len(),
+            baygrid_exec::LINE_BYTES + " … [line cut at 16 KiB]".len()
+        );
+        assert!(line.ends_with(" … [line cut at 16 KiB]"));
+    }
+    assert_eq!(lines[403].1, "wide done");
+
+    // 60 MB of one line again and again: the head and the tail are shipped, the middle
+    // stays on the cluster, and the agent heartbeats throughout (no attempt is lost)
+    let line = "a line of output that says the same thing again";
+    let flood = job(
+        "flood",
+        &format!("yes '{line}' | head -c 60000000; echo; echo flood done"),
+    );
+    let flood: JobView = setup.tenant.post("/api/v1/jobs", &flood).await.unwrap();
+    let done = common::wait_job_ended(&setup.tenant, &flood.id).await;
+    assert_eq!(done.state, JobState::Succeeded, "{}", done.reason);
+    assert_eq!(done.attempts, 0, "{:?}", done.events);
+    let lines = all_lines(&setup.tenant, &flood.id).await;
+    let stdout: Vec<&str> = lines
+        .iter()
+        .filter(|(s, _)| s == "stdout")
+        .map(|(_, l)| l.as_str())
+        .collect();
+    assert!(stdout[..20_000].iter().all(|l| *l == line));
+    assert!(
+        stdout[20_000].starts_with("[baygrid] output past the first 8 MiB or 20000 lines is not shipped while the job runs; each stream's last 4 KiB comes when it ends; all of it is in "),
+        "{}",
+        stdout[20_000]
+    );
+    let left_out = stdout[20_001];
+    assert!(
+        left_out.contains("bytes of this stream left out here; all of it is in "),
+        "{left_out}"
+    );
+    let path = left_out
+        .rsplit_once(" is in ")
+        .unwrap()
+        .1
+        .trim_end_matches(" on the cluster");
+    assert_eq!(std::fs::metadata(path).unwrap().len(), 60_000_000 + 1 + 11);
+    // the tail: whole lines of the last 4 KiB, the end among them
+    let tail = &stdout[20_002..];
+    assert!(tail.len() < 4096 / line.len() + 3, "{}", tail.len());
+    assert_eq!(tail.last(), Some(&"flood done"));
+    setup.server.stop().await;
+}
+
 #[tokio::test]
 async fn a_failing_command_fails_with_its_exit_code() {
     let dir = tempfile::tempdir().unwrap();

@@ -8,6 +8,7 @@
 pub mod kubernetes;
 mod kubernetes_config;
 mod local;
+mod output;
 mod slurm;
 
 use std::collections::BTreeMap;
@@ -19,6 +20,7 @@ use serde::{Deserialize, Serialize};
 pub use kubernetes::KubernetesEngine;
 pub use kubernetes_config::{KubernetesConfig, WorkVolume};
 pub use local::LocalEngine;
+pub use output::{LogCursor, OutputLimits, LINE_BYTES, READ_BYTES, READ_LINES};
 pub use slurm::{map_state as map_slurm_state, SlurmConfig, SlurmEngine};
 
 #[derive(Debug, thiserror::Error)]
@@ -123,53 +125,6 @@ impl JobStatus {
 pub struct OutputLine {
     pub stream: String,
     pub line: String,
-}
-
-/// Where reading a job's output has got to; persisted with the handle.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LogCursor {
-    /// Bytes already read, per output file.
-    pub offsets: BTreeMap<String, u64>,
-}
-
-impl LogCursor {
-    /// The lines appended to `path` since this cursor last read it (kept under `key`):
-    /// complete lines only, unless the writer has `ended`, when a last partial line counts.
-    pub fn read_new_lines(
-        &mut self,
-        path: &std::path::Path,
-        key: &str,
-        ended: bool,
-    ) -> Vec<String> {
-        let offset = self.offsets.get(key).copied().unwrap_or(0);
-        let Ok(bytes) = std::fs::read(path) else {
-            return Vec::new();
-        };
-        if (bytes.len() as u64) <= offset {
-            return Vec::new();
-        }
-        self.take_new_lines(key, &bytes, ended)
-    }
-
-    /// The lines of `bytes` (the whole output so far of stream `key`) past this cursor:
-    /// complete lines only, unless the writer has `ended`.
-    pub fn take_new_lines(&mut self, key: &str, bytes: &[u8], ended: bool) -> Vec<String> {
-        let offset = self.offsets.get(key).copied().unwrap_or(0);
-        if (bytes.len() as u64) <= offset {
-            return Vec::new();
-        }
-        let fresh = &bytes[offset as usize..];
-        let upto = if ended {
-            fresh.len()
-        } else {
-            fresh.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1)
-        };
-        self.offsets.insert(key.to_string(), offset + upto as u64);
-        String::from_utf8_lossy(&fresh[..upto])
-            .lines()
-            .map(str::to_string)
-            .collect()
-    }
 }
 
 /// A cluster engine.

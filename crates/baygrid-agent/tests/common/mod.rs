@@ -26,8 +26,19 @@ pub async fn start_agent(
     cluster: &str,
     work_dir: &Path,
 ) -> (watch::Sender<bool>, JoinHandle<()>) {
+    start_agent_with(url, operator, cluster, work_dir, |c| c).await
+}
+
+/// [`start_agent`], with the config changed by `change` first.
+pub async fn start_agent_with(
+    url: &str,
+    operator: &Client,
+    cluster: &str,
+    work_dir: &Path,
+    change: impl FnOnce(AgentConfig) -> AgentConfig,
+) -> (watch::Sender<bool>, JoinHandle<()>) {
     let issued = operator.issue(Role::Agent, Some(cluster)).await.unwrap();
-    let config = AgentConfig {
+    let config = change(AgentConfig {
         max_running: 8,
         poll_interval: Duration::from_millis(100),
         ..AgentConfig::local(
@@ -35,7 +46,7 @@ pub async fn start_agent(
             issued.token().map(str::to_string),
             work_dir.to_path_buf(),
         )
-    };
+    });
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(async move { baygrid_agent::run(config, stopped).await.unwrap() });
     (stop, task)
