@@ -795,7 +795,11 @@ impl Agent {
             Ok(handle) => {
                 let tracked = Tracked {
                     handle,
-                    cursor: LogCursor::new(self.config.output),
+                    // a protected job's log stays at the site, whole, among its outputs
+                    cursor: LogCursor::new(match outputs {
+                        Some(_) => baygrid_exec::OutputLimits::whole(),
+                        None => self.config.output,
+                    }),
                     next_seq: 1,
                     final_status: None,
                     // an engine without limits of its own is stopped by the agent

@@ -55,6 +55,17 @@ impl Default for OutputLimits {
     }
 }
 
+impl OutputLimits {
+    /// No head limit: every line, for output that stays at the site.
+    pub fn whole() -> Self {
+        OutputLimits {
+            head_bytes: u64::MAX,
+            head_lines: u64::MAX,
+            tail_bytes: 0,
+        }
+    }
+}
+
 /// Where reading a job's output has got to; persisted with the handle.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogCursor {
@@ -380,6 +391,22 @@ mod tests {
         // the tail starts at the first whole line of its last 20 bytes
         assert_eq!(&tail[1..], ["the last line"]);
         assert!(!c.is_behind());
+    }
+
+    #[test]
+    fn output_kept_whole_has_no_head() {
+        let mut c = LogCursor::new(OutputLimits::whole());
+        let text = "line\n".repeat(300_000);
+        let mut got = 0;
+        loop {
+            let lines = c.take_new_lines("s", text.as_bytes(), true);
+            assert!(lines.iter().all(|l| l == "line"));
+            got += lines.len();
+            if !c.is_behind() {
+                break;
+            }
+        }
+        assert_eq!(got, 300_000);
     }
 
     #[test]
