@@ -251,6 +251,10 @@ pub struct NewVersion {
     /// The upload's id: its files are under `datasets/<name>/uploads/<upload>/`.
     pub upload: String,
     pub files: Vec<VersionFile>,
+    /// Distinct values of the dataset's subject column across the files (required when it
+    /// names one): the individuals the version is about.
+    #[serde(default)]
+    pub subjects: Option<u64>,
 }
 
 /// A recorded version of a dataset.
@@ -263,6 +267,9 @@ pub struct DatasetVersion {
     pub files: Vec<VersionFile>,
     pub rows: u64,
     pub bytes: u64,
+    /// Distinct individuals counted in the files, where the dataset has a subject column.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subjects: Option<u64>,
     /// RFC 3339.
     pub created_at: String,
 }
@@ -332,7 +339,23 @@ impl NewVersion {
                 ));
             }
         }
+        let rows: u64 = self.files.iter().map(|f| f.rows).sum();
+        if let Some(subjects) = self.subjects.filter(|n| *n > rows) {
+            return Err(bad(
+                "subjects",
+                format!("{subjects} individuals in {rows} rows: each row is about one at most"),
+            ));
+        }
         Ok(())
+    }
+}
+
+impl DatasetSpec {
+    /// The individuals the rules count for this dataset: what its holder declared, or what
+    /// its latest version's files hold where that is more.
+    pub fn subjects_in(&self, versions: &[DatasetVersion]) -> u64 {
+        let counted = versions.last().and_then(|v| v.subjects).unwrap_or(0);
+        self.subjects.max(counted)
     }
 }
 

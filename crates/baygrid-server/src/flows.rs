@@ -377,6 +377,14 @@ async fn register_copy(
         vault: flow.site.clone(),
         collected_abroad: source.collected_abroad || crossed,
         arrived_under,
+        // the individuals the source is counted as holding go with the copy
+        subjects: source.subjects_in(
+            catalog
+                .versions
+                .get(&source.name)
+                .map(Vec::as_slice)
+                .unwrap_or_default(),
+        ),
         ..source.clone()
     };
     let body = serde_json::to_value(&copy).map_err(|e| ApiError::Unavailable(e.to_string()))?;
@@ -402,6 +410,7 @@ async fn register_copy(
         rows: flow.files.iter().map(|f| f.rows).sum(),
         bytes: flow.files.iter().map(|f| f.bytes).sum(),
         files: flow.files.clone(),
+        subjects: None,
         created_at: millis_to_rfc3339(state.now()),
     };
     let body = serde_json::to_value(&version).map_err(|e| ApiError::Unavailable(e.to_string()))?;

@@ -203,12 +203,30 @@ pub async fn add_version(
             upload.upload
         )));
     }
+    // the individuals the files hold: the rules count them where they are more than the
+    // holder declared
+    match (&spec.subject_column, upload.subjects) {
+        (Some(column), None) => {
+            return Err(ApiError::bad(
+                "subjects",
+                format!("count the distinct values of `{column}` in the files: `{name}`'s individuals are counted from its data"),
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(ApiError::bad(
+                "subjects",
+                format!("`{name}` names no subject column to count individuals by"),
+            ))
+        }
+        _ => {}
+    }
     let version = put_version(
         &state,
         &name,
         &spec.holder,
         upload.upload,
         upload.files,
+        upload.subjects,
         &who,
     )
     .await?;
@@ -223,6 +241,7 @@ pub(crate) async fn put_version(
     holder: &str,
     upload: String,
     files: Vec<baygrid_api::VersionFile>,
+    subjects: Option<u64>,
     who: &Principal,
 ) -> ApiResult<DatasetVersion> {
     let last = state
@@ -237,6 +256,7 @@ pub(crate) async fn put_version(
         rows: files.iter().map(|f| f.rows).sum(),
         bytes: files.iter().map(|f| f.bytes).sum(),
         files,
+        subjects,
         created_at: baygrid_core::millis_to_rfc3339(state.now()),
     };
     crate::catalog::put_json(
@@ -515,7 +535,16 @@ pub(crate) fn dataset_flow(
             jurisdiction: region(recipient.jurisdiction),
             city: recipient.city.clone(),
         },
-        data: dataset.facts(),
+        data: baygrid_rules::DataFacts {
+            subjects: dataset.subjects_in(
+                catalog
+                    .versions
+                    .get(&dataset.name)
+                    .map(Vec::as_slice)
+                    .unwrap_or_default(),
+            ),
+            ..dataset.facts()
+        },
         flow: Flow {
             mode,
             purpose: purpose.to_string(),
@@ -963,6 +992,7 @@ pub(crate) async fn register_derived(
     let for_files = NewVersion {
         upload: upload.clone(),
         files: files.to_vec(),
+        subjects: None,
     };
     for_files
         .validate()
@@ -984,7 +1014,19 @@ pub(crate) async fn register_derived(
                 .unwrap_or(baygrid_rules::Personal::None)
         }),
         // the same individuals may be in several inputs: the largest is the floor
-        subjects: inputs.iter().map(|d| d.subjects).max().unwrap_or(0),
+        subjects: inputs
+            .iter()
+            .map(|d| {
+                d.subjects_in(
+                    catalog
+                        .versions
+                        .get(&d.name)
+                        .map(Vec::as_slice)
+                        .unwrap_or_default(),
+                )
+            })
+            .max()
+            .unwrap_or(0),
         subject_column: None,
         purposes: vec![purpose],
         collected_abroad: inputs.iter().any(|d| {
@@ -1003,7 +1045,7 @@ pub(crate) async fn register_derived(
         .is_some_and(|v| v.iter().any(|v| v.upload == upload));
     if !recorded {
         let _numbering = state.zone_writes.lock().await;
-        put_version(state, &name, &holder, upload, files.to_vec(), who).await?;
+        put_version(state, &name, &holder, upload, files.to_vec(), None, who).await?;
     }
     Ok(name)
 }

@@ -113,7 +113,9 @@ async fn datasets(store: Option<String>) {
     let regulator = operator.issue(Role::Regulator, None).await.unwrap();
 
     // registration: the holder registers its own; errors name the field
-    let sz = example("sz-credit-labels");
+    let mut sz = example("sz-credit-labels");
+    // declared short of the 30,000 card holders its file holds: the rules count the file's
+    sz.subjects = 20_000;
     let hk = example("hk-card-features");
     let (field, _) = error_of(
         issuer.post::<_, DatasetView>("/api/v1/datasets", &sz).await,
@@ -176,14 +178,43 @@ async fn datasets(store: Option<String>) {
             .join(file);
         let version = baygrid_vault::upload(holder, name, &[path]).await.unwrap();
         assert_eq!((version.version, version.rows), (1, 30000));
+        assert_eq!(
+            version.subjects,
+            Some(30000),
+            "distinct `id`s counted at upload"
+        );
     }
+    let view: DatasetView = lab.get("/api/v1/datasets/sz-credit-labels").await.unwrap();
+    assert_eq!(view.spec.subjects, 20_000);
+    assert_eq!(view.spec.subjects_in(&view.versions), 30_000);
     let view: DatasetView = lab.get("/api/v1/datasets/hk-card-features").await.unwrap();
     assert_eq!(view.versions.len(), 1);
     let recorded = view.versions[0].clone();
     let again = NewVersion {
         upload: recorded.upload.clone(),
         files: recorded.files.clone(),
+        subjects: recorded.subjects,
     };
+    // a version of a dataset with a subject column says how many individuals it holds, and
+    // no more than its rows
+    for (subjects, message) in [
+        (None, "count the distinct values of `id`"),
+        (Some(30_001), "30001 individuals in 30000 rows"),
+    ] {
+        let new = NewVersion {
+            upload: "up-counted".into(),
+            subjects,
+            ..again.clone()
+        };
+        let (field, got) = error_of(
+            issuer
+                .post::<_, Value>("/api/v1/datasets/hk-card-features/versions", &new)
+                .await,
+            400,
+        );
+        assert_eq!(field.as_deref(), Some("subjects"));
+        assert!(got.contains(message), "{got}");
+    }
     // the same upload twice, another party's holder, a tenant, a malformed digest
     error_of(
         issuer
@@ -471,6 +502,15 @@ async fn datasets(store: Option<String>) {
     for offer in ["sz-credit-labels-copy", "hk-card-features-risk"] {
         let made = contract_at(offer, "hk-cyberport", "credit_risk").await;
         assert_ne!(made["state"], "denied", "{made}");
+        if offer == "sz-credit-labels-copy" {
+            // the lender declared 20,000 card holders; its file holds 30,000, and the
+            // export totals count those
+            assert_eq!(
+                made["decision"]["counts"],
+                json!(["personal", 30000]),
+                "{made}"
+            );
+        }
     }
     let quote: QuoteView = lab.post("/api/v1/jobs/quote", &hk_only).await.unwrap();
     let sites = verdicts(&quote);

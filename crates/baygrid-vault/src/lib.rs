@@ -254,10 +254,53 @@ pub struct Inspected {
     pub rows: u64,
 }
 
+/// Distinct individuals are counted exactly up to this many; a version with more records
+/// this many, a floor above the rule pack's largest threshold (1,000,000 individuals).
+pub const SUBJECTS_COUNTED_UP_TO: u64 = 4_000_000;
+
+/// The distinct values of a dataset's subject column, each kept as a 64-bit hash.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Subjects(std::collections::HashSet<u64>);
+
+impl Subjects {
+    fn add(&mut self, value: &[u8]) {
+        use std::hash::Hasher;
+        if (self.0.len() as u64) < SUBJECTS_COUNTED_UP_TO {
+            let mut hasher = std::hash::DefaultHasher::new();
+            hasher.write(value);
+            self.0.insert(hasher.finish());
+        }
+    }
+
+    /// Adds another file's individuals (the same individual in two files counts once).
+    pub fn merge(&mut self, other: Subjects) {
+        for hash in other.0 {
+            if (self.0.len() as u64) >= SUBJECTS_COUNTED_UP_TO {
+                break;
+            }
+            self.0.insert(hash);
+        }
+    }
+
+    /// Distinct individuals, at most [`SUBJECTS_COUNTED_UP_TO`].
+    pub fn count(&self) -> u64 {
+        self.0.len() as u64
+    }
+}
+
 /// Checks a CSV or Parquet file against a dataset's columns: the same names in the same
 /// order (and for Parquet, physical types that can hold the declared ones). Returns the
 /// row count. Errors name the file and the column.
 pub fn inspect(file: &Path, schema: &[Column]) -> Result<Inspected, VaultError> {
+    inspect_counting(file, schema, None).map(|(inspected, _)| inspected)
+}
+
+/// [`inspect`], counting the distinct values of `subject_column` as it reads.
+pub fn inspect_counting(
+    file: &Path,
+    schema: &[Column],
+    subject_column: Option<&str>,
+) -> Result<(Inspected, Subjects), VaultError> {
     let name = file.display().to_string();
     let bad = |message: String| VaultError::File {
         file: name.clone(),
@@ -267,9 +310,20 @@ pub fn inspect(file: &Path, schema: &[Column]) -> Result<Inspected, VaultError> 
         .extension()
         .and_then(|e| e.to_str())
         .map(str::to_ascii_lowercase);
+    let subject =
+        match subject_column {
+            Some(column) => Some(schema.iter().position(|c| c.name == column).ok_or_else(
+                || {
+                    bad(format!(
+                        "the subject column `{column}` is not in the schema"
+                    ))
+                },
+            )?),
+            None => None,
+        };
     match extension.as_deref() {
-        Some("csv") => inspect_csv(file, schema).map_err(bad),
-        Some("parquet") => inspect_parquet(file, schema).map_err(bad),
+        Some("csv") => inspect_csv(file, schema, subject).map_err(bad),
+        Some("parquet") => inspect_parquet(file, schema, subject).map_err(bad),
         _ => Err(bad("is neither .csv nor .parquet".into())),
     }
 }
@@ -282,7 +336,11 @@ fn expected(schema: &[Column]) -> String {
         .join(",")
 }
 
-fn inspect_csv(file: &Path, schema: &[Column]) -> Result<Inspected, String> {
+fn inspect_csv(
+    file: &Path,
+    schema: &[Column],
+    subject: Option<usize>,
+) -> Result<(Inspected, Subjects), String> {
     use std::io::BufRead;
     let reader = std::io::BufReader::new(std::fs::File::open(file).map_err(|e| e.to_string())?);
     let mut lines = reader.lines();
@@ -310,13 +368,20 @@ fn inspect_csv(file: &Path, schema: &[Column]) -> Result<Inspected, String> {
         ));
     }
     let mut rows = 0u64;
+    let mut subjects = Subjects::default();
     for (i, line) in lines.enumerate() {
         let line = line.map_err(|e| e.to_string())?;
         let line = line.trim_end_matches('\r');
         if line.is_empty() {
             continue;
         }
-        let fields = line.split(',').count();
+        let mut fields = 0;
+        for (j, field) in line.split(',').enumerate() {
+            if Some(j) == subject {
+                subjects.add(field.trim().as_bytes());
+            }
+            fields += 1;
+        }
         if fields != schema.len() {
             return Err(format!(
                 "line {}: {fields} fields, the schema has {}",
@@ -326,13 +391,20 @@ fn inspect_csv(file: &Path, schema: &[Column]) -> Result<Inspected, String> {
         }
         rows += 1;
     }
-    Ok(Inspected {
-        format: Format::Csv,
-        rows,
-    })
+    Ok((
+        Inspected {
+            format: Format::Csv,
+            rows,
+        },
+        subjects,
+    ))
 }
 
-fn inspect_parquet(file: &Path, schema: &[Column]) -> Result<Inspected, String> {
+fn inspect_parquet(
+    file: &Path,
+    schema: &[Column],
+    subject: Option<usize>,
+) -> Result<(Inspected, Subjects), String> {
     use parquet::basic::Type as Physical;
     use parquet::file::reader::{FileReader, SerializedFileReader};
     let reader = SerializedFileReader::new(std::fs::File::open(file).map_err(|e| e.to_string())?)
@@ -376,10 +448,38 @@ fn inspect_parquet(file: &Path, schema: &[Column]) -> Result<Inspected, String> 
             ));
         }
     }
-    Ok(Inspected {
-        format: Format::Parquet,
-        rows: metadata.num_rows().max(0) as u64,
-    })
+    let mut subjects = Subjects::default();
+    if let Some(i) = subject {
+        use parquet::record::Field;
+        // only the subject column is read
+        let root = descr.root_schema();
+        let column = root.get_fields()[i].clone();
+        let projection = parquet::schema::types::Type::group_type_builder(root.name())
+            .with_fields(vec![column])
+            .build()
+            .map_err(|e| e.to_string())?;
+        let rows = reader
+            .get_row_iter(Some(projection))
+            .map_err(|e| format!("cannot read column `{}`: {e}", schema[i].name))?;
+        for row in rows {
+            let row = row.map_err(|e| format!("cannot read column `{}`: {e}", schema[i].name))?;
+            for (_, field) in row.get_column_iter() {
+                match field {
+                    Field::Null => {}
+                    Field::Str(text) => subjects.add(text.trim().as_bytes()),
+                    Field::Bytes(bytes) => subjects.add(bytes.data()),
+                    other => subjects.add(other.to_string().as_bytes()),
+                }
+            }
+        }
+    }
+    Ok((
+        Inspected {
+            format: Format::Parquet,
+            rows: metadata.num_rows().max(0) as u64,
+        },
+        subjects,
+    ))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -411,6 +511,7 @@ pub async fn upload(
         return Err(UploadError::Input("name at least one file".into()));
     }
     let mut checked: Vec<(String, &Path, Inspected)> = Vec::new();
+    let mut subjects = Subjects::default();
     for path in paths {
         let name = path
             .file_name()
@@ -423,7 +524,9 @@ pub async fn upload(
                 path.display()
             )));
         }
-        let inspected = inspect(path, &view.spec.schema)?;
+        let (inspected, in_file) =
+            inspect_counting(path, &view.spec.schema, view.spec.subject_column.as_deref())?;
+        subjects.merge(in_file);
         checked.push((name, path, inspected));
     }
     let vault = Vault::open(&url)?;
@@ -454,7 +557,11 @@ pub async fn upload(
     Ok(client
         .post(
             &format!("/api/v1/datasets/{dataset}/versions"),
-            &baygrid_api::NewVersion { upload, files },
+            &baygrid_api::NewVersion {
+                upload,
+                files,
+                subjects: view.spec.subject_column.as_ref().map(|_| subjects.count()),
+            },
         )
         .await?)
 }

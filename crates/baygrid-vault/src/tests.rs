@@ -80,6 +80,32 @@ fn the_shared_credit_tables_match_their_example_schemas() {
     )
     .unwrap();
     assert_eq!(host.rows, 30000);
+    // the individuals: 30,000 card holders in each table, the same ones
+    let (_, mut in_guest) = inspect_counting(
+        &shared("default_credit_hetero_guest.csv"),
+        &example_schema("sz-credit-labels"),
+        Some("id"),
+    )
+    .unwrap();
+    assert_eq!(in_guest.count(), 30000);
+    let (_, in_host) = inspect_counting(
+        &shared("default_credit_hetero_host.csv"),
+        &example_schema("hk-card-features"),
+        Some("id"),
+    )
+    .unwrap();
+    in_guest.merge(in_host);
+    assert_eq!(in_guest.count(), 30000);
+    let err = inspect_counting(
+        &shared("default_credit_hetero_guest.csv"),
+        &example_schema("sz-credit-labels"),
+        Some("card_no"),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("`card_no` is not in the schema"),
+        "{err}"
+    );
     // the other party's file is not this dataset
     let err = inspect(
         &shared("default_credit_hetero_host.csv"),
@@ -138,7 +164,7 @@ fn parquet_files_are_checked_by_their_footer() {
             &[
                 ByteArray::from("a"),
                 ByteArray::from("b"),
-                ByteArray::from("c"),
+                ByteArray::from("a"),
             ],
             None,
             None,
@@ -171,6 +197,9 @@ fn parquet_files_are_checked_by_their_footer() {
             rows: 3
         }
     );
+    // two individuals in three rows, read from the subject column alone
+    let (_, subjects) = inspect_counting(&path, &schema, Some("id")).unwrap();
+    assert_eq!(subjects.count(), 2);
     schema[1].kind = ColumnType::Bool;
     let err = inspect(&path, &schema).unwrap_err().to_string();
     assert!(err.contains("cannot hold"), "{err}");

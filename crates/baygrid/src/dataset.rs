@@ -51,9 +51,27 @@ fn describe(view: &DatasetView) -> Vec<String> {
         format!("{} ({})", s.vault, view.jurisdiction),
         format!("{:?}", s.level).to_lowercase(),
         format!("{:?}", s.personal).to_lowercase(),
-        s.subjects.to_string(),
+        subjects(view),
         s.purposes.join(","),
     ]
+}
+
+/// The individuals the rules count, and what the holder declared where that is fewer.
+fn subjects(view: &DatasetView) -> String {
+    let counted = view.spec.subjects_in(&view.versions);
+    if counted > view.spec.subjects {
+        format!("{counted} (declared {})", view.spec.subjects)
+    } else {
+        counted.to_string()
+    }
+}
+
+/// `, N individuals` where the version's were counted.
+fn individuals(version: &baygrid_api::DatasetVersion) -> String {
+    version
+        .subjects
+        .map(|n| format!(", {n} individuals"))
+        .unwrap_or_default()
 }
 
 pub async fn dataset(args: &Args, cmd: &DatasetCommand) -> anyhow::Result<ExitCode> {
@@ -80,13 +98,23 @@ pub async fn dataset(args: &Args, cmd: &DatasetCommand) -> anyhow::Result<ExitCo
         }
         DatasetCommand::Upload { name, paths } => {
             let version = baygrid_vault::upload(&client, name, paths).await?;
+            let view: DatasetView = client.get(&format!("/api/v1/datasets/{name}")).await?;
+            if let (Some(counted), Some(column)) = (version.subjects, &view.spec.subject_column) {
+                if counted > view.spec.subjects {
+                    eprintln!(
+                        "note: the files hold {counted} distinct `{column}` values, more than the {} individuals `{name}` declares; the rules count {counted} from now on",
+                        view.spec.subjects
+                    );
+                }
+            }
             emit(args.output, &version, |v| {
                 println!(
-                    "dataset {} version {}: {} file(s), {} rows, {} bytes (upload {})",
+                    "dataset {} version {}: {} file(s), {} rows{}, {} bytes (upload {})",
                     v.dataset,
                     v.version,
                     v.files.len(),
                     v.rows,
+                    individuals(v),
                     v.bytes,
                     v.upload
                 );
@@ -111,10 +139,11 @@ pub async fn dataset(args: &Args, cmd: &DatasetCommand) -> anyhow::Result<ExitCo
                 }
                 for version in &v.versions {
                     println!(
-                        "version {}: {} file(s), {} rows, {} bytes, {}",
+                        "version {}: {} file(s), {} rows{}, {} bytes, {}",
                         version.version,
                         version.files.len(),
                         version.rows,
+                        individuals(version),
                         version.bytes,
                         version.created_at
                     );

@@ -1011,8 +1011,17 @@ fn datasets_are_registered_uploaded_and_read_through_the_cli() {
     ];
     let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let spec = repo.join("examples/datasets/sz-credit-labels.yaml");
+    // declared short of the table's 30,000 card holders
+    let short = dir.path().join("sz-credit-labels.yaml");
+    std::fs::write(
+        &short,
+        std::fs::read_to_string(&spec)
+            .unwrap()
+            .replace("subjects: 30000", "subjects: 25000"),
+    )
+    .unwrap();
     let out = baygrid(
-        &["dataset", "register", spec.to_str().unwrap()],
+        &["dataset", "register", short.to_str().unwrap()],
         &holder_env,
     );
     assert!(out.status.success(), "{}", stderr(&out));
@@ -1064,6 +1073,12 @@ fn datasets_are_registered_uploaded_and_read_through_the_cli() {
     let version: Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(version["version"], 1);
     assert_eq!(version["rows"], 30000);
+    assert_eq!(version["subjects"], 30000);
+    assert!(
+        stderr(&out).contains("the files hold 30000 distinct `id` values, more than the 25000 individuals `sz-credit-labels` declares; the rules count 30000 from now on"),
+        "{}",
+        stderr(&out)
+    );
     let digest = version["files"][0]["sha256"].as_str().unwrap().to_string();
     // the bytes are in the Shenzhen vault, under the upload
     let object = data
@@ -1079,7 +1094,12 @@ fn datasets_are_registered_uploaded_and_read_through_the_cli() {
     let out = baygrid(&["dataset", "get", "sz-credit-labels"], &operator_env);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
-        stdout(&out).contains("version 1: 1 file(s), 30000 rows"),
+        stdout(&out).contains("version 1: 1 file(s), 30000 rows, 30000 individuals"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        stdout(&out).contains("30000 (declared 25000)"),
         "{}",
         stdout(&out)
     );
