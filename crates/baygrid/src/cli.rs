@@ -709,9 +709,11 @@ pub async fn job(args: &Args, cmd: &JobCommand) -> anyhow::Result<std::process::
         JobCommand::Logs { id, follow } => {
             let mut after = String::from("0:0");
             loop {
-                let page: LogsView = client
-                    .get(&format!("/api/v1/jobs/{id}/logs?after={after}"))
-                    .await?;
+                let path = format!("/api/v1/jobs/{id}/logs?after={after}");
+                let page: LogsView = match follow {
+                    true => get_patiently(&client, &path, None).await?,
+                    false => client.get(&path).await?,
+                };
                 for line in &page.lines {
                     match args.output {
                         Output::Json => println!("{}", serde_json::to_string(line)?),
@@ -802,6 +804,58 @@ fn print_job(job: &JobView) {
 }
 
 /// Polls until every job has ended, with a progress bar when `progress`.
+/// How long a command that waits (`--wait`, `--follow`) keeps asking a server it cannot
+/// reach, or that answers 502, 503 or 504: long enough for a server to restart, while the
+/// jobs it waits for go on running.
+const PATIENCE: Duration = Duration::from_secs(300);
+
+/// GET `path`, riding out a server that is restarting (see [`PATIENCE`]); says so on stderr
+/// (above `bar`, when there is one).
+pub(crate) async fn get_patiently<T: serde::de::DeserializeOwned>(
+    client: &Client,
+    path: &str,
+    bar: Option<&indicatif::ProgressBar>,
+) -> Result<T, baygrid_api::ClientError> {
+    let say = |text: String| match bar {
+        Some(bar) => bar.suspend(|| eprintln!("{text}")),
+        None => eprintln!("{text}"),
+    };
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let mut pause = Duration::from_millis(250);
+    let mut told = false;
+    loop {
+        match client.get::<T>(path).await {
+            Ok(value) => {
+                if told {
+                    say("the server answers again".into());
+                }
+                return Ok(value);
+            }
+            Err(e) if transient(&e) && std::time::Instant::now() < deadline => {
+                if !told {
+                    say(format!(
+                        "{e}; asking again for up to {}",
+                        humantime::format_duration(PATIENCE)
+                    ));
+                    told = true;
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// An error a restarting server gives: it cannot be reached, or a proxy before it says so.
+fn transient(e: &baygrid_api::ClientError) -> bool {
+    match e {
+        baygrid_api::ClientError::Unreachable { .. } => true,
+        baygrid_api::ClientError::Api { status, .. } => matches!(status, 502..=504),
+        baygrid_api::ClientError::Decode(_) => false,
+    }
+}
+
 pub async fn wait_for(
     client: &Client,
     ids: &[String],
@@ -818,9 +872,9 @@ pub async fn wait_for(
         bar
     });
     loop {
-        let mut jobs = Vec::with_capacity(ids.len());
+        let mut jobs: Vec<JobView> = Vec::with_capacity(ids.len());
         for id in ids {
-            jobs.push(client.get::<JobView>(&format!("/api/v1/jobs/{id}")).await?);
+            jobs.push(get_patiently(client, &format!("/api/v1/jobs/{id}"), bar.as_ref()).await?);
         }
         let ended = jobs.iter().filter(|j| j.state.is_terminal()).count();
         if let Some(bar) = &bar {

@@ -125,16 +125,16 @@ pub(crate) async fn run_file(
     }
     let mut seen = 0;
     loop {
-        let events: Vec<FusionEvent> = client
-            .get(&format!("/api/v1/fusion/{}/logs", started.id))
-            .await?;
+        let events: Vec<FusionEvent> =
+            crate::cli::get_patiently(client, &format!("/api/v1/fusion/{}/logs", started.id), None)
+                .await?;
         if events.len() > seen {
             print_events(&events[seen..]);
             seen = events.len();
         }
-        let view: FusionView = client
-            .get(&format!("/api/v1/fusion/{}", started.id))
-            .await?;
+        let view: FusionView =
+            crate::cli::get_patiently(client, &format!("/api/v1/fusion/{}", started.id), None)
+                .await?;
         if view.state != FusionState::Running {
             let events: Vec<FusionEvent> = client
                 .get(&format!("/api/v1/fusion/{}/logs", started.id))

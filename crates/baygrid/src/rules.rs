@@ -172,7 +172,9 @@ pub async fn flow(args: &Args, cmd: &FlowCommand) -> anyhow::Result<ExitCode> {
                 )
             {
                 tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                view = client.get(&format!("/api/v1/flows/{}", view.id)).await?;
+                view =
+                    crate::cli::get_patiently(&client, &format!("/api/v1/flows/{}", view.id), None)
+                        .await?;
             }
             emit(args.output, &view, print_flow);
             return Ok(match view.state {

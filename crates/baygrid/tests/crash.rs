@@ -74,6 +74,41 @@ async fn kill_dash_nine_loses_no_acknowledged_job_and_runs_none_twice() {
         runs.display()
     ))
     .unwrap();
+    // a user waits through the crash on a job that ends once the server is back:
+    // `job submit --wait` keeps asking
+    let waiter_spec = dir.path().join("waiter.yaml");
+    let go = dir.path().join("go");
+    std::fs::write(
+        &waiter_spec,
+        format!(
+            "name: waiter\nresources: {{accelerators: {{A800: 1}}}}\ncommand: echo $BAYGRID_JOB_ID >> {}; while [ ! -e {} ]; do sleep 0.1; done\nestimated_duration: 1m\n",
+            runs.display(),
+            go.display()
+        ),
+    )
+    .unwrap();
+    let waiter_log = dir.path().join("waiter.log");
+    let log = std::fs::File::create(&waiter_log).unwrap();
+    let mut waiter = std::process::Command::new(BIN)
+        .args(["job", "submit", waiter_spec.to_str().unwrap(), "--wait"])
+        .env("BAYGRID_SERVER", &url)
+        .env("BAYGRID_TOKEN", tenant.token().unwrap())
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while std::fs::read_to_string(&runs)
+        .unwrap_or_default()
+        .is_empty()
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the waiter's job never started"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let acknowledged = Arc::new(Mutex::new(Vec::<String>::new()));
     let mut submitters = Vec::new();
     for worker in 0..16 {
@@ -137,12 +172,14 @@ async fn kill_dash_nine_loses_no_acknowledged_job_and_runs_none_twice() {
         acknowledged.len()
     );
 
-    // restart on the same data directory
+    // down long enough for the waiter to find it gone, then restarted on the same directory
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let mut server = spawn(
         &["server", "--config", &config_arg],
         &dir.path().join("server-2.log"),
     );
     wait_healthy(&url, Duration::from_secs(30));
+    std::fs::write(&go, "").unwrap();
     for id in &acknowledged {
         let job: JobView = operator
             .get(&format!("/api/v1/jobs/{id}"))
@@ -190,6 +227,14 @@ async fn kill_dash_nine_loses_no_acknowledged_job_and_runs_none_twice() {
         *counts.entry(line).or_default() += 1;
     }
     let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    // the waiter saw the server go and come back, and its job end as it ran, once
+    let status = waiter.wait().unwrap();
+    let said = std::fs::read_to_string(&waiter_log).unwrap();
+    assert!(status.success(), "{said}");
+    assert!(said.contains("cannot reach the server"), "{said}");
+    assert!(said.contains("asking again for up to 5m"), "{said}");
+    assert!(said.contains("the server answers again"), "{said}");
+    assert!(said.contains("succeeded"), "{said}");
     assert!(twice.is_empty(), "jobs ran twice: {twice:?}");
     let ran: BTreeSet<&str> = counts.keys().copied().collect();
     for job in &jobs {
