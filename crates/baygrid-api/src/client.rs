@@ -97,6 +97,7 @@ impl Client {
             role,
             subject: subject.map(str::to_string),
             label: None,
+            expires_in: None,
         };
         let issued: crate::IssuedToken = self.post("/api/v1/tokens", &request).await?;
         Ok(Client {

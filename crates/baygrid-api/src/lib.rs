@@ -235,6 +235,9 @@ pub struct IssueTokenRequest {
     pub subject: Option<String>,
     #[serde(default)]
     pub label: Option<String>,
+    /// How long the token is good for (`90days`, `12h`); it never expires when absent.
+    #[serde(default)]
+    pub expires_in: Option<String>,
 }
 
 /// A new token. The secret is shown once and stored only as a hash.
@@ -244,6 +247,9 @@ pub struct IssuedToken {
     pub token: String,
     pub role: Role,
     pub subject: Option<String>,
+    /// RFC 3339; none when the token does not expire.
+    #[serde(default)]
+    pub expires_at: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -254,6 +260,8 @@ pub struct TokenView {
     pub label: String,
     pub created_at: String,
     pub revoked_at: Option<String>,
+    #[serde(default)]
+    pub expires_at: Option<String>,
 }
 
 /// Capacity an agent reports for its cluster.

@@ -3,7 +3,7 @@
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use baygrid_core::{Principal, Role};
+use baygrid_core::{Millis, Principal, Role};
 use baygrid_store::TokenRecord;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
@@ -27,7 +27,8 @@ pub struct TokenCache {
 #[derive(Default)]
 struct Entries {
     generation: u64,
-    tokens: std::collections::HashMap<String, (Principal, std::time::Instant)>,
+    /// Each valid token's principal, when it was read, and when it expires.
+    tokens: std::collections::HashMap<String, (Principal, std::time::Instant, Option<Millis>)>,
 }
 
 impl TokenCache {
@@ -35,16 +36,20 @@ impl TokenCache {
 
     /// A cached principal, or the generation to hand [`TokenCache::put`] after the store
     /// has been read.
-    fn get(&self, hash: &str) -> Result<Principal, u64> {
+    fn get(&self, hash: &str, now: Millis) -> Result<Principal, u64> {
         let entries = self.entries.read().expect("token cache lock");
         match entries.tokens.get(hash) {
-            Some((principal, at)) if at.elapsed() < Self::TTL => Ok(principal.clone()),
+            Some((principal, at, expires))
+                if at.elapsed() < Self::TTL && expires.is_none_or(|e| now < e) =>
+            {
+                Ok(principal.clone())
+            }
             _ => Err(entries.generation),
         }
     }
 
     /// Caches what the store said, unless the cache was cleared since `generation`.
-    fn put(&self, generation: u64, hash: String, principal: Principal) {
+    fn put(&self, generation: u64, hash: String, principal: Principal, expires: Option<Millis>) {
         let mut entries = self.entries.write().expect("token cache lock");
         if entries.generation != generation {
             return;
@@ -54,7 +59,7 @@ impl TokenCache {
         }
         entries
             .tokens
-            .insert(hash, (principal, std::time::Instant::now()));
+            .insert(hash, (principal, std::time::Instant::now(), expires));
     }
 
     pub fn clear(&self) {
@@ -81,6 +86,7 @@ pub async fn issue(
     role: Role,
     subject: Option<String>,
     label: String,
+    expires_ms: Option<Millis>,
     actor: &str,
 ) -> Result<(TokenRecord, String), ApiError> {
     let secret = new_secret();
@@ -93,6 +99,7 @@ pub async fn issue(
         label,
         created_ms: now,
         revoked_ms: None,
+        expires_ms,
     };
     state
         .store
@@ -119,7 +126,8 @@ impl FromRequestParts<AppState> for Principal {
             .strip_prefix("Bearer ")
             .ok_or_else(|| ApiError::Unauthorized("Authorization must be `Bearer TOKEN`".into()))?;
         let hash = hash_secret(secret.trim());
-        let generation = match state.tokens.get(&hash) {
+        let now = state.now();
+        let generation = match state.tokens.get(&hash, now) {
             Ok(principal) => return Ok(principal),
             Err(generation) => generation,
         };
@@ -128,12 +136,21 @@ impl FromRequestParts<AppState> for Principal {
             .find_token(&hash)
             .await?
             .ok_or_else(|| ApiError::Unauthorized("unknown or revoked token".into()))?;
+        if let Some(expired) = record.expires_ms.filter(|e| *e <= now) {
+            return Err(ApiError::Unauthorized(format!(
+                "token {} expired at {}",
+                record.id,
+                baygrid_core::millis_to_rfc3339(expired)
+            )));
+        }
         let principal = Principal {
             token_id: record.id,
             role: record.role,
             subject: record.subject,
         };
-        state.tokens.put(generation, hash, principal.clone());
+        state
+            .tokens
+            .put(generation, hash, principal.clone(), record.expires_ms);
         Ok(principal)
     }
 }
@@ -175,15 +192,25 @@ mod tests {
     fn a_lookup_that_began_before_a_revocation_does_not_cache_the_token_after_it() {
         let cache = TokenCache::default();
         // a request misses the cache and reads the store (the token is still valid there)
-        let began = cache.get("h").unwrap_err();
+        let began = cache.get("h", 0).unwrap_err();
         // meanwhile the token is revoked: the store first, then the cache
         cache.clear();
         // the request's answer from the store comes back late and is not kept
-        cache.put(began, "h".into(), principal());
-        assert!(cache.get("h").is_err());
+        cache.put(began, "h".into(), principal(), None);
+        assert!(cache.get("h", 0).is_err());
         // a lookup that began after the clear is kept
-        let now = cache.get("h").unwrap_err();
-        cache.put(now, "h".into(), principal());
-        assert_eq!(cache.get("h").unwrap(), principal());
+        let now = cache.get("h", 0).unwrap_err();
+        cache.put(now, "h".into(), principal(), None);
+        assert_eq!(cache.get("h", 0).unwrap(), principal());
+    }
+
+    #[test]
+    fn a_cached_token_is_not_served_past_its_expiry() {
+        let cache = TokenCache::default();
+        let generation = cache.get("h", 0).unwrap_err();
+        cache.put(generation, "h".into(), principal(), Some(100));
+        assert_eq!(cache.get("h", 99).unwrap(), principal());
+        // the store is read again, which says it expired
+        assert!(cache.get("h", 100).is_err());
     }
 }

@@ -746,12 +746,28 @@ pub async fn issue_token(
             ));
         }
     }
+    let expires_ms = match request.expires_in.as_deref() {
+        None => None,
+        Some(text) => {
+            let ttl = humantime::parse_duration(text).map_err(|e| {
+                ApiError::bad("expires_in", format!("`{text}` is not a duration: {e}"))
+            })?;
+            if ttl.is_zero() || ttl > std::time::Duration::from_secs(10 * 366 * 86_400) {
+                return Err(ApiError::bad(
+                    "expires_in",
+                    format!("`{text}`: a token lasts longer than zero and at most ten years"),
+                ));
+            }
+            Some(state.now() + ttl.as_millis() as i64)
+        }
+    };
     let label = request.label.clone().unwrap_or_default();
     let (record, secret) = crate::auth::issue(
         &state,
         request.role,
         request.subject.clone(),
         label,
+        expires_ms,
         &actor(&who),
     )
     .await?;
@@ -762,6 +778,7 @@ pub async fn issue_token(
             token: secret,
             role: record.role,
             subject: record.subject,
+            expires_at: record.expires_ms.map(millis_to_rfc3339),
         }),
     ))
 }
@@ -783,6 +800,7 @@ pub async fn list_tokens(
                 label: t.label,
                 created_at: millis_to_rfc3339(t.created_ms),
                 revoked_at: t.revoked_ms.map(millis_to_rfc3339),
+                expires_at: t.expires_ms.map(millis_to_rfc3339),
             })
             .collect(),
     ))

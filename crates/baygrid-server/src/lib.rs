@@ -243,6 +243,7 @@ async fn ensure_operator_token(state: &AppState) -> Result<String, ServerError> 
         Role::Operator,
         None,
         "first operator".into(),
+        None,
         "server",
     )
     .await?;

@@ -252,6 +252,7 @@ async fn api_flow(store: Option<String>) {
                 role: Role::Regulator,
                 subject: None,
                 label: None,
+                expires_in: None,
             },
         )
         .await
@@ -269,6 +270,44 @@ async fn api_flow(store: Option<String>) {
             .await,
         404,
         None,
+    );
+    // a token issued for a time is refused once it is up, saying so
+    for bad in ["soon", "0s", "11years"] {
+        expect_error(
+            operator
+                .post::<_, Value>(
+                    "/api/v1/tokens",
+                    &json!({"role": "regulator", "expires_in": bad}),
+                )
+                .await,
+            400,
+            Some("expires_in"),
+        );
+    }
+    let brief: IssuedToken = operator
+        .post(
+            "/api/v1/tokens",
+            &json!({"role": "regulator", "expires_in": "1s"}),
+        )
+        .await
+        .unwrap();
+    let expires_at = brief.expires_at.clone().expect("an expiry");
+    let auditor = Client::new(&base, Some(brief.token.clone()));
+    let _: Vec<Value> = auditor.get("/api/v1/sites").await.unwrap();
+    let listed: Vec<Value> = operator.get("/api/v1/tokens").await.unwrap();
+    assert!(listed
+        .iter()
+        .any(|t| t["id"] == brief.id.as_str() && t["expires_at"] == expires_at.as_str()));
+    let until = chrono::DateTime::parse_from_rfc3339(&expires_at).unwrap();
+    while chrono::Utc::now() <= until {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let refused = auditor.get::<Value>("/api/v1/sites").await.unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains(&format!("token {} expired at {expires_at}", brief.id)),
+        "{refused}"
     );
 
     // sites and accelerators: operator only, validated

@@ -649,8 +649,8 @@ impl Store {
         self.write(move |conn| {
             Box::pin(async move {
                 sqlx::query(
-                    "INSERT INTO tokens (id, hash, role, subject, label, created_ms, revoked_ms) \
-                     VALUES ($1, $2, $3, $4, $5, $6, NULL)",
+                    "INSERT INTO tokens (id, hash, role, subject, label, created_ms, revoked_ms, expires_ms) \
+                     VALUES ($1, $2, $3, $4, $5, $6, NULL, $7)",
                 )
                 .bind(&token.id)
                 .bind(&token.hash)
@@ -658,19 +658,20 @@ impl Store {
                 .bind(token.subject.as_deref())
                 .bind(&token.label)
                 .bind(token.created_ms)
+                .bind(token.expires_ms)
                 .execute(&mut *conn)
                 .await?;
-                let payload = serde_json::json!({"token": token.id, "role": token.role, "subject": token.subject});
+                let payload = serde_json::json!({"token": token.id, "role": token.role, "subject": token.subject, "expires_ms": token.expires_ms});
                 outbox(conn, now, "token.issue", &actor, &payload).await
             })
         })
         .await
     }
 
-    /// The live (not revoked) token with this hash.
+    /// The token with this hash that is not revoked (it may have expired: the caller says so).
     pub async fn find_token(&self, hash: &str) -> Result<Option<TokenRecord>> {
         let row = sqlx::query(
-            "SELECT id, hash, role, subject, label, created_ms, revoked_ms FROM tokens WHERE hash = $1 AND revoked_ms IS NULL",
+            "SELECT id, hash, role, subject, label, created_ms, revoked_ms, expires_ms FROM tokens WHERE hash = $1 AND revoked_ms IS NULL",
         )
         .bind(hash)
         .fetch_optional(&self.pool)
@@ -680,7 +681,7 @@ impl Store {
 
     pub async fn list_tokens(&self) -> Result<Vec<TokenRecord>> {
         let rows = sqlx::query(
-            "SELECT id, hash, role, subject, label, created_ms, revoked_ms FROM tokens ORDER BY id",
+            "SELECT id, hash, role, subject, label, created_ms, revoked_ms, expires_ms FROM tokens ORDER BY id",
         )
         .fetch_all(&self.pool)
         .await?;

@@ -122,6 +122,8 @@ pub struct TokenRecord {
     pub label: String,
     pub created_ms: Millis,
     pub revoked_ms: Option<Millis>,
+    /// After this the token is refused; none: it does not expire.
+    pub expires_ms: Option<Millis>,
 }
 
 impl TokenRecord {
@@ -135,6 +137,7 @@ impl TokenRecord {
             label: row.try_get("label")?,
             created_ms: row.try_get("created_ms")?,
             revoked_ms: row.try_get("revoked_ms")?,
+            expires_ms: row.try_get("expires_ms")?,
         })
     }
 }

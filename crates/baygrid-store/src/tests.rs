@@ -361,11 +361,13 @@ async fn suite(store: Store) {
         label: "test".into(),
         created_ms: 1,
         revoked_ms: None,
+        expires_ms: Some(1_000),
     };
     store
         .insert_token(token.clone(), "operator".into(), 1)
         .await
         .unwrap();
+    assert_eq!(store.find_token("abc").await.unwrap(), Some(token.clone()));
     assert_eq!(
         store
             .find_token("abc")

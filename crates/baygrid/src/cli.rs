@@ -95,6 +95,9 @@ pub enum TokenCommand {
         subject: Option<String>,
         #[arg(long)]
         label: Option<String>,
+        /// How long it is good for (`90days`, `12h`); without it, until revoked.
+        #[arg(long)]
+        expires_in: Option<String>,
     },
     Ls,
     /// Revoke a token at once.
@@ -497,15 +500,27 @@ pub async fn token(args: &Args, cmd: &TokenCommand) -> anyhow::Result<std::proce
             role,
             subject,
             label,
+            expires_in,
         } => {
             let request = IssueTokenRequest {
                 role: *role,
                 subject: subject.clone(),
                 label: label.clone(),
+                expires_in: expires_in.clone(),
             };
             let issued: IssuedToken = client.post("/api/v1/tokens", &request).await?;
             emit(args.output, &issued, |t| {
-                println!("token {} ({} {})", t.id, t.role, or_dash(t.subject.clone()));
+                let until = t
+                    .expires_at
+                    .as_ref()
+                    .map(|at| format!(", until {at}"))
+                    .unwrap_or_default();
+                println!(
+                    "token {} ({} {}{until})",
+                    t.id,
+                    t.role,
+                    or_dash(t.subject.clone())
+                );
                 println!("{}", t.token);
             });
         }
@@ -521,12 +536,15 @@ pub async fn token(args: &Args, cmd: &TokenCommand) -> anyhow::Result<std::proce
                             or_dash(t.subject.clone()),
                             t.label.clone(),
                             t.created_at.clone(),
+                            or_dash(t.expires_at.clone()),
                             or_dash(t.revoked_at.clone()),
                         ]
                     })
                     .collect::<Vec<_>>();
                 table(
-                    &["TOKEN", "ROLE", "SUBJECT", "LABEL", "CREATED", "REVOKED"],
+                    &[
+                        "TOKEN", "ROLE", "SUBJECT", "LABEL", "CREATED", "EXPIRES", "REVOKED",
+                    ],
                     &rows,
                 );
             });

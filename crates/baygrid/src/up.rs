@@ -180,6 +180,7 @@ pub async fn start_exchange(
             role: Role::Tenant,
             subject: Some(name.into()),
             label: Some("sample tenant".into()),
+            expires_in: None,
         };
         let secret = token_file(
             &operator,
@@ -208,6 +209,7 @@ pub async fn start_exchange(
             role: Role::Agent,
             subject: Some(name.clone()),
             label: Some("local agent".into()),
+            expires_in: None,
         };
         token_file(&operator, &server, &token_path, request).await?;
         let work_dir = agents_dir.join(name).canonicalize().or_else(|_| {

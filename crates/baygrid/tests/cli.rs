@@ -235,6 +235,8 @@ fn up_serves_the_cli() {
             "tenant",
             "--subject",
             "sz-robotics",
+            "--expires-in",
+            "90days",
             "--output",
             "json",
         ],
@@ -243,6 +245,26 @@ fn up_serves_the_cli() {
     assert!(out.status.success(), "{}", stderr(&out));
     let issued: Value = serde_json::from_str(&stdout(&out)).unwrap();
     let tenant_token = issued["token"].as_str().unwrap().to_string();
+    let expires_at = issued["expires_at"].as_str().unwrap().to_string();
+    let out = baygrid(&["token", "ls"], &operator_env);
+    assert!(stdout(&out).contains(&expires_at), "{}", stdout(&out));
+    let out = baygrid(
+        &[
+            "token",
+            "issue",
+            "--role",
+            "regulator",
+            "--expires-in",
+            "soon",
+        ],
+        &operator_env,
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("expires_in: `soon` is not a duration"),
+        "{}",
+        stderr(&out)
+    );
 
     // a tenant submits, waits, reads logs and history
     let tenant_env = [
