@@ -431,11 +431,38 @@ impl Agent {
         self.state_dir.join(format!("{job_id}.json"))
     }
 
+    /// Keeps a job's state for a restarted agent: written aside, then renamed over the old.
+    /// Progress (how far its output was read) is written as it goes; a process crash keeps
+    /// it, and after a power loss the agent reads and resends some lines again, which the
+    /// server keeps once.
     fn persist(&self, job_id: &str, tracked: &Tracked) {
+        self.write_state(job_id, tracked, false);
+    }
+
+    /// [`Agent::persist`], on disk before it returns: for a job just launched, whose handle
+    /// is the only way back to it (lost, a Slurm or Kubernetes job would run on unseen while
+    /// the server gave it to another cluster).
+    fn persist_durably(&self, job_id: &str, tracked: &Tracked) {
+        self.write_state(job_id, tracked, true);
+    }
+
+    fn write_state(&self, job_id: &str, tracked: &Tracked, durable: bool) {
+        use std::io::Write;
         let path = self.state_file(job_id);
         let tmp = path.with_extension("tmp");
         let text = serde_json::to_vec_pretty(tracked).expect("agent state serializes");
-        let written = std::fs::write(&tmp, text).and_then(|_| std::fs::rename(&tmp, &path));
+        let written = (|| {
+            let mut file = std::fs::File::create(&tmp)?;
+            file.write_all(&text)?;
+            if durable {
+                file.sync_all()?;
+            }
+            std::fs::rename(&tmp, &path)?;
+            if durable {
+                std::fs::File::open(&self.state_dir)?.sync_all()?;
+            }
+            Ok::<_, std::io::Error>(())
+        })();
         if let Err(e) = written {
             tracing::error!(job_id, error = %e, "cannot persist job state");
         }
@@ -810,7 +837,7 @@ impl Agent {
                     outputs,
                     kept: None,
                 };
-                self.persist(&grant.job_id, &tracked);
+                self.persist_durably(&grant.job_id, &tracked);
                 self.tracked.insert(grant.job_id.clone(), tracked);
                 let report = ReportRequest {
                     epoch: grant.epoch,
