@@ -6,21 +6,43 @@ use serde::de::DeserializeOwned;
 
 use crate::error::ApiError;
 
-/// Like `axum::Json`, but a bad body is a 400 that names the field and the problem.
+/// The most a request body may carry (axum's default limit, which the server keeps).
+pub const BODY_LIMIT: usize = 2 << 20;
+
+/// Like `axum::Json`, but a bad body is a 400 that names the field and the problem, and one
+/// over [`BODY_LIMIT`] a 413.
 pub struct JsonBody<T>(pub T);
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes =
-            Bytes::from_request(request, state)
-                .await
-                .map_err(|e| ApiError::BadRequest {
+        let RawBody(bytes) = RawBody::from_request(request, state).await?;
+        parse(&bytes).map(JsonBody)
+    }
+}
+
+/// The body's bytes, for handlers that parse it themselves; its errors are JSON like every
+/// other answer (413 over [`BODY_LIMIT`]).
+pub struct RawBody(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for RawBody {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        Bytes::from_request(request, state)
+            .await
+            .map(RawBody)
+            .map_err(|e| match e.status() {
+                axum::http::StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge(format!(
+                    "the body is larger than the {} MiB a request may carry",
+                    BODY_LIMIT >> 20
+                )),
+                _ => ApiError::BadRequest {
                     field: None,
                     message: format!("cannot read body: {e}"),
-                })?;
-        parse(&bytes).map(JsonBody)
+                },
+            })
     }
 }
 

@@ -29,6 +29,8 @@ pub enum ApiError {
     },
     #[error("{0}")]
     Unavailable(String),
+    #[error("{0}")]
+    TooLarge(String),
 }
 
 impl ApiError {
@@ -52,6 +54,7 @@ impl ApiError {
                 (StatusCode::UNPROCESSABLE_ENTITY, code, field.clone())
             }
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", None),
+            ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large", None),
         }
     }
 }

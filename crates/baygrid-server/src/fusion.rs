@@ -12,7 +12,6 @@
 
 use std::time::Duration;
 
-use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
@@ -26,7 +25,7 @@ use baygrid_store::{Ending, FusionRow};
 use serde::{Deserialize, Serialize};
 
 use crate::agent::agent_cluster;
-use crate::body::{JsonBody, QueryParams};
+use crate::body::{JsonBody, QueryParams, RawBody};
 use crate::catalog::CatalogSnapshot;
 use crate::error::{ApiError, ApiResult};
 use crate::jobs::{acting_tenant, TenantQuery};
@@ -1164,7 +1163,7 @@ pub async fn relay_send(
     who: Principal,
     Path(id): Path<String>,
     QueryParams(params): QueryParams<WorkerParams>,
-    bytes: Bytes,
+    RawBody(bytes): RawBody,
 ) -> ApiResult<StatusCode> {
     let cluster = agent_cluster(&who)?;
     let record = claimed_worker(&state, &id, params.index, &cluster).await?;

@@ -1,9 +1,8 @@
 //! Jobs at the API: submit, quote, list, get, logs, cancel.
 
-use axum::body::Bytes;
 use axum::extract::{Path, State};
 
-use crate::body::QueryParams;
+use crate::body::{QueryParams, RawBody};
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use baygrid_api::{CancelView, JobEventView, JobView, LogLineView, LogsView, QuoteBody, QuoteView};
@@ -186,7 +185,7 @@ pub async fn submit(
     who: Principal,
     QueryParams(query): QueryParams<TenantQuery>,
     headers: HeaderMap,
-    body: Bytes,
+    RawBody(body): RawBody,
 ) -> ApiResult<(StatusCode, Json<JobView>)> {
     let tenant = acting_tenant(&who, query.tenant.as_deref())?;
     let key = match headers.get("idempotency-key") {
@@ -261,7 +260,7 @@ pub async fn quote(
     State(state): State<AppState>,
     who: Principal,
     QueryParams(query): QueryParams<TenantQuery>,
-    body: Bytes,
+    RawBody(body): RawBody,
 ) -> ApiResult<Json<QuoteView>> {
     let tenant = acting_tenant(&who, query.tenant.as_deref())?;
     let spec = parse_spec(&state, &body)?;

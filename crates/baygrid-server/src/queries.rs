@@ -13,7 +13,6 @@
 
 use std::time::Duration;
 
-use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
@@ -29,7 +28,7 @@ use baygrid_store::{Ending, QueryRow, Spend, Spent, DELTA_UNIT, EPSILON_UNIT};
 use serde::{Deserialize, Serialize};
 
 use crate::agent::agent_cluster;
-use crate::body::{JsonBody, QueryParams};
+use crate::body::{JsonBody, QueryParams, RawBody};
 use crate::catalog::CatalogSnapshot;
 use crate::error::{ApiError, ApiResult};
 use crate::jobs::{acting_tenant, TenantQuery};
@@ -1216,7 +1215,7 @@ pub async fn relay_send(
     who: Principal,
     Path(id): Path<String>,
     QueryParams(params): QueryParams<RelayParams>,
-    bytes: Bytes,
+    RawBody(bytes): RawBody,
 ) -> ApiResult<StatusCode> {
     let cluster = agent_cluster(&who)?;
     let peer = relay_ends(&state, &id, &params.dataset, &cluster).await?;

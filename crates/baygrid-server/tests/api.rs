@@ -484,6 +484,21 @@ async fn api_flow(store: Option<String>) {
         assert_eq!(status, 400, "{body} -> {answer}");
         assert_eq!(answer["field"], field, "{body} -> {answer}");
     }
+    // a body over the limit is a 413 that says what the limit is
+    let padded = format!(
+        r#"{{"name": "a", "resources": {{}}, "command": "{}", "estimated_duration": "1m"}}"#,
+        "x".repeat(3 << 20)
+    );
+    let (status, answer) = raw_post(&format!("{base}/api/v1/jobs"), &gz_token, &padded).await;
+    assert_eq!(status, 413, "{answer}");
+    assert_eq!(answer["code"], "too_large", "{answer}");
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap()
+            .contains("larger than the 2 MiB a request may carry"),
+        "{answer}"
+    );
     let impossible = spec(
         "name: huge\nresources: {accelerators: {H800: 16}}\ncommand: x\nestimated_duration: 1m\n",
     );
