@@ -19,7 +19,11 @@ struct Setup {
 }
 
 async fn setup(dir: &Path) -> Setup {
-    let config = ServerConfig {
+    setup_with(dir, |c| c).await
+}
+
+async fn setup_with(dir: &Path, change: impl FnOnce(ServerConfig) -> ServerConfig) -> Setup {
+    let config = change(ServerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.join("server"),
         sites_file: "sample".into(),
@@ -30,7 +34,7 @@ async fn setup(dir: &Path) -> Setup {
         // a cluster that loses a job is blocked for it this long (failover); one cluster here
         failover_backoff: Duration::from_millis(500),
         ..ServerConfig::default()
-    };
+    });
     let server = baygrid_server::start(config).await.unwrap();
     let operator = Client::new(&server.url(), Some(server.operator_token.clone()));
     let tenant = operator
@@ -249,6 +253,58 @@ async fn a_flood_of_output_or_of_long_lines_is_shipped_within_bounds_and_the_job
     let tail = &stdout[20_002..];
     assert!(tail.len() < 4096 / line.len() + 3, "{}", tail.len());
     assert_eq!(tail.last(), Some(&"flood done"));
+    setup.server.stop().await;
+}
+
+#[tokio::test]
+async fn an_ended_jobs_output_is_deleted_past_the_log_retention_and_the_job_says_when() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = setup_with(dir.path(), |c| ServerConfig {
+        log_retention: Some(Duration::from_secs(1)),
+        ..c
+    })
+    .await;
+    let (_stop, _agent) = start_agent(&setup, &dir.path().join("agent")).await;
+    let spec = job("chatty", "seq 1 500");
+    let submitted: JobView = setup.tenant.post("/api/v1/jobs", &spec).await.unwrap();
+    let done = common::wait_job_ended(&setup.tenant, &submitted.id).await;
+    assert_eq!(done.state, JobState::Succeeded, "{}", done.reason);
+    let path = format!("/api/v1/jobs/{}/logs", submitted.id);
+    let mut page: LogsView = setup.tenant.get(&path).await.unwrap();
+    for _ in 0..100 {
+        if page.purged_at.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        page = setup.tenant.get(&path).await.unwrap();
+    }
+    let purged_at = page.purged_at.clone().expect("purged within 10 s");
+    assert!(page.lines.is_empty() && page.done, "{page:?}");
+    assert!(
+        purged_at >= done.finished_at.clone().unwrap(),
+        "{purged_at}"
+    );
+    // the job, its history and its charge stay; the deletion is in the audit log
+    let after: JobView = setup
+        .tenant
+        .get(&format!("/api/v1/jobs/{}", submitted.id))
+        .await
+        .unwrap();
+    assert_eq!((after.state, after.cost), (done.state, done.cost));
+    assert_eq!(after.events.len(), done.events.len());
+    let outbox = setup
+        .server
+        .state
+        .store
+        .outbox_from(1, 100_000)
+        .await
+        .unwrap();
+    let entry = outbox
+        .iter()
+        .find(|r| r.kind == "job.logs_purged")
+        .expect("a job.logs_purged entry");
+    assert_eq!(entry.payload["jobs"], serde_json::json!([submitted.id]));
+    assert_eq!(entry.payload["lines"], 500);
     setup.server.stop().await;
 }
 

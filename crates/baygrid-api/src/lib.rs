@@ -224,6 +224,9 @@ pub struct LogsView {
     /// The job has ended and every line so far is in this page or before it.
     pub done: bool,
     pub state: JobState,
+    /// When the job's output was deleted under the server's log retention (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purged_at: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

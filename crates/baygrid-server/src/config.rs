@@ -60,6 +60,13 @@ pub struct ServerConfig {
     /// How long a hold may stay open before it is voided (a job that never completes).
     #[serde(with = "humantime_serde")]
     pub hold_timeout: Duration,
+    /// How long an ended job's output is kept in the store; absent: for as long as the job.
+    /// The job itself, its history and its charges stay.
+    #[serde(
+        with = "humantime_serde::optional",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub log_retention: Option<Duration>,
     /// A rule-pack parameters file (thresholds, city lists, dates); empty: the built-in one.
     pub rule_pack: String,
     /// How long a cluster that lost a job is blocked for it after the first loss; doubles
@@ -123,6 +130,7 @@ impl Default for ServerConfig {
             fee_bps: 500,
             hold_margin_pct: 150,
             hold_timeout: Duration::from_secs(30 * 24 * 3600),
+            log_retention: None,
             rule_pack: String::new(),
             failover_backoff: Duration::from_secs(60),
             tenant_weights: std::collections::BTreeMap::new(),
@@ -186,6 +194,11 @@ impl ServerConfig {
     }
 
     pub fn validate(&self) -> Result<(), String> {
+        if self.log_retention.is_some_and(|r| r.is_zero()) {
+            return Err(
+                "log_retention must be longer than zero (leave it out to keep output)".into(),
+            );
+        }
         if self.lease_ttl < self.heartbeat_interval * 2 {
             return Err("lease_ttl must be at least twice heartbeat_interval".into());
         }
@@ -275,6 +288,29 @@ mod humantime_serde {
         let text = String::deserialize(deserializer)?;
         humantime::parse_duration(&text)
             .map_err(|e| serde::de::Error::custom(format!("`{text}` is not a duration: {e}")))
+    }
+
+    /// The same, for a duration that may be left out.
+    pub mod optional {
+        use std::time::Duration;
+
+        use serde::{Deserializer, Serializer};
+
+        pub fn serialize<S: Serializer>(
+            value: &Option<Duration>,
+            serializer: S,
+        ) -> Result<S::Ok, S::Error> {
+            match value {
+                Some(value) => super::serialize(value, serializer),
+                None => serializer.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            deserializer: D,
+        ) -> Result<Option<Duration>, D::Error> {
+            super::deserialize(deserializer).map(Some)
+        }
     }
 }
 

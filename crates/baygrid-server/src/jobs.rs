@@ -441,6 +441,7 @@ pub async fn logs(
     Ok(Json(LogsView {
         done: record.state.is_terminal() && (lines.len() as i64) < limit,
         state: record.state,
+        purged_at: record.logs_purged_ms.map(millis_to_rfc3339),
         next: format!("{}:{}", next.0, next.1),
         lines: lines
             .into_iter()

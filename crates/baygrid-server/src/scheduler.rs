@@ -17,6 +17,14 @@ pub async fn run(state: AppState, mut shutdown: watch::Receiver<bool>) {
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut checkpoints = tokio::time::interval(state.config.checkpoint_interval);
     checkpoints.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // output is looked for as often as it could have come due, at most every minute
+    let purge_every = state
+        .config
+        .log_retention
+        .unwrap_or(PURGE_INTERVAL)
+        .clamp(std::time::Duration::from_secs(1), PURGE_INTERVAL);
+    let mut purges = tokio::time::interval(purge_every);
+    purges.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = interval.tick() => {}
@@ -32,6 +40,12 @@ pub async fn run(state: AppState, mut shutdown: watch::Receiver<bool>) {
                 }
                 continue;
             }
+            _ = purges.tick(), if state.config.log_retention.is_some() => {
+                if let Err(e) = purge_logs(&state).await {
+                    tracing::warn!(error = %e, "deleting old job output failed");
+                }
+                continue;
+            }
             _ = shutdown.changed() => break,
         }
         let started = Instant::now();
@@ -44,6 +58,37 @@ pub async fn run(state: AppState, mut shutdown: watch::Receiver<bool>) {
                 state.metrics.placements.inc_by(placed as u64);
             }
             Err(e) => tracing::warn!(error = %e, "scheduling cycle failed"),
+        }
+    }
+}
+
+/// How often ended jobs' output past the retention is deleted (more often for a retention
+/// shorter than this).
+const PURGE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+/// Jobs whose output one write deletes, so the store's writer is never held long.
+const PURGE_BATCH: i64 = 100;
+
+/// Deletes the output of jobs that ended more than `log_retention` ago, a batch per write
+/// until none is left.
+pub async fn purge_logs(state: &AppState) -> Result<(), ApiError> {
+    let Some(retention) = state.config.log_retention else {
+        return Ok(());
+    };
+    loop {
+        let now = state.now();
+        let (jobs, lines) = state
+            .store
+            .purge_logs(now - retention.as_millis() as i64, PURGE_BATCH, now)
+            .await?;
+        if jobs > 0 {
+            tracing::info!(
+                jobs,
+                lines,
+                "deleted ended jobs' output past the log retention"
+            );
+        }
+        if jobs < PURGE_BATCH as u64 {
+            return Ok(());
         }
     }
 }

@@ -299,6 +299,7 @@ fn queued_record(job: &NewJob) -> JobRecord {
         finished_ms: None,
         exit_code: None,
         cost_cny_minor: None,
+        logs_purged_ms: None,
     }
 }
 
@@ -921,6 +922,51 @@ impl Store {
                 .execute(&mut *conn)
                 .await?;
                 Ok(done.rows_affected())
+            })
+        })
+        .await
+    }
+
+    /// Deletes the output of up to `max` jobs that ended before `ended_before` (oldest
+    /// first), marking each purged at `now`, with one `job.logs_purged` audit entry naming
+    /// them. Returns how many jobs and lines.
+    pub async fn purge_logs(
+        &self,
+        ended_before: Millis,
+        max: i64,
+        now: Millis,
+    ) -> Result<(u64, u64)> {
+        self.write(move |conn| {
+            Box::pin(async move {
+                let rows = sqlx::query(
+                    "SELECT id FROM jobs WHERE logs_purged_ms IS NULL AND finished_ms IS NOT NULL \
+                     AND finished_ms < $1 ORDER BY finished_ms, id LIMIT $2",
+                )
+                .bind(ended_before)
+                .bind(max)
+                .fetch_all(&mut *conn)
+                .await?;
+                let mut jobs = Vec::with_capacity(rows.len());
+                let mut lines = 0;
+                for row in rows {
+                    let id: String = row.try_get("id")?;
+                    lines += sqlx::query("DELETE FROM job_logs WHERE job_id = $1")
+                        .bind(&id)
+                        .execute(&mut *conn)
+                        .await?
+                        .rows_affected();
+                    sqlx::query("UPDATE jobs SET logs_purged_ms = $1 WHERE id = $2")
+                        .bind(now)
+                        .bind(&id)
+                        .execute(&mut *conn)
+                        .await?;
+                    jobs.push(id);
+                }
+                if !jobs.is_empty() {
+                    let payload = serde_json::json!({"jobs": jobs, "lines": lines, "ended_before": ended_before});
+                    outbox(conn, now, "job.logs_purged", "server", &payload).await?;
+                }
+                Ok((jobs.len() as u64, lines))
             })
         })
         .await

@@ -31,12 +31,14 @@ pub struct JobRecord {
     pub finished_ms: Option<Millis>,
     pub exit_code: Option<i64>,
     pub cost_cny_minor: Option<i64>,
+    /// When its output was deleted under the server's log retention.
+    pub logs_purged_ms: Option<Millis>,
 }
 
 pub(crate) const JOB_COLUMNS: &str =
     "id, tenant, name, spec, state, reason, priority, submitted_ms, updated_ms, \
      allocation, lease_epoch, lease_holder, lease_expires_ms, cancel_requested, preempt_requested, attempts, \
-     started_ms, finished_ms, exit_code, cost_cny_minor";
+     started_ms, finished_ms, exit_code, cost_cny_minor, logs_purged_ms";
 
 impl JobRecord {
     pub(crate) fn from_row(row: &AnyRow) -> Result<JobRecord> {
@@ -71,6 +73,7 @@ impl JobRecord {
             finished_ms: row.try_get("finished_ms")?,
             exit_code: row.try_get("exit_code")?,
             cost_cny_minor: row.try_get("cost_cny_minor")?,
+            logs_purged_ms: row.try_get("logs_purged_ms")?,
         })
     }
 }

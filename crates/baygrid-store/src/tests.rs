@@ -272,6 +272,21 @@ async fn suite(store: Store) {
         vec![Queued, Placed, Running, Queued, Placed, Succeeded]
     );
 
+    // log retention: an ended job's output is deleted once, and the job says when
+    let kept = store.read_logs("job_a", (0, 0), 1000).await.unwrap();
+    assert_eq!(kept.len(), 3);
+    assert_eq!(store.purge_logs(15_000, 10, 15_500).await.unwrap(), (0, 0));
+    assert_eq!(store.purge_logs(15_001, 10, 15_500).await.unwrap(), (1, 3));
+    assert!(store
+        .read_logs("job_a", (0, 0), 1000)
+        .await
+        .unwrap()
+        .is_empty());
+    let purged = store.get_job("job_a").await.unwrap();
+    assert_eq!(purged.logs_purged_ms, Some(15_500));
+    assert_eq!(purged.state, Succeeded);
+    assert_eq!(store.purge_logs(15_001, 10, 15_600).await.unwrap(), (0, 0));
+
     // cancellation: queued at once; held jobs through their agent
     let (outcome, job) = store
         .cancel("job_c001".into(), "tenant:t1".into(), 16_000)

@@ -741,6 +741,9 @@ pub async fn job(args: &Args, cmd: &JobCommand) -> anyhow::Result<std::process::
                         Output::Table => println!("{}", line.line),
                     }
                 }
+                if let (Some(at), true) = (&page.purged_at, page.lines.is_empty()) {
+                    eprintln!("the output of job {id} was deleted at {at}, past the server's log retention");
+                }
                 after = page.next.clone();
                 if page.done || (!follow && page.lines.is_empty()) {
                     break;
