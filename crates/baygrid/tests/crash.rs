@@ -89,15 +89,17 @@ async fn kill_dash_nine_loses_no_acknowledged_job_and_runs_none_twice() {
     .unwrap();
     let waiter_log = dir.path().join("waiter.log");
     let log = std::fs::File::create(&waiter_log).unwrap();
-    let mut waiter = std::process::Command::new(BIN)
-        .args(["job", "submit", waiter_spec.to_str().unwrap(), "--wait"])
-        .env("BAYGRID_SERVER", &url)
-        .env("BAYGRID_TOKEN", tenant.token().unwrap())
-        .stdin(std::process::Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let mut waiter = Spawned(
+        std::process::Command::new(BIN)
+            .args(["job", "submit", waiter_spec.to_str().unwrap(), "--wait"])
+            .env("BAYGRID_SERVER", &url)
+            .env("BAYGRID_TOKEN", tenant.token().unwrap())
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
     let started = Instant::now();
     while std::fs::read_to_string(&runs)
         .unwrap_or_default()

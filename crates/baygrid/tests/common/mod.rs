@@ -8,6 +8,30 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_baygrid");
 
+/// A started process that is killed when the test lets go of it, whether it passes or
+/// panics: a failed test leaves no server or agent behind.
+pub struct Spawned(pub Child);
+
+impl std::ops::Deref for Spawned {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Spawned {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A port nothing listens on right now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -32,23 +56,25 @@ pub fn baygrid(args: &[&str], env: &[(&str, &str)]) -> Output {
 }
 
 /// Starts `baygrid ARGS` in the background, its output in `log`.
-pub fn spawn(args: &[&str], log: &Path) -> Child {
+pub fn spawn(args: &[&str], log: &Path) -> Spawned {
     let file = std::fs::File::create(log).unwrap();
-    Command::new(BIN)
-        .args(args)
-        .env_remove("BAYGRID_TOKEN")
-        .env("BAYGRID_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(file.try_clone().unwrap())
-        .stderr(file)
-        .spawn()
-        .unwrap()
+    Spawned(
+        Command::new(BIN)
+            .args(args)
+            .env_remove("BAYGRID_TOKEN")
+            .env("BAYGRID_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap(),
+    )
 }
 
 /// Starts `baygrid up` on a port the system picks, its output in `log`; the child and
 /// the server's URL, read from what it prints once it is up. A port chosen ahead by the
 /// test could be taken by another test's server in the meantime.
-pub fn spawn_up(data_dir: &str, log: &Path) -> (Child, String) {
+pub fn spawn_up(data_dir: &str, log: &Path) -> (Spawned, String) {
     let child = spawn(
         &["up", "--listen", "127.0.0.1:0", "--data-dir", data_dir],
         log,
@@ -59,7 +85,7 @@ pub fn spawn_up(data_dir: &str, log: &Path) -> (Child, String) {
 
 /// Starts `baygrid server --config CONFIG` (its `listen` on port 0), its output in `log`;
 /// the child and the URL it listens on.
-pub fn spawn_server(config: &Path, log: &Path) -> (Child, String) {
+pub fn spawn_server(config: &Path, log: &Path) -> (Spawned, String) {
     let child = spawn(&["server", "--config", config.to_str().unwrap()], log);
     let url = url_from_log(log, Duration::from_secs(60));
     wait_healthy(&url, Duration::from_secs(30));
