@@ -8,6 +8,7 @@
 
 mod fusion;
 mod query;
+mod retention;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -98,6 +99,14 @@ pub struct AgentConfig {
     /// `head_lines`, `tail_bytes`); all of it stays in the job's folder on the cluster.
     #[serde(default)]
     pub output: baygrid_exec::OutputLimits,
+    /// How long an ended job's folder (its whole output and working directories) is kept
+    /// once nothing in it changes; absent: kept until removed by hand.
+    #[serde(
+        default,
+        with = "duration_text::optional",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub keep_job_folders: Option<Duration>,
 }
 
 /// The engines this build has.
@@ -130,6 +139,24 @@ mod duration_text {
         humantime::parse_duration(&text)
             .map_err(|e| serde::de::Error::custom(format!("`{text}` is not a duration: {e}")))
     }
+
+    /// The same, for a duration that may be left out.
+    pub mod optional {
+        use std::time::Duration;
+
+        use serde::{Deserializer, Serializer};
+
+        pub fn serialize<S: Serializer>(value: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+            match value {
+                Some(value) => super::serialize(value, s),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+            super::deserialize(d).map(Some)
+        }
+    }
 }
 
 impl AgentConfig {
@@ -146,6 +173,7 @@ impl AgentConfig {
             max_running: default_max_running(),
             poll_interval: default_poll(),
             output: Default::default(),
+            keep_job_folders: None,
         }
     }
 
@@ -182,6 +210,14 @@ impl AgentConfig {
             return Err(AgentError::Config {
                 path: path.to_path_buf(),
                 message: "max_running must be at least 1".into(),
+            });
+        }
+        if config.keep_job_folders.is_some_and(|k| k.is_zero()) {
+            return Err(AgentError::Config {
+                path: path.to_path_buf(),
+                message:
+                    "keep_job_folders must be longer than zero (leave it out to keep job folders)"
+                        .into(),
             });
         }
         Ok(config)
@@ -309,6 +345,8 @@ pub async fn run(
     agent.lease_ttl = Duration::from_millis(registered.lease_ttl_ms.max(0) as u64);
     agent.last_renewed = std::time::Instant::now();
     agent.reattach().await;
+    let mut last_sweep: Option<std::time::Instant> = None;
+    let mut sweeping: Option<tokio::task::JoinHandle<Vec<PathBuf>>> = None;
     tokio::spawn(query::serve(
         agent.client.clone(),
         agent.config.work_dir.clone(),
@@ -323,6 +361,31 @@ pub async fn run(
             Err(e) => {
                 tracing::warn!(error = %e, "agent step failed; will retry");
                 agent.fence_if_expired().await;
+            }
+        }
+        // old job folders go beside the loop, one sweep at a time
+        if let Some(keep) = agent.config.keep_job_folders {
+            if let Some(done) = sweeping.take_if(|task| task.is_finished()) {
+                let removed = done.await.unwrap_or_default();
+                if !removed.is_empty() {
+                    tracing::info!(
+                        count = removed.len(),
+                        "removed job folders past keep_job_folders"
+                    );
+                }
+            }
+            let due = last_sweep.is_none_or(|at| at.elapsed() >= retention::sweep_every(keep));
+            if due && sweeping.is_none() {
+                last_sweep = Some(std::time::Instant::now());
+                let live: std::collections::BTreeSet<PathBuf> = agent
+                    .tracked
+                    .values()
+                    .map(|t| t.handle.dir.clone())
+                    .collect();
+                let jobs = agent.config.work_dir.join("jobs");
+                sweeping = Some(tokio::task::spawn_blocking(move || {
+                    retention::sweep(&jobs, &live, keep, std::time::SystemTime::now())
+                }));
             }
         }
         tokio::select! {

@@ -309,6 +309,64 @@ async fn an_ended_jobs_output_is_deleted_past_the_log_retention_and_the_job_says
 }
 
 #[tokio::test]
+async fn an_ended_jobs_folder_goes_after_keep_job_folders_and_a_running_ones_stays() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = setup(dir.path()).await;
+    let work = dir.path().join("agent");
+    let (_stop, _agent) = common::start_agent_with(
+        &setup.server.url(),
+        &setup.operator,
+        "nansha-a800",
+        &work,
+        |c| AgentConfig {
+            keep_job_folders: Some(Duration::from_secs(1)),
+            ..c
+        },
+    )
+    .await;
+    let quick: JobView = setup
+        .tenant
+        .post("/api/v1/jobs", &job("quick", "echo done"))
+        .await
+        .unwrap();
+    let long: JobView = setup
+        .tenant
+        .post("/api/v1/jobs", &job("long", "sleep 8"))
+        .await
+        .unwrap();
+    let done = common::wait_job_ended(&setup.tenant, &quick.id).await;
+    assert_eq!(done.state, JobState::Succeeded, "{}", done.reason);
+    wait(
+        &setup.tenant,
+        &long.id,
+        |j| j.state == JobState::Running,
+        "running",
+    )
+    .await;
+    let folder = |id: &str| work.join("jobs").join(format!("{id}.1"));
+    assert!(folder(&long.id).is_dir());
+    for _ in 0..100 {
+        if !folder(&quick.id).exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        !folder(&quick.id).exists(),
+        "the ended job's folder is still there after 10 s"
+    );
+    // the running job's folder stays, however long it has been quiet
+    let running: JobView = setup
+        .tenant
+        .get(&format!("/api/v1/jobs/{}", long.id))
+        .await
+        .unwrap();
+    assert_eq!(running.state, JobState::Running);
+    assert!(folder(&long.id).is_dir());
+    setup.server.stop().await;
+}
+
+#[tokio::test]
 async fn a_failing_command_fails_with_its_exit_code() {
     let dir = tempfile::tempdir().unwrap();
     let setup = setup(dir.path()).await;
