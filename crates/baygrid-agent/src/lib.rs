@@ -1125,8 +1125,9 @@ impl Agent {
 
 /// The most lines in one report.
 const PAGE_LINES: usize = 2_000;
-/// The most bytes of lines in one report: well inside the server's limit on a request body,
-/// however long the lines (each is at most [`baygrid_exec::LINE_BYTES`] and a note).
+/// The most bytes of lines in one report, as JSON writes them: well inside the server's
+/// limit on a request body, however long the lines (each is at most
+/// [`baygrid_exec::LINE_BYTES`] and a note, at most six bytes a character in JSON).
 const PAGE_BYTES: usize = 1 << 20;
 
 /// Output lines in reports' pages; one empty page when there are none, to carry a status.
@@ -1134,15 +1135,31 @@ fn pages(logs: Vec<LogLineIn>) -> Vec<Vec<LogLineIn>> {
     let mut pages = vec![Vec::new()];
     let mut bytes = 0;
     for line in logs {
+        let size = json_size(&line);
         let last = pages.last_mut().expect("one page at least");
-        if !last.is_empty() && (last.len() >= PAGE_LINES || bytes + line.line.len() > PAGE_BYTES) {
+        if !last.is_empty() && (last.len() >= PAGE_LINES || bytes + size > PAGE_BYTES) {
             pages.push(Vec::new());
             bytes = 0;
         }
-        bytes += line.line.len();
+        bytes += size;
         pages.last_mut().expect("just pushed").push(line);
     }
     pages
+}
+
+/// About what a line takes in a report's JSON: its text as escaped (a control character is
+/// six bytes, `"` and `\` two), its stream and the fields around them.
+fn json_size(line: &LogLineIn) -> usize {
+    let escaped = |text: &str| -> usize {
+        text.chars()
+            .map(|c| match c {
+                '"' | '\\' | '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 2,
+                c if (c as u32) < 0x20 => 6,
+                c => c.len_utf8(),
+            })
+            .sum()
+    };
+    escaped(&line.line) + escaped(&line.stream) + 48
 }
 
 fn final_of(status: JobStatus) -> FinalStatus {
@@ -1296,4 +1313,37 @@ async fn keep_outputs(
         });
     }
     Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_page_of_any_output_stays_within_its_size_as_json() {
+        let texts = [
+            "plain text".to_string(),
+            "\u{1}".repeat(baygrid_exec::LINE_BYTES),
+            "\"quoted\\\" \t tabbed \r".repeat(700),
+            "\u{fffd}中文".repeat(2000),
+        ];
+        for text in texts {
+            let line = LogLineIn {
+                seq: 1_000_000,
+                stream: "stderr.15".into(),
+                line: text,
+            };
+            let written = serde_json::to_string(&line).unwrap().len() + 1;
+            assert!(
+                json_size(&line) >= written,
+                "{} < {written}",
+                json_size(&line)
+            );
+            let logs = vec![line; 400];
+            for page in pages(logs) {
+                let body = serde_json::to_string(&page).unwrap().len();
+                assert!(body <= PAGE_BYTES + 16_384 * 6 + 64, "{body}");
+            }
+        }
+    }
 }

@@ -215,6 +215,18 @@ async fn a_flood_of_output_or_of_long_lines_is_shipped_within_bounds_and_the_job
     }
     assert_eq!(lines[403].1, "wide done");
 
+    // 3 MB of control characters, which JSON writes six bytes each, and of random bytes:
+    // no report may pass the server's limit for it
+    let random = job(
+        "random",
+        "head -c 3000000 /dev/zero | tr '\\0' '\\1' | fold -b -w 1000; head -c 3000000 /dev/urandom | tr -d '\\n' | fold -b -w 1000; echo; echo random done",
+    );
+    let random: JobView = setup.tenant.post("/api/v1/jobs", &random).await.unwrap();
+    let done = common::wait_job_ended(&setup.tenant, &random.id).await;
+    assert_eq!(done.state, JobState::Succeeded, "{}", done.reason);
+    let lines = all_lines(&setup.tenant, &random.id).await;
+    assert_eq!(lines.last().map(|(_, l)| l.as_str()), Some("random done"));
+
     // 60 MB of one line again and again: the head and the tail are shipped, the middle
     // stays on the cluster, and the agent heartbeats throughout (no attempt is lost)
     let line = "a line of output that says the same thing again";
