@@ -250,13 +250,15 @@ impl LogCursor {
     }
 }
 
-/// A line as shipped: lossy UTF-8, without its carriage return, cut at [`LINE_BYTES`].
+/// A line as shipped: lossy UTF-8 (a NUL, which a PostgreSQL store cannot keep, as U+FFFD
+/// too), without its carriage return, cut at [`LINE_BYTES`].
 fn shape(raw: &[u8]) -> String {
     let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).replace('\0', "\u{fffd}");
     if raw.len() <= LINE_BYTES {
-        return String::from_utf8_lossy(raw).into_owned();
+        return text(raw);
     }
-    let mut line = String::from_utf8_lossy(&raw[..LINE_BYTES]).into_owned();
+    let mut line = text(&raw[..LINE_BYTES]);
     line.push_str(&format!(" … [line cut at {}]", size(LINE_BYTES as u64)));
     line
 }
@@ -299,6 +301,12 @@ mod tests {
             ["two", "thr"]
         );
         assert!(!c.is_behind());
+        // a NUL, which a PostgreSQL store cannot keep, and an invalid byte
+        let mut nul = LogCursor::default();
+        assert_eq!(
+            nul.take_new_lines("s", b"a\0b\xff\n", false),
+            ["a\u{fffd}b\u{fffd}"]
+        );
         assert_eq!((c.shipped_lines, c.shipped_bytes), (3, 12));
     }
 

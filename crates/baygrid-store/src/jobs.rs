@@ -993,8 +993,8 @@ impl Store {
                     .bind(&job_id)
                     .bind(epoch)
                     .bind(line.seq)
-                    .bind(&line.stream)
-                    .bind(&line.line)
+                    .bind(text(&line.stream))
+                    .bind(text(&line.line))
                     .execute(&mut *conn)
                     .await?;
                 }
@@ -1085,6 +1085,12 @@ impl Store {
             })
             .collect()
     }
+}
+
+/// Output as the store can keep it: PostgreSQL's text cannot hold NUL, so a NUL becomes
+/// U+FFFD, as an invalid UTF-8 byte already has.
+fn text(raw: &str) -> String {
+    raw.replace('\0', "\u{fffd}")
 }
 
 /// [`Store::cancel`] inside a transaction.

@@ -171,11 +171,12 @@ async fn suite(store: Store) {
     assert_eq!(store.cluster_status().await.unwrap().len(), 1);
 
     // logs are idempotent per (epoch, seq) and fenced
+    // (line 3 has a NUL, which PostgreSQL's text cannot hold)
     let line = |seq: i64| LogLine {
         epoch: 1,
         seq,
         stream: "stdout".into(),
-        line: format!("line {seq}"),
+        line: format!("line {seq}{}", if seq == 3 { "\0" } else { "" }),
     };
     store
         .append_logs("job_a".into(), "c1".into(), 1, vec![line(1), line(2)])
@@ -194,6 +195,7 @@ async fn suite(store: Store) {
         logs.iter().map(|l| l.seq).collect::<Vec<_>>(),
         vec![1, 2, 3]
     );
+    assert_eq!(logs[2].line, "line 3\u{fffd}");
     assert_eq!(
         store.read_logs("job_a", (1, 2), 100).await.unwrap().len(),
         1
