@@ -75,6 +75,17 @@ async fn load_kind<T: DeserializeOwned>(
 }
 
 impl CatalogSnapshot {
+    /// The individuals the rules count for `dataset`: declared, or counted in its latest
+    /// version's files where that is more.
+    pub fn subjects_of(&self, dataset: &baygrid_api::DatasetSpec) -> u64 {
+        dataset.subjects_in(
+            self.versions
+                .get(&dataset.name)
+                .map(Vec::as_slice)
+                .unwrap_or_default(),
+        )
+    }
+
     pub async fn load(store: &Store) -> Result<CatalogSnapshot, ApiError> {
         let regions: BTreeMap<String, Region> = load_kind(store, "region").await?;
         let transfer_price_per_gb = regions

@@ -378,13 +378,7 @@ async fn register_copy(
         collected_abroad: source.collected_abroad || crossed,
         arrived_under,
         // the individuals the source is counted as holding go with the copy
-        subjects: source.subjects_in(
-            catalog
-                .versions
-                .get(&source.name)
-                .map(Vec::as_slice)
-                .unwrap_or_default(),
-        ),
+        subjects: catalog.subjects_of(source),
         ..source.clone()
     };
     let body = serde_json::to_value(&copy).map_err(|e| ApiError::Unavailable(e.to_string()))?;

@@ -456,16 +456,7 @@ pub async fn submit(
             }
             let peer = datasets[1 - k];
             // at most the smaller set's individuals are in the intersection
-            let counted = |d: &baygrid_api::DatasetSpec| {
-                d.subjects_in(
-                    catalog
-                        .versions
-                        .get(&d.name)
-                        .map(Vec::as_slice)
-                        .unwrap_or_default(),
-                )
-            };
-            let bound = counted(peer).min(counted(party));
+            let bound = catalog.subjects_of(peer).min(catalog.subjects_of(party));
             let decision = decide_as(peer, &party.vault, baygrid_rules::Mode::Copy, Some(bound))?;
             if !decision.allowed {
                 return Err(ApiError::Forbidden(format!(

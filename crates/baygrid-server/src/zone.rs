@@ -536,13 +536,7 @@ pub(crate) fn dataset_flow(
             city: recipient.city.clone(),
         },
         data: baygrid_rules::DataFacts {
-            subjects: dataset.subjects_in(
-                catalog
-                    .versions
-                    .get(&dataset.name)
-                    .map(Vec::as_slice)
-                    .unwrap_or_default(),
-            ),
+            subjects: catalog.subjects_of(dataset),
             ..dataset.facts()
         },
         flow: Flow {
@@ -1016,15 +1010,7 @@ pub(crate) async fn register_derived(
         // the same individuals may be in several inputs: the largest is the floor
         subjects: inputs
             .iter()
-            .map(|d| {
-                d.subjects_in(
-                    catalog
-                        .versions
-                        .get(&d.name)
-                        .map(Vec::as_slice)
-                        .unwrap_or_default(),
-                )
-            })
+            .map(|d| catalog.subjects_of(d))
             .max()
             .unwrap_or(0),
         subject_column: None,
