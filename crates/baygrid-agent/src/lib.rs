@@ -93,7 +93,7 @@ pub struct AgentConfig {
     #[serde(default = "default_max_running")]
     pub max_running: u32,
     /// Time between polls of the engine and the server.
-    #[serde(default = "default_poll", with = "duration_text")]
+    #[serde(default = "default_poll", with = "baygrid_core::duration_text")]
     pub poll_interval: Duration,
     /// How much of each attempt's output is shipped to the server (`[output]`: `head_bytes`,
     /// `head_lines`, `tail_bytes`); all of it stays in the job's folder on the cluster.
@@ -103,7 +103,7 @@ pub struct AgentConfig {
     /// once nothing in it changes; absent: kept until removed by hand.
     #[serde(
         default,
-        with = "duration_text::optional",
+        with = "baygrid_core::duration_text::optional",
         skip_serializing_if = "Option::is_none"
     )]
     pub keep_job_folders: Option<Duration>,
@@ -123,40 +123,6 @@ fn default_max_running() -> u32 {
 }
 fn default_poll() -> Duration {
     Duration::from_millis(300)
-}
-
-mod duration_text {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(value: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&humantime::format_duration(*value))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let text = String::deserialize(d)?;
-        humantime::parse_duration(&text)
-            .map_err(|e| serde::de::Error::custom(format!("`{text}` is not a duration: {e}")))
-    }
-
-    /// The same, for a duration that may be left out.
-    pub mod optional {
-        use std::time::Duration;
-
-        use serde::{Deserializer, Serializer};
-
-        pub fn serialize<S: Serializer>(value: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
-            match value {
-                Some(value) => super::serialize(value, s),
-                None => s.serialize_none(),
-            }
-        }
-
-        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-            super::deserialize(d).map(Some)
-        }
-    }
 }
 
 impl AgentConfig {

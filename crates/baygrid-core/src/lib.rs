@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod catalog;
+pub mod duration_text;
 pub mod ids;
 pub mod job;
 pub mod money;

@@ -31,26 +31,26 @@ pub struct ServerConfig {
     /// A sites file to publish at start (`sample` for the built-in GBA region); empty: none.
     pub sites_file: String,
     /// How long a lease lasts without a heartbeat.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "baygrid_core::duration_text")]
     pub lease_ttl: Duration,
     /// How often agents are asked to heartbeat.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "baygrid_core::duration_text")]
     pub heartbeat_interval: Duration,
     /// How long an agent has to take the lease on a placed job before it is requeued.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "baygrid_core::duration_text")]
     pub grant_timeout: Duration,
     /// Time between scheduling cycles.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "baygrid_core::duration_text")]
     pub schedule_interval: Duration,
     /// After a restart, how long agents get to reconnect before their leases can expire.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "baygrid_core::duration_text")]
     pub restart_grace: Duration,
     /// Most queued jobs considered per scheduling cycle.
     pub schedule_batch: i64,
     /// The audit log's name: the origin line of its checkpoints and its key's name.
     pub audit_origin: String,
     /// How often a new checkpoint is signed when the log has grown.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "baygrid_core::duration_text")]
     pub checkpoint_interval: Duration,
     /// The platform's fee, in basis points of each job's metered cost (500 = 5%).
     pub fee_bps: u32,
@@ -58,12 +58,12 @@ pub struct ServerConfig {
     /// margin, in percent (150 = half as much again).
     pub hold_margin_pct: u32,
     /// How long a hold may stay open before it is voided (a job that never completes).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "baygrid_core::duration_text")]
     pub hold_timeout: Duration,
     /// How long an ended job's output is kept in the store; absent: for as long as the job.
     /// The job itself, its history and its charges stay.
     #[serde(
-        with = "humantime_serde::optional",
+        with = "baygrid_core::duration_text::optional",
         skip_serializing_if = "Option::is_none"
     )]
     pub log_retention: Option<Duration>,
@@ -71,7 +71,7 @@ pub struct ServerConfig {
     pub rule_pack: String,
     /// How long a cluster that lost a job is blocked for it after the first loss; doubles
     /// with each further loss, at most an hour.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "baygrid_core::duration_text")]
     pub failover_backoff: Duration,
     /// Tenants' fair-share weights (1 when absent): the scheduling cycle orders queued jobs
     /// by each tenant's dominant share divided by its weight.
@@ -84,7 +84,7 @@ pub struct ServerConfig {
     pub priority_classes: std::collections::BTreeMap<String, i32>,
     /// How long a query may wait for its vaults' answers, and a fusion run for its workers
     /// to be claimed or to report, before it fails with the sites it waited on.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "baygrid_core::duration_text")]
     pub vault_answer_timeout: Duration,
     /// The green term's weight in placement: CNY added per CNY of compute for each unit of
     /// a site's non-green power share (0 ignores green power; 0.05 makes a site on 30% green
@@ -99,14 +99,14 @@ pub struct ServerConfig {
     /// never holds more than its quotas' sum.
     pub quota_borrowing: bool,
     /// A preemptible job runs at least this long before it may be stopped for another.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "baygrid_core::duration_text")]
     pub preemption_grace: Duration,
     /// A latency-insensitive job that fits now only on a dearer cluster may wait for a
     /// cheaper one expected to free up, for up to this share of its estimated run time from
     /// its submission (0: never waits).
     pub patience_share: f64,
     /// The longest such wait.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "baygrid_core::duration_text")]
     pub patience_cap: Duration,
     /// The least saving, as a share of the cost now, worth that wait.
     pub patience_saving: f64,
@@ -271,45 +271,6 @@ impl ServerConfig {
             format!("sqlite://{}", self.data_dir.join("baygrid.db").display())
         } else {
             self.store.clone()
-        }
-    }
-}
-
-mod humantime_serde {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(&humantime::format_duration(*value))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        humantime::parse_duration(&text)
-            .map_err(|e| serde::de::Error::custom(format!("`{text}` is not a duration: {e}")))
-    }
-
-    /// The same, for a duration that may be left out.
-    pub mod optional {
-        use std::time::Duration;
-
-        use serde::{Deserializer, Serializer};
-
-        pub fn serialize<S: Serializer>(
-            value: &Option<Duration>,
-            serializer: S,
-        ) -> Result<S::Ok, S::Error> {
-            match value {
-                Some(value) => super::serialize(value, serializer),
-                None => serializer.serialize_none(),
-            }
-        }
-
-        pub fn deserialize<'de, D: Deserializer<'de>>(
-            deserializer: D,
-        ) -> Result<Option<Duration>, D::Error> {
-            super::deserialize(deserializer).map(Some)
         }
     }
 }
