@@ -250,11 +250,10 @@ impl LogCursor {
     }
 }
 
-/// A line as shipped: lossy UTF-8 (a NUL, which a PostgreSQL store cannot keep, as U+FFFD
-/// too), without its carriage return, cut at [`LINE_BYTES`].
+/// A line as shipped: lossy UTF-8, without its carriage return, cut at [`LINE_BYTES`].
 fn shape(raw: &[u8]) -> String {
     let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
-    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).replace('\0', "\u{fffd}");
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
     if raw.len() <= LINE_BYTES {
         return text(raw);
     }
@@ -301,11 +300,12 @@ mod tests {
             ["two", "thr"]
         );
         assert!(!c.is_behind());
-        // a NUL, which a PostgreSQL store cannot keep, and an invalid byte
+        // an invalid byte becomes U+FFFD; a NUL goes as it is (the store, which may be
+        // PostgreSQL, whose text cannot hold one, replaces it)
         let mut nul = LogCursor::default();
         assert_eq!(
             nul.take_new_lines("s", b"a\0b\xff\n", false),
-            ["a\u{fffd}b\u{fffd}"]
+            ["a\0b\u{fffd}"]
         );
         assert_eq!((c.shipped_lines, c.shipped_bytes), (3, 12));
     }

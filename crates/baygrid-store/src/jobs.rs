@@ -993,8 +993,8 @@ impl Store {
                     .bind(&job_id)
                     .bind(epoch)
                     .bind(line.seq)
-                    .bind(text(&line.stream))
-                    .bind(text(&line.line))
+                    .bind(storable(line.stream))
+                    .bind(storable(line.line))
                     .execute(&mut *conn)
                     .await?;
                 }
@@ -1089,8 +1089,11 @@ impl Store {
 
 /// Output as the store can keep it: PostgreSQL's text cannot hold NUL, so a NUL becomes
 /// U+FFFD, as an invalid UTF-8 byte already has.
-fn text(raw: &str) -> String {
-    raw.replace('\0', "\u{fffd}")
+fn storable(text: String) -> String {
+    match text.contains('\0') {
+        true => text.replace('\0', "\u{fffd}"),
+        false => text,
+    }
 }
 
 /// [`Store::cancel`] inside a transaction.
