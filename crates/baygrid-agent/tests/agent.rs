@@ -173,6 +173,15 @@ async fn all_lines(client: &Client, id: &str) -> Vec<(String, String)> {
     }
 }
 
+/// Submits `spec`, waits for it to succeed, and returns it with every line it shipped.
+async fn run_to_success(setup: &Setup, spec: &JobSpec) -> (JobView, Vec<(String, String)>) {
+    let submitted: JobView = setup.tenant.post("/api/v1/jobs", spec).await.unwrap();
+    let done = common::wait_job_ended(&setup.tenant, &submitted.id).await;
+    assert_eq!(done.state, JobState::Succeeded, "{}", done.reason);
+    let lines = all_lines(&setup.tenant, &submitted.id).await;
+    (done, lines)
+}
+
 #[tokio::test]
 async fn a_flood_of_output_or_of_long_lines_is_shipped_within_bounds_and_the_job_ends() {
     let dir = tempfile::tempdir().unwrap();
@@ -200,10 +209,7 @@ async fn a_flood_of_output_or_of_long_lines_is_shipped_within_bounds_and_the_job
         "wide",
         "python3 -c \"[print('x' * 10000) for _ in range(400)]; [print('y' * 100000) for _ in range(3)]; print('wide done')\"",
     );
-    let wide: JobView = setup.tenant.post("/api/v1/jobs", &wide).await.unwrap();
-    let done = common::wait_job_ended(&setup.tenant, &wide.id).await;
-    assert_eq!(done.state, JobState::Succeeded, "{}", done.reason);
-    let lines = all_lines(&setup.tenant, &wide.id).await;
+    let (_, lines) = run_to_success(&setup, &wide).await;
     assert_eq!(lines.len(), 404, "{:?}", &lines[..3]);
     assert!(lines[..400].iter().all(|(_, l)| l == &"x".repeat(10_000)));
     for (_, line) in &lines[400..403] {
@@ -221,10 +227,7 @@ async fn a_flood_of_output_or_of_long_lines_is_shipped_within_bounds_and_the_job
         "random",
         "head -c 3000000 /dev/zero | tr '\\0' '\\1' | fold -b -w 1000; head -c 3000000 /dev/urandom | tr -d '\\n' | fold -b -w 1000; echo; echo random done",
     );
-    let random: JobView = setup.tenant.post("/api/v1/jobs", &random).await.unwrap();
-    let done = common::wait_job_ended(&setup.tenant, &random.id).await;
-    assert_eq!(done.state, JobState::Succeeded, "{}", done.reason);
-    let lines = all_lines(&setup.tenant, &random.id).await;
+    let (_, lines) = run_to_success(&setup, &random).await;
     assert_eq!(lines.last().map(|(_, l)| l.as_str()), Some("random done"));
 
     // 60 MB of one line again and again: the head and the tail are shipped, the middle
@@ -234,11 +237,8 @@ async fn a_flood_of_output_or_of_long_lines_is_shipped_within_bounds_and_the_job
         "flood",
         &format!("yes '{line}' | head -c 60000000; echo; echo flood done"),
     );
-    let flood: JobView = setup.tenant.post("/api/v1/jobs", &flood).await.unwrap();
-    let done = common::wait_job_ended(&setup.tenant, &flood.id).await;
-    assert_eq!(done.state, JobState::Succeeded, "{}", done.reason);
+    let (done, lines) = run_to_success(&setup, &flood).await;
     assert_eq!(done.attempts, 0, "{:?}", done.events);
-    let lines = all_lines(&setup.tenant, &flood.id).await;
     let stdout: Vec<&str> = lines
         .iter()
         .filter(|(s, _)| s == "stdout")
