@@ -501,6 +501,16 @@ pub async fn upload(
     paths: &[std::path::PathBuf],
 ) -> Result<baygrid_api::DatasetVersion, UploadError> {
     let view: baygrid_api::DatasetView = client.get(&format!("/api/v1/datasets/{dataset}")).await?;
+    upload_to(client, &view, paths).await
+}
+
+/// [`upload`], for a caller that has read the dataset already.
+pub async fn upload_to(
+    client: &baygrid_api::Client,
+    view: &baygrid_api::DatasetView,
+    paths: &[std::path::PathBuf],
+) -> Result<baygrid_api::DatasetVersion, UploadError> {
+    let dataset = view.spec.name.as_str();
     let vaults: Vec<baygrid_api::VaultView> = client.get("/api/v1/vaults").await?;
     let url = vaults
         .iter()

@@ -97,8 +97,8 @@ pub async fn dataset(args: &Args, cmd: &DatasetCommand) -> anyhow::Result<ExitCo
             });
         }
         DatasetCommand::Upload { name, paths } => {
-            let version = baygrid_vault::upload(&client, name, paths).await?;
             let view: DatasetView = client.get(&format!("/api/v1/datasets/{name}")).await?;
+            let version = baygrid_vault::upload_to(&client, &view, paths).await?;
             if let (Some(counted), Some(column)) = (version.subjects, &view.spec.subject_column) {
                 if counted > view.spec.subjects {
                     eprintln!(
