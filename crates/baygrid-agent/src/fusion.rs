@@ -218,10 +218,24 @@ async fn send_report(
         "/api/v1/agent/fusion/{}/report?index={}",
         work.run, work.index
     );
-    client
-        .post::<_, serde_json::Value>(&path, report)
-        .await
-        .map(|_| ())
+    let mut resent = false;
+    let sent = baygrid_api::patiently(
+        baygrid_api::PATIENCE,
+        || client.post::<_, serde_json::Value>(&path, report),
+        |failure| {
+            resent |= failure.is_some();
+            crate::query::waiting_on_server(&work.run, failure)
+        },
+    )
+    .await;
+    match sent {
+        // the first try was taken before its answer was lost, and it ended the run
+        Err(e) if resent && e.status() == Some(409) && (report.done || report.error.is_some()) => {
+            tracing::info!(run = %work.run, error = %e, "report resent after the run ended");
+            Ok(())
+        }
+        sent => sent.map(|_| ()),
+    }
 }
 
 fn aggregation_name(a: Aggregation) -> String {
@@ -269,7 +283,9 @@ async fn run(client: &Client, work_dir: &Path, work: &FusionWork) -> Result<Fusi
             "/api/v1/agent/fusion/{}/relay?index={}",
             work.run, work.index
         ),
+        run: work.run.clone(),
         handle: Handle::current(),
+        sent: BTreeMap::new(),
         next: 0,
         waiting: VecDeque::new(),
         bytes: 0,
@@ -493,11 +509,17 @@ async fn save_output(
     })
 }
 
-/// The server's relay as a blocking transport, for a worker's protocol thread.
+/// The server's relay as a blocking transport, for a worker's protocol thread. It rides
+/// out a server restart: messages the server accepted are kept in its store, a message
+/// resent after a lost answer carries its number again, and fetching from a number is
+/// safe to repeat.
 struct Relay {
     client: Client,
     base: String,
+    run: String,
     handle: Handle,
+    /// How many messages the server has accepted from this worker, by addressee.
+    sent: BTreeMap<usize, u64>,
     /// The next message number to fetch.
     next: usize,
     waiting: VecDeque<(usize, Msg)>,
@@ -508,12 +530,46 @@ impl Transport for Relay {
     fn send(&mut self, to: usize, msg: &Msg) -> Result<(), FedError> {
         let body = serde_json::to_vec(msg).map_err(|e| FedError::Transport(e.to_string()))?;
         self.bytes += body.len();
+        let n = self.sent.entry(to).or_default();
+        let path = format!("{}&to={to}&n={n}", self.base);
+        let (client, run) = (&self.client, &self.run);
         self.handle
-            .block_on(
-                self.client
-                    .post_bytes(&format!("{}&to={to}", self.base), body),
-            )
-            .map_err(|e| FedError::Transport(e.to_string()))
+            .block_on(baygrid_api::patiently(
+                baygrid_api::PATIENCE,
+                || client.post_bytes(&path, body.clone()),
+                |failure| crate::query::waiting_on_server(run, failure),
+            ))
+            .map_err(|e| FedError::Transport(e.to_string()))?;
+        *n += 1;
+        Ok(())
+    }
+
+    /// The posts go out together: the server commits messages that arrive together in
+    /// one write, so a fan-out costs about one commit.
+    fn send_each(&mut self, messages: &[(usize, Msg)]) -> Result<(), FedError> {
+        let mut posts = Vec::with_capacity(messages.len());
+        for (to, msg) in messages {
+            let body = serde_json::to_vec(msg).map_err(|e| FedError::Transport(e.to_string()))?;
+            self.bytes += body.len();
+            let n = self.sent.get(to).copied().unwrap_or(0);
+            posts.push((format!("{}&to={to}&n={n}", self.base), body));
+        }
+        let (client, run) = (&self.client, &self.run);
+        self.handle
+            .block_on(futures::future::try_join_all(posts.iter().map(
+                |(path, body)| {
+                    baygrid_api::patiently(
+                        baygrid_api::PATIENCE,
+                        || client.post_bytes(path, body.clone()),
+                        |failure| crate::query::waiting_on_server(run, failure),
+                    )
+                },
+            )))
+            .map_err(|e| FedError::Transport(e.to_string()))?;
+        for (to, _) in messages {
+            *self.sent.entry(*to).or_default() += 1;
+        }
+        Ok(())
     }
 
     fn recv(&mut self, wait: Duration) -> Result<Option<(usize, Msg)>, FedError> {
@@ -523,14 +579,20 @@ impl Transport for Relay {
             if left.is_zero() {
                 return Ok(None);
             }
+            let path = format!(
+                "{}&from={}&wait_ms={}",
+                self.base,
+                self.next,
+                left.as_millis().min(20_000)
+            );
+            let (client, run) = (&self.client, &self.run);
             let body = self
                 .handle
-                .block_on(self.client.get_bytes(&format!(
-                    "{}&from={}&wait_ms={}",
-                    self.base,
-                    self.next,
-                    left.as_millis().min(20_000)
-                )))
+                .block_on(baygrid_api::patiently(
+                    baygrid_api::PATIENCE,
+                    || client.get_bytes(&path),
+                    |failure| crate::query::waiting_on_server(run, failure),
+                ))
                 .map_err(|e| FedError::Transport(e.to_string()))?;
             for framed in baygrid_api::relay::unframe(&body).map_err(FedError::Transport)? {
                 self.next += 1;

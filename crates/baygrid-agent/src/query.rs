@@ -40,7 +40,13 @@ pub(crate) async fn serve(client: Client, work_dir: PathBuf, shutdown: watch::Re
                     "/api/v1/agent/queries/{}/answer?dataset={}",
                     task.query, task.dataset
                 );
-                if let Err(e) = client.post::<_, serde_json::Value>(&path, &body).await {
+                let answered = baygrid_api::patiently(
+                    baygrid_api::PATIENCE,
+                    || client.post::<_, serde_json::Value>(&path, &body),
+                    |failure| waiting_on_server(&path, failure),
+                )
+                .await;
+                if let Err(e) = answered {
                     // unanswered, the server hands the side out again later
                     tracing::warn!(query = %task.query, error = %e, "answer not delivered");
                 }
@@ -173,6 +179,20 @@ async fn run(
     .map_err(|e| e.to_string())
 }
 
+/// Logs the wait of work at a vault (a query's side, a fusion worker) for a server it
+/// cannot reach (a restart), and the wait's end.
+pub(crate) fn waiting_on_server(work: &str, failure: Option<&ClientError>) {
+    match failure {
+        Some(e) => tracing::warn!(
+            work,
+            error = %e,
+            "asking the server again for up to {:?}",
+            baygrid_api::PATIENCE
+        ),
+        None => tracing::info!(work, "the server answers again"),
+    }
+}
+
 /// The individuals both vaults hold, by ECDH PSI with the other side's agent through the
 /// server's relay: only blinded points cross, and each side learns which of its own ids
 /// the other holds, nothing about the others.
@@ -213,8 +233,17 @@ async fn intersect(
         let client = client.clone();
         let base = base.clone();
         tokio::spawn(async move {
+            let mut n = 0u64;
             while let Some(chunk) = outgoing.recv().await {
-                client.post_bytes(&base, chunk).await?;
+                // the same number when resent: the server keeps the chunk once
+                let path = format!("{base}&n={n}");
+                baygrid_api::patiently(
+                    baygrid_api::PATIENCE,
+                    || client.post_bytes(&path, chunk.clone()),
+                    |failure| waiting_on_server(&path, failure),
+                )
+                .await?;
+                n += 1;
             }
             Ok::<(), ClientError>(())
         })
@@ -224,10 +253,14 @@ async fn intersect(
         tokio::spawn(async move {
             let mut next = 0usize;
             loop {
-                let bytes = client
-                    .get_bytes(&format!("{base}&from={next}&wait_ms=20000"))
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let path = format!("{base}&from={next}&wait_ms=20000");
+                let bytes = baygrid_api::patiently(
+                    baygrid_api::PATIENCE,
+                    || client.get_bytes(&path),
+                    |failure| waiting_on_server(&path, failure),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
                 for message in baygrid_api::relay::unframe(&bytes)? {
                     next += 1;
                     if incoming.send(message).is_err() {

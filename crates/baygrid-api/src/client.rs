@@ -54,6 +54,61 @@ impl ClientError {
             _ => None,
         }
     }
+
+    /// An error a restarting server gives: it cannot be reached, or it (or a proxy before
+    /// it) answers 502, 503 or 504.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ClientError::Unreachable { .. } => true,
+            ClientError::Api { status, .. } => matches!(status, 502..=504),
+            ClientError::Decode(_) => false,
+        }
+    }
+}
+
+/// How long the CLI's waiting commands and the workers at the vaults keep asking a server
+/// that is restarting (see [`patiently`]): long enough for a restart, while the work they
+/// wait on goes on.
+pub const PATIENCE: Duration = Duration::from_secs(300);
+
+/// Runs `attempt` again while it fails with a transient error (see
+/// [`ClientError::is_transient`]), backing off from 250 ms to 5 s, until `patience` has
+/// passed since the first such failure. `note` hears of that first failure (`Some`) and,
+/// when there was one, of the answer that came at last (`None`). An attempt must be safe to
+/// repeat: the request may have been carried out before its answer was lost.
+pub async fn patiently<T, F, Fut>(
+    patience: Duration,
+    mut attempt: F,
+    mut note: impl FnMut(Option<&ClientError>),
+) -> Result<T, ClientError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ClientError>>,
+{
+    let mut deadline = None;
+    let mut pause = Duration::from_millis(250);
+    loop {
+        match attempt().await {
+            Ok(value) => {
+                if deadline.is_some() {
+                    note(None);
+                }
+                return Ok(value);
+            }
+            Err(e) if e.is_transient() => {
+                let deadline = *deadline.get_or_insert_with(|| {
+                    note(Some(&e));
+                    tokio::time::Instant::now() + patience
+                });
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(e);
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// A connection to one server with one token.

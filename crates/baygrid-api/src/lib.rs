@@ -10,7 +10,7 @@ mod offer;
 mod query;
 pub mod relay;
 
-pub use client::{Client, ClientError};
+pub use client::{patiently, Client, ClientError, PATIENCE};
 pub use dataset::{
     Column, ColumnType, DatasetError, DatasetSpec, DatasetVersion, DatasetView, NewVersion,
     VaultView, VersionFile,

@@ -124,6 +124,13 @@ pub enum Msg {
 /// nothing came.
 pub trait Transport {
     fn send(&mut self, to: usize, msg: &Msg) -> Result<(), FedError>;
+    /// Sends each message to its addressee (distinct addressees, so their order does not
+    /// matter): a transport that can sends them at once.
+    fn send_each(&mut self, messages: &[(usize, Msg)]) -> Result<(), FedError> {
+        messages
+            .iter()
+            .try_for_each(|(to, msg)| self.send(*to, msg))
+    }
     fn recv(&mut self, wait: Duration) -> Result<Option<(usize, Msg)>, FedError>;
     /// Bytes sent and received so far.
     fn bytes(&self) -> usize;
@@ -146,6 +153,17 @@ impl<'t, T: Transport> Link<'t, T> {
 
     pub(crate) fn send(&mut self, to: usize, msg: &Msg) -> Result<(), FedError> {
         self.transport.send(to, msg)
+    }
+
+    /// One message to each of `to`, made for each by `msg`, sent at once where the
+    /// transport can.
+    pub(crate) fn send_each(
+        &mut self,
+        to: &[usize],
+        mut msg: impl FnMut(usize) -> Msg,
+    ) -> Result<(), FedError> {
+        let messages: Vec<(usize, Msg)> = to.iter().map(|&p| (p, msg(p))).collect();
+        self.transport.send_each(&messages)
     }
 
     pub(crate) fn bytes(&self) -> usize {
@@ -499,18 +517,13 @@ fn aggregate<T: Transport>(
         let start = Instant::now();
         let bytes_before = link.bytes();
         let total: usize = active.iter().map(|&p| rows_of[p]).sum();
-        for &p in &active {
-            link.send(
-                p,
-                &Msg::Global {
-                    round,
-                    parties,
-                    total,
-                    threshold,
-                    params: global.clone(),
-                },
-            )?;
-        }
+        link.send_each(&active, |_| Msg::Global {
+            round,
+            parties,
+            total,
+            threshold,
+            params: global.clone(),
+        })?;
         let agg_start;
         let (sum, loss) = match params {
             None => {
@@ -564,16 +577,11 @@ fn aggregate<T: Transport>(
         progress(&stats);
         rounds.push(stats);
     }
-    for &p in &active {
-        link.send(
-            p,
-            &Msg::Final {
-                params: global.clone(),
-                rounds: rounds.clone(),
-                aggregation,
-            },
-        )?;
-    }
+    link.send_each(&active, |_| Msg::Final {
+        params: global.clone(),
+        rounds: rounds.clone(),
+        aggregation,
+    })?;
     dropped_ever.sort_unstable();
     dropped_ever.dedup();
     Ok(AggregatorOutcome {
@@ -603,9 +611,7 @@ fn secure_sum<T: Transport>(
         }
     }
     let adverts = agg.adverts();
-    for &p in members {
-        link.send(p, &Msg::Adverts(adverts.clone()))?;
-    }
+    link.send_each(members, |_| Msg::Adverts(adverts.clone()))?;
     let mut sealed: Vec<Envelope> = Vec::new();
     let deadline = Instant::now() + wait;
     for &p in members {
@@ -614,10 +620,9 @@ fn secure_sum<T: Transport>(
             other => return Err(unexpected("the party's sealed shares", &other)),
         }
     }
-    for &p in members {
-        let mine = sealed.iter().filter(|e| e.to == p).cloned().collect();
-        link.send(p, &Msg::Envelopes(mine))?;
-    }
+    link.send_each(members, |p| {
+        Msg::Envelopes(sealed.iter().filter(|e| e.to == p).cloned().collect())
+    })?;
     // masked inputs: whoever is silent past the wait drops out of this round
     let deadline = Instant::now() + wait;
     let mut got = std::collections::BTreeSet::new();
@@ -639,15 +644,10 @@ fn secure_sum<T: Transport>(
         }
     }
     let (survivors, dropped) = agg.roster()?;
-    for &p in &survivors {
-        link.send(
-            p,
-            &Msg::Roster {
-                survivors: survivors.clone(),
-                dropped: dropped.clone(),
-            },
-        )?;
-    }
+    link.send_each(&survivors, |_| Msg::Roster {
+        survivors: survivors.clone(),
+        dropped: dropped.clone(),
+    })?;
     let mut replies = Vec::new();
     let deadline = Instant::now() + wait;
     for &p in &survivors {

@@ -948,12 +948,11 @@ async fn end_unfinished(
             unfinished,
         )
         .await?;
-    drop_relay(state, &id);
+    state
+        .queries
+        .relay
+        .ended(&baygrid_store::fusion_conversation(&id));
     Ok(record.view)
-}
-
-fn drop_relay(state: &AppState, id: &str) {
-    state.queries.fusion_relay.forget(|(run, _)| run != id);
 }
 
 /// Fails the running runs that have not moved for `vault_answer_timeout`: a worker whose
@@ -1004,26 +1003,6 @@ pub(crate) async fn expire(state: &AppState) -> ApiResult<()> {
             )
         };
         end_unfinished(state, record, FusionState::Failed, error, "server".into()).await?;
-    }
-    Ok(())
-}
-
-/// Fails the runs a previous server left running: their workers' messages were in memory.
-pub async fn fail_orphans(state: &AppState) -> ApiResult<()> {
-    let running = state
-        .store
-        .fusion_rows(None, Some(FusionState::Running.as_str()), 10_000)
-        .await?;
-    for row in running {
-        let record = FusionRecord::from_row(&row)?;
-        end_unfinished(
-            state,
-            record,
-            FusionState::Failed,
-            "the server restarted during the run; its workers' messages were lost".into(),
-            "server".into(),
-        )
-        .await?;
     }
     Ok(())
 }
@@ -1116,6 +1095,10 @@ pub struct WorkerParams {
     pub index: usize,
     /// On send: the worker the message is for.
     pub to: Option<usize>,
+    /// On send: the sender's number for the message, counting its messages to that worker
+    /// from 0 (a message resent after a lost answer keeps its number, and is not delivered
+    /// twice).
+    pub n: Option<u64>,
     /// On receive: the first message wanted (numbered from 0).
     #[serde(default)]
     pub from: usize,
@@ -1147,7 +1130,8 @@ async fn claimed_worker(
     Ok(record)
 }
 
-/// A message from one worker of a run to another, kept in memory until the run ends.
+/// A message from one worker of a run to another, kept in the store until it is
+/// acknowledged or the run ends.
 #[utoipa::path(post, path = "/api/v1/agent/fusion/{id}/relay", params(("id" = String, Path), WorkerParams), request_body(content = Vec<u8>, content_type = "application/octet-stream"), responses((status = 204), (status = 409, body = baygrid_api::ErrorBody)), security(("bearer" = [])))]
 pub async fn relay_send(
     State(state): State<AppState>,
@@ -1162,9 +1146,19 @@ pub async fn relay_send(
         .to
         .filter(|t| *t != params.index && record.view.workers.iter().any(|w| w.index == *t))
         .ok_or_else(|| ApiError::bad("to", "another worker of the run"))?;
-    let mut message = (params.index as u32).to_le_bytes().to_vec();
-    message.extend_from_slice(&bytes);
-    state.queries.fusion_relay.post((id, to), message.into());
+    let n = crate::queries::relay_number(params.n)?;
+    let mut body = (params.index as u32).to_le_bytes().to_vec();
+    body.extend_from_slice(&bytes);
+    let conversation = baygrid_store::fusion_conversation(&id);
+    let message = baygrid_store::RelayMessage {
+        mailbox: baygrid_store::mailbox(&conversation, &to.to_string()),
+        conversation,
+        sender: params.index.to_string(),
+        n,
+        body,
+        acknowledged: 0,
+    };
+    state.queries.relay.post(&state, message).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -1181,14 +1175,17 @@ pub async fn relay_receive(
     let cluster = agent_cluster(&who)?;
     claimed_worker(&state, &id, params.index, &cluster).await?;
     let wait = Duration::from_millis(params.wait_ms.min(30_000));
-    let key = (id, params.index);
+    let mailbox = baygrid_store::mailbox(
+        &baygrid_store::fusion_conversation(&id),
+        &params.index.to_string(),
+    );
     let body = state
         .queries
-        .fusion_relay
-        .receive(&state, &key, params.from, wait)
+        .relay
+        .receive(&state, &mailbox, params.from, wait)
         .await?;
     // a run that ended while this worker waited is answered as ended
-    claimed_worker(&state, &key.0, params.index, &cluster).await?;
+    claimed_worker(&state, &id, params.index, &cluster).await?;
     Ok(body)
 }
 
@@ -1514,7 +1511,10 @@ async fn release(
             vec![],
         )
         .await?;
-    drop_relay(state, &id);
+    state
+        .queries
+        .relay
+        .ended(&baygrid_store::fusion_conversation(&id));
     Ok(record.view)
 }
 

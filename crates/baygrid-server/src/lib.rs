@@ -183,7 +183,15 @@ pub async fn start(config: ServerConfig) -> Result<RunningServer, ServerError> {
     // agents get a grace period to reconnect before any lease held across the restart expires
     let grace_until = state.now() + config.restart_grace.as_millis() as i64;
     state.store.extend_leases(grace_until).await?;
-    fusion::fail_orphans(&state).await?;
+    // running queries and fusion runs go on: their relay messages are in the store; those
+    // of any that ended without dropping them go
+    let pruned = state.store.relay_prune().await?;
+    if pruned > 0 {
+        tracing::info!(
+            rows = pruned,
+            "dropped relay messages of ended queries and runs"
+        );
+    }
 
     let listener =
         TcpListener::bind(config.listen)

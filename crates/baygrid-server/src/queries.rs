@@ -24,7 +24,7 @@ use baygrid_api::{
 use baygrid_core::{millis_to_rfc3339, Currency, Money, Principal, Role};
 use baygrid_ledger::{names, Transfer, TransferKind};
 use baygrid_query::{sql_name, Refusal, Shape, Table};
-use baygrid_store::{Ending, QueryRow, Spend, Spent, DELTA_UNIT, EPSILON_UNIT};
+use baygrid_store::{Ending, QueryRow, RelayMessage, Spend, Spent, DELTA_UNIT, EPSILON_UNIT};
 use serde::{Deserialize, Serialize};
 
 use crate::agent::agent_cluster;
@@ -892,7 +892,10 @@ pub async fn answer(
         }
     };
     if view.state != QueryState::Running {
-        state.queries.relay.forget(|(q, _)| q != &id);
+        state
+            .queries
+            .relay
+            .ended(&baygrid_store::query_conversation(&id));
     }
     state.queries.done.notify_waiters();
     Ok(Json(view))
@@ -1140,18 +1143,18 @@ async fn release(
 }
 
 /// What the server holds in memory for work at the vaults (queries and fusion runs): the
-/// signals that wake waiting agents and consumers, and the relays' mailboxes.
+/// signals that wake waiting agents and consumers (the relay's mailboxes are in the store).
 #[derive(Default)]
 pub struct Queries {
     pub(crate) work: tokio::sync::Notify,
     pub(crate) done: tokio::sync::Notify,
     pub(crate) writes: tokio::sync::Mutex<()>,
-    /// Between a query's two sides, by (query, dataset addressed).
-    pub(crate) relay: Relay<(String, String)>,
-    /// Fusion runs: their records' writes in turn, and the relay between a run's workers,
-    /// by (run, worker addressed); each message starts with its sender's number.
+    /// Between a query's two sides (mailboxes by the dataset addressed) and between a
+    /// fusion run's workers (by the worker addressed; each message starts with its
+    /// sender's number).
+    pub(crate) relay: Relay,
+    /// Fusion runs' records' writes, in turn.
     pub(crate) fusion_writes: tokio::sync::Mutex<()>,
-    pub(crate) fusion_relay: Relay<(String, usize)>,
     /// Set when the server stops: long polls answer at once, so shutdown does not wait.
     closing: std::sync::atomic::AtomicBool,
 }
@@ -1164,7 +1167,6 @@ impl Queries {
         self.work.notify_waiters();
         self.done.notify_waiters();
         self.relay.signal.notify_waiters();
-        self.fusion_relay.signal.notify_waiters();
     }
 
     fn closing(&self) -> bool {
@@ -1177,6 +1179,10 @@ impl Queries {
 pub struct RelayParams {
     /// The dataset whose side sends (on post) or receives (on get).
     pub dataset: String,
+    /// On post: the sender's number for the message, counting its messages to the other
+    /// side from 0 (a message resent after a lost answer keeps its number, and is not
+    /// delivered twice).
+    pub n: Option<u64>,
     /// On get: the first message wanted (messages are numbered from 0).
     #[serde(default)]
     pub from: usize,
@@ -1208,7 +1214,7 @@ async fn relay_ends(state: &AppState, id: &str, dataset: &str, cluster: &str) ->
 }
 
 /// A message from one side's agent to the other's (the PSI's blinded points). The server
-/// keeps it in memory until it is acknowledged or the query ends; it cannot read the ids behind the points.
+/// keeps it in its store until it is acknowledged or the query ends; it cannot read the ids behind the points.
 #[utoipa::path(post, path = "/api/v1/agent/queries/{id}/relay", params(("id" = String, Path), RelayParams), request_body(content = Vec<u8>, content_type = "application/octet-stream"), responses((status = 204), (status = 409, body = baygrid_api::ErrorBody)), security(("bearer" = [])))]
 pub async fn relay_send(
     State(state): State<AppState>,
@@ -1218,8 +1224,18 @@ pub async fn relay_send(
     RawBody(bytes): RawBody,
 ) -> ApiResult<StatusCode> {
     let cluster = agent_cluster(&who)?;
+    let n = relay_number(params.n)?;
     let peer = relay_ends(&state, &id, &params.dataset, &cluster).await?;
-    state.queries.relay.post((id, peer), bytes);
+    let conversation = baygrid_store::query_conversation(&id);
+    let message = RelayMessage {
+        mailbox: baygrid_store::mailbox(&conversation, &peer),
+        conversation,
+        sender: params.dataset,
+        n,
+        body: bytes.to_vec(),
+        acknowledged: 0,
+    };
+    state.queries.relay.post(&state, message).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -1236,9 +1252,20 @@ pub async fn relay_receive(
     let cluster = agent_cluster(&who)?;
     relay_ends(&state, &id, &params.dataset, &cluster).await?;
     let wait = Duration::from_millis(params.wait_ms.min(30_000));
+    let mailbox = baygrid_store::mailbox(&baygrid_store::query_conversation(&id), &params.dataset);
     state
         .queries
         .relay
-        .receive(&state, &(id, params.dataset), params.from, wait)
+        .receive(&state, &mailbox, params.from, wait)
         .await
+}
+
+/// A relayed message's number from its sender, which a post must carry.
+pub(crate) fn relay_number(n: Option<u64>) -> ApiResult<i64> {
+    n.and_then(|n| i64::try_from(n).ok()).ok_or_else(|| {
+        ApiError::bad(
+            "n",
+            "give the message's number, counting the sender's messages to this addressee from 0",
+        )
+    })
 }

@@ -1,111 +1,75 @@
 //! The relay between workers at the vaults (a query's two sides, a fusion run's workers):
-//! a mailbox per addressee, kept in memory. Asking for message `n` on acknowledges every
-//! one before it, and those are dropped, so a mailbox holds only what is in flight.
+//! a mailbox per addressee, kept in the store (`Store::relay_post`), so that a message
+//! accepted before a restart is delivered after it. Asking for message `n` on
+//! acknowledges every one before it; this server remembers that, and the next message
+//! posted to the mailbox deletes them in its own commit, so a mailbox holds little more
+//! than what is in flight. (A restart forgets the acknowledgements: the next ask makes
+//! them again.) A conversation's mailboxes go with the change that ends its query or run.
 
-use std::collections::{HashMap, VecDeque};
-use std::hash::Hash;
+use std::collections::HashMap;
 use std::time::Duration;
 
-use axum::body::Bytes;
+use baygrid_store::{Posted, RelayMessage};
 
 use crate::error::ApiResult;
 use crate::AppState;
 
-pub(crate) struct Relay<K> {
-    boxes: std::sync::Mutex<HashMap<K, Mailbox>>,
+#[derive(Default)]
+pub(crate) struct Relay {
     /// Fires when a message arrives or mailboxes are dropped.
     pub(crate) signal: tokio::sync::Notify,
+    /// By mailbox: its messages below this number were acknowledged.
+    acknowledged: std::sync::Mutex<HashMap<String, i64>>,
 }
 
-#[derive(Default)]
-struct Mailbox {
-    /// The number of the first message kept.
-    first: usize,
-    messages: VecDeque<Bytes>,
-}
-
-impl<K> Default for Relay<K> {
-    fn default() -> Self {
-        Relay {
-            boxes: Default::default(),
-            signal: Default::default(),
+impl Relay {
+    /// Stores `message` durably (a resend of one already accepted is not stored again) and
+    /// wakes the receivers.
+    pub(crate) async fn post(&self, state: &AppState, mut message: RelayMessage) -> ApiResult<()> {
+        message.acknowledged = self.acknowledged_in(&message.mailbox);
+        if let Posted::Accepted(_) = state.store.relay_post(message).await? {
+            self.signal.notify_waiters();
         }
+        Ok(())
     }
-}
 
-impl<K: Hash + Eq> Relay<K> {
-    pub(crate) fn post(&self, to: K, message: Bytes) {
-        self.boxes
-            .lock()
-            .expect("relay lock")
-            .entry(to)
-            .or_default()
-            .messages
-            .push_back(message);
+    /// A conversation ended (the store dropped its mailboxes with the ending): its
+    /// receivers are answered now.
+    pub(crate) fn ended(&self, conversation: &str) {
+        let prefix = format!("{conversation}/");
+        self.lock()
+            .retain(|mailbox, _| !mailbox.starts_with(&prefix));
         self.signal.notify_waiters();
     }
 
-    /// The messages for `to` numbered `from` on; those before are dropped.
-    fn since(&self, to: &K, from: usize) -> Vec<Bytes> {
-        let mut boxes = self.boxes.lock().expect("relay lock");
-        let Some(mailbox) = boxes.get_mut(to) else {
-            return Vec::new();
-        };
-        while mailbox.first < from && mailbox.messages.pop_front().is_some() {
-            mailbox.first += 1;
-        }
-        mailbox
-            .messages
-            .iter()
-            .skip(from.saturating_sub(mailbox.first))
-            .cloned()
-            .collect()
-    }
-
-    /// Drops every mailbox `keep` refuses (a query or run that ended).
-    pub(crate) fn forget(&self, keep: impl Fn(&K) -> bool) {
-        self.boxes
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, i64>> {
+        self.acknowledged
             .lock()
-            .expect("relay lock")
-            .retain(|k, _| keep(k));
-        self.signal.notify_waiters();
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The messages for `to` from `from` on as one body (`baygrid_api::relay::frame`),
+    fn acknowledged_in(&self, mailbox: &str) -> i64 {
+        self.lock().get(mailbox).copied().unwrap_or(0)
+    }
+
+    /// The messages in `mailbox` from `from` on as one body (`baygrid_api::relay::frame`),
     /// waiting up to `wait` for one.
     pub(crate) async fn receive(
         &self,
         state: &AppState,
-        to: &K,
+        mailbox: &str,
         from: usize,
         wait: Duration,
     ) -> ApiResult<Vec<u8>> {
+        if from > 0 {
+            let mut acknowledged = self.lock();
+            let below = acknowledged.entry(mailbox.to_string()).or_default();
+            *below = (*below).max(from as i64);
+        }
         crate::queries::long_poll(state, &self.signal, wait, || async move {
-            let waiting = self.since(to, from);
+            let waiting = state.store.relay_messages(mailbox, from as i64).await?;
             Ok((baygrid_api::relay::frame(&waiting), !waiting.is_empty()))
         })
         .await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn acknowledged_messages_are_dropped_and_the_rest_keep_their_numbers() {
-        let relay: Relay<u8> = Relay::default();
-        for m in ["a", "b", "c"] {
-            relay.post(1, Bytes::from(m));
-        }
-        assert_eq!(relay.since(&1, 0).len(), 3);
-        // asking from 2 acknowledges 0 and 1
-        assert_eq!(relay.since(&1, 2), vec![Bytes::from("c")]);
-        assert_eq!(relay.boxes.lock().unwrap()[&1].messages.len(), 1);
-        relay.post(1, Bytes::from("d"));
-        assert_eq!(relay.since(&1, 3), vec![Bytes::from("d")]);
-        assert!(relay.since(&2, 0).is_empty());
-        relay.forget(|k| *k != 1);
-        assert!(relay.since(&1, 0).is_empty());
     }
 }

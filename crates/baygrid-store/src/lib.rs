@@ -13,6 +13,7 @@ mod jobs;
 mod ledger;
 mod queries;
 mod records;
+mod relay;
 pub mod testing;
 mod zone;
 
@@ -32,6 +33,7 @@ pub use jobs::{
 pub use ledger::{StatementLine, TransferRecord};
 pub use queries::{Ending, FusionRow, QueryRow, RecordRow, Spend, Spent, DELTA_UNIT, EPSILON_UNIT};
 pub use records::{JobEvent, JobRecord, LogLine, TokenRecord};
+pub use relay::{fusion_conversation, mailbox, query_conversation, Posted, RelayMessage};
 pub use zone::{FlowRecord, ObligationRow};
 
 use baygrid_core::Millis;
@@ -260,6 +262,7 @@ impl Store {
             "export_counters",
             "queries",
             "privacy_spends",
+            "relay_messages",
         ];
         if !allowed.contains(&table) {
             return Err(StoreError::Conflict(format!("no table `{table}`")));

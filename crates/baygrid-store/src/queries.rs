@@ -45,6 +45,14 @@ impl Records {
         }
     }
 
+    /// The conversation its relay messages belong to.
+    fn conversation(self, id: &str) -> String {
+        match self {
+            Records::Queries => crate::relay::query_conversation(id),
+            Records::Fusion => crate::relay::fusion_conversation(id),
+        }
+    }
+
     fn noun(self) -> &'static str {
         match self {
             Records::Queries => "query",
@@ -317,6 +325,7 @@ impl Store {
                     )));
                 }
                 apply_in_tx(conn, &cell, &end.transfers, &end.actor, end.now).await?;
+                crate::relay::forget_in(conn, &records.conversation(&id)).await?;
                 for job in &cancel {
                     crate::jobs::cancel_in(conn, &cell, job, &end.actor, end.now).await?;
                 }

@@ -1010,11 +1010,39 @@ async fn fusion_suite(store: Store) {
         kind: "fusion.finished",
         payload: serde_json::json!({ "run": "f1" }),
     };
-    // ending the run cancels the workers' jobs it names, in the same change
+    // messages in flight between both runs' workers
+    for run in ["f1", "f2"] {
+        let conversation = fusion_conversation(run);
+        store
+            .relay_post(RelayMessage {
+                mailbox: mailbox(&conversation, "1"),
+                conversation,
+                sender: "0".into(),
+                n: 0,
+                body: b"update".to_vec(),
+                acknowledged: 0,
+            })
+            .await
+            .unwrap();
+    }
+    // both runs are running: nothing to prune
+    assert_eq!(store.relay_prune().await.unwrap(), 0);
+    // ending the run cancels the workers' jobs it names and drops its relay mailboxes, in
+    // the same change
     store
         .finish_fusion("f1".into(), end("succeeded"), vec!["f1-w1".into()])
         .await
         .unwrap();
+    assert!(store
+        .relay_messages("fusion/f1/1", 0)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        store.relay_messages("fusion/f2/1", 0).await.unwrap(),
+        vec![b"update".to_vec()]
+    );
+    assert_eq!(store.relay_prune().await.unwrap(), 0);
     assert_eq!(
         store.get_job("f1-w0").await.unwrap().state,
         JobState::Queued
@@ -1140,4 +1168,125 @@ async fn postgres_store_has_one_server() {
         return;
     };
     claim_suite(&url).await;
+}
+
+fn message(mailbox: &str, sender: &str, n: i64, body: &[u8]) -> RelayMessage {
+    RelayMessage {
+        conversation: mailbox.split('/').take(2).collect::<Vec<_>>().join("/"),
+        mailbox: mailbox.into(),
+        sender: sender.into(),
+        n,
+        body: body.to_vec(),
+        acknowledged: 0,
+    }
+}
+
+/// The relay's mailboxes: numbered in arrival order across senders, a resend stored once,
+/// a gap refused, acknowledged messages deleted, an ended conversation dropped, and
+/// everything that was accepted still there for a store opened again.
+async fn relay_suite(url: &str) {
+    let store = Store::open(url).await.unwrap();
+    let a = "fusion/r1/2";
+    assert_eq!(
+        store
+            .relay_post(message(a, "0", 0, b"from 0"))
+            .await
+            .unwrap(),
+        Posted::Accepted(0)
+    );
+    assert_eq!(
+        store
+            .relay_post(message(a, "1", 0, b"from 1"))
+            .await
+            .unwrap(),
+        Posted::Accepted(1)
+    );
+    // the answer to the first post was lost and it came again: kept once
+    assert_eq!(
+        store
+            .relay_post(message(a, "0", 0, b"from 0"))
+            .await
+            .unwrap(),
+        Posted::Again
+    );
+    // every byte value, and a body of 1 MiB
+    let all: Vec<u8> = (0..=255u8).cycle().take(1 << 20).collect();
+    assert_eq!(
+        store.relay_post(message(a, "0", 1, &all)).await.unwrap(),
+        Posted::Accepted(2)
+    );
+    let gap = store
+        .relay_post(message(a, "1", 5, b"after a gap"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(gap.contains("skips message 1"), "{gap}");
+    assert!(store.relay_post(message(a, "1", -1, b"")).await.is_err());
+    store
+        .relay_post(message("fusion/r2/1", "0", 0, b"other run"))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.relay_messages(a, 0).await.unwrap(),
+        vec![b"from 0".to_vec(), b"from 1".to_vec(), all.clone()]
+    );
+    assert!(store
+        .relay_messages("fusion/r1/9", 0)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(store.relay_messages(a, 2).await.unwrap(), vec![all.clone()]);
+    // the addressee asked from 2: the next post deletes 0 and 1; the rest keep their numbers
+    let next = RelayMessage {
+        acknowledged: 2,
+        ..message(a, "1", 1, b"next")
+    };
+    assert_eq!(store.relay_post(next).await.unwrap(), Posted::Accepted(3));
+    assert_eq!(store.count("relay_messages").await.unwrap(), 3);
+    assert_eq!(
+        store.relay_messages(a, 0).await.unwrap(),
+        vec![all.clone(), b"next".to_vec()]
+    );
+    // a resend of an acknowledged message is still known
+    assert_eq!(
+        store
+            .relay_post(message(a, "1", 0, b"from 1"))
+            .await
+            .unwrap(),
+        Posted::Again
+    );
+    drop(store);
+
+    let store = Store::open(url).await.unwrap();
+    assert_eq!(
+        store.relay_messages(a, 2).await.unwrap(),
+        vec![all, b"next".to_vec()]
+    );
+    // neither run is running (there are none in this store): pruned, every row of both
+    assert_eq!(store.relay_prune().await.unwrap(), 6);
+    assert!(store.relay_messages(a, 0).await.unwrap().is_empty());
+    assert!(store
+        .relay_messages("fusion/r2/1", 0)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        store.relay_post(message(a, "0", 0, b"anew")).await.unwrap(),
+        Posted::Accepted(0),
+        "a dropped conversation's numbers start again"
+    );
+}
+
+#[tokio::test]
+async fn sqlite_relay_suite() {
+    let dir = tempfile::tempdir().unwrap();
+    relay_suite(&sqlite_url(dir.path())).await;
+}
+
+#[tokio::test]
+async fn postgres_relay_suite() {
+    let Some(url) = fresh_postgres_url().await else {
+        return;
+    };
+    relay_suite(&url).await;
 }

@@ -825,13 +825,8 @@ fn print_job(job: &JobView) {
 }
 
 /// Polls until every job has ended, with a progress bar when `progress`.
-/// How long a command that waits (`--wait`, `--follow`) keeps asking a server it cannot
-/// reach, or that answers 502, 503 or 504: long enough for a server to restart, while the
-/// jobs it waits for go on running.
-const PATIENCE: Duration = Duration::from_secs(300);
-
-/// GET `path`, riding out a server that is restarting (see [`PATIENCE`]); says so on stderr
-/// (above `bar`, when there is one).
+/// GET `path`, riding out a server that is restarting (see [`baygrid_api::PATIENCE`]);
+/// says so on stderr (above `bar`, when there is one).
 pub(crate) async fn get_patiently<T: serde::de::DeserializeOwned>(
     client: &Client,
     path: &str,
@@ -841,40 +836,18 @@ pub(crate) async fn get_patiently<T: serde::de::DeserializeOwned>(
         Some(bar) => bar.suspend(|| eprintln!("{text}")),
         None => eprintln!("{text}"),
     };
-    let deadline = std::time::Instant::now() + PATIENCE;
-    let mut pause = Duration::from_millis(250);
-    let mut told = false;
-    loop {
-        match client.get::<T>(path).await {
-            Ok(value) => {
-                if told {
-                    say("the server answers again".into());
-                }
-                return Ok(value);
-            }
-            Err(e) if transient(&e) && std::time::Instant::now() < deadline => {
-                if !told {
-                    say(format!(
-                        "{e}; asking again for up to {}",
-                        humantime::format_duration(PATIENCE)
-                    ));
-                    told = true;
-                }
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(5));
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-/// An error a restarting server gives: it cannot be reached, or a proxy before it says so.
-fn transient(e: &baygrid_api::ClientError) -> bool {
-    match e {
-        baygrid_api::ClientError::Unreachable { .. } => true,
-        baygrid_api::ClientError::Api { status, .. } => matches!(status, 502..=504),
-        baygrid_api::ClientError::Decode(_) => false,
-    }
+    baygrid_api::patiently(
+        baygrid_api::PATIENCE,
+        || client.get::<T>(path),
+        |failure| match failure {
+            Some(e) => say(format!(
+                "{e}; asking again for up to {}",
+                humantime::format_duration(baygrid_api::PATIENCE)
+            )),
+            None => say("the server answers again".into()),
+        },
+    )
+    .await
 }
 
 pub async fn wait_for(
