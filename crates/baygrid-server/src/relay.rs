@@ -27,8 +27,12 @@ impl Relay {
     /// wakes the receivers.
     pub(crate) async fn post(&self, state: &AppState, mut message: RelayMessage) -> ApiResult<()> {
         message.acknowledged = self.acknowledged_in(&message.mailbox);
-        if let Posted::Accepted(_) = state.store.relay_post(message).await? {
-            self.signal.notify_waiters();
+        let (mailbox, sender, n) = (message.mailbox.clone(), message.sender.clone(), message.n);
+        match state.store.relay_post(message).await? {
+            Posted::Accepted(_) => self.signal.notify_waiters(),
+            Posted::Again => {
+                tracing::info!(mailbox, sender, n, "a relay message sent again, kept once")
+            }
         }
         Ok(())
     }

@@ -1,6 +1,7 @@
 //! `kill -9` of the server while jobs are being submitted and deposits made: after a
 //! restart every acknowledged job and transfer is there, no job runs twice, every hold is
-//! settled once, and the audit log still verifies.
+//! settled once, and the audit log still verifies. And in the middle of a fusion run: the
+//! run goes on, every relay message delivered once.
 
 mod common;
 
@@ -8,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use baygrid_api::{Client, JobView};
+use baygrid_api::{Client, FusionState, FusionView, JobView};
 use baygrid_core::{JobSpec, JobState, Jurisdiction, Role};
 use common::*;
 
@@ -472,4 +473,202 @@ async fn kill_dash_nine_of_up_stops_its_agents_and_up_starts_again_on_the_same_d
     assert!(!log.contains("cannot persist"), "{log}");
     let _ = up.kill();
     let _ = up.wait();
+}
+
+/// A file of the repository.
+fn repo(path: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(path)
+}
+
+fn yaml<T: serde::de::DeserializeOwned>(path: &str) -> T {
+    serde_yaml::from_str(&std::fs::read_to_string(repo(path)).unwrap()).unwrap()
+}
+
+/// `kill -9` of the server in the middle of a vertical fusion run between a Hong Kong and a
+/// Guangzhou hospital's vaults, each site's agent a process of its own: the restarted
+/// server delivers the relay messages it had accepted, once each (a worker whose answer the
+/// kill lost sends again under the same number), the run ends with every round once, and
+/// `fusion run` waits through the crash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_dash_nine_in_a_fusion_run_loses_no_relay_message() {
+    const ITERATIONS: usize = 60;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let config = write_server_config(dir.path(), port);
+    let config_arg = config.to_str().unwrap().to_string();
+    let mut server = spawn(
+        &["server", "--config", &config_arg],
+        &dir.path().join("server-1.log"),
+    );
+    wait_healthy(&url, Duration::from_secs(30));
+    let operator_token = std::fs::read_to_string(dir.path().join("server/operator.token")).unwrap();
+    let operator = Client::new(&url, Some(operator_token.trim().to_string()));
+    // the hospitals' datasets (FATE's breast_hetero) in their vaults, with federated offers
+    for (name, jurisdiction, city, dataset, file) in [
+        (
+            "hk-hospital",
+            "HK",
+            "hong-kong",
+            "hk-tumour-diagnoses",
+            "breast_hetero_guest.csv",
+        ),
+        (
+            "gz-hospital",
+            "CN",
+            "guangzhou",
+            "gz-tumour-imaging",
+            "breast_hetero_host.csv",
+        ),
+    ] {
+        let party = serde_json::json!({"name": name, "jurisdiction": jurisdiction, "city": city});
+        let _: serde_json::Value = operator.post("/api/v1/parties", &party).await.unwrap();
+        let holder = operator.issue(Role::DataHolder, Some(name)).await.unwrap();
+        let spec: baygrid_api::DatasetSpec = yaml(&format!("examples/datasets/{dataset}.yaml"));
+        let _: serde_json::Value = holder.post("/api/v1/datasets", &spec).await.unwrap();
+        baygrid_vault::upload(
+            &holder,
+            dataset,
+            &[repo(&format!("../shared/data/fate/{file}"))],
+        )
+        .await
+        .unwrap();
+        let offer: serde_json::Value = yaml(&format!("examples/data-offers/{dataset}.yaml"));
+        let _: serde_json::Value = holder.post("/api/v1/data-offers", &offer).await.unwrap();
+    }
+    let lab = operator
+        .add_tenant(
+            "gba-oncology-lab",
+            Jurisdiction::HK,
+            "hong-kong",
+            "10000.00 CNY".parse().expect("literal budget"),
+        )
+        .await
+        .unwrap();
+    for offer in [
+        "hk-tumour-diagnoses-federated",
+        "gz-tumour-imaging-federated",
+    ] {
+        let contract = serde_json::json!({"offer": offer, "mode": "federated", "purpose": "medical_research", "site": "hk-cyberport"});
+        let c: serde_json::Value = lab.post("/api/v1/contracts", &contract).await.unwrap();
+        assert_eq!(c["state"], "active", "{c}");
+    }
+    let mut agents = Vec::new();
+    for cluster in ["cyberport-h800", "nansha-a800"] {
+        let issued = operator.issue(Role::Agent, Some(cluster)).await.unwrap();
+        let config = dir.path().join(format!("{cluster}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "server = \"{url}\"\ntoken = \"{}\"\nwork_dir = \"{}\"\npoll_interval = \"100ms\"\n",
+                issued.token().unwrap_or_default(),
+                dir.path().join(cluster).display()
+            ),
+        )
+        .unwrap();
+        agents.push(spawn(
+            &["agent", "--config", config.to_str().unwrap()],
+            &dir.path().join(format!("{cluster}.log")),
+        ));
+    }
+
+    // the lab starts the run and waits for it with `fusion run`
+    let mut run: serde_json::Value = yaml("examples/fusion/breast-hetero-lr-exchange.yaml");
+    run["settings"]["iterations"] = serde_json::json!(ITERATIONS);
+    let run_file = dir.path().join("run.yaml");
+    std::fs::write(&run_file, serde_yaml::to_string(&run).unwrap()).unwrap();
+    let waiter_log = dir.path().join("fusion-run.log");
+    let mut waiter = Spawned(
+        std::process::Command::new(BIN)
+            .args(["fusion", "run", run_file.to_str().unwrap()])
+            .env("BAYGRID_SERVER", &url)
+            .env("BAYGRID_TOKEN", lab.token().unwrap())
+            .stdout(std::fs::File::create(&waiter_log).unwrap())
+            .stderr(std::fs::File::create(dir.path().join("fusion-run.err")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+
+    // kill -9 once training is under way
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let id = loop {
+        assert!(
+            Instant::now() < deadline,
+            "the run never got to its third round"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let Ok(runs) = lab.get::<Vec<FusionView>>("/api/v1/fusion").await else {
+            continue;
+        };
+        if let Some(view) = runs.first() {
+            assert_eq!(view.state, FusionState::Running, "{view:#?}");
+            if view.rounds.len() >= 3 {
+                break view.id.clone();
+            }
+        }
+    };
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(server.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    server.wait().unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let killed_at = chrono::Utc::now();
+    let mut server = spawn(
+        &["server", "--config", &config_arg],
+        &dir.path().join("server-2.log"),
+    );
+    wait_healthy(&url, Duration::from_secs(30));
+
+    let status = waiter.wait().unwrap();
+    let said = std::fs::read_to_string(&waiter_log).unwrap();
+    let err = std::fs::read_to_string(dir.path().join("fusion-run.err")).unwrap();
+    assert!(status.success(), "{said}{err}");
+    assert!(err.contains("asking again for up to 5m"), "{err}");
+    let view: FusionView = lab.get(&format!("/api/v1/fusion/{id}")).await.unwrap();
+    assert_eq!(view.state, FusionState::Succeeded, "{view:#?}");
+    let mut rounds: Vec<usize> = view.rounds.iter().map(|r| r.round).collect();
+    rounds.dedup();
+    assert_eq!(rounds.len(), ITERATIONS, "each round once: {rounds:?}");
+    let events: Vec<baygrid_api::FusionEvent> =
+        lab.get(&format!("/api/v1/fusion/{id}/logs")).await.unwrap();
+    assert!(
+        events.iter().any(|e| e.line.starts_with("round ")
+            && chrono::DateTime::parse_from_rfc3339(&e.at).unwrap() > killed_at),
+        "no round after the restart: {events:#?}"
+    );
+    let (guest, host) = (&view.workers[1], &view.workers[2]);
+    assert!(guest.scores.as_ref().unwrap()["auc"].as_f64().unwrap() > 0.97);
+    assert_eq!(host.scores.as_ref().unwrap()["aligned_rows"], 569);
+    // each worker's job ends as it ran, once
+    for w in &view.workers {
+        let path = format!("/api/v1/jobs/{}", w.job.as_ref().unwrap());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let job = loop {
+            let job: JobView = lab.get(&path).await.unwrap();
+            if job.state.is_terminal() || Instant::now() > deadline {
+                break job;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(
+            (job.state, job.attempts),
+            (JobState::Succeeded, 0),
+            "{job:#?}"
+        );
+    }
+    // nothing of the run is left in the relay: its mailboxes went with its ending
+    let store = baygrid_store::Store::open(&format!(
+        "sqlite://{}",
+        dir.path().join("server/baygrid.db").display()
+    ))
+    .await
+    .unwrap();
+    assert_eq!(store.count("relay_messages").await.unwrap(), 0);
+    drop(agents);
+    let _ = server.kill();
+    let _ = server.wait();
 }
