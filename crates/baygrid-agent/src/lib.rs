@@ -324,6 +324,18 @@ pub async fn run(
                 agent.last_renewed = std::time::Instant::now();
                 agent.fenced = false;
             }
+            // its token revoked or expired, its cluster gone: no lease can be renewed,
+            // so its copies stop now, and the agent ends saying why
+            Err(
+                e @ ClientError::Api {
+                    status: 401 | 403 | 404,
+                    ..
+                },
+            ) => {
+                tracing::error!(error = %e, "the server refuses this agent: stopping its jobs");
+                agent.fence("the server refuses this agent").await;
+                return Err(AgentError::Refused(e));
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "agent step failed; will retry");
                 agent.fence_if_expired().await;
@@ -412,19 +424,21 @@ impl Agent {
         if self.fenced || self.last_renewed.elapsed() < self.lease_ttl {
             return;
         }
+        self.fence("leases not renewed within the TTL").await;
+    }
+
+    /// Stops every copy this agent runs and every staging, since the server gives (or
+    /// has given) their jobs to others.
+    async fn fence(&mut self, why: &str) {
         self.fenced = true;
-        // the server has given these jobs to others: nothing staged for them will run here
         let staging: Vec<String> = self.staging.keys().cloned().collect();
         for job_id in staging {
-            tracing::warn!(job_id, "leases not renewed within the TTL: stopped staging");
+            tracing::warn!(job_id, "{why}: stopped staging");
             self.drop_staging(&job_id);
         }
         for (job_id, tracked) in &self.tracked {
             if tracked.final_status.is_none() {
-                tracing::warn!(
-                    job_id,
-                    "leases not renewed within the TTL: stopping this copy"
-                );
+                tracing::warn!(job_id, "{why}: stopping this copy");
                 let _ = self
                     .engine_of(&tracked.handle)
                     .cancel(&tracked.handle)

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use baygrid_agent::AgentConfig;
 use baygrid_api::{Client, JobView, LogsView};
-use baygrid_core::{JobSpec, JobState, Jurisdiction};
+use baygrid_core::{JobSpec, JobState, Jurisdiction, Role};
 use baygrid_server::{RunningServer, ServerConfig};
 use tokio::sync::watch;
 
@@ -685,6 +685,83 @@ async fn an_agent_cut_off_from_the_server_stops_its_jobs_after_the_lease_ttl() {
         !pid_alive(pid),
         "the agent fenced itself and stopped the job"
     );
+}
+
+/// An agent whose token is revoked while its job runs stops the job at once and ends,
+/// naming the refusal, instead of asking forever; the job's lease lapses and it is queued
+/// again for another agent.
+#[tokio::test]
+async fn an_agent_whose_token_is_revoked_stops_its_jobs_and_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let setup = setup(dir.path()).await;
+    let request = baygrid_api::IssueTokenRequest {
+        role: Role::Agent,
+        subject: Some("nansha-a800".into()),
+        label: None,
+        expires_in: None,
+    };
+    let issued: baygrid_api::IssuedToken = setup
+        .operator
+        .post("/api/v1/tokens", &request)
+        .await
+        .unwrap();
+    let config = AgentConfig {
+        poll_interval: Duration::from_millis(100),
+        ..AgentConfig::local(
+            setup.server.url(),
+            Some(issued.token.clone()),
+            dir.path().join("agent"),
+        )
+    };
+    let (_stop, stopped) = watch::channel(false);
+    let agent = tokio::spawn(baygrid_agent::run(config, stopped));
+    let submitted: JobView = setup
+        .tenant
+        .post(
+            "/api/v1/jobs",
+            &job("revoked", "echo $$ > pid\nexec sleep 60"),
+        )
+        .await
+        .unwrap();
+    wait(
+        &setup.tenant,
+        &submitted.id,
+        |j| j.state == JobState::Running,
+        "running",
+    )
+    .await;
+    let pid = job_pid(&dir.path().join("agent/jobs")).await;
+    let revoked = std::time::Instant::now();
+    setup
+        .operator
+        .delete::<serde_json::Value>(&format!("/api/v1/tokens/{}", issued.id))
+        .await
+        .unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(10), agent)
+        .await
+        .expect("the agent ended")
+        .unwrap();
+    let ended_after = revoked.elapsed();
+    let err = ended.unwrap_err().to_string();
+    assert!(err.contains("server refused the agent"), "{err}");
+    assert!(err.contains("HTTP 401"), "{err}");
+    // it ended well inside the lease's TTL (3 s), having stopped its job
+    assert!(ended_after < Duration::from_secs(3), "{ended_after:?}");
+    for _ in 0..100 {
+        if !pid_alive(pid) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!pid_alive(pid), "the job still runs");
+    // the server takes the job back once the lease lapses
+    wait(
+        &setup.tenant,
+        &submitted.id,
+        |j| j.state == JobState::Queued && j.attempts == 1,
+        "queued again",
+    )
+    .await;
 }
 
 #[test]
