@@ -1252,24 +1252,14 @@ async fn keep_outputs(
         .filter_map(|e| e.file_name().to_str().map(str::to_string))
         .collect();
     names.sort();
+    let safe_names = vault_names(&names);
     let mut files = Vec::new();
-    for name in names {
+    for (name, safe) in names.into_iter().zip(safe_names) {
         let path = dir.join(&name);
-        // what the job names its files is its own business; the vault's key is checked
-        let safe: String = name
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        let safe = safe.trim_start_matches('.').to_string();
-        if safe.is_empty() {
+        let Some(safe) = safe else {
+            tracing::warn!(job_id, name, "an output file with no name to keep it under");
             continue;
-        }
+        };
         let stored = vault
             .put_file(
                 &baygrid_vault::object_key(&target.dataset, job_id, &safe),
@@ -1295,9 +1285,124 @@ async fn keep_outputs(
     Ok(files)
 }
 
+/// The longest name of a file in a dataset's version (`NewVersion::validate`).
+const FILE_NAME_MAX: usize = 128;
+
+/// The names a protected job's output files are kept under, in the order given. What the
+/// job names its files is its own business, but the exchange accepts a version's files
+/// only under distinct names of letters, digits, `.`, `_` and `-`, at most 128 bytes, not
+/// starting with a dot. A name that is one already is kept; any other has each other
+/// character replaced by `_` and its leading dots dropped, is cut to fit (its extension
+/// kept), and takes `-2`, `-3`, … before its extension where that name is taken. None
+/// where nothing is left of it.
+fn vault_names(names: &[String]) -> Vec<Option<String>> {
+    let valid = |n: &str| {
+        !n.is_empty()
+            && n.len() <= FILE_NAME_MAX
+            && !n.starts_with('.')
+            && n.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    };
+    let mut taken: std::collections::BTreeSet<String> =
+        names.iter().filter(|n| valid(n)).cloned().collect();
+    names
+        .iter()
+        .map(|name| {
+            if valid(name) {
+                return Some(name.clone());
+            }
+            let replaced: String = name
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
+            let replaced = replaced.trim_start_matches('.');
+            if replaced.is_empty() {
+                return None;
+            }
+            // the extension, when it is short, survives the cut and the numbering
+            let (stem, extension) = match replaced.rfind('.') {
+                Some(dot) if dot > 0 && replaced.len() - dot <= 16 => replaced.split_at(dot),
+                _ => (replaced, ""),
+            };
+            (1..)
+                .map(|n| {
+                    let suffix = if n == 1 {
+                        String::new()
+                    } else {
+                        format!("-{n}")
+                    };
+                    let room = FILE_NAME_MAX - extension.len() - suffix.len();
+                    format!("{}{suffix}{extension}", &stem[..stem.len().min(room)])
+                })
+                .find(|candidate| !taken.contains(candidate))
+                .inspect(|chosen| {
+                    taken.insert(chosen.clone());
+                })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn output_files_are_kept_under_distinct_names_the_exchange_accepts() {
+        let long = format!("{}.csv", "r".repeat(200));
+        let names: Vec<String> = [
+            "counts.csv",
+            "my results.csv",
+            "my_results.csv",
+            "my?results.csv",
+            "结果.parquet",
+            "...",
+            long.as_str(),
+            "job.log",
+        ]
+        .map(str::to_string)
+        .to_vec();
+        let kept = vault_names(&names);
+        let expected_long = format!("{}.csv", "r".repeat(124));
+        assert_eq!(
+            kept,
+            [
+                Some("counts.csv"),
+                // the file truly named my_results.csv keeps its name
+                Some("my_results-2.csv"),
+                Some("my_results.csv"),
+                Some("my_results-3.csv"),
+                Some("__.parquet"),
+                None,
+                Some(expected_long.as_str()),
+                Some("job.log"),
+            ]
+            .map(|n| n.map(str::to_string))
+        );
+        // every name kept is one a dataset version accepts, together
+        let files = kept
+            .iter()
+            .flatten()
+            .map(|name| baygrid_api::VersionFile {
+                name: name.clone(),
+                bytes: 1,
+                sha256: "0".repeat(64),
+                rows: 0,
+                format: "file".into(),
+            })
+            .collect();
+        let version = baygrid_api::NewVersion {
+            upload: "u1".into(),
+            files,
+            subjects: None,
+        };
+        version.validate().unwrap();
+    }
 
     #[test]
     fn a_page_of_any_output_stays_within_its_size_as_json() {

@@ -113,6 +113,7 @@ const COMMAND: &str = "{ echo table,lines; \
      echo guest,$(wc -l < $BAYGRID_INPUT_SZ_CREDIT_LABELS/default_credit_hetero_guest.csv); \
      echo host,$(wc -l < $BAYGRID_INPUT_HK_CARD_FEATURES/default_credit_hetero_host.csv); } \
      > $BAYGRID_OUTPUTS/counts.csv; \
+     echo spaced > \"$BAYGRID_OUTPUTS/my results.csv\"; echo plain > $BAYGRID_OUTPUTS/my_results.csv; \
      echo interfaces $(tail -n +3 /proc/net/dev | wc -l)";
 
 fn job() -> JobSpec {
@@ -245,7 +246,16 @@ async fn a_job_reads_a_hong_kong_and_a_shenzhen_dataset_where_both_may_go() {
         .iter()
         .map(|f| f.name.as_str())
         .collect();
-    assert_eq!(files, ["counts.csv", "job.log"]);
+    // a name the exchange does not take is kept under one it does, not over another file
+    assert_eq!(
+        files,
+        [
+            "counts.csv",
+            "job.log",
+            "my_results-2.csv",
+            "my_results.csv"
+        ]
+    );
     let kept = |file: &str| {
         std::fs::read_to_string(dir.path().join("server/vaults/guangzhou-nansha").join(
             baygrid_vault::object_key(&derived_name, &submitted.id, file),
@@ -255,6 +265,8 @@ async fn a_job_reads_a_hong_kong_and_a_shenzhen_dataset_where_both_may_go() {
     // both tables whole (header + 30,000 rows), and only a loopback to talk on
     assert_eq!(kept("counts.csv"), "table,lines\nguest,30001\nhost,30001\n");
     assert_eq!(kept("job.log"), "stdout: interfaces 1\n");
+    assert_eq!(kept("my_results-2.csv"), "spaced\n");
+    assert_eq!(kept("my_results.csv"), "plain\n");
 
     // each copy to Guangzhou was decided by the rules and recorded with the job
     let outbox = server.state.store.outbox_from(1, 100_000).await.unwrap();
