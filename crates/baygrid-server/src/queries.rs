@@ -891,12 +891,6 @@ pub async fn answer(
             ))
         }
     };
-    if view.state != QueryState::Running {
-        state
-            .queries
-            .relay
-            .ended(&baygrid_store::query_conversation(&id));
-    }
     state.queries.done.notify_waiters();
     Ok(Json(view))
 }
@@ -948,6 +942,10 @@ async fn end_unreleased(
             },
         )
         .await?;
+    state
+        .queries
+        .relay
+        .ended(&baygrid_store::query_conversation(&record.view.id));
     Ok(record.view)
 }
 
@@ -1139,6 +1137,10 @@ async fn release(
             },
         )
         .await?;
+    state
+        .queries
+        .relay
+        .ended(&baygrid_store::query_conversation(&record.view.id));
     Ok(record.view)
 }
 
