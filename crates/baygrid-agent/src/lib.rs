@@ -910,13 +910,31 @@ impl Agent {
 
     /// Sends a report; a stale lease stops and forgets the job. Returns whether it landed.
     async fn send_report(&mut self, job_id: &str, report: &ReportRequest) -> bool {
+        matches!(self.try_report(job_id, report).await, Sent::Delivered)
+    }
+
+    /// Sends a report, and in place of one the server refuses for good (400, 413, 422:
+    /// resent, it would be refused for ever and the job would never end) what
+    /// [`refused_fallback`] makes of it.
+    async fn try_report(&mut self, job_id: &str, report: &ReportRequest) -> Sent {
+        match self.post_report(job_id, report).await {
+            Sent::Refused(e) => {
+                tracing::error!(job_id, error = %e, "the server refused the job's report; sending what it can take");
+                self.post_report(job_id, &refused_fallback(report, &e))
+                    .await
+            }
+            sent => sent,
+        }
+    }
+
+    async fn post_report(&mut self, job_id: &str, report: &ReportRequest) -> Sent {
         let path = format!("/api/v1/agent/jobs/{job_id}/report");
         match self
             .client
             .post::<_, serde_json::Value>(&path, report)
             .await
         {
-            Ok(_) => true,
+            Ok(_) => Sent::Delivered,
             Err(e) if matches!(e.status(), Some(409 | 404)) => {
                 tracing::warn!(job_id, error = %e, "server refused the report: stopping this copy");
                 if let Some(tracked) = self.tracked.get(job_id) {
@@ -926,11 +944,12 @@ impl Agent {
                         .await;
                 }
                 self.forget(job_id);
-                false
+                Sent::Stale
             }
+            Err(e) if matches!(e.status(), Some(400 | 413 | 422)) => Sent::Refused(e),
             Err(e) => {
                 tracing::warn!(job_id, error = %e, "report not delivered; will resend");
-                false
+                Sent::Later
             }
         }
     }
@@ -1082,7 +1101,21 @@ impl Agent {
                 logs: page,
                 outputs: if last { kept.clone() } else { vec![] },
             };
-            if !self.send_report(job_id, &report).await {
+            let sent = self.try_report(job_id, &report).await;
+            if let Sent::Refused(e) = &sent {
+                // not even the fallback was taken: this copy cannot report, so it stops,
+                // and the server takes the job back when the lease lapses
+                tracing::error!(job_id, error = %e, "the server refused the job's reports: stopping this copy");
+                if let Some(tracked) = self.tracked.get(job_id) {
+                    let _ = self
+                        .engine_of(&tracked.handle)
+                        .cancel(&tracked.handle)
+                        .await;
+                }
+                self.forget(job_id);
+                return;
+            }
+            if !matches!(sent, Sent::Delivered) {
                 // keep what was not delivered for the next step (if the job is still ours)
                 if let Some(kept) = self.tracked.get_mut(job_id) {
                     kept.final_status = tracked.final_status.clone();
@@ -1100,6 +1133,56 @@ impl Agent {
             self.persist(job_id, &tracked);
             self.tracked.insert(job_id.to_string(), tracked);
         }
+    }
+}
+
+/// What became of a report.
+enum Sent {
+    Delivered,
+    /// The lease is no longer this copy's: the job was stopped and forgotten here.
+    Stale,
+    /// Refused for what it carries; sent again it would be refused again.
+    Refused(ClientError),
+    /// Not delivered now (the server unreachable or failing): kept to send again.
+    Later,
+}
+
+/// What an agent sends in place of a report the server refused for what it carries: one
+/// line saying so in place of its output lines and, where it carried a protected job's
+/// outputs (which the exchange would not register), the job failed with the refusal as
+/// its reason and no outputs. A status without outputs stands.
+fn refused_fallback(report: &ReportRequest, error: &ClientError) -> ReportRequest {
+    let logs = report
+        .logs
+        .first()
+        .map(|first| LogLineIn {
+            seq: first.seq,
+            stream: "stderr".into(),
+            line: format!(
+                "[{} lines of output were not kept: the exchange refused them: {error}]",
+                report.logs.len()
+            ),
+        })
+        .into_iter()
+        .collect();
+    let refused_outputs = !report.outputs.is_empty();
+    ReportRequest {
+        epoch: report.epoch,
+        status: if refused_outputs {
+            Some(AgentStatus::Failed)
+        } else {
+            report.status
+        },
+        exit_code: report.exit_code,
+        reason: if refused_outputs {
+            Some(format!(
+                "the exchange refused the job's outputs at the site: {error}"
+            ))
+        } else {
+            report.reason.clone()
+        },
+        logs,
+        outputs: vec![],
     }
 }
 
@@ -1351,6 +1434,71 @@ fn vault_names(names: &[String]) -> Vec<Option<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_report_is_replaced_by_one_the_exchange_can_take() {
+        let refused = ClientError::Api {
+            status: 400,
+            code: "bad_request".into(),
+            message: "`a b` is not a file name".into(),
+            field: Some("outputs: files[0].name".into()),
+        };
+        let line = |seq| LogLineIn {
+            seq,
+            stream: "stdout".into(),
+            line: format!("line {seq}"),
+        };
+        let file = baygrid_api::VersionFile {
+            name: "a b".into(),
+            bytes: 1,
+            sha256: "0".repeat(64),
+            rows: 0,
+            format: "file".into(),
+        };
+        // a final report with outputs: the job fails, saying why, and keeps no outputs
+        let last = ReportRequest {
+            epoch: 3,
+            status: Some(AgentStatus::Succeeded),
+            exit_code: Some(0),
+            reason: Some("exit code 0".into()),
+            logs: vec![line(10), line(11)],
+            outputs: vec![file],
+        };
+        let fallback = refused_fallback(&last, &refused);
+        assert_eq!(fallback.epoch, 3);
+        assert_eq!(fallback.status, Some(AgentStatus::Failed));
+        assert_eq!(fallback.exit_code, Some(0));
+        let reason = fallback.reason.unwrap();
+        assert!(reason.contains("refused the job's outputs"), "{reason}");
+        assert!(reason.contains("is not a file name"), "{reason}");
+        assert!(fallback.outputs.is_empty());
+        assert_eq!(fallback.logs.len(), 1);
+        assert_eq!(fallback.logs[0].seq, 10);
+        assert!(fallback.logs[0]
+            .line
+            .starts_with("[2 lines of output were not kept"));
+        // a page of lines alone: one line in their place, and no status
+        let page = ReportRequest {
+            status: None,
+            exit_code: None,
+            reason: None,
+            outputs: vec![],
+            ..last.clone()
+        };
+        let fallback = refused_fallback(&page, &refused);
+        assert_eq!((fallback.status, fallback.reason), (None, None));
+        assert_eq!(fallback.logs.len(), 1);
+        // a status alone stands
+        let status = ReportRequest {
+            logs: vec![],
+            outputs: vec![],
+            ..last
+        };
+        let fallback = refused_fallback(&status, &refused);
+        assert_eq!(fallback.status, Some(AgentStatus::Succeeded));
+        assert_eq!(fallback.reason.as_deref(), Some("exit code 0"));
+        assert!(fallback.logs.is_empty());
+    }
 
     #[test]
     fn output_files_are_kept_under_distinct_names_the_exchange_accepts() {
