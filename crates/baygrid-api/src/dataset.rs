@@ -283,6 +283,23 @@ pub struct VaultView {
     pub url: String,
 }
 
+/// The longest name of a file in a dataset's version, in bytes.
+pub const FILE_NAME_MAX: usize = 128;
+
+/// A character a file name in a dataset's version may hold.
+pub fn is_file_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
+}
+
+/// A name a file in a dataset's version may have: letters, digits, `.`, `_` and `-`, at
+/// most [`FILE_NAME_MAX`] bytes, not starting with a dot.
+pub fn is_file_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= FILE_NAME_MAX
+        && !name.starts_with('.')
+        && name.chars().all(is_file_name_char)
+}
+
 impl NewVersion {
     /// Checks the shape of an upload record, naming the field at fault.
     pub fn validate(&self) -> Result<(), DatasetError> {
@@ -299,14 +316,7 @@ impl NewVersion {
             return Err(bad("files", "a version has at least one file"));
         }
         for (i, file) in self.files.iter().enumerate() {
-            let valid_name = !file.name.is_empty()
-                && file.name.len() <= 128
-                && !file.name.starts_with('.')
-                && file
-                    .name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-            if !valid_name {
+            if !is_file_name(&file.name) {
                 return Err(bad(
                     format!("files[{i}].name"),
                     format!(

@@ -12,8 +12,8 @@ pub mod relay;
 
 pub use client::{patiently, Client, ClientError, PATIENCE};
 pub use dataset::{
-    Column, ColumnType, DatasetError, DatasetSpec, DatasetVersion, DatasetView, NewVersion,
-    VaultView, VersionFile,
+    is_file_name, is_file_name_char, Column, ColumnType, DatasetError, DatasetSpec, DatasetVersion,
+    DatasetView, NewVersion, VaultView, VersionFile, FILE_NAME_MAX,
 };
 pub use fusion::{
     FusionEvent, FusionParty, FusionReport, FusionRequest, FusionRound, FusionState, FusionTask,
