@@ -511,6 +511,17 @@ impl Agent {
         }
     }
 
+    /// Stops this agent's copy of a job whose lease it no longer holds, and forgets it.
+    async fn stop_copy(&mut self, job_id: &str) {
+        if let Some(tracked) = self.tracked.get(job_id) {
+            let _ = self
+                .engine_of(&tracked.handle)
+                .cancel(&tracked.handle)
+                .await;
+        }
+        self.forget(job_id);
+    }
+
     fn forget(&mut self, job_id: &str) {
         self.workers.forget(job_id);
         if let Some(task) = self.keeping.remove(job_id) {
@@ -641,14 +652,10 @@ impl Agent {
                 tracing::warn!(job_id, "lease no longer valid: stopped staging its inputs");
                 continue;
             }
-            if let Some(tracked) = self.tracked.get(&job_id) {
+            if self.tracked.contains_key(&job_id) {
                 tracing::warn!(job_id, "lease no longer valid: stopping this copy");
-                let _ = self
-                    .engine_of(&tracked.handle)
-                    .cancel(&tracked.handle)
-                    .await;
             }
-            self.forget(&job_id);
+            self.stop_copy(&job_id).await;
         }
         for job_id in beat.cancel {
             if let Some(staging) = self.drop_staging(&job_id) {
@@ -937,13 +944,7 @@ impl Agent {
             Ok(_) => Sent::Delivered,
             Err(e) if matches!(e.status(), Some(409 | 404)) => {
                 tracing::warn!(job_id, error = %e, "server refused the report: stopping this copy");
-                if let Some(tracked) = self.tracked.get(job_id) {
-                    let _ = self
-                        .engine_of(&tracked.handle)
-                        .cancel(&tracked.handle)
-                        .await;
-                }
-                self.forget(job_id);
+                self.stop_copy(job_id).await;
                 Sent::Stale
             }
             Err(e) if matches!(e.status(), Some(400 | 413 | 422)) => Sent::Refused(e),
@@ -1106,13 +1107,7 @@ impl Agent {
                 // not even the fallback was taken: this copy cannot report, so it stops,
                 // and the server takes the job back when the lease lapses
                 tracing::error!(job_id, error = %e, "the server refused the job's reports: stopping this copy");
-                if let Some(tracked) = self.tracked.get(job_id) {
-                    let _ = self
-                        .engine_of(&tracked.handle)
-                        .cancel(&tracked.handle)
-                        .await;
-                }
-                self.forget(job_id);
+                self.stop_copy(job_id).await;
                 return;
             }
             if !matches!(sent, Sent::Delivered) {
@@ -1368,41 +1363,25 @@ async fn keep_outputs(
     Ok(files)
 }
 
-/// The longest name of a file in a dataset's version (`NewVersion::validate`).
-const FILE_NAME_MAX: usize = 128;
-
 /// The names a protected job's output files are kept under, in the order given. What the
 /// job names its files is its own business, but the exchange accepts a version's files
-/// only under distinct names of letters, digits, `.`, `_` and `-`, at most 128 bytes, not
-/// starting with a dot. A name that is one already is kept; any other has each other
-/// character replaced by `_` and its leading dots dropped, is cut to fit (its extension
-/// kept), and takes `-2`, `-3`, … before its extension where that name is taken. None
-/// where nothing is left of it.
+/// only under distinct names it takes ([`baygrid_api::is_file_name`]). Such a name is
+/// kept; any other has each character a name may not hold replaced by `_` and its leading
+/// dots dropped, is cut to fit (its extension kept), and takes `-2`, `-3`, … before its
+/// extension where that name is taken. None where nothing is left of it.
 fn vault_names(names: &[String]) -> Vec<Option<String>> {
-    let valid = |n: &str| {
-        !n.is_empty()
-            && n.len() <= FILE_NAME_MAX
-            && !n.starts_with('.')
-            && n.chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
-    };
+    use baygrid_api::{is_file_name, is_file_name_char, FILE_NAME_MAX};
     let mut taken: std::collections::BTreeSet<String> =
-        names.iter().filter(|n| valid(n)).cloned().collect();
+        names.iter().filter(|n| is_file_name(n)).cloned().collect();
     names
         .iter()
         .map(|name| {
-            if valid(name) {
+            if is_file_name(name) {
                 return Some(name.clone());
             }
             let replaced: String = name
                 .chars()
-                .map(|c| {
-                    if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
-                        c
-                    } else {
-                        '_'
-                    }
-                })
+                .map(|c| if is_file_name_char(c) { c } else { '_' })
                 .collect();
             let replaced = replaced.trim_start_matches('.');
             if replaced.is_empty() {
