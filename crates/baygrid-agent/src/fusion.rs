@@ -526,38 +526,25 @@ struct Relay {
     bytes: usize,
 }
 
-impl Transport for Relay {
-    fn send(&mut self, to: usize, msg: &Msg) -> Result<(), FedError> {
-        let body = serde_json::to_vec(msg).map_err(|e| FedError::Transport(e.to_string()))?;
-        self.bytes += body.len();
-        let n = self.sent.entry(to).or_default();
-        let path = format!("{}&to={to}&n={n}", self.base);
-        let (client, run) = (&self.client, &self.run);
-        self.handle
-            .block_on(baygrid_api::patiently(
-                baygrid_api::PATIENCE,
-                || client.post_bytes(&path, body.clone()),
-                |failure| crate::query::waiting_on_server(run, failure),
-            ))
-            .map_err(|e| FedError::Transport(e.to_string()))?;
-        *n += 1;
-        Ok(())
-    }
-
-    /// The posts go out together: the server commits messages that arrive together in
-    /// one write, so a fan-out costs about one commit.
-    fn send_each(&mut self, messages: &[(usize, Msg)]) -> Result<(), FedError> {
-        let mut posts = Vec::with_capacity(messages.len());
+impl Relay {
+    /// Posts each message to its addressee, all at once: the server commits messages that
+    /// arrive together in one write, so a fan-out costs about one commit. Each carries its
+    /// number for its addressee, the same when resent.
+    fn post<'m>(
+        &mut self,
+        messages: impl IntoIterator<Item = (usize, &'m Msg)>,
+    ) -> Result<(), FedError> {
+        let mut posts = Vec::new();
         for (to, msg) in messages {
             let body = serde_json::to_vec(msg).map_err(|e| FedError::Transport(e.to_string()))?;
             self.bytes += body.len();
-            let n = self.sent.get(to).copied().unwrap_or(0);
-            posts.push((format!("{}&to={to}&n={n}", self.base), body));
+            let n = self.sent.get(&to).copied().unwrap_or(0);
+            posts.push((to, format!("{}&to={to}&n={n}", self.base), body));
         }
         let (client, run) = (&self.client, &self.run);
         self.handle
             .block_on(futures::future::try_join_all(posts.iter().map(
-                |(path, body)| {
+                |(_, path, body)| {
                     baygrid_api::patiently(
                         baygrid_api::PATIENCE,
                         || client.post_bytes(path, body.clone()),
@@ -566,10 +553,20 @@ impl Transport for Relay {
                 },
             )))
             .map_err(|e| FedError::Transport(e.to_string()))?;
-        for (to, _) in messages {
-            *self.sent.entry(*to).or_default() += 1;
+        for (to, _, _) in posts {
+            *self.sent.entry(to).or_default() += 1;
         }
         Ok(())
+    }
+}
+
+impl Transport for Relay {
+    fn send(&mut self, to: usize, msg: &Msg) -> Result<(), FedError> {
+        self.post([(to, msg)])
+    }
+
+    fn send_each(&mut self, messages: &[(usize, Msg)]) -> Result<(), FedError> {
+        self.post(messages.iter().map(|(to, msg)| (*to, msg)))
     }
 
     fn recv(&mut self, wait: Duration) -> Result<Option<(usize, Msg)>, FedError> {
