@@ -30,6 +30,7 @@ use crate::catalog::CatalogSnapshot;
 use crate::error::{ApiError, ApiResult};
 use crate::jobs::{acting_tenant, TenantQuery};
 use crate::queries::json;
+use crate::relay::Conversation;
 use crate::zone::{dataset_flow, today, FlowEnds};
 use crate::AppState;
 
@@ -948,10 +949,7 @@ async fn end_unfinished(
             unfinished,
         )
         .await?;
-    state
-        .queries
-        .relay
-        .ended(&baygrid_store::fusion_conversation(&id));
+    state.queries.relay.ended(Conversation::Fusion(&id));
     Ok(record.view)
 }
 
@@ -1146,19 +1144,20 @@ pub async fn relay_send(
         .to
         .filter(|t| *t != params.index && record.view.workers.iter().any(|w| w.index == *t))
         .ok_or_else(|| ApiError::bad("to", "another worker of the run"))?;
-    let n = crate::queries::relay_number(params.n)?;
     let mut body = (params.index as u32).to_le_bytes().to_vec();
     body.extend_from_slice(&bytes);
-    let conversation = baygrid_store::fusion_conversation(&id);
-    let message = baygrid_store::RelayMessage {
-        mailbox: baygrid_store::mailbox(&conversation, &to.to_string()),
-        conversation,
-        sender: params.index.to_string(),
-        n,
-        body,
-        acknowledged: 0,
-    };
-    state.queries.relay.post(&state, message).await?;
+    state
+        .queries
+        .relay
+        .post(
+            &state,
+            Conversation::Fusion(&id),
+            &to.to_string(),
+            &params.index.to_string(),
+            params.n,
+            body,
+        )
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -1175,14 +1174,16 @@ pub async fn relay_receive(
     let cluster = agent_cluster(&who)?;
     claimed_worker(&state, &id, params.index, &cluster).await?;
     let wait = Duration::from_millis(params.wait_ms.min(30_000));
-    let mailbox = baygrid_store::mailbox(
-        &baygrid_store::fusion_conversation(&id),
-        &params.index.to_string(),
-    );
     let body = state
         .queries
         .relay
-        .receive(&state, &mailbox, params.from, wait)
+        .receive(
+            &state,
+            Conversation::Fusion(&id),
+            &params.index.to_string(),
+            params.from,
+            wait,
+        )
         .await?;
     // a run that ended while this worker waited is answered as ended
     claimed_worker(&state, &id, params.index, &cluster).await?;
@@ -1511,10 +1512,7 @@ async fn release(
             vec![],
         )
         .await?;
-    state
-        .queries
-        .relay
-        .ended(&baygrid_store::fusion_conversation(&id));
+    state.queries.relay.ended(Conversation::Fusion(&id));
     Ok(record.view)
 }
 

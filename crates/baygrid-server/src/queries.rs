@@ -24,7 +24,7 @@ use baygrid_api::{
 use baygrid_core::{millis_to_rfc3339, Currency, Money, Principal, Role};
 use baygrid_ledger::{names, Transfer, TransferKind};
 use baygrid_query::{sql_name, Refusal, Shape, Table};
-use baygrid_store::{Ending, QueryRow, RelayMessage, Spend, Spent, DELTA_UNIT, EPSILON_UNIT};
+use baygrid_store::{Ending, QueryRow, Spend, Spent, DELTA_UNIT, EPSILON_UNIT};
 use serde::{Deserialize, Serialize};
 
 use crate::agent::agent_cluster;
@@ -32,7 +32,7 @@ use crate::body::{JsonBody, QueryParams, RawBody};
 use crate::catalog::CatalogSnapshot;
 use crate::error::{ApiError, ApiResult};
 use crate::jobs::{acting_tenant, TenantQuery};
-use crate::relay::Relay;
+use crate::relay::{Conversation, Relay};
 use crate::zone::{dataset_flow, today, FlowEnds};
 use crate::AppState;
 
@@ -945,7 +945,7 @@ async fn end_unreleased(
     state
         .queries
         .relay
-        .ended(&baygrid_store::query_conversation(&record.view.id));
+        .ended(Conversation::Query(&record.view.id));
     Ok(record.view)
 }
 
@@ -1140,7 +1140,7 @@ async fn release(
     state
         .queries
         .relay
-        .ended(&baygrid_store::query_conversation(&record.view.id));
+        .ended(Conversation::Query(&record.view.id));
     Ok(record.view)
 }
 
@@ -1226,18 +1226,19 @@ pub async fn relay_send(
     RawBody(bytes): RawBody,
 ) -> ApiResult<StatusCode> {
     let cluster = agent_cluster(&who)?;
-    let n = relay_number(params.n)?;
     let peer = relay_ends(&state, &id, &params.dataset, &cluster).await?;
-    let conversation = baygrid_store::query_conversation(&id);
-    let message = RelayMessage {
-        mailbox: baygrid_store::mailbox(&conversation, &peer),
-        conversation,
-        sender: params.dataset,
-        n,
-        body: bytes.to_vec(),
-        acknowledged: 0,
-    };
-    state.queries.relay.post(&state, message).await?;
+    state
+        .queries
+        .relay
+        .post(
+            &state,
+            Conversation::Query(&id),
+            &peer,
+            &params.dataset,
+            params.n,
+            bytes.to_vec(),
+        )
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -1254,20 +1255,15 @@ pub async fn relay_receive(
     let cluster = agent_cluster(&who)?;
     relay_ends(&state, &id, &params.dataset, &cluster).await?;
     let wait = Duration::from_millis(params.wait_ms.min(30_000));
-    let mailbox = baygrid_store::mailbox(&baygrid_store::query_conversation(&id), &params.dataset);
     state
         .queries
         .relay
-        .receive(&state, &mailbox, params.from, wait)
-        .await
-}
-
-/// A relayed message's number from its sender, which a post must carry.
-pub(crate) fn relay_number(n: Option<u64>) -> ApiResult<i64> {
-    n.and_then(|n| i64::try_from(n).ok()).ok_or_else(|| {
-        ApiError::bad(
-            "n",
-            "give the message's number, counting the sender's messages to this addressee from 0",
+        .receive(
+            &state,
+            Conversation::Query(&id),
+            &params.dataset,
+            params.from,
+            wait,
         )
-    })
+        .await
 }

@@ -11,8 +11,24 @@ use std::time::Duration;
 
 use baygrid_store::{Posted, RelayMessage};
 
-use crate::error::ApiResult;
+use crate::error::{ApiError, ApiResult};
 use crate::AppState;
+
+/// Whose messages: a query's two sides, or a fusion run's workers.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Conversation<'a> {
+    Query(&'a str),
+    Fusion(&'a str),
+}
+
+impl Conversation<'_> {
+    fn name(self) -> String {
+        match self {
+            Conversation::Query(id) => baygrid_store::query_conversation(id),
+            Conversation::Fusion(id) => baygrid_store::fusion_conversation(id),
+        }
+    }
+}
 
 #[derive(Default)]
 pub(crate) struct Relay {
@@ -23,15 +39,38 @@ pub(crate) struct Relay {
 }
 
 impl Relay {
-    /// Stores `message` durably (a resend of one already accepted is not stored again) and
-    /// wakes the receivers.
-    pub(crate) async fn post(&self, state: &AppState, mut message: RelayMessage) -> ApiResult<()> {
-        message.acknowledged = self.acknowledged_in(&message.mailbox);
-        let (mailbox, sender, n) = (message.mailbox.clone(), message.sender.clone(), message.n);
-        match state.store.relay_post(message).await? {
+    /// Stores a message from `sender` to `to` durably and wakes the receivers. `n` is the
+    /// sender's number for it, which a post must carry: a resend of one already accepted
+    /// is not stored again.
+    pub(crate) async fn post(
+        &self,
+        state: &AppState,
+        conversation: Conversation<'_>,
+        to: &str,
+        sender: &str,
+        n: Option<u64>,
+        body: Vec<u8>,
+    ) -> ApiResult<()> {
+        let n = n.and_then(|n| i64::try_from(n).ok()).ok_or_else(|| {
+            ApiError::bad(
+                "n",
+                "give the message's number, counting the sender's messages to this addressee from 0",
+            )
+        })?;
+        let conversation = conversation.name();
+        let mailbox = baygrid_store::mailbox(&conversation, to);
+        let acknowledged = self.lock().get(&mailbox).copied().unwrap_or(0);
+        let message = RelayMessage {
+            conversation,
+            mailbox,
+            sender: sender.to_string(),
+            n,
+            body,
+        };
+        match state.store.relay_post(message, acknowledged).await? {
             Posted::Accepted(_) => self.signal.notify_waiters(),
             Posted::Again => {
-                tracing::info!(mailbox, sender, n, "a relay message sent again, kept once")
+                tracing::info!(to, sender, n, "a relay message sent again, kept once")
             }
         }
         Ok(())
@@ -39,8 +78,8 @@ impl Relay {
 
     /// A conversation ended (the store dropped its mailboxes with the ending): its
     /// receivers are answered now.
-    pub(crate) fn ended(&self, conversation: &str) {
-        let prefix = format!("{conversation}/");
+    pub(crate) fn ended(&self, conversation: Conversation<'_>) {
+        let prefix = format!("{}/", conversation.name());
         self.lock()
             .retain(|mailbox, _| !mailbox.starts_with(&prefix));
         self.signal.notify_waiters();
@@ -52,24 +91,24 @@ impl Relay {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn acknowledged_in(&self, mailbox: &str) -> i64 {
-        self.lock().get(mailbox).copied().unwrap_or(0)
-    }
-
-    /// The messages in `mailbox` from `from` on as one body (`baygrid_api::relay::frame`),
-    /// waiting up to `wait` for one.
+    /// The messages to `addressee` from `from` on as one body
+    /// (`baygrid_api::relay::frame`), waiting up to `wait` for one; those before `from` are
+    /// acknowledged.
     pub(crate) async fn receive(
         &self,
         state: &AppState,
-        mailbox: &str,
+        conversation: Conversation<'_>,
+        addressee: &str,
         from: usize,
         wait: Duration,
     ) -> ApiResult<Vec<u8>> {
+        let mailbox = baygrid_store::mailbox(&conversation.name(), addressee);
         if from > 0 {
             let mut acknowledged = self.lock();
-            let below = acknowledged.entry(mailbox.to_string()).or_default();
+            let below = acknowledged.entry(mailbox.clone()).or_default();
             *below = (*below).max(from as i64);
         }
+        let mailbox = &mailbox;
         crate::queries::long_poll(state, &self.signal, wait, || async move {
             let waiting = state.store.relay_messages(mailbox, from as i64).await?;
             Ok((baygrid_api::relay::frame(&waiting), !waiting.is_empty()))

@@ -35,9 +35,6 @@ pub struct RelayMessage {
     /// The sender's number for it, counting its messages to this mailbox from 0.
     pub n: i64,
     pub body: Vec<u8>,
-    /// The mailbox's messages numbered below this were acknowledged: deleted in the same
-    /// change.
-    pub acknowledged: i64,
 }
 
 /// What became of a message posted.
@@ -51,9 +48,10 @@ pub enum Posted {
 
 impl Store {
     /// Stores `message` in its mailbox, unless the sender's number for it was accepted
-    /// before. A number beyond the next one expected is a conflict: a message between was
-    /// never accepted.
-    pub async fn relay_post(&self, message: RelayMessage) -> Result<Posted> {
+    /// before, and deletes the mailbox's messages numbered below `acknowledged` (its
+    /// addressee has them). A number beyond the next one expected is a conflict: a message
+    /// between was never accepted.
+    pub async fn relay_post(&self, message: RelayMessage, acknowledged: i64) -> Result<Posted> {
         if message.n < 0 {
             return Err(StoreError::Conflict(format!(
                 "message number {} is negative",
@@ -100,7 +98,7 @@ impl Store {
                 .await?;
                 sqlx::query("DELETE FROM relay_messages WHERE mailbox = $1 AND seq < $2")
                     .bind(&message.mailbox)
-                    .bind(message.acknowledged)
+                    .bind(acknowledged)
                     .execute(&mut *conn)
                     .await?;
                 sqlx::query(

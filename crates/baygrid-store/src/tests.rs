@@ -1014,14 +1014,16 @@ async fn fusion_suite(store: Store) {
     for run in ["f1", "f2"] {
         let conversation = fusion_conversation(run);
         store
-            .relay_post(RelayMessage {
-                mailbox: mailbox(&conversation, "1"),
-                conversation,
-                sender: "0".into(),
-                n: 0,
-                body: b"update".to_vec(),
-                acknowledged: 0,
-            })
+            .relay_post(
+                RelayMessage {
+                    mailbox: mailbox(&conversation, "1"),
+                    conversation,
+                    sender: "0".into(),
+                    n: 0,
+                    body: b"update".to_vec(),
+                },
+                0,
+            )
             .await
             .unwrap();
     }
@@ -1177,7 +1179,6 @@ fn message(mailbox: &str, sender: &str, n: i64, body: &[u8]) -> RelayMessage {
         sender: sender.into(),
         n,
         body: body.to_vec(),
-        acknowledged: 0,
     }
 }
 
@@ -1189,14 +1190,14 @@ async fn relay_suite(url: &str) {
     let a = "fusion/r1/2";
     assert_eq!(
         store
-            .relay_post(message(a, "0", 0, b"from 0"))
+            .relay_post(message(a, "0", 0, b"from 0"), 0)
             .await
             .unwrap(),
         Posted::Accepted(0)
     );
     assert_eq!(
         store
-            .relay_post(message(a, "1", 0, b"from 1"))
+            .relay_post(message(a, "1", 0, b"from 1"), 0)
             .await
             .unwrap(),
         Posted::Accepted(1)
@@ -1204,7 +1205,7 @@ async fn relay_suite(url: &str) {
     // the answer to the first post was lost and it came again: kept once
     assert_eq!(
         store
-            .relay_post(message(a, "0", 0, b"from 0"))
+            .relay_post(message(a, "0", 0, b"from 0"), 0)
             .await
             .unwrap(),
         Posted::Again
@@ -1212,18 +1213,18 @@ async fn relay_suite(url: &str) {
     // every byte value, and a body of 1 MiB
     let all: Vec<u8> = (0..=255u8).cycle().take(1 << 20).collect();
     assert_eq!(
-        store.relay_post(message(a, "0", 1, &all)).await.unwrap(),
+        store.relay_post(message(a, "0", 1, &all), 0).await.unwrap(),
         Posted::Accepted(2)
     );
     let gap = store
-        .relay_post(message(a, "1", 5, b"after a gap"))
+        .relay_post(message(a, "1", 5, b"after a gap"), 0)
         .await
         .unwrap_err()
         .to_string();
     assert!(gap.contains("skips message 1"), "{gap}");
-    assert!(store.relay_post(message(a, "1", -1, b"")).await.is_err());
+    assert!(store.relay_post(message(a, "1", -1, b""), 0).await.is_err());
     store
-        .relay_post(message("fusion/r2/1", "0", 0, b"other run"))
+        .relay_post(message("fusion/r2/1", "0", 0, b"other run"), 0)
         .await
         .unwrap();
     assert_eq!(
@@ -1237,11 +1238,13 @@ async fn relay_suite(url: &str) {
         .is_empty());
     assert_eq!(store.relay_messages(a, 2).await.unwrap(), vec![all.clone()]);
     // the addressee asked from 2: the next post deletes 0 and 1; the rest keep their numbers
-    let next = RelayMessage {
-        acknowledged: 2,
-        ..message(a, "1", 1, b"next")
-    };
-    assert_eq!(store.relay_post(next).await.unwrap(), Posted::Accepted(3));
+    assert_eq!(
+        store
+            .relay_post(message(a, "1", 1, b"next"), 2)
+            .await
+            .unwrap(),
+        Posted::Accepted(3)
+    );
     assert_eq!(store.count("relay_messages").await.unwrap(), 3);
     assert_eq!(
         store.relay_messages(a, 0).await.unwrap(),
@@ -1250,7 +1253,7 @@ async fn relay_suite(url: &str) {
     // a resend of an acknowledged message is still known
     assert_eq!(
         store
-            .relay_post(message(a, "1", 0, b"from 1"))
+            .relay_post(message(a, "1", 0, b"from 1"), 0)
             .await
             .unwrap(),
         Posted::Again
@@ -1271,7 +1274,10 @@ async fn relay_suite(url: &str) {
         .unwrap()
         .is_empty());
     assert_eq!(
-        store.relay_post(message(a, "0", 0, b"anew")).await.unwrap(),
+        store
+            .relay_post(message(a, "0", 0, b"anew"), 0)
+            .await
+            .unwrap(),
         Posted::Accepted(0),
         "a dropped conversation's numbers start again"
     );
