@@ -87,6 +87,34 @@ async fn wait(client: &Client, id: &str, pred: impl Fn(&JobView) -> bool, what: 
     panic!("job {id} never became {what}: {view:?}");
 }
 
+/// Submits a job that sleeps for a minute and waits until it runs at the agent working in
+/// `dir/agent`: the job, and its process's pid.
+async fn start_sleeper(setup: &Setup, dir: &Path, name: &str) -> (JobView, i32) {
+    let submitted: JobView = setup
+        .tenant
+        .post("/api/v1/jobs", &job(name, "echo $$ > pid\nexec sleep 60"))
+        .await
+        .unwrap();
+    wait(
+        &setup.tenant,
+        &submitted.id,
+        |j| j.state == JobState::Running,
+        "running",
+    )
+    .await;
+    let pid = job_pid(&dir.join("agent/jobs")).await;
+    (submitted, pid)
+}
+
+/// Whether process `pid` has gone within `within`.
+async fn gone_within(pid: i32, within: Duration) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    while pid_alive(pid) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    !pid_alive(pid)
+}
+
 /// The pid a running job wrote to `pid` in its rank-0 directory under `jobs`.
 async fn job_pid(jobs: &Path) -> i32 {
     for _ in 0..500 {
@@ -447,22 +475,7 @@ async fn cancel_kills_the_running_process() {
     let dir = tempfile::tempdir().unwrap();
     let setup = setup(dir.path()).await;
     let (_stop, _agent) = start_agent(&setup, &dir.path().join("agent")).await;
-    let submitted: JobView = setup
-        .tenant
-        .post(
-            "/api/v1/jobs",
-            &job("sleeper", "echo $$ > pid\nexec sleep 60"),
-        )
-        .await
-        .unwrap();
-    wait(
-        &setup.tenant,
-        &submitted.id,
-        |j| j.state == JobState::Running,
-        "running",
-    )
-    .await;
-    let pid = job_pid(&dir.path().join("agent/jobs")).await;
+    let (submitted, pid) = start_sleeper(&setup, dir.path(), "sleeper").await;
     assert!(pid_alive(pid));
     let _: serde_json::Value = setup
         .tenant
@@ -480,13 +493,10 @@ async fn cancel_kills_the_running_process() {
     )
     .await;
     assert_eq!(done.state, JobState::Cancelled, "{}", done.reason);
-    for _ in 0..50 {
-        if !pid_alive(pid) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(!pid_alive(pid), "the job's process was killed");
+    assert!(
+        gone_within(pid, Duration::from_secs(1)).await,
+        "the job's process was killed"
+    );
     setup.server.stop().await;
 }
 
@@ -657,32 +667,11 @@ async fn an_agent_cut_off_from_the_server_stops_its_jobs_after_the_lease_ttl() {
     let dir = tempfile::tempdir().unwrap();
     let setup = setup(dir.path()).await;
     let (_stop, _agent) = start_agent(&setup, &dir.path().join("agent")).await;
-    let submitted: JobView = setup
-        .tenant
-        .post(
-            "/api/v1/jobs",
-            &job("partitioned", "echo $$ > pid\nexec sleep 60"),
-        )
-        .await
-        .unwrap();
-    wait(
-        &setup.tenant,
-        &submitted.id,
-        |j| j.state == JobState::Running,
-        "running",
-    )
-    .await;
-    let pid = job_pid(&dir.path().join("agent/jobs")).await;
+    let (_, pid) = start_sleeper(&setup, dir.path(), "partitioned").await;
     // the server goes away; the agent cannot renew
     setup.server.stop().await;
-    for _ in 0..300 {
-        if !pid_alive(pid) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     assert!(
-        !pid_alive(pid),
+        gone_within(pid, Duration::from_secs(15)).await,
         "the agent fenced itself and stopped the job"
     );
 }
@@ -715,22 +704,7 @@ async fn an_agent_whose_token_is_revoked_stops_its_jobs_and_ends() {
     };
     let (_stop, stopped) = watch::channel(false);
     let agent = tokio::spawn(baygrid_agent::run(config, stopped));
-    let submitted: JobView = setup
-        .tenant
-        .post(
-            "/api/v1/jobs",
-            &job("revoked", "echo $$ > pid\nexec sleep 60"),
-        )
-        .await
-        .unwrap();
-    wait(
-        &setup.tenant,
-        &submitted.id,
-        |j| j.state == JobState::Running,
-        "running",
-    )
-    .await;
-    let pid = job_pid(&dir.path().join("agent/jobs")).await;
+    let (submitted, pid) = start_sleeper(&setup, dir.path(), "revoked").await;
     let revoked = std::time::Instant::now();
     setup
         .operator
@@ -747,13 +721,10 @@ async fn an_agent_whose_token_is_revoked_stops_its_jobs_and_ends() {
     assert!(err.contains("HTTP 401"), "{err}");
     // it ended well inside the lease's TTL (3 s), having stopped its job
     assert!(ended_after < Duration::from_secs(3), "{ended_after:?}");
-    for _ in 0..100 {
-        if !pid_alive(pid) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(!pid_alive(pid), "the job still runs");
+    assert!(
+        gone_within(pid, Duration::from_secs(2)).await,
+        "the job still runs"
+    );
     // the server takes the job back once the lease lapses
     wait(
         &setup.tenant,

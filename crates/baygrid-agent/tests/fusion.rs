@@ -99,11 +99,6 @@ fn tumour_holders() -> Vec<Holding> {
     ])
 }
 
-const TUMOUR_OFFERS: [&str; 2] = [
-    "hk-tumour-diagnoses-federated",
-    "gz-tumour-imaging-federated",
-];
-
 /// The three card issuers (FATE's default_credit_homo).
 fn issuers() -> Vec<Holding> {
     holdings(&[
@@ -198,6 +193,21 @@ async fn zone_with(
         lab,
         agents,
     }
+}
+
+/// The tumour holders' zone, with agents at Cyberport and Nansha and the lab's federated
+/// contracts on both datasets.
+async fn tumour_zone(dir: &Path) -> Zone {
+    let zone = zone(dir, tumour_holders(), &["cyberport-h800", "nansha-a800"]).await;
+    contracts(
+        &zone.lab,
+        &[
+            "hk-tumour-diagnoses-federated",
+            "gz-tumour-imaging-federated",
+        ],
+    )
+    .await;
+    zone
 }
 
 async fn contracts(lab: &Client, offers: &[&str]) {
@@ -662,13 +672,7 @@ async fn three_card_issuers_in_three_jurisdictions_train_with_secure_aggregation
 #[tokio::test]
 async fn a_vertical_run_aligns_patients_by_psi_and_reproduces_fates_auc_across_the_border() {
     let dir = tempfile::tempdir().unwrap();
-    let zone = zone(
-        dir.path(),
-        tumour_holders(),
-        &["cyberport-h800", "nansha-a800"],
-    )
-    .await;
-    contracts(&zone.lab, &TUMOUR_OFFERS).await;
+    let zone = tumour_zone(dir.path()).await;
     // the host's table holds no label, the guest's does: swapped, the run is refused
     let mut swapped: Value = yaml("examples/fusion/breast-hetero-lr-exchange.yaml");
     let parties = swapped["parties"].as_array_mut().unwrap();
@@ -737,13 +741,7 @@ async fn relay_posts_are_numbered(operator: &Client, view: &FusionView) {
 async fn a_run_goes_on_through_a_server_restart() {
     const ITERATIONS: usize = 40;
     let dir = tempfile::tempdir().unwrap();
-    let zone = zone(
-        dir.path(),
-        tumour_holders(),
-        &["cyberport-h800", "nansha-a800"],
-    )
-    .await;
-    contracts(&zone.lab, &TUMOUR_OFFERS).await;
+    let zone = tumour_zone(dir.path()).await;
     let (mut server, config) = (zone.server, zone.config);
     let addr = server.addr;
     let mut spec: Value = yaml("examples/fusion/breast-hetero-lr-exchange.yaml");

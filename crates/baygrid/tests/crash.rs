@@ -26,20 +26,69 @@ fn write_server_config(dir: &std::path::Path, port: u16) -> std::path::PathBuf {
     path
 }
 
+/// `baygrid server` on `port` with its store under `dir/server`, its output in `dir/LOG`,
+/// once it answers.
+fn start_server(dir: &std::path::Path, port: u16, log: &str) -> Spawned {
+    let config = write_server_config(dir, port);
+    let server = spawn(
+        &["server", "--config", config.to_str().unwrap()],
+        &dir.join(log),
+    );
+    wait_healthy(&format!("http://127.0.0.1:{port}"), Duration::from_secs(30));
+    server
+}
+
+/// The operator token the server under `dir/server` wrote.
+fn operator_token(dir: &std::path::Path) -> String {
+    std::fs::read_to_string(dir.join("server/operator.token"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// `baygrid agent` for `cluster`, with a token the operator issues, working in `dir/CLUSTER`
+/// (its output in `dir/CLUSTER.log`); `more` is added to its config.
+async fn start_agent(
+    dir: &std::path::Path,
+    url: &str,
+    operator: &Client,
+    cluster: &str,
+    more: &str,
+) -> Spawned {
+    let issued = operator.issue(Role::Agent, Some(cluster)).await.unwrap();
+    let config = dir.join(format!("{cluster}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "server = \"{url}\"\ntoken = \"{}\"\nwork_dir = \"{}\"\npoll_interval = \"100ms\"\n{more}",
+            issued.token().unwrap_or_default(),
+            dir.join(cluster).display()
+        ),
+    )
+    .unwrap();
+    spawn(
+        &["agent", "--config", config.to_str().unwrap()],
+        &dir.join(format!("{cluster}.log")),
+    )
+}
+
+/// `kill -9` of `server`, waited for.
+fn kill_dash_nine(server: &mut Spawned) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(server.id() as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    server.wait().unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_dash_nine_loses_no_acknowledged_job_and_runs_none_twice() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
-    let config = write_server_config(dir.path(), port);
-    let config_arg = config.to_str().unwrap().to_string();
-    let mut server = spawn(
-        &["server", "--config", &config_arg],
-        &dir.path().join("server-1.log"),
-    );
-    wait_healthy(&url, Duration::from_secs(30));
-    let operator_token = std::fs::read_to_string(dir.path().join("server/operator.token")).unwrap();
-    let operator = Client::new(&url, Some(operator_token.trim().to_string()));
+    let mut server = start_server(dir.path(), port, "server-1.log");
+    let operator = Client::new(&url, Some(operator_token(dir.path())));
     let tenant = operator
         .add_tenant(
             "crash-lab",
@@ -49,24 +98,14 @@ async fn kill_dash_nine_loses_no_acknowledged_job_and_runs_none_twice() {
         )
         .await
         .unwrap();
-    let agent_client = operator
-        .issue(Role::Agent, Some("nansha-a800"))
-        .await
-        .unwrap();
-    let agent_config = dir.path().join("agent.toml");
-    std::fs::write(
-        &agent_config,
-        format!(
-            "server = \"{url}\"\ntoken = \"{}\"\nwork_dir = \"{}\"\nmax_running = 128\npoll_interval = \"100ms\"\n",
-            agent_client.token().unwrap_or_default(),
-            dir.path().join("agent").display()
-        ),
+    let mut agent = start_agent(
+        dir.path(),
+        &url,
+        &operator,
+        "nansha-a800",
+        "max_running = 128\n",
     )
-    .unwrap();
-    let mut agent = spawn(
-        &["agent", "--config", agent_config.to_str().unwrap()],
-        &dir.path().join("agent.log"),
-    );
+    .await;
 
     // every run appends its job id: a job that ran twice shows up twice
     let runs = dir.path().join("runs.txt");
@@ -154,12 +193,7 @@ async fn kill_dash_nine_loses_no_acknowledged_job_and_runs_none_twice() {
     while acknowledged.lock().unwrap().len() < 400 && started.elapsed() < Duration::from_secs(60) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(server.id() as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    server.wait().unwrap();
+    kill_dash_nine(&mut server);
     for s in submitters {
         s.await.unwrap();
     }
@@ -177,11 +211,7 @@ async fn kill_dash_nine_loses_no_acknowledged_job_and_runs_none_twice() {
 
     // down long enough for the waiter to find it gone, then restarted on the same directory
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let mut server = spawn(
-        &["server", "--config", &config_arg],
-        &dir.path().join("server-2.log"),
-    );
-    wait_healthy(&url, Duration::from_secs(30));
+    let mut server = start_server(dir.path(), port, "server-2.log");
     std::fs::write(&go, "").unwrap();
     for id in &acknowledged {
         let job: JobView = operator
@@ -270,7 +300,7 @@ async fn kill_dash_nine_loses_no_acknowledged_job_and_runs_none_twice() {
     );
     // and the log, exported after the crash, verifies offline
     let export = dir.path().join("export");
-    let token = operator_token.trim().to_string();
+    let token = operator_token(dir.path());
     let out = baygrid(
         &["audit", "export", export.to_str().unwrap()],
         &[
@@ -497,15 +527,8 @@ async fn kill_dash_nine_in_a_fusion_run_loses_no_relay_message() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
-    let config = write_server_config(dir.path(), port);
-    let config_arg = config.to_str().unwrap().to_string();
-    let mut server = spawn(
-        &["server", "--config", &config_arg],
-        &dir.path().join("server-1.log"),
-    );
-    wait_healthy(&url, Duration::from_secs(30));
-    let operator_token = std::fs::read_to_string(dir.path().join("server/operator.token")).unwrap();
-    let operator = Client::new(&url, Some(operator_token.trim().to_string()));
+    let mut server = start_server(dir.path(), port, "server-1.log");
+    let operator = Client::new(&url, Some(operator_token(dir.path())));
     // the hospitals' datasets (FATE's breast_hetero) in their vaults, with federated offers
     for (name, jurisdiction, city, dataset, file) in [
         (
@@ -557,21 +580,7 @@ async fn kill_dash_nine_in_a_fusion_run_loses_no_relay_message() {
     }
     let mut agents = Vec::new();
     for cluster in ["cyberport-h800", "nansha-a800"] {
-        let issued = operator.issue(Role::Agent, Some(cluster)).await.unwrap();
-        let config = dir.path().join(format!("{cluster}.toml"));
-        std::fs::write(
-            &config,
-            format!(
-                "server = \"{url}\"\ntoken = \"{}\"\nwork_dir = \"{}\"\npoll_interval = \"100ms\"\n",
-                issued.token().unwrap_or_default(),
-                dir.path().join(cluster).display()
-            ),
-        )
-        .unwrap();
-        agents.push(spawn(
-            &["agent", "--config", config.to_str().unwrap()],
-            &dir.path().join(format!("{cluster}.log")),
-        ));
+        agents.push(start_agent(dir.path(), &url, &operator, cluster, "").await);
     }
 
     // the lab starts the run and waits for it with `fusion run`
@@ -609,19 +618,10 @@ async fn kill_dash_nine_in_a_fusion_run_loses_no_relay_message() {
             }
         }
     };
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(server.id() as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    server.wait().unwrap();
+    kill_dash_nine(&mut server);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let killed_at = chrono::Utc::now();
-    let mut server = spawn(
-        &["server", "--config", &config_arg],
-        &dir.path().join("server-2.log"),
-    );
-    wait_healthy(&url, Duration::from_secs(30));
+    let mut server = start_server(dir.path(), port, "server-2.log");
 
     let status = waiter.wait().unwrap();
     let said = std::fs::read_to_string(&waiter_log).unwrap();
