@@ -416,6 +416,19 @@ async fn a_federated_run_trains_in_each_partys_jurisdiction_and_saves_each_copy_
         .is_err());
     let theirs: Vec<FusionView> = other.get("/api/v1/fusion").await.unwrap();
     assert!(theirs.is_empty());
+    // nor may it start a page there
+    let e = other
+        .get::<Vec<FusionView>>(&format!("/api/v1/fusion?before={}", view.id))
+        .await
+        .unwrap_err();
+    assert_eq!(e.status(), Some(400), "{e}");
+    assert!(e.to_string().contains("before"), "{e}");
+    let after_it: Vec<FusionView> = zone
+        .lab
+        .get(&format!("/api/v1/fusion?before={}", view.id))
+        .await
+        .unwrap();
+    assert!(after_it.is_empty());
 
     // an MLP with DP-SGD inside each party: each reports the ε it spent
     let mut dp = run_file();

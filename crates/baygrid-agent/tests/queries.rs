@@ -328,6 +328,31 @@ async fn concurrent_queries_never_overspend_and_repeats_exhaust_the_budget() {
         .map(|q| q.cost[0].epsilon)
         .sum::<f64>();
     assert!((spent - 3.0).abs() < 1e-9, "{spent}");
+    // listed newest first, a page at a time, in one state when asked
+    let list = |path: String| {
+        let operator = zone.operator.clone();
+        async move { operator.get::<Vec<QueryView>>(&path).await }
+    };
+    let ids = |views: &[QueryView]| views.iter().map(|q| q.id.clone()).collect::<Vec<_>>();
+    let all = list("/api/v1/queries".into()).await.unwrap();
+    assert!(all.len() > 4, "{}", all.len());
+    let first = list("/api/v1/queries?limit=4".into()).await.unwrap();
+    let rest = list(format!("/api/v1/queries?before={}", first[3].id))
+        .await
+        .unwrap();
+    assert_eq!([ids(&first), ids(&rest)].concat(), ids(&all));
+    let released = list("/api/v1/queries?state=released".into()).await.unwrap();
+    assert_eq!(released.len(), accepted);
+    assert!(released.iter().all(|q| q.state == QueryState::Released));
+    for (path, field) in [
+        ("/api/v1/queries?state=sleeping", "state"),
+        ("/api/v1/queries?limit=0", "limit"),
+        ("/api/v1/queries?before=q_none", "before"),
+    ] {
+        let e = list(path.into()).await.unwrap_err();
+        assert_eq!(e.status(), Some(400), "{path}: {e}");
+        assert!(e.to_string().contains(field), "{path}: {e}");
+    }
 }
 
 async fn futures_join<F, T>(futures: impl Iterator<Item = F>) -> Vec<T>

@@ -21,7 +21,7 @@ use baygrid_api::{
 };
 use baygrid_core::{millis_to_rfc3339, Currency, FusionPart, JobSpec, Money, Principal, Role};
 use baygrid_ledger::{names, Transfer, TransferKind};
-use baygrid_store::{Ending, FusionRow};
+use baygrid_store::{Below, Ending, FusionRow, RecordFilter};
 use serde::{Deserialize, Serialize};
 
 use crate::agent::agent_cluster;
@@ -834,9 +834,14 @@ pub struct ListParams {
     pub state: Option<String>,
     /// For operators and regulators: one tenant's runs.
     pub tenant: Option<String>,
+    /// At most this many (default 1000, at most 100,000).
+    pub limit: Option<i64>,
+    /// The next page: only runs listed after this one (the previous page's last).
+    pub before: Option<String>,
 }
 
-#[utoipa::path(get, path = "/api/v1/fusion", params(ListParams), responses((status = 200, body = [FusionView])), security(("bearer" = [])))]
+/// The caller's runs, newest first (operators and regulators: everyone's).
+#[utoipa::path(get, path = "/api/v1/fusion", params(ListParams), responses((status = 200, body = [FusionView]), (status = 400, body = baygrid_api::ErrorBody)), security(("bearer" = [])))]
 pub async fn list(
     State(state): State<AppState>,
     who: Principal,
@@ -859,9 +864,25 @@ pub async fn list(
             ))
         }
     };
+    let limit = crate::paging::limit(params.limit)?;
+    let before = match &params.before {
+        Some(id) => match state.store.fusion_row(id).await? {
+            Some(row) if sees(&who, &row) => Some(Below {
+                at_ms: row.created_ms,
+                id: row.id,
+            }),
+            _ => return Err(crate::paging::unknown_before("fusion run", id)),
+        },
+        None => None,
+    };
     let rows = state
         .store
-        .fusion_rows(tenant.as_deref(), params.state.as_deref(), 500)
+        .fusion_rows(&RecordFilter {
+            tenant: tenant.as_deref(),
+            state: params.state.as_deref(),
+            before: before.as_ref(),
+            limit,
+        })
         .await?;
     rows.iter()
         .map(|r| FusionRecord::from_row(r).map(|f| f.view))
@@ -960,7 +981,7 @@ pub(crate) async fn expire(state: &AppState) -> ApiResult<()> {
     let now = state.now();
     let running = state
         .store
-        .fusion_rows(None, Some(FusionState::Running.as_str()), 1000)
+        .every_fusion_row(FusionState::Running.as_str())
         .await?;
     let idle = |record: &FusionRecord, created_ms: i64| {
         now - record.last_moved_ms().max(created_ms) > limit.as_millis() as i64

@@ -8,7 +8,7 @@ use axum::Json;
 use baygrid_api::{CancelView, JobEventView, JobView, LogLineView, LogsView, QuoteBody, QuoteView};
 use baygrid_core::{millis_to_rfc3339, Currency, JobSpec, JobState, Money, Principal, Role};
 use baygrid_sched::Quote;
-use baygrid_store::{JobFilter, JobRecord, NewJob};
+use baygrid_store::{Below, JobFilter, JobRecord, NewJob};
 use serde::Deserialize;
 
 use crate::auth::{actor, require};
@@ -320,11 +320,13 @@ pub struct ListQuery {
     pub state: Option<String>,
     /// For operators and regulators: only this tenant's jobs.
     pub tenant: Option<String>,
-    /// At most this many (default 1000).
+    /// At most this many (default 1000, at most 100,000).
     pub limit: Option<i64>,
+    /// The next page: only jobs listed after this job (the previous page's last).
+    pub before: Option<String>,
 }
 
-/// Jobs the caller may see: a tenant its own, operators and regulators all.
+/// Jobs the caller may see, newest first: a tenant its own, operators and regulators all.
 #[utoipa::path(get, path = "/api/v1/jobs", params(ListQuery), responses((status = 200, body = [JobView]), (status = 400, body = baygrid_api::ErrorBody)), security(("bearer" = [])))]
 pub async fn list(
     State(state): State<AppState>,
@@ -347,15 +349,26 @@ pub async fn list(
             .map_err(|e| ApiError::bad("state", e))?],
         None => vec![],
     };
-    let limit = query.limit.unwrap_or(1000);
-    if !(1..=100_000).contains(&limit) {
-        return Err(ApiError::bad("limit", "must be between 1 and 100000"));
-    }
+    let limit = crate::paging::limit(query.limit)?;
+    let before = match &query.before {
+        Some(id) => {
+            let last = visible_job(&state, &who, id).await.map_err(|e| match e {
+                ApiError::NotFound(_) => crate::paging::unknown_before("job", id),
+                other => other,
+            })?;
+            Some(Below {
+                at_ms: last.submitted_ms,
+                id: last.id,
+            })
+        }
+        None => None,
+    };
     let records = state
         .store
         .list_jobs(&JobFilter {
             tenant,
             states,
+            before,
             limit,
         })
         .await?;

@@ -15,6 +15,7 @@ mod jobs;
 pub mod ledger;
 mod metrics;
 mod openapi;
+mod paging;
 mod queries;
 mod relay;
 mod scheduler;

@@ -24,7 +24,9 @@ use baygrid_api::{
 use baygrid_core::{millis_to_rfc3339, Currency, Money, Principal, Role};
 use baygrid_ledger::{names, Transfer, TransferKind};
 use baygrid_query::{sql_name, Refusal, Shape, Table};
-use baygrid_store::{Ending, QueryRow, Spend, Spent, DELTA_UNIT, EPSILON_UNIT};
+use baygrid_store::{
+    Below, Ending, QueryRow, RecordFilter, Spend, Spent, DELTA_UNIT, EPSILON_UNIT,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::agent::agent_cluster;
@@ -657,21 +659,68 @@ pub async fn get(
     Ok(Json(wait_for(&state, &id, wait).await?))
 }
 
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    /// running | released | withheld | failed
+    pub state: Option<String>,
+    /// For operators and regulators: one tenant's queries.
+    pub tenant: Option<String>,
+    /// At most this many (default 1000, at most 100,000).
+    pub limit: Option<i64>,
+    /// The next page: only queries listed after this one (the previous page's last).
+    pub before: Option<String>,
+}
+
 /// The caller's queries, newest first (operators and regulators: everyone's).
-#[utoipa::path(get, path = "/api/v1/queries", responses((status = 200, body = [QueryView])), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/api/v1/queries", params(ListParams), responses((status = 200, body = [QueryView]), (status = 400, body = baygrid_api::ErrorBody)), security(("bearer" = [])))]
 pub async fn list(
     State(state): State<AppState>,
     who: Principal,
+    QueryParams(params): QueryParams<ListParams>,
 ) -> ApiResult<Json<Vec<QueryView>>> {
+    const STATES: [QueryState; 4] = [
+        QueryState::Running,
+        QueryState::Released,
+        QueryState::Withheld,
+        QueryState::Failed,
+    ];
+    if let Some(s) = &params.state {
+        if !STATES.iter().any(|state| state.as_str() == s) {
+            return Err(ApiError::bad(
+                "state",
+                "one of running, released, withheld, failed",
+            ));
+        }
+    }
+    let limit = crate::paging::limit(params.limit)?;
     let tenant = match who.role {
-        Role::Operator | Role::Regulator => None,
+        Role::Operator | Role::Regulator => params.tenant.clone(),
         Role::Tenant => who.subject.clone(),
         _ => return Ok(Json(vec![])),
     };
     if who.role == Role::Tenant && tenant.is_none() {
         return Ok(Json(vec![]));
     }
-    let rows = state.store.query_rows(tenant.as_deref(), None, 200).await?;
+    let before = match &params.before {
+        Some(id) => match state.store.query_row(id).await? {
+            Some(row) if sees(&who, &row) => Some(Below {
+                at_ms: row.created_ms,
+                id: row.id,
+            }),
+            _ => return Err(crate::paging::unknown_before("query", id)),
+        },
+        None => None,
+    };
+    let rows = state
+        .store
+        .query_rows(&RecordFilter {
+            tenant: tenant.as_deref(),
+            state: params.state.as_deref(),
+            before: before.as_ref(),
+            limit,
+        })
+        .await?;
     rows.iter()
         .map(|r| QueryRecord::from_row(r).map(|q| q.view))
         .collect::<ApiResult<Vec<_>>>()
@@ -733,7 +782,7 @@ async fn claim_now(state: &AppState, cluster: String) -> ApiResult<Vec<QueryTask
     let now = state.now();
     let running = state
         .store
-        .query_rows(None, Some(QueryState::Running.as_str()), 1000)
+        .every_query_row(QueryState::Running.as_str())
         .await?;
     let mut tasks = Vec::new();
     for row in running {
@@ -967,7 +1016,7 @@ pub(crate) async fn expire(state: &AppState) -> ApiResult<()> {
     let now = state.now();
     let running = state
         .store
-        .query_rows(None, Some(QueryState::Running.as_str()), 1000)
+        .every_query_row(QueryState::Running.as_str())
         .await?;
     for row in running {
         if now - row.created_ms <= limit.as_millis() as i64 {

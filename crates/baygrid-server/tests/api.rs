@@ -723,6 +723,29 @@ async fn api_flow(store: Option<String>) {
         4,
         "three queued and poor-lab's cancelled one"
     );
+    // newest first, a page at a time: the pages hold the whole list once, in its order
+    assert!(everyone
+        .windows(2)
+        .all(|w| w[0].submitted_at >= w[1].submitted_at));
+    let first_page: Vec<JobView> = operator.get("/api/v1/jobs?limit=3").await.unwrap();
+    let next_page: Vec<JobView> = operator
+        .get(&format!("/api/v1/jobs?limit=3&before={}", first_page[2].id))
+        .await
+        .unwrap();
+    let paged: Vec<&str> = first_page
+        .iter()
+        .chain(&next_page)
+        .map(|j| j.id.as_str())
+        .collect();
+    let whole: Vec<&str> = everyone.iter().map(|j| j.id.as_str()).collect();
+    assert_eq!(paged, whole);
+    // a page may not start at a job the caller cannot see
+    expect_error(
+        gz.get::<Vec<JobView>>(&format!("/api/v1/jobs?before={}", hk_job.id))
+            .await,
+        400,
+        Some("before"),
+    );
     let queued: Vec<JobView> = operator
         .get("/api/v1/jobs?state=queued&tenant=hk-bank")
         .await

@@ -26,12 +26,22 @@ pub struct NewJob {
     pub hold: Option<Transfer>,
 }
 
-/// Which jobs to list.
+/// Which jobs to list, newest first.
 #[derive(Debug, Clone, Default)]
 pub struct JobFilter {
     pub tenant: Option<String>,
     pub states: Vec<JobState>,
+    /// Only jobs listed after this one: submitted before it, or at the same millisecond
+    /// with a lower id (the next page).
+    pub before: Option<Below>,
     pub limit: i64,
+}
+
+/// Where a page of a newest-first list starts: below this row's time and id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Below {
+    pub at_ms: Millis,
+    pub id: String,
 }
 
 /// What an agent says about a job it holds. Every report carries the lease's epoch.
@@ -534,8 +544,16 @@ impl Store {
                 .collect();
             sql.push_str(&format!(" AND state IN ({})", states.join(", ")));
         }
+        if let Some(below) = &filter.before {
+            binds.push(below.id.clone());
+            sql.push_str(&format!(
+                " AND (submitted_ms < {at} OR (submitted_ms = {at} AND id < ${}))",
+                binds.len(),
+                at = below.at_ms
+            ));
+        }
         sql.push_str(&format!(
-            " ORDER BY submitted_ms, id LIMIT {}",
+            " ORDER BY submitted_ms DESC, id DESC LIMIT {}",
             filter.limit.clamp(1, 100_000)
         ));
         let mut query = sqlx::query(&sql);

@@ -27,11 +27,13 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use claim::ServerClaim;
 pub use jobs::{
-    failover_backoff, ActiveAllocation, ClusterBlock, HeartbeatOutcome, JobFilter, LeaseReport,
-    NewJob, Outcome, Report, FAILOVER_BACKOFF_MAX_MS, FAILOVER_BACKOFF_MS, PREEMPTING,
+    failover_backoff, ActiveAllocation, Below, ClusterBlock, HeartbeatOutcome, JobFilter,
+    LeaseReport, NewJob, Outcome, Report, FAILOVER_BACKOFF_MAX_MS, FAILOVER_BACKOFF_MS, PREEMPTING,
 };
 pub use ledger::{StatementLine, TransferRecord};
-pub use queries::{Ending, FusionRow, QueryRow, RecordRow, Spend, Spent, DELTA_UNIT, EPSILON_UNIT};
+pub use queries::{
+    Ending, FusionRow, QueryRow, RecordFilter, RecordRow, Spend, Spent, DELTA_UNIT, EPSILON_UNIT,
+};
 pub use records::{JobEvent, JobRecord, LogLine, TokenRecord};
 pub use relay::{fusion_conversation, mailbox, query_conversation, Posted, RelayMessage};
 pub use zone::{FlowRecord, ObligationRow};

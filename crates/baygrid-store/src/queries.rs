@@ -8,7 +8,7 @@ use baygrid_ledger::Transfer;
 use sqlx::{AnyConnection, Row};
 
 use crate::ledger::apply_in_tx;
-use crate::{outbox, NewJob, Result, Store, StoreError};
+use crate::{outbox, Below, NewJob, Result, Store, StoreError};
 
 /// ε is kept in millionths and δ in 10⁻¹⁵, so that budget sums are exact.
 pub const EPSILON_UNIT: f64 = 1e6;
@@ -29,6 +29,16 @@ pub struct RecordRow {
 
 pub type QueryRow = RecordRow;
 pub type FusionRow = RecordRow;
+
+/// Which queries or fusion runs to list, newest first.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordFilter<'a> {
+    pub tenant: Option<&'a str>,
+    pub state: Option<&'a str>,
+    /// Only rows listed after this one (the next page).
+    pub before: Option<&'a Below>,
+    pub limit: i64,
+}
 
 /// The tables of records kept as a JSON body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -351,43 +361,76 @@ impl Store {
         row.as_ref().map(row_of).transpose()
     }
 
-    /// Queries, newest first: one tenant's when given, in one state when given.
-    pub async fn query_rows(
-        &self,
-        tenant: Option<&str>,
-        state: Option<&str>,
-        limit: i64,
-    ) -> Result<Vec<QueryRow>> {
-        self.record_rows(Records::Queries, tenant, state, limit)
-            .await
+    /// Queries, newest first: one tenant's when given, in one state when given, below a
+    /// row when given (the next page).
+    pub async fn query_rows(&self, filter: &RecordFilter<'_>) -> Result<Vec<QueryRow>> {
+        self.record_rows(Records::Queries, filter).await
     }
 
-    /// Fusion runs, newest first: one tenant's when given, in one state when given.
-    pub async fn fusion_rows(
-        &self,
-        tenant: Option<&str>,
-        state: Option<&str>,
-        limit: i64,
-    ) -> Result<Vec<FusionRow>> {
-        self.record_rows(Records::Fusion, tenant, state, limit)
-            .await
+    /// Fusion runs, newest first: one tenant's when given, in one state when given, below
+    /// a row when given (the next page).
+    pub async fn fusion_rows(&self, filter: &RecordFilter<'_>) -> Result<Vec<FusionRow>> {
+        self.record_rows(Records::Fusion, filter).await
+    }
+
+    /// Every query in a state, newest first.
+    pub async fn every_query_row(&self, state: &str) -> Result<Vec<QueryRow>> {
+        self.every_record_row(Records::Queries, state).await
+    }
+
+    /// Every fusion run in a state, newest first.
+    pub async fn every_fusion_row(&self, state: &str) -> Result<Vec<FusionRow>> {
+        self.every_record_row(Records::Fusion, state).await
+    }
+
+    /// Every row in a state, read a page at a time.
+    async fn every_record_row(&self, records: Records, state: &str) -> Result<Vec<RecordRow>> {
+        const PAGE: i64 = 1000;
+        let mut all: Vec<RecordRow> = Vec::new();
+        loop {
+            let below = all.last().map(|r| Below {
+                at_ms: r.created_ms,
+                id: r.id.clone(),
+            });
+            let page = self
+                .record_rows(
+                    records,
+                    &RecordFilter {
+                        tenant: None,
+                        state: Some(state),
+                        before: below.as_ref(),
+                        limit: PAGE,
+                    },
+                )
+                .await?;
+            let last = (page.len() as i64) < PAGE;
+            all.extend(page);
+            if last {
+                return Ok(all);
+            }
+        }
     }
 
     async fn record_rows(
         &self,
         records: Records,
-        tenant: Option<&str>,
-        state: Option<&str>,
-        limit: i64,
+        filter: &RecordFilter<'_>,
     ) -> Result<Vec<RecordRow>> {
+        let (below_at, below_id) = match filter.before {
+            Some(below) => (below.at_ms, below.id.as_str()),
+            None => (0, ""),
+        };
         let rows = sqlx::query(&format!(
             "SELECT * FROM {} WHERE ($1 = '' OR tenant = $1) AND ($2 = '' OR state = $2) \
-             ORDER BY created_ms DESC, id DESC LIMIT $3",
+             AND ($3 = '' OR created_ms < $4 OR (created_ms = $4 AND id < $3)) \
+             ORDER BY created_ms DESC, id DESC LIMIT $5",
             records.table()
         ))
-        .bind(tenant.unwrap_or(""))
-        .bind(state.unwrap_or(""))
-        .bind(limit)
+        .bind(filter.tenant.unwrap_or(""))
+        .bind(filter.state.unwrap_or(""))
+        .bind(below_id)
+        .bind(below_at)
+        .bind(filter.limit)
         .fetch_all(self.pool())
         .await?;
         rows.iter().map(row_of).collect()

@@ -938,19 +938,160 @@ async fn query_budget_suite(store: Store) {
         (finished.state.as_str(), finished.finished_ms),
         ("released", Some(2))
     );
-    let running = store.query_rows(None, Some("running"), 10).await.unwrap();
+    let running = store
+        .query_rows(&records(None, Some("running")))
+        .await
+        .unwrap();
     assert_eq!(
         running.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
         ["q3"]
     );
     assert_eq!(
         store
-            .query_rows(Some("alice"), None, 10)
+            .query_rows(&records(Some("alice"), None))
             .await
             .unwrap()
             .len(),
         1
     );
+}
+
+/// The first ten queries or runs, of one tenant and in one state when given.
+fn records<'a>(tenant: Option<&'a str>, state: Option<&'a str>) -> RecordFilter<'a> {
+    RecordFilter {
+        tenant,
+        state,
+        before: None,
+        limit: 10,
+    }
+}
+
+/// Lists page newest first: by time, then id, each row once, with filters applied.
+async fn listing_suite(store: Store) {
+    // jobs at times 1..=7, three of them in the same millisecond, two tenants
+    let jobs = [
+        ("j1", "t1", 1),
+        ("j2", "t2", 2),
+        ("j3", "t1", 4),
+        ("j5", "t1", 4),
+        ("j4", "t2", 4),
+        ("j6", "t1", 6),
+        ("j7", "t1", 7),
+    ];
+    for (id, tenant, at) in jobs {
+        let job = NewJob {
+            tenant: tenant.into(),
+            now: at,
+            ..new_job(id, None)
+        };
+        store.submit(job).await.unwrap();
+    }
+    let pages = |tenant: Option<&str>, limit: i64| {
+        let store = store.clone();
+        let tenant = tenant.map(str::to_string);
+        async move {
+            let mut pages: Vec<Vec<String>> = Vec::new();
+            let mut before: Option<Below> = None;
+            loop {
+                let page = store
+                    .list_jobs(&JobFilter {
+                        tenant: tenant.clone(),
+                        states: vec![JobState::Queued],
+                        before: before.clone(),
+                        limit,
+                    })
+                    .await
+                    .unwrap();
+                if page.is_empty() {
+                    return pages;
+                }
+                before = page.last().map(|j| Below {
+                    at_ms: j.submitted_ms,
+                    id: j.id.clone(),
+                });
+                pages.push(page.into_iter().map(|j| j.id).collect());
+            }
+        }
+    };
+    assert_eq!(
+        pages(None, 2).await,
+        [
+            vec!["j7", "j6"],
+            vec!["j5", "j4"],
+            vec!["j3", "j2"],
+            vec!["j1"]
+        ]
+    );
+    assert_eq!(
+        pages(Some("t1"), 3).await,
+        [vec!["j7", "j6", "j5"], vec!["j3", "j1"]]
+    );
+    assert_eq!(pages(Some("t2"), 100).await, [vec!["j4", "j2"]]);
+    // queries: the same order, and every row in a state however many pages it takes
+    for (id, tenant, at) in [("q1", "alice", 5), ("q3", "bob", 5), ("q2", "alice", 9)] {
+        let row = QueryRow {
+            id: id.into(),
+            tenant: tenant.into(),
+            state: "running".into(),
+            created_ms: at,
+            finished_ms: None,
+            body: serde_json::json!({}),
+        };
+        store
+            .accept_query(
+                row,
+                vec![],
+                None,
+                "test".into(),
+                serde_json::json!({}),
+                |_| Ok(serde_json::json!({})),
+            )
+            .await
+            .unwrap();
+    }
+    let ids = |rows: Vec<QueryRow>| rows.into_iter().map(|r| r.id).collect::<Vec<_>>();
+    let q3 = Below {
+        at_ms: 5,
+        id: "q3".into(),
+    };
+    let after_q3 = RecordFilter {
+        before: Some(&q3),
+        ..records(None, None)
+    };
+    assert_eq!(
+        ids(store.query_rows(&records(None, None)).await.unwrap()),
+        ["q2", "q3", "q1"]
+    );
+    assert_eq!(ids(store.query_rows(&after_q3).await.unwrap()), ["q1"]);
+    assert_eq!(
+        ids(store
+            .query_rows(&RecordFilter {
+                tenant: Some("alice"),
+                limit: 1,
+                ..records(None, None)
+            })
+            .await
+            .unwrap()),
+        ["q2"]
+    );
+    assert_eq!(
+        ids(store.every_query_row("running").await.unwrap()),
+        ["q2", "q3", "q1"]
+    );
+}
+
+#[tokio::test]
+async fn sqlite_listing_suite() {
+    let dir = tempfile::tempdir().unwrap();
+    listing_suite(Store::open(&sqlite_url(dir.path())).await.unwrap()).await;
+}
+
+#[tokio::test]
+async fn postgres_listing_suite() {
+    let Some(url) = fresh_postgres_url().await else {
+        return;
+    };
+    listing_suite(Store::open(&url).await.unwrap()).await;
 }
 
 async fn fusion_suite(store: Store) {
@@ -1069,14 +1210,17 @@ async fn fusion_suite(store: Store) {
     let f1 = store.fusion_row("f1").await.unwrap().unwrap();
     assert_eq!((f1.state.as_str(), f1.finished_ms), ("succeeded", Some(9)));
     assert_eq!(f1.body, serde_json::json!({ "done": true }));
-    let running = store.fusion_rows(None, Some("running"), 10).await.unwrap();
+    let running = store
+        .fusion_rows(&records(None, Some("running")))
+        .await
+        .unwrap();
     assert_eq!(
         running.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
         ["f2"]
     );
     assert_eq!(
         store
-            .fusion_rows(Some("alice"), None, 10)
+            .fusion_rows(&records(Some("alice"), None))
             .await
             .unwrap()
             .len(),

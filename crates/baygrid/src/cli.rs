@@ -11,7 +11,7 @@ use baygrid_api::{
 use baygrid_core::{JobSpec, JobState, Jurisdiction, Money, Offer, Party, Role, Site, Tenant};
 use clap::Subcommand;
 
-use crate::output::{emit, or_dash, table};
+use crate::output::{emit, or_dash, table, PageArgs};
 use crate::{Args, Output};
 
 #[derive(Debug, Subcommand)]
@@ -123,26 +123,39 @@ pub enum JobCommand {
     },
     /// Every cluster's verdict for a spec, with cost and reasons.
     Quote {
+        /// The job spec (YAML), as for `job submit`.
         file: PathBuf,
+        /// For operators: the tenant to quote for.
         #[arg(long)]
         tenant: Option<String>,
     },
+    /// Your jobs, newest first (operators and regulators: everyone's).
     Ls {
+        /// Only jobs in this state: queued, placed, running, succeeded, failed, cancelled.
         #[arg(long)]
         state: Option<String>,
+        /// For operators and regulators: only this tenant's jobs.
         #[arg(long)]
         tenant: Option<String>,
+        #[command(flatten)]
+        page: PageArgs,
     },
+    /// One job: its state, placement, cost and every change of state.
     Get {
+        /// The job's id.
         id: String,
     },
+    /// A job's output, from its first line.
     Logs {
+        /// The job's id.
         id: String,
         /// Keep printing until the job ends.
         #[arg(long, short)]
         follow: bool,
     },
+    /// Cancel a job: at once if no agent holds it, otherwise once its agent stops it.
     Cancel {
+        /// The job's id.
         id: String,
     },
 }
@@ -685,19 +698,15 @@ pub async fn job(args: &Args, cmd: &JobCommand) -> anyhow::Result<std::process::
                 return Ok(std::process::ExitCode::FAILURE);
             }
         }
-        JobCommand::Ls { state, tenant } => {
-            let mut query = Vec::new();
-            if let Some(s) = state {
-                query.push(format!("state={s}"));
-            }
-            if let Some(t) = tenant {
-                query.push(format!("tenant={t}"));
-            }
-            let path = if query.is_empty() {
-                "/api/v1/jobs".to_string()
-            } else {
-                format!("/api/v1/jobs?{}", query.join("&"))
-            };
+        JobCommand::Ls {
+            state,
+            tenant,
+            page,
+        } => {
+            let path = page.path(
+                "/api/v1/jobs",
+                &[("state", state.as_deref()), ("tenant", tenant.as_deref())],
+            );
             let jobs: Vec<JobView> = client.get(&path).await?;
             emit(args.output, &jobs, |jobs| {
                 let rows = jobs
@@ -719,6 +728,12 @@ pub async fn job(args: &Args, cmd: &JobCommand) -> anyhow::Result<std::process::
                     &rows,
                 );
             });
+            page.hint_next(
+                args.output,
+                jobs.len(),
+                jobs.last().map(|j| j.id.as_str()),
+                "baygrid job ls",
+            );
         }
         JobCommand::Get { id } => {
             let job: JobView = client.get(&format!("/api/v1/jobs/{id}")).await?;

@@ -9,7 +9,7 @@ use anyhow::Context;
 use baygrid_api::{FusionEvent, FusionRequest, FusionState, FusionView};
 use baygrid_core::SpecError;
 
-use crate::output::{emit, or_dash, table};
+use crate::output::{emit, or_dash, table, PageArgs};
 use crate::Args;
 
 /// A run file as the API takes it: `task`, `parties` (name and dataset), `purpose`,
@@ -159,18 +159,32 @@ pub enum RunCommand {
         #[arg(long)]
         tenant: Option<String>,
     },
-    /// Your runs, newest first.
+    /// Your runs, newest first (operators and regulators: everyone's).
     Ls {
-        /// running | succeeded | failed | cancelled
+        /// Only runs in this state: running, succeeded, failed, cancelled.
         #[arg(long)]
         state: Option<String>,
+        /// For operators and regulators: only this tenant's runs.
+        #[arg(long)]
+        tenant: Option<String>,
+        #[command(flatten)]
+        page: PageArgs,
     },
     /// One run: its workers, placement, rounds, models and charge.
-    Get { id: String },
+    Get {
+        /// The run's id.
+        id: String,
+    },
     /// A run's log: placement, workers, every round, the release.
-    Logs { id: String },
+    Logs {
+        /// The run's id.
+        id: String,
+    },
     /// Stop a running run; nothing is charged.
-    Cancel { id: String },
+    Cancel {
+        /// The run's id.
+        id: String,
+    },
 }
 
 pub async fn run(args: &Args, cmd: &RunCommand) -> anyhow::Result<ExitCode> {
@@ -189,11 +203,15 @@ pub async fn run(args: &Args, cmd: &RunCommand) -> anyhow::Result<ExitCode> {
             emit(args.output, &view, show);
             Ok(outcome(&view))
         }
-        RunCommand::Ls { state } => {
-            let path = match state {
-                Some(s) => format!("/api/v1/fusion?state={s}"),
-                None => "/api/v1/fusion".into(),
-            };
+        RunCommand::Ls {
+            state,
+            tenant,
+            page,
+        } => {
+            let path = page.path(
+                "/api/v1/fusion",
+                &[("state", state.as_deref()), ("tenant", tenant.as_deref())],
+            );
             let all: Vec<FusionView> = client.get(&path).await?;
             emit(args.output, &all, |all| {
                 let rows: Vec<Vec<String>> = all
@@ -217,6 +235,12 @@ pub async fn run(args: &Args, cmd: &RunCommand) -> anyhow::Result<ExitCode> {
                     &rows,
                 );
             });
+            page.hint_next(
+                args.output,
+                all.len(),
+                all.last().map(|v| v.id.as_str()),
+                "baygrid fusion ls",
+            );
             Ok(ExitCode::SUCCESS)
         }
         RunCommand::Get { id } => {

@@ -47,3 +47,75 @@ pub fn emit<T: Serialize>(output: Output, value: &T, render: impl FnOnce(&T)) {
 pub fn or_dash<T: ToString>(value: Option<T>) -> String {
     value.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
 }
+
+/// Which page of a newest-first list (jobs, queries, fusion runs) to show.
+#[derive(Debug, clap::Args)]
+pub struct PageArgs {
+    /// At most this many rows, newest first (the server's default: 1000)
+    #[arg(long)]
+    pub limit: Option<i64>,
+    /// The next page: the rows listed after this id, the previous page's last
+    #[arg(long)]
+    pub before: Option<String>,
+}
+
+/// The server's page size when none is asked for.
+const DEFAULT_PAGE: usize = 1000;
+
+impl PageArgs {
+    /// `base` with the filters that are given and this page, as a query string.
+    pub fn path(&self, base: &str, filters: &[(&str, Option<&str>)]) -> String {
+        let limit = self.limit.map(|l| l.to_string());
+        let mut query = url::form_urlencoded::Serializer::new(String::new());
+        for (name, value) in filters.iter().copied().chain([
+            ("limit", limit.as_deref()),
+            ("before", self.before.as_deref()),
+        ]) {
+            if let Some(value) = value {
+                query.append_pair(name, value);
+            }
+        }
+        match query.finish() {
+            q if q.is_empty() => base.to_string(),
+            q => format!("{base}?{q}"),
+        }
+    }
+
+    /// Under a full page's table, on stderr: how to ask for the next one.
+    pub fn hint_next(&self, output: Output, shown: usize, last_id: Option<&str>, command: &str) {
+        let full = self
+            .limit
+            .map_or(shown >= DEFAULT_PAGE, |l| shown as i64 >= l);
+        if let (Output::Table, true, Some(last)) = (output, full, last_id) {
+            eprintln!("more may follow: {command} --before {last}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_page_path_carries_only_what_is_given_encoded() {
+        let first = PageArgs {
+            limit: None,
+            before: None,
+        };
+        assert_eq!(
+            first.path("/api/v1/jobs", &[("state", None)]),
+            "/api/v1/jobs"
+        );
+        let next = PageArgs {
+            limit: Some(50),
+            before: Some("job_01".into()),
+        };
+        assert_eq!(
+            next.path(
+                "/api/v1/jobs",
+                &[("state", Some("queued")), ("tenant", Some("a&b c"))]
+            ),
+            "/api/v1/jobs?state=queued&tenant=a%26b+c&limit=50&before=job_01"
+        );
+    }
+}

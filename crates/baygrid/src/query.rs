@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use baygrid_api::{Mechanism, QueryDryRun, QueryRequest, QueryState, QueryView};
 use clap::{Args as ClapArgs, Subcommand};
 
-use crate::output::{emit, table};
+use crate::output::{emit, table, PageArgs};
 use crate::Args;
 
 #[derive(Debug, ClapArgs)]
@@ -55,10 +55,22 @@ fn mechanism(text: &str) -> Result<Mechanism, String> {
 
 #[derive(Debug, Subcommand)]
 pub enum QueryCommand {
-    /// Your queries, newest first.
-    Ls,
+    /// Your queries, newest first (operators and regulators: everyone's).
+    Ls {
+        /// Only queries in this state: running, released, withheld, failed.
+        #[arg(long)]
+        state: Option<String>,
+        /// For operators and regulators: only this tenant's queries.
+        #[arg(long)]
+        tenant: Option<String>,
+        #[command(flatten)]
+        page: PageArgs,
+    },
     /// One query and its result (waits for a running one to end).
-    Get { id: String },
+    Get {
+        /// The query's id.
+        id: String,
+    },
 }
 
 fn outcome(view: &QueryView) -> ExitCode {
@@ -161,8 +173,19 @@ fn cell(v: &serde_json::Value) -> String {
 pub async fn run(args: &Args, query: &QueryArgs) -> anyhow::Result<ExitCode> {
     let client = crate::cli::client(args)?;
     match (&query.command, &query.ask) {
-        (Some(QueryCommand::Ls), _) => {
-            let all: Vec<QueryView> = client.get("/api/v1/queries").await?;
+        (
+            Some(QueryCommand::Ls {
+                state,
+                tenant,
+                page,
+            }),
+            _,
+        ) => {
+            let path = page.path(
+                "/api/v1/queries",
+                &[("state", state.as_deref()), ("tenant", tenant.as_deref())],
+            );
+            let all: Vec<QueryView> = client.get(&path).await?;
             emit(args.output, &all, |all| {
                 let rows: Vec<Vec<String>> = all
                     .iter()
@@ -185,6 +208,12 @@ pub async fn run(args: &Args, query: &QueryArgs) -> anyhow::Result<ExitCode> {
                     .collect();
                 table(&["ID", "STATE", "DATASETS", "EPSILON", "SQL"], &rows);
             });
+            page.hint_next(
+                args.output,
+                all.len(),
+                all.last().map(|q| q.id.as_str()),
+                "baygrid query ls",
+            );
             Ok(ExitCode::SUCCESS)
         }
         (Some(QueryCommand::Get { id }), _) => {

@@ -318,6 +318,29 @@ fn up_serves_the_cli() {
     );
     let out = baygrid(&["job", "ls"], &tenant_env);
     assert!(stdout(&out).contains(id));
+    // newest first, a page at a time: a full page says how to ask for the next
+    let out = baygrid(
+        &["job", "ls", "--limit", "1", "--output", "json"],
+        &tenant_env,
+    );
+    let newest: Vec<Value> = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(newest.len(), 1);
+    assert_eq!(newest[0]["id"], id);
+    let out = baygrid(&["job", "ls", "--limit", "1"], &tenant_env);
+    assert!(
+        stderr(&out).contains(&format!("more may follow: baygrid job ls --before {id}")),
+        "{}",
+        stderr(&out)
+    );
+    let out = baygrid(
+        &["job", "ls", "--before", id, "--output", "json"],
+        &tenant_env,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!stdout(&out).contains(id), "{}", stdout(&out));
+    let out = baygrid(&["job", "ls", "--limit", "0"], &tenant_env);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("limit"), "{}", stderr(&out));
     // cancelling a job that has succeeded cancels nothing, and says so
     let out = baygrid(&["job", "cancel", id], &tenant_env);
     assert!(!out.status.success(), "{}", stdout(&out));
