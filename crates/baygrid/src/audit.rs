@@ -19,9 +19,13 @@ pub enum AuditCommand {
     /// Print the latest signed checkpoint.
     Checkpoint,
     /// Fetch an entry and its inclusion proof, and check both against the signed checkpoint.
-    Prove { index: u64 },
+    Prove {
+        /// The entry's index in the log, from 0.
+        index: u64,
+    },
     /// Write entries, checkpoint, public key and inclusion proofs to DIR.
     Export {
+        /// Where to write the export (made if missing).
         dir: PathBuf,
         /// Read a stopped server's data directory (`--data-dir`) instead of asking the
         /// server: the entries come from its store, and the checkpoint is signed with the
@@ -50,6 +54,7 @@ pub enum AuditCommand {
     /// Verify an export offline: signature, every entry, the root; optionally consistency
     /// with an earlier checkpoint. Names the first bad entry.
     Verify {
+        /// A folder `audit export` wrote.
         dir: PathBuf,
         /// An earlier checkpoint of the same log, which the export must extend.
         #[arg(long)]

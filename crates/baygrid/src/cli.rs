@@ -24,15 +24,19 @@ pub enum ListOnly {
 pub enum PartyCommand {
     /// Register a party (operator).
     Add {
+        /// The party's name (lowercase letters, digits and `-`).
         name: String,
+        /// Where it is established: CN (the mainland), HK, MO or INTL.
         #[arg(long)]
         jurisdiction: Jurisdiction,
+        /// Its city, e.g. `shenzhen` (latency-sensitive jobs stay near it).
         #[arg(long)]
         city: String,
         /// The party operates critical information infrastructure.
         #[arg(long)]
         ciio: bool,
     },
+    /// Every party: its jurisdiction, city and whether it operates critical infrastructure.
     Ls,
 }
 
@@ -40,13 +44,16 @@ pub enum PartyCommand {
 pub enum TenantCommand {
     /// Add a tenant with a budget (operator).
     Add {
+        /// The tenant's name (lowercase letters, digits and `-`).
         name: String,
+        /// The party it belongs to (its jurisdiction and city are the tenant's).
         #[arg(long)]
         party: String,
         /// e.g. "10000.00 CNY"
         #[arg(long)]
         budget: Money,
     },
+    /// Every tenant the caller may see: its party, and its budget spent, held and left.
     Ls,
 }
 
@@ -54,6 +61,7 @@ pub enum TenantCommand {
 pub enum LedgerCommand {
     /// Fund an account from outside the exchange (operator), e.g. `wallet:gz-lab 500.00 CNY`.
     Deposit {
+        /// The account to fund, e.g. `wallet:gz-lab`.
         account: String,
         /// In the account's currency, e.g. "500.00 CNY".
         amount: Money,
@@ -62,9 +70,13 @@ pub enum LedgerCommand {
         id: Option<String>,
     },
     /// Balances: one account, or every account the caller may read.
-    Balance { account: Option<String> },
+    Balance {
+        /// The account, e.g. `wallet:gz-lab`; every account the caller may read without it.
+        account: Option<String>,
+    },
     /// The transfers that touched an account in a period.
     Statement {
+        /// The account, e.g. `wallet:gz-lab`.
         account: String,
         /// YYYY-MM-DD or RFC 3339, inclusive.
         #[arg(long)]
@@ -75,6 +87,7 @@ pub enum LedgerCommand {
     },
     /// A tenant's charges for the jobs that ended in a month.
     Invoice {
+        /// The tenant invoiced.
         tenant: String,
         /// YYYY-MM (UTC).
         #[arg(long)]
@@ -93,15 +106,19 @@ pub enum TokenCommand {
         /// The tenant, provider, party or cluster it acts for.
         #[arg(long)]
         subject: Option<String>,
+        /// A note for people: what or who the token is for.
         #[arg(long)]
         label: Option<String>,
         /// How long it is good for (`90days`, `12h`); without it, until revoked.
         #[arg(long)]
         expires_in: Option<String>,
     },
+    /// Every token: id, role, subject, label, when made, expires and revoked (never the
+    /// secret).
     Ls,
     /// Revoke a token at once.
     Revoke {
+        /// The token's id, as `token ls` shows it.
         id: String,
     },
 }
@@ -110,6 +127,7 @@ pub enum TokenCommand {
 pub enum JobCommand {
     /// Submit a job spec (YAML).
     Submit {
+        /// The job spec (YAML): name, resources, command, estimated_duration, ….
         file: PathBuf,
         /// For operators: the tenant to submit for.
         #[arg(long)]

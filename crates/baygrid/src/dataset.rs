@@ -14,16 +14,24 @@ use crate::Args;
 #[derive(Debug, Subcommand)]
 pub enum DatasetCommand {
     /// Register a dataset from a YAML spec (its holder's data holder, or an operator).
-    Register { file: PathBuf },
+    Register {
+        /// The dataset spec (YAML): name, holder, vault, level, personal, subjects, purposes, ….
+        file: PathBuf,
+    },
     /// The catalog: every dataset's metadata.
     Ls,
     /// One dataset's metadata and versions.
-    Get { name: String },
+    Get {
+        /// The dataset's name.
+        name: String,
+    },
     /// Upload CSV or Parquet files as the dataset's next version (its holder): each file is
     /// checked against the schema, streamed into the dataset's vault with its SHA-256, and
     /// the version recorded once every file is in.
     Upload {
+        /// The dataset's name.
         name: String,
+        /// The CSV or Parquet files of the version.
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
@@ -157,7 +165,10 @@ pub async fn dataset(args: &Args, cmd: &DatasetCommand) -> anyhow::Result<ExitCo
 #[derive(Debug, Subcommand)]
 pub enum DataOfferCommand {
     /// Publish a data offer from a YAML file (the dataset's holder).
-    Publish { file: PathBuf },
+    Publish {
+        /// The offer (YAML): name, dataset, modes, purposes, destinations, price, expires, ….
+        file: PathBuf,
+    },
     /// Every data offer's terms.
     Ls,
 }
@@ -166,11 +177,13 @@ pub enum DataOfferCommand {
 pub enum ContractCommand {
     /// Ask for a contract on a data offer; the rules decide at once.
     Request {
+        /// The data offer's id.
         #[arg(long)]
         offer: String,
         /// copy | remote_access | query | federated
         #[arg(long)]
         mode: String,
+        /// What the data is for: one of the offer's purposes.
         #[arg(long)]
         purpose: String,
         /// The site the data (or its results) goes to.
@@ -181,9 +194,15 @@ pub enum ContractCommand {
         tenant: Option<String>,
     },
     /// Approve a pending contract (the holder).
-    Approve { id: String },
+    Approve {
+        /// The contract's id.
+        id: String,
+    },
     /// End a pending or active contract (either side).
-    Revoke { id: String },
+    Revoke {
+        /// The contract's id.
+        id: String,
+    },
     /// The contracts the caller is a party to.
     Ls,
 }

@@ -151,6 +151,7 @@ pub enum RunCommand {
     /// Start a run through the exchange (see examples/fusion/*-exchange.yaml): each party's
     /// worker trains beside its own vault; follows the run's log until it ends.
     Run {
+        /// The run (YAML): task, parties and their datasets, settings.
         file: std::path::PathBuf,
         /// Print the run and return at once.
         #[arg(long)]

@@ -83,11 +83,14 @@ pub enum Command {
     },
     /// The server process.
     Server {
+        /// The server's TOML config; embedded defaults without it.
         #[arg(long)]
         config: Option<PathBuf>,
     },
     /// The agent process beside one cluster.
     Agent {
+        /// The agent's TOML config: the server, its agent token (which names the cluster), a
+        /// work folder and the engine (local, slurm, kubernetes).
         #[arg(long)]
         config: PathBuf,
     },

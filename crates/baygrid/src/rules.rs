@@ -19,8 +19,10 @@ pub enum EvidenceCommand {
         /// mo_consent
         #[arg(long)]
         kind: String,
+        /// The party the data leaves from.
         #[arg(long)]
         exporter: String,
+        /// The party the data goes to.
         #[arg(long)]
         recipient: String,
         /// YYYY-MM-DD
@@ -32,6 +34,7 @@ pub enum EvidenceCommand {
         /// The data set it covers (a security assessment must name one).
         #[arg(long)]
         dataset: Option<String>,
+        /// A client-chosen id (lowercase letters, digits and `-`); made when absent.
         #[arg(long)]
         id: Option<String>,
     },
@@ -43,15 +46,20 @@ pub enum EvidenceCommand {
 pub enum FlowCommand {
     /// Ask the exchange to decide a flow (TOML or JSON: exporter, recipient, data, flow);
     /// the decision is recorded in the audit log and counted in the exporter's totals.
-    Decide { file: PathBuf },
+    Decide {
+        /// The flow (TOML or JSON).
+        file: PathBuf,
+    },
     /// Copy a dataset's latest version to a site's vault under an active copy contract:
     /// the rules decide and the holder's totals count now; the source site's agent copies.
     Request {
+        /// The dataset to copy.
         #[arg(long)]
         dataset: String,
         /// The destination site.
         #[arg(long)]
         to: String,
+        /// What the copy is for: the purpose of an active copy contract for the site.
         #[arg(long)]
         purpose: String,
         /// The copy's dataset name at the destination (default `<dataset>-<site>`).
@@ -67,7 +75,10 @@ pub enum FlowCommand {
     /// The copies the caller is a party to.
     Ls,
     /// One copy: its decision, state and files.
-    Get { id: String },
+    Get {
+        /// The copy's id.
+        id: String,
+    },
 }
 
 pub async fn evidence(args: &Args, cmd: &EvidenceCommand) -> anyhow::Result<ExitCode> {
@@ -279,6 +290,7 @@ pub enum RulesCommand {
     /// Decide a flow request (TOML or JSON: today, exporter, recipient, data, flow,
     /// evidence) and explain the decision.
     Decide {
+        /// The flow request (TOML or JSON).
         file: PathBuf,
         /// A rule-pack parameters file instead of the built-in one.
         #[arg(long)]
@@ -287,6 +299,7 @@ pub enum RulesCommand {
     /// Run every case of a cases file (the rule pack's `[[case]]` format with `expect`)
     /// through the rules; exits non-zero on any mismatch.
     Check {
+        /// The cases file.
         file: PathBuf,
         /// A rule-pack parameters file instead of the built-in one.
         #[arg(long)]
