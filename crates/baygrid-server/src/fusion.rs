@@ -21,7 +21,7 @@ use baygrid_api::{
 };
 use baygrid_core::{millis_to_rfc3339, Currency, FusionPart, JobSpec, Money, Principal, Role};
 use baygrid_ledger::{names, Transfer, TransferKind};
-use baygrid_store::{Below, Ending, FusionRow, RecordFilter};
+use baygrid_store::{Ending, FusionRow, RecordFilter};
 use serde::{Deserialize, Serialize};
 
 use crate::agent::agent_cluster;
@@ -29,6 +29,7 @@ use crate::body::{JsonBody, QueryParams, RawBody};
 use crate::catalog::CatalogSnapshot;
 use crate::error::{ApiError, ApiResult};
 use crate::jobs::{acting_tenant, TenantQuery};
+use crate::paging::{self, ListParams};
 use crate::queries::json;
 use crate::relay::Conversation;
 use crate::zone::{dataset_flow, today, FlowEnds};
@@ -827,19 +828,6 @@ pub async fn logs(
     Ok(Json(visible(&state, &who, &id).await?.events))
 }
 
-#[derive(Debug, Deserialize, utoipa::IntoParams)]
-#[serde(deny_unknown_fields)]
-pub struct ListParams {
-    /// running | succeeded | failed | cancelled
-    pub state: Option<String>,
-    /// For operators and regulators: one tenant's runs.
-    pub tenant: Option<String>,
-    /// At most this many (default 1000, at most 100,000).
-    pub limit: Option<i64>,
-    /// The next page: only runs listed after this one (the previous page's last).
-    pub before: Option<String>,
-}
-
 /// The caller's runs, newest first (operators and regulators: everyone's).
 #[utoipa::path(get, path = "/api/v1/fusion", params(ListParams), responses((status = 200, body = [FusionView]), (status = 400, body = baygrid_api::ErrorBody)), security(("bearer" = [])))]
 pub async fn list(
@@ -847,14 +835,7 @@ pub async fn list(
     who: Principal,
     QueryParams(params): QueryParams<ListParams>,
 ) -> ApiResult<Json<Vec<FusionView>>> {
-    if let Some(s) = &params.state {
-        if !["running", "succeeded", "failed", "cancelled"].contains(&s.as_str()) {
-            return Err(ApiError::bad(
-                "state",
-                "one of running, succeeded, failed, cancelled",
-            ));
-        }
-    }
+    let wanted = params.state_in(&["running", "succeeded", "failed", "cancelled"])?;
     let tenant = match who.role {
         Role::Operator | Role::Regulator => params.tenant.clone(),
         Role::Tenant => who.subject.clone(),
@@ -864,22 +845,23 @@ pub async fn list(
             ))
         }
     };
-    let limit = crate::paging::limit(params.limit)?;
+    let limit = params.limit()?;
     let before = match &params.before {
-        Some(id) => match state.store.fusion_row(id).await? {
-            Some(row) if sees(&who, &row) => Some(Below {
-                at_ms: row.created_ms,
-                id: row.id,
-            }),
-            _ => return Err(crate::paging::unknown_before("fusion run", id)),
-        },
+        Some(id) => {
+            let seen = state.store.fusion_row(id).await?.filter(|r| sees(&who, r));
+            Some(paging::below(
+                "fusion run",
+                id,
+                seen.map(|r| (r.created_ms, r.id)),
+            )?)
+        }
         None => None,
     };
     let rows = state
         .store
         .fusion_rows(&RecordFilter {
             tenant: tenant.as_deref(),
-            state: params.state.as_deref(),
+            state: wanted,
             before: before.as_ref(),
             limit,
         })

@@ -8,11 +8,12 @@ use axum::Json;
 use baygrid_api::{CancelView, JobEventView, JobView, LogLineView, LogsView, QuoteBody, QuoteView};
 use baygrid_core::{millis_to_rfc3339, Currency, JobSpec, JobState, Money, Principal, Role};
 use baygrid_sched::Quote;
-use baygrid_store::{Below, JobFilter, JobRecord, NewJob};
+use baygrid_store::{JobFilter, JobRecord, NewJob};
 use serde::Deserialize;
 
 use crate::auth::{actor, require};
 use crate::error::{ApiError, ApiResult};
+use crate::paging::{self, ListParams};
 use crate::AppState;
 
 /// Which tenant a request acts for: a tenant's own, or the one an operator names.
@@ -313,25 +314,12 @@ pub async fn quote(
     }))
 }
 
-#[derive(Debug, Deserialize, utoipa::IntoParams)]
-#[serde(deny_unknown_fields)]
-pub struct ListQuery {
-    /// Only jobs in this state.
-    pub state: Option<String>,
-    /// For operators and regulators: only this tenant's jobs.
-    pub tenant: Option<String>,
-    /// At most this many (default 1000, at most 100,000).
-    pub limit: Option<i64>,
-    /// The next page: only jobs listed after this job (the previous page's last).
-    pub before: Option<String>,
-}
-
 /// Jobs the caller may see, newest first: a tenant its own, operators and regulators all.
-#[utoipa::path(get, path = "/api/v1/jobs", params(ListQuery), responses((status = 200, body = [JobView]), (status = 400, body = baygrid_api::ErrorBody)), security(("bearer" = [])))]
+#[utoipa::path(get, path = "/api/v1/jobs", params(ListParams), responses((status = 200, body = [JobView]), (status = 400, body = baygrid_api::ErrorBody)), security(("bearer" = [])))]
 pub async fn list(
     State(state): State<AppState>,
     who: Principal,
-    QueryParams(query): QueryParams<ListQuery>,
+    QueryParams(query): QueryParams<ListParams>,
 ) -> ApiResult<Json<Vec<JobView>>> {
     let tenant = match who.role {
         Role::Tenant => Some(acting_tenant(&who, query.tenant.as_deref())?),
@@ -349,17 +337,15 @@ pub async fn list(
             .map_err(|e| ApiError::bad("state", e))?],
         None => vec![],
     };
-    let limit = crate::paging::limit(query.limit)?;
+    let limit = query.limit()?;
     let before = match &query.before {
         Some(id) => {
-            let last = visible_job(&state, &who, id).await.map_err(|e| match e {
-                ApiError::NotFound(_) => crate::paging::unknown_before("job", id),
-                other => other,
-            })?;
-            Some(Below {
-                at_ms: last.submitted_ms,
-                id: last.id,
-            })
+            let seen = match visible_job(&state, &who, id).await {
+                Ok(last) => Some((last.submitted_ms, last.id)),
+                Err(ApiError::NotFound(_)) => None,
+                Err(e) => return Err(e),
+            };
+            Some(paging::below("job", id, seen)?)
         }
         None => None,
     };

@@ -24,9 +24,7 @@ use baygrid_api::{
 use baygrid_core::{millis_to_rfc3339, Currency, Money, Principal, Role};
 use baygrid_ledger::{names, Transfer, TransferKind};
 use baygrid_query::{sql_name, Refusal, Shape, Table};
-use baygrid_store::{
-    Below, Ending, QueryRow, RecordFilter, Spend, Spent, DELTA_UNIT, EPSILON_UNIT,
-};
+use baygrid_store::{Ending, QueryRow, RecordFilter, Spend, Spent, DELTA_UNIT, EPSILON_UNIT};
 use serde::{Deserialize, Serialize};
 
 use crate::agent::agent_cluster;
@@ -34,6 +32,7 @@ use crate::body::{JsonBody, QueryParams, RawBody};
 use crate::catalog::CatalogSnapshot;
 use crate::error::{ApiError, ApiResult};
 use crate::jobs::{acting_tenant, TenantQuery};
+use crate::paging::{self, ListParams};
 use crate::relay::{Conversation, Relay};
 use crate::zone::{dataset_flow, today, FlowEnds};
 use crate::AppState;
@@ -659,19 +658,6 @@ pub async fn get(
     Ok(Json(wait_for(&state, &id, wait).await?))
 }
 
-#[derive(Debug, Deserialize, utoipa::IntoParams)]
-#[serde(deny_unknown_fields)]
-pub struct ListParams {
-    /// running | released | withheld | failed
-    pub state: Option<String>,
-    /// For operators and regulators: one tenant's queries.
-    pub tenant: Option<String>,
-    /// At most this many (default 1000, at most 100,000).
-    pub limit: Option<i64>,
-    /// The next page: only queries listed after this one (the previous page's last).
-    pub before: Option<String>,
-}
-
 /// The caller's queries, newest first (operators and regulators: everyone's).
 #[utoipa::path(get, path = "/api/v1/queries", params(ListParams), responses((status = 200, body = [QueryView]), (status = 400, body = baygrid_api::ErrorBody)), security(("bearer" = [])))]
 pub async fn list(
@@ -679,21 +665,15 @@ pub async fn list(
     who: Principal,
     QueryParams(params): QueryParams<ListParams>,
 ) -> ApiResult<Json<Vec<QueryView>>> {
-    const STATES: [QueryState; 4] = [
+    let states = [
         QueryState::Running,
         QueryState::Released,
         QueryState::Withheld,
         QueryState::Failed,
-    ];
-    if let Some(s) = &params.state {
-        if !STATES.iter().any(|state| state.as_str() == s) {
-            return Err(ApiError::bad(
-                "state",
-                "one of running, released, withheld, failed",
-            ));
-        }
-    }
-    let limit = crate::paging::limit(params.limit)?;
+    ]
+    .map(QueryState::as_str);
+    let wanted = params.state_in(&states)?;
+    let limit = params.limit()?;
     let tenant = match who.role {
         Role::Operator | Role::Regulator => params.tenant.clone(),
         Role::Tenant => who.subject.clone(),
@@ -703,20 +683,21 @@ pub async fn list(
         return Ok(Json(vec![]));
     }
     let before = match &params.before {
-        Some(id) => match state.store.query_row(id).await? {
-            Some(row) if sees(&who, &row) => Some(Below {
-                at_ms: row.created_ms,
-                id: row.id,
-            }),
-            _ => return Err(crate::paging::unknown_before("query", id)),
-        },
+        Some(id) => {
+            let seen = state.store.query_row(id).await?.filter(|r| sees(&who, r));
+            Some(paging::below(
+                "query",
+                id,
+                seen.map(|r| (r.created_ms, r.id)),
+            )?)
+        }
         None => None,
     };
     let rows = state
         .store
         .query_rows(&RecordFilter {
             tenant: tenant.as_deref(),
-            state: params.state.as_deref(),
+            state: wanted,
             before: before.as_ref(),
             limit,
         })

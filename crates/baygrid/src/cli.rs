@@ -11,7 +11,7 @@ use baygrid_api::{
 use baygrid_core::{JobSpec, JobState, Jurisdiction, Money, Offer, Party, Role, Site, Tenant};
 use clap::Subcommand;
 
-use crate::output::{emit, or_dash, table, PageArgs};
+use crate::output::{emit, or_dash, table, ListArgs};
 use crate::{Args, Output};
 
 #[derive(Debug, Subcommand)]
@@ -147,17 +147,9 @@ pub enum JobCommand {
         #[arg(long)]
         tenant: Option<String>,
     },
-    /// Your jobs, newest first (operators and regulators: everyone's).
-    Ls {
-        /// Only jobs in this state: queued, placed, running, succeeded, failed, cancelled.
-        #[arg(long)]
-        state: Option<String>,
-        /// For operators and regulators: only this tenant's jobs.
-        #[arg(long)]
-        tenant: Option<String>,
-        #[command(flatten)]
-        page: PageArgs,
-    },
+    /// Your jobs, newest first (operators and regulators: everyone's); their states:
+    /// queued, placed, running, succeeded, failed, cancelled.
+    Ls(ListArgs),
     /// One job: its state, placement, cost and every change of state.
     Get {
         /// The job's id.
@@ -716,15 +708,8 @@ pub async fn job(args: &Args, cmd: &JobCommand) -> anyhow::Result<std::process::
                 return Ok(std::process::ExitCode::FAILURE);
             }
         }
-        JobCommand::Ls {
-            state,
-            tenant,
-            page,
-        } => {
-            let path = page.path(
-                "/api/v1/jobs",
-                &[("state", state.as_deref()), ("tenant", tenant.as_deref())],
-            );
+        JobCommand::Ls(list) => {
+            let path = list.path("/api/v1/jobs");
             let jobs: Vec<JobView> = client.get(&path).await?;
             emit(args.output, &jobs, |jobs| {
                 let rows = jobs
@@ -746,7 +731,7 @@ pub async fn job(args: &Args, cmd: &JobCommand) -> anyhow::Result<std::process::
                     &rows,
                 );
             });
-            page.hint_next(
+            list.hint_next(
                 args.output,
                 jobs.len(),
                 jobs.last().map(|j| j.id.as_str()),

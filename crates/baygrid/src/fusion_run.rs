@@ -9,7 +9,7 @@ use anyhow::Context;
 use baygrid_api::{FusionEvent, FusionRequest, FusionState, FusionView};
 use baygrid_core::SpecError;
 
-use crate::output::{emit, or_dash, table, PageArgs};
+use crate::output::{emit, or_dash, table, ListArgs};
 use crate::Args;
 
 /// A run file as the API takes it: `task`, `parties` (name and dataset), `purpose`,
@@ -160,17 +160,9 @@ pub enum RunCommand {
         #[arg(long)]
         tenant: Option<String>,
     },
-    /// Your runs, newest first (operators and regulators: everyone's).
-    Ls {
-        /// Only runs in this state: running, succeeded, failed, cancelled.
-        #[arg(long)]
-        state: Option<String>,
-        /// For operators and regulators: only this tenant's runs.
-        #[arg(long)]
-        tenant: Option<String>,
-        #[command(flatten)]
-        page: PageArgs,
-    },
+    /// Your runs, newest first (operators and regulators: everyone's); their states:
+    /// running, succeeded, failed, cancelled.
+    Ls(ListArgs),
     /// One run: its workers, placement, rounds, models and charge.
     Get {
         /// The run's id.
@@ -204,15 +196,8 @@ pub async fn run(args: &Args, cmd: &RunCommand) -> anyhow::Result<ExitCode> {
             emit(args.output, &view, show);
             Ok(outcome(&view))
         }
-        RunCommand::Ls {
-            state,
-            tenant,
-            page,
-        } => {
-            let path = page.path(
-                "/api/v1/fusion",
-                &[("state", state.as_deref()), ("tenant", tenant.as_deref())],
-            );
+        RunCommand::Ls(list) => {
+            let path = list.path("/api/v1/fusion");
             let all: Vec<FusionView> = client.get(&path).await?;
             emit(args.output, &all, |all| {
                 let rows: Vec<Vec<String>> = all
@@ -236,7 +221,7 @@ pub async fn run(args: &Args, cmd: &RunCommand) -> anyhow::Result<ExitCode> {
                     &rows,
                 );
             });
-            page.hint_next(
+            list.hint_next(
                 args.output,
                 all.len(),
                 all.last().map(|v| v.id.as_str()),

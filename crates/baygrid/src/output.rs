@@ -48,9 +48,15 @@ pub fn or_dash<T: ToString>(value: Option<T>) -> String {
     value.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
 }
 
-/// Which page of a newest-first list (jobs, queries, fusion runs) to show.
+/// Which rows of a newest-first list (jobs, queries, fusion runs) to show, a page at a time.
 #[derive(Debug, clap::Args)]
-pub struct PageArgs {
+pub struct ListArgs {
+    /// Only those in this state, one of those named above
+    #[arg(long)]
+    pub state: Option<String>,
+    /// For operators and regulators: only this tenant's
+    #[arg(long)]
+    pub tenant: Option<String>,
     /// At most this many rows, newest first (the server's default: 1000)
     #[arg(long)]
     pub limit: Option<i64>,
@@ -62,15 +68,17 @@ pub struct PageArgs {
 /// The server's page size when none is asked for.
 const DEFAULT_PAGE: usize = 1000;
 
-impl PageArgs {
-    /// `base` with the filters that are given and this page, as a query string.
-    pub fn path(&self, base: &str, filters: &[(&str, Option<&str>)]) -> String {
+impl ListArgs {
+    /// `base` with what is given, as a query string.
+    pub fn path(&self, base: &str) -> String {
         let limit = self.limit.map(|l| l.to_string());
         let mut query = url::form_urlencoded::Serializer::new(String::new());
-        for (name, value) in filters.iter().copied().chain([
+        for (name, value) in [
+            ("state", self.state.as_deref()),
+            ("tenant", self.tenant.as_deref()),
             ("limit", limit.as_deref()),
             ("before", self.before.as_deref()),
-        ]) {
+        ] {
             if let Some(value) = value {
                 query.append_pair(name, value);
             }
@@ -97,24 +105,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_page_path_carries_only_what_is_given_encoded() {
-        let first = PageArgs {
+    fn a_list_path_carries_only_what_is_given_encoded() {
+        let first = ListArgs {
+            state: None,
+            tenant: None,
             limit: None,
             before: None,
         };
-        assert_eq!(
-            first.path("/api/v1/jobs", &[("state", None)]),
-            "/api/v1/jobs"
-        );
-        let next = PageArgs {
+        assert_eq!(first.path("/api/v1/jobs"), "/api/v1/jobs");
+        let next = ListArgs {
+            state: Some("queued".into()),
+            tenant: Some("a&b c".into()),
             limit: Some(50),
             before: Some("job_01".into()),
         };
         assert_eq!(
-            next.path(
-                "/api/v1/jobs",
-                &[("state", Some("queued")), ("tenant", Some("a&b c"))]
-            ),
+            next.path("/api/v1/jobs"),
             "/api/v1/jobs?state=queued&tenant=a%26b+c&limit=50&before=job_01"
         );
     }

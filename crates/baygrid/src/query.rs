@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use baygrid_api::{Mechanism, QueryDryRun, QueryRequest, QueryState, QueryView};
 use clap::{Args as ClapArgs, Subcommand};
 
-use crate::output::{emit, table, PageArgs};
+use crate::output::{emit, table, ListArgs};
 use crate::Args;
 
 #[derive(Debug, ClapArgs)]
@@ -55,17 +55,9 @@ fn mechanism(text: &str) -> Result<Mechanism, String> {
 
 #[derive(Debug, Subcommand)]
 pub enum QueryCommand {
-    /// Your queries, newest first (operators and regulators: everyone's).
-    Ls {
-        /// Only queries in this state: running, released, withheld, failed.
-        #[arg(long)]
-        state: Option<String>,
-        /// For operators and regulators: only this tenant's queries.
-        #[arg(long)]
-        tenant: Option<String>,
-        #[command(flatten)]
-        page: PageArgs,
-    },
+    /// Your queries, newest first (operators and regulators: everyone's); their states:
+    /// running, released, withheld, failed.
+    Ls(ListArgs),
     /// One query and its result (waits for a running one to end).
     Get {
         /// The query's id.
@@ -173,18 +165,8 @@ fn cell(v: &serde_json::Value) -> String {
 pub async fn run(args: &Args, query: &QueryArgs) -> anyhow::Result<ExitCode> {
     let client = crate::cli::client(args)?;
     match (&query.command, &query.ask) {
-        (
-            Some(QueryCommand::Ls {
-                state,
-                tenant,
-                page,
-            }),
-            _,
-        ) => {
-            let path = page.path(
-                "/api/v1/queries",
-                &[("state", state.as_deref()), ("tenant", tenant.as_deref())],
-            );
+        (Some(QueryCommand::Ls(list)), _) => {
+            let path = list.path("/api/v1/queries");
             let all: Vec<QueryView> = client.get(&path).await?;
             emit(args.output, &all, |all| {
                 let rows: Vec<Vec<String>> = all
@@ -208,7 +190,7 @@ pub async fn run(args: &Args, query: &QueryArgs) -> anyhow::Result<ExitCode> {
                     .collect();
                 table(&["ID", "STATE", "DATASETS", "EPSILON", "SQL"], &rows);
             });
-            page.hint_next(
+            list.hint_next(
                 args.output,
                 all.len(),
                 all.last().map(|q| q.id.as_str()),
