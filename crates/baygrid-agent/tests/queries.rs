@@ -22,7 +22,9 @@ fn yaml<T: serde::de::DeserializeOwned>(path: &str) -> T {
 }
 
 struct Zone {
-    _server: baygrid_server::RunningServer,
+    server: baygrid_server::RunningServer,
+    /// What the server was started with (to start it again on the same store).
+    config: ServerConfig,
     operator: Client,
     lab: Client,
     _agents: Vec<(
@@ -52,7 +54,7 @@ async fn zone_with(dir: &Path, with_agents: bool, vault_answer_timeout: Duration
         vault_answer_timeout,
         ..ServerConfig::default()
     };
-    let server = baygrid_server::start(config).await.unwrap();
+    let server = baygrid_server::start(config.clone()).await.unwrap();
     let url = server.url();
     let operator = Client::new(&url, Some(server.operator_token.clone()));
     let mut kept = Vec::new();
@@ -108,7 +110,8 @@ async fn zone_with(dir: &Path, with_agents: bool, vault_answer_timeout: Duration
         agents.push(start_agent(&url, &operator, "qianhai-h800", &dir.join("sz")).await);
     }
     Zone {
-        _server: server,
+        server,
+        config,
         operator,
         lab,
         _agents: agents,
@@ -139,6 +142,21 @@ async fn query(lab: &Client, dataset: &str, sql: &str, epsilon: f64) -> QueryVie
         .unwrap();
     assert_ne!(view.state, QueryState::Running, "{view:?}");
     view
+}
+
+/// The true intersection of the two seeded drops the zone uploaded into `dir`.
+fn card_holders_in_both(dir: &Path) -> f64 {
+    let ids = |file: &str| -> std::collections::HashSet<String> {
+        std::fs::read_to_string(dir.join(file))
+            .unwrap()
+            .lines()
+            .skip(1)
+            .map(|l| l.split(',').next().unwrap().to_string())
+            .collect()
+    };
+    ids("default_credit_hetero_guest.csv")
+        .intersection(&ids("default_credit_hetero_host.csv"))
+        .count() as f64
 }
 
 fn number(v: &Value) -> f64 {
@@ -382,22 +400,82 @@ async fn a_question_across_two_vaults_aligns_card_holders_by_psi_and_moves_no_ro
     assert_eq!(view.state, QueryState::Released, "{view:?}");
     assert_eq!(view.cost.len(), 2);
     let row = &view.result.as_ref().unwrap().rows[0];
-    // the true intersection of the two seeded drops
-    let ids = |file: &str| -> std::collections::HashSet<String> {
-        std::fs::read_to_string(dir.path().join(file))
-            .unwrap()
-            .lines()
-            .skip(1)
-            .map(|l| l.split(',').next().unwrap().to_string())
-            .collect()
-    };
-    let both = ids("default_credit_hetero_guest.csv")
-        .intersection(&ids("default_credit_hetero_host.csv"))
-        .count() as f64;
+    let both = card_holders_in_both(dir.path());
     assert!(both < zone.kept.0 as f64 && both < zone.kept.1 as f64);
     assert!((number(&row[0]) - both).abs() < 50.0, "{row:?} vs {both}");
     assert!(number(&row[1]).abs() < 3.0 && number(&row[2]).abs() < 3.0);
     assert_eq!(view.charged.len(), 2);
+}
+
+#[tokio::test]
+async fn a_two_vault_query_goes_on_through_a_server_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    // only Hong Kong's agent at first: its side aligns, posts, and waits for the other
+    let zone = zone_with(dir.path(), false, Duration::from_secs(600)).await;
+    let (server, config) = (zone.server, zone.config);
+    let (addr, url, store_url) = (server.addr, server.url(), config.store_url());
+    let hk = start_agent(
+        &url,
+        &zone.operator,
+        "cyberport-h800",
+        &dir.path().join("hk"),
+    )
+    .await;
+    let lab = &zone.lab;
+    contract(lab, "hk-credit-history-query").await;
+    contract(lab, "sz-card-spend-query").await;
+    let sql = "SELECT COUNT(*) AS card_holders FROM hk_credit_history \
+               JOIN sz_card_spend ON hk_credit_history.id = sz_card_spend.id";
+    let mut body = ask("hk-credit-history", sql, 2.0);
+    body["wait_ms"] = json!(0);
+    let view: QueryView = lab.post("/api/v1/queries", &body).await.unwrap();
+    assert_eq!(view.state, QueryState::Running, "{view:?}");
+
+    // Hong Kong's message to Shenzhen's side is in the relay: stop the server then
+    let reader = baygrid_store::Store::open(&store_url).await.unwrap();
+    let conversation = baygrid_store::query_conversation(&view.id);
+    let to_shenzhen = baygrid_store::mailbox(&conversation, "sz-card-spend");
+    let mut waiting = Vec::new();
+    for _ in 0..1200 {
+        waiting = reader.relay_messages(&to_shenzhen, 0).await.unwrap();
+        if !waiting.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!waiting.is_empty(), "Hong Kong's side never posted");
+    drop(reader);
+    server.stop().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let server = baygrid_server::start(ServerConfig {
+        listen: addr,
+        ..config
+    })
+    .await
+    .unwrap();
+
+    // Shenzhen's agent, started only now, reads what was posted before the restart
+    let sz = start_agent(&url, &zone.operator, "qianhai-h800", &dir.path().join("sz")).await;
+    let view: QueryView = lab
+        .get(&format!("/api/v1/queries/{}?wait_ms=60000", view.id))
+        .await
+        .unwrap();
+    assert_eq!(view.state, QueryState::Released, "{view:?}");
+    let both = card_holders_in_both(dir.path());
+    let row = &view.result.as_ref().unwrap().rows[0];
+    assert!((number(&row[0]) - both).abs() < 50.0, "{row:?} vs {both}");
+    assert_eq!(view.charged.len(), 2);
+    for (stop, task) in [hk, sz] {
+        stop.send(true).unwrap();
+        task.await.unwrap();
+    }
+    server.stop().await;
+    // the query's mailboxes went with its ending
+    let reader = baygrid_store::Store::open(&store_url).await.unwrap();
+    for dataset in ["sz-card-spend", "hk-credit-history"] {
+        let mailbox = baygrid_store::mailbox(&conversation, dataset);
+        assert!(reader.relay_messages(&mailbox, 0).await.unwrap().is_empty());
+    }
 }
 
 #[tokio::test]
