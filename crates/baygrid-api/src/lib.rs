@@ -492,8 +492,11 @@ pub struct StatementView {
     pub from: String,
     pub to: String,
     pub lines: Vec<StatementLineView>,
-    /// What posted transfers in the period moved in (credits) and out (debits).
+    /// What posted transfers in the whole period moved in (credits) and out (debits).
     pub net: Money,
+    /// When more lines may follow: pass it as `after` for the next page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

@@ -475,6 +475,10 @@ pub struct PeriodQuery {
     pub from: Option<String>,
     /// RFC 3339 instant or YYYY-MM-DD (UTC), exclusive; default: now.
     pub to: Option<String>,
+    /// At most this many lines (default 1000, at most 100,000).
+    pub limit: Option<i64>,
+    /// The next page: the previous page's `next`.
+    pub after: Option<String>,
 }
 
 fn parse_instant(field: &str, text: &str) -> ApiResult<i64> {
@@ -494,7 +498,8 @@ fn parse_instant(field: &str, text: &str) -> ApiResult<i64> {
     ))
 }
 
-/// The transfers that touched an account in a period.
+/// The transfers that touched an account in a period, oldest first, a page at a time; the
+/// net covers the whole period on every page.
 #[utoipa::path(get, path = "/api/v1/ledger/accounts/{id}/statement", params(("id" = String, Path), PeriodQuery), responses((status = 200, body = StatementView), (status = 400, body = baygrid_api::ErrorBody), (status = 404, body = baygrid_api::ErrorBody)), security(("bearer" = [])))]
 pub async fn statement(
     State(state): State<AppState>,
@@ -514,13 +519,37 @@ pub async fn statement(
     if to <= from {
         return Err(ApiError::bad("to", "must be after `from`"));
     }
-    let lines = state.store.ledger_statement(&account.id, from, to).await?;
-    let net: i64 = lines.iter().map(|l| l.signed_amount).sum();
+    let limit = crate::paging::limit(query.limit)?;
+    let after = match &query.after {
+        Some(text) => Some(
+            text.parse::<i64>()
+                .ok()
+                .filter(|seq| *seq >= 0)
+                .ok_or_else(|| {
+                    ApiError::bad(
+                        "after",
+                        "must be the `next` of the statement's previous page",
+                    )
+                })?,
+        ),
+        None => None,
+    };
+    let period = (from, to);
+    let lines = state
+        .store
+        .ledger_statement(&account.id, period, after, limit)
+        .await?;
+    let net = state.store.ledger_net(&account.id, period).await?;
+    let next = match lines.last() {
+        Some(last) if lines.len() as i64 == limit => Some(last.transfer.seq.to_string()),
+        _ => None,
+    };
     Ok(Json(StatementView {
         account: account.id,
         from: millis_to_rfc3339(from),
         to: millis_to_rfc3339(to),
         net: Money::new(net, account.currency),
+        next,
         lines: lines
             .iter()
             .map(|l| StatementLineView {

@@ -1,5 +1,6 @@
-//! Lists of jobs, queries and fusion runs come newest first, a page at a time: at most
-//! `limit` rows, and `before` (the id of the previous page's last row) for the next page.
+//! Long answers come a page at a time. Lists of jobs, queries and fusion runs come newest
+//! first: at most `limit` rows, and `before` (the id of the previous page's last row) for the
+//! next page. An account's statement comes oldest first, with `after` its `next`.
 
 use baygrid_core::Millis;
 use baygrid_store::Below;
@@ -8,9 +9,21 @@ use serde::Deserialize;
 use crate::error::ApiError;
 
 /// Rows in a page unless `limit` says otherwise.
-pub const DEFAULT_LIMIT: i64 = 1000;
+const DEFAULT_LIMIT: i64 = 1000;
 /// The most rows one page may ask for.
-pub const MAX_LIMIT: i64 = 100_000;
+const MAX_LIMIT: i64 = 100_000;
+
+/// A page size asked for (`limit`), checked; the default when none was.
+pub fn limit(asked: Option<i64>) -> Result<i64, ApiError> {
+    let limit = asked.unwrap_or(DEFAULT_LIMIT);
+    if !(1..=MAX_LIMIT).contains(&limit) {
+        return Err(ApiError::bad(
+            "limit",
+            format!("must be between 1 and {MAX_LIMIT}"),
+        ));
+    }
+    Ok(limit)
+}
 
 /// What a list of jobs, queries or fusion runs is asked for.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -29,14 +42,7 @@ pub struct ListParams {
 impl ListParams {
     /// The page size asked for, checked.
     pub fn limit(&self) -> Result<i64, ApiError> {
-        let limit = self.limit.unwrap_or(DEFAULT_LIMIT);
-        if !(1..=MAX_LIMIT).contains(&limit) {
-            return Err(ApiError::bad(
-                "limit",
-                format!("must be between 1 and {MAX_LIMIT}"),
-            ));
-        }
-        Ok(limit)
+        limit(self.limit)
     }
 
     /// The state asked for, when it is one of `states`.

@@ -1081,6 +1081,43 @@ async fn api_flow(store: Option<String>) {
         .unwrap()
         .iter()
         .any(|l| l["id"] == format!("post:{}", first.id)));
+    // a page at a time, oldest first: the pages hold the statement's lines once each, and
+    // every page carries the whole period's net
+    let whole = statement["lines"].as_array().unwrap().clone();
+    assert!(whole.len() > 2, "{statement}");
+    assert!(statement.get("next").is_none(), "{statement}");
+    let period = format!(
+        "from={}&to={}",
+        statement["from"].as_str().unwrap(),
+        statement["to"].as_str().unwrap()
+    );
+    let mut paged = Vec::new();
+    let mut after = String::new();
+    loop {
+        let page: Value = gz
+            .get(&format!(
+                "/api/v1/ledger/accounts/wallet:gz-lab/statement?{period}&limit=2{after}"
+            ))
+            .await
+            .unwrap();
+        assert_eq!(page["net"], statement["net"]);
+        paged.extend(page["lines"].as_array().unwrap().iter().cloned());
+        match page["next"].as_str() {
+            Some(next) => after = format!("&after={next}"),
+            None => break,
+        }
+    }
+    assert_eq!(paged, whole);
+    for (query, field) in [("limit=0", "limit"), ("after=yesterday", "after")] {
+        expect_error(
+            gz.get::<Value>(&format!(
+                "/api/v1/ledger/accounts/wallet:gz-lab/statement?{query}"
+            ))
+            .await,
+            400,
+            Some(field),
+        );
+    }
     let metrics = reqwest::get(format!("{base}/metrics"))
         .await
         .unwrap()

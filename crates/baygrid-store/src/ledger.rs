@@ -491,6 +491,20 @@ pub struct StatementLine {
     pub signed_amount: i64,
 }
 
+/// What a transfer moved for `account`: its amount in when credited, out when debited, and
+/// nothing for a hold, its void or its expiry.
+fn signed(transfer: &TransferRecord, account: &str) -> i64 {
+    let moved = match transfer.kind.as_str() {
+        "single" | "post" => transfer.amount,
+        _ => 0,
+    };
+    if transfer.credit == account {
+        moved
+    } else {
+        -moved
+    }
+}
+
 impl Store {
     /// Opens accounts (a no-op for those that exist).
     pub async fn open_accounts(&self, accounts: Vec<Account>, now: Millis) -> Result<()> {
@@ -601,40 +615,52 @@ impl Store {
         })
     }
 
-    /// The transfers that touched an account in `[from, to)`, oldest first.
+    /// The transfers that touched an account in `[from, to)`, oldest first: at most
+    /// `limit` of them, after the transfer numbered `after_seq` when given (the next page).
     pub async fn ledger_statement(
         &self,
         account: &str,
-        from: Millis,
-        to: Millis,
+        period: (Millis, Millis),
+        after_seq: Option<i64>,
+        limit: i64,
     ) -> Result<Vec<StatementLine>> {
         let rows = sqlx::query(&format!(
             "SELECT {TRANSFER_COLUMNS} FROM ledger_transfers WHERE (debit = $1 OR credit = $1) \
-             AND at_ms >= $2 AND at_ms < $3 ORDER BY seq"
+             AND at_ms >= $2 AND at_ms < $3 AND seq > $4 ORDER BY seq LIMIT $5"
         ))
         .bind(account)
-        .bind(from)
-        .bind(to)
+        .bind(period.0)
+        .bind(period.1)
+        .bind(after_seq.unwrap_or(-1))
+        .bind(limit)
         .fetch_all(self.pool())
         .await?;
         rows.iter()
             .map(|row| {
                 let transfer = TransferRecord::from_row(row)?;
-                let moved = match transfer.kind.as_str() {
-                    "single" | "post" => transfer.amount,
-                    _ => 0,
-                };
-                let signed_amount = if transfer.credit == account {
-                    moved
-                } else {
-                    -moved
-                };
+                let signed_amount = signed(&transfer, account);
                 Ok(StatementLine {
                     transfer,
                     signed_amount,
                 })
             })
             .collect()
+    }
+
+    /// What posted transfers moved into (credits) and out of (debits) an account in
+    /// `[from, to)`, summed in the database.
+    pub async fn ledger_net(&self, account: &str, period: (Millis, Millis)) -> Result<i64> {
+        let row = sqlx::query(
+            "SELECT CAST(COALESCE(SUM(CASE WHEN credit = $1 THEN amount ELSE -amount END), 0) \
+             AS BIGINT) AS n FROM ledger_transfers WHERE (debit = $1 OR credit = $1) \
+             AND kind IN ('single', 'post') AND at_ms >= $2 AND at_ms < $3",
+        )
+        .bind(account)
+        .bind(period.0)
+        .bind(period.1)
+        .fetch_one(self.pool())
+        .await?;
+        Ok(row.try_get("n")?)
     }
 
     /// One recorded transfer, by id.

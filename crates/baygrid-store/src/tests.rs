@@ -668,12 +668,30 @@ mod ledger_suite {
             .collect();
         assert_eq!(before, after);
         memory_matches_database(&reopened).await;
+        let period = (0, i64::MAX);
         let lines = reopened
-            .ledger_statement(&wallet_id, 0, i64::MAX)
+            .ledger_statement(&wallet_id, period, None, 1000)
             .await
             .unwrap();
         let net: i64 = lines.iter().map(|l| l.signed_amount).sum();
         assert_eq!(net, 10_000 - 1_200);
+        assert_eq!(reopened.ledger_net(&wallet_id, period).await.unwrap(), net);
+        // a page at a time: each line once, in order, however small the pages
+        let mut paged = Vec::new();
+        loop {
+            let after = paged.last().map(|l: &StatementLine| l.transfer.seq);
+            let page = reopened
+                .ledger_statement(&wallet_id, period, after, 2)
+                .await
+                .unwrap();
+            if page.is_empty() {
+                break;
+            }
+            assert!(page.len() <= 2);
+            paged.extend(page);
+        }
+        assert_eq!(paged, lines);
+        assert!(lines.len() > 2, "{}", lines.len());
     }
 }
 

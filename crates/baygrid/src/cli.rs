@@ -429,7 +429,21 @@ pub async fn ledger(args: &Args, cmd: &LedgerCommand) -> anyhow::Result<std::pro
                 encode(account),
                 query.join("&")
             );
-            let view: StatementView = client.get(&path).await?;
+            // every page of the period the first page fixed, as one statement
+            let mut view: StatementView = client.get(&path).await?;
+            while let Some(after) = view.next.take() {
+                let page: StatementView = client
+                    .get(&format!(
+                        "/api/v1/ledger/accounts/{}/statement?from={}&to={}&after={}",
+                        encode(account),
+                        encode(&view.from),
+                        encode(&view.to),
+                        encode(&after)
+                    ))
+                    .await?;
+                view.lines.extend(page.lines);
+                view.next = page.next;
+            }
             emit(args.output, &view, |s| {
                 println!("{} from {} to {}", s.account, s.from, s.to);
                 let rows = s

@@ -428,6 +428,7 @@ fn up_serves_the_cli() {
         stdout(&out)
     );
 
+    a_statement_spans_pages(&server, &data, &operator_env);
     audit_export_and_verify(dir.path(), &operator_env, &tenant_env);
 
     nix::sys::signal::kill(
@@ -437,6 +438,87 @@ fn up_serves_the_cli() {
     .unwrap();
     let status = up.wait().unwrap();
     assert!(status.success(), "up exits cleanly on SIGTERM");
+}
+
+/// More transfers than a page of a statement holds: `ledger statement` prints every one
+/// once, and lines that add up to the net of the whole period, which is the balance.
+fn a_statement_spans_pages(server: &str, data: &std::path::Path, operator_env: &[(&str, &str)]) {
+    const DEPOSITS: usize = 1_001;
+    let token = std::fs::read_to_string(data.join("operator.token")).unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let operator = baygrid_api::Client::new(server, Some(token.trim().to_string()));
+        let ids: Vec<usize> = (0..DEPOSITS).collect();
+        for chunk in ids.chunks(100) {
+            let posts = chunk.iter().map(|i| {
+                let operator = operator.clone();
+                let body = serde_json::json!({
+                    "account": "wallet:sz-robotics",
+                    "amount": "0.01 CNY",
+                    "id": format!("page-{i}"),
+                });
+                async move {
+                    operator
+                        .post::<_, Value>("/api/v1/ledger/deposits", &body)
+                        .await
+                }
+            });
+            for posted in futures::future::join_all(posts).await {
+                posted.unwrap();
+            }
+        }
+    });
+    let fen = |money: &Value| -> i64 {
+        let text = money
+            .as_str()
+            .unwrap()
+            .trim_end_matches(" CNY")
+            .replace('.', "");
+        text.parse().unwrap()
+    };
+    let out = baygrid(
+        &[
+            "ledger",
+            "statement",
+            "wallet:sz-robotics",
+            "--output",
+            "json",
+        ],
+        operator_env,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let statement: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert!(statement.get("next").is_none());
+    let lines = statement["lines"].as_array().unwrap();
+    let ids: std::collections::BTreeSet<&str> =
+        lines.iter().map(|l| l["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), lines.len(), "a line listed twice");
+    assert_eq!(
+        ids.iter().filter(|id| id.contains("page-")).count(),
+        DEPOSITS
+    );
+    let moved: i64 = lines.iter().map(|l| fen(&l["signed_amount"])).sum();
+    assert_eq!(moved, fen(&statement["net"]));
+    let out = baygrid(
+        &[
+            "ledger",
+            "balance",
+            "wallet:sz-robotics",
+            "--output",
+            "json",
+        ],
+        operator_env,
+    );
+    let balance: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(
+        fen(&statement["net"]),
+        fen(&balance["balance"]),
+        "{balance}"
+    );
+    // the table ends with the net
+    let out = baygrid(&["ledger", "statement", "wallet:sz-robotics"], operator_env);
+    let last = stdout(&out).lines().last().unwrap_or_default().to_string();
+    assert_eq!(last, format!("net {}", statement["net"].as_str().unwrap()));
 }
 
 /// A regulator's view: export the log, verify it offline, and see tampering caught.
