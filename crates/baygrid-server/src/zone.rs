@@ -10,7 +10,7 @@ use baygrid_api::{
 };
 use baygrid_core::{Jurisdiction, Principal, Role};
 use baygrid_rules::{ExportCategory, Exporter, Flow, FlowRequest, Recipient, Region, RulePack};
-use baygrid_store::FlowRecord;
+use baygrid_store::{FlowRecord, ObligationFilter, Standing};
 use chrono::Datelike;
 
 use crate::auth::{actor, require};
@@ -812,24 +812,36 @@ fn has_contract(
 pub struct ObligationQuery {
     /// due | overdue | standing; all when absent.
     pub status: Option<String>,
+    /// At most this many, oldest first (default 1000, at most 100,000).
+    pub limit: Option<i64>,
+    /// The next page: only those after this id (the previous page's last).
+    pub after: Option<i64>,
 }
 
-/// The obligations allowed flows brought, with where each stands today: operators and
-/// regulators see all; a data holder or tenant those of its party.
+/// The obligations allowed flows brought, oldest first, a page at a time, with where each
+/// stands today: operators and regulators see all; a data holder or tenant those of its
+/// party.
 #[utoipa::path(get, path = "/api/v1/obligations", params(ObligationQuery), responses((status = 200, body = [baygrid_api::ObligationView]), (status = 400, body = baygrid_api::ErrorBody)), security(("bearer" = [])))]
 pub async fn obligations(
     State(state): State<AppState>,
     who: Principal,
     crate::body::QueryParams(query): crate::body::QueryParams<ObligationQuery>,
 ) -> ApiResult<Json<Vec<baygrid_api::ObligationView>>> {
-    if let Some(status) = query.status.as_deref() {
-        if !matches!(status, "due" | "overdue" | "standing") {
-            return Err(ApiError::bad(
-                "status",
-                format!("`{status}`: use due, overdue or standing"),
-            ));
-        }
-    }
+    let standing = match query.status.as_deref() {
+        Some(status) => Some(
+            Standing::ALL
+                .into_iter()
+                .find(|s| s.as_str() == status)
+                .ok_or_else(|| {
+                    ApiError::bad(
+                        "status",
+                        format!("`{status}`: use due, overdue or standing"),
+                    )
+                })?,
+        ),
+        None => None,
+    };
+    let limit = crate::paging::limit(query.limit)?;
     let party = match who.role {
         Role::Operator | Role::Regulator => None,
         Role::DataHolder => Some(who.subject.clone().unwrap_or_default()),
@@ -851,17 +863,19 @@ pub async fn obligations(
         }
     };
     let today = today(&state)?.to_string();
-    let rows = state.store.obligations(party.as_deref()).await?;
+    let rows = state
+        .store
+        .obligations(&ObligationFilter {
+            party: party.as_deref(),
+            standing: standing.map(|s| (s, today.as_str())),
+            after: query.after,
+            limit,
+        })
+        .await?;
     Ok(Json(
         rows.into_iter()
             .map(|r| {
-                let status = if r.due.is_empty() {
-                    "standing"
-                } else if r.due < today {
-                    "overdue"
-                } else {
-                    "due"
-                };
+                let status = Standing::of(&r.due, &today).as_str();
                 baygrid_api::ObligationView {
                     id: r.id,
                     decided_at: baygrid_core::millis_to_rfc3339(r.decided_ms),
@@ -874,7 +888,6 @@ pub async fn obligations(
                     status: status.to_string(),
                 }
             })
-            .filter(|o| query.status.as_deref().is_none_or(|s| s == o.status))
             .collect(),
     ))
 }

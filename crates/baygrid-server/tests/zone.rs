@@ -189,6 +189,37 @@ async fn flows(store: Option<String>) {
             Some(_) => assert_eq!(status, "due"),
         }
     }
+    // oldest first, a page at a time
+    let mut paged: Vec<Value> = Vec::new();
+    loop {
+        let after = paged
+            .last()
+            .map(|o| format!("&after={}", o["id"]))
+            .unwrap_or_default();
+        let page: Vec<Value> = operator
+            .get(&format!("/api/v1/obligations?limit=2{after}"))
+            .await
+            .unwrap();
+        assert!(page.len() <= 2);
+        if page.is_empty() {
+            break;
+        }
+        paged.extend(page);
+    }
+    assert_eq!(paged, all);
+    assert!(all
+        .windows(2)
+        .all(|w| w[0]["id"].as_i64() < w[1]["id"].as_i64()));
+    assert_eq!(
+        field_of(
+            operator
+                .get::<Vec<Value>>("/api/v1/obligations?after=first")
+                .await,
+            400
+        )
+        .as_deref(),
+        Some("after")
+    );
     let own: Vec<Value> = clinic.get("/api/v1/obligations").await.unwrap();
     assert_eq!(own.len(), all.len());
     let none: Vec<Value> = bank.get("/api/v1/obligations").await.unwrap();
@@ -211,6 +242,14 @@ async fn flows(store: Option<String>) {
     assert!(undated > 0);
     assert_eq!(dated.len(), undated, "{dated:?}");
     assert!(dated.iter().all(|o| o["status"] == "standing"));
+    for status in ["due", "overdue"] {
+        let some: Vec<Value> = operator
+            .get(&format!("/api/v1/obligations?status={status}"))
+            .await
+            .unwrap();
+        let expected: Vec<&Value> = all.iter().filter(|o| o["status"] == status).collect();
+        assert_eq!(some.iter().collect::<Vec<_>>(), expected, "{status}");
+    }
     assert_eq!(
         field_of(
             operator

@@ -36,7 +36,7 @@ pub use queries::{
 };
 pub use records::{JobEvent, JobRecord, LogLine, TokenRecord};
 pub use relay::{fusion_conversation, mailbox, query_conversation, Posted, RelayMessage};
-pub use zone::{FlowRecord, ObligationRow};
+pub use zone::{FlowRecord, ObligationFilter, ObligationRow, Standing};
 
 use baygrid_core::Millis;
 

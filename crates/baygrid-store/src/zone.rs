@@ -21,6 +21,53 @@ pub struct FlowRecord {
     pub dataset: String,
 }
 
+/// Where an obligation stands on a day.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Standing {
+    /// Dated, on or after the day.
+    Due,
+    /// Dated, before the day.
+    Overdue,
+    /// Without a date.
+    Standing,
+}
+
+impl Standing {
+    pub const ALL: [Standing; 3] = [Standing::Due, Standing::Overdue, Standing::Standing];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Standing::Due => "due",
+            Standing::Overdue => "overdue",
+            Standing::Standing => "standing",
+        }
+    }
+
+    /// Where an obligation due on `due` (YYYY-MM-DD, or "" when it has no date) stands on
+    /// `today` (YYYY-MM-DD).
+    pub fn of(due: &str, today: &str) -> Standing {
+        if due.is_empty() {
+            Standing::Standing
+        } else if due < today {
+            Standing::Overdue
+        } else {
+            Standing::Due
+        }
+    }
+}
+
+/// Which obligations to list, oldest first.
+#[derive(Debug, Clone, Copy)]
+pub struct ObligationFilter<'a> {
+    /// Only those of this party, as exporter or recipient.
+    pub party: Option<&'a str>,
+    /// Only those standing so on the day (YYYY-MM-DD).
+    pub standing: Option<(Standing, &'a str)>,
+    /// Only those numbered above this one (the next page).
+    pub after: Option<i64>,
+    pub limit: i64,
+}
+
 /// One obligation an allowed flow brought.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ObligationRow {
@@ -152,27 +199,29 @@ impl Store {
         .await
     }
 
-    /// Obligations, oldest first; only those of `party` (as exporter or recipient) when
-    /// given.
-    pub async fn obligations(&self, party: Option<&str>) -> Result<Vec<ObligationRow>> {
-        let rows = match party {
-            Some(party) => {
-                sqlx::query(
-                    "SELECT id, decided_ms, exporter, recipient, dataset, obligation, rule, due FROM obligations \
-                     WHERE exporter = $1 OR recipient = $1 ORDER BY id",
-                )
-                .bind(party)
-                .fetch_all(self.pool())
-                .await?
-            }
-            None => {
-                sqlx::query(
-                    "SELECT id, decided_ms, exporter, recipient, dataset, obligation, rule, due FROM obligations ORDER BY id",
-                )
-                .fetch_all(self.pool())
-                .await?
-            }
+    /// Obligations, oldest first, a page at a time: only those of the filter's party (as
+    /// exporter or recipient) and in its standing when given, after the obligation numbered
+    /// `after` when given.
+    pub async fn obligations(&self, filter: &ObligationFilter<'_>) -> Result<Vec<ObligationRow>> {
+        let (standing, today) = match filter.standing {
+            Some((standing, today)) => (standing.as_str(), today),
+            None => ("", ""),
         };
+        let rows = sqlx::query(
+            "SELECT id, decided_ms, exporter, recipient, dataset, obligation, rule, due FROM obligations \
+             WHERE ($1 = '' OR exporter = $1 OR recipient = $1) AND id > $2 \
+             AND ($3 = '' OR ($3 = 'standing' AND due = '') \
+                  OR ($3 = 'overdue' AND due <> '' AND due < $4) \
+                  OR ($3 = 'due' AND due <> '' AND due >= $4)) \
+             ORDER BY id LIMIT $5",
+        )
+        .bind(filter.party.unwrap_or(""))
+        .bind(filter.after.unwrap_or(0))
+        .bind(standing)
+        .bind(today)
+        .bind(filter.limit)
+        .fetch_all(self.pool())
+        .await?;
         rows.iter()
             .map(|row| {
                 Ok(ObligationRow {

@@ -8,7 +8,7 @@ use baygrid_api::{DatasetSpec, DatasetView};
 use baygrid_core::SpecError;
 use clap::Subcommand;
 
-use crate::output::{emit, table};
+use crate::output::{emit, hint_next, query_path, table};
 use crate::Args;
 
 #[derive(Debug, Subcommand)]
@@ -361,16 +361,30 @@ pub enum ObligationsCommand {
         /// due | overdue | standing
         #[arg(long)]
         status: Option<String>,
+        /// At most this many, oldest first (the server's default: 1000)
+        #[arg(long)]
+        limit: Option<i64>,
+        /// The next page: those after this id, the previous page's last
+        #[arg(long)]
+        after: Option<i64>,
     },
 }
 
 pub async fn obligations(args: &Args, cmd: &ObligationsCommand) -> anyhow::Result<ExitCode> {
     let client = crate::cli::client(args)?;
-    let ObligationsCommand::Ls { status } = cmd;
-    let path = match status {
-        Some(s) => format!("/api/v1/obligations?status={s}"),
-        None => "/api/v1/obligations".into(),
-    };
+    let ObligationsCommand::Ls {
+        status,
+        limit,
+        after,
+    } = cmd;
+    let path = query_path(
+        "/api/v1/obligations",
+        &[
+            ("status", status.clone()),
+            ("limit", limit.map(|l| l.to_string())),
+            ("after", after.map(|a| a.to_string())),
+        ],
+    );
     let all: Vec<baygrid_api::ObligationView> = client.get(&path).await?;
     emit(args.output, &all, |all| {
         let rows: Vec<Vec<String>> = all
@@ -402,5 +416,12 @@ pub async fn obligations(args: &Args, cmd: &ObligationsCommand) -> anyhow::Resul
             &rows,
         )
     });
+    hint_next(
+        args.output,
+        *limit,
+        all.len(),
+        ("--after", all.last().map(|o| o.id.to_string())),
+        "baygrid obligations ls",
+    );
     Ok(ExitCode::SUCCESS)
 }

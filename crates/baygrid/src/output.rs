@@ -68,35 +68,58 @@ pub struct ListArgs {
 /// The server's page size when none is asked for.
 const DEFAULT_PAGE: usize = 1000;
 
+/// `base` with the parameters that are given, as a query string.
+pub fn query_path(base: &str, params: &[(&str, Option<String>)]) -> String {
+    let mut query = url::form_urlencoded::Serializer::new(String::new());
+    for (name, value) in params {
+        if let Some(value) = value {
+            query.append_pair(name, value);
+        }
+    }
+    match query.finish() {
+        q if q.is_empty() => base.to_string(),
+        q => format!("{base}?{q}"),
+    }
+}
+
+/// Under a table that filled its page (`limit`, or the server's default), on stderr: the
+/// command for the next page, `next` being the option that starts it and the last row's id.
+pub fn hint_next(
+    output: Output,
+    limit: Option<i64>,
+    shown: usize,
+    next: (&str, Option<String>),
+    command: &str,
+) {
+    let full = limit.map_or(shown >= DEFAULT_PAGE, |l| shown as i64 >= l);
+    if let (Output::Table, true, (cursor, Some(last))) = (output, full, next) {
+        eprintln!("more may follow: {command} {cursor} {last}");
+    }
+}
+
 impl ListArgs {
     /// `base` with what is given, as a query string.
     pub fn path(&self, base: &str) -> String {
-        let limit = self.limit.map(|l| l.to_string());
-        let mut query = url::form_urlencoded::Serializer::new(String::new());
-        for (name, value) in [
-            ("state", self.state.as_deref()),
-            ("tenant", self.tenant.as_deref()),
-            ("limit", limit.as_deref()),
-            ("before", self.before.as_deref()),
-        ] {
-            if let Some(value) = value {
-                query.append_pair(name, value);
-            }
-        }
-        match query.finish() {
-            q if q.is_empty() => base.to_string(),
-            q => format!("{base}?{q}"),
-        }
+        query_path(
+            base,
+            &[
+                ("state", self.state.clone()),
+                ("tenant", self.tenant.clone()),
+                ("limit", self.limit.map(|l| l.to_string())),
+                ("before", self.before.clone()),
+            ],
+        )
     }
 
     /// Under a full page's table, on stderr: how to ask for the next one.
     pub fn hint_next(&self, output: Output, shown: usize, last_id: Option<&str>, command: &str) {
-        let full = self
-            .limit
-            .map_or(shown >= DEFAULT_PAGE, |l| shown as i64 >= l);
-        if let (Output::Table, true, Some(last)) = (output, full, last_id) {
-            eprintln!("more may follow: {command} --before {last}");
-        }
+        hint_next(
+            output,
+            self.limit,
+            shown,
+            ("--before", last_id.map(str::to_string)),
+            command,
+        );
     }
 }
 
