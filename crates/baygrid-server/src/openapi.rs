@@ -1,4 +1,5 @@
-//! The OpenAPI 3 document at `/api/v1/openapi.json`, generated from the handlers.
+//! The OpenAPI 3 document at `/api/v1/openapi.json`, generated from the handlers, and
+//! Swagger UI over it at `/api/v1/docs/` (its files built into the binary).
 
 use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
@@ -49,4 +50,11 @@ pub struct ApiDoc;
 
 pub async fn document() -> Json<utoipa::openapi::OpenApi> {
     Json(ApiDoc::openapi())
+}
+
+/// Swagger UI at `/api/v1/docs/`, reading the document the API serves.
+pub fn browser<S: Clone + Send + Sync + 'static>() -> axum::Router<S> {
+    utoipa_swagger_ui::SwaggerUi::new("/api/v1/docs")
+        .config(utoipa_swagger_ui::Config::from("/api/v1/openapi.json"))
+        .into()
 }

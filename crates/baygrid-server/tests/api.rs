@@ -124,6 +124,20 @@ async fn api_flow(store: Option<String>) {
     ] {
         assert!(openapi["paths"].get(path).is_some(), "openapi lacks {path}");
     }
+    // Swagger UI over that document, its files in the binary
+    let text = |path: &'static str| {
+        let url = format!("{base}{path}");
+        async move {
+            let response = reqwest::get(url).await.unwrap();
+            (response.status().as_u16(), response.text().await.unwrap())
+        }
+    };
+    let (status, page) = text("/api/v1/docs/").await;
+    assert_eq!(status, 200);
+    assert!(page.contains("swagger-ui"), "{page}");
+    let (status, script) = text("/api/v1/docs/swagger-initializer.js").await;
+    assert_eq!(status, 200);
+    assert!(script.contains("/api/v1/openapi.json"), "{script}");
     expect_error(anonymous.get::<Value>("/api/v1/nowhere").await, 404, None);
 
     // authentication
