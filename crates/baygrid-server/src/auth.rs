@@ -125,34 +125,39 @@ impl FromRequestParts<AppState> for Principal {
         let secret = value
             .strip_prefix("Bearer ")
             .ok_or_else(|| ApiError::Unauthorized("Authorization must be `Bearer TOKEN`".into()))?;
-        let hash = hash_secret(secret.trim());
-        let now = state.now();
-        let generation = match state.tokens.get(&hash, now) {
-            Ok(principal) => return Ok(principal),
-            Err(generation) => generation,
-        };
-        let record = state
-            .store
-            .find_token(&hash)
-            .await?
-            .ok_or_else(|| ApiError::Unauthorized("unknown or revoked token".into()))?;
-        if let Some(expired) = record.expires_ms.filter(|e| *e <= now) {
-            return Err(ApiError::Unauthorized(format!(
-                "token {} expired at {}",
-                record.id,
-                baygrid_core::millis_to_rfc3339(expired)
-            )));
-        }
-        let principal = Principal {
-            token_id: record.id,
-            role: record.role,
-            subject: record.subject,
-        };
-        state
-            .tokens
-            .put(generation, hash, principal.clone(), record.expires_ms);
-        Ok(principal)
+        principal_of(state, secret).await
     }
+}
+
+/// Who a token's secret is: a valid token's role and subject, or why it is refused.
+pub async fn principal_of(state: &AppState, secret: &str) -> Result<Principal, ApiError> {
+    let hash = hash_secret(secret.trim());
+    let now = state.now();
+    let generation = match state.tokens.get(&hash, now) {
+        Ok(principal) => return Ok(principal),
+        Err(generation) => generation,
+    };
+    let record = state
+        .store
+        .find_token(&hash)
+        .await?
+        .ok_or_else(|| ApiError::Unauthorized("unknown or revoked token".into()))?;
+    if let Some(expired) = record.expires_ms.filter(|e| *e <= now) {
+        return Err(ApiError::Unauthorized(format!(
+            "token {} expired at {}",
+            record.id,
+            baygrid_core::millis_to_rfc3339(expired)
+        )));
+    }
+    let principal = Principal {
+        token_id: record.id,
+        role: record.role,
+        subject: record.subject,
+    };
+    state
+        .tokens
+        .put(generation, hash, principal.clone(), record.expires_ms);
+    Ok(principal)
 }
 
 /// Refuses callers whose role is not in `roles`.

@@ -7,6 +7,7 @@ pub mod auth;
 mod body;
 mod catalog;
 pub mod config;
+mod console;
 mod contracts;
 mod error;
 mod flows;
@@ -379,6 +380,10 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .nest("/api/v1", api)
         .merge(openapi::browser())
+        .route("/console", get(console::overview))
+        .route("/console/jobs/{id}", get(console::job))
+        .route("/console/login", post(console::sign_in))
+        .route("/console/logout", post(console::sign_out))
         .route("/healthz", get(health))
         .route("/metrics", get(metrics::render))
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
