@@ -232,8 +232,8 @@ fn jobs_table(jobs: &[JobView]) -> String {
                 esc(&j.name),
                 esc(&j.tenant),
                 esc(j.state.as_str()),
-                esc(j.site.as_deref().unwrap_or("-")),
-                esc(&j.cost.map(|c| c.to_string()).unwrap_or_else(|| "-".into())),
+                esc(&dash(j.site.as_ref())),
+                esc(&dash(j.cost)),
                 esc(&j.submitted_at),
                 esc(&j.reason),
             ]
@@ -265,10 +265,7 @@ fn fusion_table(runs: &[FusionView]) -> String {
                 esc(r.task.as_str()),
                 esc(r.state.as_str()),
                 r.rounds.len().to_string(),
-                esc(&r
-                    .charged
-                    .map(|c| c.to_string())
-                    .unwrap_or_else(|| "-".into())),
+                esc(&dash(r.charged)),
                 esc(&r.created_at),
             ]
         }),
@@ -297,30 +294,14 @@ fn job_detail(job: &JobView) -> String {
         ("state", job.state.as_str().to_string()),
         ("reason", job.reason.clone()),
         ("priority", job.priority.to_string()),
-        ("cluster", job.cluster.clone().unwrap_or_else(|| "-".into())),
-        ("site", job.site.clone().unwrap_or_else(|| "-".into())),
+        ("cluster", dash(job.cluster.as_ref())),
+        ("site", dash(job.site.as_ref())),
         ("attempts", job.attempts.to_string()),
-        (
-            "exit code",
-            job.exit_code
-                .map(|c| c.to_string())
-                .unwrap_or_else(|| "-".into()),
-        ),
-        (
-            "cost",
-            job.cost
-                .map(|c| c.to_string())
-                .unwrap_or_else(|| "-".into()),
-        ),
+        ("exit code", dash(job.exit_code)),
+        ("cost", dash(job.cost)),
         ("submitted", job.submitted_at.clone()),
-        (
-            "started",
-            job.started_at.clone().unwrap_or_else(|| "-".into()),
-        ),
-        (
-            "finished",
-            job.finished_at.clone().unwrap_or_else(|| "-".into()),
-        ),
+        ("started", dash(job.started_at.as_ref())),
+        ("finished", dash(job.finished_at.as_ref())),
         ("command", job.spec.command.clone()),
     ];
     let mut html = String::from("<dl>");
@@ -333,13 +314,18 @@ fn job_detail(job: &JobView) -> String {
         job.events.iter().map(|e| {
             vec![
                 esc(&e.at),
-                esc(e.from.map(|s| s.as_str()).unwrap_or("-")),
+                esc(&dash(e.from.map(|s| s.as_str()))),
                 esc(e.to.as_str()),
                 esc(&e.reason),
             ]
         }),
     ));
     html
+}
+
+/// A value, or `-` where there is none.
+fn dash<T: ToString>(value: Option<T>) -> String {
+    value.map_or_else(|| "-".into(), |v| v.to_string())
 }
 
 /// Rows under headers; every cell is HTML already (escaped by the caller).

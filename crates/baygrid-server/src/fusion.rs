@@ -848,12 +848,10 @@ pub async fn list(
     let limit = params.limit()?;
     let before = match &params.before {
         Some(id) => {
-            let seen = state.store.fusion_row(id).await?.filter(|r| sees(&who, r));
-            Some(paging::below(
-                "fusion run",
-                id,
-                seen.map(|r| (r.created_ms, r.id)),
-            )?)
+            let row = state.store.fusion_row(id).await?;
+            Some(paging::below_record("fusion run", id, row, |r| {
+                sees(&who, r)
+            })?)
         }
         None => None,
     };

@@ -3,7 +3,7 @@
 //! next page. An account's statement comes oldest first, with `after` its `next`.
 
 use baygrid_core::Millis;
-use baygrid_store::Below;
+use baygrid_store::{Below, RecordRow};
 use serde::Deserialize;
 
 use crate::error::ApiError;
@@ -69,4 +69,16 @@ pub fn below(kind: &str, before: &str, seen: Option<(Millis, String)>) -> Result
         )
     })?;
     Ok(Below { at_ms, id })
+}
+
+/// Where the page after `before` starts among queries or fusion runs: below `row`, the
+/// row `before` names as read, when the caller `sees` it.
+pub fn below_record(
+    kind: &str,
+    before: &str,
+    row: Option<RecordRow>,
+    sees: impl Fn(&RecordRow) -> bool,
+) -> Result<Below, ApiError> {
+    let seen = row.filter(|r| sees(r)).map(|r| (r.created_ms, r.id));
+    below(kind, before, seen)
 }

@@ -684,12 +684,8 @@ pub async fn list(
     }
     let before = match &params.before {
         Some(id) => {
-            let seen = state.store.query_row(id).await?.filter(|r| sees(&who, r));
-            Some(paging::below(
-                "query",
-                id,
-                seen.map(|r| (r.created_ms, r.id)),
-            )?)
+            let row = state.store.query_row(id).await?;
+            Some(paging::below_record("query", id, row, |r| sees(&who, r))?)
         }
         None => None,
     };
