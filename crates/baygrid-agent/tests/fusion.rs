@@ -16,7 +16,7 @@ use baygrid_api::{
 };
 use baygrid_core::{Jurisdiction, Role};
 use baygrid_server::ServerConfig;
-use common::{repo, start_agent, wait_job_ended};
+use common::{console_page, repo, start_agent, wait_job_ended};
 use serde_json::{json, Value};
 
 fn yaml<T: serde::de::DeserializeOwned>(path: &str) -> T {
@@ -416,6 +416,26 @@ async fn a_federated_run_trains_in_each_partys_jurisdiction_and_saves_each_copy_
         .is_err());
     let theirs: Vec<FusionView> = other.get("/api/v1/fusion").await.unwrap();
     assert!(theirs.is_empty());
+    // the console's page of the run: every worker with its job and model, every round
+    let path = format!("/console/fusion/{}", view.id);
+    let (status, page) = console_page(&zone.lab, &path).await;
+    assert_eq!(status, 200, "{page}");
+    for worker in &view.workers {
+        assert!(page.contains(&worker.site), "{}: {page}", worker.site);
+        if let Some(job) = &worker.job {
+            assert!(
+                page.contains(&format!("/console/jobs/{job}")),
+                "{job}: {page}"
+            );
+        }
+        if let Some(model) = &worker.model {
+            assert!(page.contains(model), "{model}: {page}");
+        }
+    }
+    let rounds = page.matches("<tr><td>").count();
+    assert!(rounds >= view.rounds.len(), "{rounds} rows: {page}");
+    let (status, _) = console_page(&other, &path).await;
+    assert_eq!(status, 404);
     // nor may it start a page there
     let e = other
         .get::<Vec<FusionView>>(&format!("/api/v1/fusion?before={}", view.id))

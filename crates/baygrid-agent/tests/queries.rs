@@ -14,7 +14,7 @@ use std::time::Duration;
 use baygrid_api::{Client, DatasetSpec, DatasetView, QueryDryRun, QueryState, QueryView};
 use baygrid_core::{Jurisdiction, Role};
 use baygrid_server::ServerConfig;
-use common::{repo, start_agent};
+use common::{console_page, repo, start_agent};
 use serde_json::{json, Value};
 
 fn yaml<T: serde::de::DeserializeOwned>(path: &str) -> T {
@@ -405,6 +405,19 @@ async fn a_question_across_two_vaults_aligns_card_holders_by_psi_and_moves_no_ro
     assert!((number(&row[0]) - both).abs() < 50.0, "{row:?} vs {both}");
     assert!(number(&row[1]).abs() < 3.0 && number(&row[2]).abs() < 3.0);
     assert_eq!(view.charged.len(), 2);
+    // the console's page of the query: its cost at both vaults and the released result
+    let (status, page) = console_page(lab, &format!("/console/queries/{}", view.id)).await;
+    assert_eq!(status, 200, "{page}");
+    for shown in [
+        "hk-credit-history",
+        "sz-card-spend",
+        "<th>card_holders</th>",
+        view.result_sha256.as_deref().unwrap(),
+    ] {
+        assert!(page.contains(shown), "{shown}: {page}");
+    }
+    let (status, _) = console_page(&zone.operator, "/console/queries/q_none").await;
+    assert_eq!(status, 404);
 }
 
 #[tokio::test]

@@ -11,7 +11,7 @@ use axum::extract::{Form, Path, State};
 use axum::http::header::{CACHE_CONTROL, CONTENT_SECURITY_POLICY, COOKIE, LOCATION, SET_COOKIE};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use baygrid_api::{AccountView, ClusterView, FusionView, JobView, QueryView};
+use baygrid_api::{AccountView, ClusterView, FusionEvent, FusionView, JobView, QueryView};
 use baygrid_core::{Principal, Role};
 use serde::Deserialize;
 
@@ -72,20 +72,73 @@ pub async fn job(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    let who = match signed_in(&state, &headers).await {
+    detail(
+        &state,
+        &headers,
+        format!("job {id}"),
+        |state, who| async move {
+            let job = crate::jobs::get(State(state), who, Path(id)).await?;
+            Ok(job_detail(&job.0))
+        },
+    )
+    .await
+}
+
+/// One fusion run: its workers and where they ran, its placement, every round, its log.
+pub async fn fusion_run(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    detail(
+        &state,
+        &headers,
+        format!("fusion run {id}"),
+        |state, who| async move {
+            let run =
+                crate::fusion::get(State(state.clone()), who.clone(), Path(id.clone())).await?;
+            let log = crate::fusion::logs(State(state), who, Path(id)).await?;
+            Ok(fusion_detail(&run.0, &log.0))
+        },
+    )
+    .await
+}
+
+/// One query: what it asked, what it cost, and the result that left the vault.
+pub async fn query(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    detail(
+        &state,
+        &headers,
+        format!("query {id}"),
+        |state, who| async move {
+            let no_wait = crate::queries::GetParams { wait_ms: None };
+            let query =
+                crate::queries::get(State(state), who, Path(id), QueryParams(no_wait)).await?;
+            Ok(query_detail(&query.0))
+        },
+    )
+    .await
+}
+
+/// A page about one thing, drawn by `render` for the signed-in caller, or why not.
+async fn detail<F, Fut>(state: &AppState, headers: &HeaderMap, title: String, render: F) -> Response
+where
+    F: FnOnce(AppState, Principal) -> Fut,
+    Fut: std::future::Future<Output = Result<String, ApiError>>,
+{
+    let who = match signed_in(state, headers).await {
         Ok(who) => who,
         Err(why) => return sign_in_page(StatusCode::UNAUTHORIZED, why.as_deref()),
     };
-    match crate::jobs::get(State(state), who.clone(), Path(id.clone())).await {
-        Ok(job) => page(
-            StatusCode::OK,
-            &format!("job {id}"),
-            &who,
-            &job_detail(&job.0),
-        ),
+    match render(state.clone(), who.clone()).await {
+        Ok(body) => page(StatusCode::OK, &title, &who, &body),
         Err(e) => page(
             status_of(&e),
-            &format!("job {id}"),
+            &title,
             &who,
             &format!("<p class=\"refused\">{}</p>", esc(&e.to_string())),
         ),
@@ -224,11 +277,7 @@ fn jobs_table(jobs: &[JobView]) -> String {
         ],
         jobs.iter().map(|j| {
             vec![
-                format!(
-                    "<a href=\"/console/jobs/{}\">{}</a>",
-                    esc(&j.id),
-                    esc(&j.id)
-                ),
+                link("jobs", &j.id),
                 esc(&j.name),
                 esc(&j.tenant),
                 esc(j.state.as_str()),
@@ -246,7 +295,7 @@ fn queries_table(queries: &[QueryView]) -> String {
         &["QUERY", "TENANT", "STATE", "SQL", "CREATED"],
         queries.iter().map(|q| {
             vec![
-                esc(&q.id),
+                link("queries", &q.id),
                 esc(&q.tenant),
                 esc(q.state.as_str()),
                 esc(&q.sql),
@@ -261,7 +310,7 @@ fn fusion_table(runs: &[FusionView]) -> String {
         &["RUN", "TASK", "STATE", "ROUNDS", "CHARGED", "CREATED"],
         runs.iter().map(|r| {
             vec![
-                esc(&r.id),
+                link("fusion", &r.id),
                 esc(r.task.as_str()),
                 esc(r.state.as_str()),
                 r.rounds.len().to_string(),
@@ -287,8 +336,159 @@ fn accounts_table(accounts: &[AccountView]) -> String {
     )
 }
 
+/// A link to a thing's page in the console.
+fn link(kind: &str, id: &str) -> String {
+    format!("<a href=\"/console/{kind}/{}\">{}</a>", esc(id), esc(id))
+}
+
+/// Names and values as a definition list (values escaped here).
+fn facts(pairs: &[(&str, String)]) -> String {
+    let mut html = String::from("<dl>");
+    for (name, value) in pairs {
+        html.push_str(&format!("<dt>{}</dt><dd>{}</dd>", esc(name), esc(value)));
+    }
+    html.push_str("</dl>");
+    html
+}
+
+fn fusion_detail(run: &FusionView, log: &[FusionEvent]) -> String {
+    let mut html = facts(&[
+        ("task", run.task.as_str().to_string()),
+        ("tenant", run.tenant.clone()),
+        ("purpose", run.purpose.clone()),
+        ("state", run.state.as_str().to_string()),
+        ("aggregation", dash(run.aggregation.as_ref())),
+        ("held", run.held.to_string()),
+        ("charged", dash(run.charged)),
+        ("error", dash(run.error.as_ref())),
+        ("created", run.created_at.clone()),
+        ("finished", dash(run.finished_at.as_ref())),
+    ]);
+    html.push_str("<h2>Workers</h2>");
+    html.push_str(&table(
+        &[
+            "#", "ROLE", "DATASET", "SITE", "STATE", "JOB", "SECONDS", "MODEL", "SCORES", "ERROR",
+        ],
+        run.workers.iter().map(|w| {
+            vec![
+                w.index.to_string(),
+                esc(&w.role),
+                esc(&dash(w.dataset.as_ref())),
+                esc(&format!("{} ({:?})", w.site, w.jurisdiction)),
+                esc(&format!("{:?}", w.state).to_lowercase()),
+                w.job
+                    .as_deref()
+                    .map_or_else(|| "-".into(), |j| link("jobs", j)),
+                format!("{:.1}", w.seconds),
+                esc(&dash(w.model.as_ref())),
+                esc(&dash(w.scores.as_ref())),
+                esc(&dash(w.error.as_ref())),
+            ]
+        }),
+    ));
+    html.push_str("<h2>Placement</h2>");
+    html.push_str(&lines(&run.placement));
+    html.push_str("<h2>Rules</h2>");
+    html.push_str(&lines(&run.rules));
+    html.push_str("<h2>Rounds</h2>");
+    html.push_str(&table(
+        &["ROUND", "LOSS", "GRADIENT NORM", "SECONDS", "BYTES"],
+        run.rounds.iter().map(|r| {
+            vec![
+                r.round.to_string(),
+                dash(r.loss.map(|l| format!("{l:.6}"))),
+                dash(r.gradient_norm.map(|g| format!("{g:.6}"))),
+                format!("{:.3}", r.seconds),
+                r.bytes.to_string(),
+            ]
+        }),
+    ));
+    html.push_str("<h2>Log</h2>");
+    html.push_str(&table(
+        &["AT", "LINE"],
+        log.iter().map(|e| vec![esc(&e.at), esc(&e.line)]),
+    ));
+    html
+}
+
+fn query_detail(query: &QueryView) -> String {
+    let mut html = facts(&[
+        ("tenant", query.tenant.clone()),
+        ("purpose", query.purpose.clone()),
+        ("state", query.state.as_str().to_string()),
+        ("sql", query.sql.clone()),
+        ("result SHA-256", dash(query.result_sha256.as_ref())),
+        (
+            "charged",
+            query
+                .charged
+                .iter()
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        ),
+        ("error", dash(query.error.as_ref())),
+        ("created", query.created_at.clone()),
+        ("finished", dash(query.finished_at.as_ref())),
+    ]);
+    html.push_str("<h2>Privacy cost</h2>");
+    html.push_str(&table(
+        &["DATASET", "SITE", "CONTRACT", "EPSILON", "DELTA"],
+        query.cost.iter().map(|c| {
+            vec![
+                esc(&c.dataset),
+                esc(&c.site),
+                esc(&c.contract),
+                c.epsilon.to_string(),
+                c.delta.to_string(),
+            ]
+        }),
+    ));
+    html.push_str("<h2>Result</h2>");
+    match &query.result {
+        Some(result) => {
+            let headers: Vec<&str> = result.columns.iter().map(String::as_str).collect();
+            html.push_str(&table(
+                &headers,
+                result.rows.iter().map(|row| {
+                    row.iter()
+                        .map(|v| match v {
+                            serde_json::Value::String(s) => esc(s),
+                            other => esc(&other.to_string()),
+                        })
+                        .collect()
+                }),
+            ));
+            html.push_str(&table(
+                &["OUTPUT", "MECHANISM", "SCALE"],
+                result
+                    .noise
+                    .iter()
+                    .map(|n| vec![esc(&n.output), esc(&n.mechanism), n.scale.to_string()]),
+            ));
+        }
+        None => html.push_str("<p class=\"muted\">nothing left the vault</p>"),
+    }
+    html.push_str("<h2>Rules</h2>");
+    html.push_str(&lines(&query.rules));
+    html
+}
+
+/// Lines of text as a list.
+fn lines(items: &[String]) -> String {
+    if items.is_empty() {
+        return "<p class=\"muted\">none</p>".into();
+    }
+    let mut html = String::from("<ul>");
+    for item in items {
+        html.push_str(&format!("<li>{}</li>", esc(item)));
+    }
+    html.push_str("</ul>");
+    html
+}
+
 fn job_detail(job: &JobView) -> String {
-    let facts = [
+    let mut html = facts(&[
         ("name", job.name.clone()),
         ("tenant", job.tenant.clone()),
         ("state", job.state.as_str().to_string()),
@@ -303,12 +503,8 @@ fn job_detail(job: &JobView) -> String {
         ("started", dash(job.started_at.as_ref())),
         ("finished", dash(job.finished_at.as_ref())),
         ("command", job.spec.command.clone()),
-    ];
-    let mut html = String::from("<dl>");
-    for (name, value) in facts {
-        html.push_str(&format!("<dt>{}</dt><dd>{}</dd>", esc(name), esc(&value)));
-    }
-    html.push_str("</dl><h2>Every change of state</h2>");
+    ]);
+    html.push_str("<h2>Every change of state</h2>");
     html.push_str(&table(
         &["AT", "FROM", "TO", "REASON"],
         job.events.iter().map(|e| {

@@ -382,6 +382,8 @@ pub fn router(state: AppState) -> Router {
         .merge(openapi::browser())
         .route("/console", get(console::overview))
         .route("/console/jobs/{id}", get(console::job))
+        .route("/console/queries/{id}", get(console::query))
+        .route("/console/fusion/{id}", get(console::fusion_run))
         .route("/console/login", post(console::sign_in))
         .route("/console/logout", post(console::sign_out))
         .route("/healthz", get(health))

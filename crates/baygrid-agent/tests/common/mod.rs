@@ -63,3 +63,28 @@ pub async fn wait_job_ended(client: &Client, id: &str) -> baygrid_api::JobView {
     }
     panic!("job {id} never ended");
 }
+
+/// A console page as `client`'s token sees it: signs in with the token, then reads `path`.
+pub async fn console_page(client: &Client, path: &str) -> (u16, String) {
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let signed_in = http
+        .post(format!("{}/console/login", client.base()))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("token={}", client.token().unwrap()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signed_in.status().as_u16(), 303);
+    let cookie = signed_in.headers()["set-cookie"].to_str().unwrap();
+    let cookie = cookie.split(';').next().unwrap().to_string();
+    let page = http
+        .get(format!("{}{path}", client.base()))
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap();
+    (page.status().as_u16(), page.text().await.unwrap())
+}
