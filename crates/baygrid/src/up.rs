@@ -310,6 +310,10 @@ pub async fn up(
         exchange.agents.len(),
         data_dir.join("agents").display()
     );
+    println!(
+        "  console: {url}/console (sign in with a token); API docs: {url}/api/v1/docs/",
+        url = exchange.server.url()
+    );
     println!("Ctrl-C stops everything.");
     stop_signal().await;
     exchange.stop().await;

@@ -176,6 +176,10 @@ fn up_serves_the_cli() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(online, 6);
+    // `up` says where the console and the API's docs are
+    let log = std::fs::read_to_string(dir.path().join("up.log")).unwrap();
+    assert!(log.contains(&format!("console: {server}/console")), "{log}");
+    assert!(log.contains(&format!("{server}/api/v1/docs/")), "{log}");
     let out = baygrid(&["site", "ls"], &operator_env);
     assert!(stdout(&out).contains("hk-cyberport"), "{}", stdout(&out));
     let out = baygrid(&["offer", "ls"], &operator_env);
