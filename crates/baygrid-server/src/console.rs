@@ -42,7 +42,7 @@ pub async fn overview(State(state): State<AppState>, headers: HeaderMap) -> Resp
         "Jobs, newest first",
         crate::jobs::list(State(state.clone()), who.clone(), QueryParams(newest()))
             .await
-            .map(|j| jobs_table(&j.0)),
+            .map(|j| jobs_page(&j.0)),
     ));
     body.push_str(&section(
         "Queries at the data, newest first",
@@ -64,6 +64,45 @@ pub async fn overview(State(state): State<AppState>, headers: HeaderMap) -> Resp
     ));
     body.push_str(&section("Audit log", audit_checkpoint(&state, &who).await));
     page(StatusCode::OK, "baygrid", &who, &body)
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Older {
+    pub before: String,
+}
+
+/// Older jobs: the page after the job `before` names.
+pub async fn jobs(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    axum::extract::Query(older): axum::extract::Query<Older>,
+) -> Response {
+    detail(
+        &state,
+        &headers,
+        "older jobs".into(),
+        |state, who| async move {
+            let params = ListParams {
+                before: Some(older.before),
+                ..newest()
+            };
+            let jobs = crate::jobs::list(State(state), who, QueryParams(params)).await?;
+            Ok(jobs_page(&jobs.0))
+        },
+    )
+    .await
+}
+
+/// A page of jobs, with a link to the older ones when the page is full.
+fn jobs_page(jobs: &[JobView]) -> String {
+    let mut html = jobs_table(jobs);
+    if let (Some(last), true) = (jobs.last(), jobs.len() as i64 >= ROWS) {
+        html.push_str(&format!(
+            "<p><a href=\"/console/jobs?before={}\">older jobs</a></p>",
+            esc(&last.id)
+        ));
+    }
+    html
 }
 
 /// One job: what it is, where it ran, and every change of its state.

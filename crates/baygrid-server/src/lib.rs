@@ -381,6 +381,7 @@ pub fn router(state: AppState) -> Router {
         .nest("/api/v1", api)
         .merge(openapi::browser())
         .route("/console", get(console::overview))
+        .route("/console/jobs", get(console::jobs))
         .route("/console/jobs/{id}", get(console::job))
         .route("/console/queries/{id}", get(console::query))
         .route("/console/fusion/{id}", get(console::fusion_run))

@@ -182,6 +182,31 @@ async fn the_console_shows_what_the_token_may_read_and_escapes_what_users_wrote(
         "the checkpoint's signature line: {page}"
     );
 
+    // fifty jobs a page: the rest behind "older jobs", the oldest among them
+    for i in 0..50 {
+        let _: JobView = bank
+            .post("/api/v1/jobs", &spec(&format!("bank-job-{i}"), "echo hi"))
+            .await
+            .unwrap();
+    }
+    let (_, _, page) = operator_browser.get("/console").await;
+    assert!(!page.contains(&lab_job.id), "{page}");
+    let older = page
+        .split("href=\"")
+        .find_map(|rest| rest.strip_prefix("/console/jobs?before="))
+        .map(|rest| rest.split('"').next().unwrap().to_string())
+        .unwrap_or_else(|| panic!("no link to older jobs: {page}"));
+    let (status, _, page) = operator_browser
+        .get(&format!("/console/jobs?before={older}"))
+        .await;
+    assert_eq!(status, 200);
+    assert!(
+        page.contains(&lab_job.id) && page.contains(&bank_job.id),
+        "{page}"
+    );
+    assert!(!page.contains("bank-job-49"), "{page}");
+    assert!(!page.contains("/console/jobs?before="), "{page}");
+
     // a revoked token signs the page out at once
     let tokens: Vec<serde_json::Value> = operator.get("/api/v1/tokens").await.unwrap();
     let lab_token = tokens.iter().find(|t| t["subject"] == "gz-lab").unwrap()["id"]
