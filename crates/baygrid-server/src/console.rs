@@ -1,9 +1,9 @@
 //! The console at `/console`: pages for people, rendered on the server from the very
 //! handlers the API serves, so a page shows exactly what the caller's token may read.
 //!
-//! Signing in posts a token once; the server keeps it in an HttpOnly, SameSite=Strict
-//! cookie scoped to `/console`, checked like a bearer token on every page (a revoked token
-//! signs the page out at once). The pages only read: every change goes through the API or
+//! Signing in posts a token once; the server sets it as an HttpOnly, SameSite=Strict
+//! cookie scoped to `/console`, and checks it like a bearer token on every page (a revoked
+//! token signs the page out at once). The pages only read: every change goes through the API or
 //! the CLI. Every value is HTML-escaped, and the pages carry a content security policy
 //! that runs no script.
 
@@ -67,6 +67,7 @@ pub async fn overview(State(state): State<AppState>, headers: HeaderMap) -> Resp
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Older {
     pub before: String,
 }
@@ -75,7 +76,7 @@ pub struct Older {
 pub async fn jobs(
     State(state): State<AppState>,
     headers: HeaderMap,
-    axum::extract::Query(older): axum::extract::Query<Older>,
+    QueryParams(older): QueryParams<Older>,
 ) -> Response {
     detail(
         &state,
