@@ -177,7 +177,7 @@ where
     match render(state.clone(), who.clone()).await {
         Ok(body) => page(StatusCode::OK, &title, &who, &body),
         Err(e) => page(
-            status_of(&e),
+            e.status(),
             &title,
             &who,
             &format!("<p class=\"refused\">{}</p>", esc(&e.to_string())),
@@ -200,7 +200,7 @@ pub async fn sign_in(State(state): State<AppState>, Form(form): Form<SignIn>) ->
         return sign_in_page(StatusCode::BAD_REQUEST, Some("token: not a token"));
     }
     if let Err(e) = crate::auth::principal_of(&state, token).await {
-        return sign_in_page(status_of(&e), Some(&e.to_string()));
+        return sign_in_page(e.status(), Some(&e.to_string()));
     }
     let cookie =
         format!("{COOKIE_NAME}={token}; Path=/console; HttpOnly; SameSite=Strict; Max-Age=43200");
@@ -245,16 +245,6 @@ fn newest() -> ListParams {
         tenant: None,
         limit: Some(ROWS),
         before: None,
-    }
-}
-
-fn status_of(e: &ApiError) -> StatusCode {
-    match e {
-        ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
-        ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-        ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
-        ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 

@@ -41,6 +41,11 @@ impl ApiError {
         }
     }
 
+    /// The HTTP status the error answers with.
+    pub fn status(&self) -> StatusCode {
+        self.parts().0
+    }
+
     fn parts(&self) -> (StatusCode, &'static str, Option<String>) {
         match self {
             ApiError::BadRequest { field, .. } => {
