@@ -135,10 +135,8 @@ pub async fn fusion_run(
         &headers,
         format!("fusion run {id}"),
         |state, who| async move {
-            let run =
-                crate::fusion::get(State(state.clone()), who.clone(), Path(id.clone())).await?;
-            let log = crate::fusion::logs(State(state), who, Path(id)).await?;
-            Ok(fusion_detail(&run.0, &log.0))
+            let (run, log) = crate::fusion::view_and_log(&state, &who, &id).await?;
+            Ok(fusion_detail(&run, &log))
         },
     )
     .await

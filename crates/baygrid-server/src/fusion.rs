@@ -809,6 +809,16 @@ async fn visible(state: &AppState, who: &Principal, id: &str) -> ApiResult<Fusio
     Ok(record)
 }
 
+/// A run the caller may see and its log, from one read of its record.
+pub(crate) async fn view_and_log(
+    state: &AppState,
+    who: &Principal,
+    id: &str,
+) -> ApiResult<(FusionView, Vec<FusionEvent>)> {
+    let record = visible(state, who, id).await?;
+    Ok((record.view, record.events))
+}
+
 #[utoipa::path(get, path = "/api/v1/fusion/{id}", params(("id" = String, Path)), responses((status = 200, body = FusionView), (status = 404, body = baygrid_api::ErrorBody)), security(("bearer" = [])))]
 pub async fn get(
     State(state): State<AppState>,
