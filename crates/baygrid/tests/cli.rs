@@ -176,9 +176,17 @@ fn up_serves_the_cli() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(online, 6);
-    // `up` says where the console and the API's docs are
-    let log = std::fs::read_to_string(dir.path().join("up.log")).unwrap();
-    assert!(log.contains(&format!("console: {server}/console")), "{log}");
+    // `up` says where the console and the API's docs are, once it has started everything
+    let console = format!("console: {server}/console");
+    let mut log = String::new();
+    for _ in 0..300 {
+        log = std::fs::read_to_string(dir.path().join("up.log")).unwrap();
+        if log.contains(&console) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(log.contains(&console), "{log}");
     assert!(log.contains(&format!("{server}/api/v1/docs/")), "{log}");
     let out = baygrid(&["site", "ls"], &operator_env);
     assert!(stdout(&out).contains("hk-cyberport"), "{}", stdout(&out));
