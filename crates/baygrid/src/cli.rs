@@ -11,7 +11,7 @@ use baygrid_api::{
 use baygrid_core::{JobSpec, JobState, Jurisdiction, Money, Offer, Party, Role, Site, Tenant};
 use clap::Subcommand;
 
-use crate::output::{emit, or_dash, table, ListArgs};
+use crate::output::{emit, encode, or_dash, query_path, table, ListArgs};
 use crate::{Args, Output};
 
 #[derive(Debug, Subcommand)]
@@ -369,18 +369,6 @@ fn account_rows(accounts: &[AccountView]) {
 }
 
 /// Percent-encodes everything but RFC 3986's unreserved characters (and `:`).
-fn encode(value: &str) -> String {
-    value
-        .bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b':' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 pub async fn ledger(args: &Args, cmd: &LedgerCommand) -> anyhow::Result<std::process::ExitCode> {
     let client = client(args)?;
     match cmd {
@@ -417,30 +405,20 @@ pub async fn ledger(args: &Args, cmd: &LedgerCommand) -> anyhow::Result<std::pro
             emit(args.output, &views, |v| account_rows(v));
         }
         LedgerCommand::Statement { account, from, to } => {
-            let mut query = Vec::new();
-            if let Some(from) = from {
-                query.push(format!("from={}", encode(from)));
-            }
-            if let Some(to) = to {
-                query.push(format!("to={}", encode(to)));
-            }
-            let path = format!(
-                "/api/v1/ledger/accounts/{}/statement?{}",
-                encode(account),
-                query.join("&")
-            );
+            let base = format!("/api/v1/ledger/accounts/{}/statement", encode(account));
+            let path = query_path(&base, &[("from", from.clone()), ("to", to.clone())]);
             // every page of the period the first page fixed, as one statement
             let mut view: StatementView = client.get(&path).await?;
             while let Some(after) = view.next.take() {
-                let page: StatementView = client
-                    .get(&format!(
-                        "/api/v1/ledger/accounts/{}/statement?from={}&to={}&after={}",
-                        encode(account),
-                        encode(&view.from),
-                        encode(&view.to),
-                        encode(&after)
-                    ))
-                    .await?;
+                let next = query_path(
+                    &base,
+                    &[
+                        ("from", Some(view.from.clone())),
+                        ("to", Some(view.to.clone())),
+                        ("after", Some(after)),
+                    ],
+                );
+                let page: StatementView = client.get(&next).await?;
                 view.lines.extend(page.lines);
                 view.next = page.next;
             }

@@ -70,16 +70,27 @@ const DEFAULT_PAGE: usize = 1000;
 
 /// `base` with the parameters that are given, as a query string.
 pub fn query_path(base: &str, params: &[(&str, Option<String>)]) -> String {
-    let mut query = url::form_urlencoded::Serializer::new(String::new());
-    for (name, value) in params {
-        if let Some(value) = value {
-            query.append_pair(name, value);
-        }
+    let query: Vec<String> = params
+        .iter()
+        .filter_map(|(name, value)| value.as_ref().map(|v| format!("{name}={}", encode(v))))
+        .collect();
+    match query.is_empty() {
+        true => base.to_string(),
+        false => format!("{base}?{}", query.join("&")),
     }
-    match query.finish() {
-        q if q.is_empty() => base.to_string(),
-        q => format!("{base}?{q}"),
-    }
+}
+
+/// Text percent-encoded for a URL's path segment or query value.
+pub fn encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b':' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// Under a table that filled its page (`limit`, or the server's default), on stderr: the
@@ -144,7 +155,7 @@ mod tests {
         };
         assert_eq!(
             next.path("/api/v1/jobs"),
-            "/api/v1/jobs?state=queued&tenant=a%26b+c&limit=50&before=job_01"
+            "/api/v1/jobs?state=queued&tenant=a%26b%20c&limit=50&before=job_01"
         );
     }
 }
